@@ -1,0 +1,401 @@
+"""Cross-field rules: what one option says about another.
+
+Each rule is a small function over the config *with defaults applied* (`cfg`, a dict) and the set of
+options the user wrote (`given`, top-level names and `datasets[i].name` paths). It yields
+`ConfigIssue`s (errors: the config cannot run as written) and `Notice`s (warnings: an option that has no
+effect in this configuration, or that another option overrides; requirements: hardware needed at run
+time). An option that would be silently ignored is never silent: it is at least a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from surogate.errors import ConfigIssue
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+QLORA_MODES = ("qlora_fp4", "qlora_fp8", "qlora_bnb")
+FP4_RECIPES = ("nvfp4", "nvfp4_quartet")
+QUANTIZED_RECIPES = ("fp8_hybrid", *FP4_RECIPES)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A warning or a hardware requirement; does not stop validation."""
+
+    kind: str  # "warning" | "requirement"
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+Finding = ConfigIssue | Notice
+Rule = Callable[[dict[str, Any], set[str]], Iterator[Finding]]
+RULES: list[Rule] = []
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+def _warn(path: str, message: str) -> Notice:
+    return Notice("warning", path, message)
+
+
+# -- offloading and ZeRO --------------------------------------------------------------------------
+
+
+@rule
+def offload_quants_needs_persistent_quants(cfg, given):
+    if cfg["offload_quants"] and not cfg["persistent_quants"]:
+        yield ConfigIssue("offload_quants", "requires `persistent_quants: true` (there are no stored quants to offload)", True)
+
+
+@rule
+def persistent_quants_needs_sharded_weights(cfg, given):
+    if cfg["persistent_quants"] and not (cfg["shard_weights"] or cfg["zero_level"] >= 3):
+        yield ConfigIssue("persistent_quants", "requires `shard_weights: true` (or `zero_level: 3`)", True)
+
+
+@rule
+def offload_grads_needs_sharded_grads(cfg, given):
+    if cfg["offload_grads"] and not (cfg["shard_gradients"] or cfg["zero_level"] >= 2):
+        yield ConfigIssue(
+            "offload_grads", "requires `shard_gradients: true` or `zero_level >= 2`", True
+        )
+
+
+@rule
+def persistent_quants_needs_quantized_weights(cfg, given):
+    if cfg["persistent_quants"] and cfg["recipe"] not in QUANTIZED_RECIPES and not _qlora_modes(cfg):
+        yield ConfigIssue(
+            "persistent_quants",
+            f"has nothing to keep: weights are only quantized with recipe {', '.join(QUANTIZED_RECIPES)} or a qlora_* mode",
+            True,
+        )
+
+
+@rule
+def host_memory_flags_need_offloading(cfg, given):
+    offloading = any(
+        cfg[k] for k in ("offload_residual", "offload_master", "offload_quants", "offload_optimizer", "offload_grads")
+    )
+    for key in ("use_zero_copy", "use_write_combined"):
+        if cfg[key] and not offloading:
+            yield _warn(key, "has no effect: nothing is offloaded (set one of the offload_* options)")
+
+
+# -- precision ---------------------------------------------------------------------------------------
+
+
+def _qlora_modes(cfg: dict[str, Any]) -> list[str]:
+    return [m for m in QLORA_MODES if cfg[m]]
+
+
+@rule
+def one_qlora_mode(cfg, given):
+    modes = _qlora_modes(cfg)
+    if len(modes) > 1:
+        yield ConfigIssue(modes[1], f"only one QLoRA mode may be on; also set: {', '.join(modes)}", True)
+
+
+@rule
+def qlora_needs_lora(cfg, given):
+    for mode in _qlora_modes(cfg):
+        if not cfg["lora"]:
+            yield ConfigIssue(mode, "QLoRA trains LoRA adapters on a quantized base: requires `lora: true`", True)
+
+
+@rule
+def hardware_requirements(cfg, given):
+    if cfg["recipe"] in FP4_RECIPES:
+        yield Notice("requirement", "recipe", f"recipe {cfg['recipe']!r} needs an NVIDIA Blackwell GPU (SM100+) at run time")
+    if cfg["qlora_fp4"]:
+        yield Notice("requirement", "qlora_fp4", "NVFP4 QLoRA needs an NVIDIA Blackwell GPU (SM100+) at run time")
+    if cfg["recipe"] == "fp8_hybrid":
+        yield Notice("requirement", "recipe", "recipe 'fp8_hybrid' needs an FP8-capable GPU (SM89+: Ada, Hopper, Blackwell)")
+    if cfg["qlora_fp8"]:
+        yield Notice("requirement", "qlora_fp8", "FP8 QLoRA needs an FP8-capable GPU (SM89+) for FP8 matmuls")
+
+
+@rule
+def recipe_specific_options(cfg, given):
+    if "fp8_amax_history" in given and cfg["recipe"] != "fp8_hybrid":
+        yield _warn("fp8_amax_history", "only used by recipe 'fp8_hybrid'")
+    if "fp4_backend" in given and cfg["recipe"] not in FP4_RECIPES:
+        yield _warn("fp4_backend", f"only used by recipes {', '.join(FP4_RECIPES)}")
+    quantized = cfg["recipe"] in QUANTIZED_RECIPES or _qlora_modes(cfg)
+    for key in ("skip_quant_first_layers", "skip_quant_last_layers"):
+        if cfg[key] and not quantized:
+            yield _warn(key, "has no effect: no weights are quantized with recipe 'bf16' and no qlora_* mode")
+    if "qlora_block_size" in given and not cfg["qlora_fp8"]:
+        yield _warn("qlora_block_size", "only used with `qlora_fp8: true`")
+    for key in ("qlora_bnb_block_size", "qlora_bnb_double_quant"):
+        if key in given and not cfg["qlora_bnb"]:
+            yield _warn(key, "only used with `qlora_bnb: true`")
+    if "qlora_four_over_six" in given and not cfg["qlora_fp4"]:
+        yield _warn("qlora_four_over_six", "only used with `qlora_fp4: true`")
+
+
+# -- LoRA and training mode ------------------------------------------------------------------------
+
+
+@rule
+def lora_options_need_lora(cfg, given):
+    if cfg["adapter_path"] and not cfg["lora"]:
+        yield ConfigIssue("adapter_path", "requires `lora: true`", cfg["adapter_path"])
+    if cfg["merge_adapter"] and not cfg["lora"]:
+        yield ConfigIssue("merge_adapter", "requires `lora: true` (there is no adapter to merge)", True)
+    if not cfg["lora"]:
+        for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_dtype", "lora_target_modules"):
+            if key in given:
+                yield _warn(key, "has no effect with `lora: false`")
+
+
+@rule
+def lora_target_all_is_alone(cfg, given):
+    targets = cfg["lora_target_modules"] or []
+    if "all" in targets and len(targets) > 1:
+        yield _warn("lora_target_modules", "'all' already covers every projection; the other entries are redundant")
+
+
+@rule
+def from_scratch_rules(cfg, given):
+    if cfg["from_scratch"] and cfg["lora"]:
+        yield ConfigIssue(
+            "from_scratch", "training from random initialization trains every weight: set `lora: false`", True
+        )
+    if cfg["init_projections_to_zero"] and not cfg["from_scratch"]:
+        yield ConfigIssue(
+            "init_projections_to_zero", "only applies when training from scratch: requires `from_scratch: true`", True
+        )
+    if cfg["from_scratch"] and cfg["adapter_path"]:
+        yield ConfigIssue("adapter_path", "cannot merge an adapter into randomly initialized weights", cfg["adapter_path"])
+
+
+@rule
+def optimizer_specific_options(cfg, given):
+    if cfg["optimizer"] != "normuon":
+        for key in ("normuon_momentum", "normuon_beta2", "normuon_cautious_wd"):
+            if key in given:
+                yield _warn(key, "only used with `optimizer: normuon`")
+
+
+# -- schedule --------------------------------------------------------------------------------------
+
+
+@rule
+def warmup_steps_override_ratio(cfg, given):
+    if cfg["warmup_steps"] and cfg["warmup_ratio"]:
+        yield _warn("warmup_ratio", f"ignored: `warmup_steps: {cfg['warmup_steps']}` overrides it")
+
+
+@rule
+def wsd_needs_cooldown(cfg, given):
+    if cfg["lr_scheduler_type"] == "wsd" and not cfg["cooldown_steps"]:
+        yield _warn("cooldown_steps", "the 'wsd' schedule decays only during `cooldown_steps`; with 0 it stays constant")
+
+
+@rule
+def max_steps_not_zero(cfg, given):
+    if cfg["max_steps"] == 0:
+        yield ConfigIssue("max_steps", "got 0; use -1 (derive from epochs) or a positive number of steps", 0)
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+
+def parse_rope_scaling(value: str) -> dict[str, Any] | str:
+    """A rope_scaling string is a type name or a JSON object; returns the name or the parsed object."""
+    text = value.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    return text
+
+
+@rule
+def rope_scaling_valid(cfg, given):
+    value = cfg["rope_scaling"]
+    if value is None:
+        return
+    try:
+        parsed = parse_rope_scaling(value)
+    except json.JSONDecodeError as exc:
+        yield ConfigIssue("rope_scaling", f"not valid JSON: {exc.msg} at character {exc.pos}", value)
+        return
+    if isinstance(parsed, str):
+        if parsed not in ROPE_TYPES:
+            yield ConfigIssue(
+                "rope_scaling", f"got {parsed!r}; expected one of {', '.join(ROPE_TYPES)} or a JSON object", value
+            )
+        elif cfg["max_model_len"] is None:
+            yield ConfigIssue(
+                "max_model_len", f"required with `rope_scaling: {parsed}` (the scaling factor comes from it)"
+            )
+        elif cfg["max_model_len"] <= 0:
+            yield ConfigIssue("max_model_len", "must be positive", cfg["max_model_len"])
+        return
+    if not isinstance(parsed, dict):
+        yield ConfigIssue("rope_scaling", "a JSON rope_scaling must be an object", value)
+        return
+    kind = parsed.get("rope_type", parsed.get("type"))
+    if kind not in ROPE_TYPES:
+        yield ConfigIssue("rope_scaling", f"JSON object needs \"type\" (or \"rope_type\") in {', '.join(ROPE_TYPES)}", value)
+    factor = parsed.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        yield ConfigIssue("rope_scaling", "JSON object needs a positive number \"factor\"", value)
+
+
+@rule
+def sequence_lengths(cfg, given):
+    if cfg["max_length"] is not None and cfg["max_length"] > cfg["sequence_len"]:
+        yield ConfigIssue(
+            "max_length",
+            f"got {cfg['max_length']}; must not exceed `sequence_len` ({cfg['sequence_len']}): longer samples cannot be trained",
+            cfg["max_length"],
+        )
+
+
+@rule
+def multimodal_options(cfg, given):
+    for key in ("max_pixels", "norm_bbox", "multimodal_on_the_fly"):
+        if cfg.get(key) is not None and key in given:
+            yield _warn(key, "only used by multimodal models; the supported families (Llama, Qwen2, Qwen3, Qwen3-MoE) are text-only")
+
+
+# -- parallelism -----------------------------------------------------------------------------------
+
+
+@rule
+def parallel_sizes(cfg, given):
+    dist = cfg["distributed"]
+    per_node = dist["gpus_per_node"] or cfg["gpus"]
+    sp = cfg["sequence_parallel_size"]
+    if sp > 1 and per_node:
+        world = per_node * dist["num_nodes"]
+        if world % sp:
+            yield ConfigIssue(
+                "sequence_parallel_size", f"got {sp}; must divide the number of GPUs ({world})", sp
+            )
+    if dist["num_nodes"] > 1 and dist["gpus_per_node"] == 0 and cfg["gpus"] == 0:
+        yield ConfigIssue(
+            "distributed.gpus_per_node", "multi-node training needs a GPU count: set it, or `gpus`", 0
+        )
+    for key in ("memcpy_all_gather", "memcpy_send_recv", "use_all_to_all_reduce"):
+        if cfg[key] and per_node == 1 and dist["num_nodes"] == 1:
+            yield _warn(key, "has no effect on a single GPU")
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+_TYPE_FIELDS = {
+    "text": ("text_field",),
+    "instruction": (
+        "instruction_field",
+        "output_field",
+        "input_field",
+        "system_prompt_type",
+        "system_prompt_field",
+        "system_prompt",
+        "prompt_format",
+        "prompt_format_no_input",
+    ),
+    "conversation": ("messages_field", "system_field", "tools_field", "message_property_mappings"),
+}
+
+
+@rule
+def dataset_rules(cfg, given):
+    for list_key in ("datasets", "validation_datasets"):
+        for i, ds in enumerate(cfg.get(list_key) or ()):
+            yield from _dataset_rules(ds, f"{list_key}[{i}]", given)
+
+
+def _dataset_rules(ds: dict[str, Any], where: str, given: set[str]) -> Iterator[Finding]:
+    kind = ds.get("type")
+    if kind in _TYPE_FIELDS:
+        for other, fields in _TYPE_FIELDS.items():
+            if other == kind:
+                continue
+            for f in fields:
+                if f"{where}.{f}" in given:
+                    yield ConfigIssue(f"{where}.{f}", f"applies to `type: {other}` datasets, not `type: {kind}`", ds.get(f))
+    spt = ds.get("system_prompt_type")
+    if spt == "field" and not ds.get("system_prompt_field"):
+        yield ConfigIssue(f"{where}.system_prompt_field", "required when `system_prompt_type: field`")
+    if spt == "fixed" and not ds.get("system_prompt"):
+        yield ConfigIssue(f"{where}.system_prompt", "required when `system_prompt_type: fixed`")
+    if spt != "field" and ds.get("system_prompt_field") and f"{where}.system_prompt_field" in given:
+        yield ConfigIssue(f"{where}.system_prompt_field", "only used with `system_prompt_type: field`", ds["system_prompt_field"])
+    if spt != "fixed" and ds.get("system_prompt") and f"{where}.system_prompt" in given:
+        yield ConfigIssue(f"{where}.system_prompt", "only used with `system_prompt_type: fixed`", ds["system_prompt"])
+    for key, allowed in (
+        ("prompt_format", ("{system}", "{instruction}", "{input}", "{output}")),
+        ("prompt_format_no_input", ("{system}", "{instruction}", "{output}")),
+    ):
+        fmt = ds.get(key)
+        if fmt:
+            yield from _check_placeholders(fmt, allowed, f"{where}.{key}")
+    mappings = ds.get("message_property_mappings") or {}
+    for required in ("role", "content"):
+        if f"{where}.message_property_mappings" in given and required not in mappings:
+            yield ConfigIssue(
+                f"{where}.message_property_mappings",
+                f"must map `{required}` (e.g. `{required}: {'from' if required == 'role' else 'value'}`)",
+                dict(mappings),
+            )
+
+
+def _check_placeholders(fmt: str, allowed: tuple[str, ...], path: str) -> Iterator[Finding]:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
+    except ValueError as exc:
+        yield ConfigIssue(path, f"not a valid format string: {exc}", fmt)
+        return
+    for name in names:
+        if "{" + name + "}" not in allowed:
+            yield ConfigIssue(path, f"unknown placeholder {{{name}}}; allowed: {' '.join(allowed)}", fmt)
+    if "{output}" not in fmt and "{instruction}" not in fmt:
+        yield ConfigIssue(path, "must contain {instruction} (and usually {output})", fmt)
+
+
+# -- logging ---------------------------------------------------------------------------------------
+
+
+@rule
+def reporter_options(cfg, given):
+    report_to = cfg["report_to"] or []
+    for key in ("wandb_project", "wandb_name"):
+        if key in given and "wandb" not in report_to:
+            yield _warn(key, "has no effect: 'wandb' is not in `report_to`")
+    for key in ("aim_experiment", "aim_repo", "aim_name"):
+        if key in given and "aim" not in report_to:
+            yield _warn(key, "has no effect: 'aim' is not in `report_to`")
+
+
+def run_rules(
+    cfg: dict[str, Any], given: set[str], *, tolerate_malformed: bool = False
+) -> tuple[list[ConfigIssue], list[Notice]]:
+    """Apply every rule; returns (errors, notices).
+
+    With `tolerate_malformed` (the config already has type errors), a rule that fails on a malformed
+    value is skipped instead of raising.
+    """
+    errors: list[ConfigIssue] = []
+    notices: list[Notice] = []
+    for fn in RULES:
+        try:
+            findings = list(fn(cfg, given))
+        except (TypeError, KeyError, AttributeError, ValueError):
+            if not tolerate_malformed:
+                raise
+            continue
+        for finding in findings:
+            (errors if isinstance(finding, ConfigIssue) else notices).append(finding)
+    return errors, notices
