@@ -1,0 +1,5 @@
+import sys
+
+from surogate.cli import main
+
+sys.exit(main())

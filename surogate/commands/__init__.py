@@ -1,0 +1,1 @@
+"""Commands that belong to no single stage of the pipeline (validate, schema)."""
