@@ -1,22 +1,8 @@
-"""Model resolution (config.json / presets / HF cache) and architecture graph builders."""
+"""Model resolution (config.json / HF cache / presets) and architecture graph builders."""
 
-from __future__ import annotations
+from surogate.compiler.models.families import BUILDERS, build_forward_graph
+from surogate.compiler.models.presets import PRESETS, find_preset
+from surogate.compiler.models.resolve import resolve_model
+from surogate.compiler.models.spec import ALL_PROJ, ModelSpec
 
-from typing import Any
-
-from surogate.compiler.ir import Graph
-
-
-class ModelSpec:  # replaced by the real dataclass shortly
-    pass
-
-
-def resolve_model(cfg: Any) -> ModelSpec:
-    raise NotImplementedError("resolve_model is being written (C1)")
-
-
-def build_forward_graph(spec: ModelSpec, cfg: Any) -> Graph:
-    raise NotImplementedError("build_forward_graph is being written (C1)")
-
-
-__all__ = ["ModelSpec", "resolve_model", "build_forward_graph"]
+__all__ = ["ALL_PROJ", "BUILDERS", "PRESETS", "ModelSpec", "build_forward_graph", "find_preset", "resolve_model"]

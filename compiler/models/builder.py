@@ -1,0 +1,161 @@
+"""Decoder-only graph builder shared by the families: embedding -> N x (attention block, MLP or MoE block)
+-> final norm -> fused lm-head + cross-entropy. A family is a `ModelSpec` whose properties switch the
+parts on (qkv bias for Qwen2, q/k RMSNorm for Qwen3, MoE blocks for Qwen3-MoE); see `families.py`.
+
+Conventions downstream passes rely on:
+- base weights are named (and `source`d) by their Hugging Face checkpoint names;
+- activations are `L{layer}.{what}` with `layer=` set; the residual stream entering layer l is
+  `embed.out` (l = 0) or `L{l-1}.out`, marked `attrs["residual"] = "layer_input"`; the mid-layer residual
+  (input of the FFN block) is marked `"ffn_input"`;
+- `labels` are pre-shifted: labels[b, t] is the target of position t (HF shifts inside the model, we
+  expect the data pipeline to do it, so packed documents never predict across a boundary); -100 is ignored;
+- `cu_seqlens` (int32, B*T+1 entries, padded by repeating the total) bounds documents over the flattened
+  B*T tokens; attention never crosses a boundary. One document per row is `[0, T, 2T, ..., B*T, ...]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from surogate.compiler.ir import Graph, Op, Role, Tensor
+from surogate.compiler.models.rope import inv_freq
+from surogate.compiler.models.spec import ModelSpec
+from surogate.compiler.ops import infer_shapes
+
+
+class GraphBuilder:
+    """Small helper that creates tensors and ops with inferred shapes (linear in the number of ops)."""
+
+    def __init__(self, graph: Graph, act_dtype: str, weight_role: Role, weight_dtype: str) -> None:
+        self.g = graph
+        self.act_dtype = act_dtype
+        self.weight_role = weight_role
+        self.weight_dtype = weight_dtype
+
+    def weight(self, name: str, shape: tuple[int, ...], layer: int | None, **attrs: Any) -> str:
+        self.g.add_tensor(Tensor(name, shape, self.weight_dtype, self.weight_role, layer=layer, source=name,
+                                 attrs=dict(attrs)))
+        return name
+
+    def input(self, name: str, shape: tuple[int, ...], dtype: str = "int32") -> str:
+        self.g.add_tensor(Tensor(name, shape, dtype, Role.INPUT))
+        return name
+
+    def op(self, name: str, kind: str, inputs: list[str], outputs: list[str], layer: int | None,
+           attrs: dict[str, Any] | None = None, dtypes: list[str] | None = None,
+           roles: list[Role] | None = None) -> list[str]:
+        attrs = attrs or {}
+        shapes = infer_shapes(kind, [self.g.tensors[t].shape for t in inputs], attrs)
+        for i, (out, shape) in enumerate(zip(outputs, shapes)):
+            dtype = dtypes[i] if dtypes else self.act_dtype
+            role = roles[i] if roles else Role.ACTIVATION
+            self.g.add_tensor(Tensor(out, tuple(shape), dtype, role, layer=layer))
+        self.g.add_op(Op(name, kind, list(inputs), list(outputs), attrs, "forward", layer))
+        return outputs
+
+
+def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
+    """The forward graph (one micro-batch) of a Llama/Qwen-style decoder."""
+    b = int(getattr(cfg, "per_device_train_batch_size", 1) or 1)
+    t = int(getattr(cfg, "sequence_len", 1024))
+    lora = bool(getattr(cfg, "lora", True))
+    from_scratch = bool(getattr(cfg, "from_scratch", False))
+    trainable = from_scratch or not lora
+    g = Graph()
+    bld = GraphBuilder(g, spec.dtype, Role.TRAINABLE_WEIGHT if trainable else Role.FROZEN_WEIGHT, spec.dtype)
+    h, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    freqs, att_scale = inv_freq(spec.hf_config, hd, t)
+
+    ids = bld.input("input_ids", (b, t))
+    labels = bld.input("labels", (b, t))
+    pos = bld.input("position_ids", (b, t))
+    cu = bld.input("cu_seqlens", (b * t + 1,))
+
+    emb_w = bld.weight("model.embed_tokens.weight", (spec.vocab_size, h), None)
+    (x,) = bld.op("embed", "embedding", [ids, emb_w], ["embed.out"], None)
+    g.tensors[x].attrs["residual"] = "layer_input"
+    for layer in range(spec.num_layers):
+        x = _layer(bld, spec, layer, x, pos, cu, freqs, att_scale)
+
+    norm_w = bld.weight("model.norm.weight", (h,), None)
+    (xn,) = bld.op("final_norm", "rmsnorm", [x, norm_w], ["final_norm.out"], None,
+                   {"eps": spec.rms_norm_eps, "group": None})
+    head_w = emb_w if spec.tie_word_embeddings else bld.weight("lm_head.weight", (spec.vocab_size, h), None)
+    bld.op("lm_head", "lm_head_ce", [xn, head_w, labels], ["loss", "lm_head.lse", "lm_head.logits_ws"], None,
+           {"chunks": 1, "loss_scale": 1.0, "ignore_index": -100},
+           dtypes=["fp32", "fp32", "fp32"], roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])
+    g.tensors["loss"].attrs["output"] = True
+
+    g.meta.update(
+        spec=spec, family=spec.family, micro_batch=b, seq_len=t, num_layers=spec.num_layers, hidden_size=h,
+        vocab_size=spec.vocab_size, model_dtype=spec.dtype, labels_shifted=True, loss="loss",
+        inputs=[ids, labels, pos, cu], outputs=["loss"], tied_embeddings=spec.tie_word_embeddings,
+        full_finetune=trainable, lora=False,
+    )
+    return g
+
+
+def _layer(bld: GraphBuilder, spec: ModelSpec, layer: int, x: str, pos: str, cu: str,
+           freqs: list[float], att_scale: float) -> str:
+    p, a = f"model.layers.{layer}", f"L{layer}"
+    h, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    eps = spec.rms_norm_eps
+    w = bld.weight(f"{p}.input_layernorm.weight", (h,), layer)
+    (xn,) = bld.op(f"{a}.attn_norm", "rmsnorm", [x, w], [f"{a}.attn_norm"], layer, {"eps": eps, "group": None})
+
+    def proj(name: str, inp: str, out_f: int, in_f: int, bias: bool, part: str) -> str:
+        wt = bld.weight(f"{p}.{part}.{name}.weight", (out_f, in_f), layer)
+        ins = [inp, wt]
+        if bias:
+            ins.append(bld.weight(f"{p}.{part}.{name}.bias", (out_f,), layer))
+        short = name.removesuffix("_proj")
+        return bld.op(f"{a}.{short}", "linear", ins, [f"{a}.{short}"], layer, {"scale": 1.0, "module": name})[0]
+
+    q = proj("q_proj", xn, nh * hd, h, spec.qkv_bias, "self_attn")
+    k = proj("k_proj", xn, nkv * hd, h, spec.qkv_bias, "self_attn")
+    v = proj("v_proj", xn, nkv * hd, h, spec.qkv_bias, "self_attn")
+    if spec.qk_norm:
+        qw = bld.weight(f"{p}.self_attn.q_norm.weight", (hd,), layer)
+        kw = bld.weight(f"{p}.self_attn.k_norm.weight", (hd,), layer)
+        (q,) = bld.op(f"{a}.q_norm", "rmsnorm", [q, qw], [f"{a}.q_norm"], layer, {"eps": eps, "group": hd})
+        (k,) = bld.op(f"{a}.k_norm", "rmsnorm", [k, kw], [f"{a}.k_norm"], layer, {"eps": eps, "group": hd})
+    rope = {"head_dim": hd, "inv_freq": freqs, "attention_scaling": att_scale}
+    (q,) = bld.op(f"{a}.q_rope", "rope", [q, pos], [f"{a}.q_rope"], layer, rope)
+    (k,) = bld.op(f"{a}.k_rope", "rope", [k, pos], [f"{a}.k_rope"], layer, rope)
+    att, _ = bld.op(f"{a}.attn", "attention", [q, k, v, cu], [f"{a}.attn", f"{a}.attn_lse"], layer,
+                    {"num_heads": nh, "num_kv_heads": nkv, "head_dim": hd, "scale": hd**-0.5, "causal": True},
+                    dtypes=[bld.act_dtype, "fp32"])
+    o = proj("o_proj", att, h, nh * hd, spec.o_bias, "self_attn")
+    (mid,) = bld.op(f"{a}.attn_res", "add", [x, o], [f"{a}.mid"], layer)
+    bld.g.tensors[mid].attrs["residual"] = "ffn_input"
+    w = bld.weight(f"{p}.post_attention_layernorm.weight", (h,), layer)
+    (mn,) = bld.op(f"{a}.mlp_norm", "rmsnorm", [mid, w], [f"{a}.mlp_norm"], layer, {"eps": eps, "group": None})
+    if spec.is_moe_layer(layer):
+        mlp = _moe(bld, spec, layer, mn)
+    else:
+        i = spec.intermediate_size
+        gate = proj("gate_proj", mn, i, h, spec.mlp_bias, "mlp")
+        up = proj("up_proj", mn, i, h, spec.mlp_bias, "mlp")
+        (act,) = bld.op(f"{a}.swiglu", "swiglu", [gate, up], [f"{a}.swiglu"], layer)
+        mlp = proj("down_proj", act, h, i, spec.mlp_bias, "mlp")
+    (out,) = bld.op(f"{a}.mlp_res", "add", [mid, mlp], [f"{a}.out"], layer)
+    bld.g.tensors[out].attrs["residual"] = "layer_input"
+    return out
+
+
+def _moe(bld: GraphBuilder, spec: ModelSpec, layer: int, xn: str) -> str:
+    p, a = f"model.layers.{layer}.mlp", f"L{layer}"
+    e, k, h, mi = spec.num_experts, spec.experts_per_token, spec.hidden_size, spec.moe_intermediate_size
+    rw = bld.weight(f"{p}.gate.weight", (e, h), layer, module="router")
+    attrs = {"num_experts": e, "top_k": k, "norm_topk_prob": bool(spec.hf_config.get("norm_topk_prob", False))}
+    _, weights, idx = bld.op(f"{a}.router", "moe_router", [xn, rw],
+                             [f"{a}.router_logits", f"{a}.router_weights", f"{a}.router_indices"], layer, attrs,
+                             dtypes=[bld.act_dtype, bld.act_dtype, "int32"])
+    # Checkpoints store one tensor per expert; the graph holds them stacked (as transformers 5 does).
+    gu = bld.weight(f"{p}.experts.gate_up_proj", (e, 2 * mi, h), layer, module="experts",
+                    expert_sources=(f"{p}.experts.{{e}}.gate_proj.weight", f"{p}.experts.{{e}}.up_proj.weight"))
+    dn = bld.weight(f"{p}.experts.down_proj", (e, h, mi), layer, module="experts",
+                    expert_sources=(f"{p}.experts.{{e}}.down_proj.weight",))
+    (out,) = bld.op(f"{a}.experts", "moe_experts", [xn, weights, idx, gu, dn], [f"{a}.moe"], layer,
+                    {"num_experts": e, "top_k": k})
+    return out

@@ -1,0 +1,98 @@
+"""Declarations of every op kind (forward with shape + VJP rules, then backward kinds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from surogate.compiler.ops import OpDef, Shape, register
+from surogate.compiler.ops import vjp as V
+
+
+def _same(i: int = 0):
+    return lambda s, a: [s[i]]
+
+
+def _linear_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    x, w = s[0], s[1]
+    if x[-1] != w[1]:
+        raise ValueError(f"linear: input features {x[-1]} != weight in_features {w[1]}")
+    return [(*x[:-1], w[0])]
+
+
+def _embedding_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    return [(*s[0], s[1][1])]
+
+
+def _attention_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    b, t, _ = s[0]
+    nh, nkv, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    if s[0][-1] != nh * hd or s[1][-1] != nkv * hd or s[2][-1] != nkv * hd or nh % nkv:
+        raise ValueError("attention: q/k/v widths do not match num_heads/num_kv_heads/head_dim")
+    return [(b, t, nh * hd), (b, nh, t)]
+
+
+def _lm_head_ce_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    rows = s[0][0] * s[0][1]
+    chunks = a.get("chunks", 1)
+    return [(), (rows,), (-(-rows // chunks), s[1][0])]
+
+
+def _swiglu_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    if s[0] != s[1]:
+        raise ValueError("swiglu: gate and up shapes differ")
+    return [s[0]]
+
+
+def _moe_router_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    rows = s[0][0] * s[0][1]
+    return [(rows, a["num_experts"]), (rows, a["top_k"]), (rows, a["top_k"])]
+
+
+F = "forward"
+register(OpDef("embedding", ("ids", "weight"), ("out",), (), _embedding_shape, V.embedding, (1,),
+               doc="out[b,t] = weight[ids[b,t]]"))
+register(OpDef("rmsnorm", ("x", "weight"), ("out",), ("eps", "group"), _same(), V.rmsnorm, (0, 1),
+               doc="RMSNorm over groups of `group` features of the last dim (group = whole dim by default)"))
+register(OpDef("linear", ("x", "weight", "bias?"), ("out",), ("scale",), _linear_shape, V.linear, (0, 1, 2),
+               doc="out = scale * x @ weight.T (+ bias)"))
+register(OpDef("rope", ("x", "position_ids"), ("out",), ("head_dim", "inv_freq", "attention_scaling"), _same(),
+               V.rope, (0,), doc="rotate-half RoPE of each head (HF convention), cos/sin from inv_freq"))
+register(OpDef("attention", ("q", "k", "v", "cu_seqlens"), ("out", "lse"),
+               ("num_heads", "num_kv_heads", "head_dim", "scale", "causal"), _attention_shape, V.attention,
+               (0, 1, 2), doc="causal GQA softmax attention; tokens attend only inside their cu_seqlens document"))
+register(OpDef("swiglu", ("gate", "up"), ("out",), (), _swiglu_shape, V.swiglu, (0, 1), doc="silu(gate) * up"))
+register(OpDef("add", ("a", "b"), ("out",), (), _same(), V.add, (0, 1), doc="residual add"))
+register(OpDef("identity", ("x",), ("out",), (), _same(), V.identity, (0,), doc="copy"))
+register(OpDef("dropout", ("x",), ("out",), ("p", "seed"), _same(), V.dropout, (0,),
+               doc="inverted dropout; the mask is regenerated from (seed, step) so backward/recompute need no mask"))
+register(OpDef("lm_head_ce", ("x", "weight", "labels"), ("loss", "lse", "logits_ws"),
+               ("chunks", "loss_scale", "ignore_index"), _lm_head_ce_shape, V.lm_head_ce, (0, 1),
+               doc="mean cross-entropy of x @ weight.T against pre-shifted labels, N row chunks, logits never whole"))
+register(OpDef("moe_router", ("x", "weight"), ("logits", "weights", "indices"),
+               ("num_experts", "top_k", "norm_topk_prob"), _moe_router_shape, V.moe_router, (0, 1),
+               doc="router logits, top-k softmax weights (renormalised if norm_topk_prob) and expert indices"))
+register(OpDef("moe_experts", ("x", "weights", "indices", "gate_up", "down"), ("out",),
+               ("num_experts", "top_k"), _same(), V.moe_experts, (0, 1, 3, 4),
+               doc="sum_k weights[k] * down_e(silu(gate_e x) * up_e x) over each token's top-k experts"))
+register(OpDef("dequant", ("q", "scale", "scale2?"), ("out",), ("format", "block_size", "shape", "double_quant"),
+               None, None, (), cheap_recompute=True, doc="dequantize a QLoRA weight into a bf16 buffer"))
+register(OpDef("quantize_fp8", ("x", "amax_history"), ("out", "scale"), ("format", "history"), None, None, (),
+               cheap_recompute=False, doc="delayed-scaling FP8 quantization (fp8_hybrid recipe)"))
+
+# Backward kinds. `accumulate_into` (op attr) lists outputs added into rather than overwritten.
+for kind, ins, outs in (
+    ("embedding_bwd", ("dout", "ids"), ("dweight",)),
+    ("rmsnorm_bwd", ("dout", "x", "weight"), ("dx",)),
+    ("rmsnorm_bwd_weight", ("dout", "x"), ("dweight",)),
+    ("linear_bwd_data", ("dout", "weight"), ("dx",)),
+    ("linear_bwd_weight", ("dout", "x"), ("dweight", "dbias?")),
+    ("rope_bwd", ("dout", "position_ids"), ("dx",)),
+    ("attention_bwd", ("dout", "q", "k", "v", "out", "lse", "cu_seqlens"), ("dq", "dk", "dv", "workspace")),
+    ("swiglu_bwd", ("dout", "gate", "up"), ("dgate?", "dup?")),
+    ("dropout_bwd", ("dout",), ("dx",)),
+    ("lm_head_ce_bwd", ("x", "weight", "labels", "lse"), ("dx?", "dweight?", "logits_ws")),
+    ("moe_router_bwd", ("dweights", "x", "weight", "logits", "indices"), ("dx?", "dweight?")),
+    ("moe_experts_bwd", ("dout", "x", "weights", "indices", "gate_up", "down"),
+     ("dx?", "dweights?", "dgate_up?", "ddown?")),
+):
+    register(OpDef(kind, ins, outs, ("wrt", "accumulate", "accumulate_into"), doc=f"backward of {kind[:-4]}"))
