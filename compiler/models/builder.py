@@ -46,7 +46,7 @@ class GraphBuilder:
            roles: list[Role] | None = None) -> list[str]:
         attrs = attrs or {}
         shapes = infer_shapes(kind, [self.g.tensors[t].shape for t in inputs], attrs)
-        for i, (out, shape) in enumerate(zip(outputs, shapes)):
+        for i, (out, shape) in enumerate(zip(outputs, shapes, strict=True)):
             dtype = dtypes[i] if dtypes else self.act_dtype
             role = roles[i] if roles else Role.ACTIVATION
             self.g.add_tensor(Tensor(out, tuple(shape), dtype, role, layer=layer))
@@ -63,7 +63,7 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     trainable = from_scratch or not lora
     g = Graph()
     bld = GraphBuilder(g, spec.dtype, Role.TRAINABLE_WEIGHT if trainable else Role.FROZEN_WEIGHT, spec.dtype)
-    h, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    h, hd = spec.hidden_size, spec.head_dim
     freqs, att_scale = inv_freq(spec.hf_config, hd, t)
 
     ids = bld.input("input_ids", (b, t))
