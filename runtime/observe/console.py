@@ -1,0 +1,104 @@
+"""Console output: a live progress line on a terminal, plain lines otherwise (CI logs, pipes)."""
+
+from __future__ import annotations
+
+import math
+from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--:--"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def fmt_rate(tokens_per_s: float | None) -> str:
+    if not tokens_per_s:
+        return "- tok/s"
+    if tokens_per_s >= 1e6:
+        return f"{tokens_per_s / 1e6:.2f}M tok/s"
+    if tokens_per_s >= 1e3:
+        return f"{tokens_per_s / 1e3:.1f}k tok/s"
+    return f"{tokens_per_s:.0f} tok/s"
+
+
+def step_line(f: dict) -> str:
+    """The one-line step summary (same text in both modes)."""
+    parts = [f"step {f['step']}/{f['total_steps']}"]
+    if f.get("epoch") is not None:
+        parts.append(f"epoch {f['epoch']:.2f}")
+    parts.append(f"loss {f['loss']:.4f}")
+    if f.get("eval_loss") is not None:
+        parts.append(f"eval {f['eval_loss']:.4f}")
+    parts.append(f"lr {f['lr']:.2e}")
+    if f.get("grad_norm") is not None:
+        parts.append(f"gnorm {f['grad_norm']:.3f}")
+    parts.append(fmt_rate(f.get("tokens_per_s")))
+    parts.append(f"{fmt_duration(f.get('elapsed'))} elapsed, ETA {fmt_duration(f.get('eta'))}")
+    parts.append(str(f.get("phase", "")))
+    return " | ".join(parts)
+
+
+class ConsoleReporter:
+    """Prints the start summary, per-step progress, warnings/events and the end summary.
+
+    On a terminal a `rich` progress bar carries the step line and messages scroll above it. Otherwise
+    (`force_terminal=False`, or output redirected) plain lines are printed: the first step, every
+    `plain_every` steps (default: about 100 lines per run), the last step, and every message.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        file: IO[str] | None = None,
+        force_terminal: bool | None = None,
+        plain_every: int | None = None,
+        width: int | None = None,
+    ):
+        self.console = Console(file=file, force_terminal=force_terminal, width=width, highlight=False)
+        self.total_steps = max(int(total_steps), 1)
+        self.live = self.console.is_terminal
+        self.plain_every = plain_every or max(1, self.total_steps // 100)
+        self._progress: Progress | None = None
+        self._task = None
+        self._printed_first = False
+
+    def _print(self, text: str, style: str | None = None) -> None:
+        target = self._progress.console if self._progress is not None else self.console
+        target.print(text, style=style, markup=False, soft_wrap=True)
+
+    def lines(self, lines: list[str], style: str | None = None) -> None:
+        for ln in lines:
+            self._print(ln, style)
+
+    def message(self, text: str, level: str = "info") -> None:
+        style = {"warning": "yellow", "error": "bold red", "event": "cyan"}.get(level)
+        prefix = {"warning": "WARNING: ", "error": "ERROR: "}.get(level, "")
+        self._print(prefix + text, style)
+
+    def step(self, fields: dict) -> None:
+        line = step_line(fields)
+        if self.live:
+            if self._progress is None:
+                self._progress = Progress(
+                    BarColumn(bar_width=24), TextColumn("{task.description}"), console=self.console, transient=True
+                )
+                self._progress.start()
+                self._task = self._progress.add_task(line, total=self.total_steps)
+            self._progress.update(self._task, completed=fields["step"], description=line)
+            return
+        step = fields["step"]
+        if not self._printed_first or step % self.plain_every == 0 or step >= self.total_steps:
+            self._printed_first = True
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,83 @@
+"""Phase detection: WARMUP / CONVERGING / PLATEAU / UNSTABLE / DIVERGING from a rolling loss window."""
+
+from __future__ import annotations
+
+from collections import deque
+from itertools import islice
+
+from surogate.runtime.observe.diagnostics._stats import mean, median, pstdev, rel_change
+from surogate.runtime.observe.events import Phase
+
+
+class PhaseDetector:
+    """Classifies every step from the last `window` finite losses (and gradient norms).
+
+    Definitions (A = older half of the window, B = newer half, r = (mean(B) - mean(A)) / |mean(A)|):
+
+    - WARMUP: step <= `warmup_steps` (the LR warmup), or fewer than `window` losses seen yet.
+    - DIVERGING: r > `diverge_tol` (loss rose by more than 5% between the halves).
+    - UNSTABLE: std(B) / |mean(B)| > `unstable_cv` (loss noise above 15% of its level), or the largest
+      gradient norm in B exceeds `spike_ratio` x the window's median gradient norm.
+    - CONVERGING: r < -`converge_tol` (loss fell by more than 1% between the halves).
+    - PLATEAU: otherwise (|change| within tolerance, no instability).
+
+    Rules are checked in that order. `steps_in_phase` counts consecutive steps in the current phase
+    (early stopping reads it); `update` returns True in `changed` when the phase differs from the last step.
+    """
+
+    def __init__(
+        self,
+        window: int = 50,
+        warmup_steps: int = 0,
+        converge_tol: float = 0.01,
+        diverge_tol: float = 0.05,
+        unstable_cv: float = 0.15,
+        spike_ratio: float = 10.0,
+    ):
+        if window < 4:
+            raise ValueError("window must be >= 4")
+        self.window = window
+        self.warmup_steps = warmup_steps
+        self.converge_tol = converge_tol
+        self.diverge_tol = diverge_tol
+        self.unstable_cv = unstable_cv
+        self.spike_ratio = spike_ratio
+        self._losses: deque[float] = deque(maxlen=window)
+        self._grads: deque[float] = deque(maxlen=window)
+        self.phase: Phase | None = None
+        self.steps_in_phase = 0
+
+    def classify(self, step: int) -> Phase:
+        """The phase implied by the current window (no state change)."""
+        if step <= self.warmup_steps or len(self._losses) < self.window:
+            return Phase.WARMUP
+        half = self.window // 2
+        older = list(islice(self._losses, 0, self.window - half))
+        newer = list(islice(self._losses, self.window - half, self.window))
+        r = rel_change(mean(older), mean(newer))
+        if r > self.diverge_tol:
+            return Phase.DIVERGING
+        cv = pstdev(newer) / max(abs(mean(newer)), 1e-12)
+        if cv > self.unstable_cv or self._grad_spike(half):
+            return Phase.UNSTABLE
+        if r < -self.converge_tol:
+            return Phase.CONVERGING
+        return Phase.PLATEAU
+
+    def _grad_spike(self, half: int) -> bool:
+        if len(self._grads) < self.window:
+            return False
+        ref = median(self._grads)
+        newest = max(islice(self._grads, self.window - half, self.window))
+        return ref > 0 and newest > self.spike_ratio * ref
+
+    def update(self, step: int, loss: float, grad_norm: float | None = None) -> tuple[Phase, bool]:
+        """Add one finite step; return (phase, changed)."""
+        self._losses.append(float(loss))
+        if grad_norm is not None:
+            self._grads.append(float(grad_norm))
+        phase = self.classify(step)
+        changed = phase != self.phase
+        self.steps_in_phase = 1 if changed else self.steps_in_phase + 1
+        self.phase = phase
+        return phase, changed
