@@ -64,20 +64,24 @@ def _given_paths(data: dict[str, Any]) -> set[str]:
 
 
 def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill in every option the user left out; with `apply_recommended_values`, recommended ones first."""
-    recommended = bool(data.get("apply_recommended_values"))
+    """Fill in every option the user left out; with `apply_recommended_values`, recommended ones first.
+
+    Malformed parts (a `datasets` that is not a list, ...) are left as they are: they have their own errors.
+    """
+    recommended = data.get("apply_recommended_values") is True
     out = copy.deepcopy(data)
     for key, prop in properties().items():
         if key not in out:
             out[key] = copy.deepcopy(prop["x-recommended"]) if recommended and "x-recommended" in prop else default_of(prop)
-    dist = out["distributed"] or {}
-    out["distributed"] = {**default_of(properties()["distributed"]), **dist}
+    if isinstance(out["distributed"], dict) or out["distributed"] is None:
+        out["distributed"] = {**default_of(properties()["distributed"]), **(out["distributed"] or {})}
     if isinstance(out.get("report_to"), str):
         out["report_to"] = [out["report_to"]]
+    ds_props = dataset_properties()
     for list_key in ("datasets", "validation_datasets"):
-        if out.get(list_key):
+        if isinstance(out.get(list_key), list):
             out[list_key] = [
-                {k: item.get(k, default_of(p)) for k, p in dataset_properties().items()} | item
+                {k: default_of(p) for k, p in ds_props.items()} | item if isinstance(item, dict) else item
                 for item in out[list_key]
             ]
     return out

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from surogate.errors import ConfigIssue
+from surogate.schema.source import dataset_properties, default_of
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 QLORA_MODES = ("qlora_fp4", "qlora_fp8", "qlora_bnb")
@@ -324,7 +326,8 @@ def _dataset_rules(ds: dict[str, Any], where: str, given: set[str]) -> Iterator[
             if other == kind:
                 continue
             for f in fields:
-                if f"{where}.{f}" in given:
+                # Writing an option's default (as a resolved config does) is harmless; a real value is not.
+                if f"{where}.{f}" in given and ds.get(f) != default_of(dataset_properties()[f]):
                     yield ConfigIssue(f"{where}.{f}", f"applies to `type: {other}` datasets, not `type: {kind}`", ds.get(f))
     spt = ds.get("system_prompt_type")
     if spt == "field" and not ds.get("system_prompt_field"):

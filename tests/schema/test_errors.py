@@ -1,0 +1,117 @@
+"""Type / enum / range errors, unknown keys with hints, and malformed files: clear messages, right places."""
+
+from __future__ import annotations
+
+import pytest
+
+from surogate.errors import UserError
+from surogate.schema import validate_file, validate_text
+from tests.schema.helpers import check, error_paths, messages
+
+
+@pytest.mark.parametrize(
+    "options, path, words",
+    [
+        ({"lora_rank": "16"}, "lora_rank", "expected an integer, got a string"),
+        ({"lora": "yes"}, "lora", "expected true or false"),
+        ({"learning_rate": "fast"}, "learning_rate", "expected a number"),
+        ({"num_epochs": 1.5}, "num_epochs", "expected an integer"),
+        ({"save_steps": True}, "save_steps", "got a boolean"),
+        ({"recipe": "fp4"}, "recipe", "expected one of: 'bf16', 'fp8_hybrid', 'nvfp4', 'nvfp4_quartet'"),
+        ({"optimizer": "adam"}, "optimizer", "expected one of"),
+        ({"zero_level": 4}, "zero_level", "expected one of: 1, 2, 3"),
+        ({"qlora_block_size": 100}, "qlora_block_size", "expected one of: 64, 128, 256"),
+        ({"qlora_bnb_block_size": 32}, "qlora_bnb_block_size", "expected one of: 64, 128, 256, 512"),
+        ({"validation_split_ratio": 1.0}, "validation_split_ratio", "must be < 1"),
+        ({"validation_split_ratio": -0.1}, "validation_split_ratio", "must be >= 0"),
+        ({"lora_alpha": 0}, "lora_alpha", "must be > 0"),
+        ({"sequence_len": 0}, "sequence_len", "must be >= 1"),
+        ({"learning_rate": 0}, "learning_rate", "must be > 0"),
+        ({"lora_dropout": 1.0}, "lora_dropout", "must be < 1"),
+        ({"warmup_ratio": 2}, "warmup_ratio", "must be <= 1"),
+        ({"gpus": -1}, "gpus", "must be >= 0"),
+        ({"lora_target_modules": []}, "lora_target_modules", "at least 1"),
+        ({"lora_target_modules": ["q_proj", "qproj"]}, "lora_target_modules[1]", "expected one of"),
+        ({"report_to": "tensorboard"}, "report_to", "'wandb', 'aim', or a list of them"),
+        ({"report_to": ["wandb", "mlflow"]}, "report_to", "'wandb', 'aim', or a list of them"),
+        ({"distributed": {"ray_address": "http://x"}}, "distributed.ray_address", "'auto', 'local'"),
+        ({"distributed": {"num_nodes": 0}}, "distributed.num_nodes", "must be >= 1"),
+        ({"datasets": [{"path": "a", "type": "csv"}]}, "datasets[0].type", "expected one of"),
+        ({"datasets": [{"type": "text"}]}, "datasets[0].path", "missing required option"),
+        ({"datasets": {"path": "a"}}, "datasets", "expected a list"),
+        ({"model": ""}, "model", "must not be empty"),
+    ],
+)
+def test_value_errors_name_field_value_and_expectation(options, path, words):
+    result = check(**options)
+    assert path in error_paths(result), messages(result)
+    assert words in messages(result)
+
+
+def test_missing_model_is_required():
+    result = validate_text("lora: true\n", "c.yaml")
+    assert error_paths(result) == ["model"]
+    assert "missing required option" in messages(result)
+
+
+@pytest.mark.parametrize(
+    "key, hint",
+    [("lora_rnak", "did you mean `lora_rank`?"), ("learning_rat", "did you mean `learning_rate`?"),
+     ("sequence_length", "did you mean `sequence_len`?"), ("text_field", "dataset option")],
+)
+def test_unknown_top_level_keys_get_hints(key, hint):
+    result = check(**{key: 1})
+    assert error_paths(result) == [key]
+    assert "unknown option" in messages(result) and hint in messages(result)
+
+
+def test_unknown_nested_keys_get_hints():
+    result = check(datasets=[{"path": "a", "type": "text", "text_feild": "t"}], distributed={"num_node": 2})
+    assert set(error_paths(result)) == {"datasets[0].text_feild", "distributed.num_node"}
+    assert "did you mean `text_field`?" in messages(result)
+    assert "did you mean `num_nodes`?" in messages(result)
+
+
+def test_errors_carry_file_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\nlora_rank: 16\ndatasets:\n  - path: a\n    type: text\n    text_feild: x\nrecipe: fp4\n")
+    result = validate_file(path)
+    located = {e.path: (e.source, e.line, e.column) for e in result.errors}
+    assert located["datasets[0].text_feild"] == (str(path), 6, 5)
+    assert located["recipe"] == (str(path), 7, 1)
+    assert str(result.errors[0]).startswith(f"{path}:6:5: datasets[0].text_feild")
+
+
+@pytest.mark.parametrize(
+    "text, words, line",
+    [
+        ("model: m\nlora: [true\n", "YAML syntax error", 3),
+        ("model: m\n  bad indent: 1\n", "YAML syntax error", 2),
+        ("model: m\nlora_rank: 8\nlora_rank: 16\n", "duplicate key (first given at line 2)", 3),
+        ("", "the file is empty", None),
+        ("# only a comment\n", "the file is empty", None),
+        ("- model: m\n", "must be a mapping of options, got a list", 1),
+        ("just a string\n", "must be a mapping of options, got a str", 1),
+    ],
+)
+def test_malformed_files(tmp_path, text, words, line):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    result = validate_file(path)
+    assert not result.ok
+    assert words in messages(result)
+    assert result.errors[0].source == str(path)
+    if line is not None:
+        assert result.errors[0].line == line
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such config file"):
+        validate_file(tmp_path / "nope.yaml")
+
+
+def test_exponent_floats_are_numbers():
+    result = validate_text("model: m\nlearning_rate: 2e-4\nadamw_epsilon: 1e-8\n")
+    assert result.ok, messages(result)
+    assert result.config.learning_rate == pytest.approx(2e-4)
+    assert result.config.adamw_epsilon == pytest.approx(1e-8)

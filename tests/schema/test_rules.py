@@ -1,0 +1,124 @@
+"""Every cross-field rule: the failing combination is an error naming the field, the fixed one passes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.schema.helpers import check, error_paths, messages
+
+INSTR = {"path": "d.jsonl", "type": "instruction", "instruction_field": "q", "output_field": "a"}
+
+
+@pytest.mark.parametrize(
+    "bad, good, path, words",
+    [
+        ({"offload_quants": True}, {"offload_quants": True, "persistent_quants": True, "shard_weights": True, "qlora_bnb": True},
+         "offload_quants", "persistent_quants"),
+        ({"persistent_quants": True, "qlora_fp8": True}, {"persistent_quants": True, "qlora_fp8": True, "shard_weights": True},
+         "persistent_quants", "shard_weights"),
+        ({"persistent_quants": True, "shard_weights": True}, {"persistent_quants": True, "shard_weights": True, "recipe": "fp8_hybrid"},
+         "persistent_quants", "nothing to keep"),
+        ({"offload_grads": True}, {"offload_grads": True, "zero_level": 2}, "offload_grads", "zero_level >= 2"),
+        ({"offload_grads": True, "zero_level": 1}, {"offload_grads": True, "shard_gradients": True}, "offload_grads", "shard_gradients"),
+        ({"adapter_path": "a", "lora": False}, {"adapter_path": "a"}, "adapter_path", "lora: true"),
+        ({"merge_adapter": True, "lora": False}, {"merge_adapter": True}, "merge_adapter", "lora: true"),
+        ({"qlora_bnb": True, "qlora_fp8": True}, {"qlora_bnb": True}, "qlora_bnb", "only one QLoRA mode"),
+        ({"qlora_bnb": True, "lora": False}, {"qlora_bnb": True}, "qlora_bnb", "lora: true"),
+        ({"from_scratch": True}, {"from_scratch": True, "lora": False}, "from_scratch", "lora: false"),
+        ({"init_projections_to_zero": True}, {"init_projections_to_zero": True, "from_scratch": True, "lora": False},
+         "init_projections_to_zero", "from_scratch"),
+        ({"rope_scaling": "yarn"}, {"rope_scaling": "yarn", "max_model_len": 8192}, "max_model_len", "required"),
+        ({"rope_scaling": "ntk"}, {"rope_scaling": "linear", "max_model_len": 4096}, "rope_scaling", "expected one of"),
+        ({"rope_scaling": '{"factor": 2.0'}, {"rope_scaling": '{"factor": 2.0, "type": "yarn"}'}, "rope_scaling", "not valid JSON"),
+        ({"rope_scaling": '{"type": "yarn"}'}, {"rope_scaling": '{"rope_type": "yarn", "factor": 4}'}, "rope_scaling", "factor"),
+        ({"rope_scaling": '{"type": "weird", "factor": 2}'}, {"rope_scaling": '{"type": "llama3", "factor": 8}'}, "rope_scaling", "type"),
+        ({"max_length": 4096, "sequence_len": 1024}, {"max_length": 512, "sequence_len": 1024}, "max_length", "sequence_len"),
+        ({"max_steps": 0}, {"max_steps": 10}, "max_steps", "-1"),
+        ({"sequence_parallel_size": 3, "gpus": 4}, {"sequence_parallel_size": 2, "gpus": 4}, "sequence_parallel_size", "divide"),
+        ({"distributed": {"num_nodes": 2}, "gpus": 0}, {"distributed": {"num_nodes": 2, "gpus_per_node": 8}, "gpus": 0},
+         "distributed.gpus_per_node", "GPU count"),
+        ({"datasets": [{**INSTR, "system_prompt_type": "field"}]},
+         {"datasets": [{**INSTR, "system_prompt_type": "field", "system_prompt_field": "sys"}]},
+         "datasets[0].system_prompt_field", "system_prompt_type: field"),
+        ({"datasets": [{**INSTR, "system_prompt_type": "fixed"}]},
+         {"datasets": [{**INSTR, "system_prompt_type": "fixed", "system_prompt": "Be nice."}]},
+         "datasets[0].system_prompt", "system_prompt_type: fixed"),
+        ({"datasets": [{**INSTR, "system_prompt": "Be nice."}]},
+         {"datasets": [{**INSTR, "system_prompt": "Be nice.", "system_prompt_type": "fixed"}]},
+         "datasets[0].system_prompt", "only used with"),
+        ({"datasets": [{**INSTR, "text_field": "t"}]}, {"datasets": [INSTR]}, "datasets[0].text_field", "type: text"),
+        ({"datasets": [{**INSTR, "prompt_format": "{instruction} {answer}"}]},
+         {"datasets": [{**INSTR, "prompt_format": "Q: {instruction}\n{input}\nA: {output}"}]},
+         "datasets[0].prompt_format", "unknown placeholder"),
+        ({"datasets": [{**INSTR, "prompt_format_no_input": "{instruction} {input} {output}"}]},
+         {"datasets": [{**INSTR, "prompt_format_no_input": "{instruction} {output}"}]},
+         "datasets[0].prompt_format_no_input", "{input}"),
+        ({"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from"}}]},
+         {"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from", "content": "value"}}]},
+         "validation_datasets[0].message_property_mappings", "content"),
+    ],
+)
+def test_rule(bad, good, path, words):
+    result = check(**bad)
+    assert path in error_paths(result), messages(result)
+    assert words in messages(result)
+    fixed = check(**good)
+    assert fixed.ok, messages(fixed)
+
+
+def test_instruction_dataset_needs_its_fields():
+    result = check(datasets=[{"path": "d", "type": "instruction", "instruction_field": "q"}])
+    assert error_paths(result) == ["datasets[0].output_field"]
+    assert "required when type is 'instruction'" in messages(result)
+
+
+def _notices(result, kind):
+    return {n.path: n.message for n in result.notices if n.kind == kind}
+
+
+def test_warmup_steps_override_ratio_is_reported():
+    result = check(warmup_steps=10, warmup_ratio=0.1)
+    assert result.ok
+    assert "overrides" in _notices(result, "warning")["warmup_ratio"]
+
+
+@pytest.mark.parametrize(
+    "options, path",
+    [
+        ({"recipe": "nvfp4"}, "recipe"),
+        ({"recipe": "nvfp4_quartet"}, "recipe"),
+        ({"qlora_fp4": True}, "qlora_fp4"),
+    ],
+)
+def test_fp4_needs_blackwell_at_run_time_but_plans_anywhere(options, path):
+    result = check(**options)
+    assert result.ok  # a plan may be made for such a target on any machine
+    assert "SM100" in _notices(result, "requirement")[path]
+
+
+@pytest.mark.parametrize(
+    "options, path",
+    [
+        ({"fp8_amax_history": 32}, "fp8_amax_history"),
+        ({"fp4_backend": "cudnn"}, "fp4_backend"),
+        ({"skip_quant_first_layers": 2}, "skip_quant_first_layers"),
+        ({"qlora_bnb_block_size": 128}, "qlora_bnb_block_size"),
+        ({"qlora_block_size": 64}, "qlora_block_size"),
+        ({"normuon_momentum": 0.9}, "normuon_momentum"),
+        ({"lora": False, "lora_rank": 8}, "lora_rank"),
+        ({"wandb_project": "p"}, "wandb_project"),
+        ({"aim_repo": "r"}, "aim_repo"),
+        ({"use_zero_copy": True}, "use_zero_copy"),
+        ({"lora_target_modules": ["all", "q_proj"]}, "lora_target_modules"),
+        ({"lr_scheduler_type": "wsd"}, "cooldown_steps"),
+    ],
+)
+def test_options_without_effect_are_never_silent(options, path):
+    result = check(**options)
+    assert result.ok, messages(result)
+    assert path in _notices(result, "warning")
+
+
+def test_all_errors_reported_at_once():
+    result = check(lora_rnak=4, recipe="fp4", offload_grads=True, lora_alpha=0, sequence_len=0)
+    assert set(error_paths(result)) == {"lora_rnak", "recipe", "offload_grads", "lora_alpha", "sequence_len"}
