@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from surogate.errors import UserError
 from surogate.runtime.observe.jsonl import read_log
 from surogate.runtime.observe.plot import plot_training_loss
-
-from surogate.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

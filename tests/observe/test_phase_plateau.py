@@ -1,0 +1,86 @@
+"""Phase and plateau detectors driven by synthetic loss / grad-norm curves: exact firing steps."""
+
+from __future__ import annotations
+
+from surogate.runtime.observe.diagnostics import PhaseDetector, PlateauDetector
+from surogate.runtime.observe.events import Phase
+
+
+def run_phases(losses, grads=None, **kw):
+    det = PhaseDetector(**kw)
+    out = []
+    for i, loss in enumerate(losses, 1):
+        phase, _ = det.update(i, loss, None if grads is None else grads[i - 1])
+        out.append(phase)
+    return det, out
+
+
+def first(phases, phase):
+    return phases.index(phase) + 1
+
+
+def test_constant_loss_is_plateau_once_window_full():
+    det, phases = run_phases([2.0] * 80, window=50)
+    assert set(phases[:49]) == {Phase.WARMUP}
+    assert first(phases, Phase.PLATEAU) == 50
+    assert det.steps_in_phase == 31  # steps 50..80
+
+
+def test_lr_warmup_keeps_warmup_phase():
+    losses = [3.0 - 0.01 * t for t in range(1, 101)]
+    _, phases = run_phases(losses, window=50, warmup_steps=60)
+    assert set(phases[:60]) == {Phase.WARMUP}
+    assert phases[60] is Phase.CONVERGING  # step 61
+
+
+def test_falling_loss_is_converging():
+    _, phases = run_phases([3.0 - 0.01 * t for t in range(1, 61)], window=50)
+    assert first(phases, Phase.CONVERGING) == 50
+
+
+def test_rising_loss_is_diverging():
+    # halves at step 50: mean 2.13 vs 2.38 -> +11.7% > 5%
+    _, phases = run_phases([2.0 + 0.01 * t for t in range(1, 61)], window=50)
+    assert first(phases, Phase.DIVERGING) == 50
+    assert Phase.CONVERGING not in phases
+
+
+def test_noisy_loss_is_unstable():
+    # alternating 1.0 / 2.0: no trend, but std/mean = 0.5/1.5 > 0.15
+    _, phases = run_phases([1.0 if t % 2 else 2.0 for t in range(1, 61)], window=50)
+    assert first(phases, Phase.UNSTABLE) == 50
+    assert Phase.DIVERGING not in phases
+
+
+def test_grad_norm_spike_is_unstable_while_in_newer_half():
+    grads = [1.0] * 120
+    grads[59] = 20.0  # step 60
+    det = PhaseDetector(window=50)
+    phases = {}
+    transitions = []
+    for step in range(1, 121):
+        phase, changed = det.update(step, 2.0, grads[step - 1])
+        phases[step] = phase
+        if changed:
+            transitions.append((step, phase))
+    assert phases[59] is Phase.PLATEAU
+    # newer half = the last 25 steps: the spike counts from step 60 through step 84
+    assert all(phases[s] is Phase.UNSTABLE for s in range(60, 85))
+    assert transitions == [(1, Phase.WARMUP), (50, Phase.PLATEAU), (60, Phase.UNSTABLE), (85, Phase.PLATEAU)]
+
+
+def test_plateau_warning_exact_step_and_rearm():
+    # 2.0 for 100 steps, 1.0 until step 400, 0.5 afterwards. With window 100 the improvement at step s in
+    # [200, 300] is x / (1 + x), x = (300 - s) / 100: first below 1% at s = 299. Same shape again at 599.
+    losses = [2.0] * 100 + [1.0] * 300 + [0.5] * 300
+    det = PlateauDetector(window=100, min_improvement=0.01)
+    warnings = [(s, det.update(s, loss)) for s, loss in enumerate(losses, 1)]
+    fired = [(s, w) for s, w in warnings if w]
+    assert [s for s, _ in fired] == [299, 599]
+    assert "step 299" in fired[0][1] and "0.99%" in fired[0][1]
+
+
+def test_plateau_needs_two_windows():
+    det = PlateauDetector(window=100)
+    assert all(det.update(s, 1.0) is None for s in range(1, 200))
+    assert det.update(200, 1.0) is not None
