@@ -1,0 +1,115 @@
+"""Pass `assign_buffers`: one arena per memory space; an offset for every tensor.
+
+Persistent tensors (whole-step interval) are packed at the bottom of the arena, largest first. The
+other tensors are placed above them by *greedy by size with best fit* (as in TFLite's and MLIR's
+static memory planners): largest first, each at the smallest gap between the tensors already placed
+whose lifetimes overlap its own, or on top if none fits. Sizes are rounded up to `ALIGNMENT` bytes.
+
+The lower bound is the largest sum of (aligned) live bytes at any schedule position: no assignment
+can use less. `graph.meta["buffers"][space]` records arena size, lower bound and where it peaks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from surogate.compiler.ir import Graph, Space
+from surogate.compiler.passes.liveness import is_persistent
+
+ALIGNMENT = 256
+
+
+def aligned(nbytes: int) -> int:
+    """Size rounded up to the arena alignment (a 0-byte tensor still gets no memory)."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def place(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, int]:
+    """Offsets for intervals [start, end] of `sizes` bytes, no two live at once overlapping.
+
+    Greedy by size, best fit. Returns (offsets, arena size).
+    """
+    n = len(sizes)
+    offsets = np.zeros(n, dtype=np.int64)
+    order = sorted(range(n), key=lambda i: (-int(sizes[i]), -(int(ends[i]) - int(starts[i])), int(starts[i])))
+    p_off = np.empty(n, dtype=np.int64)
+    p_end = np.empty(n, dtype=np.int64)  # offset + size
+    p_s = np.empty(n, dtype=np.int64)
+    p_e = np.empty(n, dtype=np.int64)
+    k = 0
+    top = 0
+    for i in order:
+        size = int(sizes[i])
+        if size == 0:
+            continue
+        s, e = starts[i], ends[i]
+        mask = (p_s[:k] <= e) & (p_e[:k] >= s)
+        off = 0
+        if mask.any():
+            o = p_off[:k][mask]
+            srt = np.argsort(o, kind="stable")
+            o = o[srt]
+            hi = p_end[:k][mask][srt]
+            reach = np.maximum.accumulate(hi)
+            prev = np.concatenate(([0], reach[:-1]))
+            gaps = o - prev
+            fit = np.nonzero(gaps >= size)[0]
+            if len(fit):
+                j = fit[np.argmin(gaps[fit])]
+                off = int(prev[j])
+            else:
+                off = int(reach[-1])
+        offsets[i] = off
+        p_off[k], p_end[k], p_s[k], p_e[k] = off, off + size, s, e
+        k += 1
+        top = max(top, off + size)
+    return offsets, top
+
+
+def live_profile(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+    """Live bytes at each schedule position."""
+    diff = np.zeros(length + 1, dtype=np.int64)
+    np.add.at(diff, starts, sizes)
+    np.add.at(diff, ends + 1, -sizes)
+    return np.cumsum(diff)[:length]
+
+
+def assign_buffers(graph: Graph, cfg: Any = None) -> Graph:
+    """Set `Tensor.offset` for every tensor and record arena sizes and lower bounds."""
+    live = graph.meta["liveness"]
+    length = max(len(graph.order), 1)
+    result: dict[str, dict[str, Any]] = {}
+    for space in Space:
+        names = [n for n, t in graph.tensors.items() if t.space is space and live.get(n) is not None]
+        sizes = np.array([aligned(graph.tensors[n].nbytes) for n in names], dtype=np.int64)
+        starts = np.array([live[n][0] for n in names], dtype=np.int64)
+        ends = np.array([live[n][1] for n in names], dtype=np.int64)
+        persistent = np.array([is_persistent(graph.tensors[n]) for n in names], dtype=bool)
+        offsets = np.zeros(len(names), dtype=np.int64)
+        # Persistent block first: it conflicts with everything, so packing it is exact.
+        idx = np.nonzero(persistent)[0]
+        idx = idx[np.argsort(-sizes[idx], kind="stable")]
+        if len(idx):
+            offsets[idx] = np.concatenate(([0], np.cumsum(sizes[idx])[:-1]))
+        base = int(sizes[idx].sum()) if len(idx) else 0
+        rest = np.nonzero(~persistent)[0]
+        rest_off, rest_top = place(sizes[rest], starts[rest], ends[rest])
+        offsets[rest] = base + rest_off
+        arena = base + rest_top
+        profile = live_profile(sizes, starts, ends, length) if len(names) else np.zeros(length, dtype=np.int64)
+        peak = int(profile.argmax())
+        for n, off in zip(names, offsets, strict=True):
+            graph.tensors[n].offset = int(off)
+        result[space.value] = {
+            "arena_bytes": int(arena),
+            "lower_bound_bytes": int(profile[peak]),
+            "peak_index": peak,
+            "persistent_bytes": base,
+        }
+    for n, t in graph.tensors.items():
+        if live.get(n) is None:
+            t.offset = 0  # never touched: no memory
+    graph.meta["buffers"] = result
+    return graph

@@ -1,0 +1,308 @@
+"""Pass `apply_offload`: move tensor categories to pinned host memory, with copy ops and device staging.
+
+Two ways a tensor goes to the host:
+
+* `offload_to_host` moves the tensor itself (master weights, optimizer states, gradients, quantized
+  weights). Every device op that touches it then works on a short-lived device *staging* tensor
+  (role TEMPORARY, `attrs["staging_of"]`), filled by a `copy_h2d` op before the op and written back by
+  a `copy_d2h` op after it. Staging tensors are ordinary transient tensors, so buffer assignment
+  reuses their memory: the device pays for the largest staged tensor, not for the category.
+* `offload_activation` keeps the forward tensor on the device (the forward pass still reads it there)
+  but saves it to a host copy right after it is written; backward readers read a staging copy that is
+  loaded just before them. With recompute (only per-layer checkpoints saved), this makes device
+  activation memory independent of the number of layers.
+
+This pass handles the categories that exist when it runs (saved residuals, quantized weights, master
+weights made by the precision pass) and records every offload flag in `graph.meta["offload"]`; the
+ZeRO pass offloads the gradients it shards, and the optimizer pass the states and masters it creates,
+through the same helpers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
+
+OFFLOAD_FLAGS = (
+    "offload_residual",
+    "offload_master",
+    "offload_quants",
+    "offload_optimizer",
+    "offload_grads",
+    "persistent_quants",
+    "use_zero_copy",
+    "use_write_combined",
+)
+
+
+class OpInserter:
+    """Queue new ops before / after existing ones and splice them into the program in one O(n) pass."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self._before: dict[str, list[Op]] = defaultdict(list)
+        self._after: dict[str, list[Op]] = defaultdict(list)
+        self._end: list[Op] = []
+        self._names: set[str] = set()
+
+    def _check(self, op: Op) -> None:
+        if op.name in self.graph.dag or op.name in self._names:
+            raise GraphError(f"op {op.name!r} defined twice")
+        for t in (*op.inputs, *op.outputs):
+            if t not in self.graph.tensors:
+                raise GraphError(f"op {op.name!r} uses unknown tensor {t!r}")
+        self._names.add(op.name)
+
+    def fresh(self, base: str) -> str:
+        """An op name starting with `base` not used by the graph or by a queued op."""
+        k = 0
+        while f"{base}{k}" in self.graph.dag or f"{base}{k}" in self._names:
+            k += 1
+        return f"{base}{k}"
+
+    def before(self, anchor: str, op: Op) -> Op:
+        self._check(op)
+        self._before[anchor].append(op)
+        return op
+
+    def after(self, anchor: str, op: Op) -> Op:
+        self._check(op)
+        self._after[anchor].append(op)
+        return op
+
+    def append(self, op: Op) -> Op:
+        self._check(op)
+        self._end.append(op)
+        return op
+
+    def commit(self) -> None:
+        """Add the queued ops to the graph, rebuild the order and the edges."""
+        g = self.graph
+        queued = [*self._end]
+        for ops in (*self._before.values(), *self._after.values()):
+            queued.extend(ops)
+        for op in queued:
+            g.dag.add_node(op.name, op=op)
+        order: list[str] = []
+        for n in g.order:
+            order.extend(o.name for o in self._before.get(n, ()))
+            order.append(n)
+            order.extend(o.name for o in self._after.get(n, ()))
+        order.extend(o.name for o in self._end)
+        g.order = order
+        g.rewire()
+        self._before.clear()
+        self._after.clear()
+        self._end.clear()
+
+
+def _replace(names: list[str], old: str, new: str) -> None:
+    for i, n in enumerate(names):
+        if n == old:
+            names[i] = new
+
+
+def _fresh(graph: Graph, base: str) -> str:
+    k = 0
+    while f"{base}{k}" in graph.tensors or f"{base}{k}" in graph.dag:
+        k += 1
+    return f"{base}{k}"
+
+
+def _staging(graph: Graph, of: str, layer: int | None) -> str:
+    src = graph.tensors[of]
+    name = _fresh(graph, f"{of}@stage")
+    graph.add_tensor(
+        Tensor(name, src.shape, src.dtype, Role.TEMPORARY, Space.DEVICE, layer=layer, attrs={"staging_of": of})
+    )
+    return name
+
+
+def _layer_runs(graph: Graph) -> dict[str, int]:
+    """Op name -> index of its run of consecutive same-layer ops (to keep staging copies layer-local)."""
+    runs: dict[str, int] = {}
+    run, prev = 0, object()
+    for n in graph.order:
+        layer = graph.op(n).layer
+        if layer != prev:
+            run += 1
+            prev = layer
+        runs[n] = run
+    return runs
+
+
+def _copy(ins: OpInserter, kind: str, src: str, dst: str, layer: int | None, **attrs: Any) -> Op:
+    return Op(ins.fresh(f"{kind}:{src}#"), kind, [src], [dst], attrs=attrs, phase="copy", layer=layer)
+
+
+def offload_to_host(
+    graph: Graph, names: Iterable[str], *, zero_copy: bool = False, write_combined: bool = False
+) -> list[str]:
+    """Move tensors to pinned host memory; ops that touch them go through device staging copies.
+
+    With `zero_copy` the device ops read and write host memory directly (no copies, no staging).
+    Returns the names moved.
+    """
+    moved = [n for n in dict.fromkeys(names) if graph.tensors[n].space is Space.DEVICE]
+    for n in moved:
+        t = graph.tensors[n]
+        extra = {"offloaded": True, "write_combined": True} if write_combined else {"offloaded": True}
+        graph.update_tensor(n, space=Space.HOST, attrs={**t.attrs, **extra})
+    stage_host_accesses(graph, moved, zero_copy=zero_copy)
+    return moved
+
+
+def stage_host_accesses(
+    graph: Graph, names: Iterable[str], *, ops: Iterable[str] | None = None, zero_copy: bool = False
+) -> None:
+    """Give device ops that touch host tensors `names` staging copies (all ops, or only `ops`).
+
+    A reader gets a `copy_h2d` into a staging tensor before it (shared by consecutive readers in the
+    same phase and layer); a writer writes a staging tensor that a `copy_d2h` stores back after it
+    (accumulating into gradients). With `zero_copy` the ops are only marked to access host memory.
+    """
+    targets = set(names)
+    selected = set(ops) if ops is not None else None
+    if not targets:
+        return
+    if zero_copy:
+        for op in graph.ops():
+            if selected is not None and op.name not in selected:
+                continue
+            if targets.intersection(op.inputs) or targets.intersection(op.outputs):
+                op.attrs["zero_copy"] = True
+        return
+    runs = _layer_runs(graph)
+    ins = OpInserter(graph)
+    # (tensor, phase, layer run) -> staging tensor holding a fresh device copy
+    read_stage: dict[tuple[str, str, int], str] = {}
+    for opname in list(graph.order):
+        if selected is not None and opname not in selected:
+            continue
+        op = graph.op(opname)
+        if op.phase == "copy":
+            continue
+        for t in dict.fromkeys((*op.inputs, *op.outputs)):
+            if t not in targets:
+                continue
+            reads, writes = t in op.inputs, t in op.outputs
+            if writes:
+                s = _staging(graph, t, op.layer)
+                if reads:
+                    ins.before(opname, _copy(ins, "copy_h2d", t, s, op.layer))
+                _replace(op.inputs, t, s)
+                _replace(op.outputs, t, s)
+                accumulate = not reads and graph.tensors[t].role is Role.GRADIENT
+                ins.after(opname, _copy(ins, "copy_d2h", s, t, op.layer, accumulate=accumulate))
+                for key in [k for k in read_stage if k[0] == t]:
+                    del read_stage[key]
+            else:
+                key = (t, op.phase, runs[opname])
+                s = read_stage.get(key)
+                if s is None:
+                    s = _staging(graph, t, op.layer)
+                    ins.before(opname, _copy(ins, "copy_h2d", t, s, op.layer))
+                    read_stage[key] = s
+                _replace(op.inputs, t, s)
+    ins.commit()
+
+
+def offload_activation(graph: Graph, names: Iterable[str], *, write_combined: bool = False) -> list[str]:
+    """Save activations to host right after they are written; backward readers load them back.
+
+    The device tensor keeps its name and serves forward readers; it dies after its last forward use.
+    Returns the names of the host copies.
+    """
+    runs = _layer_runs(graph)
+    ins = OpInserter(graph)
+    hosts: list[str] = []
+    for name in dict.fromkeys(names):
+        t = graph.tensors[name]
+        writers = graph.producers(name)
+        late = [c for c in graph.consumers(name) if graph.op(c).phase == "backward"]
+        if not writers or not late:
+            continue
+        host = _fresh(graph, f"{name}@host")
+        attrs = {"offloaded": True, "host_copy_of": name}
+        if write_combined:
+            attrs["write_combined"] = True
+        graph.add_tensor(Tensor(host, t.shape, t.dtype, t.role, Space.HOST, layer=t.layer, attrs=attrs))
+        hosts.append(host)
+        ins.after(writers[-1], _copy(ins, "copy_d2h", name, host, t.layer))
+        stage, stage_key = None, None
+        for c in late:
+            op = graph.op(c)
+            key = (op.phase, runs[c])
+            if stage is None or key != stage_key:
+                stage = _staging(graph, host, op.layer)
+                graph.tensors[stage].attrs["staging_of"] = host
+                ins.before(c, _copy(ins, "copy_h2d", host, stage, op.layer))
+                stage_key = key
+            _replace(op.inputs, name, stage)
+    ins.commit()
+    return hosts
+
+
+def residual_tensors(graph: Graph) -> list[str]:
+    """Saved activations to stream to the host under `offload_residual`.
+
+    Tensors marked `attrs["residual"]` by the graph builder / recompute pass; if none is marked, every
+    per-layer activation written in the forward pass and read in the backward pass.
+    """
+    marked = [t.name for t in graph.tensors.values() if t.role is Role.ACTIVATION and t.attrs.get("residual")]
+    if marked:
+        return marked
+    saved = []
+    for t in graph.tensors.values():
+        if t.role is not Role.ACTIVATION or t.layer is None:
+            continue
+        writers = graph.producers(t.name)
+        if writers and all(graph.op(w).phase == "forward" for w in writers):
+            if any(graph.op(c).phase == "backward" for c in graph.consumers(t.name)):
+                saved.append(t.name)
+    return saved
+
+
+def mark_persistent_quants(graph: Graph) -> list[str]:
+    """`persistent_quants`: keep weight quantizations across steps instead of re-quantizing each time.
+
+    Outputs of quantize ops whose input is a weight become persistent (role QUANT_WEIGHT / QUANT_SCALE)
+    and the op is marked `cached` (the runtime re-runs it only when the weight changes).
+    """
+    weights = (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)
+    kept = []
+    for op in graph.ops():
+        if not op.kind.startswith("quant"):
+            continue
+        if not any(graph.tensors[i].role in weights for i in op.inputs):
+            continue
+        op.attrs["cached"] = True
+        for o in op.outputs:
+            t = graph.tensors[o]
+            role = Role.QUANT_SCALE if (t.dtype == "fp32" or "scale" in t.attrs) else Role.QUANT_WEIGHT
+            if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE):
+                role = t.role
+            graph.update_tensor(o, role=role, attrs={**t.attrs, "persistent": True})
+            kept.append(o)
+    return kept
+
+
+def apply_offload(graph: Graph, cfg: Any) -> Graph:
+    """Offload residual checkpoints, quantized weights and existing master weights per the config."""
+    flags = {f: bool(getattr(cfg, f, False)) for f in OFFLOAD_FLAGS}
+    graph.meta["offload"] = flags
+    wc = flags["use_write_combined"]
+    if flags["persistent_quants"]:
+        mark_persistent_quants(graph)
+    if flags["offload_residual"]:
+        offload_activation(graph, residual_tensors(graph), write_combined=wc)
+    if flags["offload_quants"]:
+        quants = [t.name for t in graph.tensors.values() if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE)]
+        offload_to_host(graph, quants, write_combined=wc)
+    if flags["offload_master"]:
+        masters = [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT]
+        offload_to_host(graph, masters, zero_copy=flags["use_zero_copy"], write_combined=wc)
+    return graph

@@ -1,0 +1,88 @@
+"""Pass `schedule_ops`: the static execution order.
+
+Program order (the order passes built the ops in) is the starting point. Dependencies are every
+read-after-write, write-after-read and write-after-write on a tensor in program order, so any order
+the pass produces computes the same values. Among ready ops it prefers forward, then backward, then
+optimizer ops (copy and comm ops take the phase of the next compute op after them), and within a
+phase the program order: a graph whose program order already has that shape is left unchanged.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+from surogate.compiler.ir import Graph, GraphError
+
+PHASE_RANK = {"forward": 0, "backward": 1, "optimizer": 2}
+
+
+def dependencies(graph: Graph) -> dict[str, set[str]]:
+    """Op -> ops that must run before it (RAW, WAR and WAW hazards in program order)."""
+    deps: dict[str, set[str]] = {n: set() for n in graph.order}
+    last_write: dict[str, str] = {}
+    reads_since: dict[str, list[str]] = {}
+    for n in graph.order:
+        op = graph.op(n)
+        for t in op.inputs:
+            w = last_write.get(t)
+            if w is not None and w != n:
+                deps[n].add(w)
+        for t in op.outputs:
+            w = last_write.get(t)
+            if w is not None and w != n:
+                deps[n].add(w)
+            deps[n].update(r for r in reads_since.get(t, ()) if r != n)
+        for t in op.inputs:
+            reads_since.setdefault(t, []).append(n)
+        for t in op.outputs:
+            last_write[t] = n
+            reads_since[t] = []
+    return deps
+
+
+def _ranks(graph: Graph) -> dict[str, int]:
+    """Phase rank per op; copy/comm ops inherit the rank of the next compute op (or the last one)."""
+    ranks: dict[str, int] = {}
+    pending: list[str] = []
+    last = 0
+    for n in graph.order:
+        phase = graph.op(n).phase
+        if phase in PHASE_RANK:
+            last = PHASE_RANK[phase]
+            for p in pending:
+                ranks[p] = last
+            pending = []
+            ranks[n] = last
+        else:
+            pending.append(n)
+    for p in pending:
+        ranks[p] = last
+    return ranks
+
+
+def schedule_ops(graph: Graph, cfg: Any = None) -> Graph:
+    """Order the ops topologically (Kahn's algorithm keyed by phase, then program position)."""
+    deps = dependencies(graph)
+    pos = {n: i for i, n in enumerate(graph.order)}
+    ranks = _ranks(graph)
+    users: dict[str, list[str]] = {n: [] for n in graph.order}
+    missing = {n: len(d) for n, d in deps.items()}
+    for n, d in deps.items():
+        for p in d:
+            users[p].append(n)
+    ready = [(ranks[n], pos[n], n) for n, k in missing.items() if k == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        order.append(n)
+        for u in users[n]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                heapq.heappush(ready, (ranks[u], pos[u], u))
+    if len(order) != len(graph.order):
+        raise GraphError("op dependencies form a cycle; no schedule exists")
+    graph.order = order
+    graph.check()
+    return graph

@@ -1,0 +1,110 @@
+"""The pass pipeline: config -> model graph -> passes -> Plan.
+
+`PASSES` is the ordered list of (name, function); every pass is `(graph, cfg) -> graph`. The front
+half (lora ... chunking) is imported lazily, so this module imports even while those are in work.
+`--dump-after PASS` prints the graph after that pass (`format_graph`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from surogate.compiler.ir import Graph
+from surogate.compiler.passes.buffers import assign_buffers
+from surogate.compiler.passes.liveness import compute_liveness
+from surogate.compiler.passes.offload import apply_offload
+from surogate.compiler.passes.optimizer import build_optimizer
+from surogate.compiler.passes.schedule import schedule_ops
+from surogate.compiler.passes.zero import apply_zero
+from surogate.compiler.plan import Plan, make_plan
+from surogate.errors import UserError
+
+Pass = Callable[[Graph, Any], Graph]
+
+
+def _lazy(module: str, func: str) -> Pass:
+    def run(graph: Graph, cfg: Any) -> Graph:
+        return getattr(importlib.import_module(module), func)(graph, cfg)
+
+    run.__name__ = func
+    run.__doc__ = f"{module}.{func}"
+    return run
+
+
+PASSES: list[tuple[str, Pass]] = [
+    ("lora", _lazy("surogate.compiler.passes.lora", "inject_lora")),
+    ("precision", _lazy("surogate.compiler.passes.precision", "annotate_precision")),
+    ("autodiff", _lazy("surogate.compiler.passes.autodiff", "emit_backward")),
+    ("recompute", _lazy("surogate.compiler.passes.recompute", "apply_recompute")),
+    ("chunking", _lazy("surogate.compiler.passes.chunking", "apply_chunking")),
+    ("offload", apply_offload),
+    ("zero", apply_zero),
+    ("optimizer", build_optimizer),
+    ("schedule", schedule_ops),
+    ("liveness", compute_liveness),
+    ("buffers", assign_buffers),
+]
+PASS_NAMES = [name for name, _ in PASSES]
+
+
+def run_passes(
+    graph: Graph,
+    cfg: Any,
+    *,
+    start_after: str | None = None,
+    dump_after: str | None = None,
+    out: TextIO | None = None,
+) -> Graph:
+    """Run the pipeline on `graph` (from the pass after `start_after`, or from the first)."""
+    check_pass_name(dump_after, "--dump-after")
+    check_pass_name(start_after, "start_after")
+    start = PASS_NAMES.index(start_after) + 1 if start_after else 0
+    for name, fn in PASSES[start:]:
+        graph = fn(graph, cfg)
+        if name == dump_after:
+            (out or sys.stdout).write(format_graph(graph, title=f"graph after pass '{name}'"))
+    return graph
+
+
+def check_pass_name(name: str | None, what: str) -> None:
+    if name is not None and name not in PASS_NAMES:
+        raise UserError(f"{what}: unknown pass {name!r}; passes are: {', '.join(PASS_NAMES)}")
+
+
+def build_graph(cfg: Any) -> Graph:
+    """The model's forward graph for `cfg` (C1's model resolution and builders)."""
+    from surogate.compiler.models import build_forward_graph, resolve_model
+
+    spec = resolve_model(cfg)
+    graph = build_forward_graph(spec, cfg)
+    graph.meta.setdefault("model", str(getattr(cfg, "model", "")))
+    return graph
+
+
+def compile_plan(cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Plan:
+    """Compile a config into a Plan (per rank)."""
+    check_pass_name(dump_after, "--dump-after")
+    graph = run_passes(build_graph(cfg), cfg, dump_after=dump_after, out=out)
+    return make_plan(graph, cfg)
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def format_graph(graph: Graph, title: str = "graph") -> str:
+    """Readable text: ops in program order with their tensors, then the tensor table."""
+    lines = [f"== {title}: {len(graph.order)} ops, {len(graph.tensors)} tensors =="]
+    for i, op in enumerate(graph.ops()):
+        layer = f"L{op.layer}" if op.layer is not None else "-"
+        attrs = "" if not op.attrs else " " + ", ".join(f"{k}={v}" for k, v in op.attrs.items())
+        lines.append(f"{i:5d} {op.phase:<9} {layer:>4} {op.name}: {op.kind}"
+                     f"({', '.join(op.inputs)}) -> {', '.join(op.outputs)}{attrs}")
+    lines.append("-- tensors --")
+    for t in graph.tensors.values():
+        where = t.space.value + (f"@{t.offset}" if t.offset is not None else "")
+        lines.append(f"  {t.name}: {t.dtype}{_fmt_shape(t.shape)} {t.role.value} {where} {t.nbytes} B")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,61 @@
+"""Memory timeline picture: live device bytes over the schedule, stacked by category.
+
+Forward, backward and optimizer regions are shaded; the arena size and the live peak are marked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from surogate.compiler.plan import Plan, timeline
+from surogate.compiler.report import CATEGORY_LABELS
+
+_REGION_COLORS = {"forward": "#dbe9f6", "backward": "#fbe3d6", "optimizer": "#e2f0d9"}
+
+
+def phase_regions(plan: Plan) -> list[tuple[str, int, int]]:
+    """(phase, first, last) runs of compute phases over the schedule; copy/comm ops join their run."""
+    regions: list[tuple[str, int, int]] = []
+    current = None
+    for i, op in enumerate(plan.ops):
+        phase = op.phase if op.phase in _REGION_COLORS else current
+        if phase is None:
+            continue
+        if regions and regions[-1][0] == phase:
+            regions[-1] = (phase, regions[-1][1], i)
+        else:
+            regions.append((phase, i, i))
+        current = phase
+    return regions
+
+
+def plot_memory(plan: Plan, path: str | os.PathLike, space: str = "device") -> Path:
+    """Write the timeline picture (PNG, or whatever the suffix says) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats, lines = timeline(plan, space)
+    gib = 2**30
+    x = range(lines.shape[1])
+    fig, ax = plt.subplots(figsize=(12, 5))
+    for phase, a, b in phase_regions(plan):
+        ax.axvspan(a - 0.5, b + 0.5, color=_REGION_COLORS[phase], alpha=0.6, lw=0)
+        ax.text((a + b) / 2, 1.0, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
+    keep = [i for i in range(len(cats)) if lines[i].any()]
+    ax.stackplot(x, *(lines[i] / gib for i in keep), labels=[CATEGORY_LABELS[cats[i]] for i in keep], alpha=0.9)
+    mem = plan.memory[space]
+    ax.axhline(mem["arena_bytes"] / gib, color="black", ls="--", lw=1, label="arena")
+    ax.axvline(mem["peak_index"], color="red", ls=":", lw=1, label="live peak")
+    ax.set_xlabel("schedule position (op index)")
+    ax.set_ylabel(f"live {space} memory per rank (GiB)")
+    ax.set_xlim(-0.5, max(lines.shape[1] - 0.5, 0.5))
+    ax.legend(loc="upper left", fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

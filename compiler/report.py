@@ -1,0 +1,254 @@
+"""The `surogate plan` report: parameters, memory per rank by category, fit, and what would make it fit.
+
+`build_report` gives plain data (what `--json` prints); `render_report` turns it into rich tables;
+`format_memory_table(plan)` is the device / host table alone (the runtime prints it for
+`debug_memory_breakdown`). `suggest_fixes` re-plans the config with one knob flipped at a time (and,
+if none alone suffices, greedily combined) and reports the device memory each saves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from surogate.compiler.plan import CATEGORIES, Plan
+from surogate.errors import UserError
+
+CATEGORY_LABELS = {
+    "frozen_weights": "frozen weights",
+    "trainable_weights": "trainable weights",
+    "master_weights": "master weights",
+    "quantized_weights": "quantized weights",
+    "dequant_buffers": "dequant buffers",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "activations": "activations",
+    "temporaries": "temporaries / workspace",
+}
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '80GB', '81920MiB', '85899345920' -> bytes (G/GiB = 2**30, GB = 10**9)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"--gpu-memory: cannot read {text!r} as a size (examples: 80GiB, 24GB, 81920MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: int | float | None) -> str:
+    if n is None:
+        return "unknown"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def detect_gpu() -> dict[str, Any] | None:
+    """Name, memory and compute capability of GPU 0 via torch.cuda, or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        p = torch.cuda.get_device_properties(0)
+        return {"name": p.name, "memory_bytes": int(p.total_memory), "capability": [p.major, p.minor]}
+    except Exception:  # noqa: BLE001 - any CUDA/driver failure means no usable GPU
+        return None
+
+
+def hardware_requirement(config: dict[str, Any]) -> dict[str, Any]:
+    """Minimum compute capability the recipe / QLoRA mode needs, with the reason."""
+    recipe = config.get("recipe", "bf16")
+    if recipe in ("nvfp4", "nvfp4_quartet") or config.get("qlora_fp4"):
+        why = f"recipe {recipe}" if recipe in ("nvfp4", "nvfp4_quartet") else "qlora_fp4"
+        return {"min_sm": [10, 0], "text": f"{why} needs an NVIDIA Blackwell GPU (SM100+)"}
+    if recipe == "fp8_hybrid" or config.get("qlora_fp8"):
+        why = "recipe fp8_hybrid" if recipe == "fp8_hybrid" else "qlora_fp8"
+        return {"min_sm": [8, 9], "text": f"{why} needs an FP8-capable GPU (SM89+: Ada, Hopper, Blackwell)"}
+    return {"min_sm": None, "text": "any CUDA GPU"}
+
+
+def _knobs(config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """Single option changes that can lower device memory, not already in effect."""
+    cats = plan.memory["device"]["persistent"]
+    world = plan.meta.get("zero", {}).get("world", 1)
+    knobs: list[dict[str, Any]] = []
+
+    def add(**changes: Any) -> None:
+        if any(config.get(k) != v for k, v in changes.items()):
+            knobs.append(changes)
+
+    add(recompute=True)
+    add(recompute=True, offload_residual=True)
+    add(lmhead_chunks=max(8, 2 * int(config.get("lmhead_chunks") or 1)))
+    add(attn_bwd_chunks=max(4, 2 * int(config.get("attn_bwd_chunks") or 1)))
+    if cats.get("master_weights"):
+        add(offload_master=True)
+    if cats.get("optimizer_states"):
+        add(offload_optimizer=True)
+    if cats.get("gradients"):
+        add(offload_grads=True, shard_gradients=True)
+    if cats.get("quantized_weights"):
+        add(persistent_quants=True, offload_quants=True, shard_weights=True)
+    if world > 1:
+        for level in (2, 3):
+            if int(config.get("zero_level") or 1) < level:
+                add(zero_level=level)
+    if not config.get("lora", True):
+        add(lora=True)
+    if config.get("lora", True) and not any(config.get(q) for q in ("qlora_bnb", "qlora_fp8", "qlora_fp4")):
+        add(qlora_bnb=True)
+    b = int(config.get("per_device_train_batch_size") or 1)
+    if b > 1:
+        add(per_device_train_batch_size=b // 2,
+            gradient_accumulation_steps=2 * int(config.get("gradient_accumulation_steps") or 1))
+    return knobs
+
+
+def suggest_fixes(
+    plan: Plan, capacity: int | None, replan: Callable[[dict[str, Any]], Plan | None]
+) -> list[dict[str, Any]]:
+    """Device memory saved by each knob (re-planned via `replan(changes)`; None = not applicable).
+
+    Sorted by savings. If no single knob fits `capacity`, a last entry combines the best knobs
+    greedily until it fits (or they run out).
+    """
+    base = plan.memory["device"]["peak_bytes"]
+    results = []
+    for changes in _knobs(plan.config, plan):
+        p = replan(changes)
+        if p is None:
+            continue
+        peak = p.memory["device"]["peak_bytes"]
+        if peak < base:
+            results.append({"changes": changes, "peak_bytes": peak, "saves_bytes": base - peak,
+                            "fits": None if capacity is None else peak <= capacity})
+    results.sort(key=lambda r: -r["saves_bytes"])
+    if capacity is not None and results and not any(r["fits"] for r in results):
+        combined: dict[str, Any] = {}
+        best = base
+        for r in results:
+            trial = {**combined, **r["changes"]}
+            p = replan(trial)
+            if p is not None and p.memory["device"]["peak_bytes"] < best:
+                combined, best = trial, p.memory["device"]["peak_bytes"]
+                if best <= capacity:
+                    break
+        if combined:
+            results.append({"changes": combined, "peak_bytes": best, "saves_bytes": base - best,
+                            "fits": best <= capacity, "combined": True})
+    return results
+
+
+def build_report(
+    plan: Plan,
+    *,
+    gpu_memory: int | None = None,
+    gpu: dict[str, Any] | None = None,
+    suggestions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The report as plain data (the `--json` output)."""
+    capacity, source = (gpu_memory, "--gpu-memory") if gpu_memory else (None, None)
+    if capacity is None and gpu is not None:
+        capacity, source = gpu["memory_bytes"], "detected"
+    device, host = plan.memory["device"], plan.memory["host"]
+    need = hardware_requirement(plan.config)
+    satisfied = None
+    if gpu is not None:
+        satisfied = need["min_sm"] is None or list(gpu["capability"]) >= need["min_sm"]
+    zero = plan.meta.get("zero", {})
+    return {
+        "model": plan.config.get("model"),
+        "parameters": plan.meta.get("parameters", {}),
+        "world_size": zero.get("world", 1),
+        "zero": zero,
+        "memory": {"device": device, "host": host},
+        "gpu": {"name": (gpu or {}).get("name"), "memory_bytes": capacity, "source": source},
+        "fits": None if capacity is None else device["peak_bytes"] <= capacity,
+        "hardware": {**need, "satisfied": satisfied},
+        "notes": list(plan.meta.get("notes", [])),
+        "suggestions": suggestions or [],
+    }
+
+
+def format_memory_table(plan: Plan) -> Table:
+    """Device (per rank) and pinned-host memory by category, as a rich Table."""
+    dev, host = plan.memory["device"], plan.memory["host"]
+    world = plan.meta.get("zero", {}).get("world", 1)
+    t = Table(title=f"Memory per rank (world size {world})")
+    for col in ("category", "device: at peak", "device: max live", "host (pinned)"):
+        t.add_column(col, justify="left" if col == "category" else "right")
+    for c in CATEGORIES:
+        if not (dev["max_live"][c] or host["max_live"][c]):
+            continue
+        t.add_row(CATEGORY_LABELS[c], human(dev["categories"][c]), human(dev["max_live"][c]),
+                  human(host["max_live"][c]))
+    t.add_section()
+    t.add_row("arena (allocated)", human(dev["peak_bytes"]), "", human(host["peak_bytes"]))
+    t.add_row("lower bound (live peak)", human(dev["lower_bound_bytes"]), "", human(host["lower_bound_bytes"]))
+    return t
+
+
+def memory_table_text(plan: Plan, width: int = 100) -> str:
+    """`format_memory_table` rendered as plain text (for logs)."""
+    console = Console(width=width, record=True, file=_Null())
+    console.print(format_memory_table(plan))
+    return console.export_text()
+
+
+class _Null:
+    def write(self, _: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+def render_report(report: dict[str, Any], plan: Plan) -> Group:
+    """The terminal form of the report."""
+    p = report["parameters"]
+    head = Text()
+    head.append(f"Model {report['model']}: ", style="bold")
+    head.append(f"{p.get('total', 0):,} parameters, {p.get('trainable', 0):,} trainable\n")
+    dev = report["memory"]["device"]
+    at = dev.get("peak_at") or {}
+    layer = f", layer {at['layer']}" if at.get("layer") is not None else ""
+    head.append(f"Device arena {human(dev['peak_bytes'])} per rank (lower bound {human(dev['lower_bound_bytes'])}, "
+                f"x{dev['ratio_to_lower_bound']:.3f}); live peak at op {at.get('op')} ({at.get('phase')}{layer})\n")
+    head.append(f"Pinned host memory: {human(report['memory']['host']['peak_bytes'])}\n")
+    gpu = report["gpu"]
+    if report["fits"] is None:
+        head.append("Fits the GPU: unknown (no GPU detected; pass --gpu-memory 80GiB)\n", style="yellow")
+    else:
+        name = f"{gpu['name']}, " if gpu.get("name") else ""
+        verdict = "yes" if report["fits"] else "NO"
+        head.append(f"Fits the GPU ({name}{human(gpu['memory_bytes'])}, {gpu['source']}): {verdict}\n",
+                    style="green" if report["fits"] else "bold red")
+    hw = report["hardware"]
+    ok = {True: " (satisfied)", False: " (NOT satisfied by this GPU)", None: ""}[hw["satisfied"]]
+    head.append(f"Hardware: {hw['text']}{ok}\n")
+    for note in report["notes"]:
+        head.append(f"Note: {note}\n", style="dim")
+    parts: list[Any] = [head, format_memory_table(plan)]
+    if report["suggestions"]:
+        s = Table(title="Options that lower device memory (re-planned)")
+        for col in ("change", "device peak", "saves", "fits"):
+            s.add_column(col, justify="left" if col == "change" else "right")
+        for r in report["suggestions"]:
+            change = ", ".join(f"{k}: {v}" for k, v in r["changes"].items())
+            if r.get("combined"):
+                change = "combined: " + change
+            fits = {True: "yes", False: "no", None: "?"}[r["fits"]]
+            s.add_row(change, human(r["peak_bytes"]), human(r["saves_bytes"]), fits)
+        parts.append(s)
+    return Group(*parts)
