@@ -1,0 +1,218 @@
+"""TrainingObserver end to end without a training loop: JSONL log, console (non-terminal), plot, decisions."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+
+import pytest
+
+from surogate.runtime.observe import EndSummary, EvalMetrics, StepMetrics, TrainingObserver, read_log
+from tests.observe.conftest import make_cfg, make_info
+
+
+def feed(obs, steps, loss=lambda s: 3.0 - 0.05 * s, start=1):
+    decisions = []
+    for s in range(start, start + steps):
+        decisions.append(obs.on_step(StepMetrics(step=s, loss=loss(s), lr=2e-4, grad_norm=1.0, tokens=1000,
+                                                 epoch=s / 20, step_time=0.5)))
+    return decisions
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_log_console_and_plot(observer_factory, tmp_path):
+    log = tmp_path / "logs" / "train.jsonl"
+    obs, out = observer_factory({"log_file": str(log)})
+    assert re.fullmatch(r"Qwen3-0\.6B-\d{8}-\d{6}", obs.run_name)
+    obs.on_start()
+    feed(obs, 10)
+    obs.on_eval(EvalMetrics(step=10, loss=2.6))
+    # flushed per line: a run killed now keeps everything so far
+    assert [r["type"] for r in records(log)] == ["start"] + ["step"] * 10 + ["eval"]
+    obs.on_checkpoint(tmp_path / "out" / "checkpoint-10", step=10)
+    assert obs.plot_path.is_file()
+    feed(obs, 10, start=11)
+    obs.on_eval(EvalMetrics(step=20, loss=2.2, extra={"accuracy": 0.5}))
+    outputs = obs.on_end(EndSummary(outputs={"adapter": tmp_path / "out" / "adapter"}))
+
+    recs = records(log)
+    start, end = recs[0], recs[-1]
+    assert start["run_name"] == obs.run_name and start["config"]["model"] == "Qwen/Qwen3-0.6B"
+    assert start["run_info"]["total_params"] == 1_000_000
+    steps = [r for r in recs if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert steps[0]["loss"] == pytest.approx(2.95) and steps[0]["tokens_per_s"] == pytest.approx(2000.0)
+    assert steps[0]["phase"] == "WARMUP" and steps[0]["lr_scale"] == 1.0
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert evals[1] == {**evals[1], "step": 20, "loss": 2.2, "accuracy": 0.5,
+                        "perplexity": pytest.approx(math.exp(2.2))}
+    assert any(r.get("event") == "checkpoint" and r["path"].endswith("checkpoint-10") for r in recs)
+    assert end["type"] == "end" and end["status"] == "completed" and end["steps"] == 20
+    assert end["tokens"] == 20_000 and end["final_eval_loss"] == 2.2
+    assert outputs["loss_plot"] == str(obs.plot_path) and outputs["log_file"] == str(log)
+    assert outputs["adapter"].endswith("adapter")
+
+    text = out.getvalue()
+    assert "\x1b[" not in text  # plain text when not a terminal
+    for expected in (f"Surogate run {obs.run_name}", "parameters: 1M total, 10K trainable (1%)",
+                     "data: 100 rows, 20K tokens, packing efficiency 93.0%", "plan: peak memory 3.00 GiB on cpu",
+                     "Chinchilla budget: 20 x 1M params = 20M tokens; planned 20K tokens (0.1% of budget)",
+                     "eval at step 10: loss 2.6000", "final train loss 2.0000, final eval loss 2.2000",
+                     "tokens: 20K", f"loss_plot: {obs.plot_path}"):
+        assert expected in text, expected
+    step_lines = [ln for ln in text.splitlines() if ln.startswith("step ")]
+    assert step_lines[0] == ("step 1/20 | epoch 0.05 | loss 2.9500 | lr 2.00e-04 | gnorm 1.000 | 2.0k tok/s | "
+                             "00:00 elapsed, ETA 00:10 | WARMUP")
+    assert "eval 2.6000" in step_lines[-1] and step_lines[-1].startswith("step 20/20")
+    # read back the same series the plot command uses
+    data = read_log(log)
+    assert len(data.steps) == 20 and [e["step"] for e in data.evals] == [10, 20]
+
+
+def test_plain_mode_prints_about_100_lines(tmp_path):
+    out = io.StringIO()
+    obs = TrainingObserver(make_cfg(output_dir=str(tmp_path)), None, make_info(total_steps=1000),
+                           console_file=out, force_terminal=False)
+    obs.on_start()
+    feed(obs, 1000, loss=lambda s: 2.0)
+    printed = [ln.split(" |")[0] for ln in out.getvalue().splitlines() if ln.startswith("step ")]
+    assert len(printed) == 101 and printed[0] == "step 1/1000" and printed[-1] == "step 1000/1000"
+    assert "phase WARMUP -> PLATEAU at step 50" in out.getvalue()
+    obs.on_end()
+
+
+def test_terminal_mode_progress_bar(tmp_path):
+    out = io.StringIO()
+    obs = TrainingObserver(make_cfg(output_dir=str(tmp_path)), None, make_info(), console_file=out,
+                           force_terminal=True)
+    obs.on_start()
+    feed(obs, 3)
+    obs.on_end()
+    text = out.getvalue()
+    assert "\x1b[" in text and "step 3/20" in text and "Surogate run" in text
+
+
+def test_auto_lr_reduction_decision_and_event(observer_factory, tmp_path):
+    log = tmp_path / "l.jsonl"
+    obs, out = observer_factory({"auto_lr_reduction": True, "log_file": str(log)}, {"total_steps": 200})
+    obs.on_start()
+    decisions = feed(obs, 120, loss=lambda s: 6.0 if s == 100 else 2.0 + 0.01 * (-1) ** s)
+    assert [d.lr_scale for d in decisions[98:101]] == [1.0, 0.5, 0.5]
+    assert not any(d.stop or d.skip_step for d in decisions)
+    ev = [r for r in records(log) if r.get("event") == "lr_reduction"]
+    assert len(ev) == 1 and ev[0]["step"] == 100 and ev[0]["scale"] == 0.5
+    assert "auto_lr_reduction #1 at step 100: loss spike" in out.getvalue()
+    step100 = next(r for r in records(log) if r["type"] == "step" and r["step"] == 100)
+    assert step100["lr_scale"] == 0.5
+
+
+def test_lr_reduction_off_by_default(observer_factory):
+    obs, _ = observer_factory(None, {"total_steps": 200})
+    obs.on_start()
+    decisions = feed(obs, 120, loss=lambda s: 6.0 if s == 100 else 2.0 + 0.01 * (-1) ** s)
+    assert all(d.lr_scale == 1.0 for d in decisions)
+
+
+def test_early_stop_plateau_through_observer(observer_factory, tmp_path):
+    log = tmp_path / "l.jsonl"
+    obs, out = observer_factory({"early_stop": True, "log_file": str(log)}, {"total_steps": 1000})
+    obs.on_start()
+    decisions = feed(obs, 560, loss=lambda s: 2.0)
+    first = next(i for i, d in enumerate(decisions, 1) if d.stop)
+    d = decisions[first - 1]
+    assert first == 549 and d.save_checkpoint and d.stop_reason.startswith("plateau")
+    obs.on_end()
+    recs = records(log)
+    assert [r["step"] for r in recs if r.get("event") == "early_stop"] == [549]
+    assert recs[-1]["status"] == "stopped early" and recs[-1]["stop_reason"].startswith("plateau")
+    assert "stopping at step 549: plateau" in out.getvalue()
+    assert "plateau at step 200" in out.getvalue()  # the always-on warning came long before
+
+
+def test_early_stop_off_never_stops(observer_factory):
+    obs, _ = observer_factory(None, {"total_steps": 1000})
+    obs.on_start()
+    assert not any(d.stop for d in feed(obs, 600, loss=lambda s: 2.0))
+
+
+def test_nonfinite_skip_then_stop(observer_factory, tmp_path):
+    log = tmp_path / "l.jsonl"
+    obs, out = observer_factory({"log_file": str(log)})
+    obs.on_start()
+    feed(obs, 2)
+    d1 = obs.on_step(StepMetrics(step=3, loss=float("nan"), lr=1e-4))
+    assert d1.skip_step and not d1.stop
+    d2 = obs.on_nonfinite(4, micro_batch=3, what="gradients")
+    d3 = obs.on_step(StepMetrics(step=5, loss=1.0, lr=1e-4, grad_norm=float("inf")))
+    assert d2.skip_step and not d2.stop
+    assert d3.skip_step and d3.stop and d3.save_checkpoint and "3 consecutive" in d3.stop_reason
+    ev = [r for r in records(log) if r.get("event") == "nonfinite"]
+    assert [(r["step"], r["micro_batch"], r["what"]) for r in ev] == [(3, None, "loss"), (4, 3, "gradients"),
+                                                                      (5, None, "gradients")]
+    assert [r["step"] for r in records(log) if r["type"] == "step"] == [1, 2]  # skipped steps are not steps
+    assert "non-finite gradients at step 4, micro-batch 3: update skipped" in out.getvalue()
+
+
+def test_memory_breakdown(observer_factory):
+    obs, out = observer_factory({"debug_memory_breakdown": True})
+    obs.on_start()
+    obs.on_allocated({"weights": 2**30, "activations": 2**29})
+    text = out.getvalue()
+    assert "memory breakdown (plan):" in text and re.search(r"weights\s+1\.000 GiB", text)
+    assert re.search(r"total\s+1\.500 GiB", text) and "host_rss" in text
+    quiet, qout = observer_factory()
+    quiet.on_allocated({"weights": 1})
+    assert "memory breakdown" not in qout.getvalue()
+
+
+def test_time_breakdown_every_log_gpu_util_steps(observer_factory, tmp_path):
+    log = tmp_path / "l.jsonl"
+    obs, out = observer_factory({"debug_time_breakdown": True, "log_gpu_util": 5, "log_file": str(log)})
+    obs.on_start()
+    for s in range(1, 11):
+        obs.timer.add("forward", 0.010)
+        obs.timer.add("backward", 0.030)
+        with obs.timer.phase("optimizer"):
+            pass
+        feed(obs, 1, start=s)
+    reports = [r for r in records(log) if r.get("event") == "time_breakdown"]
+    assert [r["step"] for r in reports] == [5, 10]
+    fwd = reports[1]["phases"]["forward"]
+    assert fwd["ms_per_step"] == pytest.approx(10.0) and fwd["share"] == pytest.approx(0.25, abs=1e-3)
+    assert "time breakdown over 5 steps: forward 10.0ms (25%), backward 30.0ms (75%)" in out.getvalue()
+
+
+def test_gpu_util_absent_on_cpu(observer_factory, tmp_path):
+    log = tmp_path / "l.jsonl"
+    obs, _ = observer_factory({"log_gpu_util": 1, "log_file": str(log)})
+    obs.on_start()
+    feed(obs, 3)
+    assert not any(k.startswith("gpu_") for r in records(log) for k in r)
+
+
+def test_non_main_rank_writes_nothing_but_decides(tmp_path):
+    out = io.StringIO()
+    cfg = make_cfg(output_dir=str(tmp_path / "o"), log_file=str(tmp_path / "l.jsonl"), early_stop=True)
+    obs = TrainingObserver(cfg, None, make_info(total_steps=1000), is_main=False, console_file=out,
+                           force_terminal=False)
+    obs.on_start()
+    stops = [i for i, d in enumerate(feed(obs, 560, loss=lambda s: 2.0), 1) if d.stop]
+    obs.on_end()
+    assert stops[0] == 549
+    assert out.getvalue() == "" and not (tmp_path / "l.jsonl").exists() and not (tmp_path / "o").exists()
+
+
+def test_context_manager_records_failure(tmp_path):
+    log = tmp_path / "l.jsonl"
+    cfg = make_cfg(output_dir=str(tmp_path), log_file=str(log), run_name="my-run")
+    with pytest.raises(RuntimeError):
+        with TrainingObserver(cfg, tmp_path, make_info(), console_file=io.StringIO(), force_terminal=False) as obs:
+            feed(obs, 2)
+            raise RuntimeError("boom")
+    recs = records(log)
+    assert recs[0]["run_name"] == "my-run" and recs[-1]["type"] == "end" and recs[-1]["status"] == "failed"
