@@ -1,0 +1,73 @@
+"""The tokenized cache: where it lives, its key, and atomic write / read.
+
+Layout: `<root>/tokenized/<key>/{train/, eval/, stats.json, key.json}` where root is
+`distributed.worker_output_dir/node-{rank}` when set, else `output_dir`. The key hashes everything the
+tokens depend on (see `cache_key`). A cache entry is written into a temporary sibling folder and renamed
+into place, so a reader never sees a half-written entry; if two processes race, the first rename wins
+and the loser's copy is discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+# Bump when the tokenized output of the same inputs changes (format or semantics).
+CACHE_VERSION = 1
+
+
+def cache_root(cfg: Any, rank: int = 0) -> Path:
+    """The folder holding tokenized caches for this config and node rank."""
+    dist = getattr(cfg, "distributed", None)
+    worker_dir = getattr(dist, "worker_output_dir", None) if dist is not None else None
+    if worker_dir:
+        return Path(worker_dir).expanduser() / f"node-{rank}" / "tokenized"
+    return Path(getattr(cfg, "output_dir", None) or "output").expanduser() / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the tokenizer's vocabulary/merges/normalizers, special tokens and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """A short stable hash of `parts` (JSON-serialisable)."""
+    blob = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def entry_ready(folder: Path) -> bool:
+    return (folder / "stats.json").is_file()
+
+
+def write_atomic(folder: Path, write: Any) -> Path:
+    """Call `write(tmp_folder)` then rename tmp_folder to `folder`; returns `folder`."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not entry_ready(folder):  # not a lost race: a real failure
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

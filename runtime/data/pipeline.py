@@ -1,0 +1,241 @@
+"""`prepare_datasets`: sources -> rows -> documents -> packed splits, through the tokenized cache.
+
+Order of work: resolve and load every source (cheap: `datasets` keeps its own arrow cache), hash
+everything the tokens depend on, and reuse the cache entry with that key if it exists. Otherwise resolve
+each dataset's type, split train/eval, encode rows in chunks (in worker processes when
+`dataloader_num_workers` > 0), truncate, pack, and write the cache entry atomically.
+
+Eval split: `validation_datasets` when given; else a `validation_split_ratio` share of all training rows
+(at least one, never all), chosen by a permutation seeded with `eval_seed`, before tokenization (so the
+pieces of one split row never land on both sides). Row order inside each split is the dataset order;
+`TokenizedSplit.batches` shuffles rows per epoch with `train_seed` / `eval_seed`.
+
+Bad rows raise `DataError` (dataset, row, field) by default, also from worker processes;
+`on_bad_row="skip"` (CLI: `surogate tokenize --skip-bad-rows`) counts and reports them instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surogate.errors import UserError
+
+from .agent import AGENT_TEMPLATES
+from .cache import cache_key, cache_root, entry_ready, tokenizer_fingerprint, write_atomic
+from .encode import Encoder, EncodeResult
+from .formats import DatasetSpec, resolve_spec
+from .options import DataOptions, data_options
+from .packing import one_per_row, pack_best_fit_decreasing, pack_sequential
+from .sources import Source, dataset_fingerprint, load_source, resolve_source
+from .split import TokenizedSplit
+from .stats import DataStats, SplitStats
+from .templates import ChatTemplate, resolve_template
+from .tokenizer import pad_token_id
+
+logger = logging.getLogger("surogate.data")
+
+_DATASET_OPTIONS = ("path", "type", "subset", "split", "samples", "text_field", "instruction_field",
+                    "output_field", "input_field", "system_prompt_type", "system_prompt_field", "system_prompt",
+                    "prompt_format", "prompt_format_no_input", "messages_field", "system_field", "tools_field",
+                    "message_property_mappings")
+_MAX_SKIPPED_SHOWN = 20
+
+
+@dataclass
+class PreparedData:
+    """The tokenized training split, the eval split (None when there is none) and statistics."""
+
+    train: TokenizedSplit
+    eval: TokenizedSplit | None
+    stats: DataStats
+
+
+def _ds_dict(ds_cfg: Any) -> dict[str, Any]:
+    return {name: getattr(ds_cfg, name, None) for name in _DATASET_OPTIONS}
+
+
+def _rows(ds, start: int, stop: int) -> list[dict]:
+    columns = ds[start:stop]
+    names = list(columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*(columns[n] for n in names), strict=True)]
+
+
+def _eval_masks(sizes: list[int], ratio: float, seed: int) -> list[np.ndarray]:
+    total = sum(sizes)
+    chosen = np.zeros(total, dtype=bool)
+    if ratio > 0 and total >= 2:
+        count = min(total - 1, max(1, round(total * ratio)))
+        chosen[np.random.default_rng(seed).permutation(total)[:count]] = True
+    bounds = np.cumsum([0, *sizes])
+    return [chosen[bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+_WORKER_ENCODER: Encoder | None = None
+
+
+def _init_worker(encoder: Encoder) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
+
+
+def _work(items: list[tuple[int, int, dict]]) -> EncodeResult:
+    return _WORKER_ENCODER.encode_rows(items)
+
+
+def _encode_tasks(encoder: Encoder, tasks: list[list[tuple[int, int, dict]]], workers: int) -> list[EncodeResult]:
+    """Encode every task, in worker processes when `workers` > 0 (results in task order)."""
+    if workers <= 0 or len(tasks) <= 1:
+        return [encoder.encode_rows(t) for t in tasks]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers parallelise; avoid fork warnings
+    # fork: workers inherit the loaded tokenizer and imported modules instead of re-importing torch.
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
+                             initializer=_init_worker, initargs=(encoder,)) as pool:
+        return list(pool.map(_work, tasks))
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def _pack(docs: list, opts: DataOptions, pad_id: int) -> TokenizedSplit:
+    lengths = np.fromiter((len(t) for t, _ in docs), dtype=np.int64, count=len(docs))
+    if opts.sample_packing:
+        rows = pack_best_fit_decreasing(lengths, opts.sequence_len)
+    elif opts.padding_free:
+        rows = pack_sequential(lengths, opts.sequence_len)
+    else:
+        rows = one_per_row(len(docs))
+    return TokenizedSplit.from_docs(docs, rows, opts.sequence_len, pad_id, opts.padding_side)
+
+
+def _load_entry(folder: Path, started: float) -> PreparedData:
+    import json
+
+    stats = DataStats.from_json(json.loads((folder / "stats.json").read_text()))
+    stats.from_cache, stats.rows_tokenized = True, 0
+    stats.seconds = time.perf_counter() - started
+    train = TokenizedSplit.load(folder / "train")
+    evals = TokenizedSplit.load(folder / "eval") if (folder / "eval").is_dir() else None
+    return PreparedData(train, evals, stats)
+
+
+def _save_entry(folder: Path, data: PreparedData, key_parts: dict) -> None:
+    import json
+
+    def write(tmp: Path) -> None:
+        (tmp / "train").mkdir()
+        data.train.save(tmp / "train")
+        if data.eval is not None:
+            (tmp / "eval").mkdir()
+            data.eval.save(tmp / "eval")
+        (tmp / "key.json").write_text(json.dumps(key_parts, default=str, indent=1))
+        (tmp / "stats.json").write_text(json.dumps(data.stats.to_json()))  # written last: marks "complete"
+
+    write_atomic(folder, write)
+
+
+# ------------------------------------------------------------------------------------------- entry
+
+
+def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str = "error",
+                     use_cache: bool = True, chunk_size: int = 1000) -> PreparedData:
+    """Tokenize, truncate and pack the configured datasets (or reuse the cache); see module docstring.
+
+    `rank` is the node rank (it picks `worker_output_dir/node-{rank}`). `chunk_size` rows go to a worker
+    at a time.
+    """
+    started = time.perf_counter()
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    opts = data_options(cfg)
+    train_cfgs = tuple(getattr(cfg, "datasets", None) or ())
+    val_cfgs = tuple(getattr(cfg, "validation_datasets", None) or ())
+    if not train_cfgs:
+        raise UserError("datasets: at least one training dataset is required")
+    if opts.agent_template is not None and opts.agent_template not in AGENT_TEMPLATES:
+        raise UserError(f"agent_template: unknown agent template {opts.agent_template!r}; "
+                        f"choose one of {', '.join(AGENT_TEMPLATES)}")
+    sources: list[Source] = [resolve_source(d, i, "datasets") for i, d in enumerate(train_cfgs)]
+    sources += [resolve_source(d, i, "validation_datasets") for i, d in enumerate(val_cfgs)]
+    loaded = [load_source(s) for s in sources]
+    pad_id = pad_token_id(tokenizer)
+    key_parts = {
+        "options": opts.cache_fields(),
+        "datasets": [_ds_dict(d) for d in train_cfgs],
+        "validation_datasets": [_ds_dict(d) for d in val_cfgs],
+        "data": [dataset_fingerprint(s, ds) for s, ds in zip(sources, loaded, strict=True)],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "pad_token_id": pad_id,
+    }
+    folder = cache_root(cfg, rank) / cache_key(key_parts)
+    if use_cache and entry_ready(folder):
+        logger.info("reusing tokenized data from %s", folder)
+        return _load_entry(folder, started)
+
+    specs: list[DatasetSpec] = []
+    detected: list[str] = []
+    for source, ds, ds_cfg in zip(sources, loaded, train_cfgs + val_cfgs, strict=True):
+        spec, note = resolve_spec(ds_cfg, source.index, list(ds.column_names), _rows(ds, 0, min(5, len(ds))),
+                                  source.section)
+        specs.append(spec)  # position in `specs` == position in `loaded`: the encoder's dataset index
+        if note:
+            logger.info("detected %s", note)
+            detected.append(note)
+    chat = any(s.type == "conversation" or (s.type == "instruction" and opts.use_chat_template
+                                            and s.prompt_format is None and s.prompt_format_no_input is None)
+               for s in specs)
+    template = resolve_template(tokenizer, opts.use_chat_template, opts.template) if chat else ChatTemplate("none", "")
+    encoder = Encoder(tokenizer, template, opts, specs, on_bad_row)
+
+    n_train = len(train_cfgs)
+    masks = _eval_masks([len(ds) for ds in loaded[:n_train]], 0.0 if val_cfgs else opts.validation_split_ratio,
+                        opts.eval_seed)
+    tasks: list[list[tuple[int, int, dict]]] = []
+    task_split: list[str] = []
+    rows_in = {"train": 0, "eval": 0}
+    for position, ds in enumerate(loaded):
+        is_eval = masks[position] if position < n_train else np.ones(len(ds), dtype=bool)
+        for start in range(0, len(ds), chunk_size):
+            rows = _rows(ds, start, min(len(ds), start + chunk_size))
+            for split_name, flag in (("train", False), ("eval", True)):
+                items = [(position, start + j, row) for j, row in enumerate(rows) if is_eval[start + j] == flag]
+                if items:
+                    tasks.append(items)
+                    task_split.append(split_name)
+                    rows_in[split_name] += len(items)
+    results = _encode_tasks(encoder, tasks, opts.num_workers)
+    merged = {"train": EncodeResult(), "eval": EncodeResult()}
+    for split_name, result in zip(task_split, results, strict=True):
+        merged[split_name].extend(result)
+    counts = merged["train"].counts + merged["eval"].counts
+    if not merged["train"].docs:
+        raise UserError(f"datasets: no training documents left after tokenization ({dict(counts)}); check "
+                        "max_length / truncation_strategy and the data")
+    train = _pack(merged["train"].docs, opts, pad_id)
+    evals = _pack(merged["eval"].docs, opts, pad_id) if merged["eval"].docs else None
+    stats = DataStats(
+        train=SplitStats.of(train, rows_in["train"]),
+        eval=SplitStats.of(evals, rows_in["eval"]) if evals is not None else None,
+        counts=dict(counts),
+        skipped_examples=(merged["train"].skipped + merged["eval"].skipped)[:_MAX_SKIPPED_SHOWN],
+        detected=detected, template=template.name, cache_dir=str(folder) if use_cache else None,
+        rows_tokenized=rows_in["train"] + rows_in["eval"], num_workers=opts.num_workers)
+    data = PreparedData(train, evals, stats)
+    stats.seconds = time.perf_counter() - started
+    if use_cache:
+        _save_entry(folder, data, key_parts)
+        # Serve the memory-mapped copy, like a cache hit does, so both paths behave the same.
+        data = PreparedData(TokenizedSplit.load(folder / "train"),
+                            TokenizedSplit.load(folder / "eval") if evals is not None else None, stats)
+    return data

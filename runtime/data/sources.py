@@ -1,0 +1,176 @@
+"""Where rows come from: local files and folders, fsspec URLs (s3://, gs://, ...) and Hugging Face hub ids.
+
+Local files and URLs are read by the `datasets` builder matching their extension (.json/.jsonl -> json,
+.parquet, .csv, .txt -> text (one row per line, column `text`), .arrow); a folder holds files of one kind
+(searched recursively) or is a `Dataset.save_to_disk` folder. Anything else is a hub id, loaded with
+`subset` and `split` (from the local cache when offline). `split` and `subset` apply to hub ids only.
+`samples` keeps the first N rows. Each source has a fingerprint for the tokenized cache: path, size and
+mtime of every local file; size and ETag/mtime of every remote file; the `datasets` fingerprint of a hub
+dataset (which is derived from its cached files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surogate.errors import UserError
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+            ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved dataset location. kind: local (files), url (fsspec files), disk (save_to_disk), hub."""
+
+    index: int
+    path: str
+    kind: str
+    files: tuple[str, ...] = ()
+    builder: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    samples: int | None = None
+    section: str = "datasets"
+
+    @property
+    def where(self) -> str:
+        return f"{self.section}[{self.index}].path"
+
+
+def _builder_for(files: list[str], where: str, path: str) -> str:
+    kinds = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
+    if len(kinds) > 1:
+        raise UserError(f"{where}: {path!r} mixes file kinds ({', '.join(sorted(kinds))}); use one kind per dataset")
+    return kinds.pop()
+
+
+def _supported(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in BUILDERS and not os.path.basename(name).startswith(".")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.splitext(path)[1].lower() in BUILDERS
+
+
+def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source:
+    """Classify a dataset's `path` and list its files; `UserError` for a missing or unusable path."""
+    path = getattr(ds_cfg, "path", None)
+    where = f"{section}[{index}].path"
+    if not path:
+        raise UserError(f"{where}: required")
+    common = {"index": index, "path": path, "subset": getattr(ds_cfg, "subset", None),
+              "split": getattr(ds_cfg, "split", None) or "train", "samples": getattr(ds_cfg, "samples", None),
+              "section": section}
+    if "://" in path and not path.startswith("hf://"):
+        return _resolve_url(path, where, common)
+    local = Path(path).expanduser()
+    if local.is_file():
+        if not _supported(local.name):
+            raise UserError(f"{where}: unsupported file type {local.suffix!r}; use one of {', '.join(BUILDERS)}")
+        return Source(kind="local", files=(str(local.resolve()),), builder=_builder_for([local.name], where, path),
+                      **common)
+    if local.is_dir():
+        if (local / "state.json").is_file() and (local / "dataset_info.json").is_file():
+            return Source(kind="disk", files=(str(local.resolve()),), **common)
+        files = sorted(str(p.resolve()) for p in local.rglob("*") if p.is_file() and _supported(p.name))
+        if not files:
+            raise UserError(f"{where}: folder {path!r} has no data files ({', '.join(BUILDERS)})")
+        return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, path), **common)
+    if _looks_local(path):
+        raise UserError(f"{where}: file or folder {path!r} does not exist")
+    return Source(kind="hub", **common)
+
+
+def _resolve_url(url: str, where: str, common: dict) -> Source:
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        if fs.isdir(root):
+            found = sorted(p for p in fs.find(root) if _supported(p))
+            protocol = url.split("://", 1)[0]
+            files = [f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}" for p in found]
+        elif fs.exists(root):
+            files = [url]
+        else:
+            raise UserError(f"{where}: {url!r} does not exist")
+    except UserError:
+        raise
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"{where}: cannot open {url!r}: {exc} (is the fsspec backend, e.g. s3fs/gcsfs, "
+                        "installed?)") from None
+    except Exception as exc:  # network / credentials errors of any fsspec backend
+        raise UserError(f"{where}: cannot open {url!r}: {type(exc).__name__}: {exc}") from None
+    if not files:
+        raise UserError(f"{where}: {url!r} has no data files ({', '.join(BUILDERS)})")
+    for f in files:
+        if not _supported(f):
+            raise UserError(f"{where}: unsupported file type in {f!r}; use one of {', '.join(BUILDERS)}")
+    return Source(kind="url", files=tuple(files), builder=_builder_for(files, where, url), **common)
+
+
+def file_fingerprint(source: Source) -> list:
+    """Identity of the source's files for the cache key (hub sources: see `dataset_fingerprint`)."""
+    if source.kind in ("local", "disk"):
+        paths = source.files
+        if source.kind == "disk":
+            paths = tuple(str(p) for p in sorted(Path(source.files[0]).rglob("*")) if p.is_file())
+        return [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    if source.kind == "url":
+        import fsspec
+
+        out = []
+        for url in source.files:
+            fs, p = fsspec.core.url_to_fs(url)
+            info = fs.info(p)
+            keys = ("size", "ETag", "etag", "md5", "mtime", "LastModified", "updated", "created")
+            out.append((url, json.dumps({k: str(info[k]) for k in keys if k in info}, sort_keys=True)))
+        return out
+    return []
+
+
+def load_source(source: Source):
+    """Load the rows of `source` as a `datasets.Dataset` (first `samples` rows); `UserError` on failure."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    try:
+        if source.kind == "disk":
+            ds = datasets.load_from_disk(source.files[0])
+            if isinstance(ds, datasets.DatasetDict):
+                if source.split not in ds:
+                    raise UserError(f"{source.section}[{source.index}].split: {source.split!r} not in "
+                                    f"{source.path!r} (splits: {', '.join(ds)})")
+                ds = ds[source.split]
+        elif source.kind in ("local", "url"):
+            ds = datasets.load_dataset(source.builder, data_files=list(source.files), split="train")
+        else:
+            ds = datasets.load_dataset(source.path, name=source.subset, split=source.split)
+    except UserError:
+        raise
+    except Exception as exc:  # the datasets library raises many types for unreadable / unreachable data
+        hint = ""
+        if source.kind == "hub":
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+            hint = (" (offline: the dataset is not in the local Hugging Face cache; download it first or point "
+                    "path at local files)" if offline else
+                    " (not a local file or folder either; check the hub id, subset and split)")
+        raise UserError(f"{source.where}: could not load {source.path!r}{hint}: {type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    if source.samples is not None:
+        ds = ds.select(range(min(int(source.samples), len(ds))))
+    return ds
+
+
+def dataset_fingerprint(source: Source, ds) -> list:
+    """Cache-key identity of a loaded source: its files, plus the `datasets` fingerprint for hub ids."""
+    ident = file_fingerprint(source)
+    if source.kind == "hub":
+        ident.append(getattr(ds, "_fingerprint", None))
+    return ident

@@ -1,0 +1,42 @@
+"""Loading the run's tokenizer from `cfg.model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from surogate.errors import UserError
+
+
+def load_tokenizer(cfg: Any) -> Any:
+    """`AutoTokenizer` of `cfg.model` (a local folder, or a hub id in the local cache / reachable hub).
+
+    A tokenizer without a pad token gets its EOS token as pad token (batches need a pad id).
+    """
+    from transformers import AutoTokenizer
+
+    model = getattr(cfg, "model", None)
+    if not model:
+        raise UserError("model: required (a model folder or hub id) to load the tokenizer")
+    local = Path(str(model)).expanduser()
+    if str(model).startswith(("/", "./", "../", "~")) and not local.exists():
+        raise UserError(f"model: folder {model!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else str(model))
+    except Exception as exc:  # transformers raises OSError/ValueError/... for missing or broken tokenizers
+        raise UserError(f"model: could not load a tokenizer from {model!r}: {type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"model: the tokenizer of {model!r} is not a fast (Rust) tokenizer; the data pipeline "
+                        "needs token offsets, which only fast tokenizers provide")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: pad token, else EOS, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
