@@ -60,6 +60,8 @@ def build(
         t = g.tensors[w]
         if t.role is not Role.TRAINABLE_WEIGHT:
             return []
+        if w in grads:  # accumulated by several ops (chunked LM head)
+            return [grads[w]]
         grads[w] = T(f"grad.{w}", t.shape, t.dtype, Role.GRADIENT, layer, grad_of=w)
         return [grads[w]]
 

@@ -1,0 +1,86 @@
+from helpers import back_half, persistent_bytes
+
+from surogate.compiler.ir import Role, Space
+
+
+def _act_max(plan):
+    return plan.memory["device"]["max_live"]["activations"]
+
+
+def test_offload_residual_moves_saved_residuals_to_host():
+    base = back_half(dict(recompute=True))
+    off = back_half(dict(recompute=True), offload_residual=True)
+    hosts = [t for t in off.tensors.values() if t.space is Space.HOST]
+    # One host copy per residual that the backward pass reads.
+    assert {t.attrs["host_copy_of"] for t in hosts} == {"embed.out", "L0.out", "L1.out", "L2.out"}
+    assert off.memory["host"]["max_live"]["activations"] == sum(t.nbytes for t in hosts)
+    assert _act_max(off) < _act_max(base)
+    kinds = [op.kind for op in off.ops]
+    assert kinds.count("copy_d2h") == 4 and kinds.count("copy_h2d") >= 4
+
+
+def test_offload_residual_with_recompute_is_depth_independent():
+    def act(layers):
+        return _act_max(back_half(dict(recompute=True, layers=layers), offload_residual=True))
+
+    def act_no_offload(layers):
+        return _act_max(back_half(dict(recompute=True, layers=layers)))
+
+    assert act(2) == act(8)
+    # Without offloading, each extra layer adds one saved residual.
+    assert act_no_offload(8) > act_no_offload(2)
+
+
+def test_recompute_lowers_activation_bytes():
+    assert _act_max(back_half(dict(recompute=True))) < _act_max(back_half(dict(recompute=False)))
+
+
+def test_backward_reads_staged_copy_not_device_residual():
+    plan = back_half(dict(recompute=True), offload_residual=True)
+    for op in plan.ops:
+        if op.phase == "backward":
+            assert "L0.out" not in op.inputs, op.name
+    life = plan.lifetimes["L0.out"]
+    last_forward = max(i for i, op in enumerate(plan.ops) if op.phase == "forward")
+    assert life[1] <= last_forward + 1
+
+
+def test_offload_optimizer_moves_states_to_host():
+    dev = back_half()
+    off = back_half(offload_optimizer=True)
+    states = persistent_bytes(dev, Role.OPTIMIZER_STATE)
+    assert states > 0
+    assert persistent_bytes(off, Role.OPTIMIZER_STATE) == 0
+    assert persistent_bytes(off, Role.OPTIMIZER_STATE, Space.HOST) == states
+    # Every optimizer step reads staged copies and writes them back.
+    for op in off.ops:
+        if op.phase == "optimizer" and op.kind.endswith("_step"):
+            assert all(off.tensors[t].space is Space.DEVICE for t in op.inputs + op.outputs)
+    assert off.memory["device"]["peak_bytes"] < dev.memory["device"]["peak_bytes"]
+
+
+def test_zero_copy_reads_host_states_directly():
+    off = back_half(offload_optimizer=True, use_zero_copy=True)
+    steps = [op for op in off.ops if op.kind == "adamw8bit_step"]
+    assert steps and all(op.attrs.get("zero_copy") for op in steps)
+    assert not any(op.kind.startswith("copy_") for op in off.ops)
+
+
+def test_offload_master_moves_masters_to_host():
+    dev = back_half(master_dtype="fp32")
+    off = back_half(master_dtype="fp32", offload_master=True)
+    masters = persistent_bytes(dev, Role.MASTER_WEIGHT)
+    assert masters == 4 * off.meta["parameters"]["trainable"]
+    assert persistent_bytes(off, Role.MASTER_WEIGHT) == 0
+    assert persistent_bytes(off, Role.MASTER_WEIGHT, Space.HOST) == masters
+
+
+def test_offload_grads_moves_gradients_to_host_with_accumulating_copies():
+    dev = back_half(shard_gradients=True)
+    off = back_half(shard_gradients=True, offload_grads=True)
+    grads = persistent_bytes(dev, Role.GRADIENT)
+    assert grads > 0
+    assert persistent_bytes(off, Role.GRADIENT) == 0
+    assert persistent_bytes(off, Role.GRADIENT, Space.HOST) == grads
+    d2h = [op for op in off.ops if op.kind == "copy_d2h"]
+    assert d2h and all(op.attrs["accumulate"] for op in d2h if off.tensors[op.outputs[0]].role is Role.GRADIENT)

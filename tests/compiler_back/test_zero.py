@@ -1,0 +1,85 @@
+import pytest
+import synth
+from helpers import back_half, persistent_bytes
+
+from surogate.compiler.ir import Role
+from surogate.compiler.passes.zero import shard_shape, world_size
+from surogate.compiler.plan import CATEGORIES
+
+
+def _ratio(a, b):
+    return a / b
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero1_shards_optimizer_states_only(world):
+    one = back_half()
+    many = back_half(gpus=world, zero_level=1)
+    states_1 = persistent_bytes(one, Role.OPTIMIZER_STATE)
+    states_w = persistent_bytes(many, Role.OPTIMIZER_STATE)
+    # 8-bit codes split exactly; the fp32 absmax per 2048-block rounds up per shard (norm weights: 1 block).
+    assert abs(_ratio(states_w, states_1) - 1 / world) < 0.01
+    assert persistent_bytes(many, Role.GRADIENT) == persistent_bytes(one, Role.GRADIENT)
+    assert persistent_bytes(many, Role.TRAINABLE_WEIGHT) == persistent_bytes(one, Role.TRAINABLE_WEIGHT)
+    kinds = [op.kind for op in many.ops]
+    # Replicated gradients are all-reduced; each rank's updated slice is all-gathered after its step.
+    assert kinds.count("all_reduce") == kinds.count("adamw8bit_step") == kinds.count("all_gather") > 0
+
+
+@pytest.mark.parametrize("how", [dict(zero_level=2), dict(zero_level=1, shard_gradients=True)])
+def test_zero2_shards_gradients(how):
+    one = back_half()
+    many = back_half(gpus=4, **how)
+    assert persistent_bytes(many, Role.GRADIENT) * 4 == persistent_bytes(one, Role.GRADIENT)
+    rs = [op for op in many.ops if op.kind == "reduce_scatter"]
+    assert len(rs) == len([t for t in one.tensors.values() if t.role is Role.GRADIENT])
+    # The full-size gradient is transient: freed right after its reduce-scatter.
+    for op in rs:
+        full = op.inputs[0]
+        assert many.lifetimes[full][1] == many.op_index(op.name)
+
+
+@pytest.mark.parametrize("how", [dict(zero_level=3), dict(zero_level=2, shard_weights=True)])
+def test_zero3_shards_weights_and_gathers_before_use(how):
+    one = back_half()
+    many = back_half(gpus=4, **how)
+    assert persistent_bytes(many, Role.TRAINABLE_WEIGHT) * 4 == persistent_bytes(one, Role.TRAINABLE_WEIGHT)
+    assert abs(persistent_bytes(many, Role.OPTIMIZER_STATE) / persistent_bytes(one, Role.OPTIMIZER_STATE) - 0.25) < 0.01
+    gathers = [op for op in many.ops if op.kind == "all_gather"]
+    for op in gathers:
+        out = many.tensors[op.outputs[0]]
+        assert out.attrs["transient"] and out.shape == tuple(many.tensors[op.inputs[0]].attrs["full_shape"])
+    # Every compute op reads gathered (full) weights, never a shard.
+    for op in many.ops:
+        if op.phase in ("forward", "backward"):
+            for t in op.inputs:
+                assert "shard" not in many.tensors[t].attrs, (op.name, t)
+    assert many.memory["device"]["peak_bytes"] < one.memory["device"]["peak_bytes"]
+
+
+def test_multi_node_world_size():
+    cfg = synth.cfg(gpus=2, distributed=synth.DEFAULTS["distributed"].__class__(num_nodes=3, gpus_per_node=4))
+    assert world_size(cfg) == (12, [])
+    cfg = synth.cfg(gpus=2, distributed=synth.DEFAULTS["distributed"].__class__(num_nodes=2, gpus_per_node=0))
+    assert world_size(cfg) == (4, [])
+
+
+def test_gpus_zero_without_gpu_plans_for_one_and_says_so(monkeypatch):
+    import surogate.compiler.passes.zero as zero
+
+    monkeypatch.setattr(zero, "_detected_gpus", lambda: 0)
+    world, notes = world_size(synth.cfg(gpus=0))
+    assert world == 1 and "none detected" in notes[0]
+    plan = back_half(gpus=0)
+    assert any("none detected" in n for n in plan.meta["notes"])
+
+
+def test_shard_shape_rounds_up_dim0():
+    assert shard_shape((10, 3), 4) == (3, 3)
+    assert shard_shape((8,), 1) == (8,)
+
+
+def test_single_rank_has_no_comm_ops():
+    plan = back_half(zero_level=3)
+    assert not [op for op in plan.ops if op.phase == "comm"]
+    assert set(plan.memory["device"]["categories"]) == set(CATEGORIES)
