@@ -1,0 +1,241 @@
+"""Lazy access to `numba.cuda` and what every launcher shares: argument conversion, streams, bit helpers.
+
+Nothing here imports `numba.cuda` at module import: the first launcher call does. That keeps
+`import surogate.numba_kernels` free of CUDA initialisation (and of the simulator, when
+`NUMBA_ENABLE_CUDASIM=1` is set for the kernel tests), so CPU-only code that imports the package for its
+reference implementations is unaffected.
+
+Under the simulator the launchers take CPU torch tensors (viewed as NumPy arrays, written back in place);
+on a GPU they take CUDA tensors (or `__cuda_array_interface__` objects) and launch on torch's current stream.
+bfloat16 tensors travel as their int16 bit pattern (numba has no bf16 array type); kernels convert with
+`bf16_to_f32` / `f32_to_bf16` (round-to-nearest-even, like torch's casts).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+
+cuda = None  # numba.cuda, bound by helpers() (lazy import)
+
+# Threads per block on a GPU. The simulator runs every thread as a Python thread, so there a block has 32
+# threads: the same code paths (strided loops, tree reductions, partial last strides) at a tolerable speed.
+GPU_THREADS = 256
+SIM_THREADS = 32
+
+
+def threads() -> int:
+    """Threads per block for every kernel of this package (a power of two)."""
+    return SIM_THREADS if is_simulator() else GPU_THREADS
+
+
+def get_cuda():
+    """`numba.cuda`, imported on first use (the simulator is chosen then, from NUMBA_ENABLE_CUDASIM)."""
+    from numba import cuda
+
+    return cuda
+
+
+def is_simulator() -> bool:
+    """True when numba.cuda is (or will be) the CPU simulator."""
+    if "numba.cuda" in _loaded_modules():
+        from numba.cuda.core import config
+
+        return bool(config.ENABLE_CUDASIM)
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def _loaded_modules() -> set[str]:
+    import sys
+
+    return set(sys.modules)
+
+
+def cuda_backend_available() -> bool:
+    """True when the Numba-CUDA launchers can run here: a real CUDA device, or the simulator."""
+    return is_simulator() or torch.cuda.is_available()
+
+
+def as_array(t):
+    """A torch tensor as something a kernel takes: NumPy view (simulator) or numba device array (GPU).
+
+    bfloat16 is passed as its int16 bit pattern. Objects that already expose `__cuda_array_interface__`
+    (and are not torch tensors) pass through.
+    """
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    if is_simulator():
+        if t.is_cuda:
+            raise ValueError("the CUDA simulator runs on CPU tensors, got a CUDA tensor")
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(t.numpy())  # wraps the tensor's memory: kernels write in place, strides kept
+    if not t.is_cuda:
+        raise ValueError(f"CUDA kernels need CUDA tensors, got a {t.device} tensor of shape {tuple(t.shape)}")
+    return get_cuda().as_cuda_array(t)
+
+
+def launch(kernel, grid: int, block: int, *args) -> None:
+    """Launch `kernel[grid, block]` on torch's current CUDA stream (the default stream under the simulator)."""
+    cuda_args = [as_array(a) for a in args]
+    grid = max(1, int(grid))
+    if is_simulator():
+        kernel[grid, block](*cuda_args)
+        return
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    kernel[grid, block, stream](*cuda_args)
+
+
+def grid_for(n_items: int, per_block: int, max_blocks: int | None = None) -> int:
+    """Blocks for `n_items` work items at `per_block` items per block, capped for grid-stride loops."""
+    blocks = max(1, math.ceil(n_items / per_block))
+    if max_blocks is None:
+        max_blocks = _max_resident_blocks()
+    return min(blocks, max_blocks)
+
+
+@functools.cache
+def _max_resident_blocks() -> int:
+    if is_simulator():
+        return 4  # the simulator runs blocks one after another; grid-stride loops cover the rest
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.multi_processor_count * 8
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if isinstance(t, torch.Tensor) and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
+
+
+@functools.cache
+def helpers() -> SimpleNamespace:
+    """Device functions shared by the kernels: float bit casts, rint, bf16 conversions, block reductions.
+
+    The simulator has no libdevice, so the bit casts there go through NumPy scalar views; on a GPU
+    they are libdevice's `__float_as_int` / `__int_as_float` (no instructions).
+    """
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    from numba import float32, int32, int64
+
+    if is_simulator():
+        import numpy as np
+
+        def f32_bits(x):
+            return int(np.float32(x).view(np.uint32))
+
+        def f32_from_bits(b):
+            return np.uint32(int(b) & 0xFFFFFFFF).view(np.float32)
+
+        def rint(x):
+            return np.float32(np.rint(np.float32(x)))
+
+    else:
+        from numba.cuda import libdevice
+
+        @cuda.jit(device=True, inline="always")
+        def f32_bits(x):
+            return int64(libdevice.float_as_int(float32(x))) & int64(0xFFFFFFFF)
+
+        @cuda.jit(device=True, inline="always")
+        def f32_from_bits(b):
+            return libdevice.int_as_float(int32(b & int64(0xFFFFFFFF)))
+
+        @cuda.jit(device=True, inline="always")
+        def rint(x):
+            return libdevice.rintf(float32(x))
+
+    jit_dev = cuda.jit(device=True, inline="always")
+
+    @jit_dev
+    def bf16_to_f32(h):
+        return f32_from_bits((int64(h) & int64(0xFFFF)) << int64(16))
+
+    @jit_dev
+    def f32_to_bf16(x):
+        # round-to-nearest-even on the upper 16 bits; NaN stays a quiet NaN; result as a signed int16 value
+        b = f32_bits(x)
+        if (b & int64(0x7FFFFFFF)) > int64(0x7F800000):
+            r = (b >> int64(16)) | int64(0x40)
+        else:
+            r = (b + int64(0x7FFF) + ((b >> int64(16)) & int64(1))) >> int64(16)
+        r = r & int64(0xFFFF)
+        if r >= int64(0x8000):
+            r = r - int64(0x10000)
+        return int32(r)
+
+    @jit_dev
+    def f32_id(x):
+        return float32(x)
+
+    @jit_dev
+    def block_sum(sm, val):
+        """Sum of `val` over the block (blockDim.x a power of two, `sm` a shared float32[blockDim.x])."""
+        tid = cuda.threadIdx.x
+        sm[tid] = val
+        cuda.syncthreads()
+        s = cuda.blockDim.x // 2
+        while s > 0:
+            if tid < s:
+                sm[tid] = sm[tid] + sm[tid + s]
+            cuda.syncthreads()
+            s = s // 2
+        r = sm[0]
+        cuda.syncthreads()  # sm is reused by the caller's next reduction
+        return r
+
+    @jit_dev
+    def block_max(sm, val):
+        """Max of `val` over the block (same contract as block_sum)."""
+        tid = cuda.threadIdx.x
+        sm[tid] = val
+        cuda.syncthreads()
+        s = cuda.blockDim.x // 2
+        while s > 0:
+            if tid < s:
+                sm[tid] = max(sm[tid], sm[tid + s])
+            cuda.syncthreads()
+            s = s // 2
+        r = sm[0]
+        cuda.syncthreads()
+        return r
+
+    return SimpleNamespace(
+        block_sum=block_sum,
+        block_max=block_max,
+        f32_bits=f32_bits,
+        f32_from_bits=f32_from_bits,
+        rint=rint,
+        bf16_to_f32=bf16_to_f32,
+        f32_to_bf16=f32_to_bf16,
+        f32_id=f32_id,
+    )
+
+
+def converters(dtype: torch.dtype):
+    """(load, store) device functions for one storage dtype: load -> float32, store float32 -> storage."""
+    h = helpers()
+    if dtype == torch.bfloat16:
+        return h.bf16_to_f32, h.f32_to_bf16
+    if dtype == torch.float32:
+        return h.f32_id, h.f32_id
+    raise TypeError(f"unsupported storage dtype {dtype}; kernels take float32 or bfloat16")
+
+
+def dtype_key(*tensors) -> tuple[str, ...]:
+    """Cache key naming each tensor's dtype (kernels are built per dtype combination)."""
+    return tuple(str(t.dtype).removeprefix("torch.") for t in tensors)

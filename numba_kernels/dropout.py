@@ -1,0 +1,118 @@
+"""LoRA dropout with a counter-based mask: forward apply and backward (the same function).
+
+The keep mask of element i is a pure function of (seed, offset + i): nothing is stored between forward
+and backward, and the torch reference reproduces the kernel's mask bit for bit.
+Hash: four rounds of the murmur3 32-bit finaliser (fmix32) over the 32-bit halves of seed and counter;
+u = (h >> 8) * 2^-24 is uniform on [0, 1) with 24 bits; keep iff u >= p. Every product is of two
+values below 2^32, so it is exact in uint64 (kernel) and correct modulo 2^64 in int64 (torch).
+    out = x * keep / (1 - p)        (fp32 math, one rounding to the output dtype)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._device import check_contiguous, converters, get_cuda, grid_for, launch, threads
+
+cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
+
+_M32 = 0xFFFFFFFF
+_C1 = 0x85EBCA6B
+_C2 = 0xC2B2AE35
+_GOLDEN = 0x9E3779B9
+
+
+def _fmix32_t(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = (h * _C1) & _M32
+    h = h ^ (h >> 13)
+    h = (h * _C2) & _M32
+    return h ^ (h >> 16)
+
+
+def dropout_hash_ref(seed: int, offset: int, n: int) -> torch.Tensor:
+    """32-bit hashes (int64 tensor) of counters offset .. offset + n - 1 under `seed`."""
+    ctr = torch.arange(n, dtype=torch.int64) + int(offset)
+    h = _fmix32_t(torch.tensor((seed & _M32) ^ _GOLDEN, dtype=torch.int64))
+    h = _fmix32_t(h ^ ((seed >> 32) & _M32))
+    h = _fmix32_t(h ^ (ctr & _M32))
+    return _fmix32_t(h ^ ((ctr >> 32) & _M32))
+
+
+def dropout_mask_ref(seed: int, offset: int, n: int, p: float) -> torch.Tensor:
+    """Boolean keep mask of n elements."""
+    u = (dropout_hash_ref(seed, offset, n) >> 8).to(torch.float32) * (2.0**-24)
+    return u >= torch.tensor(p, dtype=torch.float32)
+
+
+def dropout_ref(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """x * keep / (1 - p) (for backward pass dout: the same call gives dx)."""
+    if p <= 0.0:
+        return x.clone()
+    keep = dropout_mask_ref(seed, offset, x.numel(), p).reshape(x.shape)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    return (x.float() * keep * scale).to(x.dtype)
+
+
+@functools.cache
+def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    from numba import float32, uint64
+
+    lx, _ = converters(x_dt)
+    _, so = converters(o_dt)
+    m32 = uint64(_M32)
+    c1, c2 = uint64(_C1), uint64(_C2)
+    s13, s16, s32, s8 = uint64(13), uint64(16), uint64(32), uint64(8)
+
+    @cuda.jit(device=True, inline="always")
+    def fmix32(h):
+        h = h ^ (h >> s16)
+        h = (h * c1) & m32
+        h = h ^ (h >> s13)
+        h = (h * c2) & m32
+        return h ^ (h >> s16)
+
+    @cuda.jit
+    def kernel(x, out, p, scale, seed_lo, seed_hi, offset):
+        n = x.shape[0]
+        hs = fmix32(uint64(seed_lo) ^ uint64(_GOLDEN))
+        hs = fmix32(hs ^ uint64(seed_hi))
+        pf = float32(p)
+        sc = float32(scale)
+        for i in range(cuda.grid(1), n, cuda.gridsize(1)):
+            ctr = uint64(offset) + uint64(i)
+            h = fmix32(hs ^ (ctr & m32))
+            h = fmix32(h ^ (ctr >> s32))
+            u = float32(h >> s8) * float32(5.9604644775390625e-08)  # 2^-24
+            if u >= pf:
+                out[i] = so(lx(x[i]) * sc)
+            else:
+                out[i] = so(float32(0.0))
+
+    return kernel
+
+
+def dropout_apply(x: torch.Tensor, out: torch.Tensor, p: float, seed: int, offset: int = 0) -> None:
+    """out = x * keep(seed, offset + i) / (1 - p). Backward: call with (dout, dx) and the same seed/offset."""
+    check_contiguous("x", x)
+    check_contiguous("out", out)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    n = x.numel()
+    kernel = _kernel(x.dtype, out.dtype)
+    launch(
+        kernel,
+        grid_for(n, threads()),
+        threads(),
+        x.view(-1),
+        out.view(-1),
+        float(p),
+        1.0 / (1.0 - p),
+        int(seed) & _M32,
+        (int(seed) >> 32) & _M32,
+        int(offset),
+    )
