@@ -13,7 +13,7 @@ class DataError(UserError):
 
     def __init__(self, dataset: str, row: int | None, field: str | None, problem: str, reason: str = "bad_row"):
         self.dataset, self.row, self.field, self.problem, self.reason = dataset, row, field, problem, reason
-        where = f"dataset {dataset!r}"
+        where = f"dataset {dataset}"
         if row is not None:
             where += f", row {row}"
         if field:

@@ -66,7 +66,7 @@ class DatasetSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.section}[{self.index}])"
+        return f"{self.name!r} ({self.section}[{self.index}])"
 
 
 def _opt(ds_cfg: Any, name: str, default: Any = None) -> Any:

@@ -151,17 +151,17 @@ PHI = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
 
-# For use_chat_template: false — a plain "Role: text" transcript, each assistant turn ended by EOS.
+# For use_chat_template: false — a plain "Role:\ntext" transcript (newline: token-aligned turns), each assistant turn ended by EOS.
 PLAIN = (
     "{%- for message in messages -%}"
     "{%- if message.role == 'assistant' -%}"
-    "{{- 'Assistant: ' -}}{% generation %}{{- message.content + (eos_token or '') -}}{% endgeneration %}"
+    "{{- 'Assistant:\\n' -}}{% generation %}{{- message.content + (eos_token or '') -}}{% endgeneration %}"
     "{{- '\\n' -}}"
     "{%- else -%}"
-    "{{- (message.role | capitalize) + ': ' + message.content + '\\n' -}}"
+    "{{- (message.role | capitalize) + ':\\n' + message.content + '\\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:\\n' -}}{%- endif -%}"
 )
 
 CHAT_TEMPLATE_MAPPING: dict[str, str] = {

@@ -143,7 +143,7 @@ def test_bad_conversation_rows_name_dataset_row_and_field(row, field, reason, te
     with pytest.raises(DataError) as info:
         row_to_sample(spec, row, 17, True)
     err = info.value
-    assert (err.dataset, err.row, err.field, err.reason) == ("data.jsonl (datasets[0])", 17, field, reason)
+    assert (err.dataset, err.row, err.field, err.reason) == ("'data.jsonl' (datasets[0])", 17, field, reason)
     assert text in str(err) and "data.jsonl" in str(err) and "row 17" in str(err) and repr(field) in str(err)
 
 
