@@ -38,6 +38,7 @@ def build(
     recompute: bool = False,
     lmhead_chunks: int = 1,
     lora_rank: int = 0,
+    qlora: bool = False,
 ) -> Graph:
     g = Graph()
     bt = batch * seq
@@ -50,6 +51,28 @@ def build(
     def W(name, shape, layer=None):
         g.add_tensor(Tensor(name, tuple(shape), "bf16", wrole, layer=layer, source=name))
         return name
+
+    quant: dict[str, tuple[str, str]] = {}
+
+    def Q(name, shape, layer):
+        """QLoRA NF4 storage (0.5 byte/param + an fp32 absmax per 64) when `qlora`, else a plain weight."""
+        if not qlora:
+            return W(name, shape, layer)
+        g.add_tensor(Tensor(name, tuple(shape), "nf4", Role.QUANT_WEIGHT, layer=layer, source=name))
+        scale = T(f"{name}.absmax", (shape[0] * shape[1] // 64,), "fp32", Role.QUANT_SCALE, layer)
+        quant[name] = (name, scale)
+        return name
+
+    deq_count = [0]
+
+    def use(w, phase, layer):
+        """The tensor an op reads for weight `w`: a fresh dequantized buffer for quantized storage."""
+        if w not in quant:
+            return w
+        deq_count[0] += 1
+        buf = T(f"{w}.deq{deq_count[0]}", g.tensors[w].shape, "bf16", Role.DEQUANT_BUFFER, layer)
+        op(f"{w}.dequant{deq_count[0]}", "dequantize_nf4", list(quant[w]), [buf], phase, layer)
+        return buf
 
     def op(name, kind, ins, outs, phase="forward", layer=None):
         g.add_op(Op(name, kind, ins, outs, {}, phase, layer))
@@ -72,7 +95,7 @@ def build(
     op("embed", "embedding", [ids, emb], [x])
     xs, ws = [x], []
     for i in range(layers):
-        nw, w1, w2 = W(f"L{i}.norm.weight", (hidden,), i), W(f"L{i}.w1", (hidden, ffn), i), W(f"L{i}.w2", (ffn, hidden), i)
+        nw, w1, w2 = W(f"L{i}.norm.weight", (hidden,), i), Q(f"L{i}.w1", (hidden, ffn), i), Q(f"L{i}.w2", (ffn, hidden), i)
         lora = []
         if lora_rank:
             lora = [T(f"L{i}.w1.lora_A", (lora_rank, hidden), "fp32", Role.TRAINABLE_WEIGHT, i),
@@ -81,9 +104,9 @@ def build(
         n, h, a, y = (T(f"L{i}.{k}", (bt, d), layer=i) for k, d in (("norm", hidden), ("h", ffn), ("a", ffn), ("y", hidden)))
         out = T(f"L{i}.out", (bt, hidden), layer=i, residual="layer_input")
         op(f"L{i}.norm", "rmsnorm", [x, nw], [n], layer=i)
-        op(f"L{i}.mm1", "matmul", [n, w1, *lora], [h], layer=i)
+        op(f"L{i}.mm1", "matmul", [n, use(w1, "forward", i), *lora], [h], layer=i)
         op(f"L{i}.act", "gelu", [h], [a], layer=i)
-        op(f"L{i}.mm2", "matmul", [a, w2], [y], layer=i)
+        op(f"L{i}.mm2", "matmul", [a, use(w2, "forward", i)], [y], layer=i)
         op(f"L{i}.add", "add", [x, y], [out], layer=i)
         x = out
         xs.append(x)
@@ -109,7 +132,7 @@ def build(
         if recompute:
             n, h, a = (T(f"L{i}.{k}.re", (bt, d), layer=i) for k, d in (("norm", hidden), ("h", ffn), ("a", ffn)))
             op(f"L{i}.norm.re", "rmsnorm", [xin, nw], [n], "backward", i)
-            op(f"L{i}.mm1.re", "matmul", [n, w1, *lora], [h], "backward", i)
+            op(f"L{i}.mm1.re", "matmul", [n, use(w1, "backward", i), *lora], [h], "backward", i)
             op(f"L{i}.act.re", "gelu", [h], [a], "backward", i)
         else:
             n, h, a = f"L{i}.norm", f"L{i}.h", f"L{i}.a"
@@ -117,13 +140,14 @@ def build(
         dh = T(f"L{i}.dh", (bt, ffn), role=Role.ACTIVATION_GRAD, layer=i)
         dn = T(f"L{i}.dn", (bt, hidden), role=Role.ACTIVATION_GRAD, layer=i)
         dxi = T(f"L{i}.dx", (bt, hidden), role=Role.ACTIVATION_GRAD, layer=i)
-        op(f"L{i}.mm2_bwd", "matmul_bwd", [dx, a, w2], [da, *G(w2, i)], "backward", i)
+        op(f"L{i}.mm2_bwd", "matmul_bwd", [dx, a, use(w2, "backward", i)], [da, *G(w2, i)], "backward", i)
         op(f"L{i}.act_bwd", "gelu_bwd", [da, h], [dh], "backward", i)
         lora_grads = []
         for t in lora:
             grads[t] = T(f"grad.{t}", g.tensors[t].shape, "fp32", Role.GRADIENT, i, grad_of=t)
             lora_grads.append(grads[t])
-        op(f"L{i}.mm1_bwd", "matmul_bwd", [dh, n, w1, *lora], [dn, *G(w1, i), *lora_grads], "backward", i)
+        op(f"L{i}.mm1_bwd", "matmul_bwd", [dh, n, use(w1, "backward", i), *lora], [dn, *G(w1, i), *lora_grads],
+           "backward", i)
         op(f"L{i}.norm_bwd", "rmsnorm_bwd", [dn, xin, nw, dx], [dxi, *G(nw, i)], "backward", i)
         dx = dxi
     op("embed_bwd", "embedding_bwd", [dx, ids], G(emb), "backward")

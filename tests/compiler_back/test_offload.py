@@ -84,3 +84,49 @@ def test_offload_grads_moves_gradients_to_host_with_accumulating_copies():
     assert persistent_bytes(off, Role.GRADIENT, Space.HOST) == grads
     d2h = [op for op in off.ops if op.kind == "copy_d2h"]
     assert d2h and all(op.attrs["accumulate"] for op in d2h if off.tensors[op.outputs[0]].role is Role.GRADIENT)
+
+
+def test_offload_quants_moves_quantized_weights_to_host_streamed_per_use():
+    kw = dict(lora_rank=4, qlora=True)
+    dev = back_half(kw, persistent_quants=True, shard_weights=True)
+    off = back_half(kw, persistent_quants=True, shard_weights=True, offload_quants=True)
+    q = persistent_bytes(dev, Role.QUANT_WEIGHT) + persistent_bytes(dev, Role.QUANT_SCALE)
+    assert q > 0
+    assert persistent_bytes(off, Role.QUANT_WEIGHT) + persistent_bytes(off, Role.QUANT_SCALE) == 0
+    assert persistent_bytes(off, Role.QUANT_WEIGHT, Space.HOST) + persistent_bytes(off, Role.QUANT_SCALE, Space.HOST) == q
+    # Each dequantize reads staged device copies loaded right before it.
+    for i, op in enumerate(off.ops):
+        if op.kind == "dequantize_nf4":
+            assert all(off.tensors[t].attrs.get("staging_of") for t in op.inputs)
+            assert off.ops[i - 1].kind == "copy_h2d"
+    assert off.memory["device"]["peak_bytes"] < dev.memory["device"]["peak_bytes"]
+
+
+def test_offloaded_quants_under_zero3_are_gathered_after_the_host_copy():
+    kw = dict(lora_rank=4, qlora=True)
+    plan = back_half(kw, gpus=4, zero_level=3, persistent_quants=True, offload_quants=True)
+    q = plan.tensors["L0.w1"]
+    assert q.space is Space.HOST and q.shape == (64, 512) and q.attrs["full_shape"] == [256, 512]
+    for i, op in enumerate(plan.ops):
+        if op.kind == "dequantize_nf4":
+            for t in op.inputs:
+                assert plan.tensors[t].attrs.get("gathered_of")
+                gather = plan.ops[[j for j in range(i) if t in plan.ops[j].outputs][-1]]
+                assert gather.kind == "all_gather"
+                assert plan.tensors[gather.inputs[0]].attrs.get("staging_of")
+
+
+def test_persistent_quants_keeps_recipe_quantizations():
+    import synth
+
+    from surogate.compiler.ir import Op, Tensor
+    from surogate.compiler.passes.offload import mark_persistent_quants
+
+    g = synth.build()
+    g.add_tensor(Tensor("L0.w1.fp8", (256, 512), "fp8_e4m3", Role.TEMPORARY, layer=0))
+    g.add_tensor(Tensor("L0.w1.fp8_scale", (1,), "fp32", Role.TEMPORARY, layer=0))
+    g.add_op(Op("L0.w1.quantize", "quantize_fp8", ["L0.w1"], ["L0.w1.fp8", "L0.w1.fp8_scale"], layer=0))
+    kept = mark_persistent_quants(g)
+    assert kept == ["L0.w1.fp8", "L0.w1.fp8_scale"]
+    assert g.tensors["L0.w1.fp8"].role is Role.QUANT_WEIGHT and g.tensors["L0.w1.fp8_scale"].role is Role.QUANT_SCALE
+    assert g.op("L0.w1.quantize").attrs["cached"] is True
