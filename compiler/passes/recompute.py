@@ -1,13 +1,91 @@
-"""Pass `apply_recompute` (body lands next; `recompute: false` path is final)."""
+"""Pass `apply_recompute`: keep only per-layer checkpoints, recompute the rest of a layer in backward.
+
+With `recompute: true`, for each decoder layer the forward tensors that only that layer's backward
+reads (norm outputs, q/k/v, attention output, MLP intermediates, the mid-layer residual, ...) are no
+longer kept: the layer's forward ops that produce them are re-emitted (phase "backward",
+`attrs["recompute"] = True`, outputs renamed `<name>@rc`) just before the layer's first backward op,
+and the backward ops read the recomputed copies. What stays saved is what other layers' backward
+reads: the residual stream between layers (`attrs["residual"] == "layer_input"`). Re-emitted ops are
+the same ops with the same attributes (dropout regenerates its mask from its seed), so gradients are
+bit-identical to the non-recomputed program.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
-from surogate.compiler.ir import Graph
+from surogate.compiler.ir import Graph, GraphError, Op, Role, Tensor
 
 
 def apply_recompute(graph: Graph, cfg: Any) -> Graph:
+    """Rewrite the backward program to recompute layer intermediates (no-op when `recompute: false`)."""
     if not getattr(cfg, "recompute", True):
+        graph.meta["recompute"] = False
         return graph
-    raise NotImplementedError("apply_recompute is being written (C1)")
+    if not graph.meta.get("backward"):
+        raise GraphError("apply_recompute needs the backward program (run emit_backward first)")
+    fwd_by_layer: dict[int, list[Op]] = defaultdict(list)
+    bwd_by_layer: dict[int, list[Op]] = defaultdict(list)
+    readers_layers: dict[str, set[int | None]] = defaultdict(set)
+    for op in graph.ops():
+        if op.phase == "forward" and op.layer is not None:
+            fwd_by_layer[op.layer].append(op)
+        elif op.phase == "backward":
+            if op.layer is not None:
+                bwd_by_layer[op.layer].append(op)
+            for t in op.inputs:
+                readers_layers[t].add(op.layer)
+
+    insert_before: dict[str, list[str]] = {}
+    for layer, fops in fwd_by_layer.items():
+        bops = bwd_by_layer.get(layer)
+        if not bops:
+            continue
+        produced = {o for op in fops for o in op.outputs}
+        drop = {t for t in produced
+                if readers_layers.get(t) == {layer}
+                and graph.tensors[t].attrs.get("residual") != "layer_input"
+                and graph.tensors[t].role == Role.ACTIVATION}
+        if drop:
+            insert_before[bops[0].name] = _reemit(graph, fops, produced, drop, bops)
+
+    if insert_before:
+        order: list[str] = []
+        added = {n for names in insert_before.values() for n in names}
+        for name in graph.order:
+            if name in added:
+                continue
+            order.extend(insert_before.get(name, ()))
+            order.append(name)
+        graph.order = order
+        graph.rewire()
+    graph.meta["recompute"] = True
+    return graph
+
+
+def _reemit(graph: Graph, fops: list[Op], produced: set[str], drop: set[str], bops: list[Op]) -> list[str]:
+    """Clone the forward ops of one layer needed to rebuild `drop`; point the layer's backward at the clones."""
+    need = set(drop)
+    chosen: list[Op] = []
+    for op in reversed(fops):
+        if any(o in need for o in op.outputs):
+            chosen.append(op)
+            need.update(i for i in op.inputs if i in produced)
+    chosen.reverse()
+    rename = {o: f"{o}@rc" for op in chosen for o in op.outputs}
+    names = []
+    for op in chosen:
+        for o in op.outputs:
+            src = graph.tensors[o]
+            graph.add_tensor(Tensor(rename[o], src.shape, src.dtype, Role.TEMPORARY, src.space, src.layer,
+                                    attrs={**src.attrs, "recomputed_from": o}))
+        clone = Op(f"rc:{op.name}", op.kind, [rename.get(i, i) for i in op.inputs], [rename[o] for o in op.outputs],
+                   {**op.attrs, "recompute": True}, "backward", op.layer)
+        graph.add_op(clone)
+        names.append(clone.name)
+    for op in bops:
+        op.inputs[:] = [rename[i] if i in drop else i for i in op.inputs]
+    for t in drop:
+        graph.tensors[t].role = Role.TEMPORARY
+    return names
