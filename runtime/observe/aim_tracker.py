@@ -7,14 +7,21 @@ from surogate.runtime.observe.trackers import Tracker, require_extra
 
 class AimTracker(Tracker):
     """Config as `run["hparams"]`; metrics tracked with context `{"subset": "train"|"eval"}`;
-    final artefact paths as `run["outputs"]`."""
+    the final summary (artefact paths under "outputs") as `run["summary"]`."""
 
     name = "aim"
 
     def __init__(self, cfg: object, run_name: str, config: dict):
         aim = require_extra("aim", "aim")
         self._aim = aim
-        self.run = aim.Run(repo=getattr(cfg, "aim_repo", None), experiment=getattr(cfg, "aim_experiment", None))
+        # aim's own system sampler and stdout capture are off: GPU figures come from `log_gpu_util`, and
+        # the capture would fight the live progress line for the terminal
+        self.run = aim.Run(
+            repo=getattr(cfg, "aim_repo", None),
+            experiment=getattr(cfg, "aim_experiment", None),
+            system_tracking_interval=None,
+            capture_terminal_logs=False,
+        )
         self.run.name = getattr(cfg, "aim_name", None) or run_name
         self.run["hparams"] = config
         self.location = str(getattr(self.run.repo, "path", "") or "") or None
@@ -28,7 +35,7 @@ class AimTracker(Tracker):
                 self.run.track(float(value), name=name, step=step, context={"subset": subset})
 
     def finish(self, summary: dict, status: str = "completed") -> None:
-        self.run["outputs"] = summary
+        self.run["summary"] = summary
         self.run["status"] = status
         run_hash, repo = self.run.hash, self.run.repo
         self.run.close()
