@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from typing import Any
 
@@ -23,9 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="draw the device memory timeline to this image")
 
 
-def replanner(cfg: Any) -> Any:
-    """A function changes -> Plan (None when the changed config is invalid), for fit suggestions."""
-    from surogate.compiler.pipeline import compile_plan
+def replanner(cfg: Any, front_snapshot: bytes | None = None) -> Any:
+    """A function changes -> Plan (None when the changed config is invalid), for fit suggestions.
+
+    Changes to back-half options only re-run the back half on a copy of the saved front-half graph.
+    """
+    from surogate.compiler.pipeline import BACK_HALF_OPTIONS, back_plan, compile_plan
     from surogate.compiler.plan import config_dict
 
     def replan(changes: dict[str, Any]) -> Any:
@@ -35,6 +39,8 @@ def replanner(cfg: Any) -> Any:
             changed = config_from_dict({**_user_dict(cfg), **changes})
         except (ConfigError, UserError, TypeError):
             return None
+        if front_snapshot is not None and set(changes) <= BACK_HALF_OPTIONS:
+            return back_plan(pickle.loads(front_snapshot), changed)
         return compile_plan(changed)
 
     def _user_dict(c: Any) -> dict[str, Any]:
@@ -47,7 +53,7 @@ def replanner(cfg: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from surogate.compiler.pipeline import compile_plan
+    from surogate.compiler.pipeline import back_plan, front_graph
     from surogate.compiler.planfile import write_plan
     from surogate.compiler.report import build_report, detect_gpu, parse_size, render_report, suggest_fixes
     from surogate.schema import load_config
@@ -55,13 +61,16 @@ def run(args: argparse.Namespace) -> int:
     gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
     cfg = load_config(args.config)
     # With --json, stdout carries only the JSON document: the graph dump goes to stderr.
-    plan = compile_plan(cfg, dump_after=args.dump_after, out=sys.stderr if args.json else sys.stdout)
+    out = sys.stderr if args.json else sys.stdout
+    graph = front_graph(cfg, dump_after=args.dump_after, out=out)
+    snapshot = pickle.dumps(graph)  # before the back half mutates it: re-plans for suggestions start here
+    plan = back_plan(graph, cfg, dump_after=args.dump_after, out=out)
     gpu = detect_gpu()
     report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu)
     if report["fits"] is False:
         capacity = report["gpu"]["memory_bytes"]
         report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu,
-                              suggestions=suggest_fixes(plan, capacity, replanner(cfg)))
+                              suggestions=suggest_fixes(plan, capacity, replanner(cfg, snapshot)))
     if args.output:
         path = write_plan(plan, args.output)
         report["plan_file"] = str(path)

@@ -84,11 +84,34 @@ def build_graph(cfg: Any) -> Graph:
     return graph
 
 
+FRONT_END = "chunking"  # last pass of the front half (model-dependent rewrites)
+# Options only the back half reads: re-planning with one of them changed can start from a saved front half.
+BACK_HALF_OPTIONS = frozenset({
+    "offload_residual", "offload_master", "offload_optimizer", "offload_grads", "offload_quants",
+    "use_zero_copy", "use_write_combined", "zero_level", "shard_weights", "shard_gradients", "gpus",
+    "optimizer", "max_grad_norm",
+})
+
+
+def front_graph(cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Graph:
+    """The model graph after the front half of the pipeline (through `chunking`)."""
+    check_pass_name(dump_after, "--dump-after")
+    graph = build_graph(cfg)
+    for name, fn in PASSES[: PASS_NAMES.index(FRONT_END) + 1]:
+        graph = fn(graph, cfg)
+        if name == dump_after:
+            (out or sys.stdout).write(format_graph(graph, title=f"graph after pass '{name}'"))
+    return graph
+
+
+def back_plan(graph: Graph, cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Plan:
+    """Run the back half on a front-half graph (mutating it) and freeze the Plan."""
+    return make_plan(run_passes(graph, cfg, start_after=FRONT_END, dump_after=dump_after, out=out), cfg)
+
+
 def compile_plan(cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Plan:
     """Compile a config into a Plan (per rank)."""
-    check_pass_name(dump_after, "--dump-after")
-    graph = run_passes(build_graph(cfg), cfg, dump_after=dump_after, out=out)
-    return make_plan(graph, cfg)
+    return back_plan(front_graph(cfg, dump_after=dump_after, out=out), cfg, dump_after=dump_after, out=out)
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:

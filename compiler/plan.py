@@ -72,8 +72,15 @@ class Plan:
         raise KeyError(name)
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def jsonable(value: Any) -> Any:
     """Plain JSON data (lists, dicts, str, numbers, bool, None) for a value; tuples become lists."""
+    if isinstance(value, dict) and all(
+        type(k) is str and isinstance(v, _SCALARS) and not isinstance(v, float) for k, v in value.items()
+    ):
+        return dict(value)  # fast path for the common flat attrs (floats go through JSON: nan/inf)
     return json.loads(json.dumps(value, default=_default))
 
 
