@@ -1,0 +1,340 @@
+"""Fused LM-head cross-entropy that never materialises the full [tokens, vocab] logits.
+
+Math (the definition; `F.cross_entropy(x @ W^T, labels, ignore_index=-100, reduction="sum")`):
+    lse_r  = logsumexp_v(logit_rv)            (fp32, logits rounded to the model dtype first, as HF does)
+    loss_r = lse_r - logit_r,label_r          (0 where label_r == ignore_index)
+    dlogit_rv = grad_scale * (softmax_rv - [v == label_r])   (0 on ignored rows)
+    dX = dlogit @ W,   dW += dlogit^T @ X
+Rows are processed in `chunks` (the `lmhead_chunks` option) and the vocabulary in tiles of `vocab_tile`
+columns; a tile's logits go to one reusable buffer [ceil(rows / chunks) * vocab_tile] (a torch matmul
+with out=, cuBLAS on a GPU). Numba kernels do the rest: an online-logsumexp pass per tile (running
+max and scaled sum per row), a finalise pass, and the in-place gradient of the logits.
+With one vocab tile, `lmhead_ce_forward_backward` needs one logits GEMM per chunk for loss and grads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._device import converters, get_cuda, grid_for, helpers, launch, threads
+
+cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------- reference
+
+
+def lmhead_ce_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    grad_scale: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(loss_sum fp32, count int64, dX or None, dW or None) with full logits; grads when grad_scale is given."""
+    logits = (x @ w.t()).float()
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    lse = torch.logsumexp(logits, dim=-1)
+    tgt = logits.gather(1, safe[:, None])[:, 0]
+    loss_sum = torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum()
+    count = valid.sum()
+    if grad_scale is None:
+        return loss_sum, count, None, None
+    g = torch.softmax(logits, dim=-1)
+    g[torch.arange(len(safe)), safe] -= 1.0
+    g = (g * valid[:, None] * grad_scale).to(x.dtype)
+    return loss_sum, count, (g @ w).to(x.dtype), (g.t() @ x).to(w.dtype)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@functools.cache
+def _stats_kernel(l_dt: torch.dtype):
+    """Online logsumexp over one vocab tile, merged into the running (max, sum) per row; picks the label logit."""
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    from numba import float32
+
+    h = helpers()
+    ll, _ = converters(l_dt)
+    block_sum, block_max = h.block_sum, h.block_max
+    T = threads()
+
+    @cuda.jit
+    def kernel(logits, labels, v0, first, m_run, s_run, tgt):
+        sm = cuda.shared.array(T, float32)
+        tid = cuda.threadIdx.x
+        rows, vt = logits.shape
+        neg_inf = float32(-math.inf)
+        for row in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
+            lab = labels[row] - v0
+            mt = neg_inf
+            st = float32(0.0)
+            for c in range(tid, vt, T):
+                v = ll(logits[row, c])
+                if c == lab:
+                    tgt[row] = v
+                if v > mt:
+                    st = st * float32(math.exp(mt - v)) + float32(1.0)
+                    mt = v
+                else:
+                    st += float32(math.exp(v - mt))
+            mb = block_max(sm, mt)
+            scaled = float32(0.0)
+            if st > float32(0.0):
+                scaled = st * float32(math.exp(mt - mb))
+            sb = block_sum(sm, scaled)
+            if tid == 0:
+                if first:
+                    m_run[row] = mb
+                    s_run[row] = sb
+                else:
+                    mo = m_run[row]
+                    so = s_run[row]
+                    mn = max(mo, mb)
+                    m_run[row] = mn
+                    s_run[row] = so * float32(math.exp(mo - mn)) + sb * float32(math.exp(mb - mn))
+
+    return kernel
+
+
+@functools.cache
+def _finalize_kernel():
+    global cuda
+    cuda = get_cuda()
+    from numba import float32
+
+    @cuda.jit
+    def kernel(m_run, s_run, tgt, labels, ignore_index, lse, loss_rows):
+        for r in range(cuda.grid(1), lse.shape[0], cuda.gridsize(1)):
+            v = m_run[r] + float32(math.log(s_run[r]))
+            lse[r] = v
+            if labels[r] == ignore_index:
+                loss_rows[r] = float32(0.0)
+            else:
+                loss_rows[r] = v - tgt[r]
+
+    return kernel
+
+
+@functools.cache
+def _grad_kernel(l_dt: torch.dtype):
+    """logits <- grad_scale * (exp(logit - lse) - onehot(label)), in place; zero rows for ignored labels."""
+    global cuda
+    cuda = get_cuda()
+    from numba import float32
+
+    ll, sl = converters(l_dt)
+
+    @cuda.jit
+    def kernel(logits, labels, lse, v0, grad_scale, ignore_index):
+        rows, vt = logits.shape
+        scale = float32(grad_scale)
+        for i in range(cuda.grid(1), rows * vt, cuda.gridsize(1)):
+            r = i // vt
+            c = i - r * vt
+            lab = labels[r]
+            if lab == ignore_index:
+                logits[r, c] = sl(float32(0.0))
+            else:
+                p = float32(math.exp(ll(logits[r, c]) - lse[r]))
+                if lab - v0 == c:
+                    p -= float32(1.0)
+                logits[r, c] = sl(p * scale)
+
+    return kernel
+
+
+# ---------------------------------------------------------------- workspace and launchers
+
+
+@dataclass
+class CEWorkspace:
+    """Buffers of the fused CE: one logits tile buffer (model dtype) and fp32 per-row running stats."""
+
+    logits: torch.Tensor  # flat [rows_per_chunk * vocab_tile]
+    m: torch.Tensor  # [rows] running max
+    s: torch.Tensor  # [rows] running scaled sum
+    tgt: torch.Tensor  # [rows] label logit
+    rows_per_chunk: int
+    vocab_tile: int
+
+    @staticmethod
+    def shapes(rows: int, vocab: int, chunks: int = 1, vocab_tile: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Sizes a planner needs: {'logits': (n,), 'm': (rows,), 's': (rows,), 'tgt': (rows,)}."""
+        rpc = math.ceil(rows / max(1, chunks))
+        vt = min(vocab, vocab_tile or vocab)
+        return {"logits": (rpc * vt,), "m": (rows,), "s": (rows,), "tgt": (rows,)}
+
+    @classmethod
+    def allocate(
+        cls,
+        rows: int,
+        vocab: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        chunks: int = 1,
+        vocab_tile: int | None = None,
+    ) -> CEWorkspace:
+        sh = cls.shapes(rows, vocab, chunks, vocab_tile)
+        f32 = {"dtype": torch.float32, "device": device}
+        return cls(
+            logits=torch.empty(sh["logits"], dtype=dtype, device=device),
+            m=torch.empty(sh["m"], **f32),
+            s=torch.empty(sh["s"], **f32),
+            tgt=torch.zeros(sh["tgt"], **f32),
+            rows_per_chunk=math.ceil(rows / max(1, chunks)),
+            vocab_tile=min(vocab, vocab_tile or vocab),
+        )
+
+
+def _tiles(rows: int, vocab: int, ws: CEWorkspace):
+    for r0 in range(0, rows, ws.rows_per_chunk):
+        r1 = min(rows, r0 + ws.rows_per_chunk)
+        for v0 in range(0, vocab, ws.vocab_tile):
+            v1 = min(vocab, v0 + ws.vocab_tile)
+            yield r0, r1, v0, v1
+
+
+def _logits_tile(x, w, ws, r0, r1, v0, v1) -> torch.Tensor:
+    buf = ws.logits[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+    torch.matmul(x[r0:r1], w[v0:v1].t(), out=buf)
+    return buf
+
+
+def _stats(buf, labels, v0, first, ws, r0, r1) -> None:
+    launch(
+        _stats_kernel(buf.dtype),
+        grid_for(r1 - r0, 1),
+        threads(),
+        buf,
+        labels[r0:r1],
+        int(v0),
+        bool(first),
+        ws.m[r0:r1],
+        ws.s[r0:r1],
+        ws.tgt[r0:r1],
+    )
+
+
+def _finalize(labels, ws, lse, loss_rows, ignore_index, r0, r1) -> None:
+    launch(
+        _finalize_kernel(),
+        grid_for(r1 - r0, threads()),
+        threads(),
+        ws.m[r0:r1],
+        ws.s[r0:r1],
+        ws.tgt[r0:r1],
+        labels[r0:r1],
+        int(ignore_index),
+        lse[r0:r1],
+        loss_rows[r0:r1],
+    )
+
+
+def _grads(x, w, buf, labels, lse, grad_scale, ignore_index, dx, dw, r0, r1, v0, v1) -> None:
+    launch(
+        _grad_kernel(buf.dtype),
+        grid_for(buf.numel(), threads()),
+        threads(),
+        buf,
+        labels[r0:r1],
+        lse[r0:r1],
+        int(v0),
+        float(grad_scale),
+        int(ignore_index),
+    )
+    if v0 == 0:
+        torch.matmul(buf, w[v0:v1], out=dx[r0:r1])
+    else:
+        dx[r0:r1].addmm_(buf, w[v0:v1])
+    if dw is not None:
+        dw[v0:v1].addmm_(buf.t(), x[r0:r1])
+
+
+def _check(x, w, labels, ws) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or labels.shape != (x.shape[0],):
+        raise ValueError(f"expected x [N, H], w [V, H], labels [N]; got {tuple(x.shape)}, {tuple(w.shape)}")
+    if ws.logits.numel() < min(ws.rows_per_chunk, x.shape[0]) * min(ws.vocab_tile, w.shape[0]):
+        raise ValueError("CE workspace logits buffer is too small for its rows_per_chunk x vocab_tile")
+
+
+def lmhead_ce_forward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    loss_rows: torch.Tensor,
+    ws: CEWorkspace,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and lse (fp32 [N], saved for backward); returns (loss_sum, count of non-ignored labels)."""
+    _check(x, w, labels, ws)
+    rows, vocab = x.shape[0], w.shape[0]
+    for r0, r1, v0, v1 in _tiles(rows, vocab, ws):
+        buf = _logits_tile(x, w, ws, r0, r1, v0, v1)
+        _stats(buf, labels, v0, v0 == 0, ws, r0, r1)
+        if v1 == vocab:
+            _finalize(labels, ws, lse, loss_rows, ignore_index, r0, r1)
+    return loss_rows.sum(), (labels != ignore_index).sum()
+
+
+def lmhead_ce_backward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: float,
+    dx: torch.Tensor,
+    dw: torch.Tensor | None,
+    ws: CEWorkspace,
+    ignore_index: int = IGNORE_INDEX,
+) -> None:
+    """dx = d(grad_scale * loss_sum)/dx (overwritten); dw += its weight gradient (skipped when None).
+
+    grad_scale is d(total loss)/d(loss_sum), e.g. 1 / count for a mean. Logits are recomputed per tile.
+    """
+    _check(x, w, labels, ws)
+    rows, vocab = x.shape[0], w.shape[0]
+    for r0, r1, v0, v1 in _tiles(rows, vocab, ws):
+        buf = _logits_tile(x, w, ws, r0, r1, v0, v1)
+        _grads(x, w, buf, labels, lse, grad_scale, ignore_index, dx, dw, r0, r1, v0, v1)
+
+
+def lmhead_ce_forward_backward(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    grad_scale: float,
+    lse: torch.Tensor,
+    loss_rows: torch.Tensor,
+    dx: torch.Tensor,
+    dw: torch.Tensor | None,
+    ws: CEWorkspace,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and gradients in one sweep when grad_scale is known up front (training).
+
+    With a single vocab tile each chunk's logits are computed once and turned into their gradient in place;
+    with several tiles the lse must be complete first, so this is forward then backward.
+    """
+    _check(x, w, labels, ws)
+    rows, vocab = x.shape[0], w.shape[0]
+    if ws.vocab_tile < vocab:
+        out = lmhead_ce_forward(x, w, labels, lse, loss_rows, ws, ignore_index)
+        lmhead_ce_backward(x, w, labels, lse, grad_scale, dx, dw, ws, ignore_index)
+        return out
+    for r0, r1, v0, v1 in _tiles(rows, vocab, ws):
+        buf = _logits_tile(x, w, ws, r0, r1, v0, v1)
+        _stats(buf, labels, 0, True, ws, r0, r1)
+        _finalize(labels, ws, lse, loss_rows, ignore_index, r0, r1)
+        _grads(x, w, buf, labels, lse, grad_scale, ignore_index, dx, dw, r0, r1, v0, v1)
+    return loss_rows.sum(), (labels != ignore_index).sum()
