@@ -157,7 +157,8 @@ def load_source(source: Source):
     except Exception as exc:  # the datasets library raises many types for unreadable / unreachable data
         hint = ""
         if source.kind == "hub":
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+            offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False)) or \
+                os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
             hint = (" (offline: the dataset is not in the local Hugging Face cache; download it first or point "
                     "path at local files)" if offline else
                     " (not a local file or folder either; check the hub id, subset and split)")

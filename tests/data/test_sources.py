@@ -1,0 +1,172 @@
+"""Sources: local files of every kind, folders, fsspec URLs, hub ids offline, `samples` (sources.py)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_jsonl
+
+from surogate.errors import UserError
+from surogate.runtime.data.sources import file_fingerprint, load_source, resolve_source
+
+ROWS = [{"text": f"row {i}", "n": i} for i in range(6)]
+
+
+def ds(path, **kw):
+    return SimpleNamespace(path=str(path), subset=kw.get("subset"), split=kw.get("split", "train"),
+                           samples=kw.get("samples"))
+
+
+def texts(source):
+    return load_source(source)["text"]
+
+
+def write_arrow(path, rows):
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "parquet", "csv", "arrow"])
+def test_local_files_of_each_kind(tmp_path, ext):
+    path = tmp_path / f"data.{ext}"
+    if ext == "jsonl":
+        write_jsonl(path, ROWS)
+    elif ext == "json":
+        path.write_text(json.dumps(ROWS))
+    elif ext == "parquet":
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    elif ext == "csv":
+        path.write_text("text,n\n" + "".join(f"{r['text']},{r['n']}\n" for r in ROWS))
+    else:
+        write_arrow(path, ROWS)
+    source = resolve_source(ds(path), 0)
+    assert source.kind == "local" and source.builder in ("json", "parquet", "csv", "arrow")
+    assert texts(source) == [r["text"] for r in ROWS]
+
+
+def test_txt_is_one_row_per_line_and_samples_limits(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("first line\nsecond line\nthird line\n")
+    assert texts(resolve_source(ds(path), 0)) == ["first line", "second line", "third line"]
+    assert texts(resolve_source(ds(path, samples=2), 0)) == ["first line", "second line"]
+
+
+def test_folder_of_files_is_read_recursively_in_sorted_order(tmp_path):
+    write_jsonl(tmp_path / "d" / "b.jsonl", ROWS[3:])
+    write_jsonl(tmp_path / "d" / "sub" / "c.jsonl", [{"text": "deep", "n": 9}])
+    write_jsonl(tmp_path / "d" / "a.jsonl", ROWS[:3])
+    (tmp_path / "d" / "README.md").write_text("ignored")
+    source = resolve_source(ds(tmp_path / "d"), 0)
+    assert len(source.files) == 3
+    assert texts(source) == [r["text"] for r in ROWS] + ["deep"]
+
+
+def test_folder_mixing_kinds_or_without_data_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "m" / "a.jsonl", ROWS)
+    (tmp_path / "m" / "b.csv").write_text("text\nx\n")
+    with pytest.raises(UserError, match=r"datasets\[0\]\.path: .* mixes file kinds \(csv, json\)"):
+        resolve_source(ds(tmp_path / "m"), 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no data files"):
+        resolve_source(ds(tmp_path / "empty"), 0)
+
+
+def test_save_to_disk_folder(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    source = resolve_source(ds(tmp_path / "saved"), 0)
+    assert source.kind == "disk" and texts(source) == [r["text"] for r in ROWS]
+
+
+def test_missing_and_unsupported_local_paths(tmp_path):
+    with pytest.raises(UserError, match=r"validation_datasets\[2\]\.path: file or folder .* does not exist"):
+        resolve_source(ds(tmp_path / "nope.jsonl"), 2, "validation_datasets")
+    (tmp_path / "x.xml").write_text("<a/>")
+    with pytest.raises(UserError, match="unsupported file type '.xml'"):
+        resolve_source(ds(tmp_path / "x.xml"), 0)
+
+
+def test_broken_file_is_a_user_error_naming_the_path(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(UserError, match=r"datasets\[0\]\.path: could not load .*broken\.jsonl"):
+        load_source(resolve_source(ds(path), 0))
+
+
+def test_fsspec_urls_memory_and_file(tmp_path):
+    fs = fsspec.filesystem("memory")
+    with fs.open("/bucket/data/part-0.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    with fs.open("/bucket/data/part-1.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in ROWS[2:]))
+    single = resolve_source(ds("memory://bucket/data/part-0.jsonl"), 0)
+    assert single.kind == "url" and texts(single) == ["row 0", "row 1"]
+    folder = resolve_source(ds("memory://bucket/data"), 0)
+    assert folder.files == ("memory://bucket/data/part-0.jsonl", "memory://bucket/data/part-1.jsonl")
+    assert texts(folder) == [r["text"] for r in ROWS]
+    assert len(file_fingerprint(folder)) == 2 and all('"size"' in f[1] for f in file_fingerprint(folder))
+    path = write_jsonl(tmp_path / "f.jsonl", ROWS)
+    assert texts(resolve_source(ds(f"file://{path}"), 0)) == [r["text"] for r in ROWS]
+    with pytest.raises(UserError, match=r"memory://bucket/missing.jsonl' does not exist"):
+        resolve_source(ds("memory://bucket/missing.jsonl"), 0)
+
+
+def test_unknown_url_scheme_is_a_user_error():
+    with pytest.raises(UserError, match=r"datasets\[0\]\.path: cannot open 'nosuchfs://x/y.jsonl'"):
+        resolve_source(ds("nosuchfs://x/y.jsonl"), 0)
+
+
+@pytest.fixture
+def offline_hf(monkeypatch, tmp_path):
+    """An empty, offline Hugging Face cache; returns the datasets cache folder."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf" / "datasets"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # The libraries read the variables at import time; patch their constants too (no network attempt).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def test_hub_id_from_the_local_cache_when_offline(offline_hf, tmp_path):
+    import shutil
+
+    import datasets
+
+    # Lay out the cache the way an earlier online `load_dataset("me/tiny")` leaves it.
+    builder = datasets.load_dataset_builder("json", data_files={"train": write_jsonl(tmp_path / "t.jsonl", ROWS)},
+                                            cache_dir=str(tmp_path / "build"))
+    builder.download_and_prepare()
+    target = offline_hf / "me___tiny" / "default" / "0.0.0" / "0123abcd"
+    shutil.copytree(builder.cache_dir, target)
+    for arrow in target.glob("json-train*.arrow"):
+        arrow.rename(target / arrow.name.replace("json-", "tiny-"))
+    assert texts(resolve_source(ds("me/tiny", samples=4), 0)) == [r["text"] for r in ROWS[:4]]
+
+
+def test_hub_id_not_cached_while_offline_is_a_clear_error(offline_hf):
+    source = resolve_source(ds("someone/not-cached-dataset", subset="en", split="test"), 0)
+    assert (source.kind, source.subset, source.split) == ("hub", "en", "test")
+    with pytest.raises(UserError, match=r"datasets\[0\]\.path: could not load 'someone/not-cached-dataset' "
+                                        r"\(offline: the dataset is not in the local Hugging Face cache"):
+        load_source(source)
+
+
+def test_local_fingerprint_changes_with_the_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, ROWS)
+    before = file_fingerprint(resolve_source(ds(path), 0))
+    write_jsonl(path, ROWS + ROWS)
+    assert file_fingerprint(resolve_source(ds(path), 0)) != before
