@@ -1,0 +1,100 @@
+"""`surogate plot`: redraw from a JSONL log (same image as the live plot), errors naming file and line."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from surogate.cli import main
+from surogate.errors import UserError
+from surogate.runtime.observe import EvalMetrics, StepMetrics, TrainingObserver, read_log
+from surogate.runtime.observe.jsonl import JsonlWriter
+from tests.observe.conftest import make_cfg, make_info
+
+
+def test_redraw_matches_live_plot(tmp_path, capsys):
+    log = tmp_path / "train.jsonl"
+    cfg = make_cfg(output_dir=str(tmp_path / "out"), log_file=str(log), run_name="plot-run")
+    obs = TrainingObserver(cfg, None, make_info(total_steps=30), console_file=io.StringIO(), force_terminal=False)
+    obs.on_start()
+    for s in range(1, 31):
+        obs.on_step(StepMetrics(step=s, loss=3.0 / (1 + 0.1 * s), lr=1e-4 * min(1.0, s / 10), tokens=10))
+        if s % 10 == 0:
+            obs.on_eval(EvalMetrics(step=s, loss=3.2 / (1 + 0.1 * s)))
+    obs.on_end()
+    live = imread(tmp_path / "out" / "training_loss.png")
+
+    out = tmp_path / "redrawn.png"
+    assert main(["plot", str(log), "-o", str(out)]) == 0
+    assert f"wrote {out} (30 steps, 3 evals)" in capsys.readouterr().out
+    redrawn = imread(out)
+    assert redrawn.shape == (500, 900, 4)
+    assert np.array_equal(live, redrawn)  # same series, same title: the log holds everything the plot needs
+
+    # a different curve gives a different picture (the comparison above is not vacuous)
+    other = tmp_path / "other.jsonl"
+    w = JsonlWriter(other)
+    for s in range(1, 31):
+        w.write("step", step=s, loss=1.0, lr=1e-4)
+    w.close()
+    assert main(["plot", str(other), "-o", str(tmp_path / "o2.png")]) == 0
+    assert not np.array_equal(imread(tmp_path / "o2.png")[..., :3], redrawn[..., :3])
+
+
+def test_default_output_name(tmp_path, monkeypatch):
+    log = tmp_path / "l.jsonl"
+    log.write_text(json.dumps({"type": "step", "step": 1, "loss": 2.0, "lr": 1e-4}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(log)]) == 0
+    assert (tmp_path / "training_loss.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"type": "step", "step": 1, "loss": 2.0}\n\n{"type": "step", "step": 2, "loss": 1.9\n',
+         ":3: not valid JSON"),
+        ('{"type": "step", "step": 1, "loss": 2.0}\n[1, 2]\n', ':2: expected a JSON object with a "type" field'),
+        ('{"type": "eval", "step": "x", "loss": 2.0}\n', ':1: eval record needs an integer "step" and a "loss"'),
+        ('{"type": "start", "run_name": "r"}\n', ": no step or eval records to plot"),
+    ],
+)
+def test_bad_log_names_file_and_line(tmp_path, capsys, content, message):
+    log = tmp_path / "bad.jsonl"
+    log.write_text(content)
+    assert main(["plot", str(log), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {log}{message}") and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_log_file(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope.jsonl")]) == 2
+    assert f"{tmp_path / 'nope.jsonl'}: log file not found" in capsys.readouterr().err
+
+
+def test_resumed_log_keeps_latest_record_per_step(tmp_path):
+    log = tmp_path / "l.jsonl"
+    w = JsonlWriter(log)
+    for s in range(1, 6):
+        w.write("step", step=s, loss=float(s))
+    w.close()
+    w = JsonlWriter(log)  # resumed run appends from step 4
+    for s in range(4, 7):
+        w.write("step", step=s, loss=10.0 * s)
+    w.write("step", step=7, loss=float("nan"))  # written as a string, still valid JSON
+    w.close()
+    data = read_log(log)
+    assert [(r["step"], r["loss"]) for r in data.steps] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0), (7, "nan")]
+
+
+def test_unwritable_log_file_is_user_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="log_file: cannot open"):
+        JsonlWriter(blocker / "sub" / "log.jsonl")
