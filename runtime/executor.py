@@ -1,0 +1,142 @@
+"""The arena executor: runs a Plan's op list with every tensor living at its planned arena offset.
+
+Each memory space of the plan (device, host) is one allocation made once; every tensor is a view at
+its offset, so the memory the planner reported is the memory used. Ops run through a kernel table
+keyed by op kind for the chosen backend; the `cpu` backend's kernels return fresh tensors (library
+temporaries, accounted by the plan as workspace) that are copied into (or, for accumulated outputs,
+added into) the planned views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from surogate.compiler.ir import Op, Role, Space, Tensor
+from surogate.compiler.plan import Plan
+from surogate.runtime.reference.dtypes import TORCH_DTYPES
+
+Kernel = Callable[[list, dict, Any], list]
+
+# Phases of the micro-step program and of the optimizer-step program.
+MICRO_STEP = "micro_step"
+OPTIMIZER_STEP = "optimizer_step"
+
+
+@dataclass
+class StepContext:
+    """What kernels may know beyond their inputs (the reference kernels' `ctx`)."""
+
+    graph: Any
+    step: int
+    out_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    lr_scale: float = 1.0  # schedule(step) / learning_rate; read by optimizer kernels
+    optimizer_step: int = 1  # 1-based count of applied optimizer steps (bias correction)
+    loss_weight: float = 1.0  # this micro-batch's share of the step's loss (tokens / tokens in step)
+
+    def shape_of_output(self, i: int) -> tuple[int, ...]:
+        return self.out_shapes[i]
+
+
+def split_programs(ops: list[Op]) -> dict[str, list[Op]]:
+    """Split the schedule into the micro-step program (forward/backward and their copies and
+    collectives) and the optimizer-step program (from the first optimizer op on)."""
+    first = next((i for i, op in enumerate(ops) if op.phase == "optimizer"), len(ops))
+    return {MICRO_STEP: ops[:first], OPTIMIZER_STEP: ops[first:]}
+
+
+def _view(arena: torch.Tensor, t: Tensor) -> torch.Tensor:
+    start, size = t.offset, t.nbytes
+    raw = arena[start : start + size]
+    if t.dtype in ("nf4", "fp4_e2m1"):  # packed sub-byte formats: a flat byte view
+        return raw
+    return raw.view(TORCH_DTYPES[t.dtype]).view(t.shape)
+
+
+class ArenaExecutor:
+    """Allocates the plan's arenas once and executes its programs through a kernel table."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        kernels: dict[str, Kernel],
+        *,
+        device: str | torch.device = "cpu",
+        watch: Iterable[str] = (),
+    ) -> None:
+        self.plan = plan
+        # Scalars the loop reads after a program ran (loss, grad norm). Their arena memory may be reused
+        # by later ops, so their values are captured right when they are written.
+        self.watch = set(watch)
+        self.observed: dict[str, torch.Tensor] = {}
+        self.kernels = kernels
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        self.arenas: dict[str, torch.Tensor] = {}
+        for space, nbytes in plan.arenas.items():
+            dev = self.device if space == Space.DEVICE.value else torch.device("cpu")
+            arena = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
+            if space == Space.HOST.value and pin:
+                arena = arena.pin_memory()
+            self.arenas[space] = arena
+        self.views: dict[str, torch.Tensor] = {
+            name: _view(self.arenas[t.space.value], t)
+            for name, t in plan.tensors.items()
+            if t.offset is not None and plan.lifetimes.get(name) is not None
+        }
+        self.programs = split_programs(plan.ops)
+        missing = sorted({op.kind for op in plan.ops} - set(kernels))
+        if missing:
+            raise NotImplementedError(f"backend has no kernel for op kind(s): {', '.join(missing)}")
+        self._gradients = [n for n, t in plan.tensors.items() if t.role is Role.GRADIENT and n in self.views]
+
+    # -- state ---------------------------------------------------------------------------------------
+    def tensors_of(self, roles: Iterable[Role]) -> dict[str, torch.Tensor]:
+        wanted = set(roles)
+        return {n: v for n, v in self.views.items() if self.plan.tensors[n].role in wanted}
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        """Copy `value` into the planned view of tensor `name` (shape must match)."""
+        view = self.views[name]
+        if tuple(value.shape) != tuple(view.shape):
+            raise ValueError(f"{name}: value shape {tuple(value.shape)} != planned {tuple(view.shape)}")
+        view.copy_(value)
+
+    def zero_gradients(self) -> None:
+        for name in self._gradients:
+            self.views[name].zero_()
+
+    # -- execution -----------------------------------------------------------------------------------
+    def run(self, program: str, ctx: StepContext) -> None:
+        """Execute one program (MICRO_STEP or OPTIMIZER_STEP) op by op."""
+        written: set[str] = set()
+        tensors = self.plan.tensors
+        for op in self.programs[program]:
+            kernel = self.kernels[op.kind]
+            ins = [self.views[n] for n in op.inputs]
+            ctx.out_shapes = [tensors[o].shape for o in op.outputs]
+            outs = kernel(ins, op.attrs, ctx)
+            acc = op.attrs.get("accumulate_into", ())
+            for name, value in zip(op.outputs, outs, strict=True):
+                if value is None:
+                    continue
+                view = self.views[name]
+                if value.data_ptr() == view.data_ptr() and value.shape == view.shape:
+                    written.add(name)  # the kernel wrote in place
+                    self._observe(name, view)
+                    continue
+                # Gradients accumulate across micro-steps (zeroed once per step); other accumulated
+                # outputs (an activation gradient fed by several consumers) start fresh each micro-step.
+                if name in acc and (tensors[name].role is Role.GRADIENT or name in written):
+                    view.add_(value.reshape(view.shape).to(view.dtype))
+                else:
+                    view.copy_(value.reshape(view.shape))
+                written.add(name)
+                self._observe(name, view)
+
+    def _observe(self, name: str, view: torch.Tensor) -> None:
+        if name in self.watch:
+            self.observed[name] = view.detach().clone()
