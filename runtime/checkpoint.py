@@ -14,13 +14,14 @@ rotates. A crash at any moment leaves either the previous state or the new one: 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def write_atomic_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def owned_host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Host tensors that each own their storage, as safetensors requires.
 
     Device tensors are copied to the host anyway; host views into a larger buffer (arena views), tied
@@ -115,6 +116,42 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished, fsynced temp folder into place; an existing `final` is replaced (moved aside, then removed)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside `final`; on success fsync its files and rename it to `final`.
+
+    On any exception the temp folder is removed and `final` (if it existed) is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        _fsync_dir(tmp)
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -150,7 +187,7 @@ class CheckpointManager:
         bad = [n for n in tensors if n.startswith(rng_mod.TENSOR_PREFIX)]
         if bad:
             raise ValueError(f"tensor names starting with {rng_mod.TENSOR_PREFIX!r} are reserved: {bad}")
-        all_tensors = _unshare(tensors)
+        all_tensors = owned_host_tensors(tensors)
         full_state = {"step": int(step), "state": state}
         if capture_rng:
             meta, rng_tensors = rng_mod.capture().to_parts()
@@ -189,15 +226,7 @@ class CheckpointManager:
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename the finished temp folder into place (a re-save of the same step replaces the old one)."""
-        old = None
-        if final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(self.dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)
 
     def _rotate(self, keep: Path) -> None:
         """Delete the oldest complete checkpoints beyond `save_total_limit` (never `keep`)."""
