@@ -6,7 +6,10 @@ import math
 from typing import IO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
+from rich.live import Live
+from rich.text import Text
+
+BAR_WIDTH = 40
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -48,7 +51,8 @@ def step_line(f: dict) -> str:
 class ConsoleReporter:
     """Prints the start summary, per-step progress, warnings/events and the end summary.
 
-    On a terminal a `rich` progress bar carries the step line and messages scroll above it. Otherwise
+    On a terminal a live `rich` display (progress bar over the step line, which wraps on narrow
+    terminals) stays at the bottom and messages scroll above it. Otherwise
     (`force_terminal=False`, or output redirected) plain lines are printed: the first step, every
     `plain_every` steps (default: about 100 lines per run), the last step, and every message.
     """
@@ -65,13 +69,12 @@ class ConsoleReporter:
         self.total_steps = max(int(total_steps), 1)
         self.live = self.console.is_terminal
         self.plain_every = plain_every or max(1, self.total_steps // 100)
-        self._progress: Progress | None = None
-        self._task = None
+        self._live: Live | None = None
         self._printed_first = False
 
     def _print(self, text: str, style: str | None = None) -> None:
-        target = self._progress.console if self._progress is not None else self.console
-        target.print(text, style=style, markup=False, soft_wrap=True)
+        target = self._live.console if self._live is not None else self.console
+        target.print(Text(text, style=style or ""), soft_wrap=True)
 
     def lines(self, lines: list[str], style: str | None = None) -> None:
         for ln in lines:
@@ -85,13 +88,15 @@ class ConsoleReporter:
     def step(self, fields: dict) -> None:
         line = step_line(fields)
         if self.live:
-            if self._progress is None:
-                self._progress = Progress(
-                    BarColumn(bar_width=24), TextColumn("{task.description}"), console=self.console, transient=True
-                )
-                self._progress.start()
-                self._task = self._progress.add_task(line, total=self.total_steps)
-            self._progress.update(self._task, completed=fields["step"], description=line)
+            frac = min(max(fields["step"] / self.total_steps, 0.0), 1.0)
+            filled = int(round(frac * BAR_WIDTH))
+            view = Text.assemble(("━" * filled, "magenta"), ("━" * (BAR_WIDTH - filled), "grey37"),
+                                 f" {frac * 100:3.0f}%\n", line)
+            if self._live is None:
+                self._live = Live(view, console=self.console, transient=True, refresh_per_second=4)
+                self._live.start()
+            else:
+                self._live.update(view)
             return
         step = fields["step"]
         if not self._printed_first or step % self.plain_every == 0 or step >= self.total_steps:
@@ -99,6 +104,6 @@ class ConsoleReporter:
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

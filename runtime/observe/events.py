@@ -95,16 +95,6 @@ class Decisions:
     stop_reason: str | None = None
     save_checkpoint: bool = False
 
-    def merge(self, other: Decisions) -> Decisions:
-        """Combine two decisions: any stop/skip wins, the first stop reason is kept."""
-        return Decisions(
-            lr_scale=min(self.lr_scale, other.lr_scale),
-            skip_step=self.skip_step or other.skip_step,
-            stop=self.stop or other.stop,
-            stop_reason=self.stop_reason or other.stop_reason,
-            save_checkpoint=self.save_checkpoint or other.save_checkpoint,
-        )
-
 
 @dataclass(frozen=True)
 class EndSummary:

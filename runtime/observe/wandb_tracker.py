@@ -44,7 +44,6 @@ class WandbTracker(Tracker):
             config=config,
             dir=output_dir,
             mode=self.mode,
-            reinit="create_new",
         )
         self.location = getattr(self.run, "dir", None)
         if self.location:
