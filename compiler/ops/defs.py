@@ -75,9 +75,14 @@ register(OpDef("moe_experts", ("x", "weights", "indices", "gate_up", "down"), ("
                ("num_experts", "top_k"), _same(), V.moe_experts, (0, 1, 3, 4),
                doc="sum_k weights[k] * down_e(silu(gate_e x) * up_e x) over each token's top-k experts"))
 register(OpDef("dequant", ("q", "scale", "scale2?"), ("out",), ("format", "block_size", "shape", "double_quant"),
-               None, None, (), cheap_recompute=True, doc="dequantize a QLoRA weight into a bf16 buffer"))
-register(OpDef("quantize_fp8", ("x", "amax_history"), ("out", "scale"), ("format", "history"), None, None, (),
-               cheap_recompute=False, doc="delayed-scaling FP8 quantization (fp8_hybrid recipe)"))
+               None, None, (), cheap_recompute=True,
+               doc="dequantize a stored (QLoRA) weight into a model-dtype buffer; redone in backward, never kept"))
+register(OpDef("quantize", ("x", "amax_history?"), ("q", "scale", "scale2?"), ("format", "update_history"),
+               None, None, (), doc="quantize a matmul input (fp8 delayed scaling from the amax history, updated in "
+               "place unless update_history is False; fp4 block scaling)"))
+register(OpDef("qlinear", ("x", "weight", "x_q", "x_scale", "w_q", "w_scale", "bias?"), ("out",), ("format",),
+               lambda s, a: _linear_shape([s[0], s[1]], a), V.qlinear, (0, 1, 6),
+               doc="linear computed from quantized x and weight (fp8_hybrid / nvfp4 recipes); backward saves x_q only"))
 
 # Backward kinds. `accumulate_into` (op attr) lists outputs added into rather than overwritten.
 for kind, ins, outs in (
@@ -90,6 +95,8 @@ for kind, ins, outs in (
     ("attention_bwd", ("dout", "q", "k", "v", "out", "lse", "cu_seqlens"), ("dq", "dk", "dv", "workspace")),
     ("swiglu_bwd", ("dout", "gate", "up"), ("dgate?", "dup?")),
     ("dropout_bwd", ("dout",), ("dx",)),
+    ("qlinear_bwd_data", ("dout", "w_q", "w_scale"), ("dx",)),
+    ("qlinear_bwd_weight", ("dout", "x_q", "x_scale"), ("dweight", "dbias?")),
     ("lm_head_ce_bwd", ("x", "weight", "labels", "lse"), ("dx?", "dweight?", "logits_ws")),
     ("moe_router_bwd", ("dweights", "x", "weight", "logits", "indices"), ("dx?", "dweight?")),
     ("moe_experts_bwd", ("dout", "x", "weights", "indices", "gate_up", "down"),

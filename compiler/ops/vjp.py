@@ -56,6 +56,19 @@ def linear(ctx: Any) -> None:
                  {"scale": scale, "has_bias": 2 in wrt}, acc)
 
 
+def qlinear(ctx: Any) -> None:
+    """Like `linear`, but backward reads the quantized copies (fp8 x_q is what stays saved)."""
+    _, _, xq, xs, wq, ws = ctx.op.inputs[:6]
+    fmt = ctx.op.attrs.get("format")
+    _, outs, acc = _grads(ctx, (0,))
+    if outs:
+        ctx.emit("qlinear_bwd_data", [ctx.dout(0), ctx.saved(wq), ctx.saved(ws)], outs, {"format": fmt}, acc)
+    wrt, outs, acc = _grads(ctx, (1, 6) if len(ctx.op.inputs) > 6 else (1,))
+    if outs:
+        ctx.emit("qlinear_bwd_weight", [ctx.dout(0), ctx.saved(xq), ctx.saved(xs)], outs,
+                 {"format": fmt, "has_bias": 6 in wrt}, acc)
+
+
 def rope(ctx: Any) -> None:
     _, outs, acc = _grads(ctx, (0,))
     if outs:

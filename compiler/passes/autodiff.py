@@ -65,7 +65,7 @@ class _Autodiff:
         self.grads: dict[str, str] = {self.loss: SEED}
         self.alias_groups: dict[str, set[str]] = {}  # gradient tensor -> tensors whose gradient it is
         self.saved: set[str] = set()
-        self.redone: dict[str, str] = {}
+        self.redone: dict[tuple[str, int | None], dict[str, str]] = {}
         self.counter = itertools.count()
         self.pos_now = 0
         self.grad_dtype = graph.meta.get("grad_dtype")
@@ -146,26 +146,31 @@ class VJPContext:
     def saved(self, t: str) -> str:
         """Name to read forward tensor `t` from backward; cheap ops (dequant) are redone instead of kept."""
         prod = self.g.producers(t)
-        if prod and self.g.op(prod[0]).phase == "forward" and opdef(self.g.op(prod[0]).kind).cheap_recompute:
-            return self._redo(self.g.op(prod[0]), t)
+        fop = self.g.op(prod[0]) if prod else None
+        if fop is not None and fop.phase == "forward" and (opdef(fop.kind).cheap_recompute
+                                                            or fop.attrs.get("cheap_recompute")):
+            return self._redo(fop, t)
         self.ad.saved.add(t)
         return t
 
     def _redo(self, fop: Op, t: str) -> str:
-        key = f"{t}@bwd{self.op.layer}"
-        if key in self.ad.redone:
-            return self.ad.redone[key]
-        outs = []
-        for o in fop.outputs:
-            src = self.g.tensors[o]
-            name = f"{o}@bwd.{next(self.ad.counter)}"
-            self.g.add_tensor(Tensor(name, src.shape, src.dtype, src.role, src.space, src.layer, attrs=dict(src.attrs)))
-            outs.append(name)
-        ins = [self.saved(x) for x in fop.inputs]
-        self.g.add_op(Op(f"{fop.name}.bwd_redo.{next(self.ad.counter)}", fop.kind, ins, outs, dict(fop.attrs),
-                         "backward", fop.layer))
-        self.ad.redone[key] = outs[fop.outputs.index(t)]
-        return self.ad.redone[key]
+        """Re-emit cheap producer `fop` in backward (once per layer's backward) and return its copy of `t`."""
+        key = (fop.name, self.op.layer)
+        if key not in self.ad.redone:
+            names = {}
+            for o in fop.outputs:
+                src = self.g.tensors[o]
+                names[o] = f"{o}@bwd.{next(self.ad.counter)}"
+                self.g.add_tensor(Tensor(names[o], src.shape, src.dtype, src.role, src.space, src.layer,
+                                         attrs=dict(src.attrs)))
+            ins = [self.saved(x) for x in fop.inputs]
+            attrs = {**fop.attrs, "redo": True}
+            if "update_history" in attrs:
+                attrs["update_history"] = False  # a redo never advances amax histories
+            self.g.add_op(Op(f"{fop.name}.bwd_redo.{next(self.ad.counter)}", fop.kind, ins, list(names.values()),
+                             attrs, "backward", fop.layer))
+            self.ad.redone[key] = names
+        return self.ad.redone[key][t]
 
     def temp(self, tag: str, shape: tuple[int, ...], dtype: str) -> str:
         name = f"{self.op.name}.{tag}.bwd{next(self.ad.counter)}"

@@ -1,12 +1,184 @@
-"""Pass `annotate_precision` (minimal until the full recipe pass lands): records gradient dtypes."""
+"""Pass `annotate_precision`: dtypes and quantization from `torch_dtype`, `recipe`, `gradient_dtype`,
+`master_dtype`, `lora_dtype` and the QLoRA options.
+
+- Activations and base weights are in the model dtype (set by the builder from `torch_dtype`);
+  activation gradients in `gradient_dtype` (default: the model dtype), recorded as `meta["grad_dtype"]`
+  for autodiff; weight gradients in their weight's dtype (LoRA: `lora_dtype`).
+- `master_dtype` different from a trainable weight's dtype adds a `MASTER_WEIGHT` copy (`attrs["master_of"]`).
+- QLoRA (`qlora_bnb` NF4 / `qlora_fp8` / `qlora_fp4`): each frozen decoder projection `W` becomes
+  `W.q` (`QUANT_WEIGHT`, loaded from `W`'s checkpoint name) + scale tensors (`QUANT_SCALE`), and a
+  `dequant` op writes `W.deq` (`DEQUANT_BUFFER`) just before the op that reads it; autodiff re-emits
+  the dequant in backward instead of keeping the buffer. Embedding, lm_head, norms and the MoE router
+  stay in the model dtype; `skip_quant_first_layers` / `skip_quant_last_layers` keep whole layers.
+- Recipes `fp8_hybrid` / `nvfp4` / `nvfp4_quartet`: each decoder projection becomes a `qlinear` fed by
+  `quantize` ops on its input and weight (fp8 e4m3 with a `fp8_amax_history`-long amax history per
+  input, or fp4 e2m1 with block scales); backward saves only the quantized input. LoRA adapters and
+  the LM head stay unquantized.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from surogate.compiler.ir import Graph
+from surogate.compiler.ir import Graph, GraphError, Op, Role, Tensor
+from surogate.compiler.ops.quant import data_dtype, scale_tensors
+from surogate.errors import UserError
+
+RECIPES = {"bf16": None, "fp8_hybrid": "fp8_tensor", "nvfp4": "fp4_block", "nvfp4_quartet": "fp4_block"}
+_DT = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2",
+       "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def annotate_precision(graph: Graph, cfg: Any) -> Graph:
-    graph.meta.setdefault("grad_dtype", None)
+    """Apply the precision recipe and QLoRA storage to `graph` (before autodiff)."""
+    if graph.meta.get("backward"):
+        raise GraphError("annotate_precision must run before emit_backward")
+    recipe = getattr(cfg, "recipe", "bf16") or "bf16"
+    if recipe not in RECIPES:
+        raise UserError(f"recipe: unknown recipe {recipe!r} (expected one of {', '.join(RECIPES)})")
+    model_dtype = graph.meta["model_dtype"]
+    grad = getattr(cfg, "gradient_dtype", None)
+    if grad is not None and grad not in _DT:
+        raise UserError(f"gradient_dtype: unknown dtype {grad!r}")
+    graph.meta["grad_dtype"] = _DT[grad] if grad else model_dtype
+    graph.meta["recipe"] = recipe
+    layers = graph.meta["num_layers"]
+    skip = _skipped_layers(cfg, layers)
+    qfmt = _qlora_format(cfg)
+    if qfmt:
+        _quantize_weights(graph, cfg, qfmt, skip)
+    if RECIPES[recipe]:
+        _quantize_matmuls(graph, cfg, RECIPES[recipe], skip)
+    _master_weights(graph, cfg)
     return graph
+
+
+def _skipped_layers(cfg: Any, layers: int) -> set[int]:
+    first = int(getattr(cfg, "skip_quant_first_layers", 0) or 0)
+    last = int(getattr(cfg, "skip_quant_last_layers", 0) or 0)
+    for name, v in (("skip_quant_first_layers", first), ("skip_quant_last_layers", last)):
+        if v < 0:
+            raise UserError(f"{name}: must be >= 0, got {v}")
+    return set(range(min(first, layers))) | set(range(max(0, layers - last), layers))
+
+
+def _qlora_format(cfg: Any) -> str | None:
+    on = [n for n in ("qlora_bnb", "qlora_fp8", "qlora_fp4") if getattr(cfg, n, False)]
+    if len(on) > 1:
+        raise UserError(f"{on[1]}: only one QLoRA mode can be enabled (also set: {on[0]})")
+    if not on:
+        return None
+    if not getattr(cfg, "lora", True):
+        raise UserError(f"{on[0]}: QLoRA quantizes the frozen base weights and needs lora: true")
+    return {"qlora_bnb": "nf4", "qlora_fp8": "fp8_block", "qlora_fp4": "fp4"}[on[0]]
+
+
+def _eligible(t: Tensor, skip: set[int]) -> bool:
+    """Decoder-layer projection / expert weights (never embedding, lm_head, norms, biases, router)."""
+    return (t.layer is not None and t.layer not in skip and len(t.shape) >= 2
+            and t.attrs.get("module") != "router" and "lora" not in t.attrs)
+
+
+def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
+    block = int(getattr(cfg, "qlora_bnb_block_size" if fmt == "nf4" else "qlora_block_size", 64 if fmt == "nf4" else 128))
+    dq = bool(getattr(cfg, "qlora_bnb_double_quant", True)) and fmt == "nf4"
+    model_dtype = graph.meta["model_dtype"]
+    before: dict[str, list[Op]] = {}
+    for op in list(graph.ops()):
+        for i, w in enumerate(op.inputs):
+            t = graph.tensors.get(w)
+            if t is None or t.role != Role.FROZEN_WEIGHT or not _eligible(t, skip):
+                continue
+            scales = scale_tensors(fmt, t.shape, block, dq)
+            q = Tensor(f"{w}.q", t.shape, data_dtype(fmt), Role.QUANT_WEIGHT, t.space, t.layer, source=t.source,
+                       attrs={**t.attrs, "format": fmt, "block_size": block, "double_quant": dq, "quant_of": w,
+                              "scales": [f"{w}.{s}" for s, _, _ in scales]})
+            graph.add_tensor(q)
+            for suffix, shape, dtype in scales:
+                graph.add_tensor(Tensor(f"{w}.{suffix}", shape, dtype, Role.QUANT_SCALE, t.space, t.layer,
+                                        attrs={"scale": True, "quant_of": w, "format": fmt}))
+            deq = graph.add_tensor(Tensor(f"{w}.deq", t.shape, model_dtype, Role.DEQUANT_BUFFER, layer=t.layer,
+                                          attrs={"dequant_of": w}))
+            before.setdefault(op.name, []).append(
+                Op(f"{w}.dequant", "dequant", [q.name, *q.attrs["scales"]], [deq.name],
+                   {"format": fmt, "block_size": block, "shape": t.shape, "double_quant": dq}, "forward", t.layer))
+            op.inputs[i] = deq.name
+            graph.remove_tensor(w)
+    _insert_before(graph, before)
+    graph.meta["qlora"] = {"format": fmt, "block_size": block, "double_quant": dq}
+
+
+def _quantize_matmuls(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
+    hist_len = int(getattr(cfg, "fp8_amax_history", 16) or 16)
+    before: dict[str, list[Op]] = {}
+    done: dict[str, list[str]] = {}
+    for op in list(graph.ops()):
+        if op.kind != "linear" or "module" not in op.attrs or op.layer is None or op.layer in skip:
+            continue
+        x, w = op.inputs[0], op.inputs[1]
+        quants = []
+        for src, tag in ((x, "x"), (w, "w")):
+            if src not in done:  # q, k, v (and gate, up) share one quantized copy of their input
+                done[src] = _quantize_op(graph, op, src, tag, fmt, hist_len, before)
+            quants.append(done[src])
+        (xq, *xs), (wq, *ws) = quants
+        bias = op.inputs[2:]
+        op.kind = "qlinear"
+        op.inputs[:] = [x, w, xq, xs[0], wq, ws[0], *bias]
+        op.attrs["format"] = fmt
+    _insert_before(graph, before)
+    graph.meta["matmul_quant"] = {"format": fmt, "amax_history": hist_len if fmt == "fp8_tensor" else None}
+
+
+def _quantize_op(graph: Graph, op: Op, src: str, tag: str, fmt: str, hist_len: int,
+                 before: dict[str, list[Op]]) -> list[str]:
+    """Add a `quantize` op for `src` ahead of `op`; returns [q, scale, ...]."""
+    st = graph.tensors[src]
+    name = f"{op.name}.{tag}"
+    ins = [src]
+    if fmt == "fp8_tensor":
+        hist = graph.add_tensor(Tensor(f"{name}.amax_history", (hist_len,), "fp32", Role.QUANT_SCALE, layer=op.layer,
+                                       attrs={"amax_history": True, "scale": True}))
+        ins.append(hist.name)
+    outs = [graph.add_tensor(Tensor(f"{name}_q", st.shape, data_dtype(fmt), Role.ACTIVATION, layer=op.layer,
+                                    attrs={"quant_of": src})).name]
+    for suffix, shape, dtype in scale_tensors(fmt, st.shape, 16):
+        outs.append(graph.add_tensor(Tensor(f"{name}_{suffix}", shape, dtype, Role.ACTIVATION, layer=op.layer,
+                                            attrs={"scale": True, "quant_of": src})).name)
+    attrs = {"format": fmt, "update_history": fmt == "fp8_tensor", "cheap_recompute": tag == "w"}
+    before.setdefault(op.name, []).append(Op(f"{name}.quantize", "quantize", ins, outs, attrs, "forward", op.layer))
+    return outs
+
+
+def _insert_before(graph: Graph, before: dict[str, list[Op]]) -> None:
+    """Add `before[name]` ops right ahead of op `name` (one reorder, then one rewire: linear time)."""
+    if not before:
+        return
+    for ops in before.values():
+        for new in ops:
+            graph.add_op(new)
+    added = {o.name for ops in before.values() for o in ops}
+    order = []
+    for name in graph.order:
+        if name in added:
+            continue
+        order.extend(o.name for o in before.get(name, ()))
+        order.append(name)
+    graph.order = order
+    graph.rewire()
+
+
+def _master_weights(graph: Graph, cfg: Any) -> None:
+    raw = getattr(cfg, "master_dtype", None)
+    if raw is None:
+        return
+    if raw not in _DT:
+        raise UserError(f"master_dtype: unknown dtype {raw!r}")
+    master = _DT[raw]
+    made = {}
+    for t in [t for t in graph.tensors.values() if t.role == Role.TRAINABLE_WEIGHT and t.dtype != master]:
+        m = graph.add_tensor(Tensor(f"{t.name}.master", t.shape, master, Role.MASTER_WEIGHT, t.space, t.layer,
+                                    attrs={"master_of": t.name}))
+        made[t.name] = m.name
+    graph.meta["master_dtype"] = master
+    graph.meta["master_weights"] = made

@@ -21,6 +21,7 @@ from surogate.runtime.reference.kernels_fwd import KERNELS as FWD
 from surogate.runtime.reference.kernels_moe import KERNELS as MOE
 from surogate.runtime.reference.kernels_quant import KERNELS as QUANT
 
+_PACKED = {"nf4", "fp4_e2m1"}
 Kernel = Callable[[list, dict, Any], list]
 KERNELS: dict[str, Kernel] = {**FWD, **BWD, **MOE, **QUANT}
 
@@ -72,7 +73,9 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
         for name, val in zip(op.outputs, outs, strict=True):
             if val is None:
                 continue
-            val = val.to(TORCH_DTYPES[graph.tensors[name].dtype])
+            dtype = graph.tensors[name].dtype
+            if dtype not in _PACKED:  # sub-byte codes stay unpacked uint8 in the reference backend
+                val = val.to(TORCH_DTYPES[dtype])
             if name in acc and name in values:
                 values[name] = values[name] + val
             else:

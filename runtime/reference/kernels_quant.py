@@ -1,5 +1,61 @@
-"""Quantization kernels of the CPU reference backend (QLoRA dequant, FP8 quantize)."""
+"""Quantization kernels of the CPU reference backend: QLoRA dequant, matmul-input quantize, qlinear."""
 
 from __future__ import annotations
 
-KERNELS: dict = {}
+from typing import Any
+
+import torch
+
+from surogate.runtime.reference.quant import FP8_MAX, dequantize, quantize
+
+Tensors = list[torch.Tensor | None]
+
+
+def dequant(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    return [dequantize(a["format"], list(x), tuple(a["shape"]), a["block_size"], a.get("double_quant", False))]
+
+
+def quantize_kernel(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """fp8: delayed scaling from max(amax history, current amax); the history is advanced in place."""
+    src = x[0]
+    if a["format"] != "fp8_tensor":
+        return quantize(a["format"], src, 16)
+    hist = x[1]
+    amax = src.abs().amax().float()
+    scale = torch.maximum(hist.max(), amax).clamp(min=1e-12) / FP8_MAX
+    if a.get("update_history", True):
+        hist.copy_(torch.cat([amax[None], hist[:-1]]))
+    return [(src.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.reshape(1)]
+
+
+def _deq(q: torch.Tensor, s: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:
+    return dequantize(fmt, [q, s], tuple(shape), 16)
+
+
+def qlinear(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    inp, w, xq, xs, wq, ws = x[:6]
+    y = _deq(xq, xs, a["format"], inp.shape) @ _deq(wq, ws, a["format"], w.shape).t()
+    if len(x) > 6 and x[6] is not None:
+        y = y + x[6].float()
+    return [y]
+
+
+def qlinear_bwd_data(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, wq, ws = x
+    out_f = dy.shape[-1]
+    w = _deq(wq, ws, a["format"], torch.Size((out_f, wq.numel() // out_f)))
+    return [dy.float() @ w]
+
+
+def qlinear_bwd_weight(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dy, xq, xs = x
+    xr = _deq(xq, xs, a["format"], xq.shape).reshape(-1, xq.shape[-1])
+    dyr = dy.reshape(-1, dy.shape[-1]).float()
+    outs: Tensors = [dyr.t() @ xr]
+    if a.get("has_bias"):
+        outs.append(dyr.sum(0))
+    return outs
+
+
+KERNELS = {"dequant": dequant, "quantize": quantize_kernel, "qlinear": qlinear,
+           "qlinear_bwd_data": qlinear_bwd_data, "qlinear_bwd_weight": qlinear_bwd_weight}

@@ -16,6 +16,7 @@ import torch
 from surogate.compiler.ir import Graph, Role
 from surogate.errors import UserError
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
+from surogate.runtime.reference.quant import quantize
 
 
 class _Checkpoint:
@@ -47,6 +48,12 @@ def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0) -> 
     out: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(lora_seed)
     for name, t in graph.tensors.items():
+        if t.attrs.get("amax_history"):
+            out[name] = torch.zeros(t.shape, dtype=torch.float32)  # fp8 delayed scaling starts with no history
+            continue
+        if t.role == Role.QUANT_WEIGHT and t.source is not None:
+            out.update(_load_quantized(ckpt, t))
+            continue
         if t.role not in (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT) or t.source is None:
             continue
         dtype = TORCH_DTYPES[t.dtype]
@@ -62,6 +69,14 @@ def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0) -> 
             raise UserError(f"model: weight {t.source!r} has shape {tuple(val.shape)}, expected {t.shape}")
         out[name] = val.to(dtype)
     return out
+
+
+def _load_quantized(ckpt: _Checkpoint, t) -> dict[str, torch.Tensor]:
+    """Quantize a base weight at load time (QLoRA): codes into `t.name`, scales into `t.attrs["scales"]`."""
+    if not ckpt.has(t.source):
+        raise UserError(f"model: weight {t.source!r} not found in {ckpt.dir}")
+    parts = quantize(t.attrs["format"], ckpt.get(t.source).float(), t.attrs["block_size"], t.attrs["double_quant"])
+    return dict(zip([t.name, *t.attrs["scales"]], parts, strict=True))
 
 
 def _lora_init(shape: tuple[int, ...], init: str, gen: torch.Generator) -> torch.Tensor:
