@@ -137,8 +137,8 @@ def resolve_spec(ds_cfg: Any, index: int, columns: list[str], head: list[dict],
         kind = _detect(columns, kw, notes)
     if kind == "conversation":
         first = _first_message(head, kw["messages_field"])
-        if first is not None and props["role"] not in first and "from" in first and "value" in first \
-                and mappings.get("role") is None:
+        if first is not None and props["role"] == "role" and "role" not in first and "from" in first \
+                and "value" in first:  # default mapping on ShareGPT data: use its keys (and say so)
             props.update(role="from", content="value")
             notes.append("ShareGPT message keys (role=from, content=value)")
     spec = DatasetSpec(index=index, name=name, type=kind, property_map=props, role_map=roles, section=section, **kw)

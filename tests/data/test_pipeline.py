@@ -1,0 +1,185 @@
+"""prepare_datasets end to end: mixed datasets, splits, seeds, cache reuse, workers, bad rows (pipeline.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import conv, make_cfg, write_jsonl
+
+from surogate.errors import UserError
+from surogate.runtime.data import DataError, data_options, load_tokenizer, prepare_datasets
+from surogate.runtime.data.encode import Encoder
+
+CONVS = [conv(f"hello world {i}", f"how are you today {i}") for i in range(12)]
+
+
+def all_tokens(split):
+    return np.asarray(split.tokens).tolist()
+
+
+def decoded_docs(tok, split):
+    return [tok.decode(split.tokens[a:b]) for a, b in zip(split.doc_offsets[:-1], split.doc_offsets[1:], strict=True)]
+
+
+@pytest.fixture
+def conv_file(tmp_path):
+    return write_jsonl(tmp_path / "conv.jsonl", CONVS)
+
+
+def prepare(cfg, **kw):
+    return prepare_datasets(cfg, load_tokenizer(cfg), **kw)
+
+
+def test_mixed_datasets_of_every_type(tmp_path, model_dir):
+    sharegpt = write_jsonl(tmp_path / "sg.jsonl", [
+        {"conversations": [{"from": "human", "value": "tell me a joke"}, {"from": "gpt", "value": "cats"}]}] * 3)
+    (tmp_path / "inst.csv").write_text("q,a\nwhat is the capital,paris\none two,three\n")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox\n\nthe lazy dog\n")
+    cfg = make_cfg(tmp_path, model_dir(), [
+        {"path": sharegpt, "type": "auto"},
+        {"path": str(tmp_path / "inst.csv"), "type": "instruction", "instruction_field": "q", "output_field": "a"},
+        {"path": str(tmp_path / "corpus.txt"), "type": "text"}])
+    data = prepare(cfg)
+    tok = load_tokenizer(cfg)
+    docs = decoded_docs(tok, data.train)
+    assert sum("tell me a joke" in d for d in docs) == 3
+    assert any(d.endswith("paris<|im_end|>\n") for d in docs)
+    assert "the quick brown fox</s>" in docs and "the lazy dog</s>" in docs
+    stats = data.stats
+    assert stats.train.rows_in == 3 + 2 + 3 and stats.train.docs == 7
+    assert stats.counts["skipped_empty_text"] == 1  # the blank line of corpus.txt
+    assert any("type conversation" in d and "ShareGPT" in d for d in stats.detected)
+    assert data.eval is None and stats.template == "tokenizer"
+    assert 0 < stats.train.efficiency <= 1
+
+
+def test_validation_split_ratio_is_seeded(tmp_path, model_dir, conv_file):
+    model = model_dir()
+    splits = {}
+    for seed in (1, 1, 2):
+        cfg = make_cfg(tmp_path, model, [{"path": conv_file, "type": "conversation"}],
+                       validation_split_ratio=0.25, eval_seed=seed)
+        data = prepare(cfg, use_cache=False)
+        assert data.stats.train.rows_in == 9 and data.stats.eval.rows_in == 3
+        splits.setdefault(seed, []).append(all_tokens(data.eval))
+    assert splits[1][0] == splits[1][1] and splits[1][0] != splits[2][0]
+
+
+def test_validation_datasets_replace_the_ratio(tmp_path, model_dir, conv_file):
+    val = write_jsonl(tmp_path / "val.jsonl", [conv("what is the capital", "paris")])
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}],
+                   validation_datasets=[{"path": val, "type": "conversation"}], validation_split_ratio=0.5)
+    data = prepare(cfg)
+    assert data.stats.train.rows_in == 12 and data.stats.eval.rows_in == 1
+    assert "paris" in load_tokenizer(cfg).decode(data.eval.tokens)
+
+
+def test_second_run_reuses_the_cache_without_tokenizing(tmp_path, model_dir, conv_file, monkeypatch):
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}])
+    first = prepare(cfg)
+    assert not first.stats.from_cache and first.stats.rows_tokenized == 12
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(Encoder, "encode_rows", no_tokenizing)
+    again = prepare(make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}], train_seed=99))
+    assert again.stats.from_cache and again.stats.rows_tokenized == 0
+    assert all_tokens(again.train) == all_tokens(first.train)
+    assert again.stats.cache_dir == first.stats.cache_dir and again.stats.cache_dir.startswith(str(tmp_path / "out"))
+    with pytest.raises(AssertionError, match="tokenized again"):  # an option that changes tokens: new key
+        prepare(make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}], loss_scale="all"))
+    write_jsonl(tmp_path / "conv.jsonl", CONVS[:5])  # the data changed: new key
+    with pytest.raises(AssertionError, match="tokenized again"):
+        prepare(cfg)
+
+
+def test_cache_under_worker_output_dir_per_node(tmp_path, model_dir, conv_file):
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}],
+                   distributed={"worker_output_dir": str(tmp_path / "shared")})
+    data = prepare(cfg, rank=1)
+    assert data.stats.cache_dir.startswith(str(tmp_path / "shared" / "node-1" / "tokenized"))
+    assert not list((tmp_path / "shared" / "node-1" / "tokenized").glob(".*tmp*"))  # no leftovers
+
+
+def test_worker_processes_give_the_same_result(tmp_path, model_dir, conv_file):
+    model = model_dir()
+    serial = prepare(make_cfg(tmp_path, model, [{"path": conv_file, "type": "conversation"}]), use_cache=False)
+    parallel = prepare(make_cfg(tmp_path, model, [{"path": conv_file, "type": "conversation"}],
+                                dataloader_num_workers=2), use_cache=False, chunk_size=3)
+    assert all_tokens(parallel.train) == all_tokens(serial.train)
+    assert np.array_equal(parallel.train.loss_mask, serial.train.loss_mask)
+    assert parallel.stats.num_workers == 2
+
+
+def test_bad_row_in_a_worker_surfaces_as_the_same_clear_error(tmp_path, model_dir):
+    rows = list(CONVS)
+    rows[7] = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": path, "type": "conversation"}], dataloader_num_workers=2)
+    with pytest.raises(DataError) as info:
+        prepare(cfg, chunk_size=3)
+    assert info.value.row == 7 and info.value.field == "messages[1].role"
+    assert "bad.jsonl" in str(info.value) and "unknown role 'robot'" in str(info.value)
+
+
+def test_skipping_bad_rows_counts_and_reports_them(tmp_path, model_dir):
+    rows = list(CONVS)
+    rows[2] = {"messages": []}
+    rows[5] = {"messages": [{"role": "user", "content": "no answer"}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    data = prepare(make_cfg(tmp_path, model_dir(), [{"path": path, "type": "conversation"}]), on_bad_row="skip")
+    assert data.stats.train.docs == 10
+    assert data.stats.counts["skipped_empty_conversation"] == 1
+    assert data.stats.counts["skipped_no_trainable_tokens"] == 1
+    assert any("row 2" in s for s in data.stats.skipped_examples)
+
+
+@pytest.mark.parametrize("strategy, docs, key", [("delete", 0, "deleted_too_long"), ("left", 2, "truncated_left"),
+                                                 ("right", 2, "truncated_right"), ("split", None, "split_docs")])
+def test_truncation_strategies_through_the_pipeline(tmp_path, model_dir, strategy, docs, key):
+    long = conv("hello world", "how are you today " * 10)  # the answer survives either cut
+    path = write_jsonl(tmp_path / "long.jsonl", [long, long, conv("hi", "yo")])
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": path, "type": "conversation"}], truncation_strategy=strategy,
+                   max_length=32)
+    data = prepare(cfg)
+    assert data.stats.counts[key] == 2
+    assert int(data.train.doc_lengths().max()) <= 32
+    if docs is not None:
+        assert data.stats.train.docs == docs + 1
+    else:
+        assert data.stats.train.docs == data.stats.counts["split_chunks"] + 1 - \
+            data.stats.counts.get("dropped_no_trainable_after_truncation", 0)
+
+
+def test_every_row_deleted_is_an_error(tmp_path, model_dir):
+    path = write_jsonl(tmp_path / "long.jsonl", [conv("hello world " * 20, "how are you " * 20)])
+    with pytest.raises(UserError, match="no training documents left"):
+        prepare(make_cfg(tmp_path, model_dir(), [{"path": path, "type": "conversation"}], max_length=16))
+
+
+def test_packing_modes(tmp_path, model_dir, conv_file):
+    model = model_dir()
+    ds = [{"path": conv_file, "type": "conversation"}]
+    packed = prepare(make_cfg(tmp_path, model, ds), use_cache=False)
+    unpacked = prepare(make_cfg(tmp_path, model, ds, sample_packing=False), use_cache=False)
+    free = prepare(make_cfg(tmp_path, model, ds, sample_packing=False, padding_free=True), use_cache=False)
+    assert unpacked.train.num_rows == 12 and unpacked.train.max_docs_per_row == 1
+    assert packed.train.num_rows < 12 and free.train.num_rows < 12
+    assert packed.stats.train.efficiency > unpacked.stats.train.efficiency
+    # padding-free keeps dataset order inside rows
+    assert free.train.row_docs.tolist() == list(range(12))
+
+
+def test_config_errors(tmp_path, model_dir, conv_file):
+    model = model_dir()
+    with pytest.raises(UserError, match="datasets: at least one training dataset"):
+        prepare(make_cfg(tmp_path, model, []))
+    with pytest.raises(UserError, match=r"max_length: 128 is larger than sequence_len \(64\)"):
+        data_options(SimpleNamespace(sequence_len=64, max_length=128))  # the schema rejects it too
+    with pytest.raises(UserError, match="agent_template: unknown agent template 'x'"):
+        prepare(make_cfg(tmp_path, model, [{"path": conv_file, "type": "conversation"}], agent_template="x"))
+    with pytest.raises(UserError, match=r"model: folder '/nonexistent/model' does not exist"):
+        load_tokenizer(make_cfg(tmp_path, "/nonexistent/model", [{"path": conv_file, "type": "conversation"}]))
