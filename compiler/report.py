@@ -8,7 +8,9 @@ if none alone suffices, greedily combined) and reports the device memory each sa
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +57,8 @@ def human(n: int | float | None) -> str:
 
 def detect_gpu() -> dict[str, Any] | None:
     """Name, memory and compute capability of GPU 0 via torch.cuda, or None without one."""
+    if not (os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi")):
+        return None  # no NVIDIA driver: skip importing torch (seconds on a loaded machine)
     try:
         import torch
 

@@ -83,7 +83,8 @@ class OpInserter:
     def commit(self) -> None:
         """Add the queued ops to the graph, rebuild the order and the tensor -> op indices.
 
-        The DAG's edges are left stale: the pass calls `rebuild_edges` once when it is done.
+        The DAG's edges are left stale (rebuilding them is the slow part on 64-layer models); the schedule
+        pass rebuilds them once, after every pass that inserts ops.
         """
         g = self.graph
         queued = [*self._end]
@@ -332,5 +333,4 @@ def apply_offload(graph: Graph, cfg: Any) -> Graph:
     if flags["offload_master"]:
         masters = [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT]
         offload_to_host(graph, masters, zero_copy=flags["use_zero_copy"], write_combined=wc)
-    rebuild_edges(graph)
     return graph

@@ -24,7 +24,7 @@ import math
 from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
-from surogate.compiler.passes.offload import OpInserter, offload_to_host, rebuild_edges, stage_host_accesses
+from surogate.compiler.passes.offload import OpInserter, offload_to_host, stage_host_accesses
 from surogate.compiler.passes.zero import shard_shape
 
 ADAMW8BIT_BLOCK = 2048
@@ -184,5 +184,4 @@ def build_optimizer(graph: Graph, cfg: Any) -> Graph:
                         zero_copy=zero_copy, write_combined=wc)
     host_grads = [n for n in grads.values() if graph.tensors[n].space is Space.HOST]
     stage_host_accesses(graph, host_grads, ops=new_ops)
-    rebuild_edges(graph)
     return graph

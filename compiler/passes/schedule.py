@@ -13,6 +13,7 @@ import heapq
 from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError
+from surogate.compiler.passes.offload import rebuild_edges
 
 PHASE_RANK = {"forward": 0, "backward": 1, "optimizer": 2}
 
@@ -84,5 +85,6 @@ def schedule_ops(graph: Graph, cfg: Any = None) -> Graph:
     if len(order) != len(graph.order):
         raise GraphError("op dependencies form a cycle; no schedule exists")
     graph.order = order
+    rebuild_edges(graph)  # the memory passes leave edges stale (see OpInserter.commit)
     graph.check()
     return graph

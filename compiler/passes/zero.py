@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from surogate.compiler.ir import Graph, Op, Role, Space, Tensor
-from surogate.compiler.passes.offload import OpInserter, _layer_runs, _replace, offload_to_host, rebuild_edges
+from surogate.compiler.passes.offload import OpInserter, _layer_runs, _replace, offload_to_host
 
 WEIGHT_ROLES = (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT, Role.QUANT_WEIGHT, Role.QUANT_SCALE)
 
@@ -171,5 +171,4 @@ def apply_zero(graph: Graph, cfg: Any) -> Graph:
     if getattr(cfg, "offload_grads", False):
         grads = [t.name for t in graph.tensors.values() if t.role is Role.GRADIENT and not t.attrs.get("transient")]
         offload_to_host(graph, grads, write_combined=bool(getattr(cfg, "use_write_combined", False)))
-    rebuild_edges(graph)
     return graph
