@@ -273,4 +273,8 @@ class TrainingObserver:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.on_end(EndSummary(status="completed" if exc_type is None else "failed"))
+        if exc_type is None:
+            status = "completed"
+        else:
+            status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        self.on_end(EndSummary(status=status))
