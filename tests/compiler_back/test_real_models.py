@@ -1,0 +1,156 @@
+"""The back half on real model graphs (C1's builders + front-half passes): tiny Qwen3 configs written to
+a temp dir, and the Qwen3-0.6B preset. The oracle for parameter counts is `transformers`."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from surogate.compiler.ir import Role, Space
+from surogate.compiler.pipeline import BACK_HALF_OPTIONS, back_plan, compile_plan, front_graph
+from surogate.compiler.plan import Plan
+from surogate.schema import config_from_dict
+
+
+def tiny_config(layers: int = 2, tie: bool = False) -> dict:
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tie, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", "attention_bias": False,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    def make(layers: int = 2, tie: bool = False) -> str:
+        d = tmp_path_factory.mktemp(f"qwen3_{layers}_{int(tie)}")
+        (d / "config.json").write_text(json.dumps(tiny_config(layers, tie)))
+        return str(d)
+
+    return make
+
+
+def plan_for(model: str, **opts) -> Plan:
+    return compile_plan(config_from_dict({"model": model, "sequence_len": 64, **opts}))
+
+
+def dev(plan: Plan, what: str = "max_live") -> dict:
+    return plan.memory["device"][what]
+
+
+def persistent(plan: Plan, role: Role, space: Space = Space.DEVICE) -> int:
+    return sum(t.nbytes for n, t in plan.tensors.items() if t.role is role and t.space is space
+               and plan.lifetimes[n] is not None and not t.attrs.get("transient") and "staging_of" not in t.attrs)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_counts_match_transformers(tiny_dir, tie):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(Qwen3Config(**tiny_config(2, tie)))
+    expected = sum(p.numel() for p in hf.parameters())
+    full = plan_for(tiny_dir(2, tie), lora=False)
+    assert full.meta["parameters"] == {"total": expected, "trainable": expected}
+    lora = plan_for(tiny_dir(2, tie), lora=True, lora_rank=4)
+    # rank 4 adapters on q, k, v, o, gate, up, down of each layer: r * (in + out) each.
+    h, i, q, kv = 64, 128, 4 * 16, 2 * 16
+    adapters = 2 * 4 * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+    assert lora.meta["parameters"] == {"total": expected + adapters, "trainable": adapters}
+
+
+def test_recompute_lowers_activation_bytes(tiny_dir):
+    d = tiny_dir(4)
+    assert dev(plan_for(d, recompute=True, lora=False))["activations"] < dev(plan_for(d, recompute=False, lora=False))["activations"]
+
+
+def test_offload_residual_with_recompute_is_depth_independent(tiny_dir):
+    def acts(layers, **kw):
+        return dev(plan_for(tiny_dir(layers), recompute=True, **kw))["activations"]
+
+    assert acts(8) > acts(2)  # without offloading, checkpoints grow with depth
+    shallow, deep = acts(2, offload_residual=True), acts(8, offload_residual=True)
+    assert deep <= 1.05 * shallow
+
+
+def test_lmhead_chunks_divide_the_logits_workspace(tiny_dir):
+    def logits(n):
+        plan = plan_for(tiny_dir(2), lmhead_chunks=n, per_device_train_batch_size=2)
+        return max(plan.tensors[op.outputs[-1]].nbytes for op in plan.ops if op.kind.startswith("lm_head_ce"))
+
+    assert logits(1) == 4 * logits(4) == 8 * logits(8)
+
+
+@pytest.mark.parametrize("level,divided", [(1, {Role.OPTIMIZER_STATE}), (2, {Role.OPTIMIZER_STATE, Role.GRADIENT}),
+                                           (3, {Role.OPTIMIZER_STATE, Role.GRADIENT, Role.TRAINABLE_WEIGHT})])
+def test_zero_levels_divide_per_rank_bytes(tiny_dir, level, divided):
+    one = plan_for(tiny_dir(2), lora=False)
+    four = plan_for(tiny_dir(2), lora=False, gpus=4, zero_level=level)
+    for role in (Role.OPTIMIZER_STATE, Role.GRADIENT, Role.TRAINABLE_WEIGHT):
+        ratio = persistent(four, role) / persistent(one, role)
+        if role in divided:
+            assert abs(ratio - 0.25) < 0.02, role  # absmax blocks of 1-D norms round up per shard
+        else:
+            assert ratio == 1, role
+
+
+@pytest.mark.parametrize("opts,role", [
+    (dict(offload_optimizer=True), Role.OPTIMIZER_STATE),
+    (dict(offload_master=True, master_dtype="fp32"), Role.MASTER_WEIGHT),
+    (dict(offload_grads=True, shard_gradients=True), Role.GRADIENT),
+])
+def test_each_offload_moves_its_category_to_host(tiny_dir, opts, role):
+    base_opts = {k: v for k, v in opts.items() if not k.startswith("offload")}
+    on_device = plan_for(tiny_dir(2), lora=False, **base_opts)
+    moved = plan_for(tiny_dir(2), lora=False, **opts)
+    assert persistent(on_device, role) > 0
+    assert persistent(moved, role) == 0
+    assert persistent(moved, role, Space.HOST) == persistent(on_device, role)
+
+
+@pytest.mark.parametrize("opts", [
+    {},
+    dict(lora=False),
+    dict(lora=False, gpus=8, zero_level=3, master_dtype="fp32", max_grad_norm=1.0),
+    dict(recompute=True, offload_residual=True, offload_optimizer=True, lmhead_chunks=4),
+])
+def test_arena_within_a_few_percent_of_lower_bound_on_qwen3_06b(opts):
+    plan = compile_plan(config_from_dict({"model": "Qwen/Qwen3-0.6B", "sequence_len": 512, **opts}))
+    for space in ("device", "host"):
+        mem = plan.memory[space]
+        assert mem["lower_bound_bytes"] <= mem["arena_bytes"] <= 1.03 * mem["lower_bound_bytes"]
+
+
+def test_back_half_replan_from_front_snapshot_matches_full_compile(tiny_dir):
+    base = {"model": tiny_dir(2), "sequence_len": 64, "lora": False}
+    snapshot = pickle.dumps(front_graph(config_from_dict(base)))
+    changes = [dict(offload_optimizer=True), dict(zero_level=3, gpus=2), dict(optimizer="normuon"),
+               dict(max_grad_norm=1.0), dict(offload_grads=True, shard_gradients=True),
+               dict(offload_residual=True), dict(use_zero_copy=True, offload_optimizer=True)]
+    for change in changes:
+        cfg = config_from_dict({**base, **change})
+        if set(change) <= BACK_HALF_OPTIONS:
+            assert back_plan(pickle.loads(snapshot), cfg) == compile_plan(cfg), change
+
+
+def test_qlora_bnb_frozen_weights_are_half_a_byte_per_param(tiny_dir):
+    def quant_bytes(**kw):
+        plan = plan_for(tiny_dir(2), lora=True, qlora_bnb=True, **kw)
+        q = [t for t in plan.tensors.values() if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE)]
+        if not q:
+            pytest.skip("the precision pass does not emit QLoRA storage yet")
+        weights = sum(t.numel for t in q if t.role is Role.QUANT_WEIGHT)
+        data = sum(t.nbytes for t in q if t.role is Role.QUANT_WEIGHT)
+        scales = sum(t.nbytes for t in q if t.role is Role.QUANT_SCALE)
+        return weights, data, scales
+
+    n, data, scales = quant_bytes(qlora_bnb_double_quant=False)
+    assert data == n // 2
+    assert scales == 4 * n // 64  # one fp32 absmax per 64-element block
+    n2, data2, scales2 = quant_bytes(qlora_bnb_double_quant=True)
+    assert (n2, data2) == (n, data) and scales2 < scales
