@@ -27,6 +27,15 @@ from surogate.runtime.observe.timing import PhaseTimer, format_breakdown
 from surogate.runtime.observe.trackers import Tracker, make_trackers, require_extra
 
 PLOT_NAME = "training_loss.png"
+
+
+def gpu_line(step: int, g: dict) -> str:
+    parts = [f"util {g['gpu_util']:.0f}%"] if "gpu_util" in g else []
+    parts.append(f"memory {g['gpu_mem_used_gb']:.1f}/{g['gpu_mem_total_gb']:.1f} GiB "
+                 f"(torch {g['torch_allocated_gb']:.1f} allocated)")
+    if "gpu_power_w" in g:
+        parts.append(f"power {g['gpu_power_w']:.0f} W")
+    return f"gpu at step {step}: " + ", ".join(parts)
 DEFAULT_REPORT_INTERVAL = 100  # time breakdown interval when log_gpu_util is 0
 
 
@@ -88,8 +97,14 @@ class TrainingObserver:
             self.console.message(message, level)
 
     def _track(self, metrics: dict, step: int) -> None:
-        for t in self.trackers:
-            t.log_metrics(metrics, step)
+        for t in list(self.trackers):
+            try:
+                t.log_metrics(metrics, step)
+            except Exception as exc:  # a tracker outage must never stop training: drop it, say so
+                self.trackers.remove(t)
+                self._event("tracker_error", f"{t.name}: logging failed at step {step} ({exc!r}); "
+                            f"reporting to {t.name} disabled for the rest of the run", "warning",
+                            step=step, tracker=t.name)
 
     def _decisions(self, **kw: object) -> Decisions:
         scale = self.lr_reducer.scale if self.lr_reducer else 1.0
@@ -153,6 +168,7 @@ class TrainingObserver:
             gpu = sample_gpu()
             if gpu:
                 rec.update(gpu)
+                self.console.message(gpu_line(m.step, gpu))
         if self.timer.enabled and m.step % self.report_every == 0:
             report = self.timer.report()
             self._event("time_breakdown", format_breakdown(report), step=m.step, **report)
@@ -259,7 +275,10 @@ class TrainingObserver:
             "final_eval_loss": last_eval, "stop_reason": self.stop_reason, "outputs": outputs,
         }
         for t in self.trackers:
-            t.finish({k: v for k, v in final.items() if v is not None}, status=summary.status)
+            try:
+                t.finish({k: v for k, v in final.items() if v is not None}, status=summary.status)
+            except Exception as exc:  # the run's own outputs matter more than the tracker's summary
+                self.console.message(f"{t.name}: finishing the run failed ({exc!r})", "warning")
         if self.log:
             self.log.write("end", **final)
             self.log.close()

@@ -216,3 +216,41 @@ def test_context_manager_records_failure(tmp_path):
             raise RuntimeError("boom")
     recs = records(log)
     assert recs[0]["run_name"] == "my-run" and recs[-1]["type"] == "end" and recs[-1]["status"] == "failed"
+
+
+def test_gpu_samples_logged_every_n_steps(observer_factory, tmp_path, monkeypatch):
+    fake = {"torch_allocated_gb": 10.0, "torch_reserved_gb": 12.0, "gpu_util": 97.0, "gpu_mem_used_gb": 61.25,
+            "gpu_mem_total_gb": 80.0, "gpu_power_w": 640.0}
+    calls = []
+    monkeypatch.setattr("surogate.runtime.observe.observer.sample_gpu", lambda: calls.append(1) or dict(fake))
+    log = tmp_path / "l.jsonl"
+    obs, out = observer_factory({"log_gpu_util": 4, "log_file": str(log)})
+    obs.on_start()
+    feed(obs, 9)
+    sampled = {r["step"]: r for r in records(log) if r["type"] == "step" and "gpu_util" in r}
+    assert list(sampled) == [4, 8] and len(calls) == 2
+    assert sampled[8]["gpu_power_w"] == 640.0 and sampled[8]["gpu_mem_used_gb"] == 61.25
+    assert "gpu at step 4: util 97%, memory 61.2/80.0 GiB (torch 10.0 allocated), power 640 W" in out.getvalue()
+
+
+class BrokenTracker:
+    name = "wandb"
+    location = None
+
+    def log_metrics(self, metrics, step):
+        raise ConnectionError("network down")
+
+    def finish(self, summary, status="completed"):
+        raise AssertionError("a dropped tracker is not finished")
+
+
+def test_failing_tracker_is_dropped_not_fatal(observer_factory, tmp_path):
+    log = tmp_path / "l.jsonl"
+    obs, out = observer_factory({"log_file": str(log)})
+    obs.on_start()
+    obs.trackers.append(BrokenTracker())
+    decisions = feed(obs, 3)
+    assert not any(d.stop for d in decisions) and obs.trackers == []
+    assert "wandb: logging failed at step 1 (ConnectionError('network down'))" in out.getvalue()
+    assert [r["step"] for r in records(log) if r["type"] == "step"] == [1, 2, 3]
+    assert [r["event"] for r in records(log) if r.get("event") == "tracker_error"] == ["tracker_error"]
