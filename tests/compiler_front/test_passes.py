@@ -1,0 +1,158 @@
+"""Structure of the front-half passes: LoRA, autodiff, recompute, chunking (on preset graphs, no weights)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import compile_front, make_cfg
+
+from surogate.compiler.ir import Role
+from surogate.compiler.models import build_forward_graph, resolve_model
+from surogate.compiler.passes.autodiff import emit_backward
+from surogate.compiler.passes.lora import inject_lora, lora_targets
+from surogate.errors import UserError
+
+QWEN = "Qwen/Qwen3-0.6B"
+
+
+def _bytes(graph, role):
+    return sum(t.nbytes for t in graph.tensors.values() if t.role == role)
+
+
+def test_lora_targets_and_scale():
+    cfg = make_cfg(QWEN, lora=True, lora_rank=8, lora_alpha=32, lora_target_modules=("q_proj", "v"), sequence_len=8)
+    graph = inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
+    adapters = {t.attrs["base"] for t in graph.tensors.values() if "lora" in t.attrs}
+    assert adapters == {f"model.layers.{i}.self_attn.{p}.weight" for i in range(28) for p in ("q_proj", "v_proj")}
+    ups = [op for op in graph.ops() if op.attrs.get("lora") == "B"]
+    assert len(ups) == 56 and all(op.attrs["scale"] == 4.0 for op in ups)
+    assert graph.tensors["model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 1024)
+    assert graph.tensors["model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (2048, 8)
+    # consumers of the projection output now read the LoRA-merged tensor
+    assert graph.op("L0.q_norm").inputs[0] == "L0.q" and graph.producers("L0.q") == ["L0.q.lora_add"]
+    graph.check()
+
+
+def test_lora_targets_validation():
+    assert lora_targets(("all",)) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    with pytest.raises(UserError, match="lora_target_modules"):
+        lora_targets(("qkv",))
+
+
+@pytest.mark.parametrize("over", [dict(lora=False), dict(lora=True, from_scratch=True)])
+def test_full_finetune_makes_base_weights_trainable(over):
+    cfg = make_cfg(QWEN, sequence_len=8, **over)
+    graph = inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
+    assert _bytes(graph, Role.FROZEN_WEIGHT) == 0
+    assert not any("lora" in t.attrs for t in graph.tensors.values())
+    assert sum(t.numel for t in graph.tensors.values() if t.role == Role.TRAINABLE_WEIGHT) == 596_049_920
+
+
+def test_lora_dropout_and_dtype():
+    cfg = make_cfg(QWEN, lora=True, lora_dropout=0.1, lora_dtype="bf16", sequence_len=8)
+    graph = inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
+    drops = [op for op in graph.ops() if op.kind == "dropout"]
+    assert len(drops) == 28 * 7 and len({op.attrs["seed"] for op in drops}) == len(drops)
+    assert {t.dtype for t in graph.tensors.values() if "lora" in t.attrs} == {"bf16"}
+
+
+def test_train_router_makes_moe_router_trainable():
+    cfg = make_cfg("Qwen/Qwen3-30B-A3B", lora=True, train_router=True, sequence_len=8, per_device_train_batch_size=1)
+    graph = inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
+    assert graph.tensors["model.layers.0.mlp.gate.weight"].role == Role.TRAINABLE_WEIGHT
+    assert graph.tensors["model.layers.0.mlp.experts.gate_up_proj"].role == Role.FROZEN_WEIGHT
+
+
+def test_frozen_weights_get_no_gradients_and_no_dead_backward_work():
+    cfg = make_cfg(QWEN, lora=True, sequence_len=8)
+    graph = compile_front(cfg)
+    graph.check()
+    grads = [t for t in graph.tensors.values() if t.role == Role.GRADIENT]
+    assert {t.attrs["grad_of"] for t in grads} == {n for n, t in graph.tensors.items() if "lora" in t.attrs}
+    kinds = {op.kind for op in graph.ops() if op.phase == "backward"}
+    # nothing feeds the frozen embedding / norms: no embedding or norm-weight backward at all
+    assert "embedding_bwd" not in kinds and "rmsnorm_bwd_weight" not in kinds
+    for op in graph.ops():
+        if op.phase == "backward":
+            for o in op.outputs:
+                if graph.tensors[o].role == Role.GRADIENT:
+                    assert op.attrs["accumulate"] and o in op.attrs["accumulate_into"]
+
+
+def test_backward_skips_layers_that_cannot_reach_a_trainable_weight():
+    """LoRA on o_proj only: layer 0's q/k/v come from frozen ops on the (frozen) embedding, so layer 0 has no
+    attention backward, while layer 1's attention input depends on layer 0's adapter."""
+    cfg = make_cfg(QWEN, lora=True, lora_target_modules=("o_proj",), sequence_len=8)
+    graph = compile_front(cfg)
+    att_bwd = {op.layer for op in graph.ops() if op.kind == "attention_bwd"}
+    assert 0 not in att_bwd and 1 in att_bwd
+
+
+def test_full_finetune_gradients_cover_every_weight_once():
+    cfg = make_cfg("meta-llama/Llama-3.2-1B", sequence_len=8, per_device_train_batch_size=1)
+    graph = compile_front(cfg)
+    weights = {n for n, t in graph.tensors.items() if t.role == Role.TRAINABLE_WEIGHT}
+    assert set(graph.meta["grads"]) == weights
+    # tied embedding: one gradient, written by the lm-head backward and accumulated by the embedding backward
+    g = graph.meta["grads"]["model.embed_tokens.weight"]
+    writers = [graph.op(w).kind for w in graph.producers(g)]
+    assert sorted(writers) == ["embedding_bwd", "lm_head_ce_bwd"]
+
+
+def test_saved_vs_temporary_roles_after_autodiff():
+    cfg = make_cfg(QWEN, sequence_len=8)
+    graph = compile_front(cfg)
+    for t in graph.tensors.values():
+        if t.role == Role.ACTIVATION:
+            assert any(graph.op(c).phase == "backward" for c in graph.consumers(t.name)) or t.attrs.get("output")
+    assert graph.tensors["L3.swiglu"].role == Role.ACTIVATION  # read by down_proj's weight gradient
+    assert graph.tensors["lm_head.logits_ws"].role == Role.TEMPORARY
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_recompute_lowers_activation_bytes_and_keeps_layer_inputs(lora):
+    base = compile_front(make_cfg(QWEN, lora=lora, recompute=False, sequence_len=64))
+    rc = compile_front(make_cfg(QWEN, lora=lora, recompute=True, sequence_len=64))
+    rc.check()
+    assert _bytes(rc, Role.ACTIVATION) < 0.25 * _bytes(base, Role.ACTIVATION)
+    saved_layer = {t.name for t in rc.tensors.values() if t.role == Role.ACTIVATION and t.layer is not None}
+    assert saved_layer == {f"L{i}.out" for i in range(28)}  # layer outputs = next inputs (last: final norm)
+    first_bwd: dict[int, int] = {}
+    for i, op in enumerate(rc.ops()):
+        if op.phase == "backward" and op.layer is not None and not op.attrs.get("recompute"):
+            first_bwd.setdefault(op.layer, i)
+    for i, op in enumerate(rc.ops()):
+        if op.attrs.get("recompute"):
+            assert op.phase == "backward" and i < first_bwd[op.layer]
+
+
+def test_emit_backward_is_one_micro_step_with_loss_seed():
+    cfg = make_cfg(QWEN, sequence_len=8)
+    graph = emit_backward(inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg), cfg)
+    first_bwd = next(op for op in graph.ops() if op.phase == "backward")
+    assert first_bwd.kind == "lm_head_ce_bwd"
+    assert graph.meta["backward"] and graph.tensors["loss"].role == Role.ACTIVATION
+
+
+@pytest.mark.parametrize("n", [1, 4, 7])
+def test_lmhead_and_attention_chunking_divide_workspaces(n):
+    graph = compile_front(make_cfg(QWEN, sequence_len=64, per_device_train_batch_size=2, lmhead_chunks=n,
+                                   attn_bwd_chunks=n))
+    rows = 2 * 64
+    for op in graph.ops():
+        if op.kind in ("lm_head_ce", "lm_head_ce_bwd"):
+            assert op.attrs["chunks"] == n
+            assert graph.tensors[op.outputs[-1]].shape == (-(-rows // n), 151936)
+        if op.kind == "attention_bwd":
+            assert op.attrs["chunks"] == n
+            assert graph.tensors[op.outputs[-1]].shape == (2, -(-64 // n), 16 * 128)
+
+
+def test_chunking_option_validation():
+    with pytest.raises(UserError, match="lmhead_chunks"):
+        compile_front(make_cfg(QWEN, sequence_len=8, lmhead_chunks=0))
+
+
+def test_qwen3_32b_front_half_builds():
+    graph = compile_front(make_cfg("Qwen/Qwen3-32B", lora=True, recompute=True, sequence_len=2048))
+    assert graph.meta["num_layers"] == 64
+    assert len([t for t in graph.tensors.values() if t.role == Role.GRADIENT]) == 64 * 7 * 2
