@@ -154,3 +154,26 @@ def test_qlora_bnb_frozen_weights_are_half_a_byte_per_param(tiny_dir):
     assert scales == 4 * n // 64  # one fp32 absmax per 64-element block
     n2, data2, scales2 = quant_bytes(qlora_bnb_double_quant=True)
     assert (n2, data2) == (n, data) and scales2 < scales
+
+
+def test_persistent_quants_keep_recipe_weight_quants_and_offload_quants_hosts_them(tiny_dir):
+    def quants(**kw):
+        plan = plan_for(tiny_dir(2), lora=False, recipe="fp8_hybrid", **kw)
+        return plan, plan.memory["device"]["persistent"]["quantized_weights"], \
+            plan.memory["host"]["persistent"]["quantized_weights"]
+
+    _, requantized, _ = quants()
+    kept_plan, kept, _ = quants(persistent_quants=True, shard_weights=True)
+    # Every projection's fp8 weight copy (1 byte/param) now persists across steps.
+    assert kept - requantized >= sum(t.numel for t in kept_plan.tensors.values()
+                                     if t.role is Role.TRAINABLE_WEIGHT and t.layer is not None and t.numel > 64)
+    assert any(op.attrs.get("cached") for op in kept_plan.ops if op.kind == "quantize")
+    _, on_device, on_host = quants(persistent_quants=True, shard_weights=True, offload_quants=True)
+    assert on_device == 0 and on_host == kept
+
+
+def test_master_weights_from_precision_pass_are_sharded_with_optimizer_states(tiny_dir):
+    one = plan_for(tiny_dir(2), lora=False, master_dtype="fp32")
+    four = plan_for(tiny_dir(2), lora=False, master_dtype="fp32", gpus=4)
+    assert persistent(one, Role.MASTER_WEIGHT) == 4 * one.meta["parameters"]["trainable"]
+    assert abs(persistent(four, Role.MASTER_WEIGHT) / persistent(one, Role.MASTER_WEIGHT) - 0.25) < 0.02
