@@ -1,7 +1,8 @@
 """plan.bin: a Plan stored as an ONNX `ModelProto` (custom op domain `ai.surogate`).
 
 Ops are ONNX nodes (op_type = kind, attributes `phase`, `layer`, `attrs_json`), tensors appear as
-`value_info` with their dtype and shape, so the schedule opens in ONNX tools (Netron, onnx.load).
+graph inputs / `value_info` with their dtype and shape, and names are in single-assignment form (a
+tensor's k-th redefinition is `name#vk`), so the model passes `onnx.checker` and opens in ONNX tools.
 The exact tensor table, lifetimes, arenas, memory report, resolved config and meta are a JSON
 payload in `metadata_props`, guarded by a SHA-256 over the graph and payload. Weights are referenced
 (tensor `source` names + the `model` in the config), never embedded.
@@ -29,6 +30,7 @@ PRODUCER = "surogate-plan"
 _VERSION_KEY = "surogate.format_version"
 _PAYLOAD_KEY = "surogate.plan"
 _CHECKSUM_KEY = "surogate.sha256"
+_SSA = "#v"
 
 _ONNX_TYPES = {
     "fp32": TensorProto.FLOAT,
@@ -55,21 +57,67 @@ def _tensor_from_row(row: list) -> Tensor:
     return Tensor(name, tuple(shape), dtype, Role(role), Space(space), layer, source, offset, attrs)
 
 
+def _ssa_names(plan: Plan) -> tuple[list[tuple[list[str], list[str]]], list[str]]:
+    """Per op, ONNX input / output names in single-assignment form, and the graph inputs.
+
+    The plan writes some tensors more than once (accumulation, in-place updates, comms); ONNX wants
+    each name produced once, so the k-th redefinition of `t` is called `t#vk` in the ONNX graph (the
+    tensor table keeps the real names; reading strips the suffix). Tensors read before any write
+    (weights, states, batch inputs) are graph inputs.
+    """
+    defined: set[str] = set()
+    inputs: list[str] = []
+    for op in plan.ops:
+        for t in op.inputs:
+            if t not in defined:
+                defined.add(t)
+                inputs.append(t)
+        defined.update(op.outputs)
+    defined = set(inputs)
+    version: dict[str, int] = {}
+    names = []
+    for op in plan.ops:
+        ins = [_versioned(t, version.get(t, 0)) for t in op.inputs]
+        outs = []
+        for t in op.outputs:
+            if t in defined:
+                version[t] = version.get(t, 0) + 1
+            defined.add(t)
+            outs.append(_versioned(t, version.get(t, 0)))
+        names.append((ins, outs))
+    return names, inputs
+
+
+def _versioned(name: str, k: int) -> str:
+    return name if k == 0 else f"{name}{_SSA}{k}"
+
+
+def _unversioned(name: str, tensors: dict) -> str:
+    if name in tensors:
+        return name
+    return name.rsplit(_SSA, 1)[0]
+
+
 def plan_to_model(plan: Plan) -> onnx.ModelProto:
     """The ONNX form of a plan."""
+    clash = [n for n in plan.tensors if _SSA in n]
+    if clash:
+        raise ValueError(f"tensor name {clash[0]!r} contains the reserved {_SSA!r}")
+    names, graph_inputs = _ssa_names(plan)
     nodes = []
-    for op in plan.ops:
+    for op, (ins, outs) in zip(plan.ops, names, strict=True):
         extra = {"layer": op.layer} if op.layer is not None else {}
         nodes.append(
-            helper.make_node(op.kind, op.inputs, op.outputs, name=op.name, domain=DOMAIN, phase=op.phase,
+            helper.make_node(op.kind, ins, outs, name=op.name, domain=DOMAIN, phase=op.phase,
                              attrs_json=json.dumps(op.attrs), **extra)
         )
-    infos = [
-        helper.make_tensor_value_info(t.name, _ONNX_TYPES.get(t.dtype, TensorProto.UNDEFINED), list(t.shape))
+    infos = {
+        t.name: helper.make_tensor_value_info(t.name, _ONNX_TYPES.get(t.dtype, TensorProto.UNDEFINED), list(t.shape))
         for t in plan.tensors.values()
-    ]
-    inputs = [i for i, t in zip(infos, plan.tensors.values(), strict=True) if t.role is Role.INPUT]
-    graph = helper.make_graph(nodes, "surogate_step", inputs, [], value_info=infos)
+    }
+    inputs = [infos[n] for n in graph_inputs]
+    graph = helper.make_graph(nodes, "surogate_step", inputs, [], value_info=[
+        v for n, v in infos.items() if n not in set(graph_inputs)])
     model = helper.make_model(
         graph,
         producer_name=PRODUCER,
@@ -150,12 +198,15 @@ def read_plan(path: str | os.PathLike) -> Plan:
 
 
 def _plan_from_model(model: onnx.ModelProto, body: dict, version: int) -> Plan:
+    names = {row[0] for row in body["tensors"]}
     ops = []
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         phase = attrs["phase"].decode()
         layer = attrs.get("layer")
-        ops.append(Op(node.name, node.op_type, list(node.input), list(node.output),
+        ins = [_unversioned(n, names) for n in node.input]
+        outs = [_unversioned(n, names) for n in node.output]
+        ops.append(Op(node.name, node.op_type, ins, outs,
                       json.loads(attrs["attrs_json"].decode()), phase, layer))
     tensors = {row[0]: _tensor_from_row(row) for row in body["tensors"]}
     lifetimes = {n: (tuple(v) if v is not None else None) for n, v in body["lifetimes"].items()}

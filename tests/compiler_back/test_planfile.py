@@ -27,7 +27,12 @@ def test_file_is_an_onnx_model_with_custom_domain(plan, tmp_path):
     assert {n.domain for n in model.graph.node} == {"ai.surogate"}
     assert len(model.graph.node) == len(plan.ops)
     assert not model.graph.initializer  # weights referenced, never embedded
-    assert {vi.name for vi in model.graph.value_info} == set(plan.tensors)
+    typed = {vi.name for vi in model.graph.value_info} | {vi.name for vi in model.graph.input}
+    assert typed == set(plan.tensors)
+    onnx.checker.check_model(model)  # single-assignment names, topologically sorted, valid custom-domain nodes
+    # Weights and states are graph inputs (read before written); in-place writes get versioned names.
+    assert {"L0.w1", "L0.w1@m"} <= {vi.name for vi in model.graph.input}
+    assert any("#v" in o for n in model.graph.node for o in n.output)
     sources = {t.source for t in read_plan(path).tensors.values() if t.source}
     assert "L0.w1" in sources
 
