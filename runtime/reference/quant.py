@@ -36,7 +36,7 @@ def quantize(fmt: str, w: torch.Tensor, block: int, double_quant: bool = False) 
     if fmt == "nf4":
         b = _blocks(w, block)
         absmax = b.abs().amax(1).clamp(min=1e-12)
-        codes = _nearest(b / absmax[:, None], NF4_CODE).reshape(-1)[: w.numel()]
+        codes = _nearest(b / absmax[:, None], NF4_CODE).reshape(-1)[: w.numel()].view(w.shape)
         if not double_quant:
             return [codes, absmax]
         offset = absmax.mean()
@@ -61,7 +61,7 @@ def quantize(fmt: str, w: torch.Tensor, block: int, double_quant: bool = False) 
         gscale = (b.abs().amax().clamp(min=1e-12) / (FP8_MAX * 6.0)) if fmt == "fp4" else torch.tensor(1.0)
         scale = (b.abs().amax(1) / 6.0 / gscale).to(torch.float8_e4m3fn)
         denom = (scale.float() * gscale).clamp(min=1e-30)
-        codes = _nearest(b / denom[:, None], E2M1).reshape(-1)[: w.numel()]
+        codes = _nearest(b / denom[:, None], E2M1).reshape(-1)[: w.numel()].view(w.shape)
         return [codes, scale, gscale.reshape(1)] if fmt == "fp4" else [codes, scale]
     if fmt == "fp8_tensor":
         scale = w.abs().amax().float().clamp(min=1e-12) / FP8_MAX
@@ -79,7 +79,7 @@ def dequantize(fmt: str, parts: list[torch.Tensor], shape: tuple[int, ...], bloc
             s2, offset = parts[2][:-1], parts[2][-1]
             q = _blocks(absmax.float() - 128.0, DOUBLE_QUANT_GROUP)
             absmax = (q * s2[:, None]).reshape(-1)[: absmax.numel()] + offset
-        vals = NF4_CODE[codes.long()]
+        vals = NF4_CODE[codes.long()].reshape(-1)
         pad = (-numel) % block
         vals = torch.cat([vals, vals.new_zeros(pad)]).view(-1, block) * absmax[:, None]
         return vals.reshape(-1)[:numel].view(shape)
@@ -91,7 +91,7 @@ def dequantize(fmt: str, parts: list[torch.Tensor], shape: tuple[int, ...], bloc
     if fmt in ("fp4", "fp4_block"):
         codes, scale = parts[0], parts[1]
         g = parts[2].float() if fmt == "fp4" else torch.tensor(1.0)
-        vals = E2M1[codes.long()]
+        vals = E2M1[codes.long()].reshape(-1)
         pad = (-numel) % NVFP4_BLOCK
         vals = torch.cat([vals, vals.new_zeros(pad)]).view(-1, NVFP4_BLOCK) * (scale.float() * g)[:, None]
         return vals.reshape(-1)[:numel].view(shape)

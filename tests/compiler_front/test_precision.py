@@ -1,0 +1,165 @@
+"""Precision pass: dtypes, master weights, QLoRA storage (sizes and numerics), quantized-matmul recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import compile_front, make_cfg, random_batch, rel_err, run_ours, save_tiny
+
+from surogate.compiler.ir import Role
+from surogate.errors import UserError
+from surogate.runtime.reference import load_weights
+from surogate.runtime.reference.quant import dequantize, quantize
+
+QWEN = "Qwen/Qwen3-0.6B"
+N_QUANT = 28 * (1024 * (2048 + 1024 + 1024 + 3 * 3072) + 2048 * 1024)  # decoder projections of Qwen3-0.6B
+
+
+def _sum(graph, role, attr="nbytes"):
+    return sum(getattr(t, attr) for t in graph.tensors.values() if t.role == role)
+
+
+def _qlora(**over):
+    return compile_front(make_cfg(QWEN, lora=True, sequence_len=16, **over), backward=False)
+
+
+def test_qlora_nf4_storage_is_half_a_byte_per_param_plus_scales():
+    g = _qlora(qlora_bnb=True, qlora_bnb_double_quant=False)
+    assert _sum(g, Role.QUANT_WEIGHT, "numel") == N_QUANT
+    assert _sum(g, Role.QUANT_WEIGHT) == N_QUANT // 2
+    assert _sum(g, Role.QUANT_SCALE) == 4 * N_QUANT // 64  # one fp32 absmax per 64
+    dq = _qlora(qlora_bnb=True)  # double quant: int8 absmax + an fp32 per 256 of them
+    assert _sum(dq, Role.QUANT_WEIGHT) == N_QUANT // 2
+    assert _sum(dq, Role.QUANT_SCALE) < _sum(g, Role.QUANT_SCALE) / 3
+    assert (_sum(dq, Role.QUANT_WEIGHT) + _sum(dq, Role.QUANT_SCALE)) / N_QUANT == pytest.approx(0.516, abs=1e-3)
+    # embedding (tied lm_head) and norms stay bf16
+    assert _sum(g, Role.FROZEN_WEIGHT, "numel") == 596_049_920 - N_QUANT
+    assert g.tensors["model.embed_tokens.weight"].dtype == "bf16"
+
+
+def test_qlora_fp8_and_fp4_storage():
+    fp8 = _qlora(qlora_fp8=True, qlora_block_size=128)
+    assert _sum(fp8, Role.QUANT_WEIGHT) == N_QUANT
+    assert {t.dtype for t in fp8.tensors.values() if t.role == Role.QUANT_WEIGHT} == {"fp8_e4m3"}
+    assert fp8.tensors["model.layers.0.mlp.down_proj.weight.scale"].shape == (8, 24)
+    fp4 = _qlora(qlora_fp4=True)
+    assert _sum(fp4, Role.QUANT_WEIGHT) == N_QUANT // 2
+    assert {t.dtype for t in fp4.tensors.values() if t.role == Role.QUANT_WEIGHT} == {"fp4_e2m1"}
+
+
+def test_skip_quant_layers_and_dequant_wiring():
+    g = compile_front(make_cfg(QWEN, lora=True, sequence_len=16, qlora_bnb=True, skip_quant_first_layers=2,
+                               skip_quant_last_layers=1))
+    g.check()
+    quant_layers = {t.layer for t in g.tensors.values() if t.role == Role.QUANT_WEIGHT}
+    assert quant_layers == set(range(2, 27))
+    assert g.tensors["model.layers.0.self_attn.q_proj.weight"].role == Role.FROZEN_WEIGHT
+    assert "model.layers.5.self_attn.q_proj.weight" not in g.tensors
+    q = g.tensors["model.layers.5.self_attn.q_proj.weight.q"]
+    assert q.source == "model.layers.5.self_attn.q_proj.weight"
+    deq = "model.layers.5.self_attn.q_proj.weight.deq"
+    assert g.tensors[deq].role == Role.DEQUANT_BUFFER
+    order = list(g.order)
+    assert order.index("model.layers.5.self_attn.q_proj.weight.dequant") == order.index("L5.q") - 1
+    # the dequant buffer is never kept for backward: backward re-dequantizes
+    assert all(g.op(c).phase == "forward" for c in g.consumers(deq))
+    redo = [op for op in g.ops() if op.kind == "dequant" and op.phase == "backward" and op.layer == 5]
+    assert len(redo) == 7
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(qlora_bnb=True, qlora_fp8=True), "only one QLoRA"),
+    (dict(qlora_bnb=True, lora=False), "needs lora"),
+    (dict(recipe="fp16x"), "recipe"),
+])
+def test_precision_option_errors(bad, match):
+    with pytest.raises(UserError, match=match):
+        compile_front(make_cfg(QWEN, **{"lora": True, "sequence_len": 8, **bad}), backward=False)
+
+
+def test_master_weights_and_gradient_dtype():
+    full = compile_front(make_cfg(QWEN, lora=False, sequence_len=8, master_dtype="fp32", gradient_dtype="fp32"))
+    masters = [t for t in full.tensors.values() if t.role == Role.MASTER_WEIGHT]
+    assert len(masters) == len([t for t in full.tensors.values() if t.role == Role.TRAINABLE_WEIGHT])
+    assert {t.dtype for t in masters} == {"fp32"} and _sum(full, Role.MASTER_WEIGHT) == 4 * 596_049_920
+    assert {t.dtype for t in full.tensors.values() if t.role == Role.ACTIVATION_GRAD} == {"fp32"}
+    assert {t.dtype for t in full.tensors.values() if t.role == Role.GRADIENT} == {"bf16"}
+    lora = compile_front(make_cfg(QWEN, lora=True, sequence_len=8, master_dtype="fp32"))
+    assert _sum(lora, Role.MASTER_WEIGHT) == 0  # fp32 adapters are their own master copy
+    assert {t.dtype for t in lora.tensors.values() if t.role == Role.GRADIENT} == {"fp32"}
+
+
+def test_fp8_hybrid_quantizes_matmul_inputs_with_amax_history():
+    g = compile_front(make_cfg(QWEN, lora=False, sequence_len=16, recipe="fp8_hybrid", fp8_amax_history=8,
+                               skip_quant_first_layers=1))
+    g.check()
+    hist = [t for t in g.tensors.values() if t.attrs.get("amax_history")]
+    # per layer: inputs attn_norm, attn, mlp_norm, swiglu + seven weights
+    assert len(hist) == 27 * (4 + 7) and {t.shape for t in hist} == {(8,)}
+    assert not any(op.kind == "qlinear" and op.layer == 0 for op in g.ops())
+    assert g.tensors["L3.q.x_q"].dtype == "fp8_e4m3" and g.tensors["L3.q.x_q"].role == Role.ACTIVATION
+    assert g.tensors["L3.attn_norm"].role == Role.TEMPORARY  # only its fp8 copy is saved
+    assert g.op("lm_head").kind == "lm_head_ce"  # the LM head is never quantized
+
+
+def _prequantized_model(tmp_path, fmt, block):
+    """A tiny model whose projections are already exactly representable in `fmt`."""
+    from safetensors.torch import load_file, save_file
+
+    d = save_tiny(tmp_path, "qwen3", hidden_size=128, intermediate_size=256)
+    path = d / "model.safetensors"
+    state = load_file(path)
+    for k, v in state.items():
+        if ".layers." in k and k.endswith("proj.weight"):
+            state[k] = dequantize(fmt, quantize(fmt, v, block), tuple(v.shape), block).contiguous()
+    save_file(state, path, metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("flag,fmt,block", [("qlora_bnb", "nf4", 64), ("qlora_fp8", "fp8_block", 64)])
+def test_qlora_on_representable_weights_equals_lora(tmp_path, flag, fmt, block):
+    """Quantization is lossless on such weights, so QLoRA must reproduce LoRA's loss and gradients exactly:
+    this checks the dequant placement (forward and re-dequant in backward), not the quantizer."""
+    d = _prequantized_model(tmp_path, fmt, block)
+    ids, labels = random_batch(101, 2, 16)
+    results = []
+    for q in (False, True):
+        cfg = make_cfg(d, lora=True, recompute=q, qlora_bnb_double_quant=False, qlora_block_size=block,
+                       qlora_bnb_block_size=block, **{flag: q})
+        graph = compile_front(cfg)
+        w = load_weights(graph, d, lora_seed=4)
+        for k in [k for k in w if k.endswith("lora_B.weight")]:
+            w[k] = torch.randn(w[k].shape, generator=torch.Generator().manual_seed(len(k))) * 0.1
+        results.append(run_ours(graph, d, ids, labels, weights=w))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert set(g0) == set(g1) and all(rel_err(g1[k], g0[k]) < 1e-5 for k in g0)
+
+
+@pytest.mark.parametrize("fmt,block,bound", [("nf4", 64, 0.11), ("fp8_block", 128, 0.035), ("fp4", 16, 0.12),
+                                             ("fp4_block", 16, 0.12), ("fp8_tensor", 1, 0.035)])
+def test_reference_quantizers_error_bounds(fmt, block, bound):
+    w = torch.randn(256, 192, generator=torch.Generator().manual_seed(0)) * 0.02
+    parts = quantize(fmt, w, block)
+    err = rel_err(dequantize(fmt, parts, tuple(w.shape), block), w)
+    assert 0 < err < bound
+
+
+def test_nf4_double_quant_roundtrip_close_to_single():
+    w = torch.randn(512, 128, generator=torch.Generator().manual_seed(1))
+    single = dequantize("nf4", quantize("nf4", w, 64), tuple(w.shape), 64)
+    double = dequantize("nf4", quantize("nf4", w, 64, True), tuple(w.shape), 64, True)
+    assert rel_err(double, single) < 0.01
+
+
+@pytest.mark.parametrize("recipe", ["fp8_hybrid", "nvfp4"])
+def test_quantized_recipes_run_close_to_bf16_reference(tmp_path, recipe):
+    d = save_tiny(tmp_path, "llama")
+    ids, labels = random_batch(101, 2, 16)
+    losses = []
+    for r in ("bf16", recipe):
+        graph = compile_front(make_cfg(d, recipe=r, recompute=True))
+        loss, grads = run_ours(graph, d, ids, labels)
+        assert set(grads) == {n for n, t in graph.tensors.items() if t.role == Role.TRAINABLE_WEIGHT}
+        losses.append(loss)
+    assert losses[1] != losses[0] and losses[1] == pytest.approx(losses[0], rel=0.02)
