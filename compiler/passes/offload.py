@@ -174,12 +174,18 @@ def offload_to_host(
     With `zero_copy` the device ops read and write host memory directly (no copies, no staging).
     Returns the names moved.
     """
+    moved = move_to_host(graph, names, write_combined=write_combined)
+    stage_host_accesses(graph, moved, zero_copy=zero_copy)
+    return moved
+
+
+def move_to_host(graph: Graph, names: Iterable[str], *, write_combined: bool = False) -> list[str]:
+    """Put tensors in pinned host memory without touching ops (callers stage the accesses)."""
     moved = [n for n in dict.fromkeys(names) if graph.tensors[n].space is Space.DEVICE]
     for n in moved:
         t = graph.tensors[n]
         extra = {"offloaded": True, "write_combined": True} if write_combined else {"offloaded": True}
         graph.update_tensor(n, space=Space.HOST, attrs={**t.attrs, **extra})
-    stage_host_accesses(graph, moved, zero_copy=zero_copy)
     return moved
 
 

@@ -24,7 +24,7 @@ import math
 from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
-from surogate.compiler.passes.offload import OpInserter, offload_to_host, stage_host_accesses
+from surogate.compiler.passes.offload import OpInserter, move_to_host, stage_host_accesses
 from surogate.compiler.passes.zero import shard_shape
 
 ADAMW8BIT_BLOCK = 2048
@@ -178,10 +178,15 @@ def build_optimizer(graph: Graph, cfg: Any) -> Graph:
     zero_copy = bool(getattr(cfg, "use_zero_copy", False))
     wc = bool(getattr(cfg, "use_write_combined", False))
     if getattr(cfg, "offload_optimizer", False):
-        offload_to_host(graph, states_all, zero_copy=zero_copy, write_combined=wc)
+        move_to_host(graph, states_all, write_combined=wc)
     if getattr(cfg, "offload_master", False):
-        offload_to_host(graph, [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT],
-                        zero_copy=zero_copy, write_combined=wc)
-    host_grads = [n for n in grads.values() if graph.tensors[n].space is Space.HOST]
-    stage_host_accesses(graph, host_grads, ops=new_ops)
+        move_to_host(graph, [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT],
+                     write_combined=wc)
+    # Host tensors the new ops touch: states and masters (moved here, or by the offload pass before any
+    # op used them) are staged or, with use_zero_copy, accessed in place; offloaded gradients are staged.
+    touched = dict.fromkeys(t for n in new_ops for t in (*graph.op(n).inputs, *graph.op(n).outputs))
+    host = [t for t in touched if graph.tensors[t].space is Space.HOST]
+    grads_on_host = [t for t in host if graph.tensors[t].role is Role.GRADIENT]
+    stage_host_accesses(graph, [t for t in host if t not in grads_on_host], ops=new_ops, zero_copy=zero_copy)
+    stage_host_accesses(graph, grads_on_host, ops=[n for n in new_ops if not graph.op(n).attrs.get("zero_copy")])
     return graph

@@ -177,3 +177,38 @@ def test_master_weights_from_precision_pass_are_sharded_with_optimizer_states(ti
     four = plan_for(tiny_dir(2), lora=False, master_dtype="fp32", gpus=4)
     assert persistent(one, Role.MASTER_WEIGHT) == 4 * one.meta["parameters"]["trainable"]
     assert abs(persistent(four, Role.MASTER_WEIGHT) / persistent(one, Role.MASTER_WEIGHT) - 0.25) < 0.02
+
+
+@pytest.mark.parametrize("opts", [
+    dict(offload_master=True, master_dtype="fp32"),
+    dict(offload_master=True, offload_optimizer=True, master_dtype="fp32", gpus=2),
+    dict(offload_grads=True, shard_gradients=True, offload_optimizer=True, max_grad_norm=1.0),
+])
+def test_optimizer_steps_touch_only_device_memory_unless_zero_copy(tiny_dir, opts):
+    plan = plan_for(tiny_dir(2), lora=False, **opts)
+    steps = [op for op in plan.ops if op.kind.endswith("_step")]
+    assert steps
+    for op in steps:
+        assert all(plan.tensors[t].space is Space.DEVICE for t in op.inputs + op.outputs), op.name
+    zc = plan_for(tiny_dir(2), lora=False, use_zero_copy=True, **opts)
+    assert all(op.attrs.get("zero_copy") for op in zc.ops if op.kind.endswith("_step"))
+
+
+def test_plan_file_is_deterministic_across_processes(tiny_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_dir(2)}\nsequence_len: 64\nlora: false\ngpus: 2\nzero_level: 3\n"
+                   "offload_optimizer: true\nmax_grad_norm: 1.0\n")
+    files = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"plan{seed}.bin"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        code = ("import sys; from surogate.schema import load_config; from surogate.compiler.pipeline import "
+                "compile_plan; from surogate.compiler.planfile import write_plan; "
+                "write_plan(compile_plan(load_config(sys.argv[1])), sys.argv[2])")
+        subprocess.run([sys.executable, "-c", code, str(cfg), str(out)], check=True, env=env, capture_output=True)
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
