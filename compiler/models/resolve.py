@@ -10,7 +10,6 @@ from typing import Any
 from surogate.compiler.models.presets import find_preset, preset_ids
 from surogate.compiler.models.rope import apply_rope_overrides
 from surogate.compiler.models.spec import TORCH_DTYPES, ModelSpec
-
 from surogate.errors import UserError
 
 # HF `model_type` -> our builder family.

@@ -90,7 +90,10 @@ class ModelSpec:
 
     @property
     def num_experts(self) -> int:
-        return int(self._get("num_experts", 0) or 0) if self.family == "qwen3_moe" else 0
+        if self.family != "qwen3_moe":
+            return 0
+        # transformers 5 writes `num_local_experts`; hub configs say `num_experts`
+        return int(self._get("num_experts") or self._get("num_local_experts") or 0)
 
     @property
     def experts_per_token(self) -> int:

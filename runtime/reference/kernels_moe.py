@@ -1,5 +1,93 @@
-"""MoE kernels of the CPU reference backend (router top-k and experts), filled in with the MoE builder."""
+"""MoE kernels of the CPU reference backend: top-k router and SwiGLU experts (forward and backward),
+following transformers' Qwen3-MoE (softmax in fp32, top-k, optional renormalisation)."""
 
 from __future__ import annotations
 
-KERNELS: dict = {}
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Tensors = list[torch.Tensor | None]
+
+
+def moe_router(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    h, w = x
+    logits = h.reshape(-1, h.shape[-1]) @ w.to(h.dtype).t()
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, idx = torch.topk(probs, a["top_k"], dim=-1)
+    if a.get("norm_topk_prob"):
+        top = top / top.sum(-1, keepdim=True)
+    return [logits, top.to(logits.dtype), idx.to(torch.int32)]
+
+
+def _tokens_of(idx: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token rows, top-k slot) routed to expert e."""
+    return torch.where(idx.long() == e)
+
+
+def moe_experts(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    h, weights, idx, gate_up, down = x
+    rows = h.reshape(-1, h.shape[-1])
+    out = torch.zeros_like(rows)
+    for e in range(a["num_experts"]):
+        tok, slot = _tokens_of(idx, e)
+        if tok.numel() == 0:
+            continue
+        g, u = (rows[tok] @ gate_up[e].to(rows.dtype).t()).chunk(2, dim=-1)
+        y = (F.silu(g) * u) @ down[e].to(rows.dtype).t()
+        out.index_add_(0, tok, y * weights[tok, slot, None].to(rows.dtype))
+    return [out.view(h.shape)]
+
+
+def moe_experts_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dout, h, weights, idx, gate_up, down = x
+    rows = h.reshape(-1, h.shape[-1]).float()
+    dy_all = dout.reshape(-1, dout.shape[-1]).float()
+    dx = torch.zeros_like(rows)
+    dw = torch.zeros(weights.shape, dtype=torch.float32)
+    dgu = torch.zeros(gate_up.shape, dtype=torch.float32)
+    dd = torch.zeros(down.shape, dtype=torch.float32)
+    for e in range(a["num_experts"]):
+        tok, slot = _tokens_of(idx, e)
+        if tok.numel() == 0:
+            continue
+        hx, gu_w, d_w = rows[tok], gate_up[e].float(), down[e].float()
+        g, u = (hx @ gu_w.t()).chunk(2, dim=-1)
+        s = torch.sigmoid(g)
+        act = g * s * u
+        y = act @ d_w.t()
+        dy = dy_all[tok]
+        dw[tok, slot] = (dy * y).sum(-1)
+        dyw = dy * weights[tok, slot, None].float()
+        dd[e] += dyw.t() @ act
+        da = dyw @ d_w
+        dg = da * u * s * (1 + g * (1 - s))
+        dgate_up = torch.cat([dg, da * g * s], dim=-1)
+        dgu[e] += dgate_up.t() @ hx
+        dx.index_add_(0, tok, dgate_up @ gu_w)
+    grads = {0: dx.view(h.shape), 1: dw, 3: dgu, 4: dd}
+    return [grads[i] for i in a["wrt"]]
+
+
+def moe_router_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dweights, h, w, logits, idx = x
+    probs = torch.softmax(logits.float(), dim=-1)
+    idx = idx.long()
+    top = probs.gather(1, idx)
+    dw = dweights.float()
+    if a.get("norm_topk_prob"):
+        total = top.sum(-1, keepdim=True)
+        normed = top / total
+        dtop = (dw - (dw * normed).sum(-1, keepdim=True)) / total
+    else:
+        dtop = dw
+    dprobs = torch.zeros_like(probs).scatter_(1, idx, dtop)
+    dlogits = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
+    rows = h.reshape(-1, h.shape[-1]).float()
+    grads = {0: (dlogits @ w.float()).view(h.shape), 1: dlogits.t() @ rows}
+    return [grads[i] for i in a["wrt"]]
+
+
+KERNELS = {"moe_router": moe_router, "moe_experts": moe_experts, "moe_experts_bwd": moe_experts_bwd,
+           "moe_router_bwd": moe_router_bwd}
