@@ -145,6 +145,11 @@ class Encoder:
             mask |= (off[:, 0] < end) & (off[:, 1] > start)
         return mask.astype(np.uint8)
 
+    def _tokenize(self, texts: list[str], add_special_tokens: bool) -> list:
+        # The Rust tokenizer directly: what `tokenizer(texts)` runs, without its per-row Python conversion
+        # (~10% of the encode time). Encodings carry `ids` and character `offsets`.
+        return self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+
     def _sample(self, spec: DatasetSpec, index: int, row: dict) -> tuple:
         sample = row_to_sample(spec, row, index, self.opts.use_chat_template)
         if sample[0] == "chat":
@@ -181,12 +186,10 @@ class Encoder:
         return result
 
     def _encode_group(self, kind: str, group: list[tuple[int, int, tuple]], result: EncodeResult) -> None:
-        tok = self.tokenizer
         if kind == "text":
-            enc = tok([s[2][1] for s in group], add_special_tokens=True)
             docs = []
-            for ids in enc["input_ids"]:
-                ids = self._with_eos(list(ids))
+            for encoding in self._tokenize([s[2][1] for s in group], add_special_tokens=True):
+                ids = self._with_eos(encoding.ids)
                 docs.append((np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=np.uint8)))
         else:
             if kind == "prompt":
@@ -195,11 +198,10 @@ class Encoder:
             else:
                 texts = [s[2][1] for s in group]
                 spans = [s[2][2] for s in group]
-            enc = tok(texts, add_special_tokens=(kind == "prompt"), return_offsets_mapping=True)
             docs = []
-            for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
-                mask = self._span_mask(offsets, sp)
-                ids = list(ids)
+            for encoding, sp in zip(self._tokenize(texts, add_special_tokens=(kind == "prompt")), spans, strict=True):
+                mask = self._span_mask(encoding.offsets, sp)
+                ids = encoding.ids
                 if kind == "prompt":  # the completion ends with EOS, and EOS is a target
                     if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
                         ids.append(self.eos_id)

@@ -189,6 +189,7 @@ def test_prompt_and_text_samples(tokenizer_factory):
     assert tok.decode(p_tokens) == "Q: hello\nA:\nworld</s>"
     assert trained_text(tok, p_tokens, p_mask) == "world</s>"
     assert tok.decode(t_tokens) == "one two three</s>"
+    assert t_tokens.tolist() == tok("one two three")["input_ids"] + [tok.eos_token_id]
     assert t_mask[0] == 0 and t_mask[1:].all()
     assert result.origins == [(2, 0), (1, 0)]
 
