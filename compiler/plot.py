@@ -15,18 +15,27 @@ _REGION_COLORS = {"forward": "#dbe9f6", "backward": "#fbe3d6", "optimizer": "#e2
 
 
 def phase_regions(plan: Plan) -> list[tuple[str, int, int]]:
-    """(phase, first, last) runs of compute phases over the schedule; copy/comm ops join their run."""
+    """(phase, first, last) runs of compute phases over the schedule.
+
+    Copy and comm ops belong to the phase of the next compute op (what they prepare), or of the last one.
+    """
+    phases: list[str | None] = [None] * len(plan.ops)
+    nxt = None
+    for i in range(len(plan.ops) - 1, -1, -1):
+        if plan.ops[i].phase in _REGION_COLORS:
+            nxt = plan.ops[i].phase
+        phases[i] = nxt
+    last = None
+    for i, p in enumerate(phases):
+        phases[i] = last = p or last
     regions: list[tuple[str, int, int]] = []
-    current = None
-    for i, op in enumerate(plan.ops):
-        phase = op.phase if op.phase in _REGION_COLORS else current
+    for i, phase in enumerate(phases):
         if phase is None:
             continue
         if regions and regions[-1][0] == phase:
             regions[-1] = (phase, regions[-1][1], i)
         else:
             regions.append((phase, i, i))
-        current = phase
     return regions
 
 

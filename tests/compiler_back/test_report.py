@@ -1,0 +1,77 @@
+from helpers import back_half
+
+from surogate.compiler.plot import phase_regions, plot_memory
+from surogate.compiler.report import (
+    build_report,
+    format_memory_table,
+    hardware_requirement,
+    human,
+    memory_table_text,
+    suggest_fixes,
+)
+
+
+def test_phase_regions_cover_forward_backward_optimizer_in_order():
+    plan = back_half(gpus=2, zero_level=3)
+    regions = phase_regions(plan)
+    assert [r[0] for r in regions] == ["forward", "backward", "optimizer"]
+    assert regions[0][1] == 0 and regions[-1][2] == len(plan.ops) - 1
+    for (_, _, end), (_, start, _) in zip(regions, regions[1:], strict=False):
+        assert start == end + 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = plot_memory(back_half(dict(recompute=True), offload_residual=True), tmp_path / "m.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
+
+
+def test_memory_table_lists_nonzero_categories_per_space():
+    plan = back_half(offload_optimizer=True, master_dtype="fp32")
+    text = memory_table_text(plan, width=120)
+    for label in ("trainable weights", "master weights", "gradients", "optimizer states", "activations",
+                  "arena (allocated)", "lower bound"):
+        assert label in text
+    assert "quantized weights" not in text  # no such tensors: no row
+    nonzero = [c for c, v in plan.memory["device"]["max_live"].items() if v or plan.memory["host"]["max_live"][c]]
+    assert format_memory_table(plan).row_count == len(nonzero) + 2
+    assert human(plan.memory["host"]["max_live"]["optimizer_states"]) in text
+
+
+def test_hardware_requirements():
+    assert hardware_requirement({"recipe": "nvfp4"})["min_sm"] == [10, 0]
+    assert hardware_requirement({"recipe": "bf16", "qlora_fp4": True})["min_sm"] == [10, 0]
+    assert hardware_requirement({"recipe": "fp8_hybrid"})["min_sm"] == [8, 9]
+    assert hardware_requirement({"recipe": "bf16", "qlora_fp8": True})["min_sm"] == [8, 9]
+    assert hardware_requirement({"recipe": "bf16"})["min_sm"] is None
+
+
+def test_report_against_a_detected_gpu():
+    plan = back_half()
+    peak = plan.memory["device"]["peak_bytes"]
+    gpu = {"name": "Fake H100", "memory_bytes": peak + 1, "capability": [9, 0]}
+    rep = build_report(plan, gpu=gpu)
+    assert rep["fits"] is True and rep["gpu"]["source"] == "detected" and rep["hardware"]["satisfied"] is True
+    plan.config["recipe"] = "nvfp4"
+    rep = build_report(plan, gpu=gpu, gpu_memory=peak - 1)
+    assert rep["fits"] is False and rep["gpu"]["source"] == "--gpu-memory" and rep["hardware"]["satisfied"] is False
+
+
+def test_suggestions_combine_knobs_when_none_fits_alone():
+    plan = back_half()
+    peak = plan.memory["device"]["peak_bytes"]
+    saves = {"offload_optimizer": 300, "recompute": 200, "lmhead_chunks": 100}
+
+    def replan(changes):
+        fake = back_half()
+        fake.memory["device"]["peak_bytes"] = peak - sum(v for k, v in saves.items() if k in changes)
+        return fake
+
+    result = suggest_fixes(plan, peak - 450, replan)
+    singles = [r for r in result if not r.get("combined")]
+    assert next(iter(singles[0]["changes"])) == "offload_optimizer"
+    assert [r["saves_bytes"] for r in singles] == sorted((r["saves_bytes"] for r in singles), reverse=True)
+    assert {r["saves_bytes"] for r in singles} == {300, 200, 100}  # knobs that change nothing are not listed
+    assert not any(r["fits"] for r in singles)
+    combined = result[-1]
+    assert combined["combined"] and combined["fits"]
+    assert set(combined["changes"]) >= {"offload_optimizer", "recompute"} and combined["saves_bytes"] == 500
