@@ -310,7 +310,7 @@ def _conversation(spec: DatasetSpec, row: dict, index: int) -> tuple:
         for prop in MESSAGE_PROPERTIES[2:]:
             value = msg.get(props.get(prop, prop))
             if value is not None:
-                message[prop] = _json_list(spec, value, index, f"{where}.{prop}") if prop == "tool_calls" else value
+                message[prop] = _structured(spec, value, index, f"{where}.{prop}") if prop == "tool_calls" else value
         if str(role_value).strip().lower() == "function_call" and "tool_calls" not in message:
             message = _sharegpt_call(spec, message, index, where)
         messages.append(message)
@@ -323,10 +323,27 @@ def _conversation(spec: DatasetSpec, row: dict, index: int) -> tuple:
     if spec.tools_field:
         value = row.get(spec.tools_field)
         if value not in (None, "", []):
-            tools = _json_list(spec, value, index, spec.tools_field)
+            tools = _structured(spec, value, index, spec.tools_field)
             if not all(isinstance(t, dict) for t in tools):
                 raise DataError(spec.label, index, spec.tools_field, "each tool must be an object", "wrong_type")
     return ("chat", messages, tools)
+
+
+def _structured(spec: DatasetSpec, value: Any, index: int, column: str) -> list:
+    """A list from a JSON string (kept exactly) or from arrow data (null-filled keys pruned)."""
+    return _json_list(spec, value, index, column) if isinstance(value, str) else \
+        _prune_nulls(_json_list(spec, value, index, column))
+
+
+def _prune_nulls(value: Any) -> Any:
+    """Drop null-valued keys, recursively. Arrow (JSON/parquet loading) gives every struct in a column the
+    union of all rows' keys, filling the missing ones with null; rendered as-is, tool schemas and call
+    arguments would gain keys the row never had. (Store them as JSON strings to keep explicit nulls.)"""
+    if isinstance(value, dict):
+        return {k: _prune_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_prune_nulls(v) for v in value]
+    return value
 
 
 def _sharegpt_call(spec: DatasetSpec, message: dict, index: int, where: str) -> dict:

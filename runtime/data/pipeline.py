@@ -170,6 +170,10 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
     sources += [resolve_source(d, i, "validation_datasets") for i, d in enumerate(val_cfgs)]
     loaded = [load_source(s) for s in sources]
     pad_id = pad_token_id(tokenizer)
+    try:  # resolved up front so that the template's source is part of the cache key
+        template, template_error = resolve_template(tokenizer, opts.use_chat_template, opts.template), None
+    except UserError as exc:  # only an error if some dataset turns out to need a chat template
+        template, template_error = ChatTemplate("none", ""), exc
     key_parts = {
         "options": opts.cache_fields(),
         "datasets": [_ds_dict(d) for d in train_cfgs],
@@ -177,6 +181,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         "data": [dataset_fingerprint(s, ds) for s, ds in zip(sources, loaded, strict=True)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "pad_token_id": pad_id,
+        "template": template.source,
     }
     folder = cache_root(cfg, rank) / cache_key(key_parts)
     if use_cache and entry_ready(folder):
@@ -195,7 +200,10 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
     chat = any(s.type == "conversation" or (s.type == "instruction" and opts.use_chat_template
                                             and s.prompt_format is None and s.prompt_format_no_input is None)
                for s in specs)
-    template = resolve_template(tokenizer, opts.use_chat_template, opts.template) if chat else ChatTemplate("none", "")
+    if chat and template_error is not None:
+        raise template_error
+    if not chat:
+        template = ChatTemplate("none", "")
     encoder = Encoder(tokenizer, template, opts, specs, on_bad_row)
 
     n_train = len(train_cfgs)

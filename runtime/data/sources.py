@@ -2,8 +2,10 @@
 
 Local files and URLs are read by the `datasets` builder matching their extension (.json/.jsonl -> json,
 .parquet, .csv, .txt -> text (one row per line, column `text`), .arrow); a folder holds files of one kind
-(searched recursively) or is a `Dataset.save_to_disk` folder. Anything else is a hub id, loaded with
-`subset` and `split` (from the local cache when offline). `split` and `subset` apply to hub ids only.
+(searched recursively) or is a `Dataset.save_to_disk` folder. When a folder's file names mark splits
+(`train.jsonl`, `test-00000.parquet`, `data/validation/...`), `split` picks those files; otherwise every
+file is used. Anything else is a hub id, loaded with `subset` and `split` (from the local cache when
+offline). `subset` applies to hub ids only; a single file ignores `split`.
 `samples` keeps the first N rows. Each source has a fingerprint for the tokenized cache: path, size and
 mtime of every local file; size and ETag/mtime of every remote file; the `datasets` fingerprint of a hub
 dataset (which is derived from its cached files).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,30 @@ def _supported(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in BUILDERS and not os.path.basename(name).startswith(".")
 
 
+# File-name words that mark a split inside a dataset folder (the Hugging Face naming convention).
+_SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev", "eval"),
+                "test": ("test", "testing")}
+
+
+def _split_of(relative: str) -> str | None:
+    words = set(re.split(r"[^a-z0-9]+", relative.lower()))
+    return next((split for split, names in _SPLIT_WORDS.items() if words & set(names)), None)
+
+
+def _select_split(files: list[str], root: str, split: str, where: str, path: str) -> list[str]:
+    """Files of `split` when the folder's file names mark splits (train.jsonl, test-0001.parquet, ...)."""
+    marked = {f: _split_of(f[len(root):]) for f in files}
+    if not any(marked.values()):
+        return files
+    wanted = _split_of(split) or split
+    chosen = [f for f in files if marked[f] == wanted]
+    if not chosen:
+        found = ", ".join(sorted({m for m in marked.values() if m}))
+        raise UserError(f"{where.rsplit('.', 1)[0]}.split: no {split!r} files in {path!r} (its files mark the "
+                        f"splits {found})")
+    return chosen
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or os.path.splitext(path)[1].lower() in BUILDERS
 
@@ -80,6 +107,7 @@ def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source
         files = sorted(str(p.resolve()) for p in local.rglob("*") if p.is_file() and _supported(p.name))
         if not files:
             raise UserError(f"{where}: folder {path!r} has no data files ({', '.join(BUILDERS)})")
+        files = _select_split(files, str(local.resolve()), common["split"], where, path)
         return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, path), **common)
     if _looks_local(path):
         raise UserError(f"{where}: file or folder {path!r} does not exist")
@@ -93,6 +121,7 @@ def _resolve_url(url: str, where: str, common: dict) -> Source:
         fs, root = fsspec.core.url_to_fs(url)
         if fs.isdir(root):
             found = sorted(p for p in fs.find(root) if _supported(p))
+            found = _select_split(found, root, common["split"], where, url) if found else found
             protocol = url.split("://", 1)[0]
             files = [f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}" for p in found]
         elif fs.exists(root):

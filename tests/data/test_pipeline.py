@@ -183,3 +183,22 @@ def test_config_errors(tmp_path, model_dir, conv_file):
         prepare(make_cfg(tmp_path, model, [{"path": conv_file, "type": "conversation"}], agent_template="x"))
     with pytest.raises(UserError, match=r"model: folder '/nonexistent/model' does not exist"):
         load_tokenizer(make_cfg(tmp_path, "/nonexistent/model", [{"path": conv_file, "type": "conversation"}]))
+
+
+def test_tool_rows_loaded_through_arrow_render_without_null_filled_keys(tmp_path, model_dir):
+    def row(name, args):
+        return {"messages": [
+            {"role": "user", "content": "weather"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                 "function": {"name": name, "arguments": args}}]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "ok"}],
+            "tools": [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}]}
+
+    path = write_jsonl(tmp_path / "tools.jsonl", [row("get_weather", {"city": "paris"}), row("get_time", {"zone": "utc"})])
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": path, "type": "conversation", "tools_field": "tools"}],
+                   template="qwen", sequence_len=512)
+    data = prepare(cfg)
+    text = load_tokenizer(cfg).decode(data.train.tokens)
+    assert '{"name": "get_weather", "arguments": {"city": "paris"}}' in text
+    assert '{"name": "get_time", "arguments": {"zone": "utc"}}' in text
+    assert "null" not in text and "<tools>" in text

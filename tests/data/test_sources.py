@@ -170,3 +170,14 @@ def test_local_fingerprint_changes_with_the_file(tmp_path):
     before = file_fingerprint(resolve_source(ds(path), 0))
     write_jsonl(path, ROWS + ROWS)
     assert file_fingerprint(resolve_source(ds(path), 0)) != before
+
+
+def test_folder_file_names_select_the_split(tmp_path):
+    write_jsonl(tmp_path / "d" / "train-00000.jsonl", ROWS[:4])
+    write_jsonl(tmp_path / "d" / "test.jsonl", ROWS[4:5])
+    write_jsonl(tmp_path / "d" / "dev" / "part.jsonl", ROWS[5:])
+    assert texts(resolve_source(ds(tmp_path / "d"), 0)) == [r["text"] for r in ROWS[:4]]
+    assert texts(resolve_source(ds(tmp_path / "d", split="test"), 0)) == ["row 4"]
+    assert texts(resolve_source(ds(tmp_path / "d", split="validation"), 0)) == ["row 5"]
+    with pytest.raises(UserError, match=r"datasets\[0\]\.split: no 'holdout' files .* splits test, train, validation"):
+        resolve_source(ds(tmp_path / "d", split="holdout"), 0)
