@@ -29,6 +29,12 @@ from surogate.runtime.observe.trackers import Tracker, make_trackers, require_ex
 PLOT_NAME = "training_loss.png"
 
 
+def phase_window(total_steps: int) -> int:
+    """Phase-detector window: a tenth of the run, between 20 and 100 steps, so a short fine-tune does
+    not sit in WARMUP for its whole length and a long one gets a noise-robust window."""
+    return min(100, max(20, total_steps // 10))
+
+
 def gpu_line(step: int, g: dict) -> str:
     parts = [f"util {g['gpu_util']:.0f}%"] if "gpu_util" in g else []
     parts.append(f"memory {g['gpu_mem_used_gb']:.1f}/{g['gpu_mem_total_gb']:.1f} GiB "
@@ -66,7 +72,7 @@ class TrainingObserver:
         self.gpu_every = int(getattr(cfg, "log_gpu_util", 0) or 0)
         self.report_every = self.gpu_every or DEFAULT_REPORT_INTERVAL
         self.timer = PhaseTimer(enabled=bool(getattr(cfg, "debug_time_breakdown", False)))
-        self.phase = dg.PhaseDetector(warmup_steps=run_info.warmup_steps)
+        self.phase = dg.PhaseDetector(window=phase_window(run_info.total_steps), warmup_steps=run_info.warmup_steps)
         self.plateau = dg.PlateauDetector()
         self.nonfinite = dg.NonFiniteGuard()
         self.lr_reducer = dg.AutoLRReducer() if getattr(cfg, "auto_lr_reduction", False) else None

@@ -82,7 +82,7 @@ def test_plain_mode_prints_about_100_lines(tmp_path):
     feed(obs, 1000, loss=lambda s: 2.0)
     printed = [ln.split(" |")[0] for ln in out.getvalue().splitlines() if ln.startswith("step ")]
     assert len(printed) == 101 and printed[0] == "step 1/1000" and printed[-1] == "step 1000/1000"
-    assert "phase WARMUP -> PLATEAU at step 50" in out.getvalue()
+    assert "phase WARMUP -> PLATEAU at step 100" in out.getvalue()  # window = 1000 // 10
     obs.on_end()
 
 
@@ -101,20 +101,20 @@ def test_auto_lr_reduction_decision_and_event(observer_factory, tmp_path):
     log = tmp_path / "l.jsonl"
     obs, out = observer_factory({"auto_lr_reduction": True, "log_file": str(log)}, {"total_steps": 200})
     obs.on_start()
-    decisions = feed(obs, 120, loss=lambda s: 6.0 if s == 100 else 2.0 + 0.01 * (-1) ** s)
-    assert [d.lr_scale for d in decisions[98:101]] == [1.0, 0.5, 0.5]
+    decisions = feed(obs, 120, loss=lambda s: 6.0 if s in (100, 101) else 2.0 + 0.01 * (-1) ** s)
+    assert [d.lr_scale for d in decisions[98:102]] == [1.0, 1.0, 0.5, 0.5]
     assert not any(d.stop or d.skip_step for d in decisions)
     ev = [r for r in records(log) if r.get("event") == "lr_reduction"]
-    assert len(ev) == 1 and ev[0]["step"] == 100 and ev[0]["scale"] == 0.5
-    assert "auto_lr_reduction #1 at step 100: loss spike" in out.getvalue()
-    step100 = next(r for r in records(log) if r["type"] == "step" and r["step"] == 100)
-    assert step100["lr_scale"] == 0.5
+    assert len(ev) == 1 and ev[0]["step"] == 101 and ev[0]["scale"] == 0.5
+    assert "auto_lr_reduction #1 at step 101: loss spike: 2 steps above mean" in out.getvalue()
+    step101 = next(r for r in records(log) if r["type"] == "step" and r["step"] == 101)
+    assert step101["lr_scale"] == 0.5
 
 
 def test_lr_reduction_off_by_default(observer_factory):
     obs, _ = observer_factory(None, {"total_steps": 200})
     obs.on_start()
-    decisions = feed(obs, 120, loss=lambda s: 6.0 if s == 100 else 2.0 + 0.01 * (-1) ** s)
+    decisions = feed(obs, 120, loss=lambda s: 6.0 if s in (100, 101) else 2.0 + 0.01 * (-1) ** s)
     assert all(d.lr_scale == 1.0 for d in decisions)
 
 
@@ -122,15 +122,16 @@ def test_early_stop_plateau_through_observer(observer_factory, tmp_path):
     log = tmp_path / "l.jsonl"
     obs, out = observer_factory({"early_stop": True, "log_file": str(log)}, {"total_steps": 1000})
     obs.on_start()
-    decisions = feed(obs, 560, loss=lambda s: 2.0)
+    decisions = feed(obs, 610, loss=lambda s: 2.0)
     first = next(i for i, d in enumerate(decisions, 1) if d.stop)
     d = decisions[first - 1]
-    assert first == 549 and d.save_checkpoint and d.stop_reason.startswith("plateau")
+    assert first == 599  # phase window 100: PLATEAU from step 100, 500th PLATEAU step is 599
+    assert d.save_checkpoint and d.stop_reason.startswith("plateau")
     obs.on_end()
     recs = records(log)
-    assert [r["step"] for r in recs if r.get("event") == "early_stop"] == [549]
+    assert [r["step"] for r in recs if r.get("event") == "early_stop"] == [599]
     assert recs[-1]["status"] == "stopped early" and recs[-1]["stop_reason"].startswith("plateau")
-    assert "stopping at step 549: plateau" in out.getvalue()
+    assert "stopping at step 599: plateau" in out.getvalue()
     assert "plateau at step 200" in out.getvalue()  # the always-on warning came long before
 
 
@@ -201,9 +202,9 @@ def test_non_main_rank_writes_nothing_but_decides(tmp_path):
     obs = TrainingObserver(cfg, None, make_info(total_steps=1000), is_main=False, console_file=out,
                            force_terminal=False)
     obs.on_start()
-    stops = [i for i, d in enumerate(feed(obs, 560, loss=lambda s: 2.0), 1) if d.stop]
+    stops = [i for i, d in enumerate(feed(obs, 610, loss=lambda s: 2.0), 1) if d.stop]
     obs.on_end()
-    assert stops[0] == 549
+    assert stops[0] == 599
     assert out.getvalue() == "" and not (tmp_path / "l.jsonl").exists() and not (tmp_path / "o").exists()
 
 
@@ -254,3 +255,9 @@ def test_failing_tracker_is_dropped_not_fatal(observer_factory, tmp_path):
     assert "wandb: logging failed at step 1 (ConnectionError('network down'))" in out.getvalue()
     assert [r["step"] for r in records(log) if r["type"] == "step"] == [1, 2, 3]
     assert [r["event"] for r in records(log) if r.get("event") == "tracker_error"] == ["tracker_error"]
+
+
+def test_phase_window_scales_with_run_length():
+    from surogate.runtime.observe.observer import phase_window
+
+    assert [phase_window(n) for n in (10, 60, 500, 1000, 100_000)] == [20, 20, 50, 100, 100]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 from surogate.runtime.observe.diagnostics import PhaseDetector, PlateauDetector
 from surogate.runtime.observe.events import Phase
 
@@ -84,3 +87,21 @@ def test_plateau_needs_two_windows():
     det = PlateauDetector(window=100)
     assert all(det.update(s, 1.0) is None for s in range(1, 200))
     assert det.update(200, 1.0) is not None
+
+
+def test_flat_noisy_loss_reads_plateau_not_flipping():
+    rng = random.Random(0)
+    losses = [2.0 + rng.gauss(0.0, 0.2) for _ in range(2000)]  # 10% noise, no trend
+    _, phases = run_phases(losses, window=100)
+    counted = phases[99:]
+    assert counted.count(Phase.PLATEAU) / len(counted) > 0.99
+    assert Phase.DIVERGING not in counted and Phase.UNSTABLE not in counted
+
+
+def test_noisy_decay_reads_converging_then_plateau():
+    rng = random.Random(1)
+    losses = [1.0 + 2.0 * math.exp(-t / 300) + rng.gauss(0.0, 0.1) for t in range(1, 3001)]
+    _, phases = run_phases(losses, window=100)
+    early, late = phases[99:400], phases[1500:]
+    assert early.count(Phase.CONVERGING) == len(early)
+    assert late.count(Phase.PLATEAU) / len(late) > 0.99

@@ -21,13 +21,17 @@ class LRReduction:
 class AutoLRReducer:
     """Rolling-window anomaly detector that scales the LR schedule by `factor` (0.5), at most 5 times.
 
-    At each step, against the previous `window` (50) steps (excluding the current one):
-    - loss spike: loss > mean + 3 * sigma, with sigma = max(population std, 1e-3 * |mean|) so that a
-      perfectly flat loss does not turn rounding noise into a spike;
-    - gradient explosion: grad_norm > 10 x mean(grad_norm).
-    Detection starts once `min_history` (20) values are in the window. After a reduction the detector waits
-    `cooldown` (20) steps, so one spike lasting a few steps costs one reduction, not five. The current step
-    always enters the window afterwards (a lasting level shift becomes the new normal).
+    Against the last `window` (50) normal steps:
+    - loss spike: loss > mean + 3 * sigma on `confirm` (2) consecutive steps, with
+      sigma = max(population std, 1e-3 * |mean|) so that a perfectly flat loss does not turn rounding
+      noise into a spike. One step above 3 sigma happens by chance about once in 740 steps of Gaussian
+      noise (a long run would halve its LR five times for nothing); two in a row about once in 550,000,
+      while a real spike lasts several steps. Steps awaiting confirmation stay out of the window so they
+      do not inflate the sigma they are judged against;
+    - gradient explosion: grad_norm > 10 x mean(grad_norm), on a single step (noise never does that).
+    Detection starts once `min_history` (20) values are in the window. After a reduction the detector
+    waits `cooldown` (20) steps, so one spike lasting a few steps costs one reduction, not five. Every
+    step enters the window once judged, so a lasting level shift becomes the new normal.
     """
 
     def __init__(
@@ -39,6 +43,7 @@ class AutoLRReducer:
         factor: float = 0.5,
         max_reductions: int = 5,
         cooldown: int = 20,
+        confirm: int = 2,
     ):
         self.min_history = min_history
         self.sigmas = sigmas
@@ -46,35 +51,47 @@ class AutoLRReducer:
         self.factor = factor
         self.max_reductions = max_reductions
         self.cooldown = cooldown
+        self.confirm = confirm
         self._losses: deque[float] = deque(maxlen=window)
         self._grads: deque[float] = deque(maxlen=window)
+        self._pending: list[float] = []  # consecutive high losses awaiting confirmation
         self.scale = 1.0
         self.reductions: list[LRReduction] = []
 
-    def _anomaly(self, loss: float, grad_norm: float | None) -> str | None:
-        if len(self._losses) >= self.min_history:
-            m = mean(self._losses)
-            sigma = max(pstdev(self._losses), 1e-3 * abs(m))
-            limit = m + self.sigmas * sigma
-            if loss > limit:
-                return f"loss spike: {loss:.4g} > mean {m:.4g} + {self.sigmas:g} sigma ({limit:.4g})"
-        if grad_norm is not None and len(self._grads) >= self.min_history:
-            g = mean(self._grads)
-            if g > 0 and grad_norm > self.grad_ratio * g:
-                return f"gradient explosion: grad_norm {grad_norm:.4g} > {self.grad_ratio:g} x average {g:.4g}"
+    def _loss_limit(self) -> tuple[float, float] | None:
+        if len(self._losses) < self.min_history:
+            return None
+        m = mean(self._losses)
+        return m, m + self.sigmas * max(pstdev(self._losses), 1e-3 * abs(m))
+
+    def _grad_anomaly(self, grad_norm: float | None) -> str | None:
+        if grad_norm is None or len(self._grads) < self.min_history:
+            return None
+        g = mean(self._grads)
+        if g > 0 and grad_norm > self.grad_ratio * g:
+            return f"gradient explosion: grad_norm {grad_norm:.4g} > {self.grad_ratio:g} x average {g:.4g}"
         return None
 
     def update(self, step: int, loss: float, grad_norm: float | None = None) -> LRReduction | None:
         """Add one finite step; return the reduction it triggered, if any."""
+        loss = float(loss)
+        limit = self._loss_limit()
+        high = limit is not None and loss > limit[1]
+        reason = self._grad_anomaly(grad_norm)
+        if high:
+            self._pending.append(loss)
+            if reason is None and len(self._pending) >= self.confirm:
+                reason = (f"loss spike: {self.confirm} steps above mean {limit[0]:.4g} + {self.sigmas:g} sigma "
+                          f"({limit[1]:.4g}), last {loss:.4g}")
         event = None
         cooling = self.reductions and step - self.reductions[-1].step <= self.cooldown
-        if len(self.reductions) < self.max_reductions and not cooling:
-            reason = self._anomaly(loss, grad_norm)
-            if reason is not None:
-                self.scale *= self.factor
-                event = LRReduction(step, self.scale, len(self.reductions) + 1, reason)
-                self.reductions.append(event)
-        self._losses.append(float(loss))
+        if reason is not None and len(self.reductions) < self.max_reductions and not cooling:
+            self.scale *= self.factor
+            event = LRReduction(step, self.scale, len(self.reductions) + 1, reason)
+            self.reductions.append(event)
+        if not high or event is not None or len(self._pending) >= self.confirm:
+            self._losses.extend(self._pending if high else [*self._pending, loss])
+            self._pending = []
         if grad_norm is not None:
             self._grads.append(float(grad_norm))
         return event

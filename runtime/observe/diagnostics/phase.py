@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from itertools import islice
 
@@ -12,26 +13,29 @@ from surogate.runtime.observe.events import Phase
 class PhaseDetector:
     """Classifies every step from the last `window` finite losses (and gradient norms).
 
-    Definitions (A = older half of the window, B = newer half, r = (mean(B) - mean(A)) / |mean(A)|):
+    Definitions (A = older half of the window, B = newer half, r = (mean(B) - mean(A)) / |mean(A)|,
+    se = sqrt(var(A)/|A| + var(B)/|B|) / |mean(A)| the relative standard error of that difference):
 
     - WARMUP: step <= `warmup_steps` (the LR warmup), or fewer than `window` losses seen yet.
-    - DIVERGING: r > `diverge_tol` (loss rose by more than 5% between the halves).
-    - UNSTABLE: std(B) / |mean(B)| > `unstable_cv` (loss noise above 15% of its level), or the largest
+    - DIVERGING: r > max(`diverge_tol`, 3 se): the loss rose by more than 5%, beyond its noise.
+    - UNSTABLE: std(B) / |mean(B)| > `unstable_cv` (loss noise above 25% of its level), or the largest
       gradient norm in B exceeds `spike_ratio` x the window's median gradient norm.
-    - CONVERGING: r < -`converge_tol` (loss fell by more than 1% between the halves).
-    - PLATEAU: otherwise (|change| within tolerance, no instability).
+    - CONVERGING: r < -max(`converge_tol`, 3 se): the loss fell by more than 1%, beyond its noise.
+    - PLATEAU: otherwise (no change distinguishable from noise, no instability).
 
-    Rules are checked in that order. `steps_in_phase` counts consecutive steps in the current phase
-    (early stopping reads it); `update` returns True in `changed` when the phase differs from the last step.
+    Rules are checked in that order. The 3-sigma margins keep per-step noise from flipping the phase
+    (a flat noisy loss reads PLATEAU, not alternately CONVERGING and DIVERGING). `steps_in_phase` counts
+    consecutive steps in the current phase (early stopping reads it); `update` returns True in
+    `changed` when the phase differs from the previous step's.
     """
 
     def __init__(
         self,
-        window: int = 50,
+        window: int = 100,
         warmup_steps: int = 0,
         converge_tol: float = 0.01,
         diverge_tol: float = 0.05,
-        unstable_cv: float = 0.15,
+        unstable_cv: float = 0.25,
         spike_ratio: float = 10.0,
     ):
         if window < 4:
@@ -54,13 +58,14 @@ class PhaseDetector:
         half = self.window // 2
         older = list(islice(self._losses, 0, self.window - half))
         newer = list(islice(self._losses, self.window - half, self.window))
-        r = rel_change(mean(older), mean(newer))
-        if r > self.diverge_tol:
+        m_old, m_new = mean(older), mean(newer)
+        r = rel_change(m_old, m_new)
+        se = math.sqrt(pstdev(older) ** 2 / len(older) + pstdev(newer) ** 2 / len(newer)) / max(abs(m_old), 1e-12)
+        if r > max(self.diverge_tol, 3 * se):
             return Phase.DIVERGING
-        cv = pstdev(newer) / max(abs(mean(newer)), 1e-12)
-        if cv > self.unstable_cv or self._grad_spike(half):
+        if pstdev(newer) / max(abs(m_new), 1e-12) > self.unstable_cv or self._grad_spike(half):
             return Phase.UNSTABLE
-        if r < -self.converge_tol:
+        if r < -max(self.converge_tol, 3 * se):
             return Phase.CONVERGING
         return Phase.PLATEAU
 
