@@ -49,7 +49,7 @@ def plot_memory(plan: Plan, path: str | os.PathLike, space: str = "device") -> P
     cats, lines = timeline(plan, space)
     gib = 2**30
     x = range(lines.shape[1])
-    fig, ax = plt.subplots(figsize=(12, 5))
+    fig, ax = plt.subplots(figsize=(13, 5))
     for phase, a, b in phase_regions(plan):
         ax.axvspan(a - 0.5, b + 0.5, color=_REGION_COLORS[phase], alpha=0.6, lw=0)
         ax.text((a + b) / 2, 1.0, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
@@ -61,7 +61,7 @@ def plot_memory(plan: Plan, path: str | os.PathLike, space: str = "device") -> P
     ax.set_xlabel("schedule position (op index)")
     ax.set_ylabel(f"live {space} memory per rank (GiB)")
     ax.set_xlim(-0.5, max(lines.shape[1] - 0.5, 0.5))
-    ax.legend(loc="upper left", fontsize=8, ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: keep the peak visible
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

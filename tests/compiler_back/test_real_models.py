@@ -212,3 +212,21 @@ def test_plan_file_is_deterministic_across_processes(tiny_dir, tmp_path):
         subprocess.run([sys.executable, "-c", code, str(cfg), str(out)], check=True, env=env, capture_output=True)
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+def test_plan_cli_json_on_a_real_model(tiny_dir, tmp_path, capsys):
+    from surogate.cli import main
+    from surogate.compiler.planfile import read_plan
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_dir(2)}\nsequence_len: 64\nlora: true\nlora_rank: 4\noffload_residual: true\n")
+    assert main(["plan", str(cfg), "--json", "-o", str(tmp_path / "plan.bin"), "--gpu-memory", "64KiB"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    plan = read_plan(tmp_path / "plan.bin")
+    assert rep["parameters"] == plan.meta["parameters"] and rep["parameters"]["trainable"] < rep["parameters"]["total"]
+    d = rep["memory"]["device"]
+    assert d["peak_bytes"] == plan.arenas["device"] and rep["memory"]["host"]["peak_bytes"] == plan.arenas["host"] > 0
+    assert sum(d["categories"].values()) == d["lower_bound_bytes"] <= d["peak_bytes"]
+    assert d["categories"]["frozen_weights"] > 0 and d["categories"]["trainable_weights"] > 0
+    assert rep["fits"] is False and rep["suggestions"]
+    assert {k for s in rep["suggestions"] for k in s["changes"]} >= {"qlora_bnb"}
