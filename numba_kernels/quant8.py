@@ -61,8 +61,10 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def normalise_ref(b: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """b / absmax per block row, 0 where absmax is 0."""
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return torch.where(absmax[:, None] > 0, b / safe[:, None], torch.zeros_like(b))
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None].expand_as(b)
+    # expanded, never a one-element divisor: torch divides by a CPU scalar as a reciprocal multiply,
+    # which is not the IEEE division the kernels do
+    return torch.where(absmax[:, None] > 0, b / safe, torch.zeros_like(b))
 
 
 def quantize_blockwise_ref(
