@@ -103,9 +103,9 @@ class _Autodiff:
         group.intersection_update(live)  # finished tensors no longer constrain anything
         for s in group:
             rs, rt = reader(s), reader(t)
-            if rs is not None and any(w > rs for w in writers(t)):
+            if rs is not None and any(w >= rs for w in writers(t)):
                 return False
-            if rt is not None and any(w > rt for w in writers(s)):
+            if rt is not None and any(w >= rt for w in writers(s)):
                 return False
         return True
 
