@@ -20,6 +20,8 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,16 +95,42 @@ def _work(items: list[tuple[int, int, dict]]) -> EncodeResult:
     return _WORKER_ENCODER.encode_rows(items)
 
 
-def _encode_tasks(encoder: Encoder, tasks: list[list[tuple[int, int, dict]]], workers: int) -> list[EncodeResult]:
-    """Encode every task, in worker processes when `workers` > 0 (results in task order)."""
-    if workers <= 0 or len(tasks) <= 1:
-        return [encoder.encode_rows(t) for t in tasks]
+Task = tuple[str, list[tuple[int, int, dict]]]  # (split name, [(dataset position, row index, row)])
+
+
+def _iter_tasks(loaded: list, eval_masks: list[np.ndarray], chunk_size: int) -> Iterator[Task]:
+    """Chunks of rows, read lazily so that only the chunks in flight are held in memory."""
+    for position, ds in enumerate(loaded):
+        is_eval = eval_masks[position]
+        for start in range(0, len(ds), chunk_size):
+            rows = _rows(ds, start, min(len(ds), start + chunk_size))
+            for split_name, flag in (("train", False), ("eval", True)):
+                items = [(position, start + j, row) for j, row in enumerate(rows) if is_eval[start + j] == flag]
+                if items:
+                    yield split_name, items
+
+
+def _encode_tasks(encoder: Encoder, tasks: Iterator[Task], workers: int) -> Iterator[tuple[str, EncodeResult]]:
+    """Encode every task, in `workers` processes when > 0; results in task order, at most 2 tasks per
+    worker in flight (bounded memory). A worker's exception (e.g. `DataError`) is re-raised here as is."""
+    if workers <= 0:
+        for split_name, items in tasks:
+            yield split_name, encoder.encode_rows(items)
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers parallelise; avoid fork warnings
     # fork: workers inherit the loaded tokenizer and imported modules instead of re-importing torch.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context,
-                             initializer=_init_worker, initargs=(encoder,)) as pool:
-        return list(pool.map(_work, tasks))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(encoder,)) as pool:
+        window: deque = deque()
+        for split_name, items in tasks:
+            window.append((split_name, pool.submit(_work, items)))
+            if len(window) >= 2 * workers:
+                name, future = window.popleft()
+                yield name, future.result()
+        while window:
+            name, future = window.popleft()
+            yield name, future.result()
 
 
 # ------------------------------------------------------------------------------------------- splits
@@ -209,22 +237,13 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
     n_train = len(train_cfgs)
     masks = _eval_masks([len(ds) for ds in loaded[:n_train]], 0.0 if val_cfgs else opts.validation_split_ratio,
                         opts.eval_seed)
-    tasks: list[list[tuple[int, int, dict]]] = []
-    task_split: list[str] = []
-    rows_in = {"train": 0, "eval": 0}
-    for position, ds in enumerate(loaded):
-        is_eval = masks[position] if position < n_train else np.ones(len(ds), dtype=bool)
-        for start in range(0, len(ds), chunk_size):
-            rows = _rows(ds, start, min(len(ds), start + chunk_size))
-            for split_name, flag in (("train", False), ("eval", True)):
-                items = [(position, start + j, row) for j, row in enumerate(rows) if is_eval[start + j] == flag]
-                if items:
-                    tasks.append(items)
-                    task_split.append(split_name)
-                    rows_in[split_name] += len(items)
-    results = _encode_tasks(encoder, tasks, opts.num_workers)
+    eval_masks = masks + [np.ones(len(ds), dtype=bool) for ds in loaded[n_train:]]
+    rows_in = {"train": int(sum(np.count_nonzero(~m) for m in eval_masks)),
+               "eval": int(sum(np.count_nonzero(m) for m in eval_masks))}
+    # Tiny inputs are encoded in-process: starting workers would cost more than it saves.
+    workers = opts.num_workers if sum(len(ds) for ds in loaded) > chunk_size else 0
     merged = {"train": EncodeResult(), "eval": EncodeResult()}
-    for split_name, result in zip(task_split, results, strict=True):
+    for split_name, result in _encode_tasks(encoder, _iter_tasks(loaded, eval_masks, chunk_size), workers):
         merged[split_name].extend(result)
     counts = merged["train"].counts + merged["eval"].counts
     if not merged["train"].docs:

@@ -93,7 +93,7 @@ def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source
     common = {"index": index, "path": path, "subset": getattr(ds_cfg, "subset", None),
               "split": getattr(ds_cfg, "split", None) or "train", "samples": getattr(ds_cfg, "samples", None),
               "section": section}
-    if "://" in path and not path.startswith("hf://"):
+    if "://" in path:
         return _resolve_url(path, where, common)
     local = Path(path).expanduser()
     if local.is_file():
