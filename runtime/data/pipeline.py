@@ -10,6 +10,10 @@ Eval split: `validation_datasets` when given; else a `validation_split_ratio` sh
 pieces of one split row never land on both sides). Row order inside each split is the dataset order;
 `TokenizedSplit.batches` shuffles rows per epoch with `train_seed` / `eval_seed`.
 
+Rows of `sequence_len` tokens: `sample_packing` packs documents by best-fit decreasing; otherwise
+`padding_free` concatenates them in dataset order (a new row when the next one does not fit); otherwise
+each document is its own row, padded. `max_length` (default `sequence_len`) bounds every document.
+
 Bad rows raise `DataError` (dataset, row, field) by default, also from worker processes;
 `on_bad_row="skip"` (CLI: `surogate tokenize --skip-bad-rows`) counts and reports them instead.
 """
