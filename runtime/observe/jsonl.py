@@ -13,14 +13,19 @@ from surogate.errors import UserError
 
 
 def _clean(value: object) -> object:
-    """JSON has no NaN/Inf: write them as strings so every line stays valid JSON."""
+    """JSON has no NaN/Inf: write them as strings so every line stays valid JSON. numpy scalars and
+    0-d torch tensors become Python numbers; anything else unknown becomes its str()."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 class JsonlWriter:

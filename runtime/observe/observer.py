@@ -8,6 +8,7 @@ detectors are deterministic functions of the (all-reduced) metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -27,6 +28,23 @@ from surogate.runtime.observe.timing import PhaseTimer, format_breakdown
 from surogate.runtime.observe.trackers import Tracker, make_trackers, require_extra
 
 PLOT_NAME = "training_loss.png"
+
+
+def _py(value: object) -> object:
+    """numpy scalar / 0-d tensor -> Python number; anything else unchanged."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
+
+
+def _as_floats(m: StepMetrics) -> StepMetrics:
+    """Accept numpy scalars / 0-d tensors from the loop; keep plain Python numbers from here on."""
+    return dataclasses.replace(
+        m, step=int(m.step), loss=float(m.loss), lr=float(m.lr), tokens=int(m.tokens),
+        grad_norm=None if m.grad_norm is None else float(m.grad_norm),
+        epoch=None if m.epoch is None else float(m.epoch),
+        extra={k: _py(v) for k, v in m.extra.items()},
+    )
 
 
 def phase_window(total_steps: int) -> int:
@@ -150,6 +168,7 @@ class TrainingObserver:
 
     def on_step(self, m: StepMetrics) -> Decisions:
         """After each optimizer step. A non-finite loss / grad norm is handled as `on_nonfinite`."""
+        m = _as_floats(m)
         if not dg.NonFiniteGuard.is_finite(m.loss, m.grad_norm):
             what = "loss" if not dg.NonFiniteGuard.is_finite(m.loss) else "gradients"
             return self.on_nonfinite(m.step, None, what)
@@ -215,6 +234,7 @@ class TrainingObserver:
 
     def on_eval(self, m: EvalMetrics) -> Decisions:
         """After each evaluation pass."""
+        m = dataclasses.replace(m, step=int(m.step), loss=float(m.loss), extra={k: _py(v) for k, v in m.extra.items()})
         rec = {"step": m.step, "loss": m.loss, **m.extra}
         if math.isfinite(m.loss):
             rec["perplexity"] = math.exp(min(m.loss, 50.0))

@@ -261,3 +261,18 @@ def test_phase_window_scales_with_run_length():
     from surogate.runtime.observe.observer import phase_window
 
     assert [phase_window(n) for n in (10, 60, 500, 1000, 100_000)] == [20, 20, 50, 100, 100]
+
+
+def test_accepts_numpy_and_tensor_scalars(observer_factory, tmp_path):
+    import numpy as np
+    import torch
+
+    log = tmp_path / "l.jsonl"
+    obs, _ = observer_factory({"log_file": str(log)})
+    obs.on_start()
+    obs.on_step(StepMetrics(step=np.int64(1), loss=torch.tensor(2.5), lr=np.float32(1e-4),
+                            grad_norm=torch.tensor(0.75), tokens=torch.tensor(64), extra={"aux": np.float32(0.5)}))
+    obs.on_eval(EvalMetrics(step=1, loss=np.float64(2.25), extra={"acc": torch.tensor(0.5)}))
+    step, ev = [r for r in records(log) if r["type"] in ("step", "eval")]
+    assert (step["loss"], step["grad_norm"], step["tokens"], step["aux"]) == (2.5, 0.75, 64, 0.5)
+    assert step["lr"] == pytest.approx(1e-4) and ev["loss"] == 2.25 and ev["acc"] == 0.5
