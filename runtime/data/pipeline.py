@@ -261,7 +261,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         counts=dict(counts),
         skipped_examples=(merged["train"].skipped + merged["eval"].skipped)[:_MAX_SKIPPED_SHOWN],
         detected=detected, template=template.name, cache_dir=str(folder) if use_cache else None,
-        rows_tokenized=rows_in["train"] + rows_in["eval"], num_workers=opts.num_workers)
+        rows_tokenized=rows_in["train"] + rows_in["eval"], num_workers=workers)
     data = PreparedData(train, evals, stats)
     stats.seconds = time.perf_counter() - started
     if use_cache:
