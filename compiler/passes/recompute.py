@@ -84,6 +84,11 @@ def _reemit(graph: Graph, fops: list[Op], produced: set[str], drop: set[str], bo
                    {**op.attrs, "recompute": True}, "backward", op.layer)
         graph.add_op(clone)
         names.append(clone.name)
+    for op in chosen:
+        for i in op.inputs:
+            t = graph.tensors[i]
+            if i not in rename and t.role == Role.TEMPORARY:
+                t.role = Role.ACTIVATION  # e.g. the embedding output, now a checkpoint read by layer 0's recompute
     for op in bops:
         op.inputs[:] = [rename[i] if i in drop else i for i in op.inputs]
     for t in drop:

@@ -115,6 +115,7 @@ def test_recompute_lowers_activation_bytes_and_keeps_layer_inputs(lora):
     rc.check()
     assert _bytes(rc, Role.ACTIVATION) < 0.25 * _bytes(base, Role.ACTIVATION)
     saved_layer = {t.name for t in rc.tensors.values() if t.role == Role.ACTIVATION and t.layer is not None}
+    assert rc.tensors["embed.out"].role == Role.ACTIVATION  # layer 0's recompute starts from it
     assert saved_layer == {f"L{i}.out" for i in range(28)}  # layer outputs = next inputs (last: final norm)
     first_bwd: dict[int, int] = {}
     for i, op in enumerate(rc.ops()):
@@ -123,6 +124,13 @@ def test_recompute_lowers_activation_bytes_and_keeps_layer_inputs(lora):
     for i, op in enumerate(rc.ops()):
         if op.attrs.get("recompute"):
             assert op.phase == "backward" and i < first_bwd[op.layer]
+    for graph in (base, rc):  # whatever backward reads from the forward pass is a saved activation
+        for op in graph.ops():
+            if op.phase == "backward":
+                for t in op.inputs:
+                    prod = graph.producers(t)
+                    if prod and graph.op(prod[0]).phase == "forward":
+                        assert graph.tensors[t].role == Role.ACTIVATION, (op.name, t)
 
 
 def test_emit_backward_is_one_micro_step_with_loss_seed():
