@@ -6,8 +6,23 @@ derives from them, so the loop never formats or decides anything itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
+
+
+def _py(value: object) -> object:
+    """numpy scalar / 0-d tensor -> Python number; anything else unchanged."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
+
+
+def _py_dict(d: dict) -> dict:
+    return {k: _py(v) for k, v in d.items()}
+
+
+def _opt_float(value: object) -> float | None:
+    return None if value is None else float(value)
 
 
 class Phase(str, Enum):
@@ -68,6 +83,14 @@ class StepMetrics:
     step_time: float | None = None
     extra: dict = field(default_factory=dict)
 
+    def normalized(self) -> StepMetrics:
+        """A copy holding plain Python numbers (the loop may pass numpy scalars or 0-d tensors)."""
+        return replace(
+            self, step=int(self.step), loss=float(self.loss), lr=float(self.lr), tokens=int(self.tokens),
+            grad_norm=_opt_float(self.grad_norm), epoch=_opt_float(self.epoch),
+            step_time=_opt_float(self.step_time), extra=_py_dict(self.extra),
+        )
+
 
 @dataclass(frozen=True)
 class EvalMetrics:
@@ -76,6 +99,10 @@ class EvalMetrics:
     step: int
     loss: float
     extra: dict = field(default_factory=dict)
+
+    def normalized(self) -> EvalMetrics:
+        """A copy holding plain Python numbers."""
+        return replace(self, step=int(self.step), loss=float(self.loss), extra=_py_dict(self.extra))
 
 
 @dataclass

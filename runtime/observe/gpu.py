@@ -58,3 +58,13 @@ def sample_gpu(device: int | None = None) -> dict | None:
     out["gpu_mem_used_gb"] = (total - free) / 2**30
     out["gpu_mem_total_gb"] = total / 2**30
     return out
+
+
+def gpu_line(step: int, g: dict) -> str:
+    """One console line for a `sample_gpu` result."""
+    parts = [f"util {g['gpu_util']:.0f}%"] if "gpu_util" in g else []
+    parts.append(f"memory {g['gpu_mem_used_gb']:.1f}/{g['gpu_mem_total_gb']:.1f} GiB "
+                 f"(torch {g['torch_allocated_gb']:.1f} allocated)")
+    if "gpu_power_w" in g:
+        parts.append(f"power {g['gpu_power_w']:.0f} W")
+    return f"gpu at step {step}: " + ", ".join(parts)

@@ -8,7 +8,6 @@ detectors are deterministic functions of the (all-reduced) metrics.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -18,7 +17,7 @@ from typing import IO
 from surogate.runtime.observe import diagnostics as dg
 from surogate.runtime.observe.console import ConsoleReporter
 from surogate.runtime.observe.events import Decisions, EndSummary, EvalMetrics, RunInfo, StepMetrics
-from surogate.runtime.observe.gpu import sample_gpu
+from surogate.runtime.observe.gpu import gpu_line, sample_gpu
 from surogate.runtime.observe.jsonl import JsonlWriter
 from surogate.runtime.observe.memory import format_memory_breakdown
 from surogate.runtime.observe.naming import config_dict, report_targets, resolve_run_name
@@ -28,38 +27,6 @@ from surogate.runtime.observe.timing import PhaseTimer, format_breakdown
 from surogate.runtime.observe.trackers import Tracker, make_trackers, require_extra
 
 PLOT_NAME = "training_loss.png"
-
-
-def _py(value: object) -> object:
-    """numpy scalar / 0-d tensor -> Python number; anything else unchanged."""
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        return value.item()
-    return value
-
-
-def _as_floats(m: StepMetrics) -> StepMetrics:
-    """Accept numpy scalars / 0-d tensors from the loop; keep plain Python numbers from here on."""
-    return dataclasses.replace(
-        m, step=int(m.step), loss=float(m.loss), lr=float(m.lr), tokens=int(m.tokens),
-        grad_norm=None if m.grad_norm is None else float(m.grad_norm),
-        epoch=None if m.epoch is None else float(m.epoch),
-        extra={k: _py(v) for k, v in m.extra.items()},
-    )
-
-
-def phase_window(total_steps: int) -> int:
-    """Phase-detector window: a tenth of the run, between 20 and 100 steps, so a short fine-tune does
-    not sit in WARMUP for its whole length and a long one gets a noise-robust window."""
-    return min(100, max(20, total_steps // 10))
-
-
-def gpu_line(step: int, g: dict) -> str:
-    parts = [f"util {g['gpu_util']:.0f}%"] if "gpu_util" in g else []
-    parts.append(f"memory {g['gpu_mem_used_gb']:.1f}/{g['gpu_mem_total_gb']:.1f} GiB "
-                 f"(torch {g['torch_allocated_gb']:.1f} allocated)")
-    if "gpu_power_w" in g:
-        parts.append(f"power {g['gpu_power_w']:.0f} W")
-    return f"gpu at step {step}: " + ", ".join(parts)
 DEFAULT_REPORT_INTERVAL = 100  # time breakdown interval when log_gpu_util is 0
 
 
@@ -90,7 +57,7 @@ class TrainingObserver:
         self.gpu_every = int(getattr(cfg, "log_gpu_util", 0) or 0)
         self.report_every = self.gpu_every or DEFAULT_REPORT_INTERVAL
         self.timer = PhaseTimer(enabled=bool(getattr(cfg, "debug_time_breakdown", False)))
-        self.phase = dg.PhaseDetector(window=phase_window(run_info.total_steps), warmup_steps=run_info.warmup_steps)
+        self.phase = dg.PhaseDetector(window=dg.phase_window(run_info.total_steps), warmup_steps=run_info.warmup_steps)
         self.plateau = dg.PlateauDetector()
         self.nonfinite = dg.NonFiniteGuard()
         self.lr_reducer = dg.AutoLRReducer() if getattr(cfg, "auto_lr_reduction", False) else None
@@ -168,7 +135,7 @@ class TrainingObserver:
 
     def on_step(self, m: StepMetrics) -> Decisions:
         """After each optimizer step. A non-finite loss / grad norm is handled as `on_nonfinite`."""
-        m = _as_floats(m)
+        m = m.normalized()
         if not dg.NonFiniteGuard.is_finite(m.loss, m.grad_norm):
             what = "loss" if not dg.NonFiniteGuard.is_finite(m.loss) else "gradients"
             return self.on_nonfinite(m.step, None, what)
@@ -234,7 +201,7 @@ class TrainingObserver:
 
     def on_eval(self, m: EvalMetrics) -> Decisions:
         """After each evaluation pass."""
-        m = dataclasses.replace(m, step=int(m.step), loss=float(m.loss), extra={k: _py(v) for k, v in m.extra.items()})
+        m = m.normalized()
         rec = {"step": m.step, "loss": m.loss, **m.extra}
         if math.isfinite(m.loss):
             rec["perplexity"] = math.exp(min(m.loss, 50.0))

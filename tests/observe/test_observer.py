@@ -258,7 +258,7 @@ def test_failing_tracker_is_dropped_not_fatal(observer_factory, tmp_path):
 
 
 def test_phase_window_scales_with_run_length():
-    from surogate.runtime.observe.observer import phase_window
+    from surogate.runtime.observe.diagnostics import phase_window
 
     assert [phase_window(n) for n in (10, 60, 500, 1000, 100_000)] == [20, 20, 50, 100, 100]
 

@@ -13,7 +13,7 @@ from surogate.runtime.observe.diagnostics.budget import (
 from surogate.runtime.observe.diagnostics.early_stop import EarlyStopper
 from surogate.runtime.observe.diagnostics.lr_reduction import AutoLRReducer, LRReduction
 from surogate.runtime.observe.diagnostics.nonfinite import NonFiniteGuard
-from surogate.runtime.observe.diagnostics.phase import PhaseDetector
+from surogate.runtime.observe.diagnostics.phase import PhaseDetector, phase_window
 from surogate.runtime.observe.diagnostics.plateau import PlateauDetector
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "adjust_epochs",
     "budget_line",
     "chinchilla_tokens",
+    "phase_window",
 ]

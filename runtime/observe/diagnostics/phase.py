@@ -10,6 +10,12 @@ from surogate.runtime.observe.diagnostics._stats import mean, median, pstdev, re
 from surogate.runtime.observe.events import Phase
 
 
+def phase_window(total_steps: int) -> int:
+    """Window for a run of `total_steps`: a tenth of the run, between 20 and 100 steps, so a short
+    fine-tune does not sit in WARMUP for its whole length and a long one gets a noise-robust window."""
+    return min(100, max(20, total_steps // 10))
+
+
 class PhaseDetector:
     """Classifies every step from the last `window` finite losses (and gradient norms).
 
