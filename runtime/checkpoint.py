@@ -43,6 +43,7 @@ MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP = re.compile(r"^checkpoint-(\d+)\.(tmp|old|del)-(\d+)$")
+_LATEST_TMP = re.compile(r"^\.latest\.tmp-(\d+)$")
 
 
 @dataclass
@@ -118,12 +119,17 @@ def owned_host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished, fsynced temp folder into place; an existing `final` is replaced (moved aside, then removed)."""
+def publish_dir(tmp: Path, final: Path, stage: Callable[[str], None] | None = None) -> None:
+    """Rename a finished, fsynced temp folder into place; an existing `final` is replaced (moved aside, then removed).
+
+    `stage`: test seam called between the two renames (the only window where `final` is absent).
+    """
     old = None
     if final.exists():
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         os.rename(final, old)
+        if stage is not None:
+            stage("moved_aside")
     os.rename(tmp, final)
     _fsync_dir(final.parent)
     if old is not None:
@@ -169,16 +175,18 @@ def _pid_alive(pid: int) -> bool:
 class CheckpointManager:
     """Saves, rotates, finds and loads checkpoints in one folder."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, save_total_limit: int | None = None):
+    def __init__(self, checkpoint_dir: str | os.PathLike, save_total_limit: int | None = None, config: Any = None):
+        """`config` (a TrainConfig): its fingerprint is saved with every checkpoint and checked on `load()`."""
         self.dir = Path(checkpoint_dir)
         self.save_total_limit = save_total_limit if save_total_limit and save_total_limit > 0 else None
+        self.fingerprint = config_fingerprint(config) if config is not None else None
         # Test seam: called with a stage name between the steps of a save (crash-injection tests).
         self._stage: Callable[[str], None] = lambda stage: None
 
     @classmethod
     def from_config(cls, cfg: Any) -> CheckpointManager:
-        """`checkpoint_dir` (default `output_dir`) and `save_total_limit` from a TrainConfig."""
-        return cls(cfg.checkpoint_dir or cfg.output_dir, cfg.save_total_limit)
+        """`checkpoint_dir` (default `output_dir`), `save_total_limit` and the config fingerprint of a TrainConfig."""
+        return cls(cfg.checkpoint_dir or cfg.output_dir, cfg.save_total_limit, config=cfg)
 
     # ---- saving -------------------------------------------------------------------------------
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
@@ -188,7 +196,9 @@ class CheckpointManager:
         if bad:
             raise ValueError(f"tensor names starting with {rng_mod.TENSOR_PREFIX!r} are reserved: {bad}")
         all_tensors = owned_host_tensors(tensors)
-        full_state = {"step": int(step), "state": state}
+        full_state: dict[str, Any] = {"step": int(step), "state": state}
+        if self.fingerprint is not None:
+            full_state["config"] = self.fingerprint
         if capture_rng:
             meta, rng_tensors = rng_mod.capture().to_parts()
             full_state["rng"] = meta
@@ -226,7 +236,7 @@ class CheckpointManager:
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
-        publish_dir(tmp, final)
+        publish_dir(tmp, final, self._stage)
 
     def _rotate(self, keep: Path) -> None:
         """Delete the oldest complete checkpoints beyond `save_total_limit` (never `keep`)."""
@@ -252,15 +262,28 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def clean_stale(self) -> list[Path]:
-        """Remove `.tmp-*` / `.old-*` / `.del-*` leftovers of interrupted saves (of processes no longer alive)."""
-        removed = []
+        """Tidy up after interrupted saves of processes no longer alive; returns what was removed.
+
+        `.tmp-*` (unfinished save) and `.del-*` (rotation victim) folders are removed. An `.old-*` folder
+        (a re-save of the same step, moved aside) is renamed back if the crash left no `checkpoint-<step>`.
+        """
+        removed: list[Path] = []
         if not self.dir.is_dir():
             return removed
-        for p in self.dir.iterdir():
+        for p in sorted(self.dir.iterdir()):
             m = _TMP.match(p.name)
-            if m and p.is_dir() and not _pid_alive(int(m.group(3))):
-                shutil.rmtree(p, ignore_errors=True)
+            pointer_tmp = _LATEST_TMP.match(p.name)
+            if pointer_tmp and not _pid_alive(int(pointer_tmp.group(1))):
+                p.unlink(missing_ok=True)
                 removed.append(p)
+            if not (m and p.is_dir()) or _pid_alive(int(m.group(3))):
+                continue
+            original = self.dir / f"checkpoint-{m.group(1)}"
+            if m.group(2) == "old" and not original.exists():
+                os.rename(p, original)
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
         return removed
 
     def _problem(self, path: Path, hashes: bool = True) -> str | None:
@@ -316,15 +339,16 @@ class CheckpointManager:
         return [p for p in self._candidates() if self._problem(p, hashes=False) is None]
 
     # ---- loading ------------------------------------------------------------------------------
-    def load(self, path: str | os.PathLike, expect_config: dict[str, Any] | None = None) -> Checkpoint:
-        return load(path, expect_config)
+    def load(self, path: str | os.PathLike) -> Checkpoint:
+        """`load()` checked against this manager's config (if it has one)."""
+        return load(path, self.fingerprint)
 
 
-def load(path: str | os.PathLike, expect_config: dict[str, Any] | None = None) -> Checkpoint:
+def load(path: str | os.PathLike, expect_config: Any = None) -> Checkpoint:
     """Read and verify one checkpoint folder; UserError naming the folder and the problem otherwise.
 
-    `expect_config`: the current run's `config_fingerprint(cfg)`; if the saved state carries a different
-    one (state key `config`), the options that differ are named.
+    `expect_config`: the current run's TrainConfig (or its `config_fingerprint`); if the checkpoint was
+    saved with a different fingerprint, the options that differ are named.
     """
     path = Path(path)
     if not path.is_dir():
@@ -341,8 +365,9 @@ def load(path: str | os.PathLike, expect_config: dict[str, Any] | None = None) -
     rng_state = (rng_mod.RngState.from_parts(full["rng"], rng_tensors, where=f"checkpoint {path}")
                  if "rng" in full else None)
     state = full.get("state", {})
-    if expect_config is not None and "config" in state:
-        check_config_compatible(state["config"], expect_config, path)
+    if expect_config is not None and "config" in full:
+        current = expect_config if _is_fingerprint(expect_config) else config_fingerprint(expect_config)
+        check_config_compatible(full["config"], current, path)
     return Checkpoint(path, int(full["step"]), tensors, state, rng_state)
 
 
@@ -361,6 +386,10 @@ def config_fingerprint(cfg: Any) -> dict[str, Any]:
     kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
     return {"hash": digest, "options": kept}
+
+
+def _is_fingerprint(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"hash", "options"}
 
 
 def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:

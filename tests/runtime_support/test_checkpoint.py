@@ -160,6 +160,33 @@ def test_sigkill_mid_save_never_breaks_latest(tmp_path, stage, expect_step):
     assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.del-*"))  # stale ones removed
 
 
+def _resave_and_hang(directory: str, conn) -> None:
+    mgr = CheckpointManager(directory)
+
+    def hang(stage: str) -> None:
+        if stage == "moved_aside":
+            conn.send(stage)
+            time.sleep(60)
+
+    mgr._stage = hang
+    mgr.save(1, {"w": torch.ones(3)}, {"k": "new"})
+
+
+def test_sigkill_while_replacing_the_same_step_restores_it(tmp_path):
+    CheckpointManager(tmp_path).save(1, {"w": torch.zeros(3)}, {"k": "old"})
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_resave_and_hang, args=(str(tmp_path), child))
+    proc.start()
+    assert parent.poll(30) and parent.recv() == "moved_aside"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert not (tmp_path / "checkpoint-1").exists()  # the crash window: moved aside, new one not yet in place
+    latest = CheckpointManager(tmp_path).latest()
+    assert latest is not None and load(latest).state == {"k": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", LATEST_FILE]
+
+
 def test_partial_folder_and_stale_pointer_are_ignored(tmp_path):
     mgr = CheckpointManager(tmp_path)
     mgr.save(5, {"w": torch.zeros(1)}, {"k": 5})
@@ -198,14 +225,18 @@ def test_future_format_version_is_rejected(tmp_path):
 
 
 def test_incompatible_config_names_the_options(tmp_path):
-    base = {"model": "Qwen/Qwen3-0.6B"}
-    saved = config_fingerprint(config_from_dict(base | {"learning_rate": 1e-4, "save_steps": 10}))
-    path = CheckpointManager(tmp_path).save(1, {"w": torch.zeros(1)}, {"config": saved})
-    same = config_fingerprint(config_from_dict(base | {"learning_rate": 1e-4, "save_steps": 99}))
-    assert load(path, expect_config=same).step == 1  # save_steps does not affect the trajectory
-    other = config_fingerprint(config_from_dict(base | {"learning_rate": 3e-4, "lora_rank": 8}))
+    base = {"model": "Qwen/Qwen3-0.6B", "output_dir": str(tmp_path)}
+    saved_cfg = config_from_dict(base | {"learning_rate": 1e-4, "save_steps": 10})
+    path = CheckpointManager.from_config(saved_cfg).save(1, {"w": torch.zeros(1)}, {})
+    same = config_from_dict(base | {"learning_rate": 1e-4, "save_steps": 99})
+    assert CheckpointManager.from_config(same).load(path).step == 1  # save_steps does not affect training
+    assert load(path, expect_config=config_fingerprint(same)).step == 1
+    other = config_from_dict(base | {"learning_rate": 3e-4, "lora_rank": 8})
     with pytest.raises(UserError, match=r"checkpoint-1.*learning_rate: 0.0001 -> 0.0003.*lora_rank: 16 -> 8"):
+        CheckpointManager.from_config(other).load(path)
+    with pytest.raises(UserError, match="different config"):
         load(path, expect_config=other)
+    assert load(path).step == 1  # no expectation: no check
 
 
 def test_state_file_is_plain_json(tmp_path):
