@@ -3,8 +3,8 @@
 State layout per trainable tensor (shape = the rank's shard under ZeRO, see `graph.meta["zero"]`):
 
 * `adamw_8bit`: first and second moments `m`, `v` as uint8 codes (one byte per element) plus one fp32
-  absmax per block of `ADAMW8BIT_BLOCK` = 2048 consecutive elements for each (blockwise dynamic
-  quantization as in bitsandbytes' 8-bit Adam, whose blocks are 2048 long). One `adamw8bit_step` op.
+  absmax per block of `ADAMW8BIT_BLOCK` consecutive elements for each (blockwise dynamic quantization;
+  the block size is the kernel's, `numba_kernels.adamw8bit.QBLOCK` = 256). One `adamw8bit_step` op.
 * `normuon`: for 2-D (or batched 3-D) matrices inside decoder layers: a bf16 momentum buffer of the
   weight's shape and an fp32 neuron-wise second moment, one value per output row. Embeddings, norms,
   biases and the LM head (tensors outside decoder layers, or 1-D) use the adamw_8bit layout.
@@ -26,8 +26,9 @@ from typing import Any
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
 from surogate.compiler.passes.offload import OpInserter, move_to_host, stage_host_accesses
 from surogate.compiler.passes.zero import shard_shape
+from surogate.numba_kernels.adamw8bit import QBLOCK
 
-ADAMW8BIT_BLOCK = 2048
+ADAMW8BIT_BLOCK = QBLOCK  # one source of truth: the kernel's block size
 NORMUON_MOMENTUM_DTYPE = "bf16"
 
 _DTYPE_ALIASES = {

@@ -25,7 +25,7 @@ def test_adamw8bit_layout_per_trainable_tensor():
     assert len(steps) == len(trainable)
     step = next(op for op in steps if "L0.w1" in op.outputs)
     assert step.attrs["beta1"] == 0.8 and step.attrs["beta2"] == 0.95 and step.attrs["epsilon"] == 1e-6
-    assert step.attrs["lr"] == 1e-3 and step.attrs["block_size"] == 2048
+    assert step.attrs["lr"] == 1e-3 and step.attrs["block_size"] == ADAMW8BIT_BLOCK
     assert step.attrs["decay"] is True and step.attrs["weight_decay"] == 0.05
     norm = next(op for op in steps if "L0.norm.weight" in op.outputs)
     assert norm.attrs["decay"] is False and norm.attrs["weight_decay"] == 0.0

@@ -17,7 +17,7 @@ def test_zero1_shards_optimizer_states_only(world):
     many = back_half(gpus=world, zero_level=1)
     states_1 = persistent_bytes(one, Role.OPTIMIZER_STATE)
     states_w = persistent_bytes(many, Role.OPTIMIZER_STATE)
-    # 8-bit codes split exactly; the fp32 absmax per 2048-block rounds up per shard (norm weights: 1 block).
+    # 8-bit codes split exactly; the fp32 absmax per block rounds up per shard (norm weights: 1 block).
     assert abs(_ratio(states_w, states_1) - 1 / world) < 0.01
     assert persistent_bytes(many, Role.GRADIENT) == persistent_bytes(one, Role.GRADIENT)
     assert persistent_bytes(many, Role.TRAINABLE_WEIGHT) == persistent_bytes(one, Role.TRAINABLE_WEIGHT)
