@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from surogate.errors import UserError
+from surogate.runtime.observe.history import LossHistory
 from surogate.runtime.observe.jsonl import read_log
 from surogate.runtime.observe.plot import plot_training_loss
 
@@ -19,6 +20,6 @@ def run(args: argparse.Namespace) -> int:
     if not data.steps and not data.evals:
         raise UserError(f"{args.log_file}: no step or eval records to plot")
     run_name = next((e.get("run_name") for e in data.events if e.get("type") == "start"), None)
-    out = plot_training_loss(data.steps, data.evals, args.output, title=run_name)
+    out = plot_training_loss(LossHistory.from_records(data.steps, data.evals), args.output, title=run_name)
     print(f"wrote {out} ({len(data.steps)} steps, {len(data.evals)} evals)")
     return 0

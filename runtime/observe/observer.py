@@ -18,6 +18,7 @@ from surogate.runtime.observe import diagnostics as dg
 from surogate.runtime.observe.console import ConsoleReporter
 from surogate.runtime.observe.events import Decisions, EndSummary, EvalMetrics, RunInfo, StepMetrics
 from surogate.runtime.observe.gpu import gpu_line, sample_gpu
+from surogate.runtime.observe.history import LossHistory
 from surogate.runtime.observe.jsonl import JsonlWriter
 from surogate.runtime.observe.memory import format_memory_breakdown
 from surogate.runtime.observe.naming import config_dict, report_targets, resolve_run_name
@@ -69,8 +70,9 @@ class TrainingObserver:
         self.console = ConsoleReporter(run_info.total_steps, file=console_file, force_terminal=force_terminal)
         self.log: JsonlWriter | None = None
         self.trackers: list[Tracker] = []
-        self.steps: list[dict] = []
-        self.evals: list[dict] = []
+        self.history = LossHistory()
+        self.last_step: dict | None = None  # the latest step record (final loss, step count)
+        self.last_eval: dict | None = None
         self.stop_reason: str | None = None
         self.tokens = 0
         self._t0 = self._t_last = time.perf_counter()
@@ -153,7 +155,8 @@ class TrainingObserver:
             "tokens": m.tokens, "tokens_per_s": m.tokens / step_time if step_time > 0 else None,
             "step_time": step_time, "phase": self.phase.phase.value, "lr_scale": decisions.lr_scale, **m.extra,
         }
-        self.steps.append({"step": m.step, "loss": m.loss, "lr": m.lr})
+        self.history.add_step(m.step, m.loss, m.lr)
+        self.last_step = rec
         if not self.is_main:
             return decisions
         if self.gpu_every and m.step % self.gpu_every == 0:
@@ -174,7 +177,7 @@ class TrainingObserver:
         self.console.step({
             **rec, "total_steps": self.info.total_steps, "elapsed": elapsed,
             "eta": rate * max(self.info.total_steps - m.step, 0),
-            "eval_loss": self.evals[-1]["loss"] if self.evals else None,
+            "eval_loss": self.last_eval["loss"] if self.last_eval else None,
         })
         return decisions
 
@@ -205,7 +208,8 @@ class TrainingObserver:
         rec = {"step": m.step, "loss": m.loss, **m.extra}
         if math.isfinite(m.loss):
             rec["perplexity"] = math.exp(min(m.loss, 50.0))
-        self.evals.append(rec)
+        self.history.add_eval(m.step, m.loss)
+        self.last_eval = rec
         if self.is_main:
             if self.log:
                 self.log.write("eval", **rec)
@@ -236,9 +240,9 @@ class TrainingObserver:
         self.write_plot()
 
     def write_plot(self) -> Path | None:
-        if not self.is_main or not (self.steps or self.evals):
+        if not self.is_main or not self.history:
             return None
-        return plot_training_loss(self.steps, self.evals, self.plot_path, title=self.run_name)
+        return plot_training_loss(self.history, self.plot_path, title=self.run_name)
 
     def on_end(self, summary: EndSummary | None = None) -> dict:
         """Final plot, summaries to the log, trackers and console; returns the artefact paths. Idempotent."""
@@ -261,10 +265,10 @@ class TrainingObserver:
         elapsed = time.perf_counter() - self._t0
         status = "stopped early" if self.stop_reason and summary.status == "completed" else summary.status
         last_eval = summary.final_eval_loss if summary.final_eval_loss is not None else (
-            self.evals[-1]["loss"] if self.evals else None)
+            self.last_eval["loss"] if self.last_eval else None)
         final = {
-            "status": status, "steps": self.steps[-1]["step"] if self.steps else 0, "tokens": self.tokens,
-            "elapsed_s": elapsed, "final_loss": self.steps[-1]["loss"] if self.steps else None,
+            "status": status, "steps": self.last_step["step"] if self.last_step else 0, "tokens": self.tokens,
+            "elapsed_s": elapsed, "final_loss": self.last_step["loss"] if self.last_step else None,
             "final_eval_loss": last_eval, "stop_reason": self.stop_reason, "outputs": outputs,
         }
         for t in self.trackers:

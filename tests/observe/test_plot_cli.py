@@ -98,3 +98,16 @@ def test_unwritable_log_file_is_user_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(UserError, match="log_file: cannot open"):
         JsonlWriter(blocker / "sub" / "log.jsonl")
+
+
+def test_long_history_is_thinned_for_plotting(tmp_path):
+    from surogate.runtime.observe.history import LossHistory
+    from surogate.runtime.observe.plot import _stride, plot_training_loss
+
+    h = LossHistory()
+    for s in range(1, 100_001):
+        h.add_step(s, 2.0 + 1.0 / s, 1e-4)
+    assert (_stride(100_000), _stride(10_000), _stride(10)) == (10, 1, 1)
+    assert len(h.steps) == 100_000 and h.steps.itemsize + h.loss.itemsize + h.lr.itemsize == 24
+    out = plot_training_loss(h, tmp_path / "long.png")
+    assert imread(out).shape == (500, 900, 4)
