@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -117,16 +118,19 @@ def export_peft_adapter(
 
 
 def merge_lora(
-    base: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor], *, lora_alpha: float
+    base: Mapping[str, torch.Tensor], lora: Mapping[str, torch.Tensor], *, lora_alpha: float,
+    use_rslora: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Base tensors with `W + (lora_alpha / r) * B @ A` folded in (computed in fp32, stored in W's dtype)."""
+    """Base tensors with `W + s * B @ A` folded in, `s = lora_alpha / r` (`/ sqrt(r)` with rsLoRA);
+    computed in fp32, stored in W's dtype."""
     merged = dict(base)
     for module, (a, b) in lora_modules(lora).items():
         key = f"{module}.weight"
         if key not in base:
             raise ValueError(f"LoRA module {module!r} has no base weight {key!r}")
         w = base[key]
-        delta = (b.float() @ a.float()) * (lora_alpha / a.shape[0])
+        r = a.shape[0]
+        delta = (b.float() @ a.float()) * (lora_alpha / (r**0.5 if use_rslora else r))
         if delta.shape != w.shape:
             raise ValueError(f"LoRA delta for {key!r} has shape {tuple(delta.shape)}, weight has {tuple(w.shape)}")
         merged[key] = (w.float() + delta).to(w.dtype)
@@ -243,3 +247,72 @@ def read_model_config(model_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: not found; cannot export without the model's config") from exc
     except ValueError as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def load_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a PEFT LoRA adapter folder (for `adapter_path`): `(lora tensors by plain module name, its config)`.
+
+    Tensor names come back as `<module>.lora_A.weight` (PEFT's `base_model.model.` prefix and adapter
+    name removed), ready for `merge_lora(..., lora_alpha=config["lora_alpha"], use_rslora=...)`.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir)
+    cfg_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for f in (cfg_path, weights):
+        if not f.is_file():
+            raise UserError(f"adapter_path: {f} not found (a PEFT adapter folder has {ADAPTER_CONFIG} and "
+                            f"{ADAPTER_WEIGHTS})")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"adapter_path: {cfg_path} is not valid JSON ({exc})") from exc
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"adapter_path: {cfg_path} has peft_type {config.get('peft_type')!r}; only LORA can be merged")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out") if config.get(k)]
+    if unsupported:
+        raise UserError(f"adapter_path: {cfg_path} uses {', '.join(unsupported)}, which merging does not support")
+    lora = {}
+    for key, t in load_file(str(weights)).items():
+        if ".lora_" not in key:
+            raise UserError(f"adapter_path: {weights} holds {key!r}, which is not a LoRA A/B tensor "
+                            "(adapters with modules_to_save or trainable tokens cannot be merged)")
+        plain = key.removeprefix(PEFT_PREFIX)
+        for which in ("lora_A", "lora_B"):  # some writers keep the adapter name: lora_A.default.weight
+            plain = re.sub(rf"\.{which}\.[^.]+\.weight$", f".{which}.weight", plain)
+        lora[plain] = t
+    try:
+        lora_modules(lora)
+    except ValueError as exc:
+        raise UserError(f"adapter_path: {weights}: {exc}") from exc
+    return lora, config
+
+
+def export_for_config(
+    cfg: Any,
+    weights: Mapping[str, torch.Tensor],
+    lora: Mapping[str, torch.Tensor] | None,
+    source_dir: str | os.PathLike,
+) -> dict[str, Path]:
+    """The end-of-training outputs a config asks for, under `output_dir`:
+
+    - `lora: true`  -> `adapter/` (PEFT), plus `merged/` (full HF model) when `merge_adapter: true`;
+    - `lora: false` -> `model/` (full HF model).
+    `weights`: by HF name, the trained weights (full fine-tuning) or the dequantized base (LoRA);
+    `source_dir`: the local model folder (its config.json and tokenizer are carried over).
+    """
+    out = Path(cfg.output_dir)
+    config = read_model_config(source_dir)
+    written: dict[str, Path] = {}
+    if cfg.lora:
+        if not lora:
+            raise UserError("export: `lora: true` but the run produced no LoRA tensors")
+        written["adapter"] = export_peft_adapter(out / "adapter", lora, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, base_model_name_or_path=cfg.model,
+                                                 base_names=weights)
+        if cfg.merge_adapter:
+            written["merged"] = export_merged_model(out / "merged", weights, lora, config, source_dir,
+                                                    lora_alpha=cfg.lora_alpha)
+    else:
+        written["model"] = export_hf_model(out / "model", weights, config, source_dir)
+    return written

@@ -12,13 +12,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surogate.errors import UserError
 from surogate.runtime.export import (
+    export_for_config,
     export_hf_model,
     export_merged_model,
     export_peft_adapter,
+    load_peft_adapter,
     lora_modules,
     merge_lora,
     read_model_config,
 )
+from surogate.schema import config_from_dict
 from tests.runtime_support.helpers import batch, save_tiny_source, tiny_model
 
 ALPHA = 16
@@ -148,3 +151,56 @@ def test_bad_lora_inputs():
 def test_missing_config_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="config.json: not found"):
         read_model_config(tmp_path)
+
+
+def test_peft_adapter_read_back_and_merged(tmp_path):
+    """`adapter_path`: an adapter written by peft itself is read and merged to the peft model's logits."""
+    base, _, ref = _reference("qwen3", True, ["q_proj", "up_proj"])
+    ref.save_pretrained(tmp_path / "peft_written")
+    lora, config = load_peft_adapter(tmp_path / "peft_written")
+    assert "model.layers.1.mlp.up_proj.lora_B.weight" in lora and config["lora_alpha"] == ALPHA
+    merged = merge_lora(base, lora, lora_alpha=config["lora_alpha"], use_rslora=config["use_rslora"])
+    model = tiny_model("qwen3", True)
+    model.load_state_dict(merged)
+    torch.testing.assert_close(_logits(model, batch()), _logits(ref, batch()), rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_scale_matches_peft(tmp_path):
+    base_model = tiny_model("llama", False)
+    base = {k: v.clone() for k, v in base_model.state_dict().items()}
+    ref = get_peft_model(base_model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["v_proj"],
+                                                use_rslora=True, task_type="CAUSAL_LM")).eval()
+    for name, p in ref.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    ref.save_pretrained(tmp_path / "rs")
+    lora, config = load_peft_adapter(tmp_path / "rs")
+    model = tiny_model("llama", False)
+    model.load_state_dict(merge_lora(base, lora, lora_alpha=ALPHA, use_rslora=config["use_rslora"]))
+    torch.testing.assert_close(_logits(model, batch()), _logits(ref, batch()), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_adapter_folders_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="adapter_config.json not found"):
+        load_peft_adapter(tmp_path)
+    export_peft_adapter(tmp_path / "a", {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_B.weight": torch.zeros(4, 2)},
+                        lora_alpha=4)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+    with pytest.raises(UserError, match="use_dora"):
+        load_peft_adapter(tmp_path / "a")
+
+
+def test_export_for_config_layout(tmp_path):
+    base, lora, ref = _reference("qwen3", True, ["q_proj"])
+    source = save_tiny_source(tiny_model("qwen3", True), tmp_path / "source")
+    cfg = config_from_dict({"model": str(source), "output_dir": str(tmp_path / "out"), "lora": True,
+                            "lora_rank": RANK, "lora_alpha": ALPHA, "merge_adapter": True})
+    written = export_for_config(cfg, base, lora, source)
+    assert set(written) == {"adapter", "merged"}
+    assert json.loads((written["adapter"] / "adapter_config.json").read_text())["r"] == RANK
+    merged = AutoModelForCausalLM.from_pretrained(written["merged"]).eval()
+    torch.testing.assert_close(_logits(merged, batch()), _logits(ref, batch()), rtol=1e-5, atol=1e-5)
+    full_cfg = config_from_dict({"model": str(source), "output_dir": str(tmp_path / "full"), "lora": False})
+    assert set(export_for_config(full_cfg, base, None, source)) == {"model"}
+    assert (tmp_path / "full" / "model" / "tokenizer.json").is_file()
