@@ -9,6 +9,9 @@ Conventions downstream passes rely on:
   (input of the FFN block) is marked `"ffn_input"`;
 - `labels` are pre-shifted: labels[b, t] is the target of position t (HF shifts inside the model, we
   expect the data pipeline to do it, so packed documents never predict across a boundary); -100 is ignored;
+- `num_items` (fp32 scalar) is the loss denominator: the number of non-ignored labels the loss is averaged
+  over. One micro-batch alone: its own count (loss = mean CE). Under gradient accumulation the runtime may
+  pass the whole window's count, so that summed micro-step gradients equal HF Trainer's (`num_items_in_batch`);
 - `cu_seqlens` (int32, B*T+1 entries, padded by repeating the total) bounds documents over the flattened
   B*T tokens; attention never crosses a boundary. One document per row is `[0, T, 2T, ..., B*T, ...]`.
 """
@@ -70,6 +73,7 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     labels = bld.input("labels", (b, t))
     pos = bld.input("position_ids", (b, t))
     cu = bld.input("cu_seqlens", (b * t + 1,))
+    n_items = bld.input("num_items", (), "fp32")
 
     emb_w = bld.weight("model.embed_tokens.weight", (spec.vocab_size, h), None)
     (x,) = bld.op("embed", "embedding", [ids, emb_w], ["embed.out"], None)
@@ -81,15 +85,15 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     (xn,) = bld.op("final_norm", "rmsnorm", [x, norm_w], ["final_norm.out"], None,
                    {"eps": spec.rms_norm_eps, "group": None})
     head_w = emb_w if spec.tie_word_embeddings else bld.weight("lm_head.weight", (spec.vocab_size, h), None)
-    bld.op("lm_head", "lm_head_ce", [xn, head_w, labels], ["loss", "lm_head.lse", "lm_head.logits_ws"], None,
-           {"chunks": 1, "loss_scale": 1.0, "ignore_index": -100},
+    bld.op("lm_head", "lm_head_ce", [xn, head_w, labels, n_items], ["loss", "lm_head.lse", "lm_head.logits_ws"], None,
+           {"chunks": 1, "ignore_index": -100},
            dtypes=["fp32", "fp32", "fp32"], roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])
     g.tensors["loss"].attrs["output"] = True
 
     g.meta.update(
         spec=spec, family=spec.family, micro_batch=b, seq_len=t, num_layers=spec.num_layers, hidden_size=h,
         vocab_size=spec.vocab_size, model_dtype=spec.dtype, labels_shifted=True, loss="loss",
-        inputs=[ids, labels, pos, cu], outputs=["loss"], tied_embeddings=spec.tie_word_embeddings,
+        inputs=[ids, labels, pos, cu, n_items], outputs=["loss"], tied_embeddings=spec.tie_word_embeddings,
         full_finetune=trainable, lora=False,
     )
     return g

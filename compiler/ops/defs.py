@@ -65,9 +65,10 @@ register(OpDef("add", ("a", "b"), ("out",), (), _same(), V.add, (0, 1), doc="res
 register(OpDef("identity", ("x",), ("out",), (), _same(), V.identity, (0,), doc="copy"))
 register(OpDef("dropout", ("x",), ("out",), ("p", "seed"), _same(), V.dropout, (0,),
                doc="inverted dropout; the mask is regenerated from (seed, step) so backward/recompute need no mask"))
-register(OpDef("lm_head_ce", ("x", "weight", "labels"), ("loss", "lse", "logits_ws"),
-               ("chunks", "loss_scale", "ignore_index"), _lm_head_ce_shape, V.lm_head_ce, (0, 1),
-               doc="mean cross-entropy of x @ weight.T against pre-shifted labels, N row chunks, logits never whole"))
+register(OpDef("lm_head_ce", ("x", "weight", "labels", "num_items"), ("loss", "lse", "logits_ws"),
+               ("chunks", "ignore_index"), _lm_head_ce_shape, V.lm_head_ce, (0, 1),
+               doc="sum of cross-entropy of x @ weight.T against pre-shifted labels / num_items, in N row chunks "
+                   "(full logits never exist)"))
 register(OpDef("moe_router", ("x", "weight"), ("logits", "weights", "indices"),
                ("num_experts", "top_k", "norm_topk_prob"), _moe_router_shape, V.moe_router, (0, 1),
                doc="router logits, top-k softmax weights (renormalised if norm_topk_prob) and expert indices"))
@@ -97,7 +98,7 @@ for kind, ins, outs in (
     ("dropout_bwd", ("dout",), ("dx",)),
     ("qlinear_bwd_data", ("dout", "w_q", "w_scale"), ("dx",)),
     ("qlinear_bwd_weight", ("dout", "x_q", "x_scale"), ("dweight", "dbias?")),
-    ("lm_head_ce_bwd", ("x", "weight", "labels", "lse"), ("dx?", "dweight?", "logits_ws")),
+    ("lm_head_ce_bwd", ("x", "weight", "labels", "lse", "num_items"), ("dx?", "dweight?", "logits_ws")),
     ("moe_router_bwd", ("dweights", "x", "weight", "logits", "indices"), ("dx?", "dweight?")),
     ("moe_experts_bwd", ("dout", "x", "weights", "indices", "gate_up", "down"),
      ("dx?", "dweights?", "dgate_up?", "ddown?")),

@@ -125,11 +125,12 @@ def lm_head_ce(ctx: Any) -> None:
     wrt, outs, acc = _grads(ctx, (0, 1))
     if not outs:
         return
-    x, w, labels = ctx.op.inputs
+    x, w, labels, n_items = ctx.op.inputs
     _, lse, ws_fwd = ctx.op.outputs
-    attrs = {k: ctx.op.attrs.get(k) for k in ("chunks", "loss_scale", "ignore_index")}
+    attrs = {k: ctx.op.attrs.get(k) for k in ("chunks", "ignore_index")}
     ws = ctx.temp("logits_ws", ctx.shape(ws_fwd), ctx.dtype(ws_fwd))
-    ctx.emit("lm_head_ce_bwd", [ctx.saved(x), ctx.saved(w), ctx.saved(labels), ctx.saved(lse)], [*outs, ws],
+    ins = [ctx.saved(x), ctx.saved(w), ctx.saved(labels), ctx.saved(lse), ctx.saved(n_items)]
+    ctx.emit("lm_head_ce_bwd", ins, [*outs, ws],
              {**attrs, "wrt": tuple(wrt)}, acc)
 
 

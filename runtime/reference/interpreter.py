@@ -39,8 +39,10 @@ class OpContext:
 
 
 def batch_inputs(graph: Graph, input_ids: torch.Tensor, labels: torch.Tensor,
-                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The INPUT tensors for one micro-batch (defaults: positions 0..T-1 per row, one document per row)."""
+                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                 num_items: int | None = None) -> dict[str, torch.Tensor]:
+    """The INPUT tensors for one micro-batch (defaults: positions 0..T-1 per row, one document per row,
+    loss averaged over this micro-batch's non-ignored labels)."""
     b, t = input_ids.shape
     if (b, t) != graph.tensors["input_ids"].shape:
         raise ValueError(f"batch shape {(b, t)} != graph's {graph.tensors['input_ids'].shape}")
@@ -51,7 +53,10 @@ def batch_inputs(graph: Graph, input_ids: torch.Tensor, labels: torch.Tensor,
     elif cu_seqlens.numel() < b * t + 1:
         pad = torch.full((b * t + 1 - cu_seqlens.numel(),), int(cu_seqlens[-1]), dtype=torch.int32)
         cu_seqlens = torch.cat([cu_seqlens.to(torch.int32), pad])
+    if num_items is None:
+        num_items = int((labels != -100).sum())
     return {"input_ids": input_ids.to(torch.int32), "labels": labels.to(torch.int32),
+            "num_items": torch.tensor(float(num_items)),
             "position_ids": position_ids.to(torch.int32), "cu_seqlens": cu_seqlens.to(torch.int32)}
 
 

@@ -118,11 +118,11 @@ def dropout_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 def lm_head_ce_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     """d(mean CE)/d(x, W), recomputing each chunk's logits from the saved log-sum-exp."""
-    h, w, labels, lse = x
+    h, w, labels, lse, n_items = x
     rows = _rows(h)
     lab = labels.reshape(-1).long()
     valid = lab != a.get("ignore_index", -100)
-    coef = (a.get("loss_scale") or 1.0) / valid.sum().clamp(min=1)
+    coef = 1.0 / n_items.float().clamp(min=1)
     n = rows.shape[0]
     step = -(-n // max(1, a.get("chunks", 1)))
     wrt = a["wrt"]

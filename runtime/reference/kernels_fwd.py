@@ -105,8 +105,8 @@ def dropout(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 
 def lm_head_ce(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    """Mean CE over non-ignored rows, row chunk by row chunk: full logits never exist at once."""
-    h, w, labels = x
+    """Sum of CE over non-ignored rows / num_items, row chunk by row chunk: full logits never exist at once."""
+    h, w, labels, n_items = x
     rows = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1).long()
     valid = lab != a.get("ignore_index", -100)
@@ -120,8 +120,7 @@ def lm_head_ce(x: Tensors, a: dict, ctx: Any) -> Tensors:
         lse[lo:hi] = torch.logsumexp(logits, dim=-1)
         tgt = logits.gather(1, lab[lo:hi].clamp(min=0)[:, None])[:, 0]
         total = total + ((lse[lo:hi] - tgt) * valid[lo:hi]).sum()
-    count = valid.sum().clamp(min=1)
-    return [total / count, lse, None]
+    return [total / n_items.float().clamp(min=1), lse, None]
 
 
 KERNELS = {

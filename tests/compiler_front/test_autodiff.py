@@ -24,6 +24,7 @@ def _graph(rmsnorm_reads_a: bool) -> Graph:
     g = Graph()
     bld = GraphBuilder(g, "fp32", Role.TRAINABLE_WEIGHT, "fp32")
     ids, labels = bld.input("input_ids", (1, T)), bld.input("labels", (1, T))
+    n_items = bld.input("num_items", (), "fp32")
     emb = bld.weight("emb", (V, H), None)
     w1, w2, n1, wo = (bld.weight("w1", (H, H), 0), bld.weight("w2", (H, H), 0), bld.weight("n1", (H,), 0),
                       bld.weight("wo", (V, H), None))
@@ -33,8 +34,8 @@ def _graph(rmsnorm_reads_a: bool) -> Graph:
     (c,) = bld.op("norm", "rmsnorm", [a if rmsnorm_reads_a else x, n1], ["c"], 0, {"eps": 1e-6, "group": None})
     (y,) = bld.op("add1", "add", [a, b], ["y"], 0)
     (z,) = bld.op("add2", "add", [y, c], ["z"], 0)
-    bld.op("head", "lm_head_ce", [z, wo, labels], ["loss", "lse", "ws"], None,
-           {"chunks": 1, "loss_scale": 1.0, "ignore_index": -100}, roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])
+    bld.op("head", "lm_head_ce", [z, wo, labels, n_items], ["loss", "lse", "ws"], None,
+           {"chunks": 1, "ignore_index": -100}, roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])
     g.meta.update(loss="loss", outputs=["loss"], micro_batch=1, seq_len=T)
     return g
 
@@ -67,7 +68,7 @@ def test_unsafe_residual_alias_is_copied_and_gradients_match_autograd():
                   if t.role == Role.TRAINABLE_WEIGHT}
         ids = torch.randint(0, V, (1, T), generator=gen, dtype=torch.int32)
         labels = torch.randint(0, V, (1, T), generator=gen, dtype=torch.int32)
-        values = {**params, "input_ids": ids, "labels": labels}
+        values = {**params, "input_ids": ids, "labels": labels, "num_items": torch.tensor(float(T))}
         run_graph(g, values)
         ref_loss, ref = _torch_grads(params, ids.long(), labels, reads_a)
         assert abs(float(values["loss"]) - ref_loss) < 1e-5 * abs(ref_loss)

@@ -154,3 +154,28 @@ def test_qwen3_moe_lora_with_train_router_matches_peft(tiny_moe):
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     _check(loss, grads, out.loss.item(), {n: p.grad for n, p in trainable.items()})
+
+
+def test_accumulation_window_normalisation_matches_hf_num_items_in_batch(tiny_models):
+    """Two micro-steps with num_items = the window's token count: summed gradients == HF Trainer's."""
+    from helpers import shift_labels
+
+    from surogate.runtime.reference import batch_inputs, gradients, run_graph
+
+    d = tiny_models["qwen2"]
+    graph = compile_front(make_cfg(d, recompute=True))
+    batches = [random_batch(101, 2, 16, seed=s) for s in (21, 22)]
+    batches[1][1][:, 5:9] = -100  # micro-batches with different numbers of target tokens
+    total = sum(int((lab[:, 1:] != -100).sum()) for _, lab in batches)
+    values = load_weights(graph, d)
+    ours_loss = 0.0
+    model = _hf(d)
+    ref_loss = 0.0
+    for step, (ids, labels) in enumerate(batches):
+        values.update(batch_inputs(graph, ids, shift_labels(labels), num_items=total))
+        run_graph(graph, values, step=step)
+        ours_loss += float(values["loss"])
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=total)
+        out.loss.backward()
+        ref_loss += out.loss.item()
+    _check(ours_loss, gradients(graph, values), ref_loss, {n: p.grad for n, p in model.named_parameters()})
