@@ -180,6 +180,7 @@ class CheckpointManager:
         self.dir = Path(checkpoint_dir)
         self.save_total_limit = save_total_limit if save_total_limit and save_total_limit > 0 else None
         self.fingerprint = config_fingerprint(config) if config is not None else None
+        self._verified: set[Path] = set()  # hashed by latest(): load() need not hash them again
         # Test seam: called with a stage name between the steps of a save (crash-injection tests).
         self._stage: Callable[[str], None] = lambda stage: None
 
@@ -326,10 +327,12 @@ class CheckpointManager:
             # The pointer is a hint: a newer complete checkpoint (crash between rename and pointer
             # update) still wins.
             if target in candidates and target == candidates[-1] and self._problem(target, verify_hashes) is None:
+                self._verified |= {target} if verify_hashes else set()
                 return target
         for path in reversed(candidates):
             problem = self._problem(path, verify_hashes)
             if problem is None:
+                self._verified |= {path} if verify_hashes else set()
                 return path
             log.warning("skipping checkpoint %s: %s", path, problem)
         return None
@@ -340,11 +343,12 @@ class CheckpointManager:
 
     # ---- loading ------------------------------------------------------------------------------
     def load(self, path: str | os.PathLike) -> Checkpoint:
-        """`load()` checked against this manager's config (if it has one)."""
-        return load(path, self.fingerprint)
+        """`load()` checked against this manager's config (if it has one); a folder `latest()` just
+        hashed is not hashed again (sizes are still checked)."""
+        return load(path, self.fingerprint, verify_hashes=Path(path) not in self._verified)
 
 
-def load(path: str | os.PathLike, expect_config: Any = None) -> Checkpoint:
+def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool = True) -> Checkpoint:
     """Read and verify one checkpoint folder; UserError naming the folder and the problem otherwise.
 
     `expect_config`: the current run's TrainConfig (or its `config_fingerprint`); if the checkpoint was
@@ -353,7 +357,7 @@ def load(path: str | os.PathLike, expect_config: Any = None) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path}: no such directory")
-    problem = CheckpointManager(path.parent)._problem(path)
+    problem = CheckpointManager(path.parent)._problem(path, hashes=verify_hashes)
     if problem:
         raise UserError(f"checkpoint {path} is unusable: {problem}")
     try:

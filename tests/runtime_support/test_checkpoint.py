@@ -251,3 +251,18 @@ def test_from_config_uses_checkpoint_dir_or_output_dir(tmp_path):
     cfg = config_from_dict({"model": "m", "output_dir": "x", "checkpoint_dir": str(tmp_path / "ck")})
     mgr = CheckpointManager.from_config(cfg)
     assert mgr.dir == tmp_path / "ck" and mgr.save_total_limit == 5
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_and_cuda_rng_round_trip(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    t = torch.randn(4, 4, device="cuda").to(torch.bfloat16)
+    torch.cuda.manual_seed_all(3)
+    torch.randn(2, device="cuda")
+    mgr.save(1, {"t": t}, {})
+    expected = torch.randn(5, device="cuda").cpu()
+    torch.cuda.manual_seed_all(99)
+    ck = load(mgr.latest())
+    ck.restore_rng()
+    assert torch.equal(torch.randn(5, device="cuda").cpu(), expected)
+    assert _bitwise_equal(ck.tensors["t"], t.cpu())
