@@ -29,13 +29,16 @@ from surogate.compiler.ops import infer_shapes
 class GraphBuilder:
     """Small helper that creates tensors and ops with inferred shapes (linear in the number of ops)."""
 
-    def __init__(self, graph: Graph, act_dtype: str, weight_role: Role, weight_dtype: str) -> None:
+    def __init__(self, graph: Graph, act_dtype: str, weight_role: Role, weight_dtype: str,
+                 zero_projections: bool = False) -> None:
+        self.zero_projections = zero_projections
         self.g = graph
         self.act_dtype = act_dtype
         self.weight_role = weight_role
         self.weight_dtype = weight_dtype
 
     def weight(self, name: str, shape: tuple[int, ...], layer: int | None, **attrs: Any) -> str:
+        attrs.setdefault("init", _init_rule(name, self.zero_projections))
         self.g.add_tensor(Tensor(name, shape, self.weight_dtype, self.weight_role, layer=layer, source=name,
                                  attrs=dict(attrs)))
         return name
@@ -57,6 +60,18 @@ class GraphBuilder:
         return outputs
 
 
+def _init_rule(name: str, zero_projections: bool) -> str:
+    """How a from-scratch run initialises a weight (transformers' `_init_weights`): norms to one, biases to
+    zero, the rest normal(0, initializer_range); o_proj/down_proj zero with `init_projections_to_zero`."""
+    if "norm" in name:
+        return "ones"
+    if name.endswith(".bias"):
+        return "zeros"
+    if zero_projections and ("o_proj" in name or "down_proj" in name):
+        return "zeros"
+    return "normal"
+
+
 def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     """The forward graph (one micro-batch) of a Llama/Qwen-style decoder."""
     b = int(getattr(cfg, "per_device_train_batch_size", 1) or 1)
@@ -65,7 +80,9 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     from_scratch = bool(getattr(cfg, "from_scratch", False))
     trainable = from_scratch or not lora
     g = Graph()
-    bld = GraphBuilder(g, spec.dtype, Role.TRAINABLE_WEIGHT if trainable else Role.FROZEN_WEIGHT, spec.dtype)
+    zero_proj = from_scratch and bool(getattr(cfg, "init_projections_to_zero", False))
+    bld = GraphBuilder(g, spec.dtype, Role.TRAINABLE_WEIGHT if trainable else Role.FROZEN_WEIGHT, spec.dtype,
+                       zero_proj)
     h, hd = spec.hidden_size, spec.head_dim
     freqs, att_scale = inv_freq(spec.hf_config, hd, t)
 
@@ -94,7 +111,8 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
         spec=spec, family=spec.family, micro_batch=b, seq_len=t, num_layers=spec.num_layers, hidden_size=h,
         vocab_size=spec.vocab_size, model_dtype=spec.dtype, labels_shifted=True, loss="loss",
         inputs=[ids, labels, pos, cu, n_items], outputs=["loss"], tied_embeddings=spec.tie_word_embeddings,
-        full_finetune=trainable, lora=False,
+        full_finetune=trainable, lora=False, from_scratch=from_scratch,
+        initializer_range=float(spec.hf_config.get("initializer_range", 0.02)),
     )
     return g
 

@@ -82,3 +82,29 @@ def test_gradients_accumulate_across_micro_steps(tiny_models):
             one = {k: v.clone() for k, v in gradients(graph, values).items()}
     two = gradients(graph, values)
     assert all(torch.allclose(two[k], 2 * one[k], rtol=1e-6, atol=1e-9) for k in one)
+
+
+def test_from_scratch_init_rules():
+    graph = compile_front(make_cfg("Qwen/Qwen3-0.6B", from_scratch=True, init_projections_to_zero=True,
+                                   sequence_len=8), backward=False)
+    rules = {n: t.attrs["init"] for n, t in graph.tensors.items() if "init" in t.attrs}
+    assert rules["model.layers.3.input_layernorm.weight"] == "ones"
+    assert rules["model.layers.3.self_attn.o_proj.weight"] == "zeros"
+    assert rules["model.layers.3.mlp.down_proj.weight"] == "zeros"
+    assert rules["model.layers.3.mlp.up_proj.weight"] == "normal"
+
+
+def test_init_weights_follow_rules(tiny_models):
+    from surogate.runtime.reference import init_weights
+
+    graph = compile_front(make_cfg(tiny_models["llama"], from_scratch=True, init_projections_to_zero=True))
+    w = init_weights(graph, seed=1)
+    assert torch.equal(w["model.norm.weight"], torch.ones(64))
+    assert not w["model.layers.0.self_attn.o_proj.weight"].any()
+    std = float(w["model.layers.0.mlp.up_proj.weight"].std())
+    assert abs(std - graph.meta["initializer_range"]) < 0.005
+    ids, labels = random_batch(101, 2, 16)
+    values = {**w, **batch_inputs(graph, ids, labels)}
+    run_graph(graph, values)
+    assert abs(float(values["loss"]) - torch.log(torch.tensor(101.0)).item()) < 0.1  # ~uniform at init
+    assert gradients(graph, values)["model.layers.0.self_attn.o_proj.weight"].abs().sum() > 0
