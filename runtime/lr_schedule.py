@@ -9,7 +9,8 @@ Phases (W = warmup steps, C = cooldown steps, T = total steps, floor = final_lr_
 - main     [W, T-C):  `linear`/`cosine` decay from lr towards floor over [W, T] (the curve HF uses,
                       with the floor of `get_cosine_with_min_lr_schedule_with_warmup`); `wsd` holds lr.
 - cooldown [T-C, T]:  straight line from the LR reached at T-C down to floor at T. For `wsd` that is
-                      lr -> floor (the decay phase); for `cosine` it replaces the flat tail of the cosine;
+                      lr -> floor (the decay phase); for `cosine` it replaces the flat tail of the cosine by a chord
+                      (higher LR until the end, then linearly to the floor);
                       for `linear` it coincides with the decay line.
 `warmup_steps` > 0 overrides `warmup_ratio`; the ratio becomes `ceil(ratio * T)` steps, as in HF.
 """
