@@ -32,8 +32,14 @@ DEFAULT_REPORT_INTERVAL = 100  # time breakdown interval when log_gpu_util is 0
 
 
 class TrainingObserver:
-    """Create once per run (after planning, before the first step); see the module docstring.
+    """Create once per run (after planning, before the first step); the calls the loop makes are listed
+    in the package docstring (`surogate.runtime.observe`).
 
+    - Only `is_main` writes (console, `log_file`, trackers, plot); every rank gets the same decisions.
+    - Diagnostics always run; `auto_lr_reduction` / `early_stop` only act when enabled in the config.
+    - `log_gpu_util` N > 0: a GPU sample every N steps (console line + step record + trackers); none
+      on machines without CUDA. `debug_time_breakdown` reports every `log_gpu_util` steps (100 when 0).
+    - The loss plot is rewritten at every `on_checkpoint` and at `on_end`.
     `console_file` / `force_terminal` exist for tests and for callers that redirect output.
     """
 
@@ -281,6 +287,9 @@ class TrainingObserver:
             self.log.close()
         self.console.lines(end_lines(self.run_name, status, final["steps"], final["final_loss"], last_eval,
                                      elapsed, self.tokens, self.stop_reason, outputs), "bold")
+        for t in self.trackers:
+            if getattr(t, "mode", None) == "offline" and t.location:
+                self.console.message(f"wandb ran offline; upload with: wandb sync {t.location}")
         return outputs
 
     def __enter__(self) -> TrainingObserver:

@@ -39,6 +39,7 @@ def test_wandb_offline_run_files(offline_wandb, tmp_path):
     obs, outputs = run_five_steps(cfg, tmp_path)
     run_dirs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1 and outputs["wandb_run"] == str(run_dirs[0])
+    assert f"upload with: wandb sync {run_dirs[0]}" in obs.console.console.file.getvalue()
     run = read_finished_run(next(run_dirs[0].glob("run-*.wandb")))
     assert run["run"] is not None, run["kinds"]
     assert run["run"].project == "proj" and run["run"].display_name == obs.run_name
