@@ -246,9 +246,15 @@ class TrainingObserver:
         self.write_plot()
 
     def write_plot(self) -> Path | None:
+        """Redraw `training_loss.png`; a failure (disk full, ...) is reported, never raised: a plot is not
+        worth a training run."""
         if not self.is_main or not self.history:
             return None
-        return plot_training_loss(self.history, self.plot_path, title=self.run_name)
+        try:
+            return plot_training_loss(self.history, self.plot_path, title=self.run_name)
+        except Exception as exc:
+            self.console.message(f"could not write {self.plot_path}: {exc!r}", "warning")
+            return None
 
     def on_end(self, summary: EndSummary | None = None) -> dict:
         """Final plot, summaries to the log, trackers and console; returns the artefact paths. Idempotent."""

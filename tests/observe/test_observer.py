@@ -276,3 +276,14 @@ def test_accepts_numpy_and_tensor_scalars(observer_factory, tmp_path):
     step, ev = [r for r in records(log) if r["type"] in ("step", "eval")]
     assert (step["loss"], step["grad_norm"], step["tokens"], step["aux"]) == (2.5, 0.75, 64, 0.5)
     assert step["lr"] == pytest.approx(1e-4) and ev["loss"] == 2.25 and ev["acc"] == 0.5
+
+
+def test_plot_failure_is_a_warning(observer_factory, tmp_path):
+    obs, out = observer_factory()
+    obs.on_start()
+    feed(obs, 3)
+    obs.plot_path = tmp_path / "blocker" / "training_loss.png"
+    (tmp_path / "blocker").write_text("a file where the folder should be")
+    obs.on_checkpoint(tmp_path / "ckpt", step=3)
+    outputs = obs.on_end()
+    assert "loss_plot" not in outputs and "WARNING: could not write" in out.getvalue()
