@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from typing import Any
 
@@ -27,25 +26,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def replanner(cfg: Any, front_snapshot: bytes | None = None) -> Any:
     """A function changes -> Plan (None when the changed config is invalid), for fit suggestions.
 
-    Changes to back-half options only re-run the back half on a copy of the saved front-half graph.
+    Front-half graphs are cached (pickled) by the front-half options changed, so a change to back-half
+    options only re-runs the back half, and combinations of knobs reuse the front graph of their
+    front-half part. `front_snapshot` is the unchanged config's front graph.
     """
-    from surogate.compiler.pipeline import BACK_HALF_OPTIONS, back_plan, compile_plan
+    from surogate.compiler.pipeline import BACK_HALF_OPTIONS, back_plan, front_graph, restore, snapshot
     from surogate.compiler.plan import config_dict
+    from surogate.schema import config_from_dict
+
+    to_dict = getattr(cfg, "to_dict", None)
+    base = to_dict() if callable(to_dict) else config_dict(cfg)
+    fronts: dict[str, bytes] = {} if front_snapshot is None else {"{}": front_snapshot}
 
     def replan(changes: dict[str, Any]) -> Any:
         try:
-            from surogate.schema import config_from_dict
-
-            changed = config_from_dict({**_user_dict(cfg), **changes})
+            changed = config_from_dict({**base, **changes})
         except (ConfigError, UserError, TypeError):
             return None
-        if front_snapshot is not None and set(changes) <= BACK_HALF_OPTIONS:
-            return back_plan(pickle.loads(front_snapshot), changed)
-        return compile_plan(changed)
-
-    def _user_dict(c: Any) -> dict[str, Any]:
-        to_dict = getattr(c, "to_dict", None)
-        return to_dict() if callable(to_dict) else config_dict(c)
+        key = json.dumps({k: v for k, v in changes.items() if k not in BACK_HALF_OPTIONS}, sort_keys=True)
+        if key not in fronts:
+            fronts[key] = snapshot(front_graph(changed))
+        return back_plan(restore(fronts[key]), changed)
 
     return replan
 
@@ -53,7 +54,7 @@ def replanner(cfg: Any, front_snapshot: bytes | None = None) -> Any:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from surogate.compiler.pipeline import back_plan, front_graph
+    from surogate.compiler.pipeline import back_plan, front_graph, snapshot
     from surogate.compiler.planfile import write_plan
     from surogate.compiler.report import build_report, detect_gpu, parse_size, render_report, suggest_fixes
     from surogate.schema import load_config
@@ -63,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     # With --json, stdout carries only the JSON document: the graph dump goes to stderr.
     out = sys.stderr if args.json else sys.stdout
     graph = front_graph(cfg, dump_after=args.dump_after, out=out)
-    snapshot = pickle.dumps(graph)  # before the back half mutates it: re-plans for suggestions start here
+    saved = snapshot(graph)  # before the back half mutates it: re-plans for suggestions start here
     plan = back_plan(graph, cfg, dump_after=args.dump_after, out=out)
     gpu = detect_gpu()
     report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu)
     if report["fits"] is False:
         capacity = report["gpu"]["memory_bytes"]
         report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu,
-                              suggestions=suggest_fixes(plan, capacity, replanner(cfg, snapshot)))
+                              suggestions=suggest_fixes(plan, capacity, replanner(cfg, saved)))
     if args.output:
         path = write_plan(plan, args.output)
         report["plan_file"] = str(path)

@@ -8,6 +8,7 @@ half (lora ... chunking) is imported lazily, so this module imports even while t
 from __future__ import annotations
 
 import importlib
+import pickle
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -15,7 +16,7 @@ from typing import Any, TextIO
 from surogate.compiler.ir import Graph
 from surogate.compiler.passes.buffers import assign_buffers
 from surogate.compiler.passes.liveness import compute_liveness
-from surogate.compiler.passes.offload import apply_offload
+from surogate.compiler.passes.offload import apply_offload, rebuild_edges
 from surogate.compiler.passes.optimizer import build_optimizer
 from surogate.compiler.passes.schedule import schedule_ops
 from surogate.compiler.passes.zero import apply_zero
@@ -107,6 +108,25 @@ def front_graph(cfg: Any, *, dump_after: str | None = None, out: TextIO | None =
 def back_plan(graph: Graph, cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Plan:
     """Run the back half on a front-half graph (mutating it) and freeze the Plan."""
     return make_plan(run_passes(graph, cfg, start_after=FRONT_END, dump_after=dump_after, out=out), cfg)
+
+
+def snapshot(graph: Graph) -> bytes:
+    """A compact copy of a graph (tensors, ops in order, meta; no DAG edges) for `restore`."""
+    return pickle.dumps((graph.tensors, list(graph.ops()), graph.meta), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def restore(data: bytes) -> Graph:
+    """The graph saved by `snapshot`, with its tensor -> op indices rebuilt.
+
+    Its DAG has no edges: the back half only uses the indices, and the schedule pass rebuilds the edges.
+    """
+    tensors, ops, meta = pickle.loads(data)
+    graph = Graph()
+    graph.tensors, graph.meta = tensors, meta
+    graph.dag.add_nodes_from((op.name, {"op": op}) for op in ops)
+    graph.order = [op.name for op in ops]
+    rebuild_edges(graph, edges=False)
+    return graph
 
 
 def compile_plan(cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Plan:

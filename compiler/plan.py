@@ -72,15 +72,13 @@ class Plan:
         raise KeyError(name)
 
 
-_SCALARS = (str, int, float, bool, type(None))
+_FAST = frozenset({str, int, bool, type(None)})
 
 
 def jsonable(value: Any) -> Any:
     """Plain JSON data (lists, dicts, str, numbers, bool, None) for a value; tuples become lists."""
-    if isinstance(value, dict) and all(
-        type(k) is str and isinstance(v, _SCALARS) and not isinstance(v, float) for k, v in value.items()
-    ):
-        return dict(value)  # fast path for the common flat attrs (floats go through JSON: nan/inf)
+    if type(value) is dict and all(type(k) is str and type(v) in _FAST for k, v in value.items()):
+        return dict(value)  # fast path for flat attrs (floats go through JSON, which checks nan/inf)
     return json.loads(json.dumps(value, default=_default))
 
 

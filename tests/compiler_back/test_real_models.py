@@ -4,12 +4,18 @@ a temp dir, and the Qwen3-0.6B preset. The oracle for parameter counts is `trans
 from __future__ import annotations
 
 import json
-import pickle
 
 import pytest
 
 from surogate.compiler.ir import Role, Space
-from surogate.compiler.pipeline import BACK_HALF_OPTIONS, back_plan, compile_plan, front_graph
+from surogate.compiler.pipeline import (
+    BACK_HALF_OPTIONS,
+    back_plan,
+    compile_plan,
+    front_graph,
+    restore,
+    snapshot,
+)
 from surogate.compiler.plan import Plan
 from surogate.schema import config_from_dict
 
@@ -128,14 +134,14 @@ def test_arena_within_a_few_percent_of_lower_bound_on_qwen3_06b(opts):
 
 def test_back_half_replan_from_front_snapshot_matches_full_compile(tiny_dir):
     base = {"model": tiny_dir(2), "sequence_len": 64, "lora": False}
-    snapshot = pickle.dumps(front_graph(config_from_dict(base)))
+    saved = snapshot(front_graph(config_from_dict(base)))
     changes = [dict(offload_optimizer=True), dict(zero_level=3, gpus=2), dict(optimizer="normuon"),
                dict(max_grad_norm=1.0), dict(offload_grads=True, shard_gradients=True),
                dict(offload_residual=True), dict(use_zero_copy=True, offload_optimizer=True)]
     for change in changes:
         cfg = config_from_dict({**base, **change})
         if set(change) <= BACK_HALF_OPTIONS:
-            assert back_plan(pickle.loads(snapshot), cfg) == compile_plan(cfg), change
+            assert back_plan(restore(saved), cfg) == compile_plan(cfg), change
 
 
 def test_qlora_bnb_frozen_weights_are_half_a_byte_per_param(tiny_dir):
