@@ -4,7 +4,8 @@ Persistent tensors (weights, master weights, quantized weights and scales, gradi
 states, and anything marked `attrs["persistent"]`) live for the whole step, since the step repeats.
 Gradients and weights marked `attrs["transient"]` (ZeRO full-size buffers, staging copies) are
 ordinary intervals. Every other tensor lives from its first to its last access; a tensor that is
-read before any write in the schedule (a batch input) is live from position 0. Tensors no op touches
+read before any write in the schedule is live from position 0 (a batch input) or, if the step also
+writes it, for the whole step (its value carries over to the next step). Tensors no op touches
 get no interval and no memory. Results go to `graph.meta["liveness"]`: name -> (first, last) or None.
 """
 
@@ -56,7 +57,8 @@ def compute_liveness(graph: Graph, cfg: Any = None) -> Graph:
     for name, t in graph.tensors.items():
         if name not in first:
             live[name] = None
-        elif is_persistent(t):
+        elif is_persistent(t) or (name in read_first and name in written):
+            # Read before written means the value crosses from one step to the next: whole step.
             live[name] = (0, end)
         elif name in read_first:
             live[name] = (0, last[name])

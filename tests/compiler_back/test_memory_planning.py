@@ -150,3 +150,17 @@ def test_lmhead_chunks_divide_the_logits_buffer():
     assert logits_peak(1) == 4 * logits_peak(4)
     one, four = back_half(dict(lmhead_chunks=1)), back_half(dict(lmhead_chunks=4))
     assert four.memory["device"]["max_live"]["temporaries"] < one.memory["device"]["max_live"]["temporaries"]
+
+
+def test_tensor_read_before_written_in_the_step_lives_across_steps():
+    g = Graph()
+    for n in ("state", "x", "y"):
+        g.add_tensor(Tensor(n, (4,), "fp32", Role.TEMPORARY if n == "state" else Role.ACTIVATION))
+    g.add_tensor(Tensor("batch", (4,), "int32", Role.INPUT))
+    g.add_op(Op("use", "k", ["state", "batch"], ["x"]))
+    g.add_op(Op("mid", "k", ["x"], ["y"]))
+    g.add_op(Op("update", "k", ["y"], ["state"], phase="backward"))
+    g.add_op(Op("tail", "k", ["y"], ["x"], phase="backward"))
+    live = compute_liveness(g).meta["liveness"]
+    assert live["state"] == (0, 3)  # written at 2, read again at 0 of the next step
+    assert live["batch"] == (0, 0)
