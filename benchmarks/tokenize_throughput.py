@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,12 @@ def build_tokenizer(folder: Path, words: list[str]) -> None:
     fast.save_pretrained(folder)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (the worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -83,15 +90,18 @@ def main() -> None:
                 "validation_split_ratio": 0.0, "dataloader_num_workers": workers,
                 "datasets": [{"path": str(tmp / "conv.jsonl"), "type": "conversation"}]})
             load_source(resolve_source(cfg.datasets[0], 0))  # warm: JSON -> arrow conversion is not tokenizing
+            cpu_before = cpu_seconds()
             start = time.perf_counter()
             data = prepare_datasets(cfg, tokenizer, use_cache=False, chunk_size=2000)
             seconds = time.perf_counter() - start
+            cpu = cpu_seconds() - cpu_before
             stats = data.stats.train
             results[workers] = seconds
             print(f"workers={workers}: {stats.rows_in / seconds:,.0f} rows/s, {stats.tokens / seconds:,.0f} tokens/s "
                   f"({stats.rows_in:,} rows, {stats.tokens:,} tokens, {stats.trained_tokens:,} trained, "
                   f"{seconds:.1f}s); packed into {stats.packed_rows:,} rows of {args.seq_len}: "
-                  f"efficiency {stats.efficiency:.2%}")
+                  f"efficiency {stats.efficiency:.2%}; CPU {cpu:.1f}s = {stats.rows_in / cpu:,.0f} rows per "
+                  f"CPU-second (parent + workers; wall-clock figures depend on machine load)")
         lengths = data.train.doc_lengths()
         start = time.perf_counter()
         offsets, _ = pack_best_fit_decreasing(lengths, args.seq_len)
