@@ -30,8 +30,10 @@ class GraphBuilder:
     """Small helper that creates tensors and ops with inferred shapes (linear in the number of ops)."""
 
     def __init__(self, graph: Graph, act_dtype: str, weight_role: Role, weight_dtype: str,
-                 zero_projections: bool = False) -> None:
+                 zero_projections: bool = False, router_stats: bool = False) -> None:
         self.zero_projections = zero_projections
+        self.router_stats = router_stats
+        self.stats: list[str] = []  # per-MoE-layer router statistics, when router losses are on
         self.g = graph
         self.act_dtype = act_dtype
         self.weight_role = weight_role
@@ -60,6 +62,21 @@ class GraphBuilder:
         return outputs
 
 
+def router_loss_coefs(spec: ModelSpec, cfg: Any) -> tuple[float, float]:
+    """(aux, z) router-loss coefficients. Unset options follow the model config, which (as in transformers)
+    only applies its `router_aux_loss_coef` when `output_router_logits` is true."""
+    if not spec.num_experts:
+        return 0.0, 0.0
+    on = bool(spec.hf_config.get("output_router_logits", False))
+    aux = getattr(cfg, "router_aux_loss_coef", None)
+    z = getattr(cfg, "router_z_loss_coef", None)
+    if aux is None:
+        aux = spec.hf_config.get("router_aux_loss_coef", 0.0) if on else 0.0
+    if z is None:
+        z = spec.hf_config.get("router_z_loss_coef", 0.0) if on else 0.0
+    return float(aux or 0.0), float(z or 0.0)
+
+
 def _init_rule(name: str, zero_projections: bool) -> str:
     """How a from-scratch run initialises a weight (transformers' `_init_weights`): norms to one, biases to
     zero, the rest normal(0, initializer_range); o_proj/down_proj zero with `init_projections_to_zero`."""
@@ -81,8 +98,9 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     trainable = from_scratch or not lora
     g = Graph()
     zero_proj = from_scratch and bool(getattr(cfg, "init_projections_to_zero", False))
+    aux_coef, z_coef = router_loss_coefs(spec, cfg)
     bld = GraphBuilder(g, spec.dtype, Role.TRAINABLE_WEIGHT if trainable else Role.FROZEN_WEIGHT, spec.dtype,
-                       zero_proj)
+                       zero_proj, router_stats=bool(aux_coef or z_coef))
     h, hd = spec.hidden_size, spec.head_dim
     freqs, att_scale = inv_freq(spec.hf_config, hd, t)
 
@@ -102,15 +120,23 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     (xn,) = bld.op("final_norm", "rmsnorm", [x, norm_w], ["final_norm.out"], None,
                    {"eps": spec.rms_norm_eps, "group": None})
     head_w = emb_w if spec.tie_word_embeddings else bld.weight("lm_head.weight", (spec.vocab_size, h), None)
-    bld.op("lm_head", "lm_head_ce", [xn, head_w, labels, n_items], ["loss", "lm_head.lse", "lm_head.logits_ws"], None,
-           {"chunks": 1, "ignore_index": -100},
+    lm_loss = "lm_loss" if bld.stats else "loss"
+    bld.op("lm_head", "lm_head_ce", [xn, head_w, labels, n_items], [lm_loss, "lm_head.lse", "lm_head.logits_ws"],
+           None, {"chunks": 1, "ignore_index": -100},
            dtypes=["fp32", "fp32", "fp32"], roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])
+    if bld.stats:
+        (router,) = bld.op("router_loss", "moe_router_loss", bld.stats, ["router_loss"], None,
+                           {"num_experts": spec.num_experts, "rows": b * t, "aux_coef": aux_coef, "z_coef": z_coef},
+                           dtypes=["fp32"])
+        bld.op("total_loss", "add", [lm_loss, router], ["loss"], None, dtypes=["fp32"])
+        g.tensors[lm_loss].attrs["output"] = g.tensors[router].attrs["output"] = True
     g.tensors["loss"].attrs["output"] = True
 
     g.meta.update(
         spec=spec, family=spec.family, micro_batch=b, seq_len=t, num_layers=spec.num_layers, hidden_size=h,
         vocab_size=spec.vocab_size, model_dtype=spec.dtype, labels_shifted=True, loss="loss",
-        inputs=[ids, labels, pos, cu, n_items], outputs=["loss"], tied_embeddings=spec.tie_word_embeddings,
+        inputs=[ids, labels, pos, cu, n_items], outputs=["loss", *(["lm_loss", "router_loss"] if bld.stats else [])],
+        router_aux_loss_coef=aux_coef, router_z_loss_coef=z_coef, tied_embeddings=spec.tie_word_embeddings,
         full_finetune=trainable, lora=False, from_scratch=from_scratch,
         initializer_range=float(spec.hf_config.get("initializer_range", 0.02)),
     )
@@ -180,4 +206,7 @@ def _moe(bld: GraphBuilder, spec: ModelSpec, layer: int, xn: str) -> str:
                     expert_sources=(f"{p}.experts.{{e}}.down_proj.weight",))
     (out,) = bld.op(f"{a}.experts", "moe_experts", [xn, weights, idx, gu, dn], [f"{a}.moe"], layer,
                     {"num_experts": e, "top_k": k})
+    if bld.router_stats:
+        bld.stats += bld.op(f"{a}.router_stats", "moe_router_stats", [f"{a}.router_logits", idx],
+                            [f"{a}.router_stats"], layer, {"num_experts": e}, dtypes=["fp32"])
     return out

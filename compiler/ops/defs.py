@@ -48,7 +48,7 @@ def _moe_router_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
     return [(rows, a["num_experts"]), (rows, a["top_k"]), (rows, a["top_k"])]
 
 
-F = "forward"
+VARIADIC = tuple(range(4096))  # differentiable positions of ops taking one input per layer
 register(OpDef("embedding", ("ids", "weight"), ("out",), (), _embedding_shape, V.embedding, (1,),
                doc="out[b,t] = weight[ids[b,t]]"))
 register(OpDef("rmsnorm", ("x", "weight"), ("out",), ("eps", "group"), _same(), V.rmsnorm, (0, 1),
@@ -75,6 +75,12 @@ register(OpDef("moe_router", ("x", "weight"), ("logits", "weights", "indices"),
 register(OpDef("moe_experts", ("x", "weights", "indices", "gate_up", "down"), ("out",),
                ("num_experts", "top_k"), _same(), V.moe_experts, (0, 1, 3, 4),
                doc="sum_k weights[k] * down_e(silu(gate_e x) * up_e x) over each token's top-k experts"))
+register(OpDef("moe_router_stats", ("logits", "indices"), ("stats",), ("num_experts",),
+               lambda s, a: [(2 * a["num_experts"] + 1,)], V.moe_router_stats, (0,),
+               doc="per-layer router statistics: [expert counts | router probability sums | sum of lse^2]"))
+register(OpDef("moe_router_loss", ("stats*",), ("loss",), ("num_experts", "rows", "aux_coef", "z_coef"),
+               lambda s, a: [()], V.moe_router_loss, VARIADIC,
+               doc="aux_coef * Switch load-balancing loss (as transformers) + z_coef * mean lse^2, over all layers"))
 register(OpDef("dequant", ("q", "scale", "scale2?"), ("out",), ("format", "block_size", "shape", "double_quant"),
                None, None, (), cheap_recompute=True,
                doc="dequantize a stored (QLoRA) weight into a model-dtype buffer; redone in backward, never kept"))
@@ -99,7 +105,9 @@ for kind, ins, outs in (
     ("qlinear_bwd_data", ("dout", "w_q", "w_scale"), ("dx",)),
     ("qlinear_bwd_weight", ("dout", "x_q", "x_scale"), ("dweight", "dbias?")),
     ("lm_head_ce_bwd", ("x", "weight", "labels", "lse", "num_items"), ("dx?", "dweight?", "logits_ws")),
-    ("moe_router_bwd", ("dweights", "x", "weight", "logits", "indices"), ("dx?", "dweight?")),
+    ("moe_router_bwd", ("dweights", "x", "weight", "logits", "indices", "dlogits?"), ("dx?", "dweight?")),
+    ("moe_router_stats_bwd", ("dstats", "logits"), ("dlogits",)),
+    ("moe_router_loss_bwd", ("stats*",), ("dstats*",)),
     ("moe_experts_bwd", ("dout", "x", "weights", "indices", "gate_up", "down"),
      ("dx?", "dweights?", "dgate_up?", "ddown?")),
 ):

@@ -141,8 +141,23 @@ def moe_router(ctx: Any) -> None:
     if outs:
         x, w = ctx.op.inputs
         logits, _, indices = ctx.op.outputs
-        ctx.emit("moe_router_bwd", [ctx.dout(1), ctx.saved(x), ctx.saved(w), ctx.saved(logits), ctx.saved(indices)],
-                 outs, {**ctx.op.attrs, "wrt": tuple(wrt)}, acc)
+        ins = [ctx.dout(1), ctx.saved(x), ctx.saved(w), ctx.saved(logits), ctx.saved(indices)]
+        if ctx.dout(0) is not None:  # router losses also differentiate the logits
+            ins.append(ctx.dout(0))
+        ctx.emit("moe_router_bwd", ins, outs, {**ctx.op.attrs, "wrt": tuple(wrt)}, acc)
+
+
+def moe_router_stats(ctx: Any) -> None:
+    _, outs, acc = _grads(ctx, (0,))
+    if outs:
+        ctx.emit("moe_router_stats_bwd", [ctx.dout(0), ctx.saved(ctx.op.inputs[0])], outs, dict(ctx.op.attrs), acc)
+
+
+def moe_router_loss(ctx: Any) -> None:
+    wrt, outs, acc = _grads(ctx, tuple(range(len(ctx.op.inputs))))
+    if outs:
+        ctx.emit("moe_router_loss_bwd", [ctx.saved(t) for t in ctx.op.inputs], outs,
+                 {**ctx.op.attrs, "wrt": tuple(wrt)}, acc)
 
 
 def moe_experts(ctx: Any) -> None:

@@ -134,6 +134,9 @@ class VJPContext:
 
     def alias_grad(self, i: int, j: int) -> bool:
         t, gout = self.op.inputs[i], self.dout(j)
+        if gout == SEED and t not in self.ad.grads:
+            self.ad.grads[t] = SEED  # d(total loss)/d(summand) is the same constant seed
+            return True
         if t in self.ad.grads or gout is None or gout == SEED or self.g.tensors[t].role == Role.TRAINABLE_WEIGHT:
             return False
         group = self.ad.alias_groups.setdefault(gout, set())

@@ -71,7 +71,7 @@ def moe_experts_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 
 def moe_router_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    dweights, h, w, logits, idx = x
+    dweights, h, w, logits, idx = x[:5]
     probs = torch.softmax(logits.float(), dim=-1)
     idx = idx.long()
     top = probs.gather(1, idx)
@@ -84,10 +84,57 @@ def moe_router_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
         dtop = dw
     dprobs = torch.zeros_like(probs).scatter_(1, idx, dtop)
     dlogits = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))
+    if len(x) > 5:
+        dlogits = dlogits + x[5].float()
     rows = h.reshape(-1, h.shape[-1]).float()
     grads = {0: (dlogits @ w.float()).view(h.shape), 1: dlogits.t() @ rows}
     return [grads[i] for i in a["wrt"]]
 
 
-KERNELS = {"moe_router": moe_router, "moe_experts": moe_experts, "moe_experts_bwd": moe_experts_bwd,
+def moe_router_stats(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    logits, idx = x
+    e = a["num_experts"]
+    counts = torch.bincount(idx.reshape(-1).long(), minlength=e).float()
+    probsum = torch.softmax(logits.float(), dim=-1).sum(0)
+    zsum = torch.logsumexp(logits.float(), dim=-1).pow(2).sum()
+    return [torch.cat([counts, probsum, zsum[None]])]
+
+
+def moe_router_stats_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    dstats, logits = x
+    e = a["num_experts"]
+    lf = logits.float()
+    p = torch.softmax(lf, dim=-1)
+    g = dstats[e:2 * e].float()
+    dlogits = p * (g - (p * g).sum(-1, keepdim=True))
+    dlogits += dstats[2 * e].float() * 2 * torch.logsumexp(lf, dim=-1, keepdim=True) * p
+    return [dlogits]
+
+
+def _totals(stats: Tensors, a: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    e = a["num_experts"]
+    total = torch.stack([s.float() for s in stats]).sum(0)
+    return total[:e], total[e:2 * e], float(a["rows"] * len(stats))
+
+
+def moe_router_loss(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """transformers' load_balancing_loss_func (layers concatenated) and the ST-MoE z-loss."""
+    counts, probs, rows = _totals(x, a)
+    aux = a["num_experts"] * (counts / rows * probs / rows).sum()
+    z = torch.stack([s[2 * a["num_experts"]].float() for s in x]).sum() / rows
+    return [a["aux_coef"] * aux + a["z_coef"] * z]
+
+
+def moe_router_loss_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    e = a["num_experts"]
+    counts, _, rows = _totals(x, a)
+    d = torch.zeros(2 * e + 1)
+    d[e:2 * e] = a["aux_coef"] * e * counts / rows**2  # expert counts are not differentiable
+    d[2 * e] = a["z_coef"] / rows
+    return [d.clone() for _ in a["wrt"]]
+
+
+KERNELS = {"moe_router_stats": moe_router_stats, "moe_router_stats_bwd": moe_router_stats_bwd,
+           "moe_router_loss": moe_router_loss, "moe_router_loss_bwd": moe_router_loss_bwd,
+           "moe_router": moe_router, "moe_experts": moe_experts, "moe_experts_bwd": moe_experts_bwd,
            "moe_router_bwd": moe_router_bwd}

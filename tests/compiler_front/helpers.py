@@ -59,7 +59,8 @@ def make_cfg(model: str | Path, **over: Any) -> types.SimpleNamespace:
                 torch_dtype=None, max_model_len=None, rope_scaling=None, recipe="bf16", gradient_dtype=None,
                 master_dtype=None, qlora_fp4=False, qlora_fp8=False, qlora_bnb=False, qlora_block_size=128,
                 qlora_bnb_block_size=64, qlora_bnb_double_quant=True, skip_quant_first_layers=0,
-                skip_quant_last_layers=0, fp8_amax_history=16, gpus=1)
+                skip_quant_last_layers=0, fp8_amax_history=16, gpus=1, router_aux_loss_coef=None,
+                router_z_loss_coef=None, init_projections_to_zero=False)
     base.update(over)
     return types.SimpleNamespace(**base)
 

@@ -179,3 +179,28 @@ def test_accumulation_window_normalisation_matches_hf_num_items_in_batch(tiny_mo
         out.loss.backward()
         ref_loss += out.loss.item()
     _check(ours_loss, gradients(graph, values), ref_loss, {n: p.grad for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("aux,z", [(0.3, None), (None, 0.05), (0.1, 0.02)])
+def test_qwen3_moe_router_losses_match_transformers(tiny_moe, aux, z):
+    """aux: transformers' load-balancing loss (output_router_logits); z: mean over layers and tokens of
+    logsumexp(router logits)^2, added to the HF loss with autograd as the oracle."""
+    graph = compile_front(make_cfg(tiny_moe, recompute=True, router_aux_loss_coef=aux, router_z_loss_coef=z))
+    assert graph.meta["outputs"] == ["loss", "lm_loss", "router_loss"]
+    ids, labels = random_batch(101, 2, 16, seed=4)
+    loss, grads = run_ours(graph, tiny_moe, ids, labels)
+    model = _hf(tiny_moe)
+    model.router_aux_loss_coef = aux or 0.0
+    out = model(input_ids=ids, labels=labels, output_router_logits=True)
+    total = out.loss
+    if z:
+        lse = torch.stack([torch.logsumexp(r.float(), dim=-1) for r in out.router_logits])
+        total = total + z * lse.pow(2).mean()
+    total.backward()
+    _check(loss, grads, total.item(), {n: p.grad for n, p in model.named_parameters()})
+
+
+def test_router_losses_off_by_default(tiny_moe):
+    graph = compile_front(make_cfg(tiny_moe))
+    assert not any(op.kind == "moe_router_loss" for op in graph.ops())
+    assert graph.meta["outputs"] == ["loss"]
