@@ -214,6 +214,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "pad_token_id": pad_id,
         "template": template.source,
+        "on_bad_row": on_bad_row,  # a cache built skipping bad rows must not satisfy a strict run
     }
     folder = cache_root(cfg, rank) / cache_key(key_parts)
     if use_cache and entry_ready(folder):

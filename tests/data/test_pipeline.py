@@ -202,3 +202,11 @@ def test_tool_rows_loaded_through_arrow_render_without_null_filled_keys(tmp_path
     assert '{"name": "get_weather", "arguments": {"city": "paris"}}' in text
     assert '{"name": "get_time", "arguments": {"zone": "utc"}}' in text
     assert "null" not in text and "<tools>" in text
+
+
+def test_a_cache_built_skipping_bad_rows_does_not_hide_them_from_a_strict_run(tmp_path, model_dir):
+    path = write_jsonl(tmp_path / "bad.jsonl", [*CONVS[:3], {"messages": []}])
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": path, "type": "conversation"}])
+    assert prepare(cfg, on_bad_row="skip").stats.counts["skipped_empty_conversation"] == 1
+    with pytest.raises(DataError, match="row 3"):
+        prepare(cfg)
