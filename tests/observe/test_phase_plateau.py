@@ -66,10 +66,25 @@ def test_grad_norm_spike_is_unstable_while_in_newer_half():
         phases[step] = phase
         if changed:
             transitions.append((step, phase))
-    assert phases[59] is Phase.PLATEAU
-    # newer half = the last 25 steps: the spike counts from step 60 through step 84
-    assert all(phases[s] is Phase.UNSTABLE for s in range(60, 85))
-    assert transitions == [(1, Phase.WARMUP), (50, Phase.PLATEAU), (60, Phase.UNSTABLE), (85, Phase.PLATEAU)]
+    assert phases[63] is Phase.PLATEAU
+    # newer half = the last 25 steps: the spike counts from step 60 through step 84; each change is
+    # reported after 5 steps of the new classification (dwell), at 64 and 89
+    assert all(phases[s] is Phase.UNSTABLE for s in range(64, 89))
+    assert transitions == [(1, Phase.WARMUP), (50, Phase.PLATEAU), (64, Phase.UNSTABLE), (89, Phase.PLATEAU)]
+
+
+def test_dwell_suppresses_flapping():
+    det = PhaseDetector(window=4, dwell=3)
+    det._losses.extend([1.0, 1.0, 1.0])  # fill the window so classification starts at step 4
+    steps = []
+    for step, raw in enumerate([Phase.PLATEAU, Phase.CONVERGING, Phase.PLATEAU, Phase.CONVERGING,
+                                Phase.CONVERGING, Phase.CONVERGING, Phase.PLATEAU], 4):
+        det.classify = lambda _step, raw=raw: raw  # drive the debounce with a scripted classification
+        steps.append(det.update(step, 1.0))
+    assert steps == [(Phase.PLATEAU, True), (Phase.PLATEAU, False), (Phase.PLATEAU, False),
+                     (Phase.PLATEAU, False), (Phase.PLATEAU, False), (Phase.CONVERGING, True),
+                     (Phase.CONVERGING, False)]
+    assert det.steps_in_phase == 2
 
 
 def test_plateau_warning_exact_step_and_rearm():

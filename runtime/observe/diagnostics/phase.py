@@ -30,9 +30,11 @@ class PhaseDetector:
     - PLATEAU: otherwise (no change distinguishable from noise, no instability).
 
     Rules are checked in that order. The 3-sigma margins keep per-step noise from flipping the phase
-    (a flat noisy loss reads PLATEAU, not alternately CONVERGING and DIVERGING). `steps_in_phase` counts
-    consecutive steps in the current phase (early stopping reads it); `update` returns True in
-    `changed` when the phase differs from the previous step's.
+    (a flat noisy loss reads PLATEAU, not alternately CONVERGING and DIVERGING). The reported phase
+    changes once a different classification has held for `dwell` (5) consecutive steps (leaving WARMUP
+    is immediate), so a loss hovering at a threshold does not flood the log with transitions; the change
+    is reported at the step that confirms it. `steps_in_phase` counts consecutive steps since the
+    reported phase changed (early stopping reads it); `update` returns True in `changed` on a change.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class PhaseDetector:
         diverge_tol: float = 0.05,
         unstable_cv: float = 0.25,
         spike_ratio: float = 10.0,
+        dwell: int = 5,
     ):
         if window < 4:
             raise ValueError("window must be >= 4")
@@ -54,8 +57,11 @@ class PhaseDetector:
         self.spike_ratio = spike_ratio
         self._losses: deque[float] = deque(maxlen=window)
         self._grads: deque[float] = deque(maxlen=window)
+        self.dwell = dwell
         self.phase: Phase | None = None
         self.steps_in_phase = 0
+        self._candidate: Phase | None = None  # a different classification waiting to be confirmed
+        self._candidate_steps = 0
 
     def classify(self, step: int) -> Phase:
         """The phase implied by the current window (no state change)."""
@@ -83,12 +89,24 @@ class PhaseDetector:
         return ref > 0 and newest > self.spike_ratio * ref
 
     def update(self, step: int, loss: float, grad_norm: float | None = None) -> tuple[Phase, bool]:
-        """Add one finite step; return (phase, changed)."""
+        """Add one finite step; return (reported phase, changed)."""
         self._losses.append(float(loss))
         if grad_norm is not None:
             self._grads.append(float(grad_norm))
-        phase = self.classify(step)
-        changed = phase != self.phase
-        self.steps_in_phase = 1 if changed else self.steps_in_phase + 1
-        self.phase = phase
-        return phase, changed
+        raw = self.classify(step)
+        if raw is self.phase:
+            self._candidate, self._candidate_steps = None, 0
+        elif self.phase in (None, Phase.WARMUP):
+            return self._switch(raw)
+        else:
+            same = raw is self._candidate
+            self._candidate, self._candidate_steps = raw, (self._candidate_steps + 1 if same else 1)
+            if self._candidate_steps >= self.dwell:
+                return self._switch(raw)
+        self.steps_in_phase += 1
+        return self.phase, False
+
+    def _switch(self, phase: Phase) -> tuple[Phase, bool]:
+        self.phase, self.steps_in_phase = phase, 1
+        self._candidate, self._candidate_steps = None, 0
+        return phase, True
