@@ -106,7 +106,7 @@ def grid_for(n_items: int, per_block: int, max_blocks: int | None = None) -> int
 @functools.cache
 def _max_resident_blocks() -> int:
     if is_simulator():
-        return 4  # the simulator runs blocks one after another; grid-stride loops cover the rest
+        return 2  # the simulator runs blocks one after another; grid-stride loops cover the rest
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return props.multi_processor_count * 8
 
