@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     gpu = detect_gpu()
     report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu)
     if report["fits"] is False:
-        capacity = report["gpu"]["memory_bytes"]
+        capacity = report["gpu"]["usable_bytes"]
         report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu,
                               suggestions=suggest_fixes(plan, capacity, replanner(cfg, saved)))
     if args.output:

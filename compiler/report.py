@@ -154,6 +154,14 @@ def suggest_fixes(
     return results
 
 
+def reserve_bytes(capacity: int | None) -> int:
+    """GPU memory kept free for what lives outside the arena: the CUDA context, cuBLAS / NCCL workspaces.
+
+    1 GiB, or 5% of a smaller GPU (`--gpu-memory` is also used with tiny sizes in tests and what-ifs).
+    """
+    return 0 if capacity is None else min(2**30, capacity // 20)
+
+
 def build_report(
     plan: Plan,
     *,
@@ -165,6 +173,7 @@ def build_report(
     capacity, source = (gpu_memory, "--gpu-memory") if gpu_memory else (None, None)
     if capacity is None and gpu is not None:
         capacity, source = gpu["memory_bytes"], "detected"
+    reserve = reserve_bytes(capacity)
     device, host = plan.memory["device"], plan.memory["host"]
     need = hardware_requirement(plan.config)
     satisfied = None
@@ -177,8 +186,9 @@ def build_report(
         "world_size": zero.get("world", 1),
         "zero": zero,
         "memory": {"device": device, "host": host},
-        "gpu": {"name": (gpu or {}).get("name"), "memory_bytes": capacity, "source": source},
-        "fits": None if capacity is None else device["peak_bytes"] <= capacity,
+        "gpu": {"name": (gpu or {}).get("name"), "memory_bytes": capacity, "source": source,
+                "reserve_bytes": reserve, "usable_bytes": None if capacity is None else capacity - reserve},
+        "fits": None if capacity is None else device["peak_bytes"] <= capacity - reserve,
         "hardware": {**need, "satisfied": satisfied},
         "notes": list(plan.meta.get("notes", [])),
         "suggestions": suggestions or [],
@@ -236,7 +246,8 @@ def render_report(report: dict[str, Any], plan: Plan) -> Group:
     else:
         name = f"{gpu['name']}, " if gpu.get("name") else ""
         verdict = "yes" if report["fits"] else "NO"
-        head.append(f"Fits the GPU ({name}{human(gpu['memory_bytes'])}, {gpu['source']}): {verdict}\n",
+        head.append(f"Fits the GPU ({name}{human(gpu['memory_bytes'])}, {gpu['source']}; "
+                    f"{human(gpu['reserve_bytes'])} kept for the CUDA context and workspaces): {verdict}\n",
                     style="green" if report["fits"] else "bold red")
     hw = report["hardware"]
     ok = {True: " (satisfied)", False: " (NOT satisfied by this GPU)", None: ""}[hw["satisfied"]]

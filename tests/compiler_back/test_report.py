@@ -48,9 +48,13 @@ def test_hardware_requirements():
 def test_report_against_a_detected_gpu():
     plan = back_half()
     peak = plan.memory["device"]["peak_bytes"]
-    gpu = {"name": "Fake H100", "memory_bytes": peak + 1, "capability": [9, 0]}
+    gpu = {"name": "Fake H100", "memory_bytes": 2 * peak, "capability": [9, 0]}
     rep = build_report(plan, gpu=gpu)
     assert rep["fits"] is True and rep["gpu"]["source"] == "detected" and rep["hardware"]["satisfied"] is True
+    assert rep["gpu"]["reserve_bytes"] == 2 * peak // 20
+    # Exactly the arena is not enough: the CUDA context and workspaces need room outside it.
+    assert build_report(plan, gpu_memory=peak)["fits"] is False
+    assert build_report(plan, gpu_memory=80 * 2**30)["gpu"]["reserve_bytes"] == 2**30
     plan.config["recipe"] = "nvfp4"
     rep = build_report(plan, gpu=gpu, gpu_memory=peak - 1)
     assert rep["fits"] is False and rep["gpu"]["source"] == "--gpu-memory" and rep["hardware"]["satisfied"] is False
