@@ -204,3 +204,18 @@ def test_router_losses_off_by_default(tiny_moe):
     graph = compile_front(make_cfg(tiny_moe))
     assert not any(op.kind == "moe_router_loss" for op in graph.ops())
     assert graph.meta["outputs"] == ["loss"]
+
+
+def test_llama_with_attention_and_mlp_bias_matches_transformers(tmp_path):
+    from helpers import save_tiny
+
+    d = save_tiny(tmp_path, "llama", attention_bias=True, mlp_bias=True)
+    graph = compile_front(make_cfg(d, recompute=True, attn_bwd_chunks=2))
+    ids, labels = random_batch(101, 2, 16)
+    loss, grads = run_ours(graph, d, ids, labels)
+    model = _hf(d)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    assert "model.layers.0.self_attn.o_proj.bias" in ref and "model.layers.0.mlp.down_proj.bias" in ref
+    _check(loss, grads, out.loss.item(), ref)
