@@ -329,8 +329,18 @@ def mark_persistent_quants(graph: Graph) -> list[str]:
     return kept
 
 
+def expert_quants(graph: Graph) -> list[str]:
+    """Quantized MoE expert weights (`attrs["module"] == "experts"`) and their scales."""
+    names: list[str] = []
+    for t in graph.tensors.values():
+        if t.role is Role.QUANT_WEIGHT and t.attrs.get("module") == "experts":
+            names += [t.name, *(s for s in t.attrs.get("scales", ()) if s in graph.tensors)]
+    return names
+
+
 def apply_offload(graph: Graph, cfg: Any) -> Graph:
-    """Offload residual checkpoints, quantized weights and existing master weights per the config."""
+    """Offload residual checkpoints, quantized weights (all, or MoE experts under `qlora_offload_experts`)
+    and existing master weights per the config."""
     flags = {f: bool(getattr(cfg, f, False)) for f in OFFLOAD_FLAGS}
     graph.meta["offload"] = flags
     wc = flags["use_write_combined"]
@@ -341,6 +351,8 @@ def apply_offload(graph: Graph, cfg: Any) -> Graph:
     if flags["offload_quants"]:
         quants = [t.name for t in graph.tensors.values() if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE)]
         offload_to_host(graph, quants, write_combined=wc)
+    if getattr(cfg, "qlora_offload_experts", False):
+        offload_to_host(graph, expert_quants(graph), write_combined=wc)
     if flags["offload_master"]:
         masters = [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT]
         offload_to_host(graph, masters, zero_copy=flags["use_zero_copy"], write_combined=wc)

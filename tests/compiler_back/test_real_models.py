@@ -236,3 +236,21 @@ def test_plan_cli_json_on_a_real_model(tiny_dir, tmp_path, capsys):
     assert d["categories"]["frozen_weights"] > 0 and d["categories"]["trainable_weights"] > 0
     assert rep["fits"] is False and rep["suggestions"]
     assert {k for s in rep["suggestions"] for k in s["changes"]} >= {"qlora_bnb"}
+
+
+def test_qlora_offload_experts_moves_only_expert_quants_to_host(tmp_path):
+    moe = {**tiny_config(2), "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+           "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+           "mlp_only_layers": [], "norm_topk_prob": True}
+    (tmp_path / "config.json").write_text(json.dumps(moe))
+    base = dict(lora=True, qlora_bnb=True)
+    on = plan_for(str(tmp_path), **base)
+    off = plan_for(str(tmp_path), **base, qlora_offload_experts=True)
+    experts = {n for n, t in on.tensors.items() if t.role is Role.QUANT_WEIGHT and t.attrs.get("module") == "experts"}
+    assert experts
+    for n, t in off.tensors.items():
+        if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE):
+            owner = t.attrs.get("quant_of", n)
+            is_expert = n in experts or any(owner == on.tensors[e].attrs["quant_of"] for e in experts)
+            assert (t.space is Space.HOST) == is_expert, n
+    assert off.memory["device"]["persistent"]["quantized_weights"] < on.memory["device"]["persistent"]["quantized_weights"]
