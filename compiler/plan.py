@@ -5,6 +5,20 @@ table with arena offsets and lifetimes, the arena size per memory space, the mem
 resolved config (as a dict) and a few facts about the model (parameter counts, ZeRO world, notes).
 Everything in it is plain data (attrs normalized through JSON) so that a write / read round trip
 gives an equal Plan.
+
+Ops the back half adds (besides the front half's compute ops):
+- `copy_h2d` / `copy_d2h` (phase "copy"): one input, one output; a d2h into a gradient has
+  `attrs["accumulate"]` (add into the host value, do not overwrite).
+- `all_gather` (gather a shard into a full tensor; `in_place` when re-replicating an updated weight),
+  `reduce_scatter` (`accumulate`: add into the persistent shard), `all_reduce` (`op` "avg" for gradients,
+  `when` "last_micro_step"; "sum_of_squares" for the grad norm). Phase "comm", `attrs["world"]`.
+- `adamw8bit_step` / `normuon_step` (phase "optimizer"): inputs `[weight, master?, grad, *states,
+  grad_clip_scale?]`, outputs `[weight, master?, *states]`; hyperparameters in attrs; `slice` when each
+  rank updates 1/world of a replicated weight; `zero_copy` when states live on the host unstaged.
+- `grad_norm`, `grad_clip_scale` (scalars `grad_norm`, `grad_clip_scale`).
+Tensor attrs they rely on: `staging_of`, `offloaded`, `host_copy_of`, `transient`, `shard`, `full_shape`,
+`gathered_of`, `state_of` / `state`, `master_of`; op attr `cached` marks a weight quantization that only
+re-runs when its weight changes (`persistent_quants`).
 """
 
 from __future__ import annotations
