@@ -43,9 +43,10 @@ def get_cuda():
 def is_simulator() -> bool:
     """True when numba.cuda is (or will be) the CPU simulator."""
     if "numba.cuda" in _loaded_modules():
-        from numba.cuda.core import config
+        # what was imported decides (numba re-reads its config from the environment on every compile)
+        from numba import cuda
 
-        return bool(config.ENABLE_CUDASIM)
+        return getattr(cuda.jit, "__module__", "").startswith("numba.cuda.simulator")
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
