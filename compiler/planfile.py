@@ -145,21 +145,25 @@ def _checksum(graph: onnx.GraphProto, payload: str) -> str:
 
 
 def write_plan(plan: Plan, path: str | os.PathLike) -> Path:
-    """Write `plan` to `path` atomically (temp file in the same folder, then rename)."""
+    """Write `plan` to `path` atomically (temp file in the same folder, then rename).
+
+    A path that cannot be written is a UserError; the previous file, if any, is left as it was.
+    """
     path = Path(path)
     data = plan_to_model(plan).SerializeToString()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        raise UserError(f"cannot write plan file {path}: {e.strerror or e}") from None
     return path
 
 

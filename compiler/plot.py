@@ -10,6 +10,7 @@ from pathlib import Path
 
 from surogate.compiler.plan import Plan, timeline
 from surogate.compiler.report import CATEGORY_LABELS
+from surogate.errors import UserError
 
 _REGION_COLORS = {"forward": "#dbe9f6", "backward": "#fbe3d6", "optimizer": "#e2f0d9"}
 
@@ -64,7 +65,11 @@ def plot_memory(plan: Plan, path: str | os.PathLike, space: str = "device") -> P
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: keep the peak visible
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except (OSError, ValueError) as e:  # ValueError: an image format matplotlib does not know
+        raise UserError(f"--plot: cannot write {path}: {e}") from None
+    finally:
+        plt.close(fig)
     return path

@@ -80,7 +80,14 @@ def test_failed_write_leaves_previous_file(plan, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(planfile.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write plan file .*disk full"):
         write_plan(plan, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["plan.bin"]
+
+
+def test_unwritable_destination_is_a_user_error(plan, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write plan file"):
+        write_plan(plan, blocker / "plan.bin")  # parent is a file

@@ -79,3 +79,12 @@ def test_suggestions_combine_knobs_when_none_fits_alone():
     combined = result[-1]
     assert combined["combined"] and combined["fits"]
     assert set(combined["changes"]) >= {"offload_optimizer", "recompute"} and combined["saves_bytes"] == 500
+
+
+def test_plot_to_an_unknown_format_is_a_user_error(tmp_path):
+    import pytest
+
+    from surogate.errors import UserError
+
+    with pytest.raises(UserError, match="--plot"):
+        plot_memory(back_half(), tmp_path / "m.unknownformat")
