@@ -42,9 +42,16 @@ class _Checkpoint:
         return self.handles[self.where[name]].get_tensor(name)
 
 
-def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0) -> dict[str, torch.Tensor]:
-    """name -> tensor (cast to its IR dtype) for every base and LoRA weight of `graph`."""
+def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0,
+                 adapter_path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """name -> tensor (cast to its IR dtype) for every base and LoRA weight of `graph`.
+
+    `adapter_path` (a PEFT adapter directory) is merged into the base weights first (W += scale * B @ A),
+    before any QLoRA quantization; the graph's own LoRA adapters then start fresh.
+    """
     ckpt = _Checkpoint(Path(model_dir))
+    if adapter_path is not None:
+        ckpt = _Merged(ckpt, Path(adapter_path))
     out: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(lora_seed)
     for name, t in graph.tensors.items():
@@ -69,6 +76,41 @@ def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0) -> 
             raise UserError(f"model: weight {t.source!r} has shape {tuple(val.shape)}, expected {t.shape}")
         out[name] = val.to(dtype)
     return out
+
+
+class _Merged:
+    """A checkpoint view whose base weights have a PEFT adapter merged in."""
+
+    def __init__(self, base: _Checkpoint, adapter_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        conf_file, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+        if not conf_file.is_file() or not weights.is_file():
+            raise UserError(f"adapter_path: {adapter_dir} is not a PEFT adapter (adapter_config.json and "
+                            "adapter_model.safetensors expected)")
+        conf = json.loads(conf_file.read_text())
+        rank, alpha = int(conf["r"]), float(conf.get("lora_alpha", conf["r"]))
+        self.scale = alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank
+        self.base, self.dir = base, base.dir
+        state = load_file(weights)
+        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, a in state.items():
+            if key.endswith(".lora_A.weight"):
+                target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                self.deltas[target] = (a, state[key.replace(".lora_A.", ".lora_B.")])
+        missing = [t for t in self.deltas if not base.has(t)]
+        if missing:
+            raise UserError(f"adapter_path: adapter targets {missing[0]!r}, which the model does not have")
+
+    def has(self, name: str) -> bool:
+        return self.base.has(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        w = self.base.get(name)
+        if name not in self.deltas:
+            return w
+        a, b = self.deltas[name]
+        return (w.float() + self.scale * (b.float() @ a.float())).to(w.dtype)
 
 
 def _load_quantized(ckpt: _Checkpoint, t) -> dict[str, torch.Tensor]:

@@ -108,3 +108,35 @@ def test_init_weights_follow_rules(tiny_models):
     run_graph(graph, values)
     assert abs(float(values["loss"]) - torch.log(torch.tensor(101.0)).item()) < 0.1  # ~uniform at init
     assert gradients(graph, values)["model.layers.0.self_attn.o_proj.weight"].abs().sum() > 0
+
+
+def test_adapter_path_is_merged_like_peft(tmp_path, tiny_models):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    d = tiny_models["qwen3"]
+    torch.manual_seed(5)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32),
+                                LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = {n: p for n, p in peft_model.merge_and_unload().named_parameters()}
+    for qlora in (False, True):
+        graph = compile_front(make_cfg(d, lora=True, qlora_fp8=qlora, qlora_block_size=64))
+        w = load_weights(graph, d, adapter_path=tmp_path / "adapter")
+        if not qlora:
+            for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                         "model.layers.0.mlp.up_proj.weight"):
+                assert torch.allclose(w[name], merged[name], atol=1e-6), name
+        else:  # merged before quantization: dequantized weights track the merged ones
+            from surogate.runtime.reference.quant import dequantize
+
+            name = "model.layers.1.self_attn.q_proj.weight"
+            deq = dequantize("fp8_block", [w[f"{name}.q"], w[f"{name}.scale"]], (64, 64), 64)
+            assert rel_err(deq, merged[name]) < 0.05
+
+
+def test_bad_adapter_path_is_a_user_error(tmp_path, tiny_models):
+    graph = compile_front(make_cfg(tiny_models["qwen3"], lora=True), backward=False)
+    with pytest.raises(UserError, match="adapter_path"):
+        load_weights(graph, tiny_models["qwen3"], adapter_path=tmp_path)
