@@ -35,7 +35,6 @@ class StepContext:
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)
     lr_scale: float = 1.0  # schedule(step) / learning_rate; read by optimizer kernels
     optimizer_step: int = 1  # 1-based count of applied optimizer steps (bias correction)
-    loss_weight: float = 1.0  # this micro-batch's share of the step's loss (tokens / tokens in step)
 
     def shape_of_output(self, i: int) -> tuple[int, ...]:
         return self.out_shapes[i]
@@ -92,6 +91,8 @@ class ArenaExecutor:
         if missing:
             raise NotImplementedError(f"backend has no kernel for op kind(s): {', '.join(missing)}")
         self._gradients = [n for n, t in plan.tensors.items() if t.role is Role.GRADIENT and n in self.views]
+        self._inputs = {n for n, t in plan.tensors.items() if t.role is Role.INPUT and n in self.views}
+        self._written: set[str] = set()
 
     # -- state ---------------------------------------------------------------------------------------
     def tensors_of(self, roles: Iterable[Role]) -> dict[str, torch.Tensor]:
@@ -104,6 +105,7 @@ class ArenaExecutor:
         if tuple(value.shape) != tuple(view.shape):
             raise ValueError(f"{name}: value shape {tuple(value.shape)} != planned {tuple(view.shape)}")
         view.copy_(value)
+        self._written.add(name)
 
     def zero_gradients(self) -> None:
         for name in self._gradients:
@@ -112,6 +114,9 @@ class ArenaExecutor:
     # -- execution -----------------------------------------------------------------------------------
     def run(self, program: str, ctx: StepContext) -> None:
         """Execute one program (MICRO_STEP or OPTIMIZER_STEP) op by op."""
+        unset = self._inputs - self._written
+        if unset:  # an arena is uninitialised memory: never compute on it
+            raise RuntimeError(f"plan inputs never written: {', '.join(sorted(unset))}")
         written: set[str] = set()
         tensors = self.plan.tensors
         for op in self.programs[program]:

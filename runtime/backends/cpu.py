@@ -1,0 +1,79 @@
+"""The `cpu` backend: the reference kernels (torch) plus optimizer, copy and collective ops.
+
+Runs every op of a plan on a machine without a GPU. Collectives go through `torch.distributed`
+(gloo) when the plan has more than one rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from surogate.runtime import optim
+from surogate.runtime.reference import KERNELS as REFERENCE
+
+
+def copy(ins: list, attrs: dict, ctx: Any) -> list:
+    """Host <-> device copies: on the CPU both spaces are host memory, the copy is still made."""
+    return [ins[0]]
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(ins: list, attrs: dict, ctx: Any) -> list:
+    import torch.distributed as dist
+
+    x = ins[0].clone()
+    if _world() > 1:
+        if attrs.get("op") == "sum_of_squares":  # a norm: combine as sqrt(sum of squares)
+            sq = x.float().pow(2)
+            dist.all_reduce(sq)
+            return [sq.sqrt().to(x.dtype)]
+        dist.all_reduce(x)
+        if attrs.get("op", "avg") == "avg":
+            x /= _world()
+    return [x]
+
+
+def all_gather(ins: list, attrs: dict, ctx: Any) -> list:
+    import torch.distributed as dist
+
+    shard = ins[0].contiguous()
+    world = _world()
+    if world == 1:
+        return [shard]
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    dist.all_gather(parts, shard)
+    full_rows = ctx.shape_of_output(0)[0]
+    return [torch.cat(parts, 0)[:full_rows]]
+
+
+def reduce_scatter(ins: list, attrs: dict, ctx: Any) -> list:
+    import torch.distributed as dist
+
+    full = ins[0].contiguous()
+    world = _world()
+    if world == 1:
+        return [full]
+    rows = ctx.shape_of_output(0)[0]
+    padded = torch.zeros((rows * world, *full.shape[1:]), dtype=full.dtype)
+    padded[: full.shape[0]] = full
+    out = torch.empty((rows, *full.shape[1:]), dtype=full.dtype)
+    dist.reduce_scatter_tensor(out, padded)
+    return [out / world]
+
+
+KERNELS: dict[str, Any] = {
+    **REFERENCE,
+    **optim.KERNELS,
+    "copy_h2d": copy,
+    "copy_d2h": copy,
+    "all_reduce": all_reduce,
+    "all_gather": all_gather,
+    "reduce_scatter": reduce_scatter,
+}

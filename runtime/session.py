@@ -1,0 +1,155 @@
+"""One training run from a config: compile (or take) the plan, set everything up, train, export.
+
+    result = run_training(cfg)            # `surogate sft` / `surogate pt`
+    result = run_training(cfg, plan=plan) # `surogate run plan.bin`
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from surogate.compiler.ir import Role
+from surogate.compiler.plan import Plan
+from surogate.errors import NotAvailableError, UserError
+from surogate.runtime.trainer import Trainer, TrainResult
+
+
+def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
+    """Refuse, with the reason, what this backend cannot execute."""
+    world = int(plan.meta.get("zero", {}).get("world", 1))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == world):
+            raise NotAvailableError(
+                f"this plan is for {world} ranks (gpus / distributed.*); start it with one process per rank "
+                "(multi-rank launch is not in this version) or plan with `gpus: 1`"
+            )
+    if backend == "cpu" and cfg.recipe != "bf16":
+        raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "
+                                "trains with recipe 'bf16' only")
+
+
+def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
+    """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model."""
+    from surogate.runtime.export import PEFT_PREFIX, export_hf_model, export_merged_model, export_peft_adapter
+
+    plan, views = trainer.plan, trainer.ex.views
+    out = Path(cfg.output_dir)
+    by_role = lambda roles: {  # noqa: E731 - tiny local selector
+        plan.tensors[n].source: v for n, v in views.items() if plan.tensors[n].role in roles and plan.tensors[n].source
+    }
+    outputs: dict[str, str] = {}
+    lora = {src.removeprefix(PEFT_PREFIX): v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items()
+            if ".lora_" in src}
+    if lora:
+        outputs["adapter"] = str(export_peft_adapter(out / "adapter", lora, lora_alpha=float(cfg.lora_alpha),
+                                                     lora_dropout=float(cfg.lora_dropout),
+                                                     base_model_name_or_path=str(cfg.model)))
+        if cfg.merge_adapter:
+            base = by_role((Role.FROZEN_WEIGHT,))
+            outputs["merged"] = str(export_merged_model(out / "merged", base, lora, hf_config, model_dir,
+                                                        lora_alpha=float(cfg.lora_alpha)))
+    else:
+        weights = by_role((Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT))
+        outputs["model"] = str(export_hf_model(out / "model", weights, hf_config, model_dir))
+    for key in ("merged", "model"):
+        if key in outputs and model_dir is None:
+            tokenizer.save_pretrained(outputs[key])
+    return outputs
+
+
+def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", console_file: TextIO | None = None,
+                 force_terminal: bool | None = None) -> TrainResult:
+    """Train `cfg` to the end (or an early stop); returns losses and output paths."""
+    from surogate.compiler.models import resolve_model
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.compiler.report import format_memory_table
+    from surogate.runtime.backends import kernel_table
+    from surogate.runtime.checkpoint import CheckpointManager
+    from surogate.runtime.data import load_tokenizer, prepare_datasets
+    from surogate.runtime.executor import ArenaExecutor
+    from surogate.runtime.lr_schedule import warmup_steps_for
+    from surogate.runtime.observe import (
+        EndSummary,
+        EvalMetrics,
+        RunInfo,
+        StepMetrics,
+        TrainingObserver,
+        adjust_epochs,
+    )
+    from surogate.runtime.weights import initial_weights, initialise
+
+    if not cfg.datasets:
+        raise UserError("datasets: training needs at least one dataset")
+    spec = resolve_model(cfg)
+    plan = plan if plan is not None else compile_plan(cfg)
+    _check_runnable(plan, cfg, backend)
+    torch.manual_seed(int(cfg.train_seed))
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_datasets(cfg, tokenizer)
+    executor = ArenaExecutor(plan, kernel_table(backend))
+    initialise(executor, initial_weights(plan, cfg, spec.source_dir, spec.hf_config))
+
+    params = plan.meta.get("parameters", {})
+    total_params = int(params.get("total", 0))
+    train_stats = data.stats.train
+    tokens_per_epoch = train_stats.packed_rows * train_stats.seq_len
+    adjusted = adjust_epochs(int(cfg.num_epochs), int(cfg.max_steps), total_params, tokens_per_epoch,
+                             enabled=bool(cfg.epoch_adjustment))
+    checkpoints = CheckpointManager.from_config(cfg)
+    trainer = Trainer(cfg, plan, executor, data, checkpoints=checkpoints, num_epochs=adjusted.num_epochs)
+    if cfg.resume_from_checkpoint:
+        latest = checkpoints.latest()
+        if latest is not None:
+            trainer.restore(checkpoints.load(latest))
+    info = RunInfo(
+        model=str(cfg.model), total_params=total_params, trainable_params=int(params.get("trainable", 0)),
+        total_steps=trainer.total_steps,
+        tokens_per_step=trainer.batch_size * trainer.accumulation * int(cfg.sequence_len),
+        num_epochs=adjusted.num_epochs, warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
+        dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
+        packing_efficiency=train_stats.efficiency, plan_peak_bytes=int(plan.memory["device"]["peak_bytes"]),
+        device=backend, start_step=trainer.step, notes=tuple(n for n in (adjusted.message,) if n),
+    )
+    result = TrainResult(steps=0)
+    with TrainingObserver(cfg, cfg.output_dir, info, console_file=console_file,
+                          force_terminal=force_terminal) as obs:
+        obs.on_allocated(format_memory_table(plan))
+        last_saved = None
+        while trainer.step < trainer.total_steps:
+            loss, norm, tokens, bad_micro = trainer.train_step()
+            step = trainer.step
+            if bad_micro is not None or not math.isfinite(norm):
+                what = "loss" if bad_micro is not None else "gradients"
+                decision = obs.on_nonfinite(step, bad_micro, what)
+            else:
+                lr = float(cfg.learning_rate) * trainer.lr_factor(step - 1)
+                decision = obs.on_step(StepMetrics(step, loss, lr, norm, tokens, trainer.epoch))
+                result.losses.append(loss)
+            trainer.lr_scale = decision.lr_scale
+            if step % int(cfg.eval_steps) == 0 or step == trainer.total_steps:
+                eval_loss = trainer.evaluate()
+                if eval_loss is not None:
+                    result.eval_losses.append((step, eval_loss))
+                    ev = obs.on_eval(EvalMetrics(step, eval_loss))
+                    if ev.stop and not decision.stop:
+                        decision = ev
+            if step % int(cfg.save_steps) == 0 or (decision.stop and decision.save_checkpoint):
+                last_saved = trainer.save()
+                obs.on_checkpoint(last_saved, step)
+            if decision.stop:
+                result.stopped = decision.stop_reason
+                break
+        if last_saved is None or not str(last_saved).endswith(f"-{trainer.step}"):
+            obs.on_checkpoint(trainer.save(), trainer.step)
+        result.outputs = _exports(trainer, cfg, spec.source_dir, spec.hf_config, tokenizer)
+        final_eval = result.eval_losses[-1][1] if result.eval_losses else None
+        obs.on_end(EndSummary(outputs=result.outputs, final_eval_loss=final_eval,
+                              status="stopped" if result.stopped else "completed"))
+    result.steps = trainer.step
+    return result

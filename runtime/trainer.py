@@ -1,0 +1,163 @@
+"""The training loop: plan -> arenas -> weights -> data -> steps -> checkpoints -> exports.
+
+One optimizer step = `gradient_accumulation_steps` micro-steps (the plan's micro-step program, each
+micro-batch's loss weighted by its share of the step's loss tokens, so that accumulation equals one
+big batch) followed by the plan's optimizer program. Everything a resumed run needs is in the
+checkpoint: trainable weights, master weights, optimizer states, step counts, the data position, the
+LR scale and the RNG states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surogate.compiler.ir import Role
+from surogate.compiler.plan import Plan
+from surogate.errors import UserError
+from surogate.runtime.batches import BatchStream, Position, plan_inputs
+from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, ArenaExecutor, StepContext
+
+CHECKPOINT_ROLES = (Role.TRAINABLE_WEIGHT, Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step losses, eval losses, where its outputs are."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    stopped: str | None = None
+
+
+def loss_tensor(plan: Plan) -> str:
+    for op in plan.ops:
+        if op.kind == "lm_head_ce":
+            return op.outputs[0]
+    raise UserError("the plan has no loss op (lm_head_ce): it cannot train")
+
+
+def eval_program(plan: Plan) -> list:
+    """The micro-step up to and including the loss: forward only."""
+    ops = plan.ops
+    last = max(i for i, op in enumerate(ops) if op.kind == "lm_head_ce")
+    return ops[: last + 1]
+
+
+class Trainer:
+    """Owns the executor and the state of one run; `train()` runs it to the end (or to a stop)."""
+
+    def __init__(self, cfg: Any, plan: Plan, executor: ArenaExecutor, data: Any, *, checkpoints: Any = None,
+                 num_epochs: int | None = None) -> None:
+        self.cfg, self.plan, self.ex, self.data = cfg, plan, executor, data
+        self.checkpoints = checkpoints
+        self.loss_name = loss_tensor(plan)
+        self.ex.watch.add(self.loss_name)
+        self.ex.programs["eval"] = eval_program(plan)
+        self.accumulation = int(cfg.gradient_accumulation_steps)
+        self.batch_size = int(cfg.per_device_train_batch_size)
+        per_epoch = math.ceil(data.train.num_batches(self.batch_size) / self.accumulation)
+        self.steps_per_epoch = max(1, per_epoch)
+        epochs = int(num_epochs if num_epochs is not None else cfg.num_epochs)
+        self.total_steps = int(cfg.max_steps) if cfg.max_steps > 0 else self.steps_per_epoch * epochs
+        self.step = 0  # optimizer steps taken (applied or skipped)
+        self.applied = 0  # optimizer steps applied (bias correction counts these)
+        self.lr_scale = 1.0  # permanent factor from automatic LR reductions
+        self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
+
+    # -- one step --------------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[dict]:
+        return [self.stream.next()[1] for _ in range(self.accumulation)]
+
+    def lr_factor(self, step: int) -> float:
+        from surogate.runtime.lr_schedule import lr_factor
+
+        return lr_factor(step, self.total_steps, self.cfg) * self.lr_scale
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epoch of the data position."""
+        pos = self.stream.position
+        return pos.epoch + pos.index / self.stream.batches_per_epoch
+
+    def train_step(self) -> tuple[float, float, int, int | None]:
+        """Run one optimizer step; returns (loss, grad norm, tokens, index of the first micro-batch
+        whose loss was not finite, or None). A step with a non-finite loss or gradient is not applied."""
+        batches = self._micro_batches()
+        # Every micro-step divides by the step's loss-token count: summed, they are one batch's mean.
+        total = max(sum(int(b["num_loss_tokens"]) for b in batches), 1)
+        self.ex.zero_gradients()
+        loss, bad_micro = 0.0, None
+        for i, batch in enumerate(batches):
+            for name, value in plan_inputs(self.plan, batch, num_items=total).items():
+                self.ex.write(name, value)
+            self.ex.run(MICRO_STEP, StepContext(self.plan, self.step * self.accumulation + i))
+            micro_loss = float(self.ex.observed[self.loss_name])
+            if not math.isfinite(micro_loss) and bad_micro is None:
+                bad_micro = i
+            loss += micro_loss
+        norm = self.gradient_norm()
+        tokens = sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in batches)
+        if math.isfinite(loss) and math.isfinite(norm):
+            ctx = StepContext(self.plan, self.step, lr_scale=self.lr_factor(self.step),
+                              optimizer_step=self.applied + 1)
+            self.ex.run(OPTIMIZER_STEP, ctx)
+            self.applied += 1
+        self.step += 1
+        return loss, norm, tokens, bad_micro
+
+    def gradient_norm(self) -> float:
+        total = 0.0
+        for name in self.ex._gradients:
+            total += float(self.ex.views[name].double().pow(2).sum())
+        return math.sqrt(total)
+
+    def evaluate(self) -> float | None:
+        split = self.data.eval
+        if split is None:
+            return None
+        total_loss, total_tokens = 0.0, 0
+        for batch in split.batches(self.batch_size, epoch=0, seed=int(self.cfg.eval_seed), shuffle=False):
+            n = int(batch["num_loss_tokens"])
+            if n == 0:
+                continue
+            for name, value in plan_inputs(self.plan, batch).items():
+                self.ex.write(name, value)
+            self.ex.run("eval", StepContext(self.plan, 0))
+            total_loss += float(self.ex.observed[self.loss_name]) * n
+            total_tokens += n
+        return total_loss / total_tokens if total_tokens else None
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.ex.tensors_of(CHECKPOINT_ROLES)
+
+    def state(self) -> dict[str, Any]:
+        pos = self.stream.position
+        return {"step": self.step, "applied": self.applied, "lr_scale": self.lr_scale,
+                "data": {"epoch": pos.epoch, "index": pos.index}, "total_steps": self.total_steps}
+
+    def save(self) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.save(self.step, self.state_tensors(), self.state())
+
+    def restore(self, checkpoint: Any) -> None:
+        """Continue from a loaded checkpoint (tensors, counters, data position, RNG)."""
+        missing = set(self.state_tensors()) - set(checkpoint.tensors)
+        if missing:
+            raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensor(s) of this plan, e.g. "
+                            f"{sorted(missing)[0]!r}; it was written by a different configuration")
+        for name in self.state_tensors():
+            self.ex.write(name, checkpoint.tensors[name])
+        s = checkpoint.state
+        self.step, self.applied, self.lr_scale = int(s["step"]), int(s["applied"]), float(s["lr_scale"])
+        self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed),
+                                  Position(int(s["data"]["epoch"]), int(s["data"]["index"])))
+        checkpoint.restore_rng()
