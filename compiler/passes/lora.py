@@ -55,7 +55,11 @@ def inject_lora(graph: Graph, cfg: Any) -> Graph:
     targets = lora_targets(getattr(cfg, "lora_target_modules", ("all",)))
     scale = alpha / rank
 
-    for op in [o for o in graph.ops() if o.kind == "linear" and o.attrs.get("module") in targets]:
+    targeted = [o for o in graph.ops() if o.kind == "linear" and o.attrs.get("module") in targets]
+    if not targeted and not getattr(cfg, "train_router", False):
+        raise UserError(f"lora_target_modules: none of {', '.join(targets)} exists in this model "
+                        "(MoE layers have no dense MLP projections), so nothing would be trained")
+    for op in targeted:
         _inject_one(graph, op, rank, scale, p, dtype)
     if getattr(cfg, "train_router", False):
         for t in graph.tensors.values():

@@ -164,3 +164,10 @@ def test_qwen3_32b_front_half_builds():
     graph = compile_front(make_cfg("Qwen/Qwen3-32B", lora=True, recompute=True, sequence_len=2048))
     assert graph.meta["num_layers"] == 64
     assert len([t for t in graph.tensors.values() if t.role == Role.GRADIENT]) == 64 * 7 * 2
+
+
+def test_lora_targets_absent_from_model_is_a_user_error():
+    cfg = make_cfg("Qwen/Qwen3-30B-A3B", lora=True, lora_target_modules=("gate_proj", "up_proj"), sequence_len=8,
+                   per_device_train_batch_size=1)
+    with pytest.raises(UserError, match="nothing would be trained"):
+        inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
