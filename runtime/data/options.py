@@ -54,9 +54,10 @@ class DataOptions:
 
 
 def auto_num_workers() -> int:
-    """Default worker count: one per spare CPU, at most 8 (tokenization is CPU-bound; 0 = in-process)."""
+    """Default worker count: one per spare CPU, at most 8. With 2 CPUs or fewer, 0 (in-process): there the
+    Rust tokenizer's own threads beat one worker process (measured by benchmarks/tokenize_throughput.py)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus - 1))
+    return 0 if cpus <= 2 else min(8, cpus - 1)
 
 
 def _choice(cfg: Any, name: str, default: str, choices: tuple[str, ...]) -> str:
