@@ -157,7 +157,10 @@ class VJPContext:
         return t
 
     def _redo(self, fop: Op, t: str) -> str:
-        """Re-emit cheap producer `fop` in backward (once per layer's backward) and return its copy of `t`."""
+        """Re-emit cheap producer `fop` in backward (once per layer's backward) and return its copy of `t`.
+
+        The copy carries `redo=True` and `redo_of=<forward op>` (a pass that caches the forward op's outputs,
+        e.g. persistent_quants, can point the backward at those instead)."""
         key = (fop.name, self.op.layer)
         if key not in self.ad.redone:
             names = {}
@@ -167,7 +170,7 @@ class VJPContext:
                 self.g.add_tensor(Tensor(names[o], src.shape, src.dtype, src.role, src.space, src.layer,
                                          attrs=dict(src.attrs)))
             ins = [self.saved(x) for x in fop.inputs]
-            attrs = {**fop.attrs, "redo": True}
+            attrs = {**fop.attrs, "redo": True, "redo_of": fop.name}
             if "update_history" in attrs:
                 attrs["update_history"] = False  # a redo never advances amax histories
             self.g.add_op(Op(f"{fop.name}.bwd_redo.{next(self.ad.counter)}", fop.kind, ins, list(names.values()),
