@@ -81,14 +81,22 @@ def by_step(metric) -> dict:
     return dict(sorted(zip(steps, values, strict=True)))
 
 
-def test_aim_local_repo_queried_back(tmp_path):
-    aim = pytest.importorskip("aim")
-    repo_dir = tmp_path / "aimrepo"
+@pytest.fixture(scope="module")
+def aim_repo_dir(tmp_path_factory):
+    """One repo for the aim tests: creating a repo runs aim's database migrations (seconds)."""
+    pytest.importorskip("aim")
+    return tmp_path_factory.mktemp("aim") / "repo"
+
+
+def test_aim_local_repo_queried_back(tmp_path, aim_repo_dir):
+    import aim
+
+    repo_dir = aim_repo_dir
     cfg = make_cfg(output_dir=str(tmp_path / "out"), report_to=["aim"], aim_repo=str(repo_dir),
                    aim_experiment="exp1")
     obs, outputs = run_five_steps(cfg, tmp_path)
     assert outputs["aim_run"] == str(repo_dir / ".aim")
-    runs = list(aim.Repo(str(repo_dir)).iter_runs())
+    runs = [r for r in aim.Repo(str(repo_dir)).iter_runs() if r.experiment == "exp1"]
     assert len(runs) == 1
     run = runs[0]
     assert run.name == obs.run_name and run.experiment == "exp1"
@@ -101,11 +109,13 @@ def test_aim_local_repo_queried_back(tmp_path):
     assert list(by_step(series[("lr", "train")]).values()) == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 5e-4])
 
 
-def test_aim_name(tmp_path):
-    aim = pytest.importorskip("aim")
-    cfg = make_cfg(output_dir=str(tmp_path / "o"), report_to=["aim"], aim_repo=str(tmp_path / "r"), aim_name="an")
+def test_aim_name(tmp_path, aim_repo_dir):
+    import aim
+
+    cfg = make_cfg(output_dir=str(tmp_path / "o"), report_to=["aim"], aim_repo=str(aim_repo_dir), aim_name="an",
+                   aim_experiment="exp2")
     run_five_steps(cfg, tmp_path)
-    assert [r.name for r in aim.Repo(str(tmp_path / "r")).iter_runs()] == ["an"]
+    assert [r.name for r in aim.Repo(str(aim_repo_dir)).iter_runs() if r.experiment == "exp2"] == ["an"]
 
 
 @pytest.mark.parametrize("target", ["wandb", "aim"])
