@@ -84,20 +84,26 @@ class Encoder:
             except jinja2.TemplateError:
                 span = None  # some templates cannot render a partial conversation; fall back below
             if span is None:
-                span = self._find_content(full, message["content"], cursor)
-            if span is not None:
-                spans.append(span)
-                cursor = span[1]
+                span = self._find_content(full, message.get("content") or "", cursor)
+            if span is None:
+                if not message.get("content"):
+                    continue  # an empty turn the template chose not to show: nothing to train on
+                raise ValueError(f"assistant message {i} cannot be located in the rendered text; use a template "
+                                 "with {% generation %} markers (e.g. a built-in: template: qwen)")
+            spans.append(span)
+            cursor = span[1]
         return spans
 
     @staticmethod
     def _find_content(full: str, content: str, cursor: int) -> tuple[int, int] | None:
-        if not content:
+        # Templates may drop the reasoning of earlier turns (Qwen3): then only the answer is in the text.
+        for candidate in (content, content.rsplit("</think>", 1)[-1].strip()):
+            start = full.find(candidate, cursor) if candidate else -1
+            if start >= 0:
+                break
+        else:
             return None
-        start = full.find(content, cursor)
-        if start < 0:
-            return None
-        end = start + len(content)
+        end = start + len(candidate)
         for marker in _END_OF_TURN:
             if full.startswith(marker, end):
                 end += len(marker)

@@ -208,3 +208,31 @@ def test_template_errors_name_the_row(tokenizer_factory):
     tok = tokenizer_factory("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(DataError, match=r"row 3, field 'messages': the chat template could not render.*alternate"):
         encoder(tok).encode_rows([(0, 3, {"messages": MESSAGES})])
+
+
+# Like Qwen3's template: the reasoning of earlier assistant turns is dropped from the rendered history.
+THINK_DROPPING = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% set c = m.content %}"
+    "{% if not loop.last and '</think>' in c %}{% set c = c.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
+    "{{ '<|im_start|>assistant\\n' + c + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_templates_that_drop_earlier_reasoning_still_get_exact_spans(tokenizer_factory):
+    enc = encoder(tokenizer_factory(THINK_DROPPING))
+    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nanswer one"},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>\nwhy\n</think>\n\nanswer two"}]
+    text, spans = enc.render_chat(messages, None)
+    assert "hm" not in text
+    assert [text[s:e] for s, e in spans] == ["answer one<|im_end|>", "<think>\nwhy\n</think>\n\nanswer two<|im_end|>"]
+
+
+def test_an_assistant_turn_the_template_rewrites_is_a_clear_error(tokenizer_factory):
+    # History turns are rewritten (upper-cased): neither prefix diffing nor a content search can place them.
+    rewriting = THINK_DROPPING.replace("'<|im_start|>assistant\\n' + c +", "'<|im_start|>assistant\\n' + "
+                                       "(c if loop.last else c | upper) +")
+    assert rewriting != THINK_DROPPING
+    with pytest.raises(DataError, match=r"row 0, field 'messages'.*assistant message 2 cannot be located"):
+        encoder(tokenizer_factory(rewriting)).encode_rows([(0, 0, {"messages": MESSAGES})])
