@@ -154,7 +154,7 @@ class TrainingObserver:
             self._first_step_t, self._first_step = now - step_time, m.step - 1
         self.tokens += m.tokens
         self.nonfinite.ok()
-        self.timer.step_done()
+        self.timer.step_done(step_time)
         decisions = self._diagnose(m)
         rec = {
             "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm, "epoch": m.epoch,

@@ -23,6 +23,7 @@ class PhaseTimer:
         self.sync = sync
         self.totals: dict[str, float] = {}
         self.steps = 0
+        self.wall = 0.0  # summed step wall time, when the caller reports it
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -43,22 +44,35 @@ class PhaseTimer:
         if self.enabled:
             self.totals[name] = self.totals.get(name, 0.0) + seconds
 
-    def step_done(self) -> None:
+    def step_done(self, wall_seconds: float | None = None) -> None:
+        """One optimizer step finished; `wall_seconds` (its wall time) lets the report show the time no
+        phase accounted for as `other`."""
         self.steps += 1
+        if wall_seconds is not None:
+            self.wall += wall_seconds
 
     def report(self) -> dict:
-        """Per-phase mean ms per step and share of measured time since the last report; then reset."""
-        total = sum(self.totals.values())
+        """Per-phase mean ms per step and share of the step time since the last report; then reset.
+
+        The step time is the reported wall time when known (unmeasured time becomes `other`), else
+        the sum of the measured phases.
+        """
+        totals = dict(self.totals)
+        measured = sum(totals.values())
+        if self.wall > measured:
+            totals["other"] = self.wall - measured
+        whole = max(self.wall, measured)
         steps = max(self.steps, 1)
-        names = [p for p in PHASES if p in self.totals] + sorted(set(self.totals) - set(PHASES))
+        names = [p for p in PHASES if p in totals] + sorted(set(totals) - {*PHASES, "other"})
+        names += ["other"] if "other" in totals else []
         out = {
             "steps": self.steps,
             "phases": {
-                n: {"ms_per_step": 1000.0 * self.totals[n] / steps, "share": self.totals[n] / total if total else 0.0}
+                n: {"ms_per_step": 1000.0 * totals[n] / steps, "share": totals[n] / whole if whole else 0.0}
                 for n in names
             },
         }
-        self.totals, self.steps = {}, 0
+        self.totals, self.steps, self.wall = {}, 0, 0.0
         return out
 
 

@@ -176,16 +176,39 @@ def test_time_breakdown_every_log_gpu_util_steps(observer_factory, tmp_path):
     obs, out = observer_factory({"debug_time_breakdown": True, "log_gpu_util": 5, "log_file": str(log)})
     obs.on_start()
     for s in range(1, 11):
-        obs.timer.add("forward", 0.010)
-        obs.timer.add("backward", 0.030)
+        obs.timer.add("forward", 0.100)
+        obs.timer.add("backward", 0.300)
+        obs.timer.add("my_phase", 0.025)
         with obs.timer.phase("optimizer"):
             pass
-        feed(obs, 1, start=s)
+        feed(obs, 1, start=s)  # step_time 0.5 s: 75 ms per step not covered by any phase
     reports = [r for r in records(log) if r.get("event") == "time_breakdown"]
     assert [r["step"] for r in reports] == [5, 10]
-    fwd = reports[1]["phases"]["forward"]
-    assert fwd["ms_per_step"] == pytest.approx(10.0) and fwd["share"] == pytest.approx(0.25, abs=1e-3)
-    assert "time breakdown over 5 steps: forward 10.0ms (25%), backward 30.0ms (75%)" in out.getvalue()
+    phases = reports[1]["phases"]
+    assert list(phases) == ["forward", "backward", "optimizer", "my_phase", "other"]
+    assert phases["forward"]["ms_per_step"] == pytest.approx(100.0) and phases["forward"]["share"] == pytest.approx(0.2)
+    assert phases["other"]["ms_per_step"] == pytest.approx(75.0, abs=0.1)
+    assert "time breakdown over 5 steps: forward 100.0ms (20%), backward 300.0ms (60%), optimizer 0.0ms (0%), " \
+        "my_phase 25.0ms (5%), other 75.0ms (15%)" in out.getvalue()
+
+
+def test_phase_timer_without_wall_time():
+    from surogate.runtime.observe.timing import PhaseTimer
+
+    t = PhaseTimer()
+    t.add("data", 1.0)
+    t.add("forward", 3.0)
+    t.step_done()
+    t.step_done()
+    rep = t.report()
+    assert rep == {"steps": 2, "phases": {"data": {"ms_per_step": 500.0, "share": 0.25},
+                                          "forward": {"ms_per_step": 1500.0, "share": 0.75}}}
+    assert t.report()["phases"] == {}  # reset after each report
+    off = PhaseTimer(enabled=False)
+    with off.phase("data"):
+        pass
+    off.add("forward", 1.0)
+    assert off.totals == {}
 
 
 def test_gpu_util_absent_on_cpu(observer_factory, tmp_path):
