@@ -1,7 +1,7 @@
 """The tokenized cache: where it lives, its key, and atomic write / read.
 
 Layout: `<root>/tokenized/<key>/{train/, eval/, stats.json, key.json}` where root is
-`distributed.worker_output_dir/node-{rank}` when set, else `output_dir`. The key hashes everything the
+`distributed.worker_output_dir/node-{rank}` when set (see `cache_root`), else `output_dir`. The key hashes everything the
 tokens depend on (see `cache_key`). A cache entry is written into a temporary sibling folder and renamed
 into place, so a reader never sees a half-written entry; if two processes race, the first rename wins
 and the loser's copy is discarded.
@@ -22,9 +22,15 @@ CACHE_VERSION = 1
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:
-    """The folder holding tokenized caches for this config and node rank."""
+    """The folder holding tokenized caches for this config and node rank.
+
+    `distributed.worker_output_dir/node-{rank}` when set; else, for multi-node runs, node-local
+    `/tmp/surogate-{run_name}/node-{rank}` (the reference's default); else `output_dir`.
+    """
     dist = getattr(cfg, "distributed", None)
     worker_dir = getattr(dist, "worker_output_dir", None) if dist is not None else None
+    if not worker_dir and int(getattr(dist, "num_nodes", 1) or 1) > 1:
+        worker_dir = f"/tmp/surogate-{getattr(cfg, 'run_name', None) or 'run'}"
     if worker_dir:
         return Path(worker_dir).expanduser() / f"node-{rank}" / "tokenized"
     return Path(getattr(cfg, "output_dir", None) or "output").expanduser() / "tokenized"

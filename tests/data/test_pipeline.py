@@ -210,3 +210,13 @@ def test_a_cache_built_skipping_bad_rows_does_not_hide_them_from_a_strict_run(tm
     assert prepare(cfg, on_bad_row="skip").stats.counts["skipped_empty_conversation"] == 1
     with pytest.raises(DataError, match="row 3"):
         prepare(cfg)
+
+
+def test_two_runs_give_identical_data_and_batches(tmp_path, model_dir, conv_file):
+    model = model_dir()
+    runs = [prepare(make_cfg(tmp_path, model, [{"path": conv_file, "type": "conversation"}],
+                             validation_split_ratio=0.2), use_cache=False) for _ in range(2)]
+    for name in ("tokens", "loss_mask", "doc_offsets", "row_offsets", "row_docs"):
+        assert np.array_equal(getattr(runs[0].train, name), getattr(runs[1].train, name))
+    first, second = (list(r.train.batches(2, epoch=1, seed=1234)) for r in runs)
+    assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(first, second, strict=True))
