@@ -11,7 +11,7 @@ Batch layout (`TokenizedSplit.batches`), every shape static for a given split an
                                padding, and the first token of every document (so no loss crosses documents)
   position_ids  int64 [B, S]   restart at 0 at every document; each padding run counts 0.. on its own
   document_ids  int32 [B, S]   segment id within the batch (documents and padding runs; unique per batch)
-  cu_seqlens    int32 [B*(max_docs_per_row+1)+1]  cumulative segment lengths over the flattened B*S tokens
+  cu_seqlens    int32 [B*min(max_docs_per_row+1, S)+1]  cumulative segment lengths over the flattened B*S tokens
                                (flash-attn varlen layout). Entries 0..num_docs are real; the tail repeats
                                B*S (zero-length segments), so the buffer size never changes (CUDA graphs).
   num_docs      int            number of real segments in cu_seqlens (documents + padding runs)
@@ -79,7 +79,8 @@ class TokenizedSplit:
 
     def cu_seqlens_size(self, batch_size: int) -> int:
         """Static length of the `cu_seqlens` buffer for batches of `batch_size` rows."""
-        return batch_size * (self.max_docs_per_row + 1) + 1
+        # Every segment (document or padding run) has >= 1 token, so a row never holds more than seq_len.
+        return batch_size * min(self.max_docs_per_row + 1, self.seq_len) + 1
 
     # ------------------------------------------------------------------------------------- batches
 
