@@ -109,7 +109,7 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
     b.append(Bench("ce_logsumexp (1 chunk)", lambda: ce._stats(logits, labels, 0, True, ws, 0, rows),
                    [logits, labels], [m_, s_, tg]))
     b.append(Bench("ce_dlogits (1 chunk, in place)", lambda: ce.launch(
-        ce._grad_kernel(bf), ce.grid_for(logits.numel(), ce.threads()), ce.threads(), logits, labels, lse, 0, 1e-4, -100),
+        ce._grad_kernel(bf), ce.grid_for(rows, 1), ce.threads(), logits, labels, lse, 0, 1e-4, -100),
         [logits, labels, lse], [logits]))
 
     n = sz.optimizer_numel

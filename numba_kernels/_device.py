@@ -112,6 +112,13 @@ def _max_resident_blocks() -> int:
     return props.multi_processor_count * 8
 
 
+def log2_block(name: str, block: int) -> int:
+    """log2 of a power-of-two block size (kernels index blocks by shifts: 64-bit division is slow on GPUs)."""
+    if block <= 0 or block & (block - 1):
+        raise ValueError(f"{name} must be a power of two, got {block}")
+    return block.bit_length() - 1
+
+
 def check_contiguous(name: str, t: torch.Tensor) -> None:
     if isinstance(t, torch.Tensor) and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")

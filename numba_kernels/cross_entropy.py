@@ -134,21 +134,25 @@ def _grad_kernel(l_dt: torch.dtype):
 
     ll, sl = converters(l_dt)
 
+    T = threads()
+
     @cuda.jit
     def kernel(logits, labels, lse, v0, grad_scale, ignore_index):
         rows, vt = logits.shape
         scale = float32(grad_scale)
-        for i in range(cuda.grid(1), rows * vt, cuda.gridsize(1)):
-            r = i // vt
-            c = i - r * vt
+        for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):  # a block per row: no index division
             lab = labels[r]
-            if lab == ignore_index:
-                logits[r, c] = sl(float32(0.0))
-            else:
-                p = float32(math.exp(ll(logits[r, c]) - lse[r]))
-                if lab - v0 == c:
-                    p -= float32(1.0)
-                logits[r, c] = sl(p * scale)
+            ignored = lab == ignore_index
+            tc = lab - v0
+            m = lse[r]
+            for c in range(cuda.threadIdx.x, vt, T):
+                if ignored:
+                    logits[r, c] = sl(float32(0.0))
+                else:
+                    p = float32(math.exp(ll(logits[r, c]) - m))
+                    if c == tc:
+                        p -= float32(1.0)
+                    logits[r, c] = sl(p * scale)
 
     return kernel
 
@@ -243,7 +247,7 @@ def _finalize(labels, ws, lse, loss_rows, ignore_index, r0, r1) -> None:
 def _grads(x, w, buf, labels, lse, grad_scale, ignore_index, dx, dw, r0, r1, v0, v1) -> None:
     launch(
         _grad_kernel(buf.dtype),
-        grid_for(buf.numel(), threads()),
+        grid_for(buf.shape[0], 1),
         threads(),
         buf,
         labels[r0:r1],

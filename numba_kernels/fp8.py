@@ -7,7 +7,7 @@ torch's `float8_e4m3fn` / `float8_e5m2` casts after saturation (NaN stays NaN); 
 Per-tensor: scale = max / amax (amax from `fp8_amax`, or a delayed-scaling history), passed as a device
 scalar so the launch can sit in a CUDA graph. Per-block: 2-D tiles [block_rows, block_cols] of a 2-D
 tensor, each with its own scale = max / amax(tile) (1 for an all-zero tile); scale_inv [tiles_r, tiles_c]
-fp32 is stored. Codes are uint8 (view them as torch.float8_* to use them in torch).
+fp32 is stored (tile sides are powers of two, as qlora_block_size is). Codes are uint8 (view them as torch.float8_* to use them in torch).
 The kernels encode by integer rounding of the fp32 bit pattern, bit for bit equal to torch's casts.
 """
 
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, log2_block, threads
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -217,28 +217,32 @@ def _quant_block_kernel(x_dt: torch.dtype, fmt: str):
     T = threads()
 
     @cuda.jit
-    def kernel(x, codes, scale_inv, br, bc):
+    def kernel(x, codes, scale_inv, br, sbc):
         sm = cuda.shared.array(T, float32)
         rows, cols = x.shape
         ntr, ntc = scale_inv.shape
+        bc = 1 << sbc
         tid = cuda.threadIdx.x
-        for tile in range(cuda.blockIdx.x, ntr * ntc, cuda.gridDim.x):
+        for tile in range(cuda.blockIdx.x, ntr * ntc, cuda.gridDim.x):  # a block per tile
             tr = tile // ntc
             tc = tile - tr * ntc
             r0, c0 = tr * br, tc * bc
             hr, hc = min(br, rows - r0), min(bc, cols - c0)
             m = float32(0.0)
-            for k in range(tid, hr * hc, T):
-                m = max(m, abs(lx(x[r0 + k // hc, c0 + k % hc])))
+            for k in range(tid, hr * bc, T):  # tile-local (row, col) by shift and mask
+                rr, cc = k >> sbc, k & (bc - 1)
+                if cc < hc:
+                    m = max(m, abs(lx(x[r0 + rr, c0 + cc])))
             amax = block_max(sm, m)
             scale = float32(1.0)
             if amax > float32(0.0) and amax < float32(math.inf):
                 scale = float32(fmax) / amax
             if tid == 0:
                 scale_inv[tr, tc] = float32(1.0) / scale
-            for k in range(tid, hr * hc, T):
-                r, c = r0 + k // hc, c0 + k % hc
-                codes[r, c] = uint8(encode(lx(x[r, c]) * scale))
+            for k in range(tid, hr * bc, T):
+                rr, cc = k >> sbc, k & (bc - 1)
+                if cc < hc:
+                    codes[r0 + rr, c0 + cc] = uint8(encode(lx(x[r0 + rr, c0 + cc]) * scale))
 
     return kernel
 
@@ -249,14 +253,15 @@ def _dequant_block_kernel(o_dt: torch.dtype, fmt: str):
     cuda = get_cuda()
     _, so = converters(o_dt)
     _, decode = _codec(fmt)
+    T = threads()
 
     @cuda.jit
-    def kernel(codes, scale_inv, out, br, bc):
+    def kernel(codes, scale_inv, out, sbr, sbc):
         rows, cols = codes.shape
-        for i in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
-            r = i // cols
-            c = i - r * cols
-            out[r, c] = so(decode(codes[r, c]) * scale_inv[r // br, c // bc])
+        for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):  # a block per row
+            tr = r >> sbr
+            for c in range(cuda.threadIdx.x, cols, T):
+                out[r, c] = so(decode(codes[r, c]) * scale_inv[tr, c >> sbc])
 
     return kernel
 
@@ -300,8 +305,9 @@ def fp8_quantize_blocks(
     br, bc = block
     if x.dim() != 2 or scale_inv.shape != (math.ceil(x.shape[0] / br), math.ceil(x.shape[1] / bc)):
         raise ValueError(f"x must be 2-D and scale_inv [{math.ceil(x.shape[0] / br)}, {math.ceil(x.shape[1] / bc)}]")
+    sbc = log2_block("fp8 block columns", bc)
     tiles = scale_inv.numel()
-    launch(_quant_block_kernel(x.dtype, fmt), grid_for(tiles, 1), threads(), x, codes, scale_inv, int(br), int(bc))
+    launch(_quant_block_kernel(x.dtype, fmt), grid_for(tiles, 1), threads(), x, codes, scale_inv, int(br), sbc)
 
 
 def fp8_dequantize_blocks(
@@ -310,13 +316,5 @@ def fp8_dequantize_blocks(
     """out [R, C] (fp32 or bf16) = float(codes) * scale_inv of each element's tile."""
     _fmt(fmt)
     br, bc = block
-    launch(
-        _dequant_block_kernel(out.dtype, fmt),
-        grid_for(codes.numel(), threads()),
-        threads(),
-        codes,
-        scale_inv,
-        out,
-        int(br),
-        int(bc),
-    )
+    sbr, sbc = log2_block("fp8 block rows", br), log2_block("fp8 block columns", bc)
+    launch(_dequant_block_kernel(out.dtype, fmt), grid_for(codes.shape[0], 1), threads(), codes, scale_inv, out, sbr, sbc)

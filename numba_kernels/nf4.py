@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, log2_block, threads
 from .quant8 import dequantize_blockwise_ref, dynamic_map, quantize_blockwise, quantize_blockwise_ref
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
@@ -157,11 +157,11 @@ def _dequant_kernel(o_dt: torch.dtype, nested: bool):
     _, so = converters(o_dt)
 
     @cuda.jit
-    def kernel(packed, levels, block, n, absmax, qabsmax, absmax2, qmap, offset, out):
+    def kernel(packed, levels, shift, n, absmax, qabsmax, absmax2, qmap, offset, out):
         for j in range(cuda.grid(1), packed.shape[0], cuda.gridsize(1)):
-            b = (2 * j) // block
+            b = (2 * j) >> shift
             if nested:
-                a = qmap[qabsmax[b]] * absmax2[b // 256] + offset[0]
+                a = qmap[qabsmax[b]] * absmax2[b >> 8] + offset[0]  # NESTED_BLOCK = 256
             else:
                 a = absmax[b]
             byte = packed[j]
@@ -181,8 +181,9 @@ def nf4_quantize(
 ) -> None:
     """packed uint8 [ceil(numel / 2)] and absmax fp32 [ceil(numel / block)] of x (fp32 or bf16)."""
     check_contiguous("x", x)
-    if block % 2:
-        raise ValueError(f"NF4 block size must be even, got {block}")
+    if block < 2:
+        raise ValueError(f"NF4 block size must be at least 2, got {block}")
+    log2_block("NF4 block size", block)
     n = x.numel()
     nb = math.ceil(n / block)
     if packed.numel() != (n + 1) // 2 or absmax.numel() != nb:
@@ -227,7 +228,7 @@ def nf4_dequantize(
         threads(),
         packed,
         lv,
-        int(block),
+        log2_block("NF4 block size", block),
         int(out.numel()),
         dummy_f if nested else absmax,
         qabsmax if nested else dummy_u,

@@ -164,21 +164,23 @@ def _apply_kernel(p_dt: torch.dtype, o_dt: torch.dtype, cautious: bool):
     lp, sp = converters(p_dt)
     lo, _ = converters(o_dt)
 
+    T = threads()
+
     @cuda.jit
     def kernel(param, o, v, scale, hp):
         rows, cols = param.shape
         s = scale[0]
         lr = hp[0]
         wd = hp[1]
-        for i in range(cuda.grid(1), rows * cols, cuda.gridsize(1)):
-            r = i // cols
-            c = i - r * cols
-            d = lo(o[r, c]) / (float32(math.sqrt(v[r])) + float32(EPS)) * s
-            p = lp(param[r, c])
-            decay = lr * wd
-            if cautious and not (d * p > float32(0.0)):
-                decay = float32(0.0)
-            param[r, c] = sp(p * (float32(1.0) - decay) - lr * d)
+        for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):  # a block per row: v[r] read once
+            den = float32(math.sqrt(v[r])) + float32(EPS)
+            for c in range(cuda.threadIdx.x, cols, T):
+                d = lo(o[r, c]) / den * s
+                p = lp(param[r, c])
+                decay = lr * wd
+                if cautious and not (d * p > float32(0.0)):
+                    decay = float32(0.0)
+                param[r, c] = sp(p * (float32(1.0) - decay) - lr * d)
 
     return kernel
 
@@ -212,4 +214,4 @@ def normuon_apply(
     check_contiguous("param", param)
     check_contiguous("o", o)
     kernel = _apply_kernel(param.dtype, o.dtype, bool(cautious))
-    launch(kernel, grid_for(param.numel(), threads()), threads(), param, o, v, scale, hp)
+    launch(kernel, grid_for(param.shape[0], 1), threads(), param, o, v, scale, hp)

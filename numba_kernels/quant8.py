@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, log2_block, threads
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -160,10 +160,10 @@ def _dequant_kernel(o_dt: torch.dtype):
     _, so = converters(o_dt)
 
     @cuda.jit
-    def kernel(codes, absmax, qmap, offset, block, out):
+    def kernel(codes, absmax, qmap, offset, shift, out):
         off = offset[0]
         for i in range(cuda.grid(1), codes.shape[0], cuda.gridsize(1)):
-            out[i] = so(qmap[codes[i]] * absmax[i // block] + off)
+            out[i] = so(qmap[codes[i]] * absmax[i >> shift] + off)
 
     return kernel
 
@@ -178,6 +178,7 @@ def quantize_blockwise(
 ) -> None:
     """codes uint8 [numel], absmax fp32 [ceil(numel / block)] of x (minus the device scalar `offset`)."""
     check_contiguous("x", x)
+    log2_block("block", block)
     nb = math.ceil(x.numel() / block)
     if absmax.numel() != nb or codes.numel() != x.numel():
         raise ValueError(f"need codes [{x.numel()}] and absmax [{nb}] for block {block}")
@@ -195,9 +196,10 @@ def dequantize_blockwise(
 ) -> None:
     """out (fp32/bf16, numel of codes) = qmap[codes] * absmax[i // block] (+ the device scalar `offset`)."""
     check_contiguous("out", out)
+    shift = log2_block("block", block)
     off = offset if offset is not None else torch.zeros(1, device=codes.device)
     n = codes.numel()
     launch(
-        _dequant_kernel(out.dtype), grid_for(n, threads()), threads(), codes.view(-1), absmax, qmap, off, int(block),
+        _dequant_kernel(out.dtype), grid_for(n, threads()), threads(), codes.view(-1), absmax, qmap, off, shift,
         out.view(-1),
     )

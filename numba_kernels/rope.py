@@ -63,38 +63,49 @@ def rope_fused_ref(
     return rope_forward_ref(x, rows, cos, sin, backward)
 
 
+MAX_HALF = 256  # head_dim up to 512: cos/sin of one token live in shared memory
+
+
 @functools.cache
 def _kernel(x_dt: torch.dtype, o_dt: torch.dtype, fused: bool):
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
-    from numba import float32
+    from numba import float32, int32
 
     lx, _ = converters(x_dt)
     _, so = converters(o_dt)
+    T = threads()
 
     @cuda.jit
     def kernel(x, out, pos, cos_t, sin_t, inv_freq, scaling, sign):
+        sc = cuda.shared.array(MAX_HALF, float32)
+        ss = cuda.shared.array(MAX_HALF, float32)
+        tid = cuda.threadIdx.x
         n_tok, n_heads, d = x.shape
-        half = d // 2
-        n = n_tok * n_heads * half
-        for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            j = i % half
-            th = i // half
-            h = th % n_heads
-            t = th // n_heads
+        half = int32(d // 2)
+        for t in range(cuda.blockIdx.x, n_tok, cuda.gridDim.x):  # a block per token
             p = pos[t]
-            if fused:
-                ang = float32(p) * inv_freq[j]
-                c = float32(math.cos(ang)) * float32(scaling)
-                s = float32(math.sin(ang)) * float32(scaling)
-            else:
-                c = cos_t[p, j]
-                s = sin_t[p, j]
-            s = s * float32(sign)
-            x1 = lx(x[t, h, j])
-            x2 = lx(x[t, h, j + half])
-            out[t, h, j] = so(x1 * c - x2 * s)
-            out[t, h, j + half] = so(x2 * c + x1 * s)
+            for j in range(tid, half, T):  # this token's cos/sin, once for all its heads
+                if fused:
+                    ang = float32(p) * inv_freq[j]
+                    c = float32(math.cos(ang)) * float32(scaling)
+                    s = float32(math.sin(ang)) * float32(scaling)
+                else:
+                    c = cos_t[p, j]
+                    s = sin_t[p, j]
+                sc[j] = c
+                ss[j] = s * float32(sign)
+            cuda.syncthreads()
+            for k in range(tid, n_heads * half, T):
+                h = int32(k) // half  # 32-bit division: 64-bit division is emulated and slow
+                j = int32(k) - h * half
+                c = sc[j]
+                s = ss[j]
+                x1 = lx(x[t, h, j])
+                x2 = lx(x[t, h, j + half])
+                out[t, h, j] = so(x1 * c - x2 * s)
+                out[t, h, j + half] = so(x2 * c + x1 * s)
+            cuda.syncthreads()  # sc/ss are rewritten for the next token
 
     return kernel
 
@@ -102,15 +113,14 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype, fused: bool):
 def _launch(x, out, position_ids, cos, sin, inv_freq, attention_scaling, sign) -> None:
     if x.dim() != 3 or x.stride(-1) != 1 or out.shape != x.shape or out.stride(-1) != 1:
         raise ValueError(f"rope needs x and out [T, H, D] with a contiguous last dim, got {tuple(x.shape)}")
-    if x.shape[-1] % 2:
-        raise ValueError(f"rope head_dim must be even, got {x.shape[-1]}")
+    if x.shape[-1] % 2 or x.shape[-1] > 2 * MAX_HALF:
+        raise ValueError(f"rope head_dim must be even and at most {2 * MAX_HALF}, got {x.shape[-1]}")
     fused = inv_freq is not None
     kernel = _kernel(x.dtype, out.dtype, fused)
     dummy = inv_freq if fused else cos
-    n = x.shape[0] * x.shape[1] * (x.shape[2] // 2)
     launch(
         kernel,
-        grid_for(n, threads()),
+        grid_for(x.shape[0], 1),
         threads(),
         x,
         out,

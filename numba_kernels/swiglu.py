@@ -3,7 +3,7 @@
 Math (the definition; HF `act_fn(gate_proj(x)) * up_proj(x)`): silu is computed in fp32 and rounded to
 the storage dtype, then multiplied by `up` (as torch does in bf16). Backward, with sg = sigmoid(gate):
     dgate = dout * up * sg * (1 + gate * (1 - sg)),   dup = dout * silu(gate)
-Element-wise grid-stride kernels over [rows, cols]; gate/up/out may be strided views (e.g. the two halves
+Grid-stride over rows (a block per row, threads across columns: coalesced, no index division); gate/up/out may be strided views (e.g. the two halves
 of a fused [rows, 2 * cols] gate_up buffer) as long as the last dimension is contiguous.
 """
 
@@ -47,17 +47,17 @@ def _fwd_kernel(g_dt: torch.dtype, u_dt: torch.dtype, o_dt: torch.dtype):
     lu, _ = converters(u_dt)
     _, so = converters(o_dt)
 
+    T = threads()
+
     @cuda.jit
     def kernel(gate, up, out):
         rows, cols = gate.shape
-        n = rows * cols
-        for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            r = i // cols
-            c = i - r * cols
-            g = lg(gate[r, c])
-            silu = g / (float32(1.0) + float32(math.exp(-g)))
-            act = lg(sg_(silu))  # HF rounds the activation to the dtype before the product
-            out[r, c] = so(act * lu(up[r, c]))
+        for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):  # a block per row: no index division
+            for c in range(cuda.threadIdx.x, cols, T):
+                g = lg(gate[r, c])
+                silu = g / (float32(1.0) + float32(math.exp(-g)))
+                act = lg(sg_(silu))  # HF rounds the activation to the dtype before the product
+                out[r, c] = so(act * lu(up[r, c]))
 
     return kernel
 
@@ -72,20 +72,20 @@ def _bwd_kernel(d_dt: torch.dtype, g_dt: torch.dtype, u_dt: torch.dtype):
     lg, sg_ = converters(g_dt)
     lu, su = converters(u_dt)
 
+    T = threads()
+
     @cuda.jit
     def kernel(dout, gate, up, dgate, dup):
         rows, cols = gate.shape
-        n = rows * cols
         one = float32(1.0)
-        for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            r = i // cols
-            c = i - r * cols
-            g = lg(gate[r, c])
-            u = lu(up[r, c])
-            d = ld(dout[r, c])
-            s = one / (one + float32(math.exp(-g)))
-            dgate[r, c] = sg_(d * u * s * (one + g * (one - s)))
-            dup[r, c] = su(d * g * s)
+        for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
+            for c in range(cuda.threadIdx.x, cols, T):
+                g = lg(gate[r, c])
+                u = lu(up[r, c])
+                d = ld(dout[r, c])
+                s = one / (one + float32(math.exp(-g)))
+                dgate[r, c] = sg_(d * u * s * (one + g * (one - s)))
+                dup[r, c] = su(d * g * s)
 
     return kernel
 
@@ -100,7 +100,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> N
     """out = silu(gate) * up; all [..., cols], float32 or bfloat16 (views with a contiguous last dim are fine)."""
     g2, u2, o2 = _as2d(gate), _as2d(up), _as2d(out)
     kernel = _fwd_kernel(gate.dtype, up.dtype, out.dtype)
-    launch(kernel, grid_for(g2.numel(), threads()), threads(), g2, u2, o2)
+    launch(kernel, grid_for(g2.shape[0], 1), threads(), g2, u2, o2)
 
 
 def swiglu_backward(
@@ -109,4 +109,4 @@ def swiglu_backward(
     """dgate (gate's dtype), dup (up's dtype) from dout; silu is recomputed from gate, nothing else is saved."""
     g2 = _as2d(gate)
     kernel = _bwd_kernel(dout.dtype, gate.dtype, up.dtype)
-    launch(kernel, grid_for(g2.numel(), threads()), threads(), _as2d(dout), g2, _as2d(up), _as2d(dgate), _as2d(dup))
+    launch(kernel, grid_for(g2.shape[0], 1), threads(), _as2d(dout), g2, _as2d(up), _as2d(dgate), _as2d(dup))

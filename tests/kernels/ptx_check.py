@@ -65,9 +65,12 @@ def main() -> int:
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
             compiled[key] = ptx
             # fp64 arithmetic in a kernel is a silent 2-64x slowdown: count it
-            f64 = sum(1 for line in ptx.splitlines() if ".f64" in line and not line.strip().startswith("//"))
+            lines = [ln.strip() for ln in ptx.splitlines() if not ln.strip().startswith("//")]
+            f64 = sum(1 for ln in lines if ".f64" in ln)
+            # ... and so is 64-bit integer division (emulated): per-element loops should have none
+            div64 = sum(1 for ln in lines if ln.startswith(("div.s64", "div.u64", "rem.s64", "rem.u64")))
             name = f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__}".replace(".<locals>.kernel", "")
-            print(f"compiled {name} ({len(sig)} args) f64-lines={f64}", flush=True)
+            print(f"compiled {name} ({len(sig)} args) f64-lines={f64} div64={div64}", flush=True)
 
     _device._max_resident_blocks = lambda: 1056
     for mod in ("rmsnorm", "swiglu", "rope", "dropout", "cross_entropy", "quant8", "nf4", "fp8", "adamw8bit", "normuon"):

@@ -71,7 +71,7 @@ def test_double_quant_matches_reference_and_bounds_absmax_error():
 
 
 def test_argument_checks():
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="power of two"):
         nf4_quantize(torch.zeros(8), torch.zeros(4, dtype=torch.uint8), torch.zeros(3), block=3)
     with pytest.raises(ValueError, match="double"):
         nf4_dequantize(torch.zeros(4, dtype=torch.uint8), torch.zeros(8), 64)
