@@ -24,8 +24,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from .agent import apply_agent_template
 from .errors import DataError
-from .formats import DatasetSpec, row_to_sample
+from .formats import DatasetSpec
 from .options import DataOptions
+from .rows import row_to_sample
 from .templates import ChatTemplate
 from .truncate import Doc, truncate
 

@@ -1,11 +1,6 @@
-"""Dataset types: detect the type of a dataset and turn each row into a sample the encoder renders.
+"""Dataset types: detect each dataset's type (`auto`) and resolve the fields it reads (`DatasetSpec`).
 
-A sample is one of
-  ("text", text)                   -- raw text, every token trained on (type: text)
-  ("chat", messages, tools)        -- messages with canonical roles system/user/assistant/tool
-  ("prompt", prompt, completion)   -- instruction rendered by prompt_format: loss on the completion only
-
-Conversation rows are mapped through `message_property_mappings`. Keys that are canonical property names
+Rows become samples in `rows.py`. Conversation rows are mapped through `message_property_mappings`. Keys that are canonical property names
 (`role`, `content`, `tool_calls`, `name`, `tool_call_id`, `reasoning_content`) name the dataset's key
 for that property, e.g. ShareGPT `{role: from, content: value}`. Role *values* are mapped by keys of the
 form `role.<dataset value>`, e.g. `{"role.human": user, "role.gpt": assistant}`; common aliases (human,
@@ -20,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from surogate.errors import UserError
-
-from .errors import DataError
 
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {
@@ -203,156 +196,3 @@ def _validate(spec: DatasetSpec, columns: list[str], where: str) -> None:
                 need(option, getattr(spec, option))
     else:
         raise UserError(f"{where}.type: {spec.type!r} is not one of text, instruction, conversation, auto")
-
-
-# ---------------------------------------------------------------------------------------------- rows
-
-
-def _text(spec: DatasetSpec, row: dict, index: int, column: str, *, optional: bool = False) -> str | None:
-    value = row.get(column)
-    if value is None:
-        if optional:
-            return None
-        raise DataError(spec.label, index, column, "value is missing (null)", "missing_field")
-    if not isinstance(value, str):
-        raise DataError(spec.label, index, column, f"expected a string, got {type(value).__name__}", "wrong_type")
-    return value
-
-
-def row_to_sample(spec: DatasetSpec, row: dict, index: int, use_chat_template: bool) -> tuple:
-    """Convert one row to a sample (see module docstring); `DataError` names the row and field at fault."""
-    if spec.type == "text":
-        return ("text", _text(spec, row, index, spec.text_field))
-    if spec.type == "instruction":
-        return _instruction(spec, row, index, use_chat_template)
-    return _conversation(spec, row, index)
-
-
-def _instruction(spec: DatasetSpec, row: dict, index: int, use_chat_template: bool) -> tuple:
-    instruction = _text(spec, row, index, spec.instruction_field)
-    output = _text(spec, row, index, spec.output_field)
-    inp = _text(spec, row, index, spec.input_field, optional=True) if spec.input_field else None
-    system = None
-    if spec.system_prompt_type == "fixed":
-        system = spec.system_prompt
-    elif spec.system_prompt_type == "field":
-        system = _text(spec, row, index, spec.system_prompt_field, optional=True)
-    if use_chat_template and spec.prompt_format is None and spec.prompt_format_no_input is None:
-        messages = [{"role": "system", "content": system}] if system else []
-        user = instruction + (f"\n\n{inp}" if inp else "")
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return ("chat", messages, None)
-    if inp:
-        fmt = spec.prompt_format or DEFAULT_PROMPT_FORMAT
-    else:
-        fmt = spec.prompt_format_no_input or spec.prompt_format or DEFAULT_PROMPT_FORMAT_NO_INPUT
-    if system and "{system}" not in fmt:
-        fmt = system + "\n\n" + fmt  # a configured system prompt is never dropped silently
-    head, tail = fmt.split("{output}")
-    values = {"system": system or "", "instruction": instruction, "input": inp or ""}
-
-    def fill(text: str) -> str:
-        return re.sub(r"\{(system|instruction|input)\}", lambda m: values[m.group(1)], text)
-
-    return ("prompt", fill(head), output + fill(tail))
-
-
-def _json_list(spec: DatasetSpec, value: Any, index: int, column: str) -> list:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise DataError(spec.label, index, column, f"not a list and not valid JSON ({exc})", "wrong_type") from None
-    if not isinstance(value, list):
-        raise DataError(spec.label, index, column, f"expected a list, got {type(value).__name__}", "wrong_type")
-    return value
-
-
-def _content(spec: DatasetSpec, value: Any, index: int, where: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
-        return "".join(str(p.get("text", "")) for p in value)  # OpenAI-style content parts
-    raise DataError(spec.label, index, where, f"expected a string, got {type(value).__name__}", "wrong_type")
-
-
-def _conversation(spec: DatasetSpec, row: dict, index: int) -> tuple:
-    column = spec.messages_field
-    raw = row.get(column)
-    if raw is None:
-        raise DataError(spec.label, index, column, "value is missing (null)", "missing_field")
-    raw = _json_list(spec, raw, index, column)
-    if not raw:
-        raise DataError(spec.label, index, column, "empty conversation (no messages)", "empty_conversation")
-    props = spec.property_map
-    messages: list[dict[str, Any]] = []
-    for i, msg in enumerate(raw):
-        where = f"{column}[{i}]"
-        if not isinstance(msg, dict):
-            raise DataError(spec.label, index, where, f"expected a message object, got {type(msg).__name__}",
-                            "wrong_type")
-        role_value = msg.get(props["role"])
-        if role_value is None:
-            raise DataError(spec.label, index, f"{where}.{props['role']}",
-                            f"message has no {props['role']!r} key (keys: {', '.join(map(str, msg))}); "
-                            "map it with message_property_mappings", "missing_field")
-        key = str(role_value).strip().lower()
-        role = spec.role_map.get(key) or ROLE_ALIASES.get(key)
-        if role is None:
-            raise DataError(spec.label, index, f"{where}.{props['role']}",
-                            f"unknown role {role_value!r}; known roles are {', '.join(CANONICAL_ROLES)} (and "
-                            f"aliases); map it with message_property_mappings: {{\"role.{key}\": <role>}}",
-                            "unknown_role")
-        message: dict[str, Any] = {"role": role, "content": _content(
-            spec, msg.get(props["content"]), index, f"{where}.{props['content']}")}
-        for prop in MESSAGE_PROPERTIES[2:]:
-            value = msg.get(props.get(prop, prop))
-            if value is not None:
-                message[prop] = _structured(spec, value, index, f"{where}.{prop}") if prop == "tool_calls" else value
-        if str(role_value).strip().lower() == "function_call" and "tool_calls" not in message:
-            message = _sharegpt_call(spec, message, index, where)
-        messages.append(message)
-    if spec.system_field:
-        system = _text(spec, row, index, spec.system_field, optional=True)
-        if system:
-            messages = [m for m in messages if m["role"] != "system"]
-            messages.insert(0, {"role": "system", "content": system})
-    tools = None
-    if spec.tools_field:
-        value = row.get(spec.tools_field)
-        if value not in (None, "", []):
-            tools = _structured(spec, value, index, spec.tools_field)
-            if not all(isinstance(t, dict) for t in tools):
-                raise DataError(spec.label, index, spec.tools_field, "each tool must be an object", "wrong_type")
-    return ("chat", messages, tools)
-
-
-def _structured(spec: DatasetSpec, value: Any, index: int, column: str) -> list:
-    """A list from a JSON string (kept exactly) or from arrow data (null-filled keys pruned)."""
-    return _json_list(spec, value, index, column) if isinstance(value, str) else \
-        _prune_nulls(_json_list(spec, value, index, column))
-
-
-def _prune_nulls(value: Any) -> Any:
-    """Drop null-valued keys, recursively. Arrow (JSON/parquet loading) gives every struct in a column the
-    union of all rows' keys, filling the missing ones with null; rendered as-is, tool schemas and call
-    arguments would gain keys the row never had. (Store them as JSON strings to keep explicit nulls.)"""
-    if isinstance(value, dict):
-        return {k: _prune_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_prune_nulls(v) for v in value]
-    return value
-
-
-def _sharegpt_call(spec: DatasetSpec, message: dict, index: int, where: str) -> dict:
-    # ShareGPT "function_call" turns hold the call as JSON text: keep it as a structured tool call.
-    try:
-        call = json.loads(message["content"])
-    except ValueError:
-        return message
-    calls = call if isinstance(call, list) else [call]
-    if not all(isinstance(c, dict) and "name" in c for c in calls):
-        return message
-    return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": c} for c in calls]}

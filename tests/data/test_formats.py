@@ -8,7 +8,8 @@ import pytest
 
 from surogate.errors import UserError
 from surogate.runtime.data.errors import DataError
-from surogate.runtime.data.formats import resolve_spec, row_to_sample
+from surogate.runtime.data.formats import resolve_spec
+from surogate.runtime.data.rows import row_to_sample
 
 
 def ds(**kw):
