@@ -72,7 +72,7 @@ register(OpDef("lm_head_ce", ("x", "weight", "labels", "num_items"), ("loss", "l
 register(OpDef("moe_router", ("x", "weight"), ("logits", "weights", "indices"),
                ("num_experts", "top_k", "norm_topk_prob"), _moe_router_shape, V.moe_router, (0, 1),
                doc="router logits, top-k softmax weights (renormalised if norm_topk_prob) and expert indices"))
-register(OpDef("moe_experts", ("x", "weights", "indices", "gate_up", "down"), ("out",),
+register(OpDef("moe_experts", ("x", "weights", "indices", "gate_up", "down", "scales*"), ("out", "dequant_ws?"),
                ("num_experts", "top_k"), _same(), V.moe_experts, (0, 1, 3, 4),
                doc="sum_k weights[k] * down_e(silu(gate_e x) * up_e x) over each token's top-k experts"))
 register(OpDef("moe_router_stats", ("logits", "indices"), ("stats",), ("num_experts",),
@@ -109,6 +109,6 @@ for kind, ins, outs in (
     ("moe_router_stats_bwd", ("dstats", "logits"), ("dlogits",)),
     ("moe_router_loss_bwd", ("stats*",), ("dstats*",)),
     ("moe_experts_bwd", ("dout", "x", "weights", "indices", "gate_up", "down"),
-     ("dx?", "dweights?", "dgate_up?", "ddown?")),
+     ("dx?", "dweights?", "dgate_up?", "ddown?", "dequant_ws?")),
 ):
     register(OpDef(kind, ins, outs, ("wrt", "accumulate", "accumulate_into"), doc=f"backward of {kind[:-4]}"))

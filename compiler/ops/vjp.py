@@ -164,4 +164,7 @@ def moe_experts(ctx: Any) -> None:
     wrt, outs, acc = _grads(ctx, (0, 1, 3, 4))
     if outs:
         ins = [ctx.dout(0), *(ctx.saved(t) for t in ctx.op.inputs)]
+        if len(ctx.op.outputs) > 1:  # fused selective dequant: backward needs its own one-expert workspace
+            ws = ctx.op.outputs[1]
+            outs = [*outs, ctx.temp("dequant_ws", ctx.shape(ws), ctx.dtype(ws), role="dequant_buffer")]
         ctx.emit("moe_experts_bwd", ins, outs, {**ctx.op.attrs, "wrt": tuple(wrt)}, acc)

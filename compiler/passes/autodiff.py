@@ -178,9 +178,9 @@ class VJPContext:
             self.ad.redone[key] = names
         return self.ad.redone[key][t]
 
-    def temp(self, tag: str, shape: tuple[int, ...], dtype: str) -> str:
+    def temp(self, tag: str, shape: tuple[int, ...], dtype: str, role: str = "temporary") -> str:
         name = f"{self.op.name}.{tag}.bwd{next(self.ad.counter)}"
-        self.g.add_tensor(Tensor(name, tuple(shape), dtype, Role.TEMPORARY, layer=self.op.layer))
+        self.g.add_tensor(Tensor(name, tuple(shape), dtype, Role(role), layer=self.op.layer))
         return name
 
     def emit(self, kind: str, inputs: list[str], outputs: list[str], attrs: dict[str, Any],

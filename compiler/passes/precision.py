@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Tensor
@@ -83,9 +84,10 @@ def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
     block = int(getattr(cfg, "qlora_bnb_block_size" if fmt == "nf4" else "qlora_block_size", 64 if fmt == "nf4" else 128))
     dq = bool(getattr(cfg, "qlora_bnb_double_quant", True)) and fmt == "nf4"
     model_dtype = graph.meta["model_dtype"]
+    selective = bool(getattr(cfg, "qlora_selective_expert_dequant", False))
     before: dict[str, list[Op]] = {}
     for op in list(graph.ops()):
-        for i, w in enumerate(op.inputs):
+        for i, w in enumerate(list(op.inputs)):
             t = graph.tensors.get(w)
             if t is None or t.role != Role.FROZEN_WEIGHT or not _eligible(t, skip):
                 continue
@@ -97,6 +99,10 @@ def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
             for suffix, shape, dtype in scales:
                 graph.add_tensor(Tensor(f"{w}.{suffix}", shape, dtype, Role.QUANT_SCALE, t.space, t.layer,
                                         attrs={"scale": True, "quant_of": w, "format": fmt}))
+            if selective and op.kind == "moe_experts":
+                _fuse_expert_dequant(graph, op, i, q, model_dtype)
+                graph.remove_tensor(w)
+                continue
             deq = graph.add_tensor(Tensor(f"{w}.deq", t.shape, model_dtype, Role.DEQUANT_BUFFER, layer=t.layer,
                                           attrs={"dequant_of": w}))
             before.setdefault(op.name, []).append(
@@ -105,7 +111,26 @@ def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
             op.inputs[i] = deq.name
             graph.remove_tensor(w)
     _insert_before(graph, before)
-    graph.meta["qlora"] = {"format": fmt, "block_size": block, "double_quant": dq}
+    graph.rewire()
+    graph.meta["qlora"] = {"format": fmt, "block_size": block, "double_quant": dq,
+                           "selective_expert_dequant": selective}
+
+
+def _fuse_expert_dequant(graph: Graph, op: Op, i: int, q: Tensor, model_dtype: str) -> None:
+    """`qlora_selective_expert_dequant`: the experts op reads the quantized stack itself and dequantizes only
+    the experts the router picked, one at a time, into a one-expert workspace (no [E, ...] buffer)."""
+    op.inputs[i] = q.name
+    first = len(op.inputs)
+    op.inputs.extend(q.attrs["scales"])
+    quant = op.attrs.setdefault("quant", {"format": q.attrs["format"], "block_size": q.attrs["block_size"],
+                                          "double_quant": q.attrs["double_quant"], "inputs": []})
+    quant["inputs"].append([i, *range(first, len(op.inputs))])
+    if len(op.outputs) == 1:
+        gate_up, down = (graph.tensors[n] for n in op.inputs[3:5])
+        per_expert = sum(math.prod(t.shape[1:]) for t in (gate_up, down))
+        ws = graph.add_tensor(Tensor(f"{op.name}.dequant_ws", (per_expert,), model_dtype, Role.DEQUANT_BUFFER,
+                                     layer=op.layer, attrs={"workspace": True}))
+        op.outputs.append(ws.name)
 
 
 def _quantize_matmuls(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:

@@ -75,6 +75,8 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
         ctx = OpContext(graph, step, [graph.tensors[o].shape for o in op.outputs])
         outs = kernel(ins, op.attrs, ctx)
         acc = set(op.attrs.get("accumulate_into", ()))
+        if len(outs) > len(op.outputs) and all(v is None for v in outs[len(op.outputs):]):
+            outs = outs[: len(op.outputs)]  # optional workspace outputs this op does not have
         for name, val in zip(op.outputs, outs, strict=True):
             if val is None:
                 continue

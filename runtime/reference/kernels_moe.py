@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from surogate.runtime.reference.quant import dequantize
+
 Tensors = list[torch.Tensor | None]
 
 
@@ -26,8 +28,23 @@ def _tokens_of(idx: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(idx.long() == e)
 
 
+def _expert_weights(x: Tensors, a: dict, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked expert weights, dequantized when the op reads quantized stacks (selective dequant).
+
+    The reference dequantizes the whole stack at once (same numbers); a GPU kernel does it per routed expert."""
+    w = {3: x[3 + shift], 4: x[4 + shift]}
+    quant = a.get("quant")
+    if quant:
+        for pos, *scales in quant["inputs"]:
+            q = x[pos + shift]
+            w[pos] = dequantize(quant["format"], [q, *(x[s + shift] for s in scales)], tuple(q.shape),
+                                quant["block_size"], quant["double_quant"])
+    return w[3], w[4]
+
+
 def moe_experts(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    h, weights, idx, gate_up, down = x
+    h, weights, idx = x[:3]
+    gate_up, down = _expert_weights(x, a, 0)
     rows = h.reshape(-1, h.shape[-1])
     out = torch.zeros_like(rows)
     for e in range(a["num_experts"]):
@@ -37,11 +54,12 @@ def moe_experts(x: Tensors, a: dict, ctx: Any) -> Tensors:
         g, u = (rows[tok] @ gate_up[e].to(rows.dtype).t()).chunk(2, dim=-1)
         y = (F.silu(g) * u) @ down[e].to(rows.dtype).t()
         out.index_add_(0, tok, y * weights[tok, slot, None].to(rows.dtype))
-    return [out.view(h.shape)]
+    return [out.view(h.shape), None]
 
 
 def moe_experts_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    dout, h, weights, idx, gate_up, down = x
+    dout, h, weights, idx = x[:4]
+    gate_up, down = _expert_weights(x, a, 1)
     rows = h.reshape(-1, h.shape[-1]).float()
     dy_all = dout.reshape(-1, dout.shape[-1]).float()
     dx = torch.zeros_like(rows)
@@ -67,7 +85,7 @@ def moe_experts_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
         dgu[e] += dgate_up.t() @ hx
         dx.index_add_(0, tok, dgate_up @ gu_w)
     grads = {0: dx.view(h.shape), 1: dw, 3: dgu, 4: dd}
-    return [grads[i] for i in a["wrt"]]
+    return [grads[i] for i in a["wrt"]] + [None]
 
 
 def moe_router_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:

@@ -66,12 +66,8 @@ def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0,
         dtype = TORCH_DTYPES[t.dtype]
         if "lora" in t.attrs:
             val = ckpt.get(t.source) if ckpt.has(t.source) else _lora_init(t.shape, t.attrs["init"], gen)
-        elif ckpt.has(t.source):
-            val = ckpt.get(t.source)
-        elif "expert_sources" in t.attrs:
-            val = _stack_experts(ckpt, t.attrs["expert_sources"], t.shape[0])
         else:
-            raise UserError(f"model: weight {t.source!r} not found in {model_dir}")
+            val = _base_value(ckpt, t)
         if tuple(val.shape) != t.shape:
             raise UserError(f"model: weight {t.source!r} has shape {tuple(val.shape)}, expected {t.shape}")
         out[name] = val.to(dtype)
@@ -113,11 +109,18 @@ class _Merged:
         return (w.float() + self.scale * (b.float() @ a.float())).to(w.dtype)
 
 
+def _base_value(ckpt: _Checkpoint, t) -> torch.Tensor:
+    """A base weight by its checkpoint name, or stacked from per-expert checkpoint tensors."""
+    if ckpt.has(t.source):
+        return ckpt.get(t.source)
+    if "expert_sources" in t.attrs:
+        return _stack_experts(ckpt, t.attrs["expert_sources"], t.shape[0])
+    raise UserError(f"model: weight {t.source!r} not found in {ckpt.dir}")
+
+
 def _load_quantized(ckpt: _Checkpoint, t) -> dict[str, torch.Tensor]:
     """Quantize a base weight at load time (QLoRA): codes into `t.name`, scales into `t.attrs["scales"]`."""
-    if not ckpt.has(t.source):
-        raise UserError(f"model: weight {t.source!r} not found in {ckpt.dir}")
-    parts = quantize(t.attrs["format"], ckpt.get(t.source).float(), t.attrs["block_size"], t.attrs["double_quant"])
+    parts = quantize(t.attrs["format"], _base_value(ckpt, t).float(), t.attrs["block_size"], t.attrs["double_quant"])
     return dict(zip([t.name, *t.attrs["scales"]], parts, strict=True))
 
 

@@ -163,3 +163,38 @@ def test_quantized_recipes_run_close_to_bf16_reference(tmp_path, recipe):
         assert set(grads) == {n for n, t in graph.tensors.items() if t.role == Role.TRAINABLE_WEIGHT}
         losses.append(loss)
     assert losses[1] != losses[0] and losses[1] == pytest.approx(losses[0], rel=0.02)
+
+
+def test_selective_expert_dequant_drops_the_full_expert_buffer():
+    def graph(selective):
+        return compile_front(make_cfg("Qwen/Qwen3-30B-A3B", lora=True, qlora_bnb=True, sequence_len=64,
+                                      per_device_train_batch_size=1, recompute=True,
+                                      qlora_selective_expert_dequant=selective))
+
+    full, sel = graph(False), graph(True)
+    sel.check()
+    stack = "model.layers.3.mlp.experts.gate_up_proj"
+    assert f"{stack}.deq" in full.tensors and f"{stack}.deq" not in sel.tensors
+    experts = sel.op("L3.experts")
+    assert f"{stack}.q" in experts.inputs and experts.attrs["quant"]["format"] == "nf4"
+    assert sel.tensors[experts.outputs[1]].shape == (3 * 768 * 2048,)  # one expert's gate, up and down
+    ws = sel.tensors[experts.outputs[1]]
+    assert ws.role == Role.DEQUANT_BUFFER and ws.nbytes * 128 == (full.tensors[f"{stack}.deq"].nbytes
+                                                                  + full.tensors["model.layers.3.mlp.experts.down_proj.deq"].nbytes)
+    assert not any(op.kind == "dequant" and "experts" in op.name for op in sel.ops())
+
+
+def test_selective_expert_dequant_numerics_equal_full_dequant(tmp_path):
+    d = save_tiny(tmp_path, "qwen3_moe")
+    ids, labels = random_batch(101, 2, 16)
+    results = []
+    for selective in (False, True):
+        graph = compile_front(make_cfg(d, lora=True, qlora_fp8=True, qlora_block_size=64, recompute=selective,
+                                       qlora_selective_expert_dequant=selective))
+        w = load_weights(graph, d, lora_seed=4)
+        for k in [k for k in w if k.endswith("lora_B.weight")]:
+            w[k] = torch.randn(w[k].shape, generator=torch.Generator().manual_seed(len(k))) * 0.1
+        results.append(run_ours(graph, d, ids, labels, weights=w))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    assert all(rel_err(g1[k], g0[k]) < 1e-5 for k in g0)
