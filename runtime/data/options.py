@@ -79,6 +79,10 @@ def data_options(cfg: Any) -> DataOptions:
         # A document longer than a row could never be placed in a batch of static shape [B, sequence_len].
         raise UserError(f"max_length: {max_length} is larger than sequence_len ({sequence_len}); "
                         "set max_length <= sequence_len")
+    sp = int(getattr(cfg, "sequence_parallel_size", None) or 1)
+    if sp > 1 and sequence_len % sp:
+        # Sequence parallelism gives each rank of the group sequence_len / sp tokens of every row.
+        raise UserError(f"sequence_parallel_size: {sp} must divide sequence_len ({sequence_len})")
     ratio = getattr(cfg, "validation_split_ratio", None)
     ratio = 0.1 if ratio is None else float(ratio)
     if not 0.0 <= ratio < 1.0:

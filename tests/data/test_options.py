@@ -39,6 +39,7 @@ def test_escaped_newlines_and_cache_fields():
     ({"padding_side": "up"}, "padding_side: 'up' is not one of"),
     ({"validation_split_ratio": 1.0}, r"validation_split_ratio: must be in \[0, 1\)"),
     ({"dataloader_num_workers": -1}, "dataloader_num_workers: must be >= 0"),
+    ({"sequence_len": 100, "sequence_parallel_size": 8}, r"sequence_parallel_size: 8 must divide sequence_len \(100\)"),
 ])
 def test_invalid_values_name_the_option(attrs, message):
     with pytest.raises(UserError, match=message):
