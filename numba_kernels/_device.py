@@ -112,6 +112,26 @@ def _max_resident_blocks() -> int:
     return props.multi_processor_count * 8
 
 
+_CONSTANTS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def device_constant(key: str, device: torch.device | str, build) -> torch.Tensor:
+    """A small read-only tensor (lookup table, dummy argument) built once per device and reused.
+
+    Launchers take their constants from here so that a launch does no host-to-device copy or allocation
+    after the first call (required inside CUDA-graph capture). `build()` returns the CPU tensor.
+    """
+    k = (key, str(torch.device(device)))
+    if k not in _CONSTANTS:
+        _CONSTANTS[k] = build().to(device)
+    return _CONSTANTS[k]
+
+
+def zeros1(device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A cached one-element zero tensor: the value of an absent optional argument (never written)."""
+    return device_constant(f"zeros1-{dtype}", device, lambda: torch.zeros(1, dtype=dtype))
+
+
 def log2_block(name: str, block: int) -> int:
     """log2 of a power-of-two block size (kernels index blocks by shifts: 64-bit division is slow on GPUs)."""
     if block <= 0 or block & (block - 1):

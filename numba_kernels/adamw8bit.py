@@ -22,7 +22,17 @@ import math
 import numpy as np
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, threads
+from ._device import (
+    check_contiguous,
+    converters,
+    device_constant,
+    get_cuda,
+    grid_for,
+    helpers,
+    launch,
+    threads,
+    zeros1,
+)
 from .quant8 import dynamic_map, nearest_code_device, nearest_code_ref, normalise_ref
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
@@ -189,9 +199,9 @@ def _kernel(p_dt: torch.dtype, g_dt: torch.dtype, has_master: bool):
     return kernel
 
 
-@functools.cache
-def _maps(device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return dynamic_map(True).to(device), dynamic_map(False).to(device)
+def _maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (device_constant("qmap-signed", device, lambda: dynamic_map(True)),
+            device_constant("qmap-unsigned", device, lambda: dynamic_map(False)))
 
 
 def adamw8bit_step(
@@ -213,7 +223,7 @@ def adamw8bit_step(
         raise ValueError(f"param, grad, master and state must all have {n} elements")
     if master is not None and master.dtype != torch.float32:
         raise TypeError(f"master weights must be float32, got {master.dtype}")
-    qm, qv = _maps(str(param.device))
+    qm, qv = _maps(param.device)
     has_master = master is not None
     kernel = _kernel(param.dtype, grad.dtype, has_master)
     nb = state["m_absmax"].numel()
@@ -222,7 +232,7 @@ def adamw8bit_step(
         grid_for(nb, 1),
         threads(),
         param.view(-1),
-        master.view(-1) if has_master else torch.zeros(1, device=param.device),
+        master.view(-1) if has_master else zeros1(param.device),
         grad.view(-1),
         state["m_codes"],
         state["m_absmax"],

@@ -20,7 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, log2_block, threads
+from ._device import (
+    check_contiguous,
+    converters,
+    device_constant,
+    get_cuda,
+    grid_for,
+    helpers,
+    launch,
+    log2_block,
+    threads,
+    zeros1,
+)
 from .quant8 import dequantize_blockwise_ref, dynamic_map, quantize_blockwise, quantize_blockwise_ref
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
@@ -188,7 +199,7 @@ def nf4_quantize(
     nb = math.ceil(n / block)
     if packed.numel() != (n + 1) // 2 or absmax.numel() != nb:
         raise ValueError(f"need packed [{(n + 1) // 2}] and absmax [{nb}] for {n} values in blocks of {block}")
-    mids = levels_mids if levels_mids is not None else nf4_midpoints().to(x.device)
+    mids = levels_mids if levels_mids is not None else device_constant("nf4-mids", x.device, nf4_midpoints)
     launch(_quant_kernel(x.dtype), grid_for(nb, 1), threads(), x.view(-1), mids, int(block), packed, absmax)
 
 
@@ -198,7 +209,7 @@ def nf4_double_quant(
 ) -> None:
     """offset[0] = mean(absmax); qabsmax uint8 / absmax2 fp32 [ceil(blocks / 256)] from absmax - offset."""
     torch.mean(absmax, dim=0, keepdim=True, out=offset)
-    qm = qmap if qmap is not None else dynamic_map(True).to(absmax.device)
+    qm = qmap if qmap is not None else device_constant("qmap-signed", absmax.device, lambda: dynamic_map(True))
     quantize_blockwise(absmax, qm, qabsmax, absmax2, NESTED_BLOCK, offset)
 
 
@@ -219,9 +230,12 @@ def nf4_dequantize(
     if nested and (qabsmax is None or absmax2 is None or offset is None):
         raise ValueError("nf4_dequantize needs absmax, or qabsmax + absmax2 + offset (double quantization)")
     dev = packed.device
-    lv = levels if levels is not None else nf4_levels().to(dev)
-    dummy_f, dummy_u = torch.zeros(1, device=dev), torch.zeros(1, dtype=torch.uint8, device=dev)
-    qm = (qmap if qmap is not None else dynamic_map(True).to(dev)) if nested else dummy_f
+    lv = levels if levels is not None else device_constant("nf4-levels", dev, nf4_levels)
+    dummy_f, dummy_u = zeros1(dev), zeros1(dev, torch.uint8)
+    if nested:
+        qm = qmap if qmap is not None else device_constant("qmap-signed", dev, lambda: dynamic_map(True))
+    else:
+        qm = dummy_f
     launch(
         _dequant_kernel(out.dtype, nested),
         grid_for(packed.numel(), threads()),

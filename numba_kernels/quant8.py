@@ -16,7 +16,17 @@ import math
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, log2_block, threads
+from ._device import (
+    check_contiguous,
+    converters,
+    get_cuda,
+    grid_for,
+    helpers,
+    launch,
+    log2_block,
+    threads,
+    zeros1,
+)
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -182,7 +192,7 @@ def quantize_blockwise(
     nb = math.ceil(x.numel() / block)
     if absmax.numel() != nb or codes.numel() != x.numel():
         raise ValueError(f"need codes [{x.numel()}] and absmax [{nb}] for block {block}")
-    off = offset if offset is not None else torch.zeros(1, device=x.device)
+    off = offset if offset is not None else zeros1(x.device)
     launch(_quant_kernel(x.dtype), grid_for(nb, 1), threads(), x.view(-1), qmap, off, int(block), codes.view(-1), absmax)
 
 
@@ -197,7 +207,7 @@ def dequantize_blockwise(
     """out (fp32/bf16, numel of codes) = qmap[codes] * absmax[i // block] (+ the device scalar `offset`)."""
     check_contiguous("out", out)
     shift = log2_block("block", block)
-    off = offset if offset is not None else torch.zeros(1, device=codes.device)
+    off = offset if offset is not None else zeros1(codes.device)
     n = codes.numel()
     launch(
         _dequant_kernel(out.dtype), grid_for(n, threads()), threads(), codes.view(-1), absmax, qmap, off, shift,
