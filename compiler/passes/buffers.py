@@ -1,9 +1,11 @@
 """Pass `assign_buffers`: one arena per memory space; an offset for every tensor.
 
 Persistent tensors (whole-step interval) are packed at the bottom of the arena, largest first. The
-other tensors are placed above them by *greedy by size with best fit* (as in TFLite's and MLIR's
-static memory planners): largest first, each at the smallest gap between the tensors already placed
-whose lifetimes overlap its own, or on top if none fits. Sizes are rounded up to `ALIGNMENT` bytes.
+other tensors are placed above them by *greedy best fit* (as in TFLite's and MLIR's static memory
+planners): each at the smallest gap between the tensors already placed whose lifetimes overlap its
+own, or on top if none fits; tensors are visited largest first (TFLite's greedy by size), by largest
+size x lifetime, in program order, largest first in program order, and longest-lived first; the
+smallest arena is kept. Sizes are rounded up to `ALIGNMENT` bytes.
 
 The lower bound is the largest sum of (aligned) live bytes at any schedule position: no assignment
 can use less. `graph.meta["buffers"][space]` records arena size, lower bound and where it peaks.
@@ -26,14 +28,45 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
+ORDERS = {
+    # TFLite's greedy by size: biggest first, ties by longer life.
+    "size": lambda s, a, b: (-s, -(b - a), a),
+    # Biggest area (bytes x lifetime) first: long-lived mid-size tensors before short big ones.
+    "area": lambda s, a, b: (-s * (b - a + 1), -s, a),
+    # Program order: what a stack allocator would see; wins on strictly nested lifetimes.
+    "start": lambda s, a, b: (a, -s, -(b - a)),
+    # Biggest first, ties in program order (many equal per-layer sizes: keeps layers in sequence).
+    "size_start": lambda s, a, b: (-s, a),
+    # Longest-lived first: the long intervals form the floor the short ones pack above.
+    "duration": lambda s, a, b: (-(b - a), -s, a),
+}
+
+
 def place(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, int]:
     """Offsets for intervals [start, end] of `sizes` bytes, no two live at once overlapping.
 
-    Greedy by size, best fit. Returns (offsets, arena size).
+    Greedy best-fit placement under each of `ORDERS` (stopping at one that meets the lower bound); the
+    smallest arena wins. Returns (offsets, size).
     """
+    if not len(sizes):
+        return np.zeros(0, dtype=np.int64), 0
+    bound = int(live_profile(sizes, starts, ends, int(ends.max()) + 1).max())
+    best = None
+    for key in ORDERS.values():
+        offsets, top = place_in_order(sizes, starts, ends, key)
+        if best is None or top < best[1]:
+            best = (offsets, top)
+        if top <= bound:
+            break
+    return best
+
+
+def place_in_order(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, key: Any) -> tuple[np.ndarray, int]:
+    """Greedy best fit, tensors visited in the order of `key(size, start, end)`."""
     n = len(sizes)
     offsets = np.zeros(n, dtype=np.int64)
-    order = sorted(range(n), key=lambda i: (-int(sizes[i]), -(int(ends[i]) - int(starts[i])), int(starts[i])))
+    s_l, a_l, b_l = sizes.tolist(), starts.tolist(), ends.tolist()
+    order = sorted(range(n), key=lambda i: key(s_l[i], a_l[i], b_l[i]))
     p_off = np.empty(n, dtype=np.int64)
     p_end = np.empty(n, dtype=np.int64)  # offset + size
     p_s = np.empty(n, dtype=np.int64)

@@ -49,6 +49,7 @@ class OpInserter:
         self._after: dict[str, list[Op]] = defaultdict(list)
         self._end: list[Op] = []
         self._names: set[str] = set()
+        self._reserved: set[str] = set()
 
     def _check(self, op: Op) -> None:
         if op.name in self.graph.dag or op.name in self._names:
@@ -61,8 +62,9 @@ class OpInserter:
     def fresh(self, base: str) -> str:
         """An op name starting with `base` not used by the graph or by a queued op."""
         k = 0
-        while f"{base}{k}" in self.graph.dag or f"{base}{k}" in self._names:
+        while f"{base}{k}" in self.graph.dag or f"{base}{k}" in self._names or f"{base}{k}" in self._reserved:
             k += 1
+        self._reserved.add(f"{base}{k}")  # the op may be queued later
         return f"{base}{k}"
 
     def before(self, anchor: str, op: Op) -> Op:
@@ -215,11 +217,17 @@ def stage_host_accesses(
                 op.attrs["zero_copy"] = True
         return
     runs = _layer_runs(graph)
+    pos = {n: i for i, n in enumerate(graph.order)}
     ins = OpInserter(graph)
+    loads: list[tuple[str, Op, int]] = []
+    last_write: dict[str, int] = {}
     # (tensor, phase, layer run) -> staging tensor holding a fresh device copy
     read_stage: dict[tuple[str, str, int], str] = {}
     for opname in list(graph.order):
         if selected is not None and opname not in selected:
+            for t in graph.op(opname).outputs:
+                if t in targets:
+                    last_write[t] = pos[opname]
             continue
         op = graph.op(opname)
         if op.phase == "copy":
@@ -231,9 +239,10 @@ def stage_host_accesses(
             if writes:
                 s = _staging(graph, t, op.layer)
                 if reads:
-                    ins.before(opname, _copy(ins, "copy_h2d", t, s, op.layer))
+                    loads.append((opname, _copy(ins, "copy_h2d", t, s, op.layer), last_write.get(t, -1)))
                 _replace(op.inputs, t, s)
                 _replace(op.outputs, t, s)
+                last_write[t] = pos[opname]
                 accumulate = not reads and graph.tensors[t].role is Role.GRADIENT
                 ins.after(opname, _copy(ins, "copy_d2h", s, t, op.layer, accumulate=accumulate))
                 for key in [k for k in read_stage if k[0] == t]:
@@ -243,10 +252,29 @@ def stage_host_accesses(
                 s = read_stage.get(key)
                 if s is None:
                     s = _staging(graph, t, op.layer)
-                    ins.before(opname, _copy(ins, "copy_h2d", t, s, op.layer))
+                    loads.append((opname, _copy(ins, "copy_h2d", t, s, op.layer), last_write.get(t, -1)))
                     read_stage[key] = s
                 _replace(op.inputs, t, s)
+    _place_loads(graph, ins, loads, pos)
     ins.commit()
+
+
+def _place_loads(graph: Graph, ins: OpInserter, loads: list[tuple[str, Op, int]], pos: dict[str, int]) -> None:
+    """Queue host -> device loads one group early (double buffering), where that is safe.
+
+    `loads` holds (anchor op, copy op, position of the source's last write before the anchor). A load is
+    placed before the previous distinct anchor of the same phase, so the transfer of the next group
+    overlaps the compute of the current one; the plan then holds two staging groups at once, which is
+    what a double-buffered runtime allocates. It stays at its anchor when the previous anchor is not
+    after the source's last write (the copy would read a stale value) or there is none.
+    """
+    anchors: dict[str, list[str]] = {}
+    for anchor in sorted({a for a, _, _ in loads}, key=pos.__getitem__):
+        anchors.setdefault(graph.op(anchor).phase, []).append(anchor)
+    previous = {a: (seq[i - 1] if i else None) for seq in anchors.values() for i, a in enumerate(seq)}
+    for anchor, op, written in loads:
+        early = previous[anchor]
+        ins.before(early if early is not None and pos[early] > written else anchor, op)
 
 
 def offload_activation(graph: Graph, names: Iterable[str], *, write_combined: bool = False) -> list[str]:
@@ -256,7 +284,9 @@ def offload_activation(graph: Graph, names: Iterable[str], *, write_combined: bo
     Returns the names of the host copies.
     """
     runs = _layer_runs(graph)
+    pos = {n: i for i, n in enumerate(graph.order)}
     ins = OpInserter(graph)
+    loads: list[tuple[str, Op, int]] = []
     hosts: list[str] = []
     for name in dict.fromkeys(names):
         t = graph.tensors[name]
@@ -278,9 +308,10 @@ def offload_activation(graph: Graph, names: Iterable[str], *, write_combined: bo
             if stage is None or key != stage_key:
                 stage = _staging(graph, host, op.layer)
                 graph.tensors[stage].attrs["staging_of"] = host
-                ins.before(c, _copy(ins, "copy_h2d", host, stage, op.layer))
+                loads.append((c, _copy(ins, "copy_h2d", host, stage, op.layer), pos[writers[-1]]))
                 stage_key = key
             _replace(op.inputs, name, stage)
+    _place_loads(graph, ins, loads, pos)
     ins.commit()
     return hosts
 

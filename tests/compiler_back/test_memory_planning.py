@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import synth
-from helpers import back_half
+from helpers import back_half, check_staging
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
 from surogate.compiler.passes.buffers import ALIGNMENT, aligned, assign_buffers, live_profile, place
@@ -29,6 +29,7 @@ def _conflicts(plan, space="device"):
 ])
 def test_arena_is_valid_and_close_to_lower_bound(graph_kw, cfg_kw):
     plan = back_half(graph_kw, **cfg_kw)
+    check_staging(plan)
     for space in ("device", "host"):
         assert _conflicts(plan, space) == []
         mem = plan.memory[space]

@@ -1,4 +1,4 @@
-from helpers import back_half, persistent_bytes
+from helpers import back_half, check_staging, persistent_bytes
 
 from surogate.compiler.ir import Role, Space
 
@@ -94,11 +94,15 @@ def test_offload_quants_moves_quantized_weights_to_host_streamed_per_use():
     assert q > 0
     assert persistent_bytes(off, Role.QUANT_WEIGHT) + persistent_bytes(off, Role.QUANT_SCALE) == 0
     assert persistent_bytes(off, Role.QUANT_WEIGHT, Space.HOST) + persistent_bytes(off, Role.QUANT_SCALE, Space.HOST) == q
-    # Each dequantize reads staged device copies loaded right before it.
-    for i, op in enumerate(off.ops):
-        if op.kind == "dequantize_nf4":
-            assert all(off.tensors[t].attrs.get("staging_of") for t in op.inputs)
-            assert off.ops[i - 1].kind == "copy_h2d"
+    # Each dequantize reads staged device copies, loaded while the previous one runs (double buffering).
+    deq = [i for i, op in enumerate(off.ops) if op.kind == "dequantize_nf4"]
+    for k, i in enumerate(deq):
+        for t in off.ops[i].inputs:
+            assert off.tensors[t].attrs.get("staging_of")
+            load = next(j for j, op in enumerate(off.ops) if t in op.outputs)
+            assert off.ops[load].kind == "copy_h2d" and load < i
+            assert k < 2 or load > deq[k - 2]
+    assert check_staging(off) > 0
     assert off.memory["device"]["peak_bytes"] < dev.memory["device"]["peak_bytes"]
 
 
@@ -130,3 +134,13 @@ def test_persistent_quants_keeps_recipe_quantizations():
     assert kept == ["L0.w1.fp8", "L0.w1.fp8_scale"]
     assert g.tensors["L0.w1.fp8"].role is Role.QUANT_WEIGHT and g.tensors["L0.w1.fp8_scale"].role is Role.QUANT_SCALE
     assert g.op("L0.w1.quantize").attrs["cached"] is True
+
+
+def test_offloaded_optimizer_states_are_double_buffered():
+    plan = back_half(offload_optimizer=True, master_dtype="fp32", offload_master=True)
+    steps = [i for i, op in enumerate(plan.ops) if op.kind.endswith("_step")]
+    assert check_staging(plan) >= 5 * len(steps)  # m, v, 2 absmax and the master per step
+    for k in range(1, len(steps)):
+        loads = [j for j, op in enumerate(plan.ops)
+                 if op.kind == "copy_h2d" and any(t in plan.ops[steps[k]].inputs for t in op.outputs)]
+        assert loads and all(steps[k - 1] > j > (steps[k - 2] if k > 1 else -1) for j in loads)

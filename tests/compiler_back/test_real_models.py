@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import check_staging
 
 from surogate.compiler.ir import Role, Space
 from surogate.compiler.pipeline import (
@@ -192,6 +193,7 @@ def test_master_weights_from_precision_pass_are_sharded_with_optimizer_states(ti
 ])
 def test_optimizer_steps_touch_only_device_memory_unless_zero_copy(tiny_dir, opts):
     plan = plan_for(tiny_dir(2), lora=False, **opts)
+    assert check_staging(plan) > 0
     steps = [op for op in plan.ops if op.kind.endswith("_step")]
     assert steps
     for op in steps:
