@@ -256,3 +256,39 @@ def test_qlora_offload_experts_moves_only_expert_quants_to_host(tmp_path):
             is_expert = n in experts or any(owner == on.tensors[e].attrs["quant_of"] for e in experts)
             assert (t.space is Space.HOST) == is_expert, n
     assert off.memory["device"]["persistent"]["quantized_weights"] < on.memory["device"]["persistent"]["quantized_weights"]
+
+
+KNOBS = dict(
+    lora=[True, False], recompute=[True, False], offload_residual=[True, False], offload_master=[True, False],
+    offload_optimizer=[True, False], offload_grads=[True, False], shard_gradients=[True, False],
+    shard_weights=[True, False], persistent_quants=[True, False], offload_quants=[True, False],
+    zero_level=[1, 2, 3], gpus=[1, 2, 4], optimizer=["adamw_8bit", "normuon"], max_grad_norm=[0.0, 1.0],
+    master_dtype=[None, "fp32"], use_zero_copy=[True, False], qlora_bnb=[True, False],
+    recipe=["bf16", "fp8_hybrid"], lmhead_chunks=[1, 4],
+)
+
+
+def test_random_valid_configs_plan_soundly(tiny_dir, tmp_path):
+    """Seeded random option mixes: arena within 3% (+ a little alignment slack on a tiny model) of the
+    lower bound, staged copies always current, plan.bin round trip identical."""
+    import random
+
+    from surogate.compiler.planfile import read_plan, write_plan
+    from surogate.errors import ConfigError
+
+    rng, done = random.Random(5), 0
+    while done < 12:
+        opts = {k: rng.choice(v) for k, v in KNOBS.items()}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        try:
+            cfg = config_from_dict({"model": tiny_dir(2, True), "sequence_len": 64, **opts})
+        except ConfigError:
+            continue
+        plan = compile_plan(cfg)
+        for space in ("device", "host"):
+            m = plan.memory[space]
+            assert m["lower_bound_bytes"] <= m["arena_bytes"] <= 1.03 * m["lower_bound_bytes"] + 4096, (opts, space)
+        check_staging(plan)
+        write_plan(plan, tmp_path / "p.bin")
+        assert read_plan(tmp_path / "p.bin") == plan
+        done += 1
