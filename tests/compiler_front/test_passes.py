@@ -171,3 +171,19 @@ def test_lora_targets_absent_from_model_is_a_user_error():
                    per_device_train_batch_size=1)
     with pytest.raises(UserError, match="nothing would be trained"):
         inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
+
+
+@pytest.mark.parametrize("over", [
+    dict(lora=True, qlora_bnb=True, recompute=True, lmhead_chunks=2),
+    dict(lora=False, recipe="fp8_hybrid", recompute=True, master_dtype="fp32"),
+    dict(lora=True, recipe="nvfp4", lora_dropout=0.1),
+])
+def test_compiled_graphs_use_only_declared_op_kinds(over):
+    from surogate.compiler.ops import OPS
+
+    for model in (QWEN, "Qwen/Qwen3-30B-A3B"):
+        extra = dict(router_aux_loss_coef=0.01, qlora_selective_expert_dequant=True) if "A3B" in model else {}
+        graph = compile_front(make_cfg(model, sequence_len=16, per_device_train_batch_size=1, **over, **extra))
+        graph.check()
+        assert {op.kind for op in graph.ops()} <= set(OPS)
+        assert {op.phase for op in graph.ops()} == {"forward", "backward"}
