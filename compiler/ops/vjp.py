@@ -60,13 +60,16 @@ def qlinear(ctx: Any) -> None:
     """Like `linear`, but backward reads the quantized copies (fp8 x_q is what stays saved)."""
     _, _, xq, xs, wq, ws = ctx.op.inputs[:6]
     fmt = ctx.op.attrs.get("format")
+    # fp8_hybrid: E4M3 forward, E5M2 (wider range) for the output gradient in both backward matmuls
+    grad_fmt = "fp8_e5m2" if fmt == "fp8_tensor" else None
     _, outs, acc = _grads(ctx, (0,))
     if outs:
-        ctx.emit("qlinear_bwd_data", [ctx.dout(0), ctx.saved(wq), ctx.saved(ws)], outs, {"format": fmt}, acc)
+        ctx.emit("qlinear_bwd_data", [ctx.dout(0), ctx.saved(wq), ctx.saved(ws)], outs,
+                 {"format": fmt, "grad_format": grad_fmt}, acc)
     wrt, outs, acc = _grads(ctx, (1, 6) if len(ctx.op.inputs) > 6 else (1,))
     if outs:
         ctx.emit("qlinear_bwd_weight", [ctx.dout(0), ctx.saved(xq), ctx.saved(xs)], outs,
-                 {"format": fmt, "has_bias": 6 in wrt}, acc)
+                 {"format": fmt, "grad_format": grad_fmt, "has_bias": 6 in wrt}, acc)
 
 
 def rope(ctx: Any) -> None:

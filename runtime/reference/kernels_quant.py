@@ -40,8 +40,20 @@ def qlinear(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [y]
 
 
+E5M2_MAX = 57344.0
+
+
+def _grad_quant(dy: torch.Tensor, a: dict) -> torch.Tensor:
+    """Round the output gradient through fp8 e5m2 with a just-in-time per-tensor scale (fp8_hybrid)."""
+    if a.get("grad_format") != "fp8_e5m2":
+        return dy.float()
+    scale = dy.abs().amax().float().clamp(min=1e-30) / E5M2_MAX
+    return (dy.float() / scale).to(torch.float8_e5m2).float() * scale
+
+
 def qlinear_bwd_data(x: Tensors, a: dict, ctx: Any) -> Tensors:
     dy, wq, ws = x
+    dy = _grad_quant(dy, a)
     out_f = dy.shape[-1]
     w = _deq(wq, ws, a["format"], torch.Size((out_f, wq.numel() // out_f)))
     return [dy.float() @ w]
@@ -49,6 +61,7 @@ def qlinear_bwd_data(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 def qlinear_bwd_weight(x: Tensors, a: dict, ctx: Any) -> Tensors:
     dy, xq, xs = x
+    dy = _grad_quant(dy, a)
     xr = _deq(xq, xs, a["format"], xq.shape).reshape(-1, xq.shape[-1])
     dyr = dy.reshape(-1, dy.shape[-1]).float()
     outs: Tensors = [dyr.t() @ xr]

@@ -100,6 +100,8 @@ def test_fp8_hybrid_quantizes_matmul_inputs_with_amax_history():
     assert g.tensors["L3.q.x_q"].dtype == "fp8_e4m3" and g.tensors["L3.q.x_q"].role == Role.ACTIVATION
     assert g.tensors["L3.attn_norm"].role == Role.TEMPORARY  # only its fp8 copy is saved
     assert g.op("lm_head").kind == "lm_head_ce"  # the LM head is never quantized
+    bwd = [op for op in g.ops() if op.kind in ("qlinear_bwd_data", "qlinear_bwd_weight")]
+    assert bwd and {op.attrs["grad_format"] for op in bwd} == {"fp8_e5m2"}  # E4M3 forward, E5M2 backward
 
 
 def _prequantized_model(tmp_path, fmt, block):
