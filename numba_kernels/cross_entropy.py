@@ -9,7 +9,8 @@ Rows are processed in `chunks` (the `lmhead_chunks` option) and the vocabulary i
 columns; a tile's logits go to one reusable buffer [ceil(rows / chunks) * vocab_tile] (a torch matmul
 with out=, cuBLAS on a GPU). Numba kernels do the rest: an online-logsumexp pass per tile (running
 max and scaled sum per row), a finalise pass, and the in-place gradient of the logits.
-With one vocab tile, `lmhead_ce_forward_backward` needs one logits GEMM per chunk for loss and grads.
+With one vocab tile, `lmhead_ce_forward_backward` needs one logits GEMM per chunk, and a single fused
+kernel per chunk (two passes over the logits) gives loss, lse and the logits gradient.
 """
 
 from __future__ import annotations
@@ -157,6 +158,60 @@ def _grad_kernel(l_dt: torch.dtype):
     return kernel
 
 
+@functools.cache
+def _fused_kernel(l_dt: torch.dtype):
+    """Whole-vocabulary rows: logsumexp, loss and the in-place logits gradient in one launch (2 passes)."""
+    global cuda
+    cuda = get_cuda()
+    from numba import float32
+
+    h = helpers()
+    ll, sl = converters(l_dt)
+    block_sum, block_max = h.block_sum, h.block_max
+    T = threads()
+
+    @cuda.jit
+    def kernel(logits, labels, grad_scale, ignore_index, lse, loss_rows):
+        sm = cuda.shared.array(T, float32)
+        tid = cuda.threadIdx.x
+        rows, vocab = logits.shape
+        scale = float32(grad_scale)
+        for row in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
+            lab = labels[row]
+            ignored = lab == ignore_index
+            mt = float32(-math.inf)
+            st = float32(0.0)
+            for c in range(tid, vocab, T):
+                v = ll(logits[row, c])
+                if v > mt:
+                    st = st * float32(math.exp(mt - v)) + float32(1.0)
+                    mt = v
+                else:
+                    st += float32(math.exp(v - mt))
+            mb = block_max(sm, mt)
+            scaled = float32(0.0)
+            if st > float32(0.0):
+                scaled = st * float32(math.exp(mt - mb))
+            m = mb + float32(math.log(block_sum(sm, scaled)))
+            if tid == 0:
+                lse[row] = m
+                if ignored:
+                    loss_rows[row] = float32(0.0)
+                else:
+                    loss_rows[row] = m - ll(logits[row, lab])
+            cuda.syncthreads()  # the label logit is read above before it is overwritten below
+            for c in range(tid, vocab, T):
+                if ignored:
+                    logits[row, c] = sl(float32(0.0))
+                else:
+                    p = float32(math.exp(ll(logits[row, c]) - m))
+                    if c == lab:
+                        p -= float32(1.0)
+                    logits[row, c] = sl(p * scale)
+
+    return kernel
+
+
 # ---------------------------------------------------------------- workspace and launchers
 
 
@@ -256,6 +311,11 @@ def _grads(x, w, buf, labels, lse, grad_scale, ignore_index, dx, dw, r0, r1, v0,
         float(grad_scale),
         int(ignore_index),
     )
+    _dlogits_gemms(x, w, buf, dx, dw, r0, r1, v0, v1)
+
+
+def _dlogits_gemms(x, w, buf, dx, dw, r0, r1, v0, v1) -> None:
+    """dx[chunk] (+)= dlogits @ W[tile]; dW[tile] += dlogits^T @ x[chunk] (cuBLAS on a GPU)."""
     if v0 == 0:
         torch.matmul(buf, w[v0:v1], out=dx[r0:r1])
     else:
@@ -338,7 +398,16 @@ def lmhead_ce_forward_backward(
         return out
     for r0, r1, v0, v1 in _tiles(rows, vocab, ws):
         buf = _logits_tile(x, w, ws, r0, r1, v0, v1)
-        _stats(buf, labels, 0, True, ws, r0, r1)
-        _finalize(labels, ws, lse, loss_rows, ignore_index, r0, r1)
-        _grads(x, w, buf, labels, lse, grad_scale, ignore_index, dx, dw, r0, r1, v0, v1)
+        launch(
+            _fused_kernel(buf.dtype),
+            grid_for(r1 - r0, 1),
+            threads(),
+            buf,
+            labels[r0:r1],
+            float(grad_scale),
+            int(ignore_index),
+            lse[r0:r1],
+            loss_rows[r0:r1],
+        )
+        _dlogits_gemms(x, w, buf, dx, dw, r0, r1, v0, v1)
     return loss_rows.sum(), (labels != ignore_index).sum()
