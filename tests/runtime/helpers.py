@@ -1,0 +1,142 @@
+"""Shared helpers of the runtime tests: tiny random HF models, tiny text data, configs, and a driver that runs a
+compiled plan's micro-step through the ArenaExecutor and reads back loss and gradients."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surogate.compiler.ir import Role
+from surogate.compiler.pipeline import compile_plan
+from surogate.compiler.plan import Plan
+from surogate.runtime.backends import kernel_table
+from surogate.runtime.batches import plan_inputs
+from surogate.runtime.executor import MICRO_STEP, ArenaExecutor, StepContext
+from surogate.runtime.trainer import loss_tensor
+from surogate.runtime.weights import initialise
+from surogate.schema import config_from_dict
+from tests.runtime_support.helpers import VOCAB, save_tiny_tokenizer
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def hf_config(family: str, tie: bool = False, **over: Any):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    kw = {**TINY, "tie_word_embeddings": tie, **over}
+    if family == "llama":
+        return LlamaConfig(**kw, head_dim=8)
+    if family == "qwen2":
+        return Qwen2Config(**kw)
+    if family == "qwen3":
+        return Qwen3Config(**kw, head_dim=8)
+    raise ValueError(family)
+
+
+def save_model(out: Path, family: str = "qwen3", tie: bool = False, seed: int = 0, **over: Any) -> Path:
+    """A random fp32 model (non-trivial norm weights) + a word-level tokenizer saved under `out`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, tie, **over), dtype=torch.float32)
+    with torch.no_grad():  # norm weights != 1 so their gradients are checked meaningfully
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(out, safe_serialization=True)
+    save_tiny_tokenizer(out)
+    return out
+
+
+def write_text_data(path: Path, rows: int = 64, seed: int = 0, min_words: int = 4, max_words: int = 14) -> Path:
+    """A jsonl text dataset over the tiny tokenizer's words (with a learnable pattern: counting up)."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            start, n = rng.randrange(80), rng.randrange(min_words, max_words)
+            f.write(json.dumps({"text": " ".join(f"w{(start + i) % 92}" for i in range(n))}) + "\n")
+    return path
+
+
+def make_cfg(model_dir: Path | str, **over: Any):
+    """A validated TrainConfig for the tiny models (fp32, no packing surprises, nothing GPU-only)."""
+    base = dict(model=str(model_dir), sequence_len=16, per_device_train_batch_size=2,
+                gradient_accumulation_steps=1, torch_dtype="float32", lora=False, recompute=False,
+                lora_dropout=0.0, use_cuda_graphs=False)
+    base.update(over)
+    return config_from_dict(base)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    out = torch.full_like(labels, -100)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+class PlanRunner:
+    """compile_plan(cfg) -> ArenaExecutor on the cpu backend, weights loaded from the model folder."""
+
+    def __init__(self, cfg: Any, weights: dict[str, torch.Tensor] | None = None, plan: Plan | None = None) -> None:
+        from surogate.runtime.reference import load_weights
+
+        self.cfg = cfg
+        self.plan = plan if plan is not None else compile_plan(cfg)
+        self.loss_name = loss_tensor(self.plan)
+        self.ex = ArenaExecutor(self.plan, kernel_table("cpu"), watch=[self.loss_name])
+        values = load_weights(self.plan, cfg.model, lora_seed=int(cfg.train_seed))
+        values.update(weights or {})
+        initialise(self.ex, values)
+
+    def micro_step(self, ids: torch.Tensor, labels_hf: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                   cu_seqlens: torch.Tensor | None = None, num_items: int | None = None,
+                   step: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+        """One micro-step from zeroed gradients: (loss, {weight name: gradient}). Plan weight names are the HF
+        names (LoRA: PEFT's without the `base_model.model.` prefix and the adapter name)."""
+        b, t = ids.shape
+        batch = {"input_ids": ids, "labels": labels_hf,
+                 "position_ids": position_ids if position_ids is not None else torch.arange(t).expand(b, t),
+                 "cu_seqlens": cu_seqlens if cu_seqlens is not None else torch.arange(0, b * t + 1, t)}
+        self.ex.zero_gradients()
+        for name, value in plan_inputs(self.plan, batch, num_items=num_items).items():
+            self.ex.write(name, value)
+        self.ex.run(MICRO_STEP, StepContext(self.plan, step))
+        return float(self.ex.observed[self.loss_name]), self.gradients()
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in self.plan.tensors.items():
+            if t.role is Role.GRADIENT and name in self.ex.views:
+                out[t.attrs["grad_of"]] = self.ex.views[name].clone()
+        return out
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """Plan name -> current value of every trainable weight."""
+        return {n: v.clone() for n, v in self.ex.tensors_of([Role.TRAINABLE_WEIGHT]).items()}
+
+
+def peft_name(name: str) -> str:
+    """PEFT parameter name -> the plain HF-style name our plans use as `source`."""
+    return name.removeprefix("base_model.model.").replace(".default.", ".")
+
+
+def random_batch(b: int, t: int, seed: int = 1, low: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (by default no special tokens: HF gives the pad row no embedding gradient, see
+    test_parity's pad-row test) and HF-style labels with the first 3 positions ignored."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, VOCAB, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return ids, labels
