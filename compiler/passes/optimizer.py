@@ -25,7 +25,7 @@ from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
 from surogate.compiler.passes.offload import OpInserter, move_to_host, stage_host_accesses
-from surogate.compiler.passes.zero import shard_shape
+from surogate.compiler.passes.zero import annotate_comm, shard_shape
 from surogate.numba_kernels.adamw8bit import QBLOCK
 
 ADAMW8BIT_BLOCK = QBLOCK  # one source of truth: the kernel's block size
@@ -175,6 +175,7 @@ def build_optimizer(graph: Graph, cfg: Any) -> Graph:
             ins.append(Op(ins.fresh(f"all_gather:{w.name}#"), "all_gather", [w.name], [w.name],
                           attrs={"world": world, "in_place": True}, phase="comm", layer=w.layer))
     ins.commit()
+    annotate_comm(graph, cfg)
     graph.meta["optimizer"] = {"kind": optimizer, "adamw8bit_block": ADAMW8BIT_BLOCK, "world": world}
     zero_copy = bool(getattr(cfg, "use_zero_copy", False))
     wc = bool(getattr(cfg, "use_write_combined", False))

@@ -10,7 +10,8 @@
   `all_gather` into a transient full buffer precedes each run of same-layer uses in each phase.
 
 Shards split dimension 0 (rounded up), so per-rank bytes are exactly 1/world when it divides.
-`offload_grads` is applied here, to the gradients this pass leaves persistent.
+`offload_grads` is applied here, to the gradients this pass leaves persistent. The collective options
+(`use_all_to_all_reduce`, `memcpy_all_gather`, `memcpy_send_recv`) become attrs of the comm ops.
 """
 
 from __future__ import annotations
@@ -147,6 +148,21 @@ def _gathered(graph: Graph, ins: OpInserter, full: Tensor, src: str, op: Op) -> 
     return name
 
 
+def annotate_comm(graph: Graph, cfg: Any) -> None:
+    """Carry the collective-implementation options to the comm ops that use them."""
+    a2a = bool(getattr(cfg, "use_all_to_all_reduce", False))
+    memcpy_gather = bool(getattr(cfg, "memcpy_all_gather", False))
+    memcpy_sr = bool(getattr(cfg, "memcpy_send_recv", False))
+    for op in graph.ops():
+        if op.phase != "comm":
+            continue
+        if op.kind == "all_gather":
+            op.attrs.setdefault("memcpy", memcpy_gather)
+        elif op.kind in ("all_reduce", "reduce_scatter"):
+            op.attrs.setdefault("all_to_all", a2a)
+            op.attrs.setdefault("memcpy_send_recv", memcpy_sr)
+
+
 def apply_zero(graph: Graph, cfg: Any) -> Graph:
     """Partition optimizer states / gradients / weights per the ZeRO options; record `meta["zero"]`."""
     world, notes = world_size(cfg)
@@ -171,4 +187,5 @@ def apply_zero(graph: Graph, cfg: Any) -> Graph:
     if getattr(cfg, "offload_grads", False):
         grads = [t.name for t in graph.tensors.values() if t.role is Role.GRADIENT and not t.attrs.get("transient")]
         offload_to_host(graph, grads, write_combined=bool(getattr(cfg, "use_write_combined", False)))
+    annotate_comm(graph, cfg)
     return graph

@@ -83,3 +83,17 @@ def test_single_rank_has_no_comm_ops():
     plan = back_half(zero_level=3)
     assert not [op for op in plan.ops if op.phase == "comm"]
     assert set(plan.memory["device"]["categories"]) == set(CATEGORIES)
+
+
+def test_collective_options_reach_the_comm_ops():
+    plan = back_half(gpus=2, zero_level=3, use_all_to_all_reduce=True, memcpy_send_recv=True, memcpy_all_gather=True,
+                     max_grad_norm=1.0)
+    comm = [op for op in plan.ops if op.phase == "comm"]
+    assert {op.kind for op in comm} == {"all_gather", "reduce_scatter", "all_reduce"}
+    for op in comm:
+        if op.kind == "all_gather":
+            assert op.attrs["memcpy"] is True
+        else:
+            assert op.attrs["all_to_all"] is True and op.attrs["memcpy_send_recv"] is True
+    plain = back_half(gpus=2, zero_level=3)
+    assert all(op.attrs.get("memcpy") is False for op in plain.ops if op.kind == "all_gather")
