@@ -1,0 +1,87 @@
+"""Shared pieces of the end-to-end observability tests: a tiny model and data built once, a config
+builder for real `run_training` runs on the cpu backend, and fault injection into the loss kernel.
+
+Nothing here re-implements the runtime: runs go through `surogate.runtime.session.run_training`, the
+model/data builders are imported from `tests/runtime/helpers.py`, faults are injected by wrapping the cpu
+backend's real `lm_head_ce` kernel.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from surogate.runtime.backends.cpu import KERNELS
+from surogate.runtime.session import run_training
+from surogate.runtime.trainer import Trainer, TrainResult
+from tests.runtime.helpers import make_cfg, save_model, write_text_data
+
+SEQ = 64
+
+
+def build_source(root: Path, rows: int = 64) -> tuple[Path, Path]:
+    """A tiny random fp32 Qwen3 model (with tokenizer) and a learnable text dataset under `root`."""
+    return save_model(root / "model"), write_text_data(root / "data.jsonl", rows=rows)
+
+
+def train_cfg(source: tuple[Path, Path], out: Path, **over: Any):
+    """A validated config for a seconds-long CPU run writing everything under `out`."""
+    model, data = source
+    base = dict(datasets=[{"path": str(data), "type": "text"}], output_dir=str(out / "out"), sequence_len=SEQ,
+                learning_rate=1e-3, gradient_accumulation_steps=1, save_steps=1000, eval_steps=1000)
+    return make_cfg(model, **{**base, **over})
+
+
+def train(cfg: Any) -> tuple[TrainResult, str]:
+    """Run `cfg` to its end with the console captured; returns (result, console text)."""
+    buf = io.StringIO()
+    result = run_training(cfg, console_file=buf, force_terminal=False)
+    return result, buf.getvalue()
+
+
+def inject_loss_fault(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float | None]) -> list[int]:
+    """Wrap the cpu backend's `lm_head_ce` so that micro-step `ctx.step` returns loss * factor(ctx.step)
+    (None: untouched). The executor looks kernels up when it is built, so call this before `run_training`.
+
+    Micro-step indices are global: optimizer step s (1-based), micro-batch i -> (s - 1) * accumulation + i.
+    Evaluation runs the kernel with ctx.step 0, so index 0 is never faulted. Returns the faulted indices.
+    """
+    real = KERNELS["lm_head_ce"]
+    hit: list[int] = []
+
+    def faulty(ins: list, attrs: dict, ctx: Any) -> list:
+        outs = real(ins, attrs, ctx)
+        f = factor(ctx.step) if ctx.step > 0 else None
+        if f is not None:
+            hit.append(ctx.step)
+            outs = [outs[0] * f, *outs[1:]]
+        return outs
+
+    monkeypatch.setitem(KERNELS, "lm_head_ce", faulty)
+    return hit
+
+
+def record_states(monkeypatch: pytest.MonkeyPatch) -> dict[int, dict[str, torch.Tensor]]:
+    """Snapshot the checkpointed state (trainable/master weights, optimizer moments) after every optimizer
+    step of the next run: {step: {tensor name: copy}}; key 0 is the state before the first step."""
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    real = Trainer.train_step
+
+    def train_step(self: Trainer) -> tuple:
+        if not states:
+            states[0] = {k: v.clone() for k, v in self.state_tensors().items()}
+        out = real(self)
+        states[self.step] = {k: v.clone() for k, v in self.state_tensors().items()}
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    return states
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
