@@ -1,0 +1,69 @@
+"""early_stop and auto_lr_reduction acting on real CPU runs (thresholds as the reference fixes them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from surogate.runtime.checkpoint import CheckpointManager
+from surogate.runtime.lr_schedule import lr_at
+from surogate.runtime.observe import read_log
+from tests.observe_e2e.runs import inject_loss_fault, train, train_cfg
+
+
+def _events(log, name):
+    return [e for e in log.events if e.get("event") == name]
+
+
+def test_early_stop_converged_run_stops_logs_and_checkpoints(source, tmp_path):
+    # lr so small that the eval loss no longer moves: improvement < 0.15% per eval for 5 evals in a row
+    # (criterion 1 with its reference thresholds) -> the 6th eval, at step 6, stops the 40-step run.
+    cfg = train_cfg(source, tmp_path, max_steps=40, eval_steps=1, learning_rate=1e-7, early_stop=True,
+                    log_file=str(tmp_path / "log.jsonl"))
+    result, console = train(cfg)
+    assert result.steps == 6 and result.stopped is not None and result.stopped.startswith("converged")
+    assert len(result.eval_losses) == 6
+    assert f"stopping at step 6: {result.stopped}" in console
+    log = read_log(cfg.log_file)
+    (stop,) = _events(log, "early_stop")
+    assert stop["step"] == 6 and stop["reason"] == result.stopped
+    assert [r["step"] for r in log.steps] == list(range(1, 7))
+    end = log.events[-1]
+    assert end["type"] == "end" and end["stop_reason"] == result.stopped and end["steps"] == 6
+    assert end["status"].startswith("stopped")
+    # the final checkpoint exists, is complete, and is the state at the stop
+    mgr = CheckpointManager.from_config(cfg)
+    latest = mgr.latest()
+    assert latest is not None and latest.name.endswith("-6")
+    assert mgr.load(latest).state["step"] == 6
+    assert any(e.get("event") == "checkpoint" and e["step"] == 6 for e in log.events)
+
+
+def test_same_run_without_early_stop_goes_on(source, tmp_path):
+    """Control for the test above: the stop came from early_stop, not from the data or the schedule."""
+    cfg = train_cfg(source, tmp_path, max_steps=8, eval_steps=1, learning_rate=1e-7,
+                    log_file=str(tmp_path / "log.jsonl"))
+    result, console = train(cfg)
+    assert result.steps == 8 and result.stopped is None and "stopping at step" not in console
+    assert not _events(read_log(cfg.log_file), "early_stop")
+
+
+def test_auto_lr_reduction_halves_lr_after_a_loss_spike(source, tmp_path, monkeypatch):
+    # steps 24 and 25 report 100x their loss (window: 20+ normal steps; a spike is 2 steps above 3 sigma)
+    spiked = {23, 24}  # micro-step index = step - 1 (accumulation 1)
+    hit = inject_loss_fault(monkeypatch, lambda i: 100.0 if i in spiked else None)
+    total = 32
+    cfg = train_cfg(source, tmp_path, max_steps=total, auto_lr_reduction=True, log_file=str(tmp_path / "log.jsonl"))
+    result, console = train(cfg)
+    assert sorted(hit) == sorted(spiked) and result.steps == total
+    log = read_log(cfg.log_file)
+    (red,) = _events(log, "lr_reduction")
+    assert red["step"] == 25 and red["scale"] == 0.5 and red["reason"].startswith("loss spike")
+    assert "auto_lr_reduction #1 at step 25" in console
+    steps = {r["step"]: r for r in log.steps}
+    assert steps[24]["loss"] > 50 * steps[23]["loss"]  # the spike is in the log
+    for s, rec in steps.items():
+        factor = 0.5 if s > 25 else 1.0  # the step that confirmed the spike still ran at the full LR
+        assert rec["lr"] == pytest.approx(factor * lr_at(s - 1, total, cfg), rel=1e-9), s
+    # the optimizer ran with the reduced LR too: the scale is part of the saved state
+    mgr = CheckpointManager.from_config(cfg)
+    assert mgr.load(mgr.latest()).state["lr_scale"] == 0.5
