@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -40,20 +41,21 @@ def get_cuda():
     return cuda
 
 
+_SIMULATOR: bool | None = None  # fixed once numba.cuda is imported
+
+
 def is_simulator() -> bool:
     """True when numba.cuda is (or will be) the CPU simulator."""
-    if "numba.cuda" in _loaded_modules():
+    global _SIMULATOR
+    if _SIMULATOR is not None:
+        return _SIMULATOR
+    if "numba.cuda" in sys.modules:
         # what was imported decides (numba re-reads its config from the environment on every compile)
         from numba import cuda
 
-        return getattr(cuda.jit, "__module__", "").startswith("numba.cuda.simulator")
+        _SIMULATOR = getattr(cuda.jit, "__module__", "").startswith("numba.cuda.simulator")
+        return _SIMULATOR
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
-
-
-def _loaded_modules() -> set[str]:
-    import sys
-
-    return set(sys.modules)
 
 
 def cuda_backend_available() -> bool:
@@ -90,9 +92,7 @@ def launch(kernel, grid: int, block: int, *args) -> None:
     if is_simulator():
         kernel[grid, block](*cuda_args)
         return
-    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
-    cuda = get_cuda()
-    stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    stream = get_cuda().external_stream(torch.cuda.current_stream().cuda_stream)
     kernel[grid, block, stream](*cuda_args)
 
 
