@@ -62,8 +62,6 @@ CATEGORY_OF_ROLE = {
     Role.ACTIVATION_GRAD: "temporaries",
     Role.TEMPORARY: "temporaries",
 }
-# Plan.meta keys copied from Graph.meta.
-META_KEYS = ("zero", "offload", "optimizer", "notes", "model", "chunking", "recipe")
 
 
 @dataclass
@@ -202,7 +200,12 @@ def make_plan(graph: Graph, cfg: Any) -> Plan:
     live = graph.meta["liveness"]
     lifetimes = {n: (tuple(live[n]) if live.get(n) is not None else None) for n in tensors}
     buffers = graph.meta["buffers"]
-    meta = {k: graph.meta[k] for k in META_KEYS if k in graph.meta}
+    # Everything the passes recorded (model spec, inputs / loss names, LoRA, ZeRO, offload, ...) except
+    # what the Plan holds in its own fields.
+    meta = {k: v for k, v in graph.meta.items() if k not in ("liveness",)}
+    spec = graph.meta.get("spec")
+    source_dir = getattr(spec, "source_dir", None)
+    meta["model_path"] = str(source_dir) if source_dir else None  # where the runtime loads weights from
     used = {n for n, life in lifetimes.items() if life is not None}
     meta["parameters"] = parameter_counts(tensors, used)
     plan = Plan(ops, tensors, lifetimes, {s: buffers[s]["arena_bytes"] for s in buffers}, {}, config_dict(cfg),

@@ -292,3 +292,16 @@ def test_random_valid_configs_plan_soundly(tiny_dir, tmp_path):
         write_plan(plan, tmp_path / "p.bin")
         assert read_plan(tmp_path / "p.bin") == plan
         done += 1
+
+
+def test_plan_meta_carries_what_the_runtime_needs(tiny_dir, tmp_path):
+    from surogate.compiler.planfile import read_plan, write_plan
+
+    d = tiny_dir(2)
+    plan = plan_for(d, lora=True, lora_rank=4)
+    write_plan(plan, tmp_path / "p.bin")
+    meta = read_plan(tmp_path / "p.bin").meta
+    assert meta["model_path"] == d and meta["spec"]["hf_config"]["hidden_size"] == 64
+    assert meta["loss"] == "loss" and "input_ids" in meta["inputs"]
+    assert meta["zero"]["world"] == 1 and meta["optimizer"]["kind"] == "adamw_8bit"
+    assert meta["buffers"]["device"]["arena_bytes"] == plan.arenas["device"]
