@@ -140,3 +140,28 @@ def random_batch(b: int, t: int, seed: int = 1, low: int = 3) -> tuple[torch.Ten
     labels = ids.clone()
     labels[:, :3] = -100
     return ids, labels
+
+
+def build_trainer(cfg: Any, plan: Plan | None = None):
+    """The Trainer `run_training` builds (plan, data, executor, initial weights), without observer or loop."""
+    from surogate.compiler.models import resolve_model
+    from surogate.runtime.data import load_tokenizer, prepare_datasets
+    from surogate.runtime.trainer import Trainer
+    from surogate.runtime.weights import initial_weights
+
+    spec = resolve_model(cfg)
+    plan = plan if plan is not None else compile_plan(cfg)
+    torch.manual_seed(int(cfg.train_seed))
+    data = prepare_datasets(cfg, load_tokenizer(cfg))
+    ex = ArenaExecutor(plan, kernel_table("cpu"))
+    initialise(ex, initial_weights(plan, cfg, spec.source_dir, spec.hf_config))
+    return Trainer(cfg, plan, ex, data)
+
+
+def text_cfg(model_dir: Path, data_file: Path, out: Path, **over: Any):
+    """A training config on a text dataset (no validation split unless asked)."""
+    base = dict(datasets=[{"path": str(data_file), "type": "text"}], output_dir=str(out),
+                validation_split_ratio=0.0, max_steps=2, save_steps=1000, eval_steps=1000, learning_rate=1e-3,
+                log_file=str(out / "log.jsonl"))
+    base.update(over)
+    return make_cfg(model_dir, **base)
