@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from surogate.compiler.ir import Graph, Role
+from surogate.compiler.ir import Graph, GraphError, Role
 from surogate.runtime.reference.common import default_cu_seqlens
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 from surogate.runtime.reference.kernels_bwd import KERNELS as BWD
@@ -80,7 +80,11 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
         for name, val in zip(op.outputs, outs, strict=True):
             if val is None:
                 continue
-            dtype = graph.tensors[name].dtype
+            declared = graph.tensors[name]
+            if tuple(val.shape) != declared.shape:
+                raise GraphError(f"op {op.name!r} produced {name!r} with shape {tuple(val.shape)}, "
+                                 f"but the graph declares {declared.shape}")
+            dtype = declared.dtype
             if dtype not in _PACKED:  # sub-byte codes stay unpacked uint8 in the reference backend
                 val = val.to(TORCH_DTYPES[dtype])
             if name in acc and name in values:
