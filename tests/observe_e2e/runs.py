@@ -24,9 +24,11 @@ from tests.runtime.helpers import make_cfg, save_model, write_text_data
 SEQ = 64
 
 
-def build_source(root: Path, rows: int = 64) -> tuple[Path, Path]:
-    """A tiny random fp32 Qwen3 model (with tokenizer) and a learnable text dataset under `root`."""
-    return save_model(root / "model"), write_text_data(root / "data.jsonl", rows=rows)
+def build_source(root: Path, rows: int = 64, words: tuple[int, int] = (4, 14), **model: Any) -> tuple[Path, Path]:
+    """A tiny random fp32 Qwen3 model (with tokenizer; `model` overrides its HF config) and a learnable text
+    dataset of `rows` rows of `words` (min, max) words under `root`."""
+    data = write_text_data(root / "data.jsonl", rows=rows, min_words=words[0], max_words=words[1])
+    return save_model(root / "model", **model), data
 
 
 def train_cfg(source: tuple[Path, Path], out: Path, **over: Any):

@@ -1,0 +1,66 @@
+"""Poisoned batches in real CPU runs: a non-finite loss skips the step (state untouched), is logged with
+step and micro-batch, training goes on to finite weights; repeated poison stops with the last good state."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from surogate.runtime.checkpoint import CheckpointManager
+from surogate.runtime.observe import read_log
+from tests.observe_e2e.runs import inject_loss_fault, record_states, same_state, train, train_cfg
+
+
+def test_one_poisoned_micro_batch_is_skipped_and_training_goes_on(source, tmp_path, monkeypatch):
+    accumulation, total = 2, 8
+    poisoned = (4 - 1) * accumulation + 1  # step 4, micro-batch 1
+    hit = inject_loss_fault(monkeypatch, lambda i: math.inf if i == poisoned else None)
+    states = record_states(monkeypatch)
+    cfg = train_cfg(source, tmp_path, max_steps=total, gradient_accumulation_steps=accumulation,
+                    log_file=str(tmp_path / "log.jsonl"))
+    result, console = train(cfg)
+    assert hit == [poisoned]
+    assert result.steps == total and result.stopped is None and len(result.losses) == total - 1
+    # the poisoned step changed nothing (weights, master weights, optimizer moments); its neighbours did
+    assert same_state(states[3], states[4])
+    assert not same_state(states[2], states[3]) and not same_state(states[4], states[5])
+    log = read_log(cfg.log_file)
+    (event,) = [e for e in log.events if e.get("event") == "nonfinite"]
+    assert (event["step"], event["micro_batch"], event["what"]) == (4, 1, "loss")
+    assert "non-finite loss at step 4, micro-batch 1: update skipped" in console
+    assert [r["step"] for r in log.steps] == [1, 2, 3, 5, 6, 7, 8]
+    assert log.events[-1]["status"] == "completed"
+    # the exported model loads, is finite, trained past the poison, and gives a finite loss
+    model, info = AutoModelForCausalLM.from_pretrained(result.outputs["model"], dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # nothing was randomly re-initialised
+    initial = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).state_dict()
+    params = model.state_dict()
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert any(not torch.equal(params[k], initial[k]) for k in initial)
+    ids = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(model(input_ids=ids, labels=ids).loss.item())
+
+
+def test_repeated_poison_stops_with_the_last_good_state(source, tmp_path, monkeypatch):
+    inject_loss_fault(monkeypatch, lambda i: math.nan if i >= 2 else None)  # every step from step 3 on
+    states = record_states(monkeypatch)
+    cfg = train_cfg(source, tmp_path, max_steps=20, log_file=str(tmp_path / "log.jsonl"))
+    result, console = train(cfg)
+    assert result.steps == 5  # steps 3, 4, 5 skipped: 3 in a row is the limit
+    assert result.stopped is not None and result.stopped.startswith("3 consecutive steps with non-finite loss")
+    assert f"stopping at step 5: {result.stopped}" in console
+    assert "last good state" in result.stopped
+    log = read_log(cfg.log_file)
+    assert [e["step"] for e in log.events if e.get("event") == "nonfinite"] == [3, 4, 5]
+    assert [e["step"] for e in log.events if e.get("event") == "nonfinite_stop"] == [5]
+    assert log.events[-1]["stop_reason"] == result.stopped
+    # the checkpoint written at the stop holds the state after step 2, the last applied step
+    mgr = CheckpointManager.from_config(cfg)
+    ck = mgr.load(mgr.latest())
+    assert ck.state["step"] == 5 and ck.state["applied"] == 2
+    assert same_state({k: ck.tensors[k] for k in states[2]}, states[2])
+    assert not same_state(states[2], states[0])
+    assert all(torch.isfinite(t).all() for t in ck.tensors.values() if t.is_floating_point())
