@@ -67,14 +67,14 @@ def _ce_rows(x, w, labels, ignore_index):
     return lse, loss
 
 
-def lmhead_ce_forward(x, w, labels, lse, loss_rows, ws=None, ignore_index=cross_entropy.IGNORE_INDEX):
+def lmhead_ce_forward(x, w, labels, lse, loss_rows, ws, ignore_index=cross_entropy.IGNORE_INDEX):
     l_, r_ = _ce_rows(x, w, labels, ignore_index)
     lse.copy_(l_)
     loss_rows.copy_(r_)
     return loss_rows.sum(), (labels != ignore_index).sum()
 
 
-def lmhead_ce_backward(x, w, labels, lse, grad_scale, dx, dw, ws=None, ignore_index=cross_entropy.IGNORE_INDEX):
+def lmhead_ce_backward(x, w, labels, lse, grad_scale, dx, dw, ws, ignore_index=cross_entropy.IGNORE_INDEX):
     _, _, gx, gw = cross_entropy.lmhead_ce_ref(x, w, labels, grad_scale, ignore_index)
     dx.copy_(gx)
     if dw is not None:
@@ -82,7 +82,7 @@ def lmhead_ce_backward(x, w, labels, lse, grad_scale, dx, dw, ws=None, ignore_in
 
 
 def lmhead_ce_forward_backward(
-    x, w, labels, grad_scale, lse, loss_rows, dx, dw, ws=None, ignore_index=cross_entropy.IGNORE_INDEX
+    x, w, labels, grad_scale, lse, loss_rows, dx, dw, ws, ignore_index=cross_entropy.IGNORE_INDEX
 ):
     out = lmhead_ce_forward(x, w, labels, lse, loss_rows, ws, ignore_index)
     lmhead_ce_backward(x, w, labels, lse, grad_scale, dx, dw, ws, ignore_index)

@@ -62,3 +62,13 @@ def test_package_import_does_not_import_numba_cuda():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "lazy-ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_signatures_are_identical(name):
+    import inspect
+
+    def shape(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(KERNELS[name].reference) == shape(KERNELS[name].cuda)
