@@ -80,8 +80,11 @@ def _reemit(graph: Graph, fops: list[Op], produced: set[str], drop: set[str], bo
             src = graph.tensors[o]
             graph.add_tensor(Tensor(rename[o], src.shape, src.dtype, Role.TEMPORARY, src.space, src.layer,
                                     attrs={**src.attrs, "recomputed_from": o}))
+        attrs = {**op.attrs, "recompute": True}
+        if "update_history" in attrs:
+            attrs["update_history"] = False  # the forward pass already advanced the fp8 amax history
         clone = Op(f"rc:{op.name}", op.kind, [rename.get(i, i) for i in op.inputs], [rename[o] for o in op.outputs],
-                   {**op.attrs, "recompute": True}, "backward", op.layer)
+                   attrs, "backward", op.layer)
         graph.add_op(clone)
         names.append(clone.name)
     for op in chosen:

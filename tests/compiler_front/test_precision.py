@@ -200,3 +200,20 @@ def test_selective_expert_dequant_numerics_equal_full_dequant(tmp_path):
     (l0, g0), (l1, g1) = results
     assert l1 == pytest.approx(l0, rel=1e-6)
     assert all(rel_err(g1[k], g0[k]) < 1e-5 for k in g0)
+
+
+def test_fp8_amax_history_advances_once_per_step_with_recompute(tmp_path):
+    d = save_tiny(tmp_path, "qwen3")
+    graph = compile_front(make_cfg(d, recipe="fp8_hybrid", recompute=True, fp8_amax_history=4))
+    assert any(op.kind == "quantize" and op.attrs.get("recompute") for op in graph.ops())
+    values = load_weights(graph, d)
+    ids, labels = random_batch(101, 2, 16)
+    from helpers import shift_labels
+
+    from surogate.runtime.reference import batch_inputs, run_graph
+
+    for step in range(2):
+        values.update(batch_inputs(graph, ids, shift_labels(labels)))
+        run_graph(graph, values, step=step)
+    hists = [values[n] for n, t in graph.tensors.items() if t.attrs.get("amax_history")]
+    assert hists and all(int((h != 0).sum()) == 2 for h in hists)  # two steps, two entries, not four
