@@ -87,4 +87,29 @@ def schedule_ops(graph: Graph, cfg: Any = None) -> Graph:
     graph.order = order
     rebuild_edges(graph)  # the memory passes leave edges stale (see OpInserter.commit)
     graph.check()
+    graph.meta["optimizer_start"] = optimizer_start(graph)
     return graph
+
+
+def optimizer_start(graph: Graph) -> int:
+    """Index of the first op of the optimizer-step program (runs once per step, after the last micro-step).
+
+    The optimizer ops, plus the copies and collectives right before them that exist only for them:
+    host -> device loads whose staging only optimizer ops read, and `all_reduce`s marked
+    `when: last_micro_step`. Everything before runs every micro-step. `len(order)` if there is none.
+    """
+    order = graph.order
+    first = next((i for i, n in enumerate(order) if graph.op(n).phase == "optimizer"), len(order))
+    later = set(order[first:])
+    i = first
+    while i > 0:
+        op = graph.op(order[i - 1])
+        if op.kind == "all_reduce" and op.attrs.get("when") == "last_micro_step":
+            pass
+        elif op.kind == "copy_h2d" and all(c in later for o in op.outputs for c in graph.consumers(o)):
+            pass
+        else:
+            break
+        i -= 1
+        later.add(order[i])
+    return i

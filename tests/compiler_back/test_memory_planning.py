@@ -165,3 +165,18 @@ def test_tensor_read_before_written_in_the_step_lives_across_steps():
     live = compute_liveness(g).meta["liveness"]
     assert live["state"] == (0, 3)  # written at 2, read again at 0 of the next step
     assert live["batch"] == (0, 0)
+
+
+@pytest.mark.parametrize("cfg_kw", [{}, dict(offload_optimizer=True), dict(gpus=2, offload_optimizer=True),
+                                    dict(gpus=2, zero_level=2, offload_grads=True, max_grad_norm=1.0)])
+def test_optimizer_program_starts_after_every_micro_step_op(cfg_kw):
+    plan = back_half(dict(recompute=True), offload_residual=True, **cfg_kw)
+    start = plan.meta["optimizer_start"]
+    micro, opt = plan.ops[:start], plan.ops[start:]
+    assert opt and opt[0].phase in ("optimizer", "copy", "comm")
+    assert not [op for op in micro if op.phase == "optimizer"]
+    assert not [op for op in opt if op.phase in ("forward", "backward") or op.kind == "reduce_scatter"]
+    # Loads for the first optimizer step belong to the optimizer program, not to every micro-step.
+    if cfg_kw.get("offload_optimizer"):
+        first_step = next(i for i, op in enumerate(opt) if op.phase == "optimizer")
+        assert any(op.kind == "copy_h2d" for op in opt[:first_step])
