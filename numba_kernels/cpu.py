@@ -58,27 +58,30 @@ def dropout_apply(x, out, p, seed, offset=0) -> None:
     out.copy_(dropout.dropout_ref(x, p, seed, offset).to(out.dtype))
 
 
-def _ce_rows(x, w, labels, ignore_index):
-    logits = (x @ w.t()).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    loss = torch.where(valid, lse - logits.gather(1, safe[:, None])[:, 0], torch.zeros_like(lse))
-    return lse, loss
+def _chunks(n: int, ws) -> list[tuple[int, int]]:
+    step = max(1, ws.rows_per_chunk if ws is not None else n)
+    return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
 
 
 def lmhead_ce_forward(x, w, labels, lse, loss_rows, ws, ignore_index=cross_entropy.IGNORE_INDEX):
-    l_, r_ = _ce_rows(x, w, labels, ignore_index)
-    lse.copy_(l_)
-    loss_rows.copy_(r_)
+    # row chunks of the workspace: the CPU path also never holds more than one chunk of logits
+    for r0, r1 in _chunks(x.shape[0], ws):
+        logits = (x[r0:r1] @ w.t()).float()
+        lab = labels[r0:r1]
+        valid = lab != ignore_index
+        safe = torch.where(valid, lab, torch.zeros_like(lab)).long()
+        l_ = torch.logsumexp(logits, dim=-1)
+        lse[r0:r1] = l_
+        loss_rows[r0:r1] = torch.where(valid, l_ - logits.gather(1, safe[:, None])[:, 0], torch.zeros_like(l_))
     return loss_rows.sum(), (labels != ignore_index).sum()
 
 
 def lmhead_ce_backward(x, w, labels, lse, grad_scale, dx, dw, ws, ignore_index=cross_entropy.IGNORE_INDEX):
-    _, _, gx, gw = cross_entropy.lmhead_ce_ref(x, w, labels, grad_scale, ignore_index)
-    dx.copy_(gx)
-    if dw is not None:
-        dw.add_(gw)
+    for r0, r1 in _chunks(x.shape[0], ws):
+        _, _, gx, gw = cross_entropy.lmhead_ce_ref(x[r0:r1], w, labels[r0:r1], grad_scale, ignore_index)
+        dx[r0:r1] = gx
+        if dw is not None:
+            dw.add_(gw)
 
 
 def lmhead_ce_forward_backward(
