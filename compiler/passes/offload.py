@@ -224,13 +224,11 @@ def stage_host_accesses(
     # (tensor, phase, layer run) -> staging tensor holding a fresh device copy
     read_stage: dict[tuple[str, str, int], str] = {}
     for opname in list(graph.order):
-        if selected is not None and opname not in selected:
-            for t in graph.op(opname).outputs:
+        op = graph.op(opname)
+        if op.phase == "copy" or (selected is not None and opname not in selected):
+            for t in op.outputs:  # not staged here, but a later load must not move above this write
                 if t in targets:
                     last_write[t] = pos[opname]
-            continue
-        op = graph.op(opname)
-        if op.phase == "copy":
             continue
         for t in dict.fromkeys((*op.inputs, *op.outputs)):
             if t not in targets:
