@@ -69,8 +69,14 @@ def rmsnorm_backward_ref(
 # ---------------------------------------------------------------- kernels
 
 
+def row_threads(hidden: int) -> int:
+    """Threads per row-block: 128 for short rows (e.g. Qwen3's per-head q/k norm, hidden 128), else 256."""
+    t = threads()
+    return t // 2 if hidden <= t // 2 else t
+
+
 @functools.cache
-def _fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res: bool):
+def _fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res: bool, T: int):
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
     from numba import float32
@@ -80,7 +86,6 @@ def _fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res
     lw, _ = converters(w_dt)
     _, so = converters(o_dt)
     block_sum = h.block_sum
-    T = threads()
 
     @cuda.jit
     def kernel(x, res, w, out, sum_out, rstd, eps):
@@ -112,7 +117,7 @@ def _fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res
 
 
 @functools.cache
-def _bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool):
+def _bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool, T: int):
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
     from numba import float32
@@ -122,7 +127,6 @@ def _bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dr
     ls, ss = converters(s_dt)
     lw, _ = converters(w_dt)
     block_sum = h.block_sum
-    T = threads()
 
     @cuda.jit
     def kernel(dy, s, w, rstd, dres, ds, dw_part):
@@ -205,8 +209,9 @@ def rmsnorm_forward(
     rows = x2.shape[0]
     res2 = residual.reshape(-1, hidden) if has_res else x2
     sum2 = sum_out.reshape(-1, hidden) if has_res else x2
-    kernel = _fwd_kernel(x.dtype, weight.dtype, out.dtype, has_res)
-    launch(kernel, grid_for(rows, 1), threads(), x2, res2, weight, out.reshape(-1, hidden), sum2, rstd, float(eps))
+    t = row_threads(hidden)
+    kernel = _fwd_kernel(x.dtype, weight.dtype, out.dtype, has_res, t)
+    launch(kernel, grid_for(rows, 1), t, x2, res2, weight, out.reshape(-1, hidden), sum2, rstd, float(eps))
 
 
 def rmsnorm_bwd_workspace_shape(rows: int) -> tuple[int, int]:
@@ -244,6 +249,7 @@ def rmsnorm_backward(
     part = workspace[:blocks]
     has_dres = dresidual is not None
     dres2 = dresidual.reshape(-1, hidden) if has_dres else s2
-    kernel = _bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres)
-    launch(kernel, blocks, threads(), dy.reshape(-1, hidden), s2, weight, rstd, dres2, ds.reshape(-1, hidden), part)
+    t = row_threads(hidden)
+    kernel = _bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, t)
+    launch(kernel, blocks, t, dy.reshape(-1, hidden), s2, weight, rstd, dres2, ds.reshape(-1, hidden), part)
     colsum(part, dweight)
