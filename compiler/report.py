@@ -119,13 +119,18 @@ def _knobs(config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     return knobs
 
 
+# Knobs that change what is trained (or how many samples a micro-step holds), not only where memory goes.
+MODE_KNOBS = frozenset({"lora", "qlora_bnb", "per_device_train_batch_size"})
+
+
 def suggest_fixes(
     plan: Plan, capacity: int | None, replan: Callable[[dict[str, Any]], Plan | None]
 ) -> list[dict[str, Any]]:
     """Device memory saved by each knob (re-planned via `replan(changes)`; None = not applicable).
 
-    Sorted by savings. If no single knob fits `capacity`, a last entry combines the best knobs
-    greedily until it fits (or they run out).
+    Sorted by savings. When `capacity` is known, also greedy combinations until one fits: first of the
+    knobs that keep the training mode (no switch to LoRA / QLoRA, same micro-batch) if none of those
+    fits alone, then of all knobs if nothing fits alone. Combined entries carry `combined: True`.
     """
     base = plan.memory["device"]["peak_bytes"]
     results = []
@@ -138,20 +143,34 @@ def suggest_fixes(
             results.append({"changes": changes, "peak_bytes": peak, "saves_bytes": base - peak,
                             "fits": None if capacity is None else peak <= capacity})
     results.sort(key=lambda r: -r["saves_bytes"])
-    if capacity is not None and results and not any(r["fits"] for r in results):
-        combined: dict[str, Any] = {}
-        best = base
-        for r in results:
-            trial = {**combined, **r["changes"]}
-            p = replan(trial)
-            if p is not None and p.memory["device"]["peak_bytes"] < best:
-                combined, best = trial, p.memory["device"]["peak_bytes"]
-                if best <= capacity:
-                    break
-        if combined:
-            results.append({"changes": combined, "peak_bytes": best, "saves_bytes": base - best,
-                            "fits": best <= capacity, "combined": True})
-    return results
+    if capacity is None:
+        return results
+    same_mode = [r for r in results if not MODE_KNOBS.intersection(r["changes"])]
+    combos = []
+    if len(same_mode) > 1 and not any(r["fits"] for r in same_mode):
+        combos.append(_combine(same_mode, base, capacity, replan))
+    if len(results) > 1 and not any(r["fits"] for r in results) and len(same_mode) < len(results):
+        combos.append(_combine(results, base, capacity, replan))
+    return results + [c for c in combos if c is not None]
+
+
+def _combine(
+    singles: list[dict[str, Any]], base: int, capacity: int, replan: Callable[[dict[str, Any]], Plan | None]
+) -> dict[str, Any] | None:
+    """Add knobs (biggest savings first) while each still lowers the peak, until it fits."""
+    combined: dict[str, Any] = {}
+    best, used = base, 0
+    for r in singles:
+        trial = {**combined, **r["changes"]}
+        p = replan(trial)
+        if p is not None and p.memory["device"]["peak_bytes"] < best:
+            combined, best, used = trial, p.memory["device"]["peak_bytes"], used + 1
+            if best <= capacity:
+                break
+    if used < 2:  # one knob alone is already listed
+        return None
+    return {"changes": combined, "peak_bytes": best, "saves_bytes": base - best, "fits": best <= capacity,
+            "combined": True}
 
 
 def reserve_bytes(capacity: int | None) -> int:

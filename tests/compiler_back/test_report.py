@@ -88,3 +88,20 @@ def test_plot_to_an_unknown_format_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="--plot"):
         plot_memory(back_half(), tmp_path / "m.unknownformat")
+
+
+def test_same_mode_combination_is_offered_even_when_a_mode_switch_fits_alone():
+    plan = back_half()
+    peak = plan.memory["device"]["peak_bytes"]
+    saves = {"lora": 1000, "offload_optimizer": 300, "recompute": 200, "lmhead_chunks": 100}
+
+    def replan(changes):
+        fake = back_half()
+        fake.memory["device"]["peak_bytes"] = peak - sum(v for k, v in saves.items() if k in changes)
+        return fake
+
+    plan.config["lora"] = False
+    result = suggest_fixes(plan, peak - 450, replan)
+    assert result[0]["changes"] == {"lora": True} and result[0]["fits"]
+    combined = [r for r in result if r.get("combined")]
+    assert len(combined) == 1 and "lora" not in combined[0]["changes"] and combined[0]["fits"]
