@@ -89,8 +89,9 @@ def _knobs(config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     knobs: list[dict[str, Any]] = []
 
     def add(**changes: Any) -> None:
-        if any(config.get(k) != v for k, v in changes.items()):
-            knobs.append(changes)
+        changed = {k: v for k, v in changes.items() if config.get(k) != v}
+        if changed and changed not in knobs:
+            knobs.append(changed)
 
     add(recompute=True)
     add(recompute=True, offload_residual=True)
