@@ -46,26 +46,49 @@ def train(cfg: Any) -> tuple[TrainResult, str]:
     return result, buf.getvalue()
 
 
-def inject_loss_fault(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float | None]) -> list[int]:
-    """Wrap the cpu backend's `lm_head_ce` so that micro-step `ctx.step` returns loss * factor(ctx.step)
-    (None: untouched). The executor looks kernels up when it is built, so call this before `run_training`.
+def inject_fault(monkeypatch: pytest.MonkeyPatch, kernel: str, factor: Callable[[int], float | None],
+                 output: int = 0) -> list[int]:
+    """Wrap the cpu backend's `kernel` so that at micro-step `ctx.step` its output `output` is multiplied by
+    factor(ctx.step) (None: untouched). The executor looks kernels up when it is built, so call this before
+    `run_training`. `lm_head_ce` output 0 is the loss (what the loop reads; the backward recomputes from the
+    log-sum-exp, so gradients stay true); `lm_head_ce_bwd` output 0 is the gradient flowing into the model.
 
     Micro-step indices are global: optimizer step s (1-based), micro-batch i -> (s - 1) * accumulation + i.
-    Evaluation runs the kernel with ctx.step 0, so index 0 is never faulted. Returns the faulted indices.
+    Evaluation runs the forward with ctx.step 0, so index 0 is never faulted. Returns the faulted indices.
     """
-    real = KERNELS["lm_head_ce"]
+    real = KERNELS[kernel]
     hit: list[int] = []
 
     def faulty(ins: list, attrs: dict, ctx: Any) -> list:
-        outs = real(ins, attrs, ctx)
+        outs = list(real(ins, attrs, ctx))
         f = factor(ctx.step) if ctx.step > 0 else None
         if f is not None:
             hit.append(ctx.step)
-            outs = [outs[0] * f, *outs[1:]]
+            outs[output] = outs[output] * f
         return outs
 
-    monkeypatch.setitem(KERNELS, "lm_head_ce", faulty)
+    monkeypatch.setitem(KERNELS, kernel, faulty)
     return hit
+
+
+def inject_loss_fault(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float | None]) -> list[int]:
+    """`inject_fault` on the loss reported by `lm_head_ce`."""
+    return inject_fault(monkeypatch, "lm_head_ce", factor)
+
+
+def record_optimizer_lr(monkeypatch: pytest.MonkeyPatch, kernel: str = "adamw8bit_step") -> dict[int, float]:
+    """{applied optimizer step (1-based): the learning rate the optimizer kernel `kernel` used}, recorded
+    from the real kernel calls of the next run (`attrs["lr"] * ctx.lr_scale`, as the kernel computes it)."""
+    real = KERNELS[kernel]
+    used: dict[int, float] = {}
+
+    def recording(ins: list, attrs: dict, ctx: Any) -> list:
+        lr = float(attrs["lr"]) * float(ctx.lr_scale)
+        assert used.setdefault(ctx.optimizer_step, lr) == lr, "one LR per step for every parameter"
+        return real(ins, attrs, ctx)
+
+    monkeypatch.setitem(KERNELS, kernel, recording)
+    return used
 
 
 def record_states(monkeypatch: pytest.MonkeyPatch) -> dict[int, dict[str, torch.Tensor]]:

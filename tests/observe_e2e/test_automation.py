@@ -7,7 +7,7 @@ import pytest
 from surogate.runtime.checkpoint import CheckpointManager
 from surogate.runtime.lr_schedule import lr_at
 from surogate.runtime.observe import read_log
-from tests.observe_e2e.runs import inject_loss_fault, train, train_cfg
+from tests.observe_e2e.runs import inject_fault, record_optimizer_lr, train, train_cfg
 
 
 def _events(log, name):
@@ -47,23 +47,33 @@ def test_same_run_without_early_stop_goes_on(source, tmp_path):
     assert not _events(read_log(cfg.log_file), "early_stop")
 
 
-def test_auto_lr_reduction_halves_lr_after_a_loss_spike(source, tmp_path, monkeypatch):
-    # steps 24 and 25 report 100x their loss (window: 20+ normal steps; a spike is 2 steps above 3 sigma)
-    spiked = {23, 24}  # micro-step index = step - 1 (accumulation 1)
-    hit = inject_loss_fault(monkeypatch, lambda i: 100.0 if i in spiked else None)
+@pytest.mark.parametrize("kernel, faulted, factor, reason", [
+    # steps 24 and 25 report 100x their loss: a spike is 2 consecutive steps above mean + 3 sigma
+    ("lm_head_ce", {23, 24}, 100.0, "loss spike"),
+    # step 25's gradients are 1000x: one step above 10x the average grad norm
+    ("lm_head_ce_bwd", {24}, 1000.0, "gradient explosion"),
+], ids=["loss-spike", "grad-explosion"])
+def test_auto_lr_reduction_halves_lr(source, tmp_path, monkeypatch, kernel, faulted, factor, reason):
+    # micro-step index = step - 1 (accumulation 1); detection needs 20 normal steps in its window first
+    hit = inject_fault(monkeypatch, kernel, lambda i: factor if i in faulted else None)
+    used = record_optimizer_lr(monkeypatch)
     total = 32
     cfg = train_cfg(source, tmp_path, max_steps=total, auto_lr_reduction=True, log_file=str(tmp_path / "log.jsonl"))
     result, console = train(cfg)
-    assert sorted(hit) == sorted(spiked) and result.steps == total
+    assert sorted(hit) == sorted(faulted) and result.steps == total
     log = read_log(cfg.log_file)
     (red,) = _events(log, "lr_reduction")
-    assert red["step"] == 25 and red["scale"] == 0.5 and red["reason"].startswith("loss spike")
+    assert red["step"] == 25 and red["scale"] == 0.5 and red["reason"].startswith(reason)
     assert "auto_lr_reduction #1 at step 25" in console
     steps = {r["step"]: r for r in log.steps}
-    assert steps[24]["loss"] > 50 * steps[23]["loss"]  # the spike is in the log
+    if kernel == "lm_head_ce":
+        assert steps[24]["loss"] > 50 * steps[23]["loss"]  # the spike is in the log
+    else:
+        assert steps[25]["grad_norm"] > 100 * steps[24]["grad_norm"]
     for s, rec in steps.items():
-        factor = 0.5 if s > 25 else 1.0  # the step that confirmed the spike still ran at the full LR
-        assert rec["lr"] == pytest.approx(factor * lr_at(s - 1, total, cfg), rel=1e-9), s
-    # the optimizer ran with the reduced LR too: the scale is part of the saved state
+        scale = 0.5 if s > 25 else 1.0  # the step that triggered the reduction still ran at the full LR
+        assert rec["lr"] == pytest.approx(scale * lr_at(s - 1, total, cfg), rel=1e-9), s
+        assert used[s] == pytest.approx(rec["lr"], rel=1e-6), s  # what the optimizer really applied
+    # and the scale is part of the saved state (a resumed run keeps it)
     mgr = CheckpointManager.from_config(cfg)
     assert mgr.load(mgr.latest()).state["lr_scale"] == 0.5

@@ -10,7 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from surogate.runtime.checkpoint import CheckpointManager
 from surogate.runtime.observe import read_log
-from tests.observe_e2e.runs import inject_loss_fault, record_states, same_state, train, train_cfg
+from tests.observe_e2e.runs import (
+    inject_fault,
+    inject_loss_fault,
+    record_states,
+    same_state,
+    train,
+    train_cfg,
+)
 
 
 def test_one_poisoned_micro_batch_is_skipped_and_training_goes_on(source, tmp_path, monkeypatch):
@@ -64,3 +71,19 @@ def test_repeated_poison_stops_with_the_last_good_state(source, tmp_path, monkey
     assert same_state({k: ck.tensors[k] for k in states[2]}, states[2])
     assert not same_state(states[2], states[0])
     assert all(torch.isfinite(t).all() for t in ck.tensors.values() if t.is_floating_point())
+
+
+def test_non_finite_gradients_skip_the_step(source, tmp_path, monkeypatch):
+    """A finite loss with an inf gradient (the backward of the loss blows up at step 3) is skipped too."""
+    hit = inject_fault(monkeypatch, "lm_head_ce_bwd", lambda i: math.inf if i == 2 else None)
+    states = record_states(monkeypatch)
+    cfg = train_cfg(source, tmp_path, max_steps=5, log_file=str(tmp_path / "log.jsonl"))
+    result, console = train(cfg)
+    assert hit == [2] and result.steps == 5 and result.stopped is None
+    assert same_state(states[2], states[3]) and not same_state(states[3], states[4])
+    log = read_log(cfg.log_file)
+    (event,) = [e for e in log.events if e.get("event") == "nonfinite"]
+    assert (event["step"], event["micro_batch"], event["what"]) == (3, None, "gradients")
+    assert "non-finite gradients at step 3: update skipped" in console
+    assert [r["step"] for r in log.steps] == [1, 2, 4, 5]
+    assert all(torch.isfinite(t).all() for t in states[5].values() if t.is_floating_point())

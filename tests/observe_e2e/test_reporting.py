@@ -3,8 +3,10 @@ auto_lr_reduction, log_gpu_util), checked from the files it leaves; `surogate pl
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +67,10 @@ def test_jsonl_log_has_start_steps_evals_end(run):
     log, result, cfg = run["log"], run["result"], run["cfg"]
     kinds = [e["type"] for e in log.events]
     assert kinds[0] == "start" and kinds[-1] == "end"
+    # one record per step in the file itself (read_log keeps the latest per step, which would hide repeats)
+    raw = [json.loads(line) for line in Path(cfg.log_file).read_text().splitlines()]
+    assert [r["step"] for r in raw if r["type"] == "step"] == list(range(1, STEPS + 1))
+    assert [r["type"] for r in raw].count("start") == 1 and [r["type"] for r in raw].count("end") == 1
     assert [r["step"] for r in log.steps] == list(range(1, STEPS + 1))
     for rec, loss in zip(log.steps, result.losses, strict=True):
         assert {"loss", "lr", "grad_norm", "tokens_per_s", "phase"} <= rec.keys()
