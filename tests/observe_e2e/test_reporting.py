@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.image import imread
 
 from surogate.cli import main
@@ -78,7 +79,6 @@ def test_jsonl_log_has_start_steps_evals_end(run):
         assert rec["lr"] == pytest.approx(lr_at(rec["step"] - 1, STEPS, cfg))  # linear decay, 0-indexed
         assert math.isfinite(rec["grad_norm"]) and rec["grad_norm"] > 0 and rec["tokens_per_s"] > 0
         assert rec["phase"] in {"WARMUP", "CONVERGING", "PLATEAU", "UNSTABLE", "DIVERGING"}
-        assert not any(k in rec for k in ("gpu_util", "gpu_mem_used_gb", "torch_allocated_gb"))
     assert result.losses[-1] < result.losses[0]  # it trained
     assert [(r["step"], r["loss"]) for r in log.evals] == [
         (s, pytest.approx(v, rel=1e-6)) for s, v in result.eval_losses]
@@ -127,14 +127,19 @@ def test_aim_repo_holds_the_metrics(run):
         r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in run["log"].evals}
 
 
-def test_loss_plot_and_gpu_util_silently_absent(run):
+def test_loss_plot_written(run):
     png = run["tmp"] / "out" / "training_loss.png"
     assert png.is_file() and imread(png).shape == (500, 900, 4)
     assert str(png) == run["log"].events[-1]["outputs"]["loss_plot"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU samples are there when CUDA is")
+def test_log_gpu_util_silently_absent_without_cuda(run):
     # log_gpu_util: 1 asked for a sample every step; on a machine without CUDA there is none, and no noise
     console = run["console"].lower()
-    assert "gpu" not in console.replace("log_gpu_util", "") and "nvml" not in console
+    assert "gpu" not in console and "nvml" not in console
     assert not any(k in r for r in run["log"].steps for k in GPU_KEYS)
+    assert not [e for e in run["log"].events if "gpu" in str(e.get("event", ""))]
 
 
 def test_surogate_plot_redraws_the_run_log(run, capsys):
