@@ -1,11 +1,8 @@
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import save_tiny  # noqa: E402
+from tests.compiler_front.helpers import save_tiny
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import types
 
 import torch
-from helpers import rel_err
 
 from surogate.compiler.ir import Graph, Role
 from surogate.compiler.models.builder import GraphBuilder
 from surogate.compiler.ops import OPS
 from surogate.compiler.passes.autodiff import emit_backward
 from surogate.runtime.reference import KERNELS, gradients, run_graph
+from tests.compiler_front.helpers import rel_err
 
 V, H, T = 11, 8, 5
 

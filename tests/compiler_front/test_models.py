@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from helpers import make_cfg
 
 from surogate.compiler.ir import Role
 from surogate.compiler.models import PRESETS, build_forward_graph, find_preset, resolve_model
 from surogate.compiler.models.rope import inv_freq
 from surogate.errors import UserError
 from surogate.schema import config_from_dict
+from tests.compiler_front.helpers import make_cfg
 
 
 def _weights(graph):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compile_front, make_cfg, random_batch, rel_err, run_ours
 from transformers import AutoModelForCausalLM
 
 from surogate.runtime.reference import load_weights
+from tests.compiler_front.helpers import compile_front, make_cfg, random_batch, rel_err, run_ours
 
 TOL = 1e-5
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -118,7 +118,7 @@ def test_packed_row_differs_from_unpacked_attention(tiny_models):
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
-    from helpers import save_tiny
+    from tests.compiler_front.helpers import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("moe"), "qwen3_moe")
 
@@ -158,9 +158,8 @@ def test_qwen3_moe_lora_with_train_router_matches_peft(tiny_moe):
 
 def test_accumulation_window_normalisation_matches_hf_num_items_in_batch(tiny_models):
     """Two micro-steps with num_items = the window's token count: summed gradients == HF Trainer's."""
-    from helpers import shift_labels
-
     from surogate.runtime.reference import batch_inputs, gradients, run_graph
+    from tests.compiler_front.helpers import shift_labels
 
     d = tiny_models["qwen2"]
     graph = compile_front(make_cfg(d, recompute=True))
@@ -207,7 +206,7 @@ def test_router_losses_off_by_default(tiny_moe):
 
 
 def test_llama_with_attention_and_mlp_bias_matches_transformers(tmp_path):
-    from helpers import save_tiny
+    from tests.compiler_front.helpers import save_tiny
 
     d = save_tiny(tmp_path, "llama", attention_bias=True, mlp_bias=True)
     graph = compile_front(make_cfg(d, recompute=True, attn_bwd_chunks=2))

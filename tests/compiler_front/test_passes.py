@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from helpers import compile_front, make_cfg
 
 from surogate.compiler.ir import Role
 from surogate.compiler.models import build_forward_graph, resolve_model
 from surogate.compiler.passes.autodiff import emit_backward
 from surogate.compiler.passes.lora import inject_lora, lora_targets
 from surogate.errors import UserError
+from tests.compiler_front.helpers import compile_front, make_cfg
 
 QWEN = "Qwen/Qwen3-0.6B"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compile_front, make_cfg, random_batch, rel_err, run_ours, save_tiny
 
 from surogate.compiler.ir import Role
 from surogate.errors import UserError
 from surogate.runtime.reference import load_weights
 from surogate.runtime.reference.quant import dequantize, quantize
+from tests.compiler_front.helpers import compile_front, make_cfg, random_batch, rel_err, run_ours, save_tiny
 
 QWEN = "Qwen/Qwen3-0.6B"
 N_QUANT = 28 * (1024 * (2048 + 1024 + 1024 + 3 * 3072) + 2048 * 1024)  # decoder projections of Qwen3-0.6B
@@ -208,9 +208,8 @@ def test_fp8_amax_history_advances_once_per_step_with_recompute(tmp_path):
     assert any(op.kind == "quantize" and op.attrs.get("recompute") for op in graph.ops())
     values = load_weights(graph, d)
     ids, labels = random_batch(101, 2, 16)
-    from helpers import shift_labels
-
     from surogate.runtime.reference import batch_inputs, run_graph
+    from tests.compiler_front.helpers import shift_labels
 
     for step in range(2):
         values.update(batch_inputs(graph, ids, shift_labels(labels)))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compile_front, hf_config, make_cfg, random_batch, rel_err, run_ours
 
 from surogate.errors import UserError
 from surogate.runtime.reference import batch_inputs, gradients, load_weights, run_graph
+from tests.compiler_front.helpers import compile_front, hf_config, make_cfg, random_batch, rel_err, run_ours
 
 
 def test_sharded_checkpoint_loads_like_single_file(tmp_path, tiny_models):
