@@ -46,7 +46,7 @@ def replanner(cfg: Any, front_snapshot: bytes | None = None) -> Any:
         key = json.dumps({k: v for k, v in changes.items() if k not in BACK_HALF_OPTIONS}, sort_keys=True)
         if key not in fronts:
             fronts[key] = snapshot(front_graph(changed))
-        return back_plan(restore(fronts[key]), changed)
+        return back_plan(restore(fronts[key]), changed, normalize=False)  # only its memory report is read
 
     return replan
 

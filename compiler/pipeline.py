@@ -105,9 +105,12 @@ def front_graph(cfg: Any, *, dump_after: str | None = None, out: TextIO | None =
     return graph
 
 
-def back_plan(graph: Graph, cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Plan:
-    """Run the back half on a front-half graph (mutating it) and freeze the Plan."""
-    return make_plan(run_passes(graph, cfg, start_after=FRONT_END, dump_after=dump_after, out=out), cfg)
+def back_plan(
+    graph: Graph, cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None, normalize: bool = True
+) -> Plan:
+    """Run the back half on a front-half graph (mutating it) and freeze the Plan (see `make_plan`)."""
+    graph = run_passes(graph, cfg, start_after=FRONT_END, dump_after=dump_after, out=out)
+    return make_plan(graph, cfg, normalize=normalize)
 
 
 def snapshot(graph: Graph) -> bytes:

@@ -186,17 +186,24 @@ def _space_report(plan: Plan, space: str, buffers: dict[str, Any]) -> dict[str, 
     }
 
 
-def make_plan(graph: Graph, cfg: Any) -> Plan:
-    """Freeze a fully compiled graph (after buffer assignment) into a Plan."""
-    ops = [
-        Op(op.name, op.kind, list(op.inputs), list(op.outputs), jsonable(op.attrs), op.phase, op.layer)
-        for op in graph.ops()
-    ]
-    tensors = {
-        n: Tensor(t.name, tuple(int(d) for d in t.shape), t.dtype, Role(t.role), Space(t.space), t.layer,
-                  t.source, t.offset, jsonable(t.attrs))
-        for n, t in graph.tensors.items()
-    }
+def make_plan(graph: Graph, cfg: Any, *, normalize: bool = True) -> Plan:
+    """Freeze a fully compiled graph (after buffer assignment) into a Plan.
+
+    `normalize=False` skips copying and JSON-normalizing every op and tensor (the plan then shares them
+    with the graph): enough for the memory report of a what-if re-plan, not for plan.bin equality.
+    """
+    if normalize:
+        ops = [
+            Op(op.name, op.kind, list(op.inputs), list(op.outputs), jsonable(op.attrs), op.phase, op.layer)
+            for op in graph.ops()
+        ]
+        tensors = {
+            n: Tensor(t.name, tuple(int(d) for d in t.shape), t.dtype, Role(t.role), Space(t.space), t.layer,
+                      t.source, t.offset, jsonable(t.attrs))
+            for n, t in graph.tensors.items()
+        }
+    else:
+        ops, tensors = list(graph.ops()), dict(graph.tensors)
     live = graph.meta["liveness"]
     lifetimes = {n: (tuple(live[n]) if live.get(n) is not None else None) for n in tensors}
     buffers = graph.meta["buffers"]
