@@ -1,9 +1,10 @@
 """Shared pieces of the end-to-end observability tests: a tiny model and data built once, a config
-builder for real `run_training` runs on the cpu backend, and fault injection into the loss kernel.
+builder for real `run_training` runs on the cpu backend, fault injection into the cpu backend's kernels, and
+recorders of the state and the learning rate the optimizer really used.
 
 Nothing here re-implements the runtime: runs go through `surogate.runtime.session.run_training`, the
 model/data builders are imported from `tests/runtime/helpers.py`, faults are injected by wrapping the cpu
-backend's real `lm_head_ce` kernel.
+backend's real kernels (`lm_head_ce`, `lm_head_ce_bwd`).
 """
 
 from __future__ import annotations
