@@ -165,3 +165,43 @@ def text_cfg(model_dir: Path, data_file: Path, out: Path, **over: Any):
                 log_file=str(out / "log.jsonl"))
     base.update(over)
     return make_cfg(model_dir, **base)
+
+
+def cli_env() -> dict[str, str]:
+    """Environment of a `surogate` subprocess: one thread (fast on a busy machine, and the same arithmetic in
+    every run so results can be compared bitwise), offline."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+def surogate_cmd(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "surogate.cli", *args]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    import subprocess
+
+    return subprocess.run(surogate_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_yaml(path: Path, cfg: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def yaml_cfg(model_dir: Path, data_file: Path, out: Path, **over: Any) -> dict[str, Any]:
+    """A config dict for the CLI on the tiny model and text data."""
+    base = dict(model=str(model_dir), sequence_len=16, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                torch_dtype="float32", lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.0, recompute=False,
+                use_cuda_graphs=False, datasets=[{"path": str(data_file), "type": "text"}],
+                validation_split_ratio=0.0, output_dir=str(out), log_file=str(out / "log.jsonl"), max_steps=4,
+                save_steps=1000, eval_steps=1000, learning_rate=1e-3)
+    base.update(over)
+    return base
