@@ -68,7 +68,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", co
     """Train `cfg` to the end (or an early stop); returns losses and output paths."""
     from surogate.compiler.models import resolve_model
     from surogate.compiler.pipeline import compile_plan
-    from surogate.compiler.report import format_memory_table
+    from surogate.compiler.report import memory_table_text
     from surogate.runtime.backends import kernel_table
     from surogate.runtime.checkpoint import CheckpointManager
     from surogate.runtime.data import load_tokenizer, prepare_datasets
@@ -119,7 +119,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", co
     result = TrainResult(steps=0)
     with TrainingObserver(cfg, cfg.output_dir, info, console_file=console_file,
                           force_terminal=force_terminal) as obs:
-        obs.on_allocated(format_memory_table(plan))
+        obs.on_allocated(memory_table_text(plan))
         last_saved = None
         while trainer.step < trainer.total_steps:
             loss, norm, tokens, bad_micro = trainer.train_step()

@@ -52,10 +52,6 @@ def test_epoch_adjustment_yields_to_max_steps(small_source, tmp_path):
     assert result.steps == 2
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "runtime/session.py passes compiler.report.format_memory_table(plan), a rich Table, to "
-    "TrainingObserver.on_allocated, which accepts text, a mapping or (name, bytes) rows: "
-    "format_memory_breakdown raises TypeError: 'Table' object is not iterable"))
 def test_debug_memory_breakdown_prints_plan_table_and_measured_memory(small_source, tmp_path):
     cfg = small_cfg(small_source, tmp_path, max_steps=1, debug_memory_breakdown=True)
     result, console = train(cfg)
