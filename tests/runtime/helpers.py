@@ -205,3 +205,32 @@ def yaml_cfg(model_dir: Path, data_file: Path, out: Path, **over: Any) -> dict[s
                 save_steps=1000, eval_steps=1000, learning_rate=1e-3)
     base.update(over)
     return base
+
+
+def eval_batches(cfg: Any) -> list[dict]:
+    """The evaluation batches `Trainer.evaluate` reads for `cfg` (same data preparation, same order)."""
+    from surogate.runtime.data import load_tokenizer, prepare_datasets
+
+    data = prepare_datasets(cfg, load_tokenizer(cfg))
+    assert data.eval is not None, "the config has no evaluation split"
+    return list(data.eval.batches(int(cfg.per_device_train_batch_size), epoch=0, seed=int(cfg.eval_seed),
+                                  shuffle=False))
+
+
+@torch.no_grad()
+def hf_eval(model: Any, batches: list[dict]) -> tuple[float, list[torch.Tensor]]:
+    """(token-weighted mean loss, logits per batch) of a HF model on unpacked right-padded batches: each row
+    is one document then a padding segment, so the attention mask is "same segment as the first token"."""
+    model.eval()
+    total, count, logits = 0.0, 0, []
+    for b in batches:
+        n = int(b["num_loss_tokens"])
+        if n == 0:
+            continue
+        docs = torch.as_tensor(b["document_ids"])
+        mask = (docs == docs[:, :1]).long()
+        out = model(input_ids=torch.as_tensor(b["input_ids"]), attention_mask=mask, labels=torch.as_tensor(b["labels"]))
+        total += float(out.loss) * n
+        count += n
+        logits.append(out.logits.masked_fill(~mask.bool()[..., None], 0.0))
+    return total / count, logits

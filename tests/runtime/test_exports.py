@@ -1,0 +1,68 @@
+"""Outputs load in the Hugging Face stack and compute what our runtime computed: after a short LoRA run the
+adapter loads with `peft.PeftModel.from_pretrained` and the merged model (`merge_adapter: true`) with
+`AutoModelForCausalLM.from_pretrained`, each giving our final eval loss; PEFT and merged logits agree; a full
+fine-tune's exported model gives our eval loss too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from surogate.runtime.session import run_training
+from tests.runtime.helpers import eval_batches, hf_eval, save_model, text_cfg, write_text_data
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    save_model(root / "model", "qwen3", tie=True)
+    write_text_data(root / "train.jsonl", rows=60)
+    return root
+
+
+def _cfg(root, name, **over):
+    # unpacked rows so the HF models see exactly our attention pattern (document + padding segment)
+    return text_cfg(root / "model", root / "train.jsonl", root / name, sample_packing=False,
+                    validation_split_ratio=0.2, max_steps=3, learning_rate=1e-2, eval_steps=1000, **over)
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+
+
+def test_lora_adapter_and_merged_model_load_and_match(root):
+    from peft import PeftModel
+
+    cfg = _cfg(root, "lora", lora=True, lora_rank=4, lora_alpha=8, merge_adapter=True)
+    result = run_training(cfg)
+    assert set(result.outputs) == {"adapter", "merged"}
+    ours = result.eval_losses[-1][1]
+    adapter = load_file(f"{result.outputs['adapter']}/adapter_model.safetensors")
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())  # the adapter trained
+
+    batches = eval_batches(cfg)
+    base_loss, _ = hf_eval(_load(root / "model"), batches)
+    peft_loss, peft_logits = hf_eval(PeftModel.from_pretrained(_load(root / "model"), result.outputs["adapter"]),
+                                     batches)
+    merged_loss, merged_logits = hf_eval(_load(result.outputs["merged"]), batches)
+    assert abs(base_loss - ours) > 1e-3  # not vacuous: training changed the eval loss
+    assert abs(peft_loss - ours) <= TOL * ours, (peft_loss, ours)
+    assert abs(merged_loss - ours) <= TOL * ours, (merged_loss, ours)
+    for a, b in zip(peft_logits, merged_logits, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_full_finetune_model_loads_and_matches(root):
+    cfg = _cfg(root, "full", lora=False)
+    result = run_training(cfg)
+    assert set(result.outputs) == {"model"}
+    ours = result.eval_losses[-1][1]
+    batches = eval_batches(cfg)
+    loss, _ = hf_eval(_load(result.outputs["model"]), batches)
+    base_loss, _ = hf_eval(_load(root / "model"), batches)
+    assert abs(base_loss - ours) > 1e-3
+    assert abs(loss - ours) <= TOL * ours, (loss, ours)
