@@ -234,3 +234,14 @@ def hf_eval(model: Any, batches: list[dict]) -> tuple[float, list[torch.Tensor]]
         count += n
         logits.append(out.logits.masked_fill(~mask.bool()[..., None], 0.0))
     return total / count, logits
+
+
+def trainer_loss(trainer: Any, ids: torch.Tensor, labels_hf: torch.Tensor) -> float:
+    """The Trainer's forward-only ("eval") program on one batch of unpacked rows."""
+    b, t = ids.shape
+    batch = {"input_ids": ids, "labels": labels_hf, "position_ids": torch.arange(t).expand(b, t),
+             "cu_seqlens": torch.arange(0, b * t + 1, t)}
+    for name, value in plan_inputs(trainer.plan, batch).items():
+        trainer.ex.write(name, value)
+    trainer.ex.run("eval", StepContext(trainer.plan, 0))
+    return float(trainer.ex.observed[trainer.loss_name])
