@@ -7,7 +7,8 @@
   transient full-size buffer and `reduce_scatter`-ed into a persistent 1/world shard (accumulating
   over micro-steps). Otherwise gradients are `all_reduce`-d in place (on the last micro-step).
 * Level 3 or `shard_weights`: weights (base, trainable, quantized) are stored as 1/world shards; an
-  `all_gather` into a transient full buffer precedes each run of same-layer uses in each phase.
+  `all_gather` into a transient full buffer precedes each run of same-layer uses in each phase,
+  issued one group early (prefetch, as for host loads) unless its source is written in between.
 
 Shards split dimension 0 (rounded up), so per-rank bytes are exactly 1/world when it divides.
 `offload_grads` is applied here, to the gradients this pass leaves persistent. The collective options
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from surogate.compiler.ir import Graph, Op, Role, Space, Tensor
-from surogate.compiler.passes.offload import OpInserter, _layer_runs, _replace, offload_to_host
+from surogate.compiler.passes.offload import OpInserter, _layer_runs, _place_loads, _replace, offload_to_host
 
 WEIGHT_ROLES = (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT, Role.QUANT_WEIGHT, Role.QUANT_SCALE)
 
@@ -113,7 +114,9 @@ def shard_weights(graph: Graph, world: int) -> list[str]:
         if t.attrs.get("staging_of") in weights:
             staged.setdefault(t.attrs["staging_of"], []).append(t.name)
     runs = _layer_runs(graph)
+    pos = {n: i for i, n in enumerate(graph.order)}
     ins = OpInserter(graph)
+    loads: list[tuple[str, Op, int]] = []
     for w in weights:
         full = graph.tensors[w]
         for name in (w, *staged.get(w, ())):
@@ -126,26 +129,26 @@ def shard_weights(graph: Graph, world: int) -> list[str]:
                     continue
                 k = (op.phase, runs[c])
                 if current is None or k != key:
-                    current = _gathered(graph, ins, full, src, op)
+                    current, gather = _gathered(graph, ins, full, src, op)
+                    written = max((pos[p] for p in graph.producers(src) if pos[p] < pos[c]), default=-1)
+                    loads.append((c, gather, written))
                     key = k
                 _replace(op.inputs, src, current)
+    _place_loads(graph, ins, loads, pos)  # prefetch each gather one group early, like host loads
     ins.commit()
     return weights
 
 
-def _gathered(graph: Graph, ins: OpInserter, full: Tensor, src: str, op: Op) -> str:
+def _gathered(graph: Graph, ins: OpInserter, full: Tensor, src: str, op: Op) -> tuple[str, Op]:
     k = 0
     while f"{full.name}@gather{k}" in graph.tensors:
         k += 1
     name = f"{full.name}@gather{k}"
     attrs = {"transient": True, "gathered_of": full.name}
     graph.add_tensor(Tensor(name, full.shape, full.dtype, full.role, Space.DEVICE, op.layer, attrs=attrs))
-    ins.before(
-        op.name,
-        Op(ins.fresh(f"all_gather:{full.name}#"), "all_gather", [src], [name],
-           attrs={"world": graph.meta["zero"]["world"]}, phase="comm", layer=op.layer),
-    )
-    return name
+    gather = Op(ins.fresh(f"all_gather:{full.name}#"), "all_gather", [src], [name],
+                attrs={"world": graph.meta["zero"]["world"]}, phase="comm", layer=op.layer)
+    return name, gather
 
 
 def annotate_comm(graph: Graph, cfg: Any) -> None:

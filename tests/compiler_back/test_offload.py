@@ -111,6 +111,7 @@ def test_offloaded_quants_under_zero3_are_gathered_after_the_host_copy():
     plan = back_half(kw, gpus=4, zero_level=3, persistent_quants=True, offload_quants=True)
     q = plan.tensors["L0.w1"]
     assert q.space is Space.HOST and q.shape == (64, 512) and q.attrs["full_shape"] == [256, 512]
+    assert check_staging(plan) > 0  # every gather reads a staged shard that was already loaded
     for i, op in enumerate(plan.ops):
         if op.kind == "dequantize_nf4":
             for t in op.inputs:

@@ -97,3 +97,15 @@ def test_collective_options_reach_the_comm_ops():
             assert op.attrs["all_to_all"] is True and op.attrs["memcpy_send_recv"] is True
     plain = back_half(gpus=2, zero_level=3)
     assert all(op.attrs.get("memcpy") is False for op in plain.ops if op.kind == "all_gather")
+
+
+def test_zero3_gathers_are_prefetched_one_group_early():
+    plan = back_half(dict(layers=4), gpus=4, zero_level=3)
+    gathers = {op.outputs[0]: i for i, op in enumerate(plan.ops) if op.kind == "all_gather"}
+    first_use = {t: next(j for j, op in enumerate(plan.ops) if t in op.inputs) for t in gathers}
+    # Gather for layer L's matmul runs while layer L-1 (or the previous use) computes, not right before.
+    early = [t for t, i in gathers.items() if any(plan.ops[j].phase in ("forward", "backward")
+                                                  for j in range(i + 1, first_use[t]))]
+    assert len(early) >= len(gathers) - 2  # the very first gather of each phase has nothing to overlap
+    for t, i in gathers.items():
+        assert i < first_use[t]
