@@ -160,8 +160,12 @@ def _dlogits_gemms(x, w, buf, dx, dw, r0, r1, v0, v1) -> None:
         torch.matmul(buf, w[v0:v1], out=dx[r0:r1])
     else:
         dx[r0:r1].addmm_(buf, w[v0:v1])
-    if dw is not None:
+    if dw is None:
+        return
+    if dw.dtype == buf.dtype:
         dw[v0:v1].addmm_(buf.t(), x[r0:r1])
+    else:  # e.g. an fp32 gradient buffer for bf16 weights: one tile-sized temporary, accumulated in fp32
+        dw[v0:v1] += (buf.t() @ x[r0:r1]).to(dw.dtype)
 
 
 def _check(x, w, labels, ws) -> None:
@@ -203,6 +207,8 @@ def lmhead_ce_backward(
     ignore_index: int = IGNORE_INDEX,
 ) -> None:
     """dx = d(grad_scale * loss_sum)/dx (overwritten); dw += its weight gradient (skipped when None).
+
+    dx has x's dtype; dw has w's dtype or float32 (accumulated in fp32 then).
 
     grad_scale is d(total loss)/d(loss_sum), e.g. 1 / count for a mean. Logits are recomputed per tile.
     """

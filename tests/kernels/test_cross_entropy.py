@@ -82,3 +82,13 @@ def test_workspace_shapes_and_validation():
     x, w, labels = _problem(torch.float32)
     with pytest.raises(ValueError, match="expected x"):
         lmhead_ce_forward(x, w[:, :8], labels, torch.empty(N), torch.empty(N), ws)
+
+
+def test_fp32_weight_gradient_for_bf16_weights():
+    x, w, labels = _problem(torch.bfloat16)
+    ws = CEWorkspace.allocate(N, V, torch.bfloat16, "cpu")
+    lse, rows_loss = torch.empty(N), torch.empty(N)
+    dx, dw = torch.empty_like(x), torch.zeros(V, H)  # fp32 accumulation buffer
+    lmhead_ce_forward_backward(x, w, labels, 1.0 / 9, lse, rows_loss, dx, dw, ws)
+    _, _, _, ref_dw = lmhead_ce_ref(x, w, labels, grad_scale=1.0 / 9)
+    torch.testing.assert_close(dw, ref_dw.float(), atol=2e-2, rtol=2e-2)

@@ -95,3 +95,21 @@ def test_reference_matches_transformers_apply_rotary_pos_emb():
     q_hf2.backward(dq)
     d_ours = rope_forward_ref(dq.transpose(1, 2).reshape(b * s, 4, d), flat, ct, st, backward=True)
     torch.testing.assert_close(d_ours, qg.grad.transpose(1, 2).reshape(b * s, 4, d), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_kernel_close_to_transformers_bf16():
+    """HF rounds cos/sin and each product to bf16; the kernel rounds once from fp32 math: within ~2 ulp."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    rot = LlamaRotaryEmbedding(cfg)
+    s, d = 6, 16
+    pos = torch.tensor([[0, 1, 2, 0, 1, 5]])
+    q = torch.randn(1, 2, s, d, dtype=torch.bfloat16)
+    cos, sin = rot(q, pos)
+    q_hf, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    x = q.transpose(1, 2).reshape(s, 2, d).contiguous()
+    out = torch.empty_like(x)
+    rope_fused_forward(x, out, pos.reshape(-1), rot.inv_freq, rot.attention_scaling)
+    torch.testing.assert_close(out.float(), q_hf.transpose(1, 2).reshape(s, 2, d).float(), atol=3e-2, rtol=2e-2)
