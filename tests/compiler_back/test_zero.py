@@ -74,6 +74,13 @@ def test_gpus_zero_without_gpu_plans_for_one_and_says_so(monkeypatch):
     assert any("none detected" in n for n in plan.meta["notes"])
 
 
+def test_gpus_zero_uses_the_detected_gpus(monkeypatch):
+    import surogate.compiler.passes.zero as zero
+
+    monkeypatch.setattr(zero, "_detected_gpus", lambda: 4)
+    assert world_size(synth.cfg(gpus=0)) == (4, ["gpus: 0 means all available GPUs; 4 detected"])
+
+
 def test_shard_shape_rounds_up_dim0():
     assert shard_shape((10, 3), 4) == (3, 3)
     assert shard_shape((8,), 1) == (8,)
