@@ -184,7 +184,10 @@ def lmhead_ce_forward(
     ws: CEWorkspace,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss and lse (fp32 [N], saved for backward); returns (loss_sum, count of non-ignored labels)."""
+    """Per-row loss and lse (fp32 [N], saved for backward); returns (loss_sum, count of non-ignored labels).
+
+    Labels must be in [0, vocab) or equal ignore_index (not checked on the device: that would need a sync).
+    """
     _check(x, w, labels, ws)
     rows, vocab = x.shape[0], w.shape[0]
     for r0, r1, v0, v1 in _tiles(rows, vocab, ws):

@@ -136,7 +136,10 @@ def _launch(x, out, position_ids, cos, sin, inv_freq, attention_scaling, sign) -
 def rope_forward(
     x: torch.Tensor, out: torch.Tensor, position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> None:
-    """out = rope(x) with fp32 tables cos/sin [max_pos, D/2]; position_ids [T] int32/int64; out may alias x."""
+    """out = rope(x) with fp32 tables cos/sin [max_pos, D/2]; position_ids [T] int32/int64; out may alias x.
+
+    Positions must be below max_pos (not checked on the device: that would need a host sync).
+    """
     _launch(x, out, position_ids, cos, sin, None, 1.0, 1.0)
 
 
