@@ -1,7 +1,7 @@
 """Times `surogate plan` for the Qwen3-32B preset (target: < 10 s on 2 cores) and prints the ratios.
 
 Runs the command in-process (as the console script does) on temporary configs, with the report sent to
-a throwaway buffer: LoRA (the default) as a plain plan, then full fine-tuning with `--gpu-memory 80GiB`,
+a throwaway buffer: LoRA (the default) as a plain plan written to plan.bin, then full fine-tuning with `--gpu-memory 80GiB`,
 which does not fit, so the fit suggestions (one re-plan per knob, then a greedy combination) are
 included. The first call of the process pays the imports; `--repeat` reports the best of N.
 
@@ -47,7 +47,7 @@ def main() -> None:
             cfg = Path(tmp) / f"{name}.yaml"
             cfg.write_text(f"model: {args.model}\nsequence_len: {args.sequence_len}\nlora: {lora}\n")
             cases.append(cfg)
-        runs = (("LoRA: plan", cases[0], ()),
+        runs = (("LoRA: plan -o plan.bin", cases[0], ("-o", str(Path(tmp) / "plan.bin"))),
                 ("full FT: plan --gpu-memory 80GiB (+ fit suggestions)", cases[1], ("--gpu-memory", "80GiB")))
         for label, cfg, extra in runs:
             times, cpus = [], []

@@ -116,8 +116,9 @@ def plan_to_model(plan: Plan) -> onnx.ModelProto:
         for t in plan.tensors.values()
     }
     inputs = [infos[n] for n in graph_inputs]
-    graph = helper.make_graph(nodes, "surogate_step", inputs, [], value_info=[
-        v for n, v in infos.items() if n not in set(graph_inputs)])
+    is_input = set(graph_inputs)
+    graph = helper.make_graph(nodes, "surogate_step", inputs, [],
+                              value_info=[v for n, v in infos.items() if n not in is_input])
     model = helper.make_model(
         graph,
         producer_name=PRODUCER,
