@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import synth
-
 from surogate.compiler.ir import Role, Space
 from surogate.compiler.passes.liveness import is_persistent
 from surogate.compiler.pipeline import run_passes
 from surogate.compiler.plan import Plan, make_plan
+
+from . import synth
 
 
 def back_half(graph_kw: dict[str, Any] | None = None, **cfg_kw: Any) -> Plan:

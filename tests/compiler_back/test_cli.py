@@ -5,13 +5,14 @@ runs the same on real model graphs."""
 import json
 
 import pytest
-import synth
 
 from surogate.cli import main
 from surogate.compiler import pipeline
 from surogate.compiler.planfile import read_plan
 from surogate.compiler.report import parse_size
 from surogate.errors import UserError
+
+from . import synth
 
 FRONT = {"lora", "precision", "autodiff", "recompute", "chunking"}
 

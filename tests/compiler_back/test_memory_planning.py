@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
-import synth
-from helpers import back_half, check_staging
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
 from surogate.compiler.passes.buffers import ALIGNMENT, aligned, assign_buffers, live_profile, place
 from surogate.compiler.passes.liveness import compute_liveness
 from surogate.compiler.passes.schedule import schedule_ops
+
+from . import synth
+from .helpers import back_half, check_staging
 
 
 def _conflicts(plan, space="device"):

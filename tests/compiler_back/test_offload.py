@@ -1,6 +1,6 @@
-from helpers import back_half, check_staging, persistent_bytes
-
 from surogate.compiler.ir import Role, Space
+
+from .helpers import back_half, check_staging, persistent_bytes
 
 
 def _act_max(plan):
@@ -122,10 +122,10 @@ def test_offloaded_quants_under_zero3_are_gathered_after_the_host_copy():
 
 
 def test_persistent_quants_keeps_recipe_quantizations():
-    import synth
-
     from surogate.compiler.ir import Op, Tensor
     from surogate.compiler.passes.offload import mark_persistent_quants
+
+    from . import synth
 
     g = synth.build()
     g.add_tensor(Tensor("L0.w1.fp8", (256, 512), "fp8_e4m3", Role.TEMPORARY, layer=0))

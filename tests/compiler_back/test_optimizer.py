@@ -1,11 +1,12 @@
 import math
 
 import pytest
-import synth
-from helpers import back_half
 
 from surogate.compiler.ir import GraphError, Role, Space
 from surogate.compiler.passes.optimizer import ADAMW8BIT_BLOCK, build_optimizer, normalize_dtype
+
+from . import synth
+from .helpers import back_half
 
 
 def _states(plan, weight):

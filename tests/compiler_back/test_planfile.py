@@ -1,10 +1,11 @@
 import onnx
 import pytest
-from helpers import back_half
 
 from surogate.compiler import planfile
 from surogate.compiler.planfile import read_plan, write_plan
 from surogate.errors import UserError
+
+from .helpers import back_half
 
 
 @pytest.fixture(scope="module")

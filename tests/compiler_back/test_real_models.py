@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import check_staging
 
 from surogate.compiler.ir import Role, Space
 from surogate.compiler.pipeline import (
@@ -19,6 +18,8 @@ from surogate.compiler.pipeline import (
 )
 from surogate.compiler.plan import Plan
 from surogate.schema import config_from_dict
+
+from .helpers import check_staging
 
 
 def tiny_config(layers: int = 2, tie: bool = False) -> dict:

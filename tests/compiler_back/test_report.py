@@ -1,5 +1,3 @@
-from helpers import back_half
-
 from surogate.compiler.plot import phase_regions, plot_memory
 from surogate.compiler.report import (
     build_report,
@@ -9,6 +7,8 @@ from surogate.compiler.report import (
     memory_table_text,
     suggest_fixes,
 )
+
+from .helpers import back_half
 
 
 def test_phase_regions_cover_forward_backward_optimizer_in_order():

@@ -1,10 +1,11 @@
 import pytest
-import synth
-from helpers import back_half, persistent_bytes
 
 from surogate.compiler.ir import Role
 from surogate.compiler.passes.zero import shard_shape, world_size
 from surogate.compiler.plan import CATEGORIES
+
+from . import synth
+from .helpers import back_half, persistent_bytes
 
 
 def _ratio(a, b):
