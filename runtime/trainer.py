@@ -9,6 +9,7 @@ LR scale and the RNG states.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +45,12 @@ def loss_tensor(plan: Plan) -> str:
 
 
 def eval_program(plan: Plan) -> list:
-    """The micro-step up to and including the loss: forward only."""
+    """The micro-step up to and including the loss: forward only, dropout off (p = 0 keeps every element:
+    evaluation is deterministic and equals the Hugging Face model in `eval()` mode)."""
     ops = plan.ops
     last = max(i for i, op in enumerate(ops) if op.kind == "lm_head_ce")
-    return ops[: last + 1]
+    return [dataclasses.replace(op, attrs={**op.attrs, "p": 0.0}) if op.kind == "dropout" else op
+            for op in ops[: last + 1]]
 
 
 class Trainer:

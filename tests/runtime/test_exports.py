@@ -37,7 +37,8 @@ def _load(path):
 def test_lora_adapter_and_merged_model_load_and_match(root):
     from peft import PeftModel
 
-    cfg = _cfg(root, "lora", lora=True, lora_rank=4, lora_alpha=8, merge_adapter=True)
+    # lora_dropout > 0: evaluation must run without dropout (as HF eval() does)
+    cfg = _cfg(root, "lora", lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.3, merge_adapter=True)
     result = run_training(cfg)
     assert set(result.outputs) == {"adapter", "merged"}
     ours = result.eval_losses[-1][1]
