@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import yaml
-from conftest import conv, write_jsonl
 
 from surogate.cli import main
+from tests.data.conftest import conv, write_jsonl
 
 
 def write_config(tmp_path, model, data_path, **extra):

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import CHATML_GEN, CHATML_PLAIN
 
 from surogate.errors import UserError
 from surogate.runtime.data.encode import Encoder
@@ -14,6 +13,7 @@ from surogate.runtime.data.errors import DataError
 from surogate.runtime.data.formats import DatasetSpec
 from surogate.runtime.data.options import data_options
 from surogate.runtime.data.templates import CHAT_TEMPLATE_MAPPING, resolve_template
+from tests.data.conftest import CHATML_GEN, CHATML_PLAIN
 
 MESSAGES = [
     {"role": "system", "content": "you are a helpful assistant"},

@@ -8,10 +8,10 @@ alone, and the packed loss (HF `labels=` semantics) equals the token-weighted me
 from __future__ import annotations
 
 import torch
-from conftest import conv, make_cfg, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from surogate.runtime.data import load_tokenizer, prepare_datasets
+from tests.data.conftest import conv, make_cfg, write_jsonl
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, num_docs: int, total: int) -> torch.Tensor:

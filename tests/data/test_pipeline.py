@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import conv, make_cfg, write_jsonl
 
 from surogate.errors import UserError
 from surogate.runtime.data import DataError, data_options, load_tokenizer, prepare_datasets
 from surogate.runtime.data.encode import Encoder
+from tests.data.conftest import conv, make_cfg, write_jsonl
 
 CONVS = [conv(f"hello world {i}", f"how are you today {i}") for i in range(12)]
 

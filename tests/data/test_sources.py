@@ -9,10 +9,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
 
 from surogate.errors import UserError
 from surogate.runtime.data.sources import file_fingerprint, load_source, resolve_source
+from tests.data.conftest import write_jsonl
 
 ROWS = [{"text": f"row {i}", "n": i} for i in range(6)]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from conftest import build_tokenizer
 
 from surogate.errors import UserError
 from surogate.runtime.data import load_tokenizer, pad_token_id
+from tests.data.conftest import build_tokenizer
 
 
 def test_local_folder_and_pad_fallback(tmp_path):
