@@ -124,7 +124,10 @@ class ArenaExecutor:
             ins = [self.views[n] for n in op.inputs]
             ctx.out_shapes = [tensors[o].shape for o in op.outputs]
             outs = kernel(ins, op.attrs, ctx)
-            acc = op.attrs.get("accumulate_into", ())
+            acc = op.attrs.get("accumulate_into")
+            if acc is None:  # back-half ops (copy_d2h into an offloaded gradient, reduce_scatter into a
+                # persistent shard) say `accumulate`: add into their output
+                acc = op.outputs if op.attrs.get("accumulate") else ()
             for name, value in zip(op.outputs, outs, strict=True):
                 if value is None:
                     continue
