@@ -14,7 +14,8 @@ from tests.runtime.helpers import PROJ, PlanRunner, make_cfg, peft_name, random_
 TOL = 1e-5
 FAMILIES = ["llama", "qwen2", "qwen3"]
 # (recompute, lmhead_chunks, attn_bwd_chunks)
-LAYOUTS = [(False, 1, 1), (True, 3, 4)]
+LAYOUTS = [(False, 1, 1), (False, 2, 3), (True, 3, 4)]
+LAYOUT_IDS = ["plain", "chunked", "recompute-chunked"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def _check(loss, grads, ref_loss, ref_grads):
         assert err < TOL, f"{name}: rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "recompute-chunked"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("family", [*FAMILIES, "qwen3-tied"])
 def test_full_finetune_matches_transformers(models, family, layout):
     recompute, lm, attn = layout
@@ -61,7 +62,7 @@ def test_full_finetune_matches_transformers(models, family, layout):
     _check(loss, grads, out.loss.item(), {n: p.grad for n, p in model.named_parameters()})
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["plain", "recompute-chunked"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_matches_peft(models, family, layout):
     from peft import LoraConfig, get_peft_model
@@ -130,3 +131,22 @@ def test_pad_token_row_gets_no_embedding_gradient(models):
     ref = model.model.embed_tokens.weight.grad
     assert rel_err(grads["model.embed_tokens.weight"][1:], ref[1:]) < TOL  # every other row agrees
     assert torch.equal(grads["model.embed_tokens.weight"][0], ref[0])
+
+
+def test_lora_dropout_masks_agree_between_forward_and_recompute(models):
+    """With lora_dropout > 0, recomputation regenerates the forward's masks: same loss and gradients as without
+    recompute (and not those of a dropout-free run)."""
+    d = models["qwen3"]
+    ids, labels = random_batch(2, 16, seed=4)
+    runs = {}
+    for recompute, p in ((False, 0.3), (True, 0.3), (False, 0.0)):
+        runner = PlanRunner(make_cfg(d, lora=True, lora_rank=4, lora_dropout=p, recompute=recompute))
+        for name, t in runner.plan.tensors.items():  # non-zero B so dropout reaches the loss
+            if ".lora_B." in name and name in runner.ex.views:
+                runner.ex.write(name, torch.full(t.shape, 0.05))
+        runs[(recompute, p)] = runner.micro_step(ids, labels, step=3)
+    (l0, g0), (l1, g1), (l2, _) = runs[(False, 0.3)], runs[(True, 0.3)], runs[(False, 0.0)]
+    assert l0 == pytest.approx(l1, rel=1e-6) and abs(l0 - l2) > 1e-5
+    assert set(g0) == set(g1)
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) < TOL, name
