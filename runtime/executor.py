@@ -124,6 +124,8 @@ class ArenaExecutor:
             ins = [self.views[n] for n in op.inputs]
             ctx.out_shapes = [tensors[o].shape for o in op.outputs]
             outs = kernel(ins, op.attrs, ctx)
+            if len(outs) > len(op.outputs) and all(v is None for v in outs[len(op.outputs):]):
+                outs = outs[: len(op.outputs)]  # optional workspace outputs this op does not have
             acc = op.attrs.get("accumulate_into")
             if acc is None:  # back-half ops (copy_d2h into an offloaded gradient, reduce_scatter into a
                 # persistent shard) say `accumulate`: add into their output

@@ -51,7 +51,9 @@ def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict
                                                      lora_dropout=float(cfg.lora_dropout),
                                                      base_model_name_or_path=str(cfg.model)))
         if cfg.merge_adapter:
-            base = by_role((Role.FROZEN_WEIGHT,))
+            # every non-LoRA weight: frozen ones and those trained in full beside the adapters (train_router)
+            base = {src: v for src, v in by_role((Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)).items()
+                    if ".lora_" not in src}
             outputs["merged"] = str(export_merged_model(out / "merged", base, lora, hf_config, model_dir,
                                                         lora_alpha=float(cfg.lora_alpha)))
     else:
