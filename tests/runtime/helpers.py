@@ -37,6 +37,11 @@ def hf_config(family: str, tie: bool = False, **over: Any):
         return Qwen2Config(**kw)
     if family == "qwen3":
         return Qwen3Config(**kw, head_dim=8)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**kw, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                              norm_topk_prob=True)
     raise ValueError(family)
 
 

@@ -23,6 +23,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     out = {f: save_model(root / f, f) for f in FAMILIES}
     out["qwen3-tied"] = save_model(root / "qwen3-tied", "qwen3", tie=True)
+    out["qwen3_moe"] = save_model(root / "qwen3_moe", "qwen3_moe")
     return out
 
 
@@ -48,7 +49,7 @@ def _check(loss, grads, ref_loss, ref_grads):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("family", [*FAMILIES, "qwen3-tied"])
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3-tied", "qwen3_moe"])
 def test_full_finetune_matches_transformers(models, family, layout):
     recompute, lm, attn = layout
     d = models[family]
