@@ -95,3 +95,9 @@ def test_run_rejects_a_file_that_is_not_a_plan(root, capsys):
     assert got == 2 and "bogus.bin" in err, err
     got, err = _main_code(capsys, "run", str(root / "missing.bin"))
     assert got == 2 and "missing.bin" in err, err
+
+
+def test_max_steps_override(root, capsys):
+    got, err = _main_code(capsys, "sft", str(_yaml(root, "override", max_steps=50)), "--max-steps", "1")
+    assert got == 0, err
+    assert len(_losses(root / "override")) == 1

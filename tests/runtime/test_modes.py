@@ -184,3 +184,15 @@ def test_schedule_lr_is_the_lr_the_optimizer_applies(root):
         mask = before.abs() > 1e-2
         applied = float(((1 - w[mask].double() / before[mask].double()) / wd).mean())
         assert applied == pytest.approx(lr_at(step, 5, cfg), rel=1e-4, abs=1e-9), step
+
+
+def test_non_finite_step_is_not_applied(root):
+    trainer = build_trainer(_cfg(root, "nonfinite"))
+    trainer.ex.views["model.norm.weight"][0] = float("nan")
+    before = {n: v.clone() for n, v in trainer.state_tensors().items()}
+    loss, _, _, bad_micro = trainer.train_step()
+    assert math.isnan(loss) and bad_micro == 0
+    assert trainer.step == 1 and trainer.applied == 0
+    after = trainer.state_tensors()
+    # weights, moments and counters untouched (the NaN weight itself compares unequal to itself)
+    assert all(torch.equal(after[n], before[n]) for n in before if n != "model.norm.weight")
