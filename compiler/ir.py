@@ -10,9 +10,10 @@ schedule once the schedule pass has run: the op names in execution order.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 

@@ -121,9 +121,11 @@ def full_numel(t: Tensor) -> int:
 
 
 def parameter_counts(tensors: dict[str, Tensor], used: set[str]) -> dict[str, int]:
-    """Total and trainable parameter counts (full, unsharded). Adapters count in both."""
+    """Parameter counts (full, unsharded): `total` is the model's own parameters (what the model card
+    says; N of the 6N FLOPs/token), `adapter` the LoRA parameters added to it, `trainable` what the
+    optimizer updates (LoRA: the adapters; full fine-tune: the model)."""
     seen: set[str] = set()
-    total = trainable = 0
+    total = trainable = adapter = 0
     for t in tensors.values():
         if t.name not in used or t.attrs.get("transient") or "staging_of" in t.attrs:
             continue
@@ -134,8 +136,11 @@ def parameter_counts(tensors: dict[str, Tensor], used: set[str]) -> dict[str, in
             if key in seen:
                 continue
             seen.add(key)
-            total += full_numel(t)
-    return {"total": total, "trainable": trainable}
+            if "lora" in t.attrs:
+                adapter += full_numel(t)
+            else:
+                total += full_numel(t)
+    return {"total": total, "trainable": trainable, "adapter": adapter}
 
 
 def category(t: Tensor) -> str:

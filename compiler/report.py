@@ -253,7 +253,8 @@ def render_report(report: dict[str, Any], plan: Plan) -> Group:
     p = report["parameters"]
     head = Text()
     head.append(f"Model {report['model']}: ", style="bold")
-    head.append(f"{p.get('total', 0):,} parameters, {p.get('trainable', 0):,} trainable\n")
+    adapter = f" (+{p['adapter']:,} LoRA adapter)" if p.get("adapter") else ""
+    head.append(f"{p.get('total', 0):,} parameters{adapter}, {p.get('trainable', 0):,} trainable\n")
     dev = report["memory"]["device"]
     at = dev.get("peak_at") or {}
     layer = f", layer {at['layer']}" if at.get("layer") is not None else ""

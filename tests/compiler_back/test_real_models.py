@@ -64,12 +64,12 @@ def test_parameter_counts_match_transformers(tiny_dir, tie):
         hf = AutoModelForCausalLM.from_config(Qwen3Config(**tiny_config(2, tie)))
     expected = sum(p.numel() for p in hf.parameters())
     full = plan_for(tiny_dir(2, tie), lora=False)
-    assert full.meta["parameters"] == {"total": expected, "trainable": expected}
+    assert full.meta["parameters"] == {"total": expected, "trainable": expected, "adapter": 0}
     lora = plan_for(tiny_dir(2, tie), lora=True, lora_rank=4)
     # rank 4 adapters on q, k, v, o, gate, up, down of each layer: r * (in + out) each.
     h, i, q, kv = 64, 128, 4 * 16, 2 * 16
     adapters = 2 * 4 * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
-    assert lora.meta["parameters"] == {"total": expected + adapters, "trainable": adapters}
+    assert lora.meta["parameters"] == {"total": expected, "trainable": adapters, "adapter": adapters}
 
 
 def test_recompute_lowers_activation_bytes(tiny_dir):
@@ -306,3 +306,17 @@ def test_plan_meta_carries_what_the_runtime_needs(tiny_dir, tmp_path):
     assert meta["loss"] == "loss" and "input_ids" in meta["inputs"]
     assert meta["zero"]["world"] == 1 and meta["optimizer"]["kind"] == "adamw_8bit"
     assert meta["buffers"]["device"]["arena_bytes"] == plan.arenas["device"]
+
+
+def test_qwen3_06b_preset_lora_counts_are_pefts(tmp_path, capsys):
+    """The issue's figures: the real model's 596,049,920 parameters, 10,092,544 LoRA r16 parameters
+    (all seven projections) trainable, frozen bf16 weights at exactly 2 bytes per parameter."""
+    from surogate.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 256\nlora: true\nlora_rank: 16\nlora_target_modules: [all]\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["parameters"] == {"total": 596_049_920, "trainable": 10_092_544, "adapter": 10_092_544}
+    assert rep["memory"]["device"]["categories"]["frozen_weights"] >= 2 * 596_049_920
+    assert rep["memory"]["device"]["categories"]["frozen_weights"] < 2 * 596_049_920 + 256 * 400  # alignment only
