@@ -26,7 +26,7 @@ from tests.runtime.helpers import (
     yaml_cfg,
 )
 
-MAX_STEPS, SAVE_STEPS = 12, 3
+MAX_STEPS, SAVE_STEPS = 20, 3
 
 
 def _cfg(root, name):
@@ -61,7 +61,9 @@ def _kill_after_first_checkpoint(yaml_file, out):
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     save_model(root / "model", "qwen3")
-    write_text_data(root / "train.jsonl", rows=120)
+    # 24 short documents pack into 9 batches of 2 rows: with accumulation 2 some steps straddle two epochs,
+    # and the 20 steps run through 4.4 epochs (the resumed run crosses epoch boundaries: reshuffles)
+    write_text_data(root / "train.jsonl", rows=24)
     return root
 
 
@@ -71,6 +73,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(root):
     assert done.returncode == 0, done.stderr[-3000:]
     straight = _records(root / "straight" / "log.jsonl")
     assert sorted(straight) == list(range(1, MAX_STEPS + 1))
+    assert read_log(root / "straight" / "log.jsonl").steps[-1]["epoch"] > 2
 
     out = root / "killed"
     killed_yaml = write_yaml(root / "killed.yaml", _cfg(root, "killed"))
