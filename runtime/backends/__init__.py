@@ -16,7 +16,11 @@ def kernel_table(backend: str) -> dict[str, Any]:
 
         return KERNELS
     if backend == "cuda":
-        raise NotAvailableError(
-            "the cuda backend of the executor has not landed yet; this version trains on the cpu backend"
-        )
+        from surogate.numba_kernels._device import cuda_backend_available
+
+        if not cuda_backend_available():
+            raise NotAvailableError("the cuda backend needs a CUDA GPU (none is visible to torch); use the cpu backend")
+        from surogate.runtime.backends.cuda import make_kernel_table
+
+        return make_kernel_table()  # a fresh table per call: its caches belong to one executor
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")

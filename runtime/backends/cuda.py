@@ -1,0 +1,52 @@
+"""The `cuda` backend: the executor's kernel table for a GPU (and, under NUMBA_ENABLE_CUDASIM=1, for CPU
+tensors, which is how it is tested without one).
+
+- GEMMs: torch (cuBLAS) with `out=` the planned view (`cuda_gemm`);
+- attention: torch's fused attention ops, varlen flash where available (`cuda_attention`);
+- RMSNorm, RoPE, SwiGLU, dropout, fused LM-head CE, NF4 dequant: Numba-CUDA kernels (`cuda_numba`);
+- 8-bit AdamW, NorMuon, gradient norm / clipping, copies and collectives (`cuda_optim`);
+- MoE and FP8/FP4 matmul kinds: the reference math, run on the device (torch ops; see `_on_device`).
+
+Every kernel writes into the planned arena views and returns them (see `cuda_state`). `make_kernel_table()`
+returns a fresh table with its own caches: one per executor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from surogate.runtime.backends import cuda_attention, cuda_gemm, cuda_numba, cuda_optim
+from surogate.runtime.backends.cuda_state import CudaKernels, CudaState
+from surogate.runtime.reference.kernels_moe import KERNELS as MOE
+from surogate.runtime.reference.kernels_quant import KERNELS as QUANT
+
+OWN = {**cuda_gemm.KERNELS, **cuda_numba.KERNELS, **cuda_attention.KERNELS, **cuda_optim.KERNELS}
+
+
+def _on_device(fn: Callable) -> Callable:
+    """A reference kernel run with its factory functions defaulting to the inputs' device."""
+
+    @functools.wraps(fn)
+    def run(ins: list, attrs: dict, ctx: Any) -> list:
+        dev = next((t.device for t in ins if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        with torch.device(dev):
+            return fn(ins, attrs, ctx)
+
+    return run
+
+
+def make_kernel_table() -> CudaKernels:
+    """A new `cuda` kernel table (op kind -> kernel) with its own scratch and per-step scalar caches."""
+    state = CudaState()
+    table: dict[str, Callable] = {k: _on_device(f) for k, f in {**MOE, **QUANT}.items() if k not in OWN}
+    table.update({k: functools.partial(f, state) for k, f in OWN.items()})
+    return CudaKernels(table, state)
+
+
+def fallback_kinds() -> list[str]:
+    """Op kinds this backend runs through the reference math instead of a dedicated kernel."""
+    return sorted(k for k in {**MOE, **QUANT} if k not in OWN)

@@ -1,0 +1,130 @@
+"""GEMM-shaped and indexing kernels of the `cuda` backend: linear (+ backward), embedding, add, identity.
+
+GEMMs go through torch (cuBLAS on a GPU) with `out=` the planned view, or `addmm_` into it when the op
+accumulates; when operand dtypes differ (fp32 LoRA adapters on bf16 activations) the product is computed
+in the promoted dtype and cast into the view (a temporary, as the reference backend does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from surogate.runtime.backends.cuda_state import CudaState
+from surogate.runtime.reference.dtypes import common
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, alpha: float = 1.0) -> None:
+    """out (=|+=) alpha * a @ b, written into `out` without a temporary when all dtypes agree."""
+    if a.dtype == b.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b, alpha=alpha)
+        else:
+            torch.matmul(a, b, out=out)
+            if alpha != 1.0:
+                out.mul_(alpha)
+        return
+    dt = common(a, b)
+    prod = a.to(dt) @ b.to(dt)
+    if alpha != 1.0:
+        prod.mul_(alpha)
+    if accumulate:
+        out.add_(prod.to(out.dtype))
+    else:
+        out.copy_(prod)
+
+
+def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    x, w = ins[0], ins[1]
+    bias = ins[2] if len(ins) > 2 else None
+    bnd = st.bind(ins, attrs, ctx)
+    out, acc = bnd.views[0], bnd.accumulate[0]
+    scale = float(attrs.get("scale", 1.0))
+    o2 = _rows(out)
+    if bias is None:
+        gemm_into(o2, _rows(x), w.t(), accumulate=acc, alpha=scale)
+    else:  # (x @ W^T + b) * scale
+        tmp = st.scratch("linear_bias", tuple(o2.shape), o2.dtype, o2.device) if acc else o2
+        gemm_into(tmp, _rows(x), w.t(), accumulate=False)
+        tmp.add_(bias.to(tmp.dtype))
+        if scale != 1.0:
+            tmp.mul_(scale)
+        if acc:
+            o2.add_(tmp)
+    return [out]
+
+
+def linear_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    dy, w = ins
+    bnd = st.bind(ins, attrs, ctx)
+    dx = bnd.views[0]
+    gemm_into(_rows(dx), _rows(dy), w, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)))
+    return [dx]
+
+
+def linear_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    dy, x = ins
+    bnd = st.bind(ins, attrs, ctx)
+    dyr = _rows(dy)
+    gemm_into(bnd.views[0], dyr.t(), _rows(x), accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)))
+    if len(bnd.views) > 1:  # dbias
+        db = bnd.views[1]
+        if bnd.accumulate[1]:
+            db.add_(dyr.sum(0).to(db.dtype))
+        else:
+            torch.sum(dyr, 0, out=db) if dyr.dtype == db.dtype else db.copy_(dyr.float().sum(0))
+    return bnd.views
+
+
+def embedding(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    ids, w = ins
+    out = st.bind(ins, attrs, ctx).views[0]
+    torch.index_select(w, 0, ids.reshape(-1), out=_rows(out))
+    return [out]
+
+
+def embedding_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    dy, ids = ins
+    bnd = st.bind(ins, attrs, ctx)
+    dw = bnd.views[0]
+    if not bnd.accumulate[0]:
+        dw.zero_()
+    src = _rows(dy)
+    dw.index_add_(0, ids.reshape(-1), src if src.dtype == dw.dtype else src.to(dw.dtype))
+    return [dw]
+
+
+def add(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    a, b = ins
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    if bnd.accumulate[0]:
+        out.add_(a).add_(b)
+    elif b.dtype == a.dtype:
+        torch.add(a, b, out=out)
+    else:
+        out.copy_(a + b.to(a.dtype))
+    return [out]
+
+
+def identity(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    out.add_(ins[0]) if bnd.accumulate[0] else out.copy_(ins[0])
+    return [out]
+
+
+KERNELS = {
+    "linear": linear,
+    "linear_bwd_data": linear_bwd_data,
+    "linear_bwd_weight": linear_bwd_weight,
+    "embedding": embedding,
+    "embedding_bwd": embedding_bwd,
+    "add": add,
+    "identity": identity,
+}

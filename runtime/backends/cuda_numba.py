@@ -1,0 +1,274 @@
+"""Element-wise and row kernels of the `cuda` backend, launched through the `numba_kernels` registry.
+
+RMSNorm, RoPE, SwiGLU, dropout, the fused LM-head cross-entropy and NF4 dequantization run as Numba-CUDA
+kernels (`KERNELS[name].cuda`) on torch's current stream, writing into the planned views. Under
+NUMBA_ENABLE_CUDASIM=1 the same launchers run on CPU tensors (the tests of this backend).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from surogate.numba_kernels import KERNELS as NK
+from surogate.numba_kernels.cross_entropy import CEWorkspace
+from surogate.runtime.backends.cuda_state import CudaState
+
+
+def _k(name: str):
+    return NK[name].cuda
+
+
+def _into(st: CudaState, view: torch.Tensor, accumulate: bool, tag: str) -> torch.Tensor:
+    """Where a kernel should write: the view itself, or a scratch buffer that is then added into it."""
+    return st.scratch(tag, tuple(view.shape), view.dtype, view.device) if accumulate else view
+
+
+def _flush(view: torch.Tensor, buf: torch.Tensor) -> None:
+    if buf is not view:
+        view.add_(buf)
+
+
+# -- RMSNorm --------------------------------------------------------------------------------------------
+def _groups(x: torch.Tensor, attrs: dict) -> torch.Tensor:
+    g = attrs.get("group") or x.shape[-1]
+    return x.reshape(-1, g)
+
+
+def _rstd(st: CudaState, x2: torch.Tensor, eps: float) -> torch.Tensor:
+    """Recompute rstd (the plan keeps no rstd tensor) with torch reductions into scratch."""
+    rstd = st.scratch("rms_rstd", (x2.shape[0],), torch.float32, x2.device)
+    torch.linalg.vector_norm(x2, dim=-1, dtype=torch.float32, out=rstd)
+    return rstd.pow_(2).div_(x2.shape[1]).add_(eps).rsqrt_()
+
+
+def _ones(st: CudaState, h: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return st.constant(("ones", h, dtype), lambda: torch.ones(h, dtype=dtype), device)
+
+
+def rmsnorm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    x, w = ins
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    x2 = _groups(x, attrs)
+    rstd = st.scratch("rms_rstd", (x2.shape[0],), torch.float32, x.device)
+    buf = _into(st, out, bnd.accumulate[0], "rms_acc")
+    _k("rmsnorm_fwd")(x2, w, buf.reshape(x2.shape), rstd, float(attrs["eps"]))
+    _flush(out, buf)
+    return [out]
+
+
+def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, attrs: dict,
+                  ds: torch.Tensor, dres: torch.Tensor | None) -> torch.Tensor:
+    x2 = _groups(x, attrs)
+    rows, h = x2.shape
+    rstd = _rstd(st, x2, float(attrs["eps"]))
+    dw = st.scratch(f"rms_dw:{attrs.get('fwd_op')}", (h,), w.dtype, x.device)
+    ws = st.scratch("rms_ws", (rows, h), torch.float32, x.device)  # >= the launcher's block count
+    _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, rstd, ds.reshape(rows, h), dw,
+                      dres.reshape(rows, h) if dres is not None else None, ws)
+    return dw
+
+
+def rmsnorm_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    dy, x, w = ins
+    bnd = st.bind(ins, attrs, ctx)
+    dx = bnd.views[0]
+    # accumulate: dx = grad + dx (the kernel's `dresidual` input reads the old value element by element)
+    dw = _rms_backward(st, dy, x, w, attrs, dx, dx if bnd.accumulate[0] else None)
+    # the same launch summed dweight: the matching rmsnorm_bwd_weight op of this run reuses it
+    ctx.__dict__.setdefault("_cuda_rms_dw", {})[attrs.get("fwd_op")] = dw
+    return [dx]
+
+
+def rmsnorm_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    dy, x = ins
+    bnd = st.bind(ins, attrs, ctx)
+    dweight = bnd.views[0]
+    h = _groups(x, attrs).shape[1]
+    dw = ctx.__dict__.get("_cuda_rms_dw", {}).get(attrs.get("fwd_op"))
+    # dy and x are this op's inputs, hence unchanged since rmsnorm_bwd read them
+    if dw is None:
+        ones = _ones(st, h, x.dtype, x.device)  # dweight = sum(dy * xhat) does not depend on the weight
+        ds = st.scratch("rms_ds", tuple(x.shape), x.dtype, x.device)
+        dw = _rms_backward(st, dy, x, ones, {**attrs, "fwd_op": None}, ds, None)
+    if bnd.accumulate[0]:
+        dweight.add_(dw.to(dweight.dtype))
+    else:
+        dweight.copy_(dw)
+    return [dweight]
+
+
+# -- RoPE -----------------------------------------------------------------------------------------------
+def _inv_freq(st: CudaState, attrs: dict, device: torch.device) -> torch.Tensor:
+    inv = tuple(float(f) for f in attrs["inv_freq"])
+    return st.constant(("inv_freq", inv), lambda: torch.tensor(inv, dtype=torch.float32), device)
+
+
+def _rope(st: CudaState, ins: list, attrs: dict, ctx: Any, name: str) -> list:
+    x, pos = ins
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    d = int(attrs["head_dim"])
+    b, t, w = x.shape
+    buf = _into(st, out, bnd.accumulate[0], "rope_acc")
+    _k(name)(x.reshape(b * t, w // d, d), buf.view(b * t, w // d, d), pos.reshape(-1),
+             _inv_freq(st, attrs, x.device), float(attrs.get("attention_scaling", 1.0)))
+    _flush(out, buf)
+    return [out]
+
+
+def rope(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    return _rope(st, ins, attrs, ctx, "rope_fused_fwd")
+
+
+def rope_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    return _rope(st, ins, attrs, ctx, "rope_fused_bwd")
+
+
+# -- SwiGLU ---------------------------------------------------------------------------------------------
+def swiglu(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    g, u = ins
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    buf = _into(st, out, bnd.accumulate[0], "swiglu_acc")
+    _k("swiglu_fwd")(g, u, buf)
+    _flush(out, buf)
+    return [out]
+
+
+def swiglu_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    dy, g, u = ins
+    bnd = st.bind(ins, attrs, ctx)
+    wrt = list(attrs.get("wrt", (0, 1)))
+    targets = {}
+    for k, i in enumerate(wrt):
+        targets[i] = _into(st, bnd.views[k], bnd.accumulate[k], f"swiglu_d{i}")
+    dg = targets.get(0, st.scratch("swiglu_d0", tuple(g.shape), g.dtype, g.device))
+    du = targets.get(1, st.scratch("swiglu_d1", tuple(u.shape), u.dtype, u.device))
+    _k("swiglu_bwd")(dy, g, u, dg, du)
+    for k, i in enumerate(wrt):
+        _flush(bnd.views[k], targets[i])
+    return bnd.views
+
+
+# -- dropout --------------------------------------------------------------------------------------------
+def _dropout(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    buf = _into(st, out, bnd.accumulate[0], "dropout_acc")
+    p = float(attrs["p"])
+    x = ins[0]
+    if p == 0.0:
+        buf.copy_(x)
+    else:  # counter-based mask from (seed, step): forward, recompute and backward regenerate the same one
+        _k("lora_dropout")(x, buf, p, int(attrs["seed"]), int(ctx.step) * x.numel())
+    _flush(out, buf)
+    return [out]
+
+
+dropout = _dropout
+dropout_bwd = _dropout
+
+
+# -- fused LM head + cross-entropy ----------------------------------------------------------------------
+def _ce_workspace(st: CudaState, logits_ws: torch.Tensor, rows: int) -> CEWorkspace:
+    dev = logits_ws.device
+    f32 = torch.float32
+    return CEWorkspace(logits=logits_ws.reshape(-1), m=st.scratch("ce_m", (rows,), f32, dev),
+                       s=st.scratch("ce_s", (rows,), f32, dev), tgt=st.scratch("ce_tgt", (rows,), f32, dev, zero=True),
+                       rows_per_chunk=int(logits_ws.shape[0]), vocab_tile=int(logits_ws.shape[1]))
+
+
+def _inv_items(st: CudaState, n_items: torch.Tensor) -> torch.Tensor:
+    """1 / max(num_items, 1) as a device scalar (no host sync: the step can be captured)."""
+    inv = st.scratch("ce_inv_items", (), torch.float32, n_items.device)
+    torch.clamp(n_items.float() if n_items.dtype != torch.float32 else n_items, min=1.0, out=inv)
+    return inv.reciprocal_()
+
+
+def lm_head_ce(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    from surogate.numba_kernels import cross_entropy as ce
+
+    h, w, labels, n_items = ins
+    loss, lse, logits_ws = st.bind(ins, attrs, ctx).views
+    x = h.reshape(-1, h.shape[-1])
+    lab = labels.reshape(-1)
+    rows = x.shape[0]
+    ws = _ce_workspace(st, logits_ws, rows)
+    loss_rows = st.scratch("ce_loss_rows", (rows,), torch.float32, x.device)
+    ignore = int(attrs.get("ignore_index", ce.IGNORE_INDEX))
+    vocab = w.shape[0]
+    for r0, r1, v0, v1 in ce._tiles(rows, vocab, ws):
+        buf = ce._logits_tile(x, w, ws, r0, r1, v0, v1)
+        ce._stats(buf, lab, v0, v0 == 0, ws, r0, r1)
+        if v1 == vocab:
+            ce._finalize(lab, ws, lse, loss_rows, ignore, r0, r1)
+    torch.sum(loss_rows, 0, out=loss)
+    loss.mul_(_inv_items(st, n_items))
+    return [loss, lse, logits_ws]
+
+
+def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    from surogate.numba_kernels import _device
+    from surogate.numba_kernels import cross_entropy as ce
+    from surogate.runtime.backends.cuda_gemm import gemm_into
+
+    h, w, labels, lse, n_items = ins
+    bnd = st.bind(ins, attrs, ctx)
+    wrt = list(attrs["wrt"])
+    views = dict(zip(wrt, bnd.views, strict=False))
+    accs = dict(zip(wrt, bnd.accumulate, strict=False))
+    logits_ws = bnd.views[len(wrt)]
+    x = h.reshape(-1, h.shape[-1])
+    lab = labels.reshape(-1)
+    rows, vocab = x.shape[0], w.shape[0]
+    ws = _ce_workspace(st, logits_ws, rows)
+    inv = _inv_items(st, n_items)
+    ignore = int(attrs.get("ignore_index", ce.IGNORE_INDEX))
+    dx = views[0].reshape(rows, -1) if 0 in views else None
+    for r0, r1, v0, v1 in ce._tiles(rows, vocab, ws):
+        buf = ce._logits_tile(x, w, ws, r0, r1, v0, v1)
+        # gradient of the summed loss, then scaled by 1/num_items on the device (no host sync)
+        _device.launch(ce._grad_kernel(buf.dtype), _device.grid_for(buf.shape[0], 1), _device.threads(), buf,
+                       lab[r0:r1], lse[r0:r1], int(v0), 1.0, ignore)
+        buf.mul_(inv)
+        if dx is not None:
+            gemm_into(dx[r0:r1], buf, w[v0:v1], accumulate=accs[0] or v0 > 0)
+        if 1 in views:
+            gemm_into(views[1][v0:v1], buf.t(), x[r0:r1], accumulate=accs[1])
+    return bnd.views
+
+
+# -- QLoRA dequantization ---------------------------------------------------------------------------------
+def dequant(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """NF4 through the Numba kernel; other formats through the reference math on the device."""
+    from surogate.runtime.reference.quant import dequantize
+
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    if attrs["format"] == "nf4" and not attrs.get("double_quant", False) and out.dtype in (torch.float32,
+                                                                                         torch.bfloat16):
+        _k("nf4_dequantize")(ins[0].reshape(-1), out, int(attrs["block_size"]), absmax=ins[1].reshape(-1))
+    else:
+        with torch.device(out.device):
+            out.copy_(dequantize(attrs["format"], list(ins), tuple(attrs["shape"]), attrs["block_size"],
+                                 attrs.get("double_quant", False)).reshape(out.shape))
+    return [out]
+
+
+KERNELS = {
+    "rmsnorm": rmsnorm,
+    "rmsnorm_bwd": rmsnorm_bwd,
+    "rmsnorm_bwd_weight": rmsnorm_bwd_weight,
+    "rope": rope,
+    "rope_bwd": rope_bwd,
+    "swiglu": swiglu,
+    "swiglu_bwd": swiglu_bwd,
+    "dropout": dropout,
+    "dropout_bwd": dropout_bwd,
+    "lm_head_ce": lm_head_ce,
+    "lm_head_ce_bwd": lm_head_ce_bwd,
+    "dequant": dequant,
+}

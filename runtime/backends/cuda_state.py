@@ -1,0 +1,152 @@
+"""Per-executor state of the `cuda` kernel table: output bindings, scratch buffers, per-step device scalars.
+
+Kernels of this backend write straight into the planned arena views of their outputs and return those
+views (the executor then sees an in-place write and copies nothing). A kernel receives only its input
+views, so the output views are derived once per op: the op is found through its `attrs` dict (the same
+object the executor passes), and its outputs are viewed at their planned offsets in the arena storage
+that its inputs live in. Whether an output is overwritten or accumulated into follows the executor's
+rule: gradients listed in `accumulate_into` always accumulate; other listed outputs accumulate unless
+the op is the first writer of that tensor in the program.
+
+Scratch buffers (rstd of a norm, CE row statistics, GQA-expanded keys) are allocated on first use and
+reused: after the first step nothing is allocated except inside torch's GEMM / attention calls.
+Per-step scalars (learning rate, bias correction) live in small device tensors that are refreshed from
+the host outside any CUDA-graph capture (`refresh_scalars`), so a captured step replays with new values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from surogate.compiler.ir import Role
+from surogate.runtime.reference.dtypes import TORCH_DTYPES
+
+
+@dataclass
+class Binding:
+    """The planned output views of one op and, per output, whether the op accumulates into it."""
+
+    views: list[torch.Tensor]
+    accumulate: list[bool]
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _plan_ops(graph: Any) -> list:
+    ops = graph.ops
+    return list(ops() if callable(ops) else ops)
+
+
+def _arena_view(storage: torch.UntypedStorage, device: torch.device, t: Any) -> torch.Tensor:
+    arena = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+    raw = arena[t.offset : t.offset + t.nbytes]
+    if t.dtype in ("nf4", "fp4_e2m1"):
+        return raw
+    return raw.view(TORCH_DTYPES[t.dtype]).view(t.shape)
+
+
+class CudaState:
+    """Caches of one kernel-table instance (one executor)."""
+
+    def __init__(self) -> None:
+        self._ops: dict[int, tuple[Any, dict[int, Any]]] = {}  # id(plan) -> (plan, {id(attrs): op})
+        self._first_writer: dict[int, dict[str, int]] = {}
+        self._bindings: dict[tuple[int, int], Binding] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._scalars: dict[Any, tuple[torch.Tensor, Callable[[Any], list[float]]]] = {}
+        self.constants: dict[tuple, torch.Tensor] = {}
+
+    # -- outputs ---------------------------------------------------------------------------------------
+    def _op_index(self, graph: Any) -> dict[int, Any]:
+        entry = self._ops.get(id(graph))
+        if entry is None or entry[0] is not graph:
+            ops = _plan_ops(graph)
+            first: dict[str, int] = {}
+            for i, op in enumerate(ops):
+                for name in op.outputs:
+                    first.setdefault(name, i)
+            entry = (graph, {id(op.attrs): (i, op) for i, op in enumerate(ops)})
+            self._ops[id(graph)] = entry
+            self._first_writer[id(graph)] = first
+        return entry[1]
+
+    def bind(self, ins: list, attrs: dict, ctx: Any) -> Binding:
+        """Output views (at their planned offsets) and accumulate flags of the op owning `attrs`."""
+        base = next(t for t in ins if isinstance(t, torch.Tensor))
+        key = (id(attrs), base.untyped_storage().data_ptr())
+        hit = self._bindings.get(key)
+        if hit is not None:
+            return hit
+        graph = ctx.graph
+        index, op = self._op_index(graph)[id(attrs)]
+        first = self._first_writer[id(graph)]
+        tensors = graph.tensors
+        space_of = {tensors[n].space: v for n, v in zip(op.inputs, ins, strict=False) if isinstance(v, torch.Tensor)}
+        acc = set(attrs.get("accumulate_into", ()))
+        views, modes = [], []
+        for name in op.outputs:
+            t = tensors[name]
+            src = space_of.get(t.space)
+            if src is None or t.offset is None:  # no input in that arena: a fresh buffer, copied by the executor
+                views.append(torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype], device=base.device))
+                modes.append(False)
+                continue
+            views.append(_arena_view(src.untyped_storage(), src.device, t))
+            modes.append(name in acc and (t.role is Role.GRADIENT or first[name] != index))
+        binding = Binding(views, modes)
+        self._bindings[key] = binding
+        return binding
+
+    # -- scratch ---------------------------------------------------------------------------------------
+    def scratch(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                zero: bool = False) -> torch.Tensor:
+        """A buffer reused across calls with the same (tag, shape, dtype, device); allocated once."""
+        key = (tag, tuple(shape), dtype, str(device))
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+            self._scratch[key] = buf
+        return buf
+
+    def constant(self, key: tuple, build: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+        k = (*key, str(device))
+        if k not in self.constants:
+            self.constants[k] = build().to(device)
+        return self.constants[k]
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes held in scratch buffers (what the plan's workspace accounting must cover)."""
+        return sum(b.numel() * b.element_size() for b in self._scratch.values())
+
+    # -- per-step scalars ------------------------------------------------------------------------------
+    def scalars(self, key: Any, n: int, device: torch.device, values: Callable[[Any], list[float]],
+                ctx: Any) -> torch.Tensor:
+        """A fp32 [n] device tensor holding `values(ctx)`; refreshed now unless a capture is running."""
+        entry = self._scalars.get(key)
+        if entry is None:
+            entry = (torch.zeros(n, dtype=torch.float32, device=device), values)
+            self._scalars[key] = entry
+        if not capturing():
+            entry[0].copy_(torch.tensor(values(ctx), dtype=torch.float32))
+        return entry[0]
+
+    def refresh_scalars(self, ctx: Any) -> None:
+        """Write every per-step scalar for `ctx` (before replaying a captured graph)."""
+        for buf, values in self._scalars.values():
+            buf.copy_(torch.tensor(values(ctx), dtype=torch.float32))
+
+
+class CudaKernels(dict):
+    """The `cuda` kernel table: op kind -> kernel, plus the `state` its kernels share."""
+
+    def __init__(self, kernels: dict[str, Callable], state: CudaState) -> None:
+        super().__init__(kernels)
+        self.state = state
