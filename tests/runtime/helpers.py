@@ -85,12 +85,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def shift(labels: torch.Tensor) -> torch.Tensor:
-    out = torch.full_like(labels, -100)
-    out[:, :-1] = labels[:, 1:]
-    return out
-
-
 class PlanRunner:
     """compile_plan(cfg) -> ArenaExecutor on the cpu backend, weights loaded from the model folder."""
 
