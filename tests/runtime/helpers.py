@@ -176,9 +176,11 @@ def cli_env() -> dict[str, str]:
 
 
 def surogate_cmd(*args: str) -> list[str]:
+    """The installed `surogate` console script beside this interpreter (else `python -m surogate.cli`)."""
     import sys
 
-    return [sys.executable, "-m", "surogate.cli", *args]
+    script = Path(sys.executable).parent / "surogate"
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "surogate.cli", *args]
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
