@@ -63,11 +63,17 @@ def _merge_adapter(weights: dict[str, torch.Tensor], plan: Plan, adapter_path: s
         raw = load_file(str(weights_file))
     except Exception as exc:  # malformed JSON or safetensors
         raise UserError(f"adapter_path: cannot read the adapter in {folder}: {exc}") from None
+    for key, what in (("use_dora", "DoRA"), ("alpha_pattern", "per-module lora_alpha (alpha_pattern)")):
+        if adapter_cfg.get(key):
+            raise UserError(f"adapter_path: the adapter in {folder} uses {what}, which cannot be merged; "
+                            "merge it with PEFT (`merge_and_unload`) and point `model:` at the result")
     lora = {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}
     by_source = {t.source: n for n, t in plan.tensors.items() if n in weights and t.source}
     base = {src: weights[name] for src, name in by_source.items()}
     try:
-        merged = merge_lora(base, lora, lora_alpha=float(adapter_cfg["lora_alpha"]))
+        # rsLoRA scales by alpha / sqrt(r); per-module ranks (rank_pattern) come from the tensors' shapes
+        merged = merge_lora(base, lora, lora_alpha=float(adapter_cfg["lora_alpha"]),
+                            use_rslora=bool(adapter_cfg.get("use_rslora", False)))
     except (KeyError, ValueError) as exc:
         raise UserError(f"adapter_path: adapter in {folder} does not fit the model: {exc}") from None
     for src, value in merged.items():

@@ -74,29 +74,47 @@ def test_from_scratch_uses_hf_init_and_zeroes_projections(root, zero_init):
 
 # ------------------------------------------------------------------------------------------- adapter_path
 
-def test_adapter_path_is_merged_before_training(root, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _save_adapter(root, out, **kw):
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(5)
     base = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, attn_implementation="eager")
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJ),
-                                                 init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path / "adapter")
+                                                 init_lora_weights=False, **kw))
+    peft_model.save_pretrained(out)
+
+
+ADAPTERS = {"plain": {}, "rslora": {"use_rslora": True}, "rank_pattern": {"rank_pattern": {"q_proj": 2}}}
+
+
+@pytest.mark.parametrize("kind", list(ADAPTERS))
+def test_adapter_path_is_merged_before_training(root, tmp_path, kind):
+    from peft import PeftModel
+
+    _save_adapter(root, tmp_path / "adapter", **ADAPTERS[kind])
     loaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, attn_implementation="eager"),
         tmp_path / "adapter").eval()
     ids, labels = random_batch(2, 16, seed=9)
     with torch.no_grad():
         ref = float(loaded(input_ids=ids, labels=labels).loss)
-    cfg = _cfg(root, "adapter", lora=True, lora_rank=8, lora_alpha=16, adapter_path=str(tmp_path / "adapter"))
+    cfg = _cfg(root, f"adapter-{kind}", lora=True, lora_rank=8, lora_alpha=16, adapter_path=str(tmp_path / "adapter"))
     trainer = build_trainer(cfg)
     ours = trainer_loss(trainer, ids, labels)
-    base_only = build_trainer(_cfg(root, "no-adapter", lora=True, lora_rank=8))
+    base_only = build_trainer(_cfg(root, f"no-adapter-{kind}", lora=True, lora_rank=8))
     assert abs(trainer_loss(base_only, ids, labels) - ref) > 1e-3  # the adapter changes the loss
     assert abs(ours - ref) <= 1e-5 * ref, (ours, ref)
     # the merged adapter is frozen base weight; the run's own adapters start fresh (B = 0)
     fresh_b = [v for n, v in trainer.ex.tensors_of([Role.TRAINABLE_WEIGHT]).items() if ".lora_B." in n]
     assert fresh_b and not any(v.any() for v in fresh_b)
+
+
+def test_adapter_path_that_cannot_be_merged_is_a_user_error(root, tmp_path):
+    from surogate.errors import UserError
+
+    _save_adapter(root, tmp_path / "dora", use_dora=True)
+    with pytest.raises(UserError, match="DoRA"):
+        build_trainer(_cfg(root, "dora", lora=True, adapter_path=str(tmp_path / "dora")))
 
 
 # --------------------------------------------------------------------------------- lora bf16, normuon
