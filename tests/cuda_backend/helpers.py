@@ -106,3 +106,20 @@ def assert_close_grads(grads: dict, ref: dict, tol: float) -> None:
 
 
 __all__ = ["VOCAB", "Runner", "assert_close_grads", "batch", "pair", "rel_err", "save_sim_model", "sim_cfg"]
+
+
+def record_copies(runner: Runner) -> list[str]:
+    """Wrap the runner's kernels; the returned list collects outputs a kernel did not write in place."""
+    copied: list[str] = []
+    ex = runner.ex
+    ops = {id(op.attrs): op for op in runner.plan.ops}
+    for kind, fn in list(ex.kernels.items()):
+        def wrapped(ins, attrs, ctx, fn=fn):
+            outs = fn(ins, attrs, ctx)
+            for name, value in zip(ops[id(attrs)].outputs, outs, strict=True):
+                view = ex.views[name]
+                if value is not None and (value.data_ptr() != view.data_ptr() or value.shape != view.shape):
+                    copied.append(name)
+            return outs
+        ex.kernels[kind] = wrapped
+    return copied
