@@ -16,12 +16,14 @@ from surogate.runtime.checkpoint import CheckpointManager
 from surogate.runtime.observe.jsonl import read_log
 from tests.runtime.helpers import (
     PlanRunner,
+    build_trainer,
     cli_env,
     make_cfg,
     random_batch,
     run_cli,
     save_model,
     surogate_cmd,
+    text_cfg,
     write_text_data,
     write_yaml,
     yaml_cfg,
@@ -109,9 +111,6 @@ def test_dropout_masks_follow_the_step(root):
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "normuon"])
 def test_trainer_restore_continues_bitwise_with_every_optimizer_state(root, tmp_path, optimizer):
     """In process: save after 2 of 4 steps, restore into a fresh Trainer, finish: same losses and state."""
-    from surogate.runtime.checkpoint import CheckpointManager
-    from tests.runtime.helpers import build_trainer, text_cfg
-
     def trainer(name):
         return build_trainer(text_cfg(root / "model", root / "train.jsonl", tmp_path / name, lora=False,
                                       optimizer=optimizer, gradient_accumulation_steps=2, max_steps=4,
