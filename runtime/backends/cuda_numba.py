@@ -173,10 +173,23 @@ dropout_bwd = _dropout
 
 
 # -- fused LM head + cross-entropy ----------------------------------------------------------------------
-def _ce_workspace(st: CudaState, logits_ws: torch.Tensor, rows: int) -> CEWorkspace:
+def _logits_buffer(st: CudaState, logits_ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The plan's logits workspace as a flat buffer of the model dtype (the logits GEMM's output dtype).
+
+    An fp32 workspace for bf16 logits is reinterpreted (its bytes are scratch and large enough)."""
+    flat = logits_ws.reshape(-1)
+    if flat.dtype == dtype:
+        return flat
+    n = flat.numel()
+    if flat.element_size() >= torch.empty((), dtype=dtype).element_size():
+        return flat.view(torch.uint8)[: n * torch.empty((), dtype=dtype).element_size()].view(dtype)
+    return st.scratch("ce_logits", (n,), dtype, flat.device)
+
+
+def _ce_workspace(st: CudaState, logits_ws: torch.Tensor, rows: int, dtype: torch.dtype) -> CEWorkspace:
     dev = logits_ws.device
     f32 = torch.float32
-    return CEWorkspace(logits=logits_ws.reshape(-1), m=st.scratch("ce_m", (rows,), f32, dev),
+    return CEWorkspace(logits=_logits_buffer(st, logits_ws, dtype), m=st.scratch("ce_m", (rows,), f32, dev),
                        s=st.scratch("ce_s", (rows,), f32, dev), tgt=st.scratch("ce_tgt", (rows,), f32, dev, zero=True),
                        rows_per_chunk=int(logits_ws.shape[0]), vocab_tile=int(logits_ws.shape[1]))
 
@@ -196,7 +209,7 @@ def lm_head_ce(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     x = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1)
     rows = x.shape[0]
-    ws = _ce_workspace(st, logits_ws, rows)
+    ws = _ce_workspace(st, logits_ws, rows, x.dtype)
     loss_rows = st.scratch("ce_loss_rows", (rows,), torch.float32, x.device)
     ignore = int(attrs.get("ignore_index", ce.IGNORE_INDEX))
     vocab = w.shape[0]
@@ -224,7 +237,7 @@ def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     x = h.reshape(-1, h.shape[-1])
     lab = labels.reshape(-1)
     rows, vocab = x.shape[0], w.shape[0]
-    ws = _ce_workspace(st, logits_ws, rows)
+    ws = _ce_workspace(st, logits_ws, rows, x.dtype)
     inv = _inv_items(st, n_items)
     ignore = int(attrs.get("ignore_index", ce.IGNORE_INDEX))
     dx = views[0].reshape(rows, -1) if 0 in views else None

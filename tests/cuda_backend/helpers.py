@@ -27,6 +27,21 @@ def save_sim_model(out: Path, seed: int = 0, **over: Any) -> Path:
     return save_model(out, "qwen3", seed=seed, **{**SIM_MODEL, **over})
 
 
+def save_qwen3(out: Path, seed: int = 0, **config: Any) -> Path:
+    """A random fp32 Qwen3 of any shape (head_dim included) + the tiny tokenizer, saved under `out`."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from tests.runtime_support.helpers import save_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    kw = dict(max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+              tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**{**kw, **config}), dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    save_tiny_tokenizer(out)
+    return out
+
+
 def sim_cfg(model_dir: Path, seq: int = 8, batch: int = 1, **over: Any):
     return make_cfg(model_dir, sequence_len=seq, per_device_train_batch_size=batch, **over)
 
@@ -105,7 +120,8 @@ def assert_close_grads(grads: dict, ref: dict, tol: float) -> None:
         assert err < tol, f"{name}: rel err {err:.2e}"
 
 
-__all__ = ["VOCAB", "Runner", "assert_close_grads", "batch", "pair", "rel_err", "save_sim_model", "sim_cfg"]
+__all__ = ["VOCAB", "Runner", "assert_close_grads", "batch", "lora_b_weights", "pair", "rel_err", "save_model",
+           "save_sim_model", "sim_cfg"]
 
 
 def record_copies(runner: Runner) -> list[str]:

@@ -1,0 +1,131 @@
+"""GPU training throughput: Surogate (cuda backend, CUDA graphs) vs transformers + peft, same job, same batches.
+
+    python benchmarks/throughput.py [--model-size 0.6b|1.7b|4b] [--full] [--steps 3] [--eager]
+
+The job: a random Qwen3-0.6B-shaped model (the preset architecture, random bf16 weights, nothing downloaded),
+BF16, LoRA r16 / alpha 32 on all seven projections (`--full`: full fine-tune), sequence 2048, batch 2 x
+gradient accumulation 4, packed rows of synthetic tokens. Ours: cuda backend, CUDA graphs on (`--eager`: off),
+8-bit AdamW. transformers + peft: SDPA attention, gradient checkpointing on, torch AdamW, the same rows (HF gets
+no document boundaries: timing only). Each side runs in its own subprocess after one warm-up step (ours needs
+two: warm-up, then capture). Prints tokens/s and the ratio. Without a GPU it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_job import PROJ, SIZES, OurTrainer, our_config, packed_batches, save_preset_model, timed  # noqa: E402
+
+
+def _batches(args: argparse.Namespace, vocab: int) -> list[list[dict]]:
+    flat = packed_batches((args.steps + 2) * args.accum, args.batch, args.seq, vocab)
+    return [flat[i * args.accum : (i + 1) * args.accum] for i in range(args.steps + 2)]
+
+
+def run_ours(work: Path, args: argparse.Namespace) -> dict:
+    trainer = OurTrainer(our_config(work / "model", args))
+    vocab = trainer.plan.tensors["model.embed_tokens.weight"].shape[0]
+    steps = _batches(args, vocab)
+    elapsed, losses = timed(lambda i: trainer.train_step(steps[i]), 2, args.steps)
+    return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses,
+            "graphs": trainer.graphs.enabled, "eager_reason": trainer.graphs.reason,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_hf(work: Path, args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    if not args.full:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJ))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    steps = _batches(args, model.config.vocab_size)
+
+    def step(i: int) -> float:
+        total = 0.0
+        for b in steps[i]:
+            loss = model(input_ids=b["input_ids"].cuda(), labels=b["labels"].cuda()).loss / args.accum
+            loss.backward()
+            total += float(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+    elapsed, losses = timed(step, 1, args.steps)
+    return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-size", choices=list(SIZES), default="0.6b")
+    p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    p.add_argument("--eager", action="store_true", help="ours without CUDA graphs")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--runner", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print("throughput.py needs a CUDA GPU (torch sees none); nothing measured.")
+        return 0
+    if args.runner:
+        run = run_ours if args.runner == "ours" else run_hf
+        print(json.dumps(run(Path(args.work), args)))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
+        work = Path(tmp)
+        save_preset_model(args.model_size, work / "model")
+        results = {}
+        for runner in ("ours", "hf"):
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--runner", runner,
+                   "--work", str(work)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if proc.returncode != 0:
+                print(f"[{runner}] failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
+                results[runner] = None
+                continue
+            results[runner] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, hf = results["ours"], results["hf"]
+    mode = "full fine-tune" if args.full else "LoRA r16 (7 projections)"
+    print(f"job: {SIZES[args.model_size]}-shaped, bf16, {mode}, seq {args.seq} x batch {args.batch} x accum "
+          f"{args.accum}, packed rows, {args.steps} timed steps, {torch.cuda.get_device_name()}")
+    for name, r in (("surogate (cuda, graphs)" if not args.eager else "surogate (cuda, eager)", ours),
+                    ("transformers + peft", hf)):
+        if r is None:
+            print(f"{name:<26} FAILED")
+        else:
+            print(f"{name:<26}{r['tokens_per_s']:>12.0f} tokens/s  peak {r['peak_gib']:.2f} GiB  losses "
+                  f"{[round(x, 4) for x in r['losses']]}")
+    if ours and hf:
+        print(f"ratio (surogate / HF): throughput x{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}, "
+              f"peak memory x{ours['peak_gib'] / hf['peak_gib']:.2f}; graphs {ours['graphs']} "
+              f"({ours['eager_reason'] or 'captured'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "ours": ours, "hf": hf}, indent=1))
+    return 0 if ours and hf else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

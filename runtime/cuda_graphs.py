@@ -1,0 +1,118 @@
+"""CUDA-graph capture and replay of the executor's programs (the micro-step and the optimizer step).
+
+Every tensor of a plan lives at a fixed arena offset, inputs are written into the same views each step
+(`cu_seqlens` is a fixed-size buffer), and per-step scalars (learning rate, bias correction) are device
+tensors of the cuda kernel table refreshed before each replay: so a program captured once replays with
+new data. A program runs eagerly `warmup` times first (Numba compiles on first launch, scratch buffers and
+cuBLAS workspaces are created), is captured on its next run and replayed from then on.
+
+    graphs = install(executor, enabled=cfg.use_cuda_graphs)   # executor.run now replays captured graphs
+    ...
+    rec = AllocationRecorder(); rec.record(); <step>; rec.record(); rec.deltas()  # "no allocation" check
+
+`use_cuda_graphs: false`, a CPU executor, or a plan whose ops cannot be replayed unchanged (dropout: its
+mask depends on the step number, a host value baked into a capture) run eagerly; `reason` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, ArenaExecutor
+
+CAPTURED_PROGRAMS = (MICRO_STEP, OPTIMIZER_STEP)
+
+
+def eager_reason(executor: ArenaExecutor, enabled: bool) -> str | None:
+    """Why this executor's programs must run eagerly, or None when they can be captured."""
+    if not enabled:
+        return "use_cuda_graphs is false"
+    if executor.device.type != "cuda" or not torch.cuda.is_available():
+        return "the executor is not on a CUDA device"
+    if getattr(executor.kernels, "state", None) is None:
+        return "the kernel table is not the cuda backend's"
+    if any(op.kind in ("dropout", "dropout_bwd") and float(op.attrs.get("p", 0.0)) > 0 for op in executor.plan.ops):
+        return "dropout masks depend on the step number (a host value a captured graph would freeze)"
+    return None
+
+
+class GraphRunner:
+    """Runs `executor`'s programs, capturing MICRO_STEP and OPTIMIZER_STEP after `warmup` eager runs."""
+
+    def __init__(self, executor: ArenaExecutor, enabled: bool = True, warmup: int = 1) -> None:
+        self.executor = executor
+        self.eager_run: Callable = executor.run  # the executor's own (eager) run, bound before install()
+        self.reason = eager_reason(executor, enabled)
+        self.warmup = max(1, int(warmup))
+        self.graphs: dict[str, Any] = {}
+        self.runs: dict[str, int] = {}
+        self.pool = None
+        self.replays = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.reason is None
+
+    def run(self, program: str, ctx: Any) -> None:
+        if not self.enabled or program not in CAPTURED_PROGRAMS:
+            self.eager_run(program, ctx)
+            return
+        n = self.runs.get(program, 0)
+        self.runs[program] = n + 1
+        if program not in self.graphs and n < self.warmup:
+            self.eager_run(program, ctx)
+            return
+        state = self.executor.kernels.state
+        if program not in self.graphs:
+            self.graphs[program] = self._capture(program, ctx)
+        state.refresh_scalars(ctx)  # learning rate / bias correction of this step, before the replay
+        self.graphs[program].replay()
+        self.replays += 1
+
+    def _capture(self, program: str, ctx: Any) -> Any:
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.eager_run(program, ctx)  # recorded, not executed: run() replays it right after
+        torch.cuda.synchronize()
+        return graph
+
+
+def install(executor: ArenaExecutor, enabled: bool = True, warmup: int = 1) -> GraphRunner:
+    """Route `executor.run` through a GraphRunner (eager where `GraphRunner.reason` says so)."""
+    runner = GraphRunner(executor, enabled, warmup)
+    executor.run = runner.run  # type: ignore[method-assign]
+    return runner
+
+
+class AllocationRecorder:
+    """Snapshots of the CUDA caching allocator's counters, to show nothing is allocated after step 1."""
+
+    KEYS = ("allocation.all.allocated", "segment.all.allocated", "reserved_bytes.all.current",
+            "allocated_bytes.all.current")
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, int]] = []
+
+    def record(self) -> dict[str, int]:
+        torch.cuda.synchronize()
+        stats = torch.cuda.memory_stats()
+        snap = {k: int(stats.get(k, 0)) for k in self.KEYS}
+        self.snapshots.append(snap)
+        return snap
+
+    def deltas(self) -> list[dict[str, int]]:
+        """Counter changes between consecutive snapshots."""
+        return [{k: b[k] - a[k] for k in self.KEYS} for a, b in zip(self.snapshots, self.snapshots[1:], strict=False)]
+
+    def allocations_after_first(self) -> int:
+        """Allocator calls between the second snapshot and the last (0 when steady state allocates nothing)."""
+        if len(self.snapshots) < 2:
+            raise ValueError("record at least twice (after step 1 and after a later step)")
+        first, last = self.snapshots[1], self.snapshots[-1]
+        return last["allocation.all.allocated"] - first["allocation.all.allocated"]
