@@ -9,6 +9,7 @@ added into) the planned views.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,23 @@ def split_programs(ops: list[Op]) -> dict[str, list[Op]]:
     return {MICRO_STEP: ops[:first], OPTIMIZER_STEP: ops[first:]}
 
 
+SUB_BYTE = ("nf4", "fp4_e2m1")  # 4-bit codes, stored two per byte (low nibble first)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Unpacked 4-bit codes (one uint8 each, any shape) -> flat bytes holding two codes each."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Flat bytes of two 4-bit codes each -> one uint8 code per element, in `shape`."""
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)
+    return codes[: math.prod(shape)].reshape(shape)
+
+
 def _view(arena: torch.Tensor, t: Tensor) -> torch.Tensor:
     start, size = t.offset, t.nbytes
     raw = arena[start : start + size]
@@ -65,8 +83,12 @@ class ArenaExecutor:
         *,
         device: str | torch.device = "cpu",
         watch: Iterable[str] = (),
+        unpack_sub_byte: bool = True,
     ) -> None:
+        """`unpack_sub_byte`: the kernels read and write 4-bit tensors as one code per byte (the
+        reference kernels do); the arena always stores them packed, two codes per byte."""
         self.plan = plan
+        self.unpack_sub_byte = unpack_sub_byte
         # Scalars the loop reads after a program ran (loss, grad norm). Their arena memory may be reused
         # by later ops, so their values are captured right when they are written.
         self.watch = set(watch)
@@ -102,10 +124,19 @@ class ArenaExecutor:
     def write(self, name: str, value: torch.Tensor) -> None:
         """Copy `value` into the planned view of tensor `name` (shape must match)."""
         view = self.views[name]
+        t = self.plan.tensors[name]
+        if t.dtype in SUB_BYTE and tuple(value.shape) == tuple(t.shape):
+            value = pack_nibbles(value)
         if tuple(value.shape) != tuple(view.shape):
             raise ValueError(f"{name}: value shape {tuple(value.shape)} != planned {tuple(view.shape)}")
         view.copy_(value)
         self._written.add(name)
+
+    def _kernel_view(self, name: str) -> torch.Tensor:
+        t = self.plan.tensors[name]
+        if self.unpack_sub_byte and t.dtype in SUB_BYTE:
+            return unpack_nibbles(self.views[name], t.shape)
+        return self.views[name]
 
     def zero_gradients(self) -> None:
         for name in self._gradients:
@@ -121,7 +152,7 @@ class ArenaExecutor:
         tensors = self.plan.tensors
         for op in self.programs[program]:
             kernel = self.kernels[op.kind]
-            ins = [self.views[n] for n in op.inputs]
+            ins = [self._kernel_view(n) for n in op.inputs]
             ctx.out_shapes = [tensors[o].shape for o in op.outputs]
             outs = kernel(ins, op.attrs, ctx)
             if len(outs) > len(op.outputs) and all(v is None for v in outs[len(op.outputs):]):
@@ -134,6 +165,8 @@ class ArenaExecutor:
                 if value is None:
                     continue
                 view = self.views[name]
+                if tensors[name].dtype in SUB_BYTE and value.shape != view.shape:
+                    value = pack_nibbles(value)
                 if value.data_ptr() == view.data_ptr() and value.shape == view.shape:
                     written.add(name)  # the kernel wrote in place
                     self._observe(name, view)

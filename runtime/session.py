@@ -37,6 +37,7 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
 def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
     """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model."""
     from surogate.runtime.export import PEFT_PREFIX, export_hf_model, export_merged_model, export_peft_adapter
+    from surogate.runtime.weights import unquantized_base_weights
 
     plan, views = trainer.plan, trainer.ex.views
     out = Path(cfg.output_dir)
@@ -54,6 +55,7 @@ def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict
             # every non-LoRA weight: frozen ones and those trained in full beside the adapters (train_router)
             base = {src: v for src, v in by_role((Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)).items()
                     if ".lora_" not in src}
+            base |= unquantized_base_weights(plan, model_dir, cfg.adapter_path)
             outputs["merged"] = str(export_merged_model(out / "merged", base, lora, hf_config, model_dir,
                                                         lora_alpha=float(cfg.lora_alpha)))
     else:

@@ -16,7 +16,7 @@ import torch
 
 from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
-from surogate.errors import NotAvailableError, UserError
+from surogate.errors import UserError
 from surogate.runtime.executor import ArenaExecutor
 from surogate.runtime.optim import init_optimizer_state
 
@@ -45,58 +45,34 @@ def _from_scratch(plan: Plan, hf_config: dict[str, Any], cfg: Any) -> dict[str, 
     return out
 
 
-def _merge_adapter(weights: dict[str, torch.Tensor], plan: Plan, adapter_path: str) -> None:
-    """Fold a PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) into the base weights."""
-    import json
-
-    from safetensors.torch import load_file
-
-    from surogate.runtime.export import PEFT_PREFIX, merge_lora
-
-    folder = Path(adapter_path)
-    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise UserError(f"adapter_path: {f} not found (expected a PEFT adapter folder)")
-    try:
-        adapter_cfg = json.loads(config_file.read_text())
-        raw = load_file(str(weights_file))
-    except Exception as exc:  # malformed JSON or safetensors
-        raise UserError(f"adapter_path: cannot read the adapter in {folder}: {exc}") from None
-    for key, what in (("use_dora", "DoRA"), ("alpha_pattern", "per-module lora_alpha (alpha_pattern)")):
-        if adapter_cfg.get(key):
-            raise UserError(f"adapter_path: the adapter in {folder} uses {what}, which cannot be merged; "
-                            "merge it with PEFT (`merge_and_unload`) and point `model:` at the result")
-    lora = {k.removeprefix(PEFT_PREFIX): v for k, v in raw.items()}
-    by_source = {t.source: n for n, t in plan.tensors.items() if n in weights and t.source}
-    base = {src: weights[name] for src, name in by_source.items()}
-    try:
-        # rsLoRA scales by alpha / sqrt(r); per-module ranks (rank_pattern) come from the tensors' shapes
-        merged = merge_lora(base, lora, lora_alpha=float(adapter_cfg["lora_alpha"]),
-                            use_rslora=bool(adapter_cfg.get("use_rslora", False)))
-    except (KeyError, ValueError) as exc:
-        raise UserError(f"adapter_path: adapter in {folder} does not fit the model: {exc}") from None
-    for src, value in merged.items():
-        weights[by_source[src]] = value
-
-
 def initial_weights(plan: Plan, cfg: Any, model_dir: Path | None, hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Plan tensor name -> initial value for every weight the plan loads."""
     from surogate.runtime.reference import load_weights
 
-    if any(t.role is Role.QUANT_WEIGHT for t in plan.tensors.values()):
-        raise NotAvailableError("QLoRA (quantized base weights) cannot train on the cpu backend yet; plan it with "
-                                "`surogate plan`, or train with lora and no qlora_* option")
     if cfg.from_scratch:
         return _from_scratch(plan, hf_config, cfg)
     if model_dir is None:
         raise UserError(f"model: {cfg.model!r} resolved to a built-in architecture preset without weights; training "
                         "needs the weights: download the model and point `model:` at its folder (or set "
                         "`from_scratch: true` to train from random initialisation)")
-    weights = load_weights(plan, model_dir, lora_seed=int(cfg.train_seed))
-    if cfg.adapter_path:
-        _merge_adapter(weights, plan, cfg.adapter_path)
-    return weights
+    # The adapter is merged into the checkpoint's weights before any QLoRA quantization.
+    return load_weights(plan, model_dir, lora_seed=int(cfg.train_seed), adapter_path=cfg.adapter_path)
+
+
+def unquantized_base_weights(plan: Plan, model_dir: Path | None, adapter_path: str | None) -> dict[str, torch.Tensor]:
+    """HF name -> original-precision weight for every QLoRA-quantized tensor of the plan (read again from
+    the checkpoint, with `adapter_path` merged as at load): a merged QLoRA model is merged into the real
+    weights, not into their 4-bit approximation."""
+    from surogate.runtime.reference.weights import checkpoint_reader
+
+    sources = {t.source for t in plan.tensors.values() if t.role is Role.QUANT_WEIGHT and t.source}
+    if not sources:
+        return {}
+    if model_dir is None:
+        raise UserError("merge_adapter: merging a QLoRA adapter needs the model's original weights; "
+                        f"{plan.meta.get('model_path') or 'the model'} has none on disk")
+    reader = checkpoint_reader(model_dir, adapter_path)
+    return {src: reader.get(src) for src in sorted(sources)}
 
 
 def initialise(executor: ArenaExecutor, weights: dict[str, torch.Tensor]) -> None:

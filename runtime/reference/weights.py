@@ -49,9 +49,7 @@ def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0,
     `adapter_path` (a PEFT adapter directory) is merged into the base weights first (W += scale * B @ A),
     before any QLoRA quantization; the graph's own LoRA adapters then start fresh.
     """
-    ckpt = _Checkpoint(Path(model_dir))
-    if adapter_path is not None:
-        ckpt = _Merged(ckpt, Path(adapter_path))
+    ckpt = checkpoint_reader(model_dir, adapter_path)
     out: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(lora_seed)
     for name, t in graph.tensors.items():
@@ -84,16 +82,25 @@ class _Merged:
         if not conf_file.is_file() or not weights.is_file():
             raise UserError(f"adapter_path: {adapter_dir} is not a PEFT adapter (adapter_config.json and "
                             "adapter_model.safetensors expected)")
-        conf = json.loads(conf_file.read_text())
-        rank, alpha = int(conf["r"]), float(conf.get("lora_alpha", conf["r"]))
-        self.scale = alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank
+        try:
+            conf = json.loads(conf_file.read_text())
+            state = load_file(weights)
+        except Exception as exc:  # malformed JSON or safetensors
+            raise UserError(f"adapter_path: cannot read the adapter in {adapter_dir}: {exc}") from None
+        for key, what in (("use_dora", "DoRA"), ("alpha_pattern", "per-module lora_alpha (alpha_pattern)")):
+            if conf.get(key):
+                raise UserError(f"adapter_path: the adapter in {adapter_dir} uses {what}, which cannot be merged; "
+                                "merge it with PEFT (`merge_and_unload`) and point `model:` at the result")
+        alpha, rslora = float(conf.get("lora_alpha", conf.get("r", 8))), bool(conf.get("use_rslora"))
         self.base, self.dir = base, base.dir
-        state = load_file(weights)
-        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # module weight -> (A, B, scale); each module's rank is its A's (rank_pattern allows several).
+        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for key, a in state.items():
             if key.endswith(".lora_A.weight"):
                 target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-                self.deltas[target] = (a, state[key.replace(".lora_A.", ".lora_B.")])
+                rank = a.shape[0]
+                scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+                self.deltas[target] = (a, state[key.replace(".lora_A.", ".lora_B.")], scale)
         missing = [t for t in self.deltas if not base.has(t)]
         if missing:
             raise UserError(f"adapter_path: adapter targets {missing[0]!r}, which the model does not have")
@@ -105,8 +112,12 @@ class _Merged:
         w = self.base.get(name)
         if name not in self.deltas:
             return w
-        a, b = self.deltas[name]
-        return (w.float() + self.scale * (b.float() @ a.float())).to(w.dtype)
+        a, b, scale = self.deltas[name]
+        delta = scale * (b.float() @ a.float())
+        if delta.shape != w.shape:
+            raise UserError(f"adapter_path: the adapter's update of {name!r} has shape {tuple(delta.shape)}, "
+                            f"the model's weight {tuple(w.shape)}: it was trained for another model")
+        return (w.float() + delta).to(w.dtype)
 
 
 def _base_value(ckpt: _Checkpoint, t) -> torch.Tensor:
@@ -122,6 +133,12 @@ def _load_quantized(ckpt: _Checkpoint, t) -> dict[str, torch.Tensor]:
     """Quantize a base weight at load time (QLoRA): codes into `t.name`, scales into `t.attrs["scales"]`."""
     parts = quantize(t.attrs["format"], _base_value(ckpt, t).float(), t.attrs["block_size"], t.attrs["double_quant"])
     return dict(zip([t.name, *t.attrs["scales"]], parts, strict=True))
+
+
+def checkpoint_reader(model_dir: str | Path, adapter_path: str | Path | None = None) -> _Checkpoint | _Merged:
+    """Tensors of a HF checkpoint by name (`has`, `get`), with a PEFT adapter merged in when given."""
+    ckpt = _Checkpoint(Path(model_dir))
+    return _Merged(ckpt, Path(adapter_path)) if adapter_path is not None else ckpt
 
 
 def init_weights(graph: Graph, seed: int = 0) -> dict[str, torch.Tensor]:

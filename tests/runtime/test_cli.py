@@ -73,7 +73,6 @@ def _main_code(capsys, *argv):
     ("missing-model", {"model": "/nonexistent/model-folder"}, 2, "model: directory '/nonexistent/model-folder'"),
     ("missing-data", {"datasets": [{"path": "/nonexistent/train.jsonl", "type": "text"}]}, 2,
      "datasets[0].path"),
-    ("qlora-on-cpu", {"qlora_bnb": True}, 3, "QLoRA"),
     ("fp8-on-cpu", {"recipe": "fp8_hybrid"}, 3, "recipe 'fp8_hybrid'"),
     ("two-ranks", {"gpus": 2}, 3, "ranks"),
 ])
