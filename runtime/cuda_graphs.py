@@ -30,12 +30,12 @@ def eager_reason(executor: ArenaExecutor, enabled: bool) -> str | None:
     """Why this executor's programs must run eagerly, or None when they can be captured."""
     if not enabled:
         return "use_cuda_graphs is false"
-    if executor.device.type != "cuda" or not torch.cuda.is_available():
-        return "the executor is not on a CUDA device"
     if getattr(executor.kernels, "state", None) is None:
         return "the kernel table is not the cuda backend's"
     if any(op.kind in ("dropout", "dropout_bwd") and float(op.attrs.get("p", 0.0)) > 0 for op in executor.plan.ops):
         return "dropout masks depend on the step number (a host value a captured graph would freeze)"
+    if executor.device.type != "cuda" or not torch.cuda.is_available():
+        return "the executor is not on a CUDA device"
     return None
 
 
@@ -73,6 +73,10 @@ class GraphRunner:
         self.replays += 1
 
     def _capture(self, program: str, ctx: Any) -> Any:
+        # per-step scalars belong to optimizer kernels and exist after the optimizer's warm-up run: packed into
+        # one buffer (before any graph holds their addresses), a refresh is one copy
+        if program == OPTIMIZER_STEP:
+            self.executor.kernels.state.consolidate_scalars()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:

@@ -14,6 +14,8 @@ import torch
 from surogate.runtime.backends.cuda_state import CudaState
 from surogate.runtime.reference.dtypes import common
 
+TILE_ELEMENTS = 1 << 23  # output elements per block of a mixed-dtype GEMM (16 MiB of bf16)
+
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
@@ -29,14 +31,20 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate
             if alpha != 1.0:
                 out.mul_(alpha)
         return
+    # Mixed dtypes (bf16 operands into an fp32 gradient, fp32 adapters on bf16 activations): the product in the
+    # promoted dtype, a block of output rows at a time so the temporary stays small (an LM-head weight
+    # gradient would otherwise need a vocab x hidden temporary).
     dt = common(a, b)
-    prod = a.to(dt) @ b.to(dt)
-    if alpha != 1.0:
-        prod.mul_(alpha)
-    if accumulate:
-        out.add_(prod.to(out.dtype))
-    else:
-        out.copy_(prod)
+    step = max(1, TILE_ELEMENTS // max(1, out.shape[1]))
+    for r0 in range(0, out.shape[0], step):
+        r1 = min(out.shape[0], r0 + step)
+        prod = a[r0:r1].to(dt) @ b.to(dt)
+        if alpha != 1.0:
+            prod.mul_(alpha)
+        if accumulate:
+            out[r0:r1].add_(prod)
+        else:
+            out[r0:r1].copy_(prod)
 
 
 def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:

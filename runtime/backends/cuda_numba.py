@@ -13,6 +13,7 @@ import torch
 
 from surogate.numba_kernels import KERNELS as NK
 from surogate.numba_kernels.cross_entropy import CEWorkspace
+from surogate.numba_kernels.rmsnorm import rmsnorm_bwd_workspace_shape
 from surogate.runtime.backends.cuda_state import CudaState
 
 
@@ -65,7 +66,8 @@ def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Ten
     rows, h = x2.shape
     rstd = _rstd(st, x2, float(attrs["eps"]))
     dw = st.scratch(f"rms_dw:{attrs.get('fwd_op')}", (h,), w.dtype, x.device)
-    ws = st.scratch("rms_ws", (rows, h), torch.float32, x.device)  # >= the launcher's block count
+    blocks = min(rows, rmsnorm_bwd_workspace_shape(rows)[0])  # dweight partials: one row per block
+    ws = st.scratch("rms_ws", (blocks, h), torch.float32, x.device)
     _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, rstd, ds.reshape(rows, h), dw,
                       dres.reshape(rows, h) if dres is not None else None, ws)
     return dw

@@ -62,6 +62,7 @@ class CudaState:
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._scalars: dict[Any, tuple[torch.Tensor, Callable[[Any], list[float]]]] = {}
         self.constants: dict[tuple, torch.Tensor] = {}
+        self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
 
     # -- outputs ---------------------------------------------------------------------------------------
     def _op_index(self, graph: Any) -> dict[int, Any]:
@@ -138,8 +139,28 @@ class CudaState:
             entry[0].copy_(torch.tensor(values(ctx), dtype=torch.float32))
         return entry[0]
 
+    def consolidate_scalars(self) -> None:
+        """Move every per-step scalar into one device buffer (call before a capture): a refresh is then one copy."""
+        entries = list(self._scalars.items())
+        if not entries or self._packed is not None:
+            return
+        device = entries[0][1][0].device
+        packed = torch.empty(sum(b.numel() for _, (b, _) in entries), dtype=torch.float32, device=device)
+        at = 0
+        for key, (buf, values) in entries:
+            view = packed[at : at + buf.numel()]
+            view.copy_(buf)
+            self._scalars[key] = (view, values)
+            at += buf.numel()
+        self._packed = packed
+
     def refresh_scalars(self, ctx: Any) -> None:
         """Write every per-step scalar for `ctx` (before replaying a captured graph)."""
+        if self._packed is not None and len(self._scalars) and sum(
+                b.numel() for b, _ in self._scalars.values()) == self._packed.numel():
+            host = [v for _, values in self._scalars.values() for v in values(ctx)]
+            self._packed.copy_(torch.tensor(host, dtype=torch.float32))
+            return
         for buf, values in self._scalars.values():
             buf.copy_(torch.tensor(values(ctx), dtype=torch.float32))
 

@@ -1,0 +1,71 @@
+"""The CUDA-graph runner's decisions, checkable without a GPU: when it must run eagerly, and that running
+through it eagerly changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from surogate.runtime.backends import kernel_table
+from surogate.runtime.cuda_graphs import AllocationRecorder, eager_reason, install
+from surogate.runtime.executor import ArenaExecutor
+from tests.cuda_backend.helpers import Runner, batch, save_sim_model, sim_cfg
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_sim_model(tmp_path_factory.mktemp("graphs") / "qwen3")
+
+
+def test_eager_reasons(model_dir):
+    from surogate.compiler.pipeline import compile_plan
+
+    plain = compile_plan(sim_cfg(model_dir))
+    dropout = compile_plan(sim_cfg(model_dir, lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.1))
+    assert eager_reason(ArenaExecutor(plain, kernel_table("cuda")), False) == "use_cuda_graphs is false"
+    assert "not the cuda backend" in eager_reason(ArenaExecutor(plain, kernel_table("cpu")), True)
+    assert "dropout" in eager_reason(ArenaExecutor(dropout, kernel_table("cuda")), True)
+    assert "not on a CUDA device" in eager_reason(ArenaExecutor(plain, kernel_table("cuda")), True)
+
+
+def test_installed_runner_on_cpu_runs_eagerly_with_the_same_results(model_dir):
+    cfg = sim_cfg(model_dir, batch=2)
+    ids, labels = batch(2, 8)
+    direct = Runner(cfg, "cpu")
+    routed = Runner(cfg, "cpu", plan=direct.plan)
+    runner = install(routed.ex, enabled=True)
+    assert not runner.enabled
+    for step in range(2):
+        a, ga = direct.micro_step(ids, labels, step=step)
+        b, gb = routed.micro_step(ids, labels, step=step)
+        assert a == b and all((ga[n] == gb[n]).all() for n in ga)
+        direct.optimizer_step(step)
+        routed.optimizer_step(step)
+    assert runner.replays == 0 and runner.graphs == {}
+    assert direct.trainable().keys() == routed.trainable().keys()
+    assert all((direct.trainable()[n] == routed.trainable()[n]).all() for n in direct.trainable())
+
+
+def test_allocation_recorder_needs_two_snapshots():
+    with pytest.raises(ValueError, match="record at least twice"):
+        AllocationRecorder().allocations_after_first()
+
+
+def test_per_step_scalars_refresh_before_and_after_consolidation():
+    """Scalars follow the step context; packed into one buffer they keep their values and still refresh."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from surogate.runtime.backends.cuda_state import CudaState
+
+    st = CudaState()
+    ctx = SimpleNamespace(lr_scale=1.0, optimizer_step=1)
+    a = st.scalars("a", 2, torch.device("cpu"), lambda c: [c.lr_scale, c.optimizer_step], ctx)
+    b = st.scalars("b", 1, torch.device("cpu"), lambda c: [10 * c.lr_scale], ctx)
+    assert a.tolist() == [1.0, 1.0] and b.tolist() == [10.0]
+    st.consolidate_scalars()
+    a2, b2 = st._scalars["a"][0], st._scalars["b"][0]
+    assert a2.tolist() == [1.0, 1.0] and b2.tolist() == [10.0]
+    assert a2.untyped_storage().data_ptr() == b2.untyped_storage().data_ptr()  # one buffer
+    st.refresh_scalars(SimpleNamespace(lr_scale=0.5, optimizer_step=3))
+    assert a2.tolist() == [0.5, 3.0] and b2.tolist() == [5.0]
