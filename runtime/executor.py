@@ -10,6 +10,7 @@ added into) the planned views.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,13 +42,18 @@ class StepContext:
         return self.out_shapes[i]
 
 
-def split_programs(ops: list[Op]) -> dict[str, list[Op]]:
+def split_programs(ops: list[Op], optimizer_start: int | None = None) -> dict[str, list[Op]]:
     """Split the schedule into the micro-step program (forward/backward and their copies and
-    collectives) and the optimizer-step program (from the first optimizer op on)."""
-    first = next((i for i, op in enumerate(ops) if op.phase == "optimizer"), len(ops))
-    return {MICRO_STEP: ops[:first], OPTIMIZER_STEP: ops[first:]}
+    collectives) and the once-per-step optimizer program. The plan records where the latter begins
+    (`meta["optimizer_start"]`: it includes the loads and collectives that feed the optimizer); older
+    plans without it split at the first optimizer op."""
+    if optimizer_start is None:
+        optimizer_start = next((i for i, op in enumerate(ops) if op.phase == "optimizer"), len(ops))
+    return {MICRO_STEP: ops[:optimizer_start], OPTIMIZER_STEP: ops[optimizer_start:]}
 
 
+# Op phase -> the name the time breakdown reports it under.
+PHASE_NAMES = {"comm": "communication", "copy": "offload copies"}
 SUB_BYTE = ("nf4", "fp4_e2m1")  # 4-bit codes, stored two per byte (low nibble first)
 
 
@@ -89,6 +95,9 @@ class ArenaExecutor:
         reference kernels do); the arena always stores them packed, two codes per byte."""
         self.plan = plan
         self.unpack_sub_byte = unpack_sub_byte
+        # Seconds per phase (`debug_time_breakdown`); filled only when `timing` is set.
+        self.timing = False
+        self.phase_seconds: dict[str, float] = {}
         # Scalars the loop reads after a program ran (loss, grad norm). Their arena memory may be reused
         # by later ops, so their values are captured right when they are written.
         self.watch = set(watch)
@@ -108,7 +117,7 @@ class ArenaExecutor:
             for name, t in plan.tensors.items()
             if t.offset is not None and plan.lifetimes.get(name) is not None
         }
-        self.programs = split_programs(plan.ops)
+        self.programs = split_programs(plan.ops, plan.meta.get("optimizer_start"))
         missing = sorted({op.kind for op in plan.ops} - set(kernels))
         if missing:
             raise NotImplementedError(f"backend has no kernel for op kind(s): {', '.join(missing)}")
@@ -150,7 +159,9 @@ class ArenaExecutor:
             raise RuntimeError(f"plan inputs never written: {', '.join(sorted(unset))}")
         written: set[str] = set()
         tensors = self.plan.tensors
+        clock = time.perf_counter if self.timing else None
         for op in self.programs[program]:
+            started = clock() if clock else 0.0
             kernel = self.kernels[op.kind]
             ins = [self._kernel_view(n) for n in op.inputs]
             ctx.out_shapes = [tensors[o].shape for o in op.outputs]
@@ -179,6 +190,14 @@ class ArenaExecutor:
                     view.copy_(value.reshape(view.shape))
                 written.add(name)
                 self._observe(name, view)
+            if clock:
+                phase = PHASE_NAMES.get(op.phase, op.phase)
+                self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + clock() - started
+
+    def take_phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase since the last call (then reset)."""
+        out, self.phase_seconds = self.phase_seconds, {}
+        return out
 
     def _observe(self, name: str, view: torch.Tensor) -> None:
         if name in self.watch:

@@ -126,7 +126,13 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", co
         obs.on_allocated(memory_table_text(plan))
         last_saved = None
         while trainer.step < trainer.total_steps:
+            executor.timing = obs.timer.enabled
             loss, norm, tokens, bad_micro = trainer.train_step()
+            if obs.timer.enabled:
+                obs.timer.add("data", trainer.data_seconds)
+                trainer.data_seconds = 0.0
+                for phase, seconds in executor.take_phase_seconds().items():
+                    obs.timer.add(phase, seconds)
             step = trainer.step
             if bad_micro is not None or not math.isfinite(norm):
                 what = "loss" if bad_micro is not None else "gradients"
@@ -144,7 +150,8 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", co
                     if ev.stop and not decision.stop:
                         decision = ev
             if step % int(cfg.save_steps) == 0 or (decision.stop and decision.save_checkpoint):
-                last_saved = trainer.save()
+                with obs.timer.phase("checkpoint"):
+                    last_saved = trainer.save()
                 obs.on_checkpoint(last_saved, step)
             if decision.stop:
                 result.stopped = decision.stop_reason

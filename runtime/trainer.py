@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class Trainer:
         self.applied = 0  # optimizer steps applied (bias correction counts these)
         self.lr_scale = 1.0  # permanent factor from automatic LR reductions
         self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
+        self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
@@ -92,7 +94,9 @@ class Trainer:
     def train_step(self) -> tuple[float, float, int, int | None]:
         """Run one optimizer step; returns (loss, grad norm, tokens, index of the first micro-batch
         whose loss was not finite, or None). A step with a non-finite loss or gradient is not applied."""
+        started = time.perf_counter()
         batches = self._micro_batches()
+        self.data_seconds += time.perf_counter() - started
         # Every micro-step divides by the step's loss-token count: summed, they are one batch's mean.
         total = max(sum(int(b["num_loss_tokens"]) for b in batches), 1)
         self.ex.zero_gradients()

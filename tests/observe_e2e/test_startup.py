@@ -68,3 +68,16 @@ def test_without_debug_memory_breakdown_no_table(small_source, tmp_path):
     cfg = small_cfg(small_source, tmp_path, max_steps=1)
     _, console = train(cfg)
     assert "memory breakdown" not in console and "memory measured" not in console
+
+
+def test_debug_time_breakdown_reports_measured_phases(small_source, tmp_path):
+    """The loop feeds the timer: data, forward, backward and optimizer time every `log_gpu_util` steps,
+    checkpoint time when one was written; the shares are of the measured step time."""
+    cfg = small_cfg(small_source, tmp_path, max_steps=4, debug_time_breakdown=True, log_gpu_util=2, save_steps=2)
+    _, console = train(cfg)
+    lines = [line for line in console.splitlines() if line.startswith("time breakdown over 2 steps:")]
+    assert len(lines) == 2, console
+    for phase in ("data", "forward", "backward", "optimizer", "checkpoint"):
+        assert f" {phase} " in lines[-1], lines[-1]
+    shares = [float(part.split("(")[1].rstrip("%),")) for part in lines[-1].split(": ", 1)[1].split(", ")]
+    assert 98 <= sum(shares) <= 102
