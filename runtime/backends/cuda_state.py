@@ -52,6 +52,16 @@ def _arena_view(storage: torch.UntypedStorage, device: torch.device, t: Any) -> 
     return raw.view(TORCH_DTYPES[t.dtype]).view(t.shape)
 
 
+def _inputs_at(op: Any, ins: list, tensors: dict) -> bool:
+    """Whether `ins` are the views of `op`'s inputs (each at its planned offset in its arena)."""
+    for name, v in zip(op.inputs, ins, strict=False):
+        t = tensors[name]
+        if isinstance(v, torch.Tensor) and t.offset is not None:
+            if v.data_ptr() - v.untyped_storage().data_ptr() != t.offset:
+                return False
+    return True
+
+
 class CudaState:
     """Caches of one kernel-table instance (one executor)."""
 
@@ -73,7 +83,10 @@ class CudaState:
             for i, op in enumerate(ops):
                 for name in op.outputs:
                     first.setdefault(name, i)
-            entry = (graph, {id(op.attrs): (i, op) for i, op in enumerate(ops)})
+            by_attrs: dict[int, list] = {}
+            for i, op in enumerate(ops):
+                by_attrs.setdefault(id(op.attrs), []).append((i, op))
+            entry = (graph, by_attrs)
             self._ops[id(graph)] = entry
             self._first_writer[id(graph)] = first
         return entry[1]
@@ -86,7 +99,14 @@ class CudaState:
         if hit is not None:
             return hit
         graph = ctx.graph
-        index, op = self._op_index(graph)[id(attrs)]
+        candidates = self._op_index(graph)[id(attrs)]
+        if len(candidates) > 1:  # ops sharing one attrs dict: tell them apart by where their inputs live
+            key = (*key, tuple(t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in ins))
+            hit = self._bindings.get(key)
+            if hit is not None:
+                return hit
+            candidates = [c for c in candidates if _inputs_at(c[1], ins, graph.tensors)] or candidates[:1]
+        index, op = candidates[0]
         first = self._first_writer[id(graph)]
         tensors = graph.tensors
         space_of = {tensors[n].space: v for n, v in zip(op.inputs, ins, strict=False) if isinstance(v, torch.Tensor)}

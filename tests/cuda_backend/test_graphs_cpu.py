@@ -69,3 +69,20 @@ def test_per_step_scalars_refresh_before_and_after_consolidation():
     assert a2.untyped_storage().data_ptr() == b2.untyped_storage().data_ptr()  # one buffer
     st.refresh_scalars(SimpleNamespace(lr_scale=0.5, optimizer_step=3))
     assert a2.tolist() == [0.5, 3.0] and b2.tolist() == [5.0]
+
+
+def test_ops_sharing_one_attrs_dict_bind_their_own_outputs(model_dir):
+    """Output views are found through the op's attrs dict; two ops sharing one dict are told apart by their
+    inputs' offsets (a plan read back from disk has one dict per op, a pass could share them)."""
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.executor import StepContext
+
+    plan = compile_plan(sim_cfg(model_dir))
+    adds = [op for op in plan.ops if op.kind == "add"]
+    assert len(adds) >= 2
+    adds[1].attrs = adds[0].attrs  # share
+    ex = ArenaExecutor(plan, kernel_table("cuda"))
+    ctx = StepContext(plan, 0)
+    for op in adds[:2]:
+        views = ex.kernels.state.bind([ex.views[n] for n in op.inputs], op.attrs, ctx).views
+        assert views[0].data_ptr() == ex.views[op.outputs[0]].data_ptr()
