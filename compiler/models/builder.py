@@ -111,7 +111,9 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     n_items = bld.input("num_items", (), "fp32")
 
     emb_w = bld.weight("model.embed_tokens.weight", (spec.vocab_size, h), None)
-    (x,) = bld.op("embed", "embedding", [ids, emb_w], ["embed.out"], None)
+    pad = spec.hf_config.get("pad_token_id")
+    pad_attrs = {"padding_idx": int(pad)} if isinstance(pad, int) and 0 <= pad < spec.vocab_size else {}
+    (x,) = bld.op("embed", "embedding", [ids, emb_w], ["embed.out"], None, pad_attrs)
     g.tensors[x].attrs["residual"] = "layer_input"
     for layer in range(spec.num_layers):
         x = _layer(bld, spec, layer, x, pos, cu, freqs, att_scale)

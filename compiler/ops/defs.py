@@ -49,8 +49,8 @@ def _moe_router_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
 
 
 VARIADIC = tuple(range(4096))  # differentiable positions of ops taking one input per layer
-register(OpDef("embedding", ("ids", "weight"), ("out",), (), _embedding_shape, V.embedding, (1,),
-               doc="out[b,t] = weight[ids[b,t]]"))
+register(OpDef("embedding", ("ids", "weight"), ("out",), ("padding_idx",), _embedding_shape, V.embedding, (1,),
+               doc="out[b,t] = weight[ids[b,t]]; the padding_idx row gets no gradient (nn.Embedding)"))
 register(OpDef("rmsnorm", ("x", "weight"), ("out",), ("eps", "group"), _same(), V.rmsnorm, (0, 1),
                doc="RMSNorm over groups of `group` features of the last dim (group = whole dim by default)"))
 register(OpDef("linear", ("x", "weight", "bias?"), ("out",), ("scale",), _linear_shape, V.linear, (0, 1, 2),

@@ -29,7 +29,8 @@ def _grads(ctx: Any, positions: tuple[int, ...]) -> tuple[list[int], list[str], 
 def embedding(ctx: Any) -> None:
     _, outs, acc = _grads(ctx, (1,))
     if outs:
-        ctx.emit("embedding_bwd", [ctx.dout(0), ctx.saved(ctx.op.inputs[0])], outs, {}, acc)
+        attrs = {"padding_idx": ctx.op.attrs.get("padding_idx")}
+        ctx.emit("embedding_bwd", [ctx.dout(0), ctx.saved(ctx.op.inputs[0])], outs, attrs, acc)
 
 
 def rmsnorm(ctx: Any) -> None:

@@ -26,6 +26,8 @@ def embedding_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     vocab = ctx.shape_of_output(0)[0]
     dw = torch.zeros(vocab, dy.shape[-1], dtype=torch.float32)
     dw.index_add_(0, ids.reshape(-1).long(), _rows(dy).float())
+    if a.get("padding_idx") is not None:  # as nn.Embedding(padding_idx=...): that row is never trained
+        dw[a["padding_idx"]] = 0
     return [dw]
 
 

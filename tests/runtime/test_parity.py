@@ -119,8 +119,6 @@ def test_packed_row_equals_documents_run_separately(models, family, recompute):
     assert abs(joined - loss) > 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="embedding_bwd (compiler VJP / reference kernel) ignores nn.Embedding's "
-                   "padding_idx: transformers gives the pad_token_id row no gradient, ours does")
 def test_pad_token_row_gets_no_embedding_gradient(models):
     d = models["llama"]
     runner = PlanRunner(make_cfg(d))
