@@ -77,10 +77,13 @@ def export_peft_adapter(
     lora_dropout: float = 0.0,
     base_model_name_or_path: str | None = None,
     base_names: Iterable[str] | None = None,
+    modules_to_save: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
 
     `base_names`: the base model's tensor names, used to decide whether `target_modules` can use short names.
+    `modules_to_save`: weights trained in full beside the adapters (e.g. the MoE router with
+    `train_router`), by HF name; PEFT stores them whole and lists their module names in `modules_to_save`.
     """
     modules = lora_modules(lora)
     if not modules:
@@ -103,7 +106,8 @@ def export_peft_adapter(
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({k.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+                                   for k in modules_to_save}) if modules_to_save else None,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -111,6 +115,8 @@ def export_peft_adapter(
     for module, (a, b) in modules.items():
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+    for name, value in (modules_to_save or {}).items():  # PEFT saves them without its wrapper's prefix
+        tensors[f"{PEFT_PREFIX}{name}"] = value
     with atomic_directory(out_dir) as tmp:
         save_file(owned_host_tensors(tensors), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

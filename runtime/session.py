@@ -48,9 +48,12 @@ def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict
     lora = {src.removeprefix(PEFT_PREFIX): v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items()
             if ".lora_" in src}
     if lora:
+        # weights trained in full beside the adapters (train_router) travel as PEFT `modules_to_save`
+        full = {src: v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items() if ".lora_" not in src}
         outputs["adapter"] = str(export_peft_adapter(out / "adapter", lora, lora_alpha=float(cfg.lora_alpha),
                                                      lora_dropout=float(cfg.lora_dropout),
-                                                     base_model_name_or_path=str(cfg.model)))
+                                                     base_model_name_or_path=str(cfg.model),
+                                                     modules_to_save=full))
         if cfg.merge_adapter:
             # every non-LoRA weight: frozen ones and those trained in full beside the adapters (train_router)
             base = {src: v for src, v in by_role((Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)).items()

@@ -103,8 +103,6 @@ def test_moe_train_router_merged_model_keeps_the_trained_router(moe_run):
     assert abs(loss - ours) <= TOL * ours, (loss, ours)
 
 
-@pytest.mark.xfail(strict=True, reason="export_peft_adapter writes only lora_A/B (modules_to_save: null): weights "
-                   "trained in full beside the adapters (train_router) are missing from the PEFT adapter")
 def test_moe_train_router_adapter_carries_the_router(moe_run):
     from peft import PeftModel
 
