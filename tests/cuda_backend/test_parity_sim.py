@@ -99,3 +99,24 @@ def test_bf16_error_is_that_of_the_cpu_backend(model_dir):
     assert abs(l1 - l32) <= 2 * abs(l0 - l32) + 1e-3 * l32
     for n, g in g32.items():
         assert rel_err(g1[n], g) <= 2 * rel_err(g0[n], g) + 2e-3, n
+
+
+@pytest.mark.slow  # ~70 s under the simulator (two full training runs)
+def test_training_run_on_the_cuda_table_logs_the_cpu_backends_losses(tmp_path):
+    """`run_training(..., backend="cuda")` (the Trainer's loop, packed text data, recompute, chunked LM head and
+    attention backward, two optimizer steps) logs the losses of the same run on the cpu backend."""
+    from surogate.runtime.session import run_training
+    from tests.runtime.helpers import text_cfg, write_text_data
+    from tests.runtime_support.helpers import VOCAB as TOKENIZER_VOCAB
+
+    model = save_sim_model(tmp_path / "m", vocab_size=TOKENIZER_VOCAB)
+    data = write_text_data(tmp_path / "data.jsonl", rows=8)
+    losses = {}
+    for backend in ("cpu", "cuda"):
+        cfg = text_cfg(model, data, tmp_path / backend, sequence_len=8, per_device_train_batch_size=1,
+                       max_steps=2, recompute=True, lmhead_chunks=2, attn_bwd_chunks=2, learning_rate=1e-2,
+                       sample_packing=True)
+        losses[backend] = run_training(cfg, backend=backend, console_file=open(tmp_path / f"{backend}.txt", "w")).losses
+    assert len(losses["cpu"]) == 2 and losses["cpu"][0] != losses["cpu"][1]
+    for a, b in zip(losses["cuda"], losses["cpu"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), losses
