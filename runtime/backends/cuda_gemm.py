@@ -102,8 +102,14 @@ def embedding_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dw = bnd.views[0]
     if not bnd.accumulate[0]:
         dw.zero_()
+    pad = attrs.get("padding_idx")
+    if pad is not None:  # as nn.Embedding(padding_idx=...): that row never receives a gradient
+        keep = st.scratch("embedding_pad_row", (dw.shape[1],), dw.dtype, dw.device)
+        keep.copy_(dw[pad])
     src = _rows(dy)
     dw.index_add_(0, ids.reshape(-1), src if src.dtype == dw.dtype else src.to(dw.dtype))
+    if pad is not None:
+        dw[pad].copy_(keep)
     return [dw]
 
 

@@ -86,3 +86,31 @@ def test_ops_sharing_one_attrs_dict_bind_their_own_outputs(model_dir):
     for op in adds[:2]:
         views = ex.kernels.state.bind([ex.views[n] for n in op.inputs], op.attrs, ctx).views
         assert views[0].data_ptr() == ex.views[op.outputs[0]].data_ptr()
+
+
+def test_embedding_backward_accumulates_and_skips_the_padding_row(model_dir):
+    """One op run alone: the cuda kernel adds the reference gradient into the planned gradient view, in place,
+    and leaves the pad_token_id row (padding_idx) untouched."""
+    import torch
+
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.executor import StepContext
+    from surogate.runtime.reference import KERNELS as REF
+
+    plan = compile_plan(sim_cfg(model_dir, batch=2))
+    op = next(op for op in plan.ops if op.kind == "embedding_bwd")
+    assert op.attrs.get("padding_idx") == 0
+    ex = ArenaExecutor(plan, kernel_table("cuda"))
+    dy, ids = (ex.views[n] for n in op.inputs)
+    dy.copy_(torch.randn(dy.shape))
+    ids.copy_(torch.randint(0, 5, ids.shape, dtype=ids.dtype))  # many repeats, the pad id 0 among them
+    ids.view(-1)[0] = 0
+    grad = ex.views[op.outputs[0]]
+    old = torch.randn(grad.shape)
+    grad.copy_(old)
+    ctx = StepContext(plan, 0, out_shapes=[grad.shape])
+    (ref,) = REF["embedding_bwd"]([dy, ids], op.attrs, ctx)
+    (out,) = ex.kernels["embedding_bwd"]([dy, ids], op.attrs, ctx)
+    assert out.data_ptr() == grad.data_ptr()
+    assert torch.allclose(grad, old + ref, atol=1e-6)
+    assert torch.equal(grad[0], old[0])
