@@ -257,19 +257,48 @@ def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 
 
 # -- QLoRA dequantization ---------------------------------------------------------------------------------
+def _table(st: CudaState, name: str, device: torch.device) -> torch.Tensor:
+    from surogate.runtime.reference import quant
+
+    return st.constant(("quant_table", name), lambda: getattr(quant, name).float(), device)
+
+
+def _blocks_of(vals: torch.Tensor, block: int) -> torch.Tensor:
+    pad = (-vals.numel()) % block
+    flat = vals.reshape(-1)
+    return (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).view(-1, block)
+
+
 def dequant(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
-    """NF4 through the Numba kernel; other formats through the reference math on the device."""
-    from surogate.runtime.reference.quant import dequantize
+    """The reference format math (`reference.quant.dequantize`) with its lookup tables on the device.
+
+    4-bit codes arrive unpacked (one per byte, the executor's default). The Numba NF4 kernel is not used: it
+    reads bitsandbytes' packing (high nibble first) and double-quant layout, the arena stores neither."""
+    from surogate.runtime.reference import quant
 
     bnd = st.bind(ins, attrs, ctx)
     out = bnd.views[0]
-    if attrs["format"] == "nf4" and not attrs.get("double_quant", False) and out.dtype in (torch.float32,
-                                                                                         torch.bfloat16):
-        _k("nf4_dequantize")(ins[0].reshape(-1), out, int(attrs["block_size"]), absmax=ins[1].reshape(-1))
+    fmt, block, shape = attrs["format"], int(attrs["block_size"]), tuple(attrs["shape"])
+    numel = out.numel()
+    if fmt == "nf4":
+        codes, absmax = ins[0], ins[1].float()
+        if attrs.get("double_quant", False):
+            s2, offset = ins[2][:-1].float(), ins[2][-1].float()
+            absmax = (_blocks_of(absmax - 128.0, quant.DOUBLE_QUANT_GROUP) * s2[:, None]).reshape(-1)[
+                : ins[1].numel()] + offset
+        vals = _table(st, "NF4_CODE", out.device)[codes.reshape(-1).long()]
+        res = (_blocks_of(vals, block) * absmax[:, None]).reshape(-1)[:numel]
+    elif fmt in ("fp4", "fp4_block"):
+        codes, scale = ins[0], ins[1].float()
+        g = ins[2].float() if fmt == "fp4" else 1.0
+        vals = _table(st, "E2M1", out.device)[codes.reshape(-1).long()]
+        res = (_blocks_of(vals, quant.NVFP4_BLOCK) * (scale * g)[:, None]).reshape(-1)[:numel]
+    else:  # fp8 formats: no lookup table, the reference math runs on the device as it is
+        res = quant.dequantize(fmt, list(ins), shape, block, attrs.get("double_quant", False))
+    if bnd.accumulate[0]:
+        out.add_(res.view(out.shape).to(out.dtype))
     else:
-        with torch.device(out.device):
-            out.copy_(dequantize(attrs["format"], list(ins), tuple(attrs["shape"]), attrs["block_size"],
-                                 attrs.get("double_quant", False)).reshape(out.shape))
+        out.copy_(res.view(out.shape))
     return [out]
 
 

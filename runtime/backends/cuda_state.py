@@ -52,6 +52,11 @@ def _arena_view(storage: torch.UntypedStorage, device: torch.device, t: Any) -> 
     return raw.view(TORCH_DTYPES[t.dtype]).view(t.shape)
 
 
+def _is_arena_view(v: torch.Tensor, t: Any) -> bool:
+    return (t.offset is not None and t.dtype not in ("nf4", "fp4_e2m1")
+            and v.data_ptr() - v.untyped_storage().data_ptr() == t.offset)
+
+
 def _inputs_at(op: Any, ins: list, tensors: dict) -> bool:
     """Whether `ins` are the views of `op`'s inputs (each at its planned offset in its arena)."""
     for name, v in zip(op.inputs, ins, strict=False):
@@ -109,8 +114,14 @@ class CudaState:
         index, op = candidates[0]
         first = self._first_writer[id(graph)]
         tensors = graph.tensors
-        space_of = {tensors[n].space: v for n, v in zip(op.inputs, ins, strict=False) if isinstance(v, torch.Tensor)}
-        acc = set(attrs.get("accumulate_into", ()))
+        # the arena of each space, from an input that really is an arena view (4-bit inputs reach kernels as
+        # unpacked temporaries: their storage is not the arena)
+        space_of = {tensors[n].space: v for n, v in zip(op.inputs, ins, strict=False)
+                    if isinstance(v, torch.Tensor) and _is_arena_view(v, tensors[n])}
+        acc = attrs.get("accumulate_into")
+        if acc is None:  # the executor's rule for back-half ops: `accumulate` adds into every output
+            acc = op.outputs if attrs.get("accumulate") else ()
+        acc = set(acc)
         views, modes = [], []
         for name in op.outputs:
             t = tensors[name]

@@ -120,3 +120,16 @@ def test_training_run_on_the_cuda_table_logs_the_cpu_backends_losses(tmp_path):
     assert len(losses["cpu"]) == 2 and losses["cpu"][0] != losses["cpu"][1]
     for a, b in zip(losses["cuda"], losses["cpu"], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), losses
+
+
+def test_qlora_double_quant_micro_step_matches_cpu_backend(model_dir):
+    """QLoRA (NF4 codes packed in the arena, double-quantized absmax): the cuda table's dequant on the device
+    gives the cpu backend's loss and adapter gradients."""
+    ref, cud = pair(sim_cfg(model_dir, lora=True, lora_rank=4, lora_alpha=8, qlora_bnb=True,
+                            qlora_bnb_block_size=64, qlora_bnb_double_quant=True))
+    assert any(op.kind == "dequant" and op.attrs.get("double_quant") for op in ref.plan.ops)
+    ids, labels = batch(1, 8, seed=8)
+    loss0, g0 = ref.micro_step(ids, labels)
+    loss1, g1 = cud.micro_step(ids, labels)
+    assert abs(loss1 - loss0) <= TOL * abs(loss0)
+    assert_close_grads(g1, g0, TOL)
