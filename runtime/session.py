@@ -16,6 +16,7 @@ from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
 from surogate.errors import NotAvailableError, UserError
 from surogate.runtime.trainer import Trainer, TrainResult
+from surogate.schema import hardware_requirements
 
 
 def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
@@ -32,6 +33,27 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
     if backend == "cpu" and cfg.recipe != "bf16":
         raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "
                                 "trains with recipe 'bf16' only")
+    if backend == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        needs = 100 if cfg.recipe in ("nvfp4", "nvfp4_quartet") or cfg.qlora_fp4 else 89 if cfg.recipe == "fp8_hybrid" else 0
+        if major * 10 + minor < needs:
+            raise NotAvailableError(f"this config needs an SM{needs}+ GPU ({hardware_requirements(cfg)[0]}); "
+                                    f"{torch.cuda.get_device_name()} is SM{major}{minor}")
+
+
+def default_backend() -> str:
+    """`cuda` where a CUDA GPU is present, else `cpu`."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _graphs_note(executor: Any, cfg: Any, backend: str) -> str | None:
+    """Route the executor through CUDA graphs (`use_cuda_graphs`); say when they cannot apply."""
+    if backend != "cuda":
+        return "use_cuda_graphs: no effect on the cpu backend (no CUDA GPU)" if cfg.use_cuda_graphs else None
+    from surogate.runtime.cuda_graphs import install
+
+    runner = install(executor, bool(cfg.use_cuda_graphs))
+    return f"use_cuda_graphs: running eagerly ({runner.reason})" if cfg.use_cuda_graphs and runner.reason else None
 
 
 def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
@@ -70,9 +92,10 @@ def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict
     return outputs
 
 
-def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", console_file: TextIO | None = None,
-                 force_terminal: bool | None = None) -> TrainResult:
-    """Train `cfg` to the end (or an early stop); returns losses and output paths."""
+def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = None,
+                 console_file: TextIO | None = None, force_terminal: bool | None = None) -> TrainResult:
+    """Train `cfg` to the end (or an early stop); returns losses and output paths. `backend`: `cuda` or `cpu`
+    (default: `cuda` where a GPU is present)."""
     from surogate.compiler.models import resolve_model
     from surogate.compiler.pipeline import compile_plan
     from surogate.compiler.report import memory_table_text
@@ -95,11 +118,14 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", co
         raise UserError("datasets: training needs at least one dataset")
     spec = resolve_model(cfg)
     plan = plan if plan is not None else compile_plan(cfg)
+    backend = backend or default_backend()
     _check_runnable(plan, cfg, backend)
     torch.manual_seed(int(cfg.train_seed))
     tokenizer = load_tokenizer(cfg)
     data = prepare_datasets(cfg, tokenizer)
-    executor = ArenaExecutor(plan, kernel_table(backend))
+    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    executor = ArenaExecutor(plan, kernel_table(backend), device=device)
+    graphs_note = _graphs_note(executor, cfg, backend)
     initialise(executor, initial_weights(plan, cfg, spec.source_dir, spec.hf_config))
 
     params = plan.meta.get("parameters", {})
@@ -121,7 +147,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str = "cpu", co
         num_epochs=adjusted.num_epochs, warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
         packing_efficiency=train_stats.efficiency, plan_peak_bytes=int(plan.memory["device"]["peak_bytes"]),
-        device=backend, start_step=trainer.step, notes=tuple(n for n in (adjusted.message,) if n),
+        device=backend, start_step=trainer.step, notes=tuple(n for n in (adjusted.message, graphs_note) if n),
     )
     result = TrainResult(steps=0)
     with TrainingObserver(cfg, cfg.output_dir, info, console_file=console_file,

@@ -81,3 +81,15 @@ def test_debug_time_breakdown_reports_measured_phases(small_source, tmp_path):
         assert f" {phase} " in lines[-1], lines[-1]
     shares = [float(part.split("(")[1].rstrip("%),")) for part in lines[-1].split(": ", 1)[1].split(", ")]
     assert 98 <= sum(shares) <= 102
+
+
+def test_use_cuda_graphs_is_never_silently_ignored(small_source, tmp_path):
+    """On a machine without a GPU the run trains on the cpu backend and says so about `use_cuda_graphs`."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    _, console = train(small_cfg(small_source, tmp_path, max_steps=1, use_cuda_graphs=True))
+    assert "use_cuda_graphs: no effect on the cpu backend" in console
+    _, quiet = train(small_cfg(small_source, tmp_path / "off", max_steps=1, use_cuda_graphs=False))
+    assert "use_cuda_graphs" not in quiet
