@@ -27,6 +27,7 @@ def model_dir(tmp_path_factory):
     return save_sim_model(tmp_path_factory.mktemp("cuda_table") / "qwen3")
 
 
+@pytest.mark.slow  # ~1 min under the simulator; `pytest -m slow` runs it
 def test_normuon_with_clipping_in_place_and_no_new_scratch(model_dir):
     """LoRA + NorMuon + max_grad_norm: same update as the cpu backend; every kernel output is the planned view
     (the executor copies nothing, copies between spaces aside); the second step allocates no scratch."""
@@ -56,6 +57,7 @@ def test_normuon_with_clipping_in_place_and_no_new_scratch(model_dir):
     assert (state.scratch_bytes, len(state._scratch)) == (held, n_scratch)
 
 
+@pytest.mark.slow  # ~1 min under the simulator; `pytest -m slow` runs it
 def test_dropout_masks_agree_between_forward_recompute_and_backward(model_dir):
     """With lora_dropout, recompute on and off give the same gradients (recompute regenerates the forward's
     mask, backward applies it)."""
