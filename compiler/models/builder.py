@@ -115,6 +115,11 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     pad_attrs = {"padding_idx": int(pad)} if isinstance(pad, int) and 0 <= pad < spec.vocab_size else {}
     (x,) = bld.op("embed", "embedding", [ids, emb_w], ["embed.out"], None, pad_attrs)
     g.tensors[x].attrs["residual"] = "layer_input"
+    if not getattr(cfg, "use_fused_rope", False):
+        # Positions restart per document and stay below sequence_len: tables of t rows cover them all.
+        g.meta["rope_tables"] = bld.op("rope_table", "rope_table", [], ["rope.cos", "rope.sin"], None,
+                                       {"inv_freq": freqs, "attention_scaling": att_scale, "positions": t},
+                                       dtypes=["fp32", "fp32"], roles=[Role.ACTIVATION, Role.ACTIVATION])
     for layer in range(spec.num_layers):
         x = _layer(bld, spec, layer, x, pos, cu, freqs, att_scale)
 
@@ -170,8 +175,9 @@ def _layer(bld: GraphBuilder, spec: ModelSpec, layer: int, x: str, pos: str, cu:
         (q,) = bld.op(f"{a}.q_norm", "rmsnorm", [q, qw], [f"{a}.q_norm"], layer, {"eps": eps, "group": hd})
         (k,) = bld.op(f"{a}.k_norm", "rmsnorm", [k, kw], [f"{a}.k_norm"], layer, {"eps": eps, "group": hd})
     rope = {"head_dim": hd, "inv_freq": freqs, "attention_scaling": att_scale}
-    (q,) = bld.op(f"{a}.q_rope", "rope", [q, pos], [f"{a}.q_rope"], layer, rope)
-    (k,) = bld.op(f"{a}.k_rope", "rope", [k, pos], [f"{a}.k_rope"], layer, rope)
+    tables = list(bld.g.meta.get("rope_tables", ()))  # precomputed cos/sin unless use_fused_rope
+    (q,) = bld.op(f"{a}.q_rope", "rope", [q, pos, *tables], [f"{a}.q_rope"], layer, rope)
+    (k,) = bld.op(f"{a}.k_rope", "rope", [k, pos, *tables], [f"{a}.k_rope"], layer, rope)
     att, _ = bld.op(f"{a}.attn", "attention", [q, k, v, cu], [f"{a}.attn", f"{a}.attn_lse"], layer,
                     {"num_heads": nh, "num_kv_heads": nkv, "head_dim": hd, "scale": hd**-0.5, "causal": True},
                     dtypes=[bld.act_dtype, "fp32"])

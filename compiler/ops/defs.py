@@ -37,6 +37,11 @@ def _lm_head_ce_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
     return [(), (rows,), (-(-rows // chunks), s[1][0])]
 
 
+def _rope_table_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    half = len(a["inv_freq"])
+    return [(a["positions"], half), (a["positions"], half)]
+
+
 def _swiglu_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
     if s[0] != s[1]:
         raise ValueError("swiglu: gate and up shapes differ")
@@ -55,8 +60,11 @@ register(OpDef("rmsnorm", ("x", "weight"), ("out",), ("eps", "group"), _same(), 
                doc="RMSNorm over groups of `group` features of the last dim (group = whole dim by default)"))
 register(OpDef("linear", ("x", "weight", "bias?"), ("out",), ("scale",), _linear_shape, V.linear, (0, 1, 2),
                doc="out = scale * x @ weight.T (+ bias)"))
-register(OpDef("rope", ("x", "position_ids"), ("out",), ("head_dim", "inv_freq", "attention_scaling"), _same(),
+register(OpDef("rope", ("x", "position_ids", "cos?", "sin?"), ("out",), ("head_dim", "inv_freq", "attention_scaling"), _same(),
                V.rope, (0,), doc="rotate-half RoPE of each head (HF convention), cos/sin from inv_freq"))
+register(OpDef("rope_table", (), ("cos", "sin"), ("inv_freq", "attention_scaling", "positions"), _rope_table_shape,
+               None, (), doc="fp32 cos/sin tables [positions, head_dim/2] (use_fused_rope: false): rope reads them "
+                             "instead of computing sin/cos on the fly"))
 register(OpDef("attention", ("q", "k", "v", "cu_seqlens"), ("out", "lse"),
                ("num_heads", "num_kv_heads", "head_dim", "scale", "causal"), _attention_shape, V.attention,
                (0, 1, 2), doc="causal GQA softmax attention; tokens attend only inside their cu_seqlens document"))
@@ -98,7 +106,7 @@ for kind, ins, outs in (
     ("rmsnorm_bwd_weight", ("dout", "x"), ("dweight",)),
     ("linear_bwd_data", ("dout", "weight"), ("dx",)),
     ("linear_bwd_weight", ("dout", "x"), ("dweight", "dbias?")),
-    ("rope_bwd", ("dout", "position_ids"), ("dx",)),
+    ("rope_bwd", ("dout", "position_ids", "cos?", "sin?"), ("dx",)),
     ("attention_bwd", ("dout", "q", "k", "v", "out", "lse", "cu_seqlens"), ("dq", "dk", "dv", "workspace")),
     ("swiglu_bwd", ("dout", "gate", "up"), ("dgate?", "dup?")),
     ("dropout_bwd", ("dout",), ("dx",)),

@@ -77,7 +77,8 @@ def rope(ctx: Any) -> None:
     _, outs, acc = _grads(ctx, (0,))
     if outs:
         attrs = {k: ctx.op.attrs[k] for k in ("head_dim", "inv_freq", "attention_scaling")}
-        ctx.emit("rope_bwd", [ctx.dout(0), ctx.saved(ctx.op.inputs[1])], outs, attrs, acc)
+        tables = [ctx.saved(t) for t in ctx.op.inputs[2:]]  # cos/sin tables, when not fused
+        ctx.emit("rope_bwd", [ctx.dout(0), ctx.saved(ctx.op.inputs[1]), *tables], outs, attrs, acc)
 
 
 def attention(ctx: Any) -> None:

@@ -108,25 +108,42 @@ def _inv_freq(st: CudaState, attrs: dict, device: torch.device) -> torch.Tensor:
     return st.constant(("inv_freq", inv), lambda: torch.tensor(inv, dtype=torch.float32), device)
 
 
-def _rope(st: CudaState, ins: list, attrs: dict, ctx: Any, name: str) -> list:
-    x, pos = ins
+def _rope(st: CudaState, ins: list, attrs: dict, ctx: Any, direction: str) -> list:
+    x, pos = ins[0], ins[1]
     bnd = st.bind(ins, attrs, ctx)
     out = bnd.views[0]
     d = int(attrs["head_dim"])
     b, t, w = x.shape
     buf = _into(st, out, bnd.accumulate[0], "rope_acc")
-    _k(name)(x.reshape(b * t, w // d, d), buf.view(b * t, w // d, d), pos.reshape(-1),
-             _inv_freq(st, attrs, x.device), float(attrs.get("attention_scaling", 1.0)))
+    args = (x.reshape(b * t, w // d, d), buf.view(b * t, w // d, d), pos.reshape(-1))
+    if len(ins) >= 4 and ins[2] is not None:  # precomputed tables (use_fused_rope: false)
+        _k(f"rope_{direction}")(*args, ins[2], ins[3])
+    else:
+        _k(f"rope_fused_{direction}")(*args, _inv_freq(st, attrs, x.device), float(attrs.get("attention_scaling", 1.0)))
     _flush(out, buf)
     return [out]
 
 
 def rope(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
-    return _rope(st, ins, attrs, ctx, "rope_fused_fwd")
+    return _rope(st, ins, attrs, ctx, "fwd")
 
 
 def rope_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
-    return _rope(st, ins, attrs, ctx, "rope_fused_bwd")
+    return _rope(st, ins, attrs, ctx, "bwd")
+
+
+def rope_table(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """The fp32 cos/sin tables, once per micro-step (the executor copies them into their views)."""
+    from surogate.numba_kernels.rope import rope_tables_ref
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    inv = _inv_freq(st, attrs, device)
+    key = ("rope_table", tuple(float(f) for f in attrs["inv_freq"]), int(attrs["positions"]),
+           float(attrs.get("attention_scaling", 1.0)))
+    # computed once per device and cached: every later micro-step is a device-to-device copy (capturable)
+    cos = st.constant(key + ("cos",), lambda: rope_tables_ref(inv, key[2], key[3])[0], device)
+    sin = st.constant(key + ("sin",), lambda: rope_tables_ref(inv, key[2], key[3])[1], device)
+    return [cos, sin]
 
 
 # -- SwiGLU ---------------------------------------------------------------------------------------------
@@ -308,6 +325,7 @@ KERNELS = {
     "rmsnorm_bwd_weight": rmsnorm_bwd_weight,
     "rope": rope,
     "rope_bwd": rope_bwd,
+    "rope_table": rope_table,
     "swiglu": swiglu,
     "swiglu_bwd": swiglu_bwd,
     "dropout": dropout,

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from surogate.runtime.reference.common import dropout_mask, heads, merge_heads, rope_tables, rotate_half_t
+from surogate.runtime.reference.common import dropout_mask, heads, merge_heads, rotate_half_t
 from surogate.runtime.reference.dtypes import common
-from surogate.runtime.reference.kernels_fwd import attention_probs, rms_normalize
+from surogate.runtime.reference.kernels_fwd import attention_probs, cos_sin, rms_normalize
 
 Tensors = list[torch.Tensor | None]
 
@@ -69,9 +69,9 @@ def linear_bwd_weight(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 
 def rope_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    dy, pos = x
+    dy = x[0]
     b, t, w = dy.shape
-    cos, sin = rope_tables(pos, a, dy.dtype)
+    cos, sin = cos_sin(x, a, dy.dtype)
     d = dy.view(b, t, w // a["head_dim"], a["head_dim"])
     return [(d * cos + rotate_half_t(d * sin)).view(b, t, w)]
 

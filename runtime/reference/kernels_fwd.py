@@ -58,10 +58,28 @@ def linear(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [y * scale if scale != 1.0 else y]
 
 
+def rope_table(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """fp32 cos/sin [positions, head_dim/2] exactly as `rope_tables` computes them per position."""
+    inv = torch.tensor(a["inv_freq"], dtype=torch.float32)
+    freqs = torch.arange(a["positions"], dtype=torch.float32)[:, None] * inv
+    scale = a.get("attention_scaling", 1.0)
+    return [freqs.cos() * scale, freqs.sin() * scale]
+
+
+def cos_sin(x: Tensors, a: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin as [B, T, 1, head_dim] from the precomputed tables (inputs 2, 3) or computed on the fly."""
+    pos = x[1]
+    if len(x) < 4 or x[2] is None:
+        return rope_tables(pos, a, dtype)
+    idx = pos.long()
+    cos, sin = (torch.cat((tab[idx], tab[idx]), dim=-1).to(dtype)[:, :, None] for tab in (x[2], x[3]))
+    return cos, sin
+
+
 def rope(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    inp, pos = x
+    inp = x[0]
     b, t, w = inp.shape
-    cos, sin = rope_tables(pos, a, inp.dtype)
+    cos, sin = cos_sin(x, a, inp.dtype)
     xh = inp.view(b, t, w // a["head_dim"], a["head_dim"])
     return [(xh * cos + rotate_half(xh) * sin).view(b, t, w)]
 
@@ -128,6 +146,7 @@ KERNELS = {
     "rmsnorm": rmsnorm,
     "linear": linear,
     "rope": rope,
+    "rope_table": rope_table,
     "attention": attention,
     "swiglu": swiglu,
     "add": add,

@@ -149,3 +149,22 @@ def test_lora_dropout_masks_agree_between_forward_and_recompute(models):
     assert set(g0) == set(g1)
     for name in g0:
         assert rel_err(g1[name], g0[name]) < TOL, name
+
+
+def test_use_fused_rope_switches_tables_off_and_changes_no_number(models):
+    """`use_fused_rope: false` (the default) reads precomputed fp32 cos/sin tables, `true` computes them on
+    the fly: the plan differs (tables exist only unfused), the loss and gradients are bitwise equal."""
+    d = models["qwen3"]
+    ids, labels = random_batch(2, 16)
+    results = {}
+    for fused in (False, True):
+        runner = PlanRunner(make_cfg(d, use_fused_rope=fused, recompute=True))
+        kinds = {op.kind for op in runner.plan.ops}
+        assert ("rope_table" in kinds) is not fused
+        assert ("rope.cos" in runner.plan.tensors) is not fused
+        results[fused] = runner.micro_step(ids, labels)
+    (loss_t, grads_t), (loss_f, grads_f) = results[False], results[True]
+    assert loss_t == loss_f
+    assert grads_t.keys() == grads_f.keys()
+    for name in grads_t:
+        assert torch.equal(grads_t[name], grads_f[name]), name
