@@ -83,6 +83,8 @@ def _eligible(t: Tensor, skip: set[int]) -> bool:
 def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
     block = int(getattr(cfg, "qlora_bnb_block_size" if fmt == "nf4" else "qlora_block_size", 64 if fmt == "nf4" else 128))
     dq = bool(getattr(cfg, "qlora_bnb_double_quant", True)) and fmt == "nf4"
+    # Four Over Six: per block, scale to max 4 or to max 6, whichever loses less (NVFP4 QLoRA only)
+    four_six = fmt == "fp4" and bool(getattr(cfg, "qlora_four_over_six", True))
     model_dtype = graph.meta["model_dtype"]
     selective = bool(getattr(cfg, "qlora_selective_expert_dequant", False))
     before: dict[str, list[Op]] = {}
@@ -94,6 +96,7 @@ def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
             scales = scale_tensors(fmt, t.shape, block, dq)
             q = Tensor(f"{w}.q", t.shape, data_dtype(fmt), Role.QUANT_WEIGHT, t.space, t.layer, source=t.source,
                        attrs={**t.attrs, "format": fmt, "block_size": block, "double_quant": dq, "quant_of": w,
+                              "four_over_six": four_six,
                               "scales": [f"{w}.{s}" for s, _, _ in scales]})
             graph.add_tensor(q)
             for suffix, shape, dtype in scales:
@@ -112,7 +115,7 @@ def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
             graph.remove_tensor(w)
     _insert_before(graph, before)
     graph.rewire()
-    graph.meta["qlora"] = {"format": fmt, "block_size": block, "double_quant": dq,
+    graph.meta["qlora"] = {"format": fmt, "block_size": block, "double_quant": dq, "four_over_six": four_six,
                            "selective_expert_dequant": selective}
 
 

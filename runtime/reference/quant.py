@@ -31,8 +31,11 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(pad)]).view(-1, block)
 
 
-def quantize(fmt: str, w: torch.Tensor, block: int, double_quant: bool = False) -> list[torch.Tensor]:
-    """[codes, *scales] of `w` in `fmt` (scales as the IR declares them)."""
+def quantize(fmt: str, w: torch.Tensor, block: int, double_quant: bool = False,
+             four_over_six: bool = False) -> list[torch.Tensor]:
+    """[codes, *scales] of `w` in `fmt` (scales as the IR declares them). `four_over_six` (fp4): each
+    16-value block is scaled so its largest magnitude maps to 6 or to 4, whichever reconstructs it with
+    the smaller squared error (Four Over Six adaptive block scaling)."""
     if fmt == "nf4":
         b = _blocks(w, block)
         absmax = b.abs().amax(1).clamp(min=1e-12)
@@ -59,14 +62,30 @@ def quantize(fmt: str, w: torch.Tensor, block: int, double_quant: bool = False) 
     if fmt in ("fp4", "fp4_block"):
         b = _blocks(w, NVFP4_BLOCK)
         gscale = (b.abs().amax().clamp(min=1e-12) / (FP8_MAX * 6.0)) if fmt == "fp4" else torch.tensor(1.0)
-        scale = (b.abs().amax(1) / 6.0 / gscale).to(torch.float8_e4m3fn)
-        denom = (scale.float() * gscale).clamp(min=1e-30)
-        codes = _nearest(b / denom[:, None], E2M1).reshape(-1)[: w.numel()].view(w.shape)
+        scale, codes = _fp4_blocks(b, gscale, 6.0)
+        if four_over_six:
+            scale4, codes4 = _fp4_blocks(b, gscale, 4.0)
+            better = _fp4_error(b, codes4, scale4, gscale) < _fp4_error(b, codes, scale, gscale)
+            scale = torch.where(better, scale4.float(), scale.float()).to(torch.float8_e4m3fn)
+            codes = torch.where(better[:, None], codes4, codes)
+        codes = codes.reshape(-1)[: w.numel()].view(w.shape)
         return [codes, scale, gscale.reshape(1)] if fmt == "fp4" else [codes, scale]
     if fmt == "fp8_tensor":
         scale = w.abs().amax().float().clamp(min=1e-12) / FP8_MAX
         return [(w.float() / scale).to(torch.float8_e4m3fn), scale.reshape(1)]
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def _fp4_blocks(b: torch.Tensor, gscale: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 block scales, E2M1 codes [blocks, 16]) with each block's amax mapped to `top` (6 or 4)."""
+    scale = (b.abs().amax(1) / top / gscale).to(torch.float8_e4m3fn)
+    denom = (scale.float() * gscale).clamp(min=1e-30)
+    return scale, _nearest(b / denom[:, None], E2M1)
+
+
+def _fp4_error(b: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error per block."""
+    return ((E2M1[codes.long()] * (scale.float() * gscale)[:, None] - b) ** 2).sum(1)
 
 
 def dequantize(fmt: str, parts: list[torch.Tensor], shape: tuple[int, ...], block: int,

@@ -131,7 +131,8 @@ def _base_value(ckpt: _Checkpoint, t) -> torch.Tensor:
 
 def _load_quantized(ckpt: _Checkpoint, t) -> dict[str, torch.Tensor]:
     """Quantize a base weight at load time (QLoRA): codes into `t.name`, scales into `t.attrs["scales"]`."""
-    parts = quantize(t.attrs["format"], _base_value(ckpt, t).float(), t.attrs["block_size"], t.attrs["double_quant"])
+    parts = quantize(t.attrs["format"], _base_value(ckpt, t).float(), t.attrs["block_size"], t.attrs["double_quant"],
+                     four_over_six=bool(t.attrs.get("four_over_six")))
     return dict(zip([t.name, *t.attrs["scales"]], parts, strict=True))
 
 

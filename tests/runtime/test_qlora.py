@@ -77,3 +77,25 @@ def test_qlora_run_exports_an_adapter_and_a_model_merged_into_the_original_weigh
     assert b.abs().max() > 0  # trained
     # merged = the original (unquantized) weight + alpha/r * B @ A, not the 4-bit approximation
     torch.testing.assert_close(merged[f"{name}.weight"], original[f"{name}.weight"] + 2.0 * (b @ a))
+
+
+def test_four_over_six_never_loses_to_plain_fp4_scaling():
+    """qlora_four_over_six: each block keeps whichever of the max-6 / max-4 scalings reconstructs it better."""
+    from surogate.runtime.reference.quant import _blocks, dequantize, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * torch.rand(64, 1) * 3
+    errors = {}
+    for four_six in (False, True):
+        parts = quantize("fp4", w, 16, four_over_six=four_six)
+        errors[four_six] = (_blocks(dequantize("fp4", parts, w.shape, 16) - w, 16) ** 2).sum(1)
+    assert torch.all(errors[True] <= errors[False] + 1e-12)
+    assert errors[True].sum() < 0.95 * errors[False].sum()  # and it matters on such data
+
+
+@pytest.mark.parametrize("four_six", [True, False])
+def test_qlora_fp4_plan_carries_four_over_six(tmp_path, four_six):
+    model = save_model(tmp_path / "m", "qwen3")
+    plan = PlanRunner(make_cfg(model, lora=True, lora_rank=4, qlora_fp4=True, qlora_four_over_six=four_six)).plan
+    quant = [t for t in plan.tensors.values() if t.role is Role.QUANT_WEIGHT]
+    assert quant and all(t.attrs["four_over_six"] is four_six for t in quant)
