@@ -43,6 +43,10 @@ def annotate_precision(graph: Graph, cfg: Any) -> Graph:
         raise UserError(f"gradient_dtype: unknown dtype {grad!r}")
     graph.meta["grad_dtype"] = _DT[grad] if grad else model_dtype
     graph.meta["recipe"] = recipe
+    if recipe in ("nvfp4", "nvfp4_quartet") or getattr(cfg, "qlora_fp4", False):
+        graph.meta.setdefault("notes", []).append(
+            f"fp4_backend: {getattr(cfg, 'fp4_backend', 'cutlass')!r} is recorded, but no FP4 GEMM kernel "
+            "(cutlass or cudnn) has landed yet: FP4 matmuls run as dequantize + BF16 GEMM (same memory plan)")
     layers = graph.meta["num_layers"]
     skip = _skipped_layers(cfg, layers)
     qfmt = _qlora_format(cfg)

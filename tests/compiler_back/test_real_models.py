@@ -320,3 +320,13 @@ def test_qwen3_06b_preset_lora_counts_are_pefts(tmp_path, capsys):
     assert rep["parameters"] == {"total": 596_049_920, "trainable": 10_092_544, "adapter": 10_092_544}
     assert rep["memory"]["device"]["categories"]["frozen_weights"] >= 2 * 596_049_920
     assert rep["memory"]["device"]["categories"]["frozen_weights"] < 2 * 596_049_920 + 256 * 400  # alignment only
+
+
+def test_fp4_plans_say_the_fp4_backend_has_no_kernel_yet(tmp_path, capsys):
+    from surogate.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 128\nrecipe: nvfp4\nfp4_backend: cudnn\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith("fp4_backend: 'cudnn'") and "no FP4 GEMM kernel" in n for n in notes), notes
