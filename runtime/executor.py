@@ -147,6 +147,11 @@ class ArenaExecutor:
             return unpack_nibbles(self.views[name], t.shape)
         return self.views[name]
 
+    @property
+    def gradient_names(self) -> list[str]:
+        """The plan's weight-gradient tensors (accumulated over micro-steps, zeroed once per step)."""
+        return list(self._gradients)
+
     def zero_gradients(self) -> None:
         for name in self._gradients:
             self.views[name].zero_()

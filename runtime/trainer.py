@@ -121,7 +121,7 @@ class Trainer:
 
     def gradient_norm(self) -> float:
         total = 0.0
-        for name in self.ex._gradients:
+        for name in self.ex.gradient_names:
             total += float(self.ex.views[name].double().pow(2).sum())
         return math.sqrt(total)
 

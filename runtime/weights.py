@@ -2,8 +2,8 @@
 
 - Pretrained: safetensors of the model folder by each tensor's `source` (HF name); LoRA A/B by PEFT's
   init (A kaiming-uniform, B zero), seeded by `train_seed`.
-- `from_scratch`: the model's own Hugging Face initialisation (`from_config`), then
-  `init_projections_to_zero` zeroes the attention output and MLP down projections.
+- `from_scratch`: the model's own Hugging Face initialisation (`from_config`); weights the builder marks
+  `init: zeros` (biases, and o_proj/down_proj with `init_projections_to_zero`) start at zero.
 - `adapter_path`: a PEFT adapter merged into the base weights before training.
 """
 
@@ -19,8 +19,6 @@ from surogate.compiler.plan import Plan
 from surogate.errors import UserError
 from surogate.runtime.executor import ArenaExecutor
 from surogate.runtime.optim import init_optimizer_state
-
-ZERO_INIT_MODULES = ("o_proj", "down_proj")
 
 
 def _from_scratch(plan: Plan, hf_config: dict[str, Any], cfg: Any) -> dict[str, torch.Tensor]:
@@ -39,9 +37,8 @@ def _from_scratch(plan: Plan, hf_config: dict[str, Any], cfg: Any) -> dict[str, 
         if t.source not in by_source:
             raise UserError(f"from_scratch: the model class has no weight {t.source!r}")
         value = by_source[t.source]
-        if cfg.init_projections_to_zero and any(f".{m}." in t.source for m in ZERO_INIT_MODULES):
-            value = torch.zeros_like(value)
-        out[name] = value
+        # The builder marks what starts at zero (biases; o_proj/down_proj with init_projections_to_zero).
+        out[name] = torch.zeros_like(value) if t.attrs.get("init") == "zeros" else value
     return out
 
 

@@ -15,6 +15,7 @@ from surogate.compiler.passes.chunking import apply_chunking
 from surogate.compiler.passes.lora import inject_lora
 from surogate.compiler.passes.precision import annotate_precision
 from surogate.compiler.passes.recompute import apply_recompute
+from surogate.runtime.batches import shift_labels  # noqa: F401 - re-exported for the tests
 from surogate.runtime.reference import batch_inputs, gradients, load_weights, run_graph
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -81,13 +82,6 @@ def random_batch(vocab: int, b: int, t: int, seed: int = 1) -> tuple[torch.Tenso
     labels = ids.clone()
     labels[:, :3] = -100
     return ids, labels
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """HF labels -> our pre-shifted labels (target of position t at t; the last position ignored)."""
-    out = torch.full_like(labels, -100)
-    out[:, :-1] = labels[:, 1:]
-    return out
 
 
 def run_ours(graph: Graph, model_dir: Path, ids: torch.Tensor, labels_hf: torch.Tensor,

@@ -19,6 +19,7 @@ from surogate.runtime.executor import MICRO_STEP, ArenaExecutor, StepContext
 from surogate.runtime.trainer import loss_tensor
 from surogate.runtime.weights import initialise
 from surogate.schema import config_from_dict
+from tests.compiler_front.helpers import rel_err  # noqa: F401 - re-exported for the tests
 from tests.runtime_support.helpers import VOCAB, save_tiny_tokenizer
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,11 +79,6 @@ def make_cfg(model_dir: Path | str, **over: Any):
                 lora_dropout=0.0, use_cuda_graphs=False)
     base.update(over)
     return config_from_dict(base)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 class PlanRunner:

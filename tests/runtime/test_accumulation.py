@@ -27,7 +27,7 @@ def _trainer(setup, name, batch, accumulation, **over):
 
 
 def _gradients(trainer):
-    return {trainer.plan.tensors[n].attrs["grad_of"]: trainer.ex.views[n].clone() for n in trainer.ex._gradients}
+    return {trainer.plan.tensors[n].attrs["grad_of"]: trainer.ex.views[n].clone() for n in trainer.ex.gradient_names}
 
 
 def _max_rel(a: dict, b: dict) -> float:
