@@ -20,6 +20,7 @@ from rich.text import Text
 
 from surogate.compiler.plan import CATEGORIES, Plan
 from surogate.errors import UserError
+from surogate.schema.hardware import gpu_requirements, min_compute_capability, sm_of
 
 CATEGORY_LABELS = {
     "frozen_weights": "frozen weights",
@@ -71,15 +72,12 @@ def detect_gpu() -> dict[str, Any] | None:
 
 
 def hardware_requirement(config: dict[str, Any]) -> dict[str, Any]:
-    """Minimum compute capability the recipe / QLoRA mode needs, with the reason."""
-    recipe = config.get("recipe", "bf16")
-    if recipe in ("nvfp4", "nvfp4_quartet") or config.get("qlora_fp4"):
-        why = f"recipe {recipe}" if recipe in ("nvfp4", "nvfp4_quartet") else "qlora_fp4"
-        return {"min_sm": [10, 0], "text": f"{why} needs an NVIDIA Blackwell GPU (SM100+)"}
-    if recipe == "fp8_hybrid" or config.get("qlora_fp8"):
-        why = "recipe fp8_hybrid" if recipe == "fp8_hybrid" else "qlora_fp8"
-        return {"min_sm": [8, 9], "text": f"{why} needs an FP8-capable GPU (SM89+: Ada, Hopper, Blackwell)"}
-    return {"min_sm": None, "text": "any CUDA GPU"}
+    """Minimum compute capability (`[major, minor]`, None: any CUDA GPU) the config runs on, with the
+    reason; soft requirements (slower below their SM) as `advice`. From `surogate.schema.gpu_requirements`."""
+    need, hard = min_compute_capability(config)
+    advice = [r.what for r in gpu_requirements(config) if not r.hard]
+    return {"min_sm": [need // 10, need % 10] if need else None,
+            "text": "; ".join(r.what for r in hard) or "any CUDA GPU", "advice": advice}
 
 
 def _knobs(config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
@@ -198,7 +196,7 @@ def build_report(
     need = hardware_requirement(plan.config)
     satisfied = None
     if gpu is not None:
-        satisfied = need["min_sm"] is None or list(gpu["capability"]) >= need["min_sm"]
+        satisfied = need["min_sm"] is None or sm_of(gpu["capability"]) >= sm_of(need["min_sm"])
     zero = plan.meta.get("zero", {})
     return {
         "model": plan.config.get("model"),
@@ -273,6 +271,8 @@ def render_report(report: dict[str, Any], plan: Plan) -> Group:
     hw = report["hardware"]
     ok = {True: " (satisfied)", False: " (NOT satisfied by this GPU)", None: ""}[hw["satisfied"]]
     head.append(f"Hardware: {hw['text']}{ok}\n")
+    for advice in hw.get("advice", ()):
+        head.append(f"Hardware note: {advice}\n", style="dim")
     for note in report["notes"]:
         head.append(f"Note: {note}\n", style="dim")
     parts: list[Any] = [head, format_memory_table(plan)]

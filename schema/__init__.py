@@ -14,6 +14,7 @@ from typing import Any
 from surogate.errors import ConfigError, ConfigIssue, UserError
 from surogate.schema.check import schema_issues, unknown_key_issues
 from surogate.schema.config import DatasetConfig, DistributedConfig, FrozenDict, TrainConfig, build_config
+from surogate.schema.hardware import Requirement, gpu_requirements, min_compute_capability, sm_of
 from surogate.schema.rules import Notice, parse_rope_scaling, run_rules
 from surogate.schema.source import dataset_properties, default_of, load_schema, properties, schema_text
 from surogate.schema.yaml_source import YamlDocument, parse_yaml, read_yaml
@@ -24,14 +25,18 @@ __all__ = [
     "DistributedConfig",
     "FrozenDict",
     "Notice",
+    "Requirement",
     "TrainConfig",
     "ValidationResult",
     "config_from_dict",
+    "gpu_requirements",
     "hardware_requirements",
     "load_config",
     "load_schema",
+    "min_compute_capability",
     "parse_rope_scaling",
     "schema_text",
+    "sm_of",
     "validate_document",
     "validate_file",
 ]
@@ -168,7 +173,6 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> TrainCo
 
 
 def hardware_requirements(cfg: TrainConfig) -> list[str]:
-    """What the config needs of the GPU at run time (e.g. SM100+ for NVFP4), in words."""
-    resolved = cfg.to_dict()
-    _, notices = run_rules(resolved, set())
-    return [n.message for n in notices if n.kind == "requirement"]
+    """What the config needs of the GPU at run time (e.g. SM100+ for NVFP4), in words: the hard
+    requirements of `gpu_requirements` (those a GPU below them cannot run)."""
+    return [r.what for r in gpu_requirements(cfg) if r.hard]

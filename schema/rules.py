@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from surogate.errors import ConfigIssue
+from surogate.schema.hardware import FP4_RECIPES, gpu_requirements
 from surogate.schema.source import dataset_properties, default_of
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 QLORA_MODES = ("qlora_fp4", "qlora_fp8", "qlora_bnb")
-FP4_RECIPES = ("nvfp4", "nvfp4_quartet")
 QUANTIZED_RECIPES = ("fp8_hybrid", *FP4_RECIPES)
 
 
@@ -116,14 +116,9 @@ def qlora_needs_lora(cfg, given):
 
 @rule
 def hardware_requirements(cfg, given):
-    if cfg["recipe"] in FP4_RECIPES:
-        yield Notice("requirement", "recipe", f"recipe {cfg['recipe']!r} needs an NVIDIA Blackwell GPU (SM100+) at run time")
-    if cfg["qlora_fp4"]:
-        yield Notice("requirement", "qlora_fp4", "NVFP4 QLoRA needs an NVIDIA Blackwell GPU (SM100+) at run time")
-    if cfg["recipe"] == "fp8_hybrid":
-        yield Notice("requirement", "recipe", "recipe 'fp8_hybrid' needs an FP8-capable GPU (SM89+: Ada, Hopper, Blackwell)")
-    if cfg["qlora_fp8"]:
-        yield Notice("requirement", "qlora_fp8", "FP8 QLoRA needs an FP8-capable GPU (SM89+) for FP8 matmuls")
+    """GPU needs, from the one table in `schema.hardware`: hard ones are requirements, soft ones warnings."""
+    for req in gpu_requirements(cfg):
+        yield Notice("requirement" if req.hard else "warning", req.field, req.what)
 
 
 @rule

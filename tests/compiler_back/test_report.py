@@ -41,7 +41,8 @@ def test_hardware_requirements():
     assert hardware_requirement({"recipe": "nvfp4"})["min_sm"] == [10, 0]
     assert hardware_requirement({"recipe": "bf16", "qlora_fp4": True})["min_sm"] == [10, 0]
     assert hardware_requirement({"recipe": "fp8_hybrid"})["min_sm"] == [8, 9]
-    assert hardware_requirement({"recipe": "bf16", "qlora_fp8": True})["min_sm"] == [8, 9]
+    fp8_qlora = hardware_requirement({"recipe": "bf16", "qlora_fp8": True})  # runs anywhere, slower below SM89
+    assert fp8_qlora["min_sm"] is None and "SM89+" in fp8_qlora["advice"][0]
     assert hardware_requirement({"recipe": "bf16"})["min_sm"] is None
 
 
