@@ -163,6 +163,6 @@ def normuon_normalise(o, v, rowsq, scale, beta2) -> None:
     scale.copy_((of.norm() / (base.norm() + normuon.EPS) * max(1.0, rows / cols) ** 0.5).reshape(1))
 
 
-def normuon_apply(param, o, v, scale, hp, cautious=True) -> None:
+def normuon_apply(param, o, v, scale, hp, cautious=True, grad=None, momentum=None) -> None:
     d = o.float() / (v.float().sqrt()[:, None] + normuon.EPS) * scale.float()
-    param.copy_(normuon.normuon_apply_ref(param, d, float(hp[0]), float(hp[1]), cautious))
+    param.copy_(normuon.normuon_apply_ref(param, d, float(hp[0]), float(hp[1]), cautious, grad, momentum))

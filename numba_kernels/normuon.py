@@ -7,9 +7,10 @@ weight W [rows, cols] with gradient G, momentum M and a per-row second moment v 
     q_i = sum_j O_ij^2;  v_i = lerp(v_i, q_i / cols, 1 - beta2)                 (row kernel)
     s = ||O||_F / (||O / (sqrt(v) + 1e-10)||_F + 1e-10) * sqrt(max(1, rows / cols))   (scale kernel, one block)
     D_ij = O_ij / (sqrt(v_i) + 1e-10) * s
-    W = W * (1 - lr * wd * mask) - lr * D,  mask = [D_ij * W_ij > 0] if cautious else 1   (apply kernel)
-Cautious weight decay (`normuon_cautious_wd`) decays only coordinates where the update and the weight
-have the same sign, i.e. where the step already moves the weight towards zero.
+    W = W * (1 - lr * wd * mask) - lr * D,  mask = [G_ij * M_ij > 0] if cautious else 1   (apply kernel)
+Cautious weight decay (`normuon_cautious_wd`, configuration.md: "only applies decay when gradient and
+momentum align") decays only coordinates where the gradient and the (updated, stored) momentum have the
+same sign; elsewhere the coordinate gets the update alone.
 lr and wd travel in a fp32 device tensor [lr, wd]; s stays on the device (no host sync, graph-capturable).
 """
 
@@ -20,7 +21,7 @@ import math
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, threads, zeros1
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -62,11 +63,26 @@ def normuon_normalise_ref(o: torch.Tensor, v: torch.Tensor, beta2: float) -> tup
     return d * scale, v_new
 
 
-def normuon_apply_ref(param: torch.Tensor, d: torch.Tensor, lr: float, wd: float, cautious: bool) -> torch.Tensor:
-    """W * (1 - lr * wd * mask) - lr * D, returned in param's dtype."""
+def cautious_mask(grad: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
+    """1.0 where gradient and momentum align (same sign, both non-zero), else 0.0 (fp32)."""
+    return (grad.float() * momentum.float() > 0).float()
+
+
+def normuon_apply_ref(param: torch.Tensor, d: torch.Tensor, lr: float, wd: float, cautious: bool,
+                      grad: torch.Tensor | None = None, momentum: torch.Tensor | None = None) -> torch.Tensor:
+    """W * (1 - lr * wd * mask) - lr * D, returned in param's dtype; mask = [grad * momentum > 0] if cautious."""
     p = param.float()
-    mask = (d * p > 0).float() if cautious else torch.ones_like(p)
+    if cautious:
+        _need_grad_momentum(grad, momentum)
+        mask = cautious_mask(grad, momentum).reshape(p.shape)
+    else:
+        mask = torch.ones_like(p)
     return (p * (1 - lr * wd * mask) - lr * d).to(param.dtype)
+
+
+def _need_grad_momentum(grad: torch.Tensor | None, momentum: torch.Tensor | None) -> None:
+    if grad is None or momentum is None:
+        raise ValueError("cautious weight decay needs the gradient and the momentum (mask = grad * momentum > 0)")
 
 
 # ---------------------------------------------------------------- kernels
@@ -156,18 +172,20 @@ def _scale_kernel():
 
 
 @functools.cache
-def _apply_kernel(p_dt: torch.dtype, o_dt: torch.dtype, cautious: bool):
+def _apply_kernel(p_dt: torch.dtype, o_dt: torch.dtype, g_dt: torch.dtype, m_dt: torch.dtype, cautious: bool):
     global cuda
     cuda = get_cuda()
     from numba import float32
 
     lp, sp = converters(p_dt)
     lo, _ = converters(o_dt)
+    lg, _ = converters(g_dt)
+    lm, _ = converters(m_dt)
 
     T = threads()
 
     @cuda.jit
-    def kernel(param, o, v, scale, hp):
+    def kernel(param, o, v, scale, hp, grad, mom):
         rows, cols = param.shape
         s = scale[0]
         lr = hp[0]
@@ -178,7 +196,8 @@ def _apply_kernel(p_dt: torch.dtype, o_dt: torch.dtype, cautious: bool):
                 d = lo(o[r, c]) / den * s
                 p = lp(param[r, c])
                 decay = lr * wd
-                if cautious and not (d * p > float32(0.0)):
+                # cautious: decay only where gradient and momentum align (grad/mom unread otherwise)
+                if cautious and not (lg(grad[r, c]) * lm(mom[r, c]) > float32(0.0)):
                     decay = float32(0.0)
                 param[r, c] = sp(p * (float32(1.0) - decay) - lr * d)
 
@@ -208,10 +227,20 @@ def normuon_normalise(o: torch.Tensor, v: torch.Tensor, rowsq: torch.Tensor, sca
 
 
 def normuon_apply(
-    param: torch.Tensor, o: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, hp: torch.Tensor, cautious: bool = True
+    param: torch.Tensor, o: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, hp: torch.Tensor, cautious: bool = True,
+    grad: torch.Tensor | None = None, momentum: torch.Tensor | None = None,
 ) -> None:
-    """param <- param * (1 - lr * wd * mask) - lr * o / (sqrt(v) + eps) * s; hp = fp32 [lr, wd] on the device."""
+    """param <- param * (1 - lr * wd * mask) - lr * o / (sqrt(v) + eps) * s; hp = fp32 [lr, wd] on the device.
+
+    mask = [grad * momentum > 0] elementwise when `cautious` (both required then, param's shape), else 1."""
     check_contiguous("param", param)
     check_contiguous("o", o)
-    kernel = _apply_kernel(param.dtype, o.dtype, bool(cautious))
-    launch(kernel, grid_for(param.shape[0], 1), threads(), param, o, v, scale, hp)
+    if cautious:
+        _need_grad_momentum(grad, momentum)
+        g, m = grad.reshape(param.shape), momentum.reshape(param.shape)
+        check_contiguous("grad", g)
+        check_contiguous("momentum", m)
+    else:  # never read by the kernel: any small 2-D array of a supported dtype
+        g = m = zeros1(param.device).view(1, 1)
+    kernel = _apply_kernel(param.dtype, o.dtype, g.dtype, m.dtype, bool(cautious))
+    launch(kernel, grid_for(param.shape[0], 1), threads(), param, o, v, scale, hp, g, m)

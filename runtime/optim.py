@@ -53,7 +53,9 @@ def normuon_step(ins: list, attrs: dict, ctx: Any) -> list:
         rv = row_var.view(-1)[i * rows : (i + 1) * rows]
         d, new_v = normuon.normuon_normalise_ref(o, rv, attrs["beta2"])
         rv.copy_(new_v)
-        t.copy_(normuon.normuon_apply_ref(t, d, attrs["lr"] * ctx.lr_scale, attrs["weight_decay"], attrs["cautious_wd"]))
+        # cautious decay: mask from this step's gradient and the updated (stored) momentum
+        t.copy_(normuon.normuon_apply_ref(t, d, attrs["lr"] * ctx.lr_scale, attrs["weight_decay"], attrs["cautious_wd"],
+                                          grad=gi, momentum=mi))
     if master is not None:
         w.copy_(master.to(w.dtype))
     return [w, *([master] if master is not None else []), momentum, row_var]

@@ -58,11 +58,12 @@ def normuon_step(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     rowsq = st.scratch("nm_rowsq", (rows,), torch.float32, dev)
     scale = st.scratch("nm_scale", (1,), torch.float32, dev)
     for i, (t, gi, mi) in enumerate(zip(_matrices(target), _matrices(g), _matrices(momentum), strict=True)):
-        NK["normuon_momentum"].cuda(gi.contiguous(), mi, update, float(attrs["momentum"]))
+        gi = gi.contiguous()
+        NK["normuon_momentum"].cuda(gi, mi, update, float(attrs["momentum"]))
         o = nm.newton_schulz5_ref(update).contiguous()
         rv = row_var.view(-1)[i * rows : (i + 1) * rows]
         NK["normuon_normalise"].cuda(o, rv, rowsq, scale, float(attrs["beta2"]))
-        NK["normuon_apply"].cuda(t, o, rv, scale, hp, bool(attrs["cautious_wd"]))
+        NK["normuon_apply"].cuda(t, o, rv, scale, hp, bool(attrs["cautious_wd"]), grad=gi, momentum=mi)
     if master is not None:
         w.copy_(master)
     return [w, *([master] if master is not None else []), momentum, row_var]

@@ -169,7 +169,7 @@ def normuon_normalise(dt):
 def normuon_apply(dt):
     p = _r(4, 9, dtype=dt)
     return (p, _r(4, 9, seed=1), torch.rand(4, generator=_g()) + 0.1, torch.tensor([1.1]), torch.tensor([0.01, 0.1])), {
-        "cautious": True
+        "cautious": True, "grad": _r(4, 9, seed=2), "momentum": _r(4, 9, seed=3, dtype=dt)
     }, 1e-6
 
 

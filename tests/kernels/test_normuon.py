@@ -50,20 +50,41 @@ def test_normalise_matches_reference(shape):
 def test_apply_matches_reference(cautious, dtype):
     p = torch.randn(6, 11).to(dtype)
     o, v = torch.randn(6, 11), torch.rand(6) + 0.1
+    g, m = torch.randn(6, 11), torch.randn(6, 11).to(dtype)
     scale, hp = torch.tensor([1.3]), torch.tensor([0.02, 0.5])
     d = o / (v.sqrt()[:, None] + 1e-10) * scale
-    expect = normuon_apply_ref(p, d, 0.02, 0.5, cautious)
-    normuon_apply(p, o, v, scale, hp, cautious)
+    expect = normuon_apply_ref(p, d, 0.02, 0.5, cautious, grad=g, momentum=m)
+    normuon_apply(p, o, v, scale, hp, cautious, grad=g, momentum=m)
     close(p, expect, dtype)
 
 
-def test_cautious_decay_only_where_update_and_weight_agree():
-    p = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
-    o = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    normuon_apply(p, o, torch.ones(1), torch.ones(1), torch.tensor([0.1, 1.0]), cautious=True)
-    d = 1.0 / (1.0 + 1e-10)
-    expect = torch.tensor([[1 * 0.9 - 0.1 * d, 1 + 0.1 * d, -1 - 0.1 * d, -1 * 0.9 + 0.1 * d]])
-    close(p, expect)
+def test_cautious_decay_only_where_gradient_and_momentum_align():
+    """The contract (`normuon_cautious_wd`): decay only where gradient and momentum align; the update's
+    or the weight's sign plays no part (each column below flips one of them)."""
+    p = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0, 1.0]])
+    o = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0, 1.0]])
+    g = torch.tensor([[1.0, 1.0, -1.0, 1.0, 1.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, -1.0, -1.0, -1.0, 1.0]])
+    lr, wd = 0.1, 1.0
+    normuon_apply(p, o, torch.ones(1), torch.ones(1), torch.tensor([lr, wd]), cautious=True, grad=g, momentum=m)
+    d = o / (1.0 + 1e-10)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]])  # hand-written: g*m = 1, 1, 1, -1, -1, 0
+    p0 = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0, 1.0]])
+    close(p, p0 * (1 - lr * wd * mask) - lr * d)
+
+
+def test_reference_mask_is_the_hand_written_torch_formula():
+    g, m, w, d = torch.randn(5, 7), torch.randn(5, 7), torch.randn(5, 7), torch.randn(5, 7)
+    out = normuon_apply_ref(w, d, 0.03, 0.2, True, grad=g, momentum=m)
+    expect = w * (1 - 0.03 * 0.2 * torch.where(g * m > 0, 1.0, 0.0)) - 0.03 * d
+    torch.testing.assert_close(out, expect, rtol=0, atol=1e-7)
+    assert not torch.equal(out, normuon_apply_ref(w, d, 0.03, 0.2, False))  # the mask matters here
+
+
+def test_cautious_without_gradient_and_momentum_is_refused():
+    p = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="gradient and the momentum"):
+        normuon_apply(p, torch.randn(2, 3), torch.ones(2), torch.ones(1), torch.tensor([0.1, 0.1]), cautious=True)
 
 
 def test_composed_step_matches_transcription():
@@ -78,7 +99,7 @@ def test_composed_step_matches_transcription():
     v_ref = v.lerp((o * o).mean(dim=-1), 0.05)
     d = o / (v_ref.sqrt()[:, None] + 1e-10)
     d = d * (vnorm / (d.norm() + 1e-10)) * max(1, rows / cols) ** 0.5
-    mask = (d * w > 0).float()
+    mask = (g * m_ref.to(mom.dtype).float() > 0).float()  # gradient and (stored) momentum align
     w_ref = w * (1 - lr * wd * mask) - lr * d
     # kernels
     upd = torch.empty(rows, cols)
@@ -86,7 +107,7 @@ def test_composed_step_matches_transcription():
     o_k = newton_schulz5_ref(upd).float().contiguous()
     rowsq, scale = torch.empty(rows), torch.empty(1)
     normuon_normalise(o_k, v, rowsq, scale, 0.95)
-    normuon_apply(w, o_k, v, scale, torch.tensor([lr, wd]), cautious=True)
+    normuon_apply(w, o_k, v, scale, torch.tensor([lr, wd]), cautious=True, grad=g, momentum=mom)
     close(mom, m_ref)
     close(v, v_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-4, atol=1e-4)  # NS runs in bf16 on slightly different inputs

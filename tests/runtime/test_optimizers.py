@@ -118,7 +118,8 @@ class RefNorMuon:
         d = o / (self.v.sqrt()[:, None] + 1e-10)
         rows, cols = o.shape
         d = d * (o.norm() / (d.norm() + 1e-10)) * math.sqrt(max(1.0, rows / cols))  # keep Muon's RMS
-        decay = self.lr * self.wd * ((d * self.w > 0).float() if self.cautious else 1.0)
+        # cautious (configuration.md): decay only where gradient and momentum align
+        decay = self.lr * self.wd * ((g * self.m.float() > 0).float() if self.cautious else 1.0)
         self.w = self.w * (1 - decay) - self.lr * d
 
 
