@@ -37,6 +37,7 @@ class StepContext:
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)
     lr_scale: float = 1.0  # schedule(step) / learning_rate; read by optimizer kernels
     optimizer_step: int = 1  # 1-based count of applied optimizer steps (bias correction)
+    last_micro_step: bool = True  # gradient all-reduces marked `when: last_micro_step` run only then
 
     def shape_of_output(self, i: int) -> tuple[int, ...]:
         return self.out_shapes[i]
@@ -189,7 +190,10 @@ class ArenaExecutor:
                     continue
                 # Gradients accumulate across micro-steps (zeroed once per step); other accumulated
                 # outputs (an activation gradient fed by several consumers) start fresh each micro-step.
-                if name in acc and (tensors[name].role is Role.GRADIENT or name in written):
+                # A transient full-size gradient (reduce-scattered into a persistent shard right after
+                # its last writer, ZeRO-2) holds one micro-step's gradient only: it starts fresh too.
+                if name in acc and ((tensors[name].role is Role.GRADIENT and not tensors[name].attrs.get("transient"))
+                                    or name in written):
                     view.add_(value.reshape(view.shape).to(view.dtype))
                 else:
                     view.copy_(value.reshape(view.shape))

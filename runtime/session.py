@@ -22,14 +22,12 @@ from surogate.schema import hardware_requirements
 def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
     """Refuse, with the reason, what this backend cannot execute."""
     world = int(plan.meta.get("zero", {}).get("world", 1))
-    if world > 1:
-        import torch.distributed as dist
+    from surogate.runtime.distributed import comm
 
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == world):
-            raise NotAvailableError(
-                f"this plan is for {world} ranks (gpus / distributed.*); start it with one process per rank "
-                "(multi-rank launch is not in this version) or plan with `gpus: 1`"
-            )
+    if comm.world() != world:  # run_training launches the ranks; a world started elsewhere must match
+        raise NotAvailableError(f"this plan is for {world} rank(s) (gpus x distributed.num_nodes) but it was "
+                                f"started in a world of {comm.world()} processes (torchrun --nproc-per-node / "
+                                "WORLD_SIZE); start it with one process per rank, or re-plan")
     if backend == "cpu" and cfg.recipe != "bf16":
         raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "
                                 "trains with recipe 'bf16' only")
@@ -57,11 +55,18 @@ def _graphs_note(executor: Any, cfg: Any, backend: str) -> str | None:
 
 
 def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
-    """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model."""
+    """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model. Multi-rank: every rank
+    gathers the sharded weights (collective), rank 0 writes."""
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.distributed.shards import full_views
     from surogate.runtime.export import PEFT_PREFIX, export_hf_model, export_merged_model, export_peft_adapter
     from surogate.runtime.weights import unquantized_base_weights
 
     plan, views = trainer.plan, trainer.ex.views
+    if comm.world() > 1:
+        views = full_views(plan, views)
+        if comm.rank() != 0:
+            return {}
     out = Path(cfg.output_dir)
     by_role = lambda roles: {  # noqa: E731 - tiny local selector
         plan.tensors[n].source: v for n, v in views.items() if plan.tensors[n].role in roles and plan.tensors[n].source
@@ -114,19 +119,39 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     )
     from surogate.runtime.weights import initial_weights, initialise
 
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.distributed.launch import launch_if_needed, rank_notes
+    from surogate.runtime.distributed.shards import initialise_rank
+    from surogate.runtime.distributed.state import find_latest
+
     if not cfg.datasets:
         raise UserError("datasets: training needs at least one dataset")
     spec = resolve_model(cfg)
     plan = plan if plan is not None else compile_plan(cfg)
     backend = backend or default_backend()
+    launched = launch_if_needed(cfg, plan, backend)  # world > 1 and no process group: start the ranks
+    if launched is not None:
+        return launched
     _check_runnable(plan, cfg, backend)
+    rank, world = comm.rank(), comm.world()
     torch.manual_seed(int(cfg.train_seed))
     tokenizer = load_tokenizer(cfg)
-    data = prepare_datasets(cfg, tokenizer)
+    if comm.local_rank() != 0:  # the node's first rank tokenizes (and caches); the others then read the cache
+        comm.barrier()
+    data = prepare_datasets(cfg, tokenizer, comm.node_rank())
+    if world > 1 and comm.local_rank() == 0:
+        comm.barrier()
     device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{comm.local_rank()}"
     executor = ArenaExecutor(plan, kernel_table(backend), device=device)
     graphs_note = _graphs_note(executor, cfg, backend)
-    initialise(executor, initial_weights(plan, cfg, spec.source_dir, spec.hf_config))
+    weights = initial_weights(plan, cfg, spec.source_dir, spec.hf_config)
+    if world > 1:
+        initialise_rank(executor, weights, rank)
+    else:
+        initialise(executor, weights)
+    del weights
 
     params = plan.meta.get("parameters", {})
     total_params = int(params.get("total", 0))
@@ -137,20 +162,22 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     checkpoints = CheckpointManager.from_config(cfg)
     trainer = Trainer(cfg, plan, executor, data, checkpoints=checkpoints, num_epochs=adjusted.num_epochs)
     if cfg.resume_from_checkpoint:
-        latest = checkpoints.latest()
+        latest = find_latest(checkpoints)
         if latest is not None:
             trainer.restore(checkpoints.load(latest))
     info = RunInfo(
         model=str(cfg.model), total_params=total_params, trainable_params=int(params.get("trainable", 0)),
         total_steps=trainer.total_steps,
-        tokens_per_step=trainer.batch_size * trainer.accumulation * int(cfg.sequence_len),
+        tokens_per_step=trainer.batch_size * trainer.accumulation * world * int(cfg.sequence_len),
         num_epochs=adjusted.num_epochs, warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
         packing_efficiency=train_stats.efficiency, plan_peak_bytes=int(plan.memory["device"]["peak_bytes"]),
-        device=backend, start_step=trainer.step, notes=tuple(n for n in (adjusted.message, graphs_note) if n),
+        device=backend, start_step=trainer.step,
+        notes=tuple(n for n in (adjusted.message, graphs_note, *rank_notes(plan, backend)) if n),
     )
     result = TrainResult(steps=0)
-    with TrainingObserver(cfg, cfg.output_dir, info, console_file=console_file,
+    # Every rank observes (the same all-reduced figures, so the same decisions); only rank 0 writes.
+    with TrainingObserver(cfg, cfg.output_dir, info, is_main=rank == 0, console_file=console_file,
                           force_terminal=force_terminal) as obs:
         obs.on_allocated(memory_table_text(plan))
         last_saved = None
@@ -170,12 +197,13 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
                 lr = float(cfg.learning_rate) * trainer.lr_factor(step - 1)
                 decision = obs.on_step(StepMetrics(step, loss, lr, norm, tokens, trainer.epoch))
                 result.losses.append(loss)
+            decision = comm.broadcast(decision)  # rank 0's word is final, should floats ever differ
             trainer.lr_scale = decision.lr_scale
             if step % int(cfg.eval_steps) == 0 or step == trainer.total_steps:
                 eval_loss = trainer.evaluate()
                 if eval_loss is not None:
                     result.eval_losses.append((step, eval_loss))
-                    ev = obs.on_eval(EvalMetrics(step, eval_loss))
+                    ev = comm.broadcast(obs.on_eval(EvalMetrics(step, eval_loss)))
                     if ev.stop and not decision.stop:
                         decision = ev
             if step % int(cfg.save_steps) == 0 or (decision.stop and decision.save_checkpoint):

@@ -22,6 +22,7 @@ from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
 from surogate.errors import UserError
 from surogate.runtime.batches import BatchStream, Position, plan_inputs
+from surogate.runtime.distributed import comm
 from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, ArenaExecutor, StepContext
 
 CHECKPOINT_ROLES = (Role.TRAINABLE_WEIGHT, Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
@@ -73,12 +74,19 @@ class Trainer:
         self.step = 0  # optimizer steps taken (applied or skipped)
         self.applied = 0  # optimizer steps applied (bias correction counts these)
         self.lr_scale = 1.0  # permanent factor from automatic LR reductions
+        # Data parallel: one optimizer step reads accumulation x world micro-batches of the shared order;
+        # rank r trains on micro-batches r, r + world, ... (the stream and its position are global).
+        self.rank, self.world = comm.rank(), comm.world()
+        per_epoch = math.ceil(data.train.num_batches(self.batch_size) / (self.accumulation * self.world))
+        self.steps_per_epoch = max(1, per_epoch)
+        self.total_steps = int(cfg.max_steps) if cfg.max_steps > 0 else self.steps_per_epoch * epochs
         self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
-        return [self.stream.next()[1] for _ in range(self.accumulation)]
+        """Every micro-batch of the global step (all ranks'), in order."""
+        return [self.stream.next()[1] for _ in range(self.accumulation * self.world)]
 
     def lr_factor(self, step: int) -> float:
         from surogate.runtime.lr_schedule import lr_factor
@@ -95,22 +103,35 @@ class Trainer:
         """Run one optimizer step; returns (loss, grad norm, tokens, index of the first micro-batch
         whose loss was not finite, or None). A step with a non-finite loss or gradient is not applied."""
         started = time.perf_counter()
-        batches = self._micro_batches()
+        everything = self._micro_batches()
         self.data_seconds += time.perf_counter() - started
-        # Every micro-step divides by the step's loss-token count: summed, they are one batch's mean.
-        total = max(sum(int(b["num_loss_tokens"]) for b in batches), 1)
+        # Every micro-step divides by the GLOBAL step's loss-token count: summed over micro-steps and
+        # ranks, they are one batch's mean. Every rank reads the whole global step, so it knows the count
+        # without a collective. The plan's gradient reduction averages over ranks (op "avg", /world):
+        # the denominator is count / world so that the average of the ranks' gradients is the sum of
+        # their shares, i.e. the single-process gradient of the whole global batch.
+        total = max(sum(int(b["num_loss_tokens"]) for b in everything), 1)
+        num_items = total / self.world if self.world > 1 else total
+        mine = everything[self.rank :: self.world]
         self.ex.zero_gradients()
         loss, bad_micro = 0.0, None
-        for i, batch in enumerate(batches):
-            for name, value in plan_inputs(self.plan, batch, num_items=total).items():
+        for i, batch in enumerate(mine):
+            for name, value in plan_inputs(self.plan, batch, num_items=num_items).items():
                 self.ex.write(name, value)
-            self.ex.run(MICRO_STEP, StepContext(self.plan, self.step * self.accumulation + i))
+            # the global micro-batch index seeds dropout: the same masks as a one-rank run of the global batch
+            ctx = StepContext(self.plan, (self.step * self.accumulation + i) * self.world + self.rank,
+                              last_micro_step=i == len(mine) - 1)
+            self.ex.run(MICRO_STEP, ctx)
             micro_loss = float(self.ex.observed[self.loss_name])
             if not math.isfinite(micro_loss) and bad_micro is None:
-                bad_micro = i
+                bad_micro = i * self.world + self.rank
             loss += micro_loss
+        if self.world > 1:  # ranks agree on the loss (each micro-loss was scaled by world) and on skipping
+            loss = comm.all_reduce([loss])[0] / self.world
+            first_bad = comm.all_reduce([len(everything) if bad_micro is None else bad_micro], "min")[0]
+            bad_micro = None if first_bad >= len(everything) else int(first_bad)
         norm = self.gradient_norm()
-        tokens = sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in batches)
+        tokens = sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in everything)
         if math.isfinite(loss) and math.isfinite(norm):
             ctx = StepContext(self.plan, self.step, lr_scale=self.lr_factor(self.step),
                               optimizer_step=self.applied + 1)
@@ -120,9 +141,13 @@ class Trainer:
         return loss, norm, tokens, bad_micro
 
     def gradient_norm(self) -> float:
+        """Global L2 norm of the step's gradients (sharded gradients: the ranks' sums of squares added)."""
         total = 0.0
         for name in self.ex.gradient_names:
-            total += float(self.ex.views[name].double().pow(2).sum())
+            if not self.plan.tensors[name].attrs.get("transient"):  # one micro-step's full copy (ZeRO-2)
+                total += float(self.ex.views[name].double().pow(2).sum())
+        if self.world > 1 and self.plan.meta.get("zero", {}).get("gradients"):
+            total = comm.all_reduce([total])[0]
         return math.sqrt(total)
 
     def evaluate(self) -> float | None:
@@ -130,7 +155,10 @@ class Trainer:
         if split is None:
             return None
         total_loss, total_tokens = 0.0, 0
-        for batch in split.batches(self.batch_size, epoch=0, seed=int(self.cfg.eval_seed), shuffle=False):
+        batches = split.batches(self.batch_size, epoch=0, seed=int(self.cfg.eval_seed), shuffle=False)
+        for k, batch in enumerate(batches):
+            if k % self.world != self.rank:  # every rank evaluates its share
+                continue
             n = int(batch["num_loss_tokens"])
             if n == 0:
                 continue
@@ -139,30 +167,42 @@ class Trainer:
             self.ex.run("eval", StepContext(self.plan, 0))
             total_loss += float(self.ex.observed[self.loss_name]) * n
             total_tokens += n
+        if self.world > 1:
+            total_loss, total_tokens = comm.all_reduce([total_loss, float(total_tokens)])
         return total_loss / total_tokens if total_tokens else None
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.ex.tensors_of(CHECKPOINT_ROLES)
+        return {n: v for n, v in self.ex.tensors_of(CHECKPOINT_ROLES).items()
+                if not self.plan.tensors[n].attrs.get("transient")}  # gathered ZeRO-3 copies are rebuilt
 
     def state(self) -> dict[str, Any]:
         pos = self.stream.position
         return {"step": self.step, "applied": self.applied, "lr_scale": self.lr_scale,
-                "data": {"epoch": pos.epoch, "index": pos.index}, "total_steps": self.total_steps}
+                "data": {"epoch": pos.epoch, "index": pos.index}, "total_steps": self.total_steps,
+                "world": self.world}
 
     def save(self) -> Path | None:
         if self.checkpoints is None:
             return None
+        if self.world > 1:  # every rank's shards, written by rank 0 into one atomic checkpoint
+            from surogate.runtime.distributed.state import save_all_ranks
+
+            return save_all_ranks(self.checkpoints, self.plan, self.step, self.state_tensors(), self.state())
         return self.checkpoints.save(self.step, self.state_tensors(), self.state())
 
     def restore(self, checkpoint: Any) -> None:
         """Continue from a loaded checkpoint (tensors, counters, data position, RNG)."""
-        missing = set(self.state_tensors()) - set(checkpoint.tensors)
+        from surogate.runtime.distributed.state import check_world, rank_tensors
+
+        check_world(checkpoint, self.world)
+        tensors = rank_tensors(checkpoint, self.plan, self.rank, self.world)
+        missing = set(self.state_tensors()) - set(tensors)
         if missing:
             raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensor(s) of this plan, e.g. "
                             f"{sorted(missing)[0]!r}; it was written by a different configuration")
         for name in self.state_tensors():
-            self.ex.write(name, checkpoint.tensors[name])
+            self.ex.write(name, tensors[name])
         s = checkpoint.state
         self.step, self.applied, self.lr_scale = int(s["step"]), int(s["applied"]), float(s["lr_scale"])
         self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed),

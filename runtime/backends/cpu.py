@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from surogate.runtime import optim
+from surogate.runtime.distributed.optim_slices import gathered_normuon, sliced_adamw
+from surogate.runtime.distributed.shards import rank_slice
 from surogate.runtime.reference import KERNELS as REFERENCE
 
 
@@ -28,6 +30,8 @@ def _world() -> int:
 def all_reduce(ins: list, attrs: dict, ctx: Any) -> list:
     import torch.distributed as dist
 
+    if attrs.get("when") == "last_micro_step" and not getattr(ctx, "last_micro_step", True):
+        return [None]  # gradients still accumulating: reduce once, after the step's last micro-batch
     x = ins[0].clone()
     if _world() > 1:
         if attrs.get("op") == "sum_of_squares":  # a norm: combine as sqrt(sum of squares)
@@ -43,13 +47,16 @@ def all_reduce(ins: list, attrs: dict, ctx: Any) -> list:
 def all_gather(ins: list, attrs: dict, ctx: Any) -> list:
     import torch.distributed as dist
 
-    shard = ins[0].contiguous()
     world = _world()
     if world == 1:
-        return [shard]
+        return [ins[0]]
+    full_rows = ctx.shape_of_output(0)[0]
+    if attrs.get("in_place"):  # a replicated weight whose rank slice the optimizer just updated
+        shard = rank_slice(ins[0], -(-full_rows // world), dist.get_rank()).contiguous()
+    else:
+        shard = ins[0].contiguous()
     parts = [torch.empty_like(shard) for _ in range(world)]
     dist.all_gather(parts, shard)
-    full_rows = ctx.shape_of_output(0)[0]
     return [torch.cat(parts, 0)[:full_rows]]
 
 
@@ -63,14 +70,21 @@ def reduce_scatter(ins: list, attrs: dict, ctx: Any) -> list:
     rows = ctx.shape_of_output(0)[0]
     padded = torch.zeros((rows * world, *full.shape[1:]), dtype=full.dtype)
     padded[: full.shape[0]] = full
-    out = torch.empty((rows, *full.shape[1:]), dtype=full.dtype)
-    dist.reduce_scatter_tensor(out, padded)
+    if dist.get_backend() == "gloo":  # gloo has no reduce_scatter: all-reduce, keep this rank's rows
+        dist.all_reduce(padded)
+        out = padded[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+    else:
+        out = torch.empty((rows, *full.shape[1:]), dtype=full.dtype)
+        dist.reduce_scatter_tensor(out, padded)
     return [out / world]
 
 
 KERNELS: dict[str, Any] = {
     **REFERENCE,
     **optim.KERNELS,
+    # multi-rank plans: each rank steps its slice (identity wrappers with one rank)
+    "adamw8bit_step": sliced_adamw(optim.adamw8bit_step),
+    "normuon_step": gathered_normuon(optim.normuon_step),
     "copy_h2d": copy,
     "copy_d2h": copy,
     "all_reduce": all_reduce,

@@ -1,0 +1,127 @@
+"""This process's place in the data-parallel world, and the collectives the training loop uses.
+
+Every helper is a no-op (or the identity) when no process group is initialised, so single-rank code
+paths call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+
+# A collective that waits longer than this means a peer died or hangs: fail instead of waiting forever.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if initialized() else 0
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if initialized() else 0
+
+
+def node_rank() -> int:
+    """Which node this rank runs on (picks the node-local data folder)."""
+    return int(os.environ.get("GROUP_RANK", os.environ.get("SUROGATE_NODE_RANK", "0"))) if initialized() else 0
+
+
+def init_from_env(backend: str, timeout_s: float | None = None) -> None:
+    """Join the world described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (our launcher or torchrun).
+
+    `backend` is the executor backend: `cuda` -> NCCL with device LOCAL_RANK, `cpu` -> gloo.
+    """
+    import torch.distributed as dist
+
+    if initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("SUROGATE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    if backend == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def _device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Element-wise sum (or `min` / `max`) of a few floats over all ranks (fp64)."""
+    if not initialized():
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return [float(v) for v in t.cpu()]
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (pickled)."""
+    if not initialized():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_device() if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` (pickled), in rank order, on rank 0; None elsewhere."""
+    if not initialized():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier() -> None:
+    if initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_gather_rows(shard: torch.Tensor, full_rows: int) -> torch.Tensor:
+    """Concatenate every rank's equally shaped `shard` along dim 0 and cut to `full_rows` rows."""
+    if not initialized():
+        return shard[:full_rows]
+    import torch.distributed as dist
+
+    shard = shard.contiguous()
+    parts = [torch.empty_like(shard) for _ in range(world())]
+    dist.all_gather(parts, shard)
+    return torch.cat(parts, 0)[:full_rows]
+
+
+def shutdown() -> None:
+    if initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

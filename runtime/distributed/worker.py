@@ -1,0 +1,55 @@
+"""One rank of a local launch: `python -m surogate.runtime.distributed.worker WORKDIR`.
+
+Reads the pickled (cfg, plan, backend) from WORKDIR/payload.pkl, joins the process group described by
+the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), trains, and leaves either
+WORKDIR/result.pkl (rank 0) or WORKDIR/error-{rank}.json (the error the launcher reports).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import traceback
+from pathlib import Path
+
+from surogate.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    work = Path(argv[0])
+    rank = int(os.environ["RANK"])
+    try:
+        with open(work / "payload.pkl", "rb") as f:
+            payload = pickle.load(f)
+        from surogate.runtime.distributed import comm
+        from surogate.runtime.session import run_training
+
+        comm.init_from_env(payload["backend"])
+        result = run_training(payload["cfg"], plan=payload["plan"], backend=payload["backend"])
+        if rank == 0:
+            tmp = work / f".result.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                pickle.dump(result, f)
+            os.replace(tmp, work / "result.pkl")
+        comm.barrier()  # nobody leaves while another rank may still need it
+        comm.shutdown()
+        return 0
+    except UserError as exc:
+        _report(work, rank, str(exc), exc.exit_code)
+        return exc.exit_code
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
+        traceback.print_exc()
+        _report(work, rank, f"{type(exc).__name__}: {exc}", 1)
+        return 1
+
+
+def _report(work: Path, rank: int, message: str, exit_code: int) -> None:
+    tmp = work / f".error-{rank}.tmp"
+    tmp.write_text(json.dumps({"message": message, "exit_code": exit_code}), encoding="utf-8")
+    os.replace(tmp, work / f"error-{rank}.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
