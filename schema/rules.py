@@ -5,21 +5,29 @@ options the user wrote (`given`, top-level names and `datasets[i].name` paths). 
 `ConfigIssue`s (errors: the config cannot run as written) and `Notice`s (warnings: an option that has no
 effect in this configuration, or that another option overrides; requirements: hardware needed at run
 time). An option that would be silently ignored is never silent: it is at least a warning.
+
+This module holds the machinery (`Notice`, `rule`, `run_rules`) and the rules on how to train; the rules
+on what is trained (rope scaling, sequence lengths, datasets) are in `input_rules`, registered here in
+the same order as before, and GPU needs come from the one table in `hardware`.
 """
 
 from __future__ import annotations
 
-import json
-import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from surogate.errors import ConfigIssue
 from surogate.schema.hardware import FP4_RECIPES, gpu_requirements
-from surogate.schema.source import dataset_properties, default_of
+from surogate.schema.input_rules import (  # parse_rope_scaling: public, re-exported
+    dataset_rules,
+    parse_rope_scaling,
+    rope_scaling_valid,
+    sequence_lengths,
+)
 
-ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+__all__ = ["RULES", "Finding", "Notice", "Rule", "parse_rope_scaling", "rule", "run_rules"]
+
 QLORA_MODES = ("qlora_fp4", "qlora_fp8", "qlora_bnb")
 QUANTIZED_RECIPES = ("fp8_hybrid", *FP4_RECIPES)
 
@@ -208,55 +216,8 @@ def max_steps_not_zero(cfg, given):
 # -- model -----------------------------------------------------------------------------------------
 
 
-def parse_rope_scaling(value: str) -> dict[str, Any] | str:
-    """A rope_scaling string is a type name or a JSON object; returns the name or the parsed object."""
-    text = value.strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    return text
-
-
-@rule
-def rope_scaling_valid(cfg, given):
-    value = cfg["rope_scaling"]
-    if value is None:
-        return
-    try:
-        parsed = parse_rope_scaling(value)
-    except json.JSONDecodeError as exc:
-        yield ConfigIssue("rope_scaling", f"not valid JSON: {exc.msg} at character {exc.pos}", value)
-        return
-    if isinstance(parsed, str):
-        if parsed not in ROPE_TYPES:
-            yield ConfigIssue(
-                "rope_scaling", f"got {parsed!r}; expected one of {', '.join(ROPE_TYPES)} or a JSON object", value
-            )
-        elif cfg["max_model_len"] is None:
-            yield ConfigIssue(
-                "max_model_len", f"required with `rope_scaling: {parsed}` (the scaling factor comes from it)"
-            )
-        elif cfg["max_model_len"] <= 0:
-            yield ConfigIssue("max_model_len", "must be positive", cfg["max_model_len"])
-        return
-    if not isinstance(parsed, dict):
-        yield ConfigIssue("rope_scaling", "a JSON rope_scaling must be an object", value)
-        return
-    kind = parsed.get("rope_type", parsed.get("type"))
-    if kind not in ROPE_TYPES:
-        yield ConfigIssue("rope_scaling", f"JSON object needs \"type\" (or \"rope_type\") in {', '.join(ROPE_TYPES)}", value)
-    factor = parsed.get("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
-        yield ConfigIssue("rope_scaling", "JSON object needs a positive number \"factor\"", value)
-
-
-@rule
-def sequence_lengths(cfg, given):
-    if cfg["max_length"] is not None and cfg["max_length"] > cfg["sequence_len"]:
-        yield ConfigIssue(
-            "max_length",
-            f"got {cfg['max_length']}; must not exceed `sequence_len` ({cfg['sequence_len']}): longer samples cannot be trained",
-            cfg["max_length"],
-        )
+rule(rope_scaling_valid)
+rule(sequence_lengths)
 
 
 @rule
@@ -291,76 +252,7 @@ def parallel_sizes(cfg, given):
 
 # -- data ------------------------------------------------------------------------------------------
 
-_TYPE_FIELDS = {
-    "text": ("text_field",),
-    "instruction": (
-        "instruction_field",
-        "output_field",
-        "input_field",
-        "system_prompt_type",
-        "system_prompt_field",
-        "system_prompt",
-        "prompt_format",
-        "prompt_format_no_input",
-    ),
-    "conversation": ("messages_field", "system_field", "tools_field", "message_property_mappings"),
-}
-
-
-@rule
-def dataset_rules(cfg, given):
-    for list_key in ("datasets", "validation_datasets"):
-        for i, ds in enumerate(cfg.get(list_key) or ()):
-            yield from _dataset_rules(ds, f"{list_key}[{i}]", given)
-
-
-def _dataset_rules(ds: dict[str, Any], where: str, given: set[str]) -> Iterator[Finding]:
-    kind = ds.get("type")
-    if kind in _TYPE_FIELDS:
-        for other, fields in _TYPE_FIELDS.items():
-            if other == kind:
-                continue
-            for f in fields:
-                # Writing an option's default (as a resolved config does) is harmless; a real value is not.
-                if f"{where}.{f}" in given and ds.get(f) != default_of(dataset_properties()[f]):
-                    yield ConfigIssue(f"{where}.{f}", f"applies to `type: {other}` datasets, not `type: {kind}`", ds.get(f))
-    spt = ds.get("system_prompt_type")
-    if spt == "field" and not ds.get("system_prompt_field"):
-        yield ConfigIssue(f"{where}.system_prompt_field", "required when `system_prompt_type: field`")
-    if spt == "fixed" and not ds.get("system_prompt"):
-        yield ConfigIssue(f"{where}.system_prompt", "required when `system_prompt_type: fixed`")
-    if spt != "field" and ds.get("system_prompt_field") and f"{where}.system_prompt_field" in given:
-        yield ConfigIssue(f"{where}.system_prompt_field", "only used with `system_prompt_type: field`", ds["system_prompt_field"])
-    if spt != "fixed" and ds.get("system_prompt") and f"{where}.system_prompt" in given:
-        yield ConfigIssue(f"{where}.system_prompt", "only used with `system_prompt_type: fixed`", ds["system_prompt"])
-    for key, allowed in (
-        ("prompt_format", ("{system}", "{instruction}", "{input}", "{output}")),
-        ("prompt_format_no_input", ("{system}", "{instruction}", "{output}")),
-    ):
-        fmt = ds.get(key)
-        if fmt:
-            yield from _check_placeholders(fmt, allowed, f"{where}.{key}")
-    mappings = ds.get("message_property_mappings") or {}
-    for required in ("role", "content"):
-        if f"{where}.message_property_mappings" in given and required not in mappings:
-            yield ConfigIssue(
-                f"{where}.message_property_mappings",
-                f"must map `{required}` (e.g. `{required}: {'from' if required == 'role' else 'value'}`)",
-                dict(mappings),
-            )
-
-
-def _check_placeholders(fmt: str, allowed: tuple[str, ...], path: str) -> Iterator[Finding]:
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
-    except ValueError as exc:
-        yield ConfigIssue(path, f"not a valid format string: {exc}", fmt)
-        return
-    for name in names:
-        if "{" + name + "}" not in allowed:
-            yield ConfigIssue(path, f"unknown placeholder {{{name}}}; allowed: {' '.join(allowed)}", fmt)
-    if "{output}" not in fmt and "{instruction}" not in fmt:
-        yield ConfigIssue(path, "must contain {instruction} (and usually {output})", fmt)
+rule(dataset_rules)
 
 
 # -- logging ---------------------------------------------------------------------------------------

@@ -122,3 +122,14 @@ def test_options_without_effect_are_never_silent(options, path):
 def test_all_errors_reported_at_once():
     result = check(lora_rnak=4, recipe="fp4", offload_grads=True, lora_alpha=0, sequence_len=0)
     assert set(error_paths(result)) == {"lora_rnak", "recipe", "offload_grads", "lora_alpha", "sequence_len"}
+
+
+def test_every_rule_is_registered_once():
+    import inspect
+
+    from surogate.schema import input_rules, rules
+
+    assert len(rules.RULES) == len(set(rules.RULES))
+    public = [f for name, f in inspect.getmembers(input_rules, inspect.isfunction)
+              if f.__module__ == input_rules.__name__ and not name.startswith("_") and name != "parse_rope_scaling"]
+    assert public and all(f in rules.RULES for f in public)

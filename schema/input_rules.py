@@ -1,0 +1,138 @@
+"""Rules on what is trained: the model's rope scaling and sequence lengths, and the datasets.
+
+Same shape as every rule in `surogate.schema.rules` (which registers these in its order): a function
+over the config with defaults applied (`cfg`) and the options the user wrote (`given`), yielding
+`ConfigIssue`s. None of these has a warning to give, so this module needs nothing of the rule machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterator
+from typing import Any
+
+from surogate.errors import ConfigIssue
+from surogate.schema.source import dataset_properties, default_of
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+
+
+def parse_rope_scaling(value: str) -> dict[str, Any] | str:
+    """A rope_scaling string is a type name or a JSON object; returns the name or the parsed object."""
+    text = value.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    return text
+
+
+def rope_scaling_valid(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
+    value = cfg["rope_scaling"]
+    if value is None:
+        return
+    try:
+        parsed = parse_rope_scaling(value)
+    except json.JSONDecodeError as exc:
+        yield ConfigIssue("rope_scaling", f"not valid JSON: {exc.msg} at character {exc.pos}", value)
+        return
+    if isinstance(parsed, str):
+        if parsed not in ROPE_TYPES:
+            yield ConfigIssue(
+                "rope_scaling", f"got {parsed!r}; expected one of {', '.join(ROPE_TYPES)} or a JSON object", value
+            )
+        elif cfg["max_model_len"] is None:
+            yield ConfigIssue(
+                "max_model_len", f"required with `rope_scaling: {parsed}` (the scaling factor comes from it)"
+            )
+        elif cfg["max_model_len"] <= 0:
+            yield ConfigIssue("max_model_len", "must be positive", cfg["max_model_len"])
+        return
+    if not isinstance(parsed, dict):
+        yield ConfigIssue("rope_scaling", "a JSON rope_scaling must be an object", value)
+        return
+    kind = parsed.get("rope_type", parsed.get("type"))
+    if kind not in ROPE_TYPES:
+        yield ConfigIssue("rope_scaling", f"JSON object needs \"type\" (or \"rope_type\") in {', '.join(ROPE_TYPES)}", value)
+    factor = parsed.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        yield ConfigIssue("rope_scaling", "JSON object needs a positive number \"factor\"", value)
+
+
+def sequence_lengths(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
+    if cfg["max_length"] is not None and cfg["max_length"] > cfg["sequence_len"]:
+        yield ConfigIssue(
+            "max_length",
+            f"got {cfg['max_length']}; must not exceed `sequence_len` ({cfg['sequence_len']}): longer samples cannot be trained",
+            cfg["max_length"],
+        )
+
+
+_TYPE_FIELDS = {
+    "text": ("text_field",),
+    "instruction": (
+        "instruction_field",
+        "output_field",
+        "input_field",
+        "system_prompt_type",
+        "system_prompt_field",
+        "system_prompt",
+        "prompt_format",
+        "prompt_format_no_input",
+    ),
+    "conversation": ("messages_field", "system_field", "tools_field", "message_property_mappings"),
+}
+
+
+def dataset_rules(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
+    for list_key in ("datasets", "validation_datasets"):
+        for i, ds in enumerate(cfg.get(list_key) or ()):
+            yield from _dataset_rules(ds, f"{list_key}[{i}]", given)
+
+
+def _dataset_rules(ds: dict[str, Any], where: str, given: set[str]) -> Iterator[ConfigIssue]:
+    kind = ds.get("type")
+    if kind in _TYPE_FIELDS:
+        for other, fields in _TYPE_FIELDS.items():
+            if other == kind:
+                continue
+            for f in fields:
+                # Writing an option's default (as a resolved config does) is harmless; a real value is not.
+                if f"{where}.{f}" in given and ds.get(f) != default_of(dataset_properties()[f]):
+                    yield ConfigIssue(f"{where}.{f}", f"applies to `type: {other}` datasets, not `type: {kind}`", ds.get(f))
+    spt = ds.get("system_prompt_type")
+    if spt == "field" and not ds.get("system_prompt_field"):
+        yield ConfigIssue(f"{where}.system_prompt_field", "required when `system_prompt_type: field`")
+    if spt == "fixed" and not ds.get("system_prompt"):
+        yield ConfigIssue(f"{where}.system_prompt", "required when `system_prompt_type: fixed`")
+    if spt != "field" and ds.get("system_prompt_field") and f"{where}.system_prompt_field" in given:
+        yield ConfigIssue(f"{where}.system_prompt_field", "only used with `system_prompt_type: field`", ds["system_prompt_field"])
+    if spt != "fixed" and ds.get("system_prompt") and f"{where}.system_prompt" in given:
+        yield ConfigIssue(f"{where}.system_prompt", "only used with `system_prompt_type: fixed`", ds["system_prompt"])
+    for key, allowed in (
+        ("prompt_format", ("{system}", "{instruction}", "{input}", "{output}")),
+        ("prompt_format_no_input", ("{system}", "{instruction}", "{output}")),
+    ):
+        fmt = ds.get(key)
+        if fmt:
+            yield from _check_placeholders(fmt, allowed, f"{where}.{key}")
+    mappings = ds.get("message_property_mappings") or {}
+    for required in ("role", "content"):
+        if f"{where}.message_property_mappings" in given and required not in mappings:
+            yield ConfigIssue(
+                f"{where}.message_property_mappings",
+                f"must map `{required}` (e.g. `{required}: {'from' if required == 'role' else 'value'}`)",
+                dict(mappings),
+            )
+
+
+def _check_placeholders(fmt: str, allowed: tuple[str, ...], path: str) -> Iterator[ConfigIssue]:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
+    except ValueError as exc:
+        yield ConfigIssue(path, f"not a valid format string: {exc}", fmt)
+        return
+    for name in names:
+        if "{" + name + "}" not in allowed:
+            yield ConfigIssue(path, f"unknown placeholder {{{name}}}; allowed: {' '.join(allowed)}", fmt)
+    if "{output}" not in fmt and "{instruction}" not in fmt:
+        yield ConfigIssue(path, "must contain {instruction} (and usually {output})", fmt)
