@@ -142,24 +142,6 @@ def checkpoint_reader(model_dir: str | Path, adapter_path: str | Path | None = N
     return _Merged(ckpt, Path(adapter_path)) if adapter_path is not None else ckpt
 
 
-def init_weights(graph: Graph, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Fresh weights for `from_scratch` (each weight's `attrs["init"]`), plus LoRA / amax-history state."""
-    gen = torch.Generator().manual_seed(seed)
-    std = float(graph.meta.get("initializer_range", 0.02))
-    out: dict[str, torch.Tensor] = {}
-    for name, t in graph.tensors.items():
-        if t.attrs.get("amax_history"):
-            out[name] = torch.zeros(t.shape)
-        elif "lora" in t.attrs:
-            out[name] = _lora_init(t.shape, t.attrs["init"], gen).to(TORCH_DTYPES[t.dtype])
-        elif t.role in (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT):
-            rule = t.attrs.get("init", "normal")
-            val = {"ones": torch.ones, "zeros": torch.zeros}[rule](t.shape) if rule != "normal" else \
-                torch.randn(t.shape, generator=gen) * std
-            out[name] = val.to(TORCH_DTYPES[t.dtype])
-    return out
-
-
 def _lora_init(shape: tuple[int, ...], init: str, gen: torch.Generator) -> torch.Tensor:
     if init == "zeros":
         return torch.zeros(shape)

@@ -94,19 +94,39 @@ def test_from_scratch_init_rules():
     assert rules["model.layers.3.mlp.up_proj.weight"] == "normal"
 
 
-def test_init_weights_follow_rules(tiny_models):
-    from surogate.runtime.reference import init_weights
+@pytest.mark.parametrize("zero_projections", [True, False])
+def test_from_scratch_weights_follow_the_builders_init_marks(tiny_models, zero_projections):
+    """The runtime's from-scratch initialiser (HF `from_config`, the one implementation) on a front graph:
+    what the builder marks `init: zeros` (biases; o_proj / down_proj with init_projections_to_zero) is zero,
+    the rest is HF's own init, and the model trains from it."""
+    from transformers import AutoModelForCausalLM
 
-    graph = compile_front(make_cfg(tiny_models["llama"], from_scratch=True, init_projections_to_zero=True))
-    w = init_weights(graph, seed=1)
-    assert torch.equal(w["model.norm.weight"], torch.ones(64))
-    assert not w["model.layers.0.self_attn.o_proj.weight"].any()
-    std = float(w["model.layers.0.mlp.up_proj.weight"].std())
-    assert abs(std - graph.meta["initializer_range"]) < 0.005
-    ids, labels = random_batch(101, 2, 16)
-    values = {**w, **batch_inputs(graph, ids, labels)}
+    from surogate.runtime.reference.dtypes import TORCH_DTYPES
+    from surogate.runtime.weights import initial_weights
+
+    cfg = make_cfg(tiny_models["qwen2"], from_scratch=True, init_projections_to_zero=zero_projections, train_seed=3)
+    graph = compile_front(cfg)
+    config = hf_config("qwen2")
+    w = initial_weights(graph, cfg, None, config.to_dict())
+    marks = {graph.tensors[n].source: graph.tensors[n].attrs.get("init") for n in w}
+    zeros = {src for src, mark in marks.items() if mark == "zeros"}
+    assert "model.layers.1.self_attn.q_proj.bias" in zeros
+    projections = {src for src in marks if src.endswith(("o_proj.weight", "down_proj.weight"))}
+    assert len(projections) == 2 * config.num_hidden_layers
+    assert projections <= zeros if zero_projections else not projections & zeros
+    torch.manual_seed(3)
+    ref = dict(AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict())
+    for name, value in w.items():
+        src = graph.tensors[name].source
+        if src in zeros:
+            assert not value.any(), src
+        else:
+            assert torch.equal(value, ref[src]), src
+    assert torch.equal(w["model.norm.weight"], torch.ones(config.hidden_size))  # marked "ones"; HF's init too
+    ids, labels = random_batch(config.vocab_size, 2, 16)
+    values = {n: v.to(TORCH_DTYPES[graph.tensors[n].dtype]) for n, v in w.items()} | batch_inputs(graph, ids, labels)
     run_graph(graph, values)
-    assert abs(float(values["loss"]) - torch.log(torch.tensor(101.0)).item()) < 0.1  # ~uniform at init
+    assert abs(float(values["loss"]) - torch.log(torch.tensor(float(config.vocab_size))).item()) < 0.1  # ~uniform
     assert gradients(graph, values)["model.layers.0.self_attn.o_proj.weight"].abs().sum() > 0
 
 
