@@ -92,12 +92,19 @@ register(OpDef("moe_router_loss", ("stats*",), ("loss",), ("num_experts", "rows"
 register(OpDef("dequant", ("q", "scale", "scale2?"), ("out",), ("format", "block_size", "shape", "double_quant"),
                None, None, (), cheap_recompute=True,
                doc="dequantize a stored (QLoRA) weight into a model-dtype buffer; redone in backward, never kept"))
-register(OpDef("quantize", ("x", "amax_history?"), ("q", "scale", "scale2?"), ("format", "update_history"),
-               None, None, (), doc="quantize a matmul input (fp8 delayed scaling from the amax history, updated in "
-               "place unless update_history is False; fp4 block scaling)"))
+register(OpDef("quantize", ("x", "amax_history?"), ("q", "scale", "scale2?", "mask?"),
+               ("format", "update_history", "quartet"), None, None, (), doc="quantize a matmul input (fp8 delayed "
+               "scaling from the amax history, updated in place unless update_history is False; fp4 block scaling; "
+               "fp4_quartet: blockwise Hadamard, then NVFP4 with a global scale, plus the clip mask)"))
 register(OpDef("qlinear", ("x", "weight", "x_q", "x_scale", "w_q", "w_scale", "bias?"), ("out",), ("format",),
                lambda s, a: _linear_shape([s[0], s[1]], a), V.qlinear, (0, 1, 6),
                doc="linear computed from quantized x and weight (fp8_hybrid / nvfp4 recipes); backward saves x_q only"))
+register(OpDef("qlinear_quartet", ("x", "weight", "x_q", "x_scale", "x_gscale", "x_mask", "w_q", "w_scale", "w_gscale",
+                                   "w_mask", "bias?"), ("out",), ("format", "quartet"),
+               lambda s, a: _linear_shape([s[0], s[1]], a), V.qlinear_quartet, (0, 1, 10),
+               doc="nvfp4_quartet linear: x and weight quantized in the same Hadamard basis (so the product is "
+                   "x @ weight.T up to quantization error); backward: stochastic-rounded NVFP4 GEMMs after a "
+                   "random-sign Hadamard along each GEMM's reduction dim, gradients masked by the clip masks"))
 
 # Backward kinds. `accumulate_into` (op attr) lists outputs added into rather than overwritten.
 for kind, ins, outs in (
@@ -112,6 +119,8 @@ for kind, ins, outs in (
     ("dropout_bwd", ("dout",), ("dx",)),
     ("qlinear_bwd_data", ("dout", "w_q", "w_scale"), ("dx",)),
     ("qlinear_bwd_weight", ("dout", "x_q", "x_scale"), ("dweight", "dbias?")),
+    ("qlinear_quartet_bwd_data", ("dout", "w_q", "w_scale", "w_gscale", "x_mask"), ("dx",)),
+    ("qlinear_quartet_bwd_weight", ("dout", "x_q", "x_scale", "x_gscale", "w_mask"), ("dweight", "dbias?")),
     ("lm_head_ce_bwd", ("x", "weight", "labels", "lse", "num_items"), ("dx?", "dweight?", "logits_ws")),
     ("moe_router_bwd", ("dweights", "x", "weight", "logits", "indices", "dlogits?"), ("dx?", "dweight?")),
     ("moe_router_stats_bwd", ("dstats", "logits"), ("dlogits",)),

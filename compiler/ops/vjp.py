@@ -73,6 +73,22 @@ def qlinear(ctx: Any) -> None:
                  {"format": fmt, "grad_format": grad_fmt, "has_bias": 6 in wrt}, acc)
 
 
+def qlinear_quartet(ctx: Any) -> None:
+    """Quartet backward: both GEMMs read the saved Hadamard-domain NVFP4 copies (x_q for dW, w_q for dx), the
+    output gradient is re-quantized with stochastic rounding inside the kernels, and each result is masked by
+    the other operand's clip mask before the inverse Hadamard (QuEST's trust estimator)."""
+    _, _, xq, xs, xg, xm, wq, ws, wg, wm = ctx.op.inputs[:10]
+    attrs = {"format": ctx.op.attrs.get("format"), "quartet": dict(ctx.op.attrs["quartet"])}
+    _, outs, acc = _grads(ctx, (0,))
+    if outs:
+        ctx.emit("qlinear_quartet_bwd_data", [ctx.dout(0), *(ctx.saved(t) for t in (wq, ws, wg, xm))], outs,
+                 {**attrs, "stream": 0}, acc)
+    wrt, outs, acc = _grads(ctx, (1, 10) if len(ctx.op.inputs) > 10 else (1,))
+    if outs:
+        ctx.emit("qlinear_quartet_bwd_weight", [ctx.dout(0), *(ctx.saved(t) for t in (xq, xs, xg, wm))], outs,
+                 {**attrs, "stream": 1, "has_bias": 10 in wrt}, acc)
+
+
 def rope(ctx: Any) -> None:
     _, outs, acc = _grads(ctx, (0,))
     if outs:

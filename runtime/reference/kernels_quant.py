@@ -1,4 +1,5 @@
-"""Quantization kernels of the CPU reference backend: QLoRA dequant, matmul-input quantize, qlinear."""
+"""Quantization kernels of the CPU reference backend: QLoRA dequant, matmul-input quantize, qlinear (and the
+Quartet kinds of `kernels_quartet`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 import torch
 
+from surogate.runtime.reference.kernels_quartet import KERNELS as QUARTET
+from surogate.runtime.reference.kernels_quartet import quartet_quantize
 from surogate.runtime.reference.quant import FP8_MAX, dequantize, quantize
 
 Tensors = list[torch.Tensor | None]
@@ -18,6 +21,8 @@ def dequant(x: Tensors, a: dict, ctx: Any) -> Tensors:
 def quantize_kernel(x: Tensors, a: dict, ctx: Any) -> Tensors:
     """fp8: delayed scaling from max(amax history, current amax); the history is advanced in place."""
     src = x[0]
+    if a["format"] == "fp4_quartet":
+        return quartet_quantize(x, a, ctx)
     if a["format"] != "fp8_tensor":
         return quantize(a["format"], src, 16)
     hist = x[1]
@@ -71,4 +76,4 @@ def qlinear_bwd_weight(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 
 KERNELS = {"dequant": dequant, "quantize": quantize_kernel, "qlinear": qlinear,
-           "qlinear_bwd_data": qlinear_bwd_data, "qlinear_bwd_weight": qlinear_bwd_weight}
+           "qlinear_bwd_data": qlinear_bwd_data, "qlinear_bwd_weight": qlinear_bwd_weight, **QUARTET}
