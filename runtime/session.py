@@ -107,6 +107,10 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     from surogate.runtime.backends import kernel_table
     from surogate.runtime.checkpoint import CheckpointManager
     from surogate.runtime.data import load_tokenizer, prepare_datasets
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.distributed.launch import launch_if_needed, rank_notes
+    from surogate.runtime.distributed.shards import initialise_rank, unsharded
+    from surogate.runtime.distributed.state import find_latest
     from surogate.runtime.executor import ArenaExecutor
     from surogate.runtime.lr_schedule import warmup_steps_for
     from surogate.runtime.observe import (
@@ -118,11 +122,6 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         adjust_epochs,
     )
     from surogate.runtime.weights import initial_weights, initialise
-
-    from surogate.runtime.distributed import comm
-    from surogate.runtime.distributed.launch import launch_if_needed, rank_notes
-    from surogate.runtime.distributed.shards import initialise_rank
-    from surogate.runtime.distributed.state import find_latest
 
     if not cfg.datasets:
         raise UserError("datasets: training needs at least one dataset")
@@ -146,7 +145,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         device = f"cuda:{comm.local_rank()}"
     executor = ArenaExecutor(plan, kernel_table(backend), device=device)
     graphs_note = _graphs_note(executor, cfg, backend)
-    weights = initial_weights(plan, cfg, spec.source_dir, spec.hf_config)
+    weights = initial_weights(unsharded(plan) if world > 1 else plan, cfg, spec.source_dir, spec.hf_config)
     if world > 1:
         initialise_rank(executor, weights, rank)
     else:

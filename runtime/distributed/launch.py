@@ -125,7 +125,7 @@ def launch_local(cfg: Any, plan: Plan, backend: str, *, nodes: int = 1, node_ran
                 rank = node_rank * per_node + local
                 env = _worker_env(rank, local, world, per_node, node_rank, master_addr, port, backend)
                 procs[rank] = subprocess.Popen([sys.executable, "-m", "surogate.runtime.distributed.worker", str(work)],
-                                               env=env)
+                                               env=env, preexec_fn=_die_with_parent)
             _watch(procs, work)
         finally:
             _terminate(procs)
@@ -134,6 +134,14 @@ def launch_local(cfg: Any, plan: Plan, backend: str, *, nodes: int = 1, node_ran
             return None  # rank 0 runs on another node
         with open(result_file, "rb") as f:
             return pickle.load(f)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies (even by SIGKILL), so no rank outlives it (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _watch(procs: dict[int, subprocess.Popen], work: Path) -> None:

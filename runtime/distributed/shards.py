@@ -7,6 +7,7 @@ weights, gradients and optimizer moments stay zero under every update, so paddin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -45,6 +46,13 @@ def per_rank(t: Tensor, zero: dict[str, Any]) -> bool:
     if "shard" in t.attrs:
         return True
     return bool(zero.get("optimizer")) and t.role in (Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
+
+
+def unsharded(plan: Plan) -> Plan:
+    """The plan with every sharded tensor at its full shape: what the weight loaders check values against."""
+    tensors = {n: dataclasses.replace(t, shape=tuple(t.attrs["full_shape"])) if "shard" in t.attrs else t
+               for n, t in plan.tensors.items()}
+    return dataclasses.replace(plan, tensors=tensors)
 
 
 def initialise_rank(executor: Any, weights: dict[str, torch.Tensor], rank: int) -> None:
