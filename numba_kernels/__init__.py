@@ -11,7 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import adamw8bit, cpu, cross_entropy, dropout, fp8, nf4, normuon, quant8, rmsnorm, rope, swiglu
+from . import (
+    adamw8bit,
+    cpu,
+    cross_entropy,
+    dropout,
+    fp8,
+    hadamard,
+    hadamard_cuda,
+    nf4,
+    normuon,
+    quant8,
+    rmsnorm,
+    rope,
+    swiglu,
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ _CUDA = {
     "normuon_momentum": normuon.normuon_momentum,
     "normuon_normalise": normuon.normuon_normalise,
     "normuon_apply": normuon.normuon_apply,
+    "hadamard_rht": hadamard_cuda.hadamard_rht,
+    "nvfp4_quartet_quantize": hadamard_cuda.nvfp4_quartet_quantize,
 }
 
 _CPU = {
@@ -86,6 +102,8 @@ _CPU = {
     "normuon_momentum": cpu.normuon_momentum,
     "normuon_normalise": cpu.normuon_normalise,
     "normuon_apply": cpu.normuon_apply,
+    "hadamard_rht": hadamard.hadamard_rht_cpu,
+    "nvfp4_quartet_quantize": hadamard.nvfp4_quartet_quantize_cpu,
 }
 
 KERNELS: dict[str, KernelPair] = {name: KernelPair(reference=_CPU[name], cuda=_CUDA[name]) for name in _CUDA}

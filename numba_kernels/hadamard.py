@@ -164,3 +164,16 @@ def nvfp4_dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, gscale: torc
     val = torch.where(c >= 8, -mags[c & 7], mags[c & 7])
     sf = scales.view(torch.float8_e4m3fn).float() * gscale.float().reshape(())
     return (val * sf[:, None]).view(codes.shape)
+
+
+# ---------------------------------------------------------------- backend `cpu` (the launchers' signatures)
+
+
+def hadamard_rht_cpu(x: torch.Tensor, signs: torch.Tensor, out: torch.Tensor, inverse: bool = False) -> None:
+    out.copy_(rht_ref(x, signs, inverse).view(out.shape))
+
+
+def nvfp4_quartet_quantize_cpu(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gscale: torch.Tensor,
+                               mask: torch.Tensor, mode: str, seed: int = 0) -> None:
+    for buf, val in zip((codes, scales, gscale, mask), nvfp4_quantize_ref(x, mode, seed), strict=True):
+        buf.copy_(val.view(buf.shape))

@@ -173,6 +173,16 @@ def normuon_apply(dt):
     }, 1e-6
 
 
+def hadamard_rht(dt):
+    return (_r(3, 64, dtype=dt), torch.tensor([1.0, -1.0] * 16), torch.empty(3, 64)), {"inverse": False}, 0
+
+
+def nvfp4_quartet_quantize(dt):
+    x = _r(3, 32, dtype=dt, scale=5.0)
+    return (x, torch.empty(3, 32, dtype=torch.uint8), torch.empty(6, dtype=torch.uint8), torch.empty(1),
+            torch.empty(12, dtype=torch.uint8), "sr"), {"seed": 11}, 0
+
+
 def _cases() -> dict:
     from surogate.numba_kernels import KERNELS
 
