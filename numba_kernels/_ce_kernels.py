@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._device import converters, get_cuda, helpers, threads
+from ._device import converters, get_cuda, helpers, jit_kernel, threads
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -29,7 +29,7 @@ def _stats_kernel(l_dt: torch.dtype):
     block_sum, block_max = h.block_sum, h.block_max
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(logits, labels, v0, first, m_run, s_run, tgt):
         sm = cuda.shared.array(T, float32)
         tid = cuda.threadIdx.x
@@ -73,7 +73,7 @@ def _finalize_kernel():
     cuda = get_cuda()
     from numba import float32
 
-    @cuda.jit
+    @jit_kernel
     def kernel(m_run, s_run, tgt, labels, ignore_index, lse, loss_rows):
         for r in range(cuda.grid(1), lse.shape[0], cuda.gridsize(1)):
             v = m_run[r] + float32(math.log(s_run[r]))
@@ -97,7 +97,7 @@ def _grad_kernel(l_dt: torch.dtype):
 
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(logits, labels, lse, v0, grad_scale, ignore_index):
         rows, vt = logits.shape
         scale = float32(grad_scale)
@@ -130,7 +130,7 @@ def _fused_kernel(l_dt: torch.dtype):
     block_sum, block_max = h.block_sum, h.block_max
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(logits, labels, grad_scale, ignore_index, lse, loss_rows):
         sm = cuda.shared.array(T, float32)
         tid = cuda.threadIdx.x

@@ -63,11 +63,34 @@ def cuda_backend_available() -> bool:
     return is_simulator() or torch.cuda.is_available()
 
 
+# numba device arrays of torch tensors, by (device, pointer, shape, strides, dtype). Wrapping a tensor costs ~30 us
+# of Python (CAI dict, MemoryPointer, DeviceNDArray); the arena views and scratch buffers a step launches on are the
+# same every step, so each is wrapped once. An entry holds no reference to its tensor (owner=None: the cache never
+# keeps memory alive); a later tensor with the same key describes exactly the same memory, so reuse is correct.
+_ARRAYS: dict[tuple, object] = {}
+_ARRAYS_MAX = 16384
+_STREAMS: dict[int, object] = {}
+
+
+def _device_array(t: torch.Tensor):
+    key = (t.device.index, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+    arr = _ARRAYS.get(key)
+    if arr is None:
+        if len(_ARRAYS) >= _ARRAYS_MAX:  # temporaries at ever new addresses: bound the cache
+            _ARRAYS.clear()
+        # sync=False: torch's interface (version 2) names no stream, and a stream sync must never happen
+        # inside a CUDA-graph capture; ordering comes from launching on torch's current stream.
+        arr = get_cuda().from_cuda_array_interface(t.__cuda_array_interface__, owner=None, sync=False)
+        _ARRAYS[key] = arr
+    return arr
+
+
 def as_array(t):
     """A torch tensor as something a kernel takes: NumPy view (simulator) or numba device array (GPU).
 
     bfloat16 is passed as its int16 bit pattern. Objects that already expose `__cuda_array_interface__`
-    (and are not torch tensors) pass through.
+    (and are not torch tensors) pass through. A NumPy array or list would make numba copy to the device
+    and back (a sync): launchers pass tensors only.
     """
     if not isinstance(t, torch.Tensor):
         return t
@@ -82,18 +105,41 @@ def as_array(t):
         return FakeCUDAArray(t.numpy())  # wraps the tensor's memory: kernels write in place, strides kept
     if not t.is_cuda:
         raise ValueError(f"CUDA kernels need CUDA tensors, got a {t.device} tensor of shape {tuple(t.shape)}")
-    return get_cuda().as_cuda_array(t)
+    return _device_array(t)
+
+
+def current_stream():
+    """torch's current CUDA stream as a numba stream (cached per stream handle; a capture's side stream too)."""
+    ptr = torch.cuda.current_stream().cuda_stream
+    s = _STREAMS.get(ptr)
+    if s is None:
+        s = _STREAMS[ptr] = get_cuda().external_stream(ptr)
+    return s
 
 
 def launch(kernel, grid: int, block: int, *args) -> None:
-    """Launch `kernel[grid, block]` on torch's current CUDA stream (the default stream under the simulator)."""
+    """Launch `kernel[grid, block]` on torch's current CUDA stream (the default stream under the simulator).
+
+    Nothing here allocates, copies or synchronises (capturable): arguments are tensors (wrapped without a
+    copy), Python scalars, or None-free values the launcher chose."""
     cuda_args = [as_array(a) for a in args]
     grid = max(1, int(grid))
     if is_simulator():
         kernel[grid, block](*cuda_args)
         return
-    stream = get_cuda().external_stream(torch.cuda.current_stream().cuda_stream)
-    kernel[grid, block, stream](*cuda_args)
+    kernel[grid, block, current_stream()](*cuda_args)
+
+
+def jit_kernel(fn):
+    """`cuda.jit` for a kernel, with numba's on-disk cache on a GPU (`cache=True`).
+
+    Every process otherwise compiles each kernel variant again (about 1-2 s each, dozens per run); with
+    the cache, later processes load the compiled code from NUMBA_CACHE_DIR (or __pycache__ beside the
+    source). SUROGATE_NUMBA_CACHE=0 turns it off. The simulator has nothing to cache."""
+    cuda_mod = get_cuda()
+    if is_simulator() or os.environ.get("SUROGATE_NUMBA_CACHE", "1") == "0":
+        return cuda_mod.jit(fn)
+    return cuda_mod.jit(cache=True)(fn)
 
 
 def grid_for(n_items: int, per_block: int, max_blocks: int | None = None) -> int:

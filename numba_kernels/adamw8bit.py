@@ -29,6 +29,7 @@ from ._device import (
     get_cuda,
     grid_for,
     helpers,
+    jit_kernel,
     launch,
     threads,
     zeros1,
@@ -136,7 +137,7 @@ def _kernel(p_dt: torch.dtype, g_dt: torch.dtype, has_master: bool):
     nearest_code = nearest_code_device()
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(param, master, grad, m_codes, m_absmax, v_codes, v_absmax, qm_g, qv_g, hp):
         red = cuda.shared.array(T, float32)
         qm = cuda.shared.array(256, float32)

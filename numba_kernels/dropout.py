@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -76,7 +76,7 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
         h = (h * c2) & m32
         return h ^ (h >> s16)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, out, p, scale, seed_lo, seed_hi, offset):
         n = x.shape[0]
         hs = fmix32(uint64(seed_lo) ^ uint64(_GOLDEN))

@@ -18,7 +18,17 @@ import math
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, log2_block, threads
+from ._device import (
+    check_contiguous,
+    converters,
+    get_cuda,
+    grid_for,
+    helpers,
+    jit_kernel,
+    launch,
+    log2_block,
+    threads,
+)
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -157,7 +167,7 @@ def _amax_kernel(x_dt: torch.dtype):
     block_max = helpers().block_max
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, amax):
         sm = cuda.shared.array(T, float32)
         m = float32(0.0)
@@ -179,7 +189,7 @@ def _quant_tensor_kernel(x_dt: torch.dtype, fmt: str):
     lx, _ = converters(x_dt)
     encode, _ = _codec(fmt)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, codes, scale):
         s = scale[0]
         for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
@@ -195,7 +205,7 @@ def _dequant_tensor_kernel(o_dt: torch.dtype, fmt: str):
     _, so = converters(o_dt)
     _, decode = _codec(fmt)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(codes, scale_inv, out):
         s = scale_inv[0]
         for i in range(cuda.grid(1), codes.shape[0], cuda.gridsize(1)):
@@ -216,7 +226,7 @@ def _quant_block_kernel(x_dt: torch.dtype, fmt: str):
     fmax = FORMATS[fmt][1]
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, codes, scale_inv, br, sbc):
         sm = cuda.shared.array(T, float32)
         rows, cols = x.shape
@@ -255,7 +265,7 @@ def _dequant_block_kernel(o_dt: torch.dtype, fmt: str):
     _, decode = _codec(fmt)
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(codes, scale_inv, out, sbr, sbc):
         rows, cols = codes.shape
         for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):  # a block per row

@@ -27,6 +27,7 @@ from ._device import (
     get_cuda,
     grid_for,
     helpers,
+    jit_kernel,
     launch,
     log2_block,
     threads,
@@ -129,7 +130,7 @@ def _quant_kernel(x_dt: torch.dtype):
                 c += int32(1)
         return c
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, mids_g, block, packed, absmax):
         sm = cuda.shared.array(T, float32)
         mids = cuda.shared.array(15, float32)
@@ -167,7 +168,7 @@ def _dequant_kernel(o_dt: torch.dtype, nested: bool):
     cuda = get_cuda()
     _, so = converters(o_dt)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(packed, levels, shift, n, absmax, qabsmax, absmax2, qmap, offset, out):
         for j in range(cuda.grid(1), packed.shape[0], cuda.gridsize(1)):
             b = (2 * j) >> shift

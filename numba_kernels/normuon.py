@@ -21,7 +21,17 @@ import math
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, helpers, launch, threads, zeros1
+from ._device import (
+    check_contiguous,
+    converters,
+    get_cuda,
+    grid_for,
+    helpers,
+    jit_kernel,
+    launch,
+    threads,
+    zeros1,
+)
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -98,7 +108,7 @@ def _momentum_kernel(g_dt: torch.dtype, m_dt: torch.dtype, u_dt: torch.dtype, ne
     lm, sm_ = converters(m_dt)
     _, su = converters(u_dt)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(grad, mom, upd, beta):
         b = float32(beta)
         for i in range(cuda.grid(1), grad.shape[0], cuda.gridsize(1)):
@@ -124,7 +134,7 @@ def _row_kernel(o_dt: torch.dtype):
     block_sum = helpers().block_sum
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(o, v, rowsq, beta2):
         sm = cuda.shared.array(T, float32)
         rows, cols = o.shape
@@ -151,7 +161,7 @@ def _scale_kernel():
     block_sum = helpers().block_sum
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(rowsq, v, cols, scale):
         sm = cuda.shared.array(T, float32)
         rows = v.shape[0]
@@ -184,7 +194,7 @@ def _apply_kernel(p_dt: torch.dtype, o_dt: torch.dtype, g_dt: torch.dtype, m_dt:
 
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(param, o, v, scale, hp, grad, mom):
         rows, cols = param.shape
         s = scale[0]

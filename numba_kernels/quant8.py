@@ -22,6 +22,7 @@ from ._device import (
     get_cuda,
     grid_for,
     helpers,
+    jit_kernel,
     launch,
     log2_block,
     threads,
@@ -135,7 +136,7 @@ def _quant_kernel(x_dt: torch.dtype):
     nearest_code = nearest_code_device()
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, qmap_g, offset, block, codes, absmax):
         sm = cuda.shared.array(T, float32)
         qmap = cuda.shared.array(256, float32)
@@ -169,7 +170,7 @@ def _dequant_kernel(o_dt: torch.dtype):
     cuda = get_cuda()
     _, so = converters(o_dt)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(codes, absmax, qmap, offset, shift, out):
         off = offset[0]
         for i in range(cuda.grid(1), codes.shape[0], cuda.gridsize(1)):

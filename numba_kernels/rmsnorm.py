@@ -24,6 +24,7 @@ from ._device import (
     get_cuda,
     grid_for,
     helpers,
+    jit_kernel,
     launch,
     threads,
 )
@@ -87,7 +88,7 @@ def _fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res
     _, so = converters(o_dt)
     block_sum = h.block_sum
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, res, w, out, sum_out, rstd, eps):
         sm = cuda.shared.array(T, float32)
         tid = cuda.threadIdx.x
@@ -128,7 +129,7 @@ def _bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dr
     lw, _ = converters(w_dt)
     block_sum = h.block_sum
 
-    @cuda.jit
+    @jit_kernel
     def kernel(dy, s, w, rstd, dres, ds, dw_part):
         sm = cuda.shared.array(T, float32)
         tid = cuda.threadIdx.x
@@ -163,7 +164,7 @@ def _colsum_kernel(o_dt: torch.dtype):
 
     _, so = converters(o_dt)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(part, out):
         nb, n = part.shape
         start, stride = cuda.grid(1), cuda.gridsize(1)

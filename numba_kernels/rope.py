@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._device import converters, get_cuda, grid_for, launch, threads
+from ._device import converters, get_cuda, grid_for, jit_kernel, launch, threads
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -76,7 +76,7 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype, fused: bool):
     _, so = converters(o_dt)
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, out, pos, cos_t, sin_t, inv_freq, scaling, sign):
         sc = cuda.shared.array(MAX_HALF, float32)
         ss = cuda.shared.array(MAX_HALF, float32)

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ._device import converters, get_cuda, grid_for, launch, threads
+from ._device import converters, get_cuda, grid_for, jit_kernel, launch, threads
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -49,7 +49,7 @@ def _fwd_kernel(g_dt: torch.dtype, u_dt: torch.dtype, o_dt: torch.dtype):
 
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(gate, up, out):
         rows, cols = gate.shape
         for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):  # a block per row: no index division
@@ -74,7 +74,7 @@ def _bwd_kernel(d_dt: torch.dtype, g_dt: torch.dtype, u_dt: torch.dtype):
 
     T = threads()
 
-    @cuda.jit
+    @jit_kernel
     def kernel(dout, gate, up, dgate, dup):
         rows, cols = gate.shape
         one = float32(1.0)

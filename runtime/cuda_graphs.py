@@ -12,6 +12,11 @@ cuBLAS workspaces are created), is captured on its next run and replayed from th
 
 `use_cuda_graphs: false`, a CPU executor, or a plan whose ops cannot be replayed unchanged (dropout: its
 mask depends on the step number, a host value baked into a capture) run eagerly; `reason` says why.
+
+Document boundaries: `install` watches the executor's writes of `cu_seqlens` (host tensors, read without a
+device sync) and sets how many entries flash attention reads (`cuda_attention.doc_slots`, a power-of-two
+bucket); the micro-step is captured once per bucket and each replay restores the loss tensor that its own
+capture recorded (`executor.observed`).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ class GraphRunner:
         self.eager_run: Callable = executor.run  # the executor's own (eager) run, bound before install()
         self.reason = eager_reason(executor, enabled)
         self.warmup = max(1, int(warmup))
-        self.graphs: dict[str, Any] = {}
+        self.graphs: dict[tuple, Any] = {}  # (program, cu_seqlens slots) -> captured graph
+        self.observed: dict[tuple, dict] = {}  # per graph: the executor's watched tensors its capture recorded
         self.runs: dict[str, int] = {}
         self.pool = None
         self.replays = 0
@@ -62,14 +68,18 @@ class GraphRunner:
             return
         n = self.runs.get(program, 0)
         self.runs[program] = n + 1
-        if program not in self.graphs and n < self.warmup:
-            self.eager_run(program, ctx)
-            return
         state = self.executor.kernels.state
-        if program not in self.graphs:
-            self.graphs[program] = self._capture(program, ctx)
+        key = (program, state.cu_slots if program == MICRO_STEP else None)
+        if key not in self.graphs and n < self.warmup:
+            self.eager_run(program, ctx)  # compiles kernels, creates scratch buffers and library workspaces
+            return
+        if key not in self.graphs:  # a new document-slot bucket after warm-up: captured directly
+            before = dict(self.executor.observed)
+            self.graphs[key] = self._capture(program, ctx)
+            self.observed[key] = {k: v for k, v in self.executor.observed.items() if before.get(k) is not v}
         state.refresh_scalars(ctx)  # learning rate / bias correction of this step, before the replay
-        self.graphs[program].replay()
+        self.graphs[key].replay()
+        self.executor.observed.update(self.observed[key])  # this graph's loss tensor, not the last capture's
         self.replays += 1
 
     def _capture(self, program: str, ctx: Any) -> Any:
@@ -88,10 +98,30 @@ class GraphRunner:
 
 
 def install(executor: ArenaExecutor, enabled: bool = True, warmup: int = 1) -> GraphRunner:
-    """Route `executor.run` through a GraphRunner (eager where `GraphRunner.reason` says so)."""
+    """Route `executor.run` through a GraphRunner (eager where `GraphRunner.reason` says so); on the cuda
+    backend also size flash attention's document slots from each written `cu_seqlens` (graphs or not)."""
     runner = GraphRunner(executor, enabled, warmup)
     executor.run = runner.run  # type: ignore[method-assign]
+    state = getattr(executor.kernels, "state", None)
+    if state is not None and "cu_seqlens" in executor.views:
+        watch_doc_slots(executor, state)
     return runner
+
+
+def watch_doc_slots(executor: ArenaExecutor, state: Any) -> None:
+    """Wrap `executor.write`: a written `cu_seqlens` sets `state.cu_slots` (flash attention's entries)."""
+    from surogate.runtime.backends.cuda_attention import doc_slots
+
+    write = executor.write
+
+    def write_and_watch(name: str, value: torch.Tensor) -> None:
+        write(name, value)
+        if name == "cu_seqlens":
+            # a host tensor is read for free; a device one costs a sync (outside any capture: inputs are
+            # written between programs)
+            state.cu_slots = doc_slots(value if value.device.type == "cpu" else value.cpu())
+
+    executor.write = write_and_watch  # type: ignore[method-assign]
 
 
 class AllocationRecorder:

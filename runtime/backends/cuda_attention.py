@@ -8,6 +8,13 @@ Two paths, chosen per call:
   CPU), keys/values expanded to the query heads.
 `SUROGATE_CUDA_ATTENTION=sdpa` forces the second path (the GPU checks compare both).
 The backward processes the heads in `attn_bwd_chunks` chunks of whole key/value groups.
+
+Document slots: the plan's `cu_seqlens` holds B*T+1 entries (any packing fits), but flash attention treats
+every entry as a sequence: its grids have a block row per entry and its backward allocates
+(total + 128 * entries) rows of fp32 dQ accumulator (B*T = 4096 -> 4.3 GB at 16 heads x 128). So flash gets
+only the first `CudaState.cu_slots` entries: a power of two >= the micro-batch's documents (+1), set from the
+host copy of `cu_seqlens` when it is written (`cuda_graphs.install`), unused tail entries repeating the total
+(zero-length documents). A graph is captured per slot count, so boundaries vary without re-capture.
 """
 
 from __future__ import annotations
@@ -26,6 +33,28 @@ def use_flash(q: torch.Tensor) -> bool:
     """Whether this call takes the varlen flash path."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hasattr(aten, "_flash_attention_forward")
             and os.environ.get("SUROGATE_CUDA_ATTENTION", "auto") != "sdpa")
+
+
+MIN_DOC_SLOTS = 16  # the smallest bucket: typical packed micro-batches (a few documents per row) share one graph
+
+
+def doc_slots(cu_host: torch.Tensor) -> int:
+    """cu_seqlens entries flash attention needs for this (padded) host `cu_seqlens`: a power of two >=
+    MIN_DOC_SLOTS documents, plus one, capped at the buffer's length."""
+    cu = cu_host.reshape(-1)
+    capacity = cu.numel()
+    total = int(cu[-1])
+    # documents end where the entries reach the total; the tail repeats it (zero-length padding)
+    docs = int(torch.nonzero(cu == total)[0, 0]) if capacity > 1 else 0
+    bucket = MIN_DOC_SLOTS
+    while bucket < docs:
+        bucket *= 2
+    return min(capacity, bucket + 1)
+
+
+def _flash_cu(st: CudaState, cu: torch.Tensor) -> torch.Tensor:
+    n = st.cu_slots
+    return cu[:n] if n is not None and n < cu.numel() else cu
 
 
 def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
@@ -86,6 +115,7 @@ def attention(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     b, t, _ = q.shape
     scale = float(attrs["scale"])
     if use_flash(q):
+        cu = _flash_cu(st, cu)
         o, l_, _, _, _ = aten._flash_attention_forward(
             q.view(b * t, nh, hd), k.view(b * t, nkv, hd), v.view(b * t, nkv, hd), cu, cu, t, t, 0.0,
             bool(attrs.get("causal", True)), False, scale=scale)
@@ -114,6 +144,7 @@ def attention_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     grads = {0: (q, nh), 1: (k, nkv), 2: (v, nkv)}
     flash = use_flash(q)
     if flash:
+        cu = _flash_cu(st, cu)
         lse_n = st.scratch("attn_lse_native", (nh, b * t), torch.float32, q.device)
         lse_n.view(nh, b, t).copy_(lse.transpose(0, 1))
         rng = st.constant(("flash_rng",), lambda: torch.zeros(2, dtype=torch.int64), q.device)

@@ -78,6 +78,8 @@ class CudaState:
         self._scalars: dict[Any, tuple[torch.Tensor, Callable[[Any], list[float]]]] = {}
         self.constants: dict[tuple, torch.Tensor] = {}
         self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
+        # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
+        self.cu_slots: int | None = None
 
     # -- outputs ---------------------------------------------------------------------------------------
     def _op_index(self, graph: Any) -> dict[int, Any]:

@@ -114,3 +114,92 @@ def test_embedding_backward_accumulates_and_skips_the_padding_row(model_dir):
     assert out.data_ptr() == grad.data_ptr()
     assert torch.allclose(grad, old + ref, atol=1e-6)
     assert torch.equal(grad[0], old[0])
+
+
+def test_doc_slots_are_power_of_two_buckets_of_the_documents():
+    import torch
+
+    from surogate.runtime.backends.cuda_attention import MIN_DOC_SLOTS, doc_slots
+
+    def padded(bounds, capacity):
+        cu = torch.full((capacity,), bounds[-1], dtype=torch.int32)
+        cu[: len(bounds)] = torch.tensor(bounds, dtype=torch.int32)
+        return cu
+
+    assert MIN_DOC_SLOTS == 16
+    assert doc_slots(padded([0, 5, 9, 16], 4097)) == 17  # 3 documents -> the smallest bucket (16) + 1
+    assert doc_slots(padded(list(range(0, 17 * 4, 4)), 4097)) == 17  # exactly 16 documents
+    assert doc_slots(padded(list(range(0, 18 * 4, 4)), 4097)) == 33  # 17 -> 32
+    assert doc_slots(padded(list(range(0, 101)), 4097)) == 129
+    assert doc_slots(padded(list(range(0, 41)), 41)) == 41  # capped at the buffer (every token its own document)
+    assert doc_slots(padded([0, 7], 9)) == 9  # small plans: never past the buffer
+
+
+def test_install_sets_doc_slots_from_written_cu_seqlens(model_dir):
+    import torch
+
+    cfg = sim_cfg(model_dir, batch=2, seq=8)
+    r = Runner(cfg, "cuda")
+    state = r.ex.kernels.state
+    assert state.cu_slots is None
+    install(r.ex, enabled=True)
+    ids, labels = batch(2, 8)
+    r.write_batch(ids, labels, cu_seqlens=torch.tensor([0, 3, 8, 16]))
+    assert state.cu_slots == 17  # the buffer holds 2 * 8 + 1 entries: the bucket of 16 documents fits exactly
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: 'replay' calls the recorded function."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def test_runner_captures_one_graph_per_doc_slot_bucket_and_restores_its_loss(model_dir, monkeypatch):
+    """Keys: (micro_step, slots) and (optimizer_step, None); a later bucket is captured without a new warm-up;
+    after each replay `observed` holds the tensor that graph's own capture recorded (not the last capture's)."""
+    import torch
+
+    from surogate.runtime.cuda_graphs import GraphRunner
+    from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, StepContext
+
+    r = Runner(sim_cfg(model_dir, batch=2, seq=8), "cuda")
+    runner = install(r.ex, enabled=True)
+    runner.reason = None  # pretend we are on a GPU; programs and captures are faked below (no kernels run)
+    calls = []
+
+    def fake_eager(program, ctx):
+        calls.append(("eager", program))
+        r.ex.observed["loss"] = torch.tensor(float(len(calls)))  # a capture clones the loss into a new tensor
+
+    def fake_capture(self, program, ctx):
+        self.eager_run(program, ctx)
+        calls[-1] = ("capture", program)
+        return _FakeGraph(lambda: calls.append(("replay", program)))
+
+    runner.eager_run = fake_eager
+    monkeypatch.setattr(GraphRunner, "_capture", fake_capture)
+    monkeypatch.setattr(r.ex.kernels.state, "refresh_scalars", lambda ctx: None)
+    ids, labels = batch(2, 8)
+
+    def step(cu, slots=None):
+        r.write_batch(ids, labels, cu_seqlens=cu)
+        if slots is not None:  # this plan's buffer (17 entries) is too small for a second real bucket
+            r.ex.kernels.state.cu_slots = slots
+        r.ex.run(MICRO_STEP, StepContext(r.plan, 0))
+        return r.ex.observed["loss"]
+
+    few, many = torch.tensor([0, 3, 8, 16]), torch.arange(0, 17)  # 3 documents; 16 documents
+    step(few)
+    r.ex.run(OPTIMIZER_STEP, StepContext(r.plan, 0))
+    assert calls == [("eager", MICRO_STEP), ("eager", OPTIMIZER_STEP)]  # warm-up
+    loss17 = step(few)
+    assert step(many) is loss17  # 16 documents: the same bucket, replayed
+    r.ex.run(OPTIMIZER_STEP, StepContext(r.plan, 1))
+    loss9 = step(few, slots=9)  # another bucket: captured at once, no second warm-up
+    assert loss9 is not loss17
+    assert step(few, slots=17) is loss17  # replaying the first graph restores its own loss tensor
+    assert set(runner.graphs) == {(MICRO_STEP, 17), (MICRO_STEP, 9), (OPTIMIZER_STEP, None)}
+    assert [c for c in calls if c[0] == "capture"] == [("capture", MICRO_STEP), ("capture", OPTIMIZER_STEP),
+                                                       ("capture", MICRO_STEP)]
+    assert runner.replays == 5  # every run after the warm-up, captures included (a capture is then replayed)

@@ -42,7 +42,9 @@ def test_normuon_with_clipping_in_place_and_no_new_scratch(model_dir):
     for r in (ref, cud):
         r.micro_step(ids, labels)
         r.optimizer_step(0, lr_scale=0.5)
-    assert copied == []
+    # rope_table has no input to locate its arena by: the executor copies the cached cos/sin tables into their
+    # views (the device-to-device copy the op stands for); every other output is written in place
+    assert [n for n in copied if n not in ("rope.cos", "rope.sin")] == []
     clip = float(cud.ex.views["grad_clip_scale"])
     assert 0 < clip < 1, "max_grad_norm 0.01 must clip, else the clip path is untested"
     assert abs(clip - float(ref.ex.views["grad_clip_scale"])) < 1e-5 * clip
