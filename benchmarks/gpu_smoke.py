@@ -1,0 +1,223 @@
+"""First stage of the GPU checks: seconds on a working setup, and a clear failure on a broken one.
+
+    python benchmarks/gpu_smoke.py --json smoke.json
+
+1. environment: torch, CUDA device, numba-cuda, NUMBA_CACHE_DIR;
+2. every registry Numba kernel once per dtype on the GPU against its reference (compile seconds recorded:
+   with NUMBA_CACHE_DIR warm, later processes load them);
+3. a tiny bf16 Qwen3 (2 layers, hidden 128, LoRA r8): one micro-step against transformers in fp32 and in
+   bf16 (loss and gradient relative errors: ours must be within twice HF-bf16's own error);
+4. the same model with CUDA graphs: 4 optimizer steps (2 micro-steps each, packed documents that vary) against
+   the eager losses; allocator calls after step 1 (must be 0) and the number of replays.
+Writes every figure to --json and exits 1 if a check fails (the rest of the checks still run).
+`--dry-run` runs the same code on CPU under the Numba simulator with a smaller model (no figures, catches
+script errors before a GPU session is spent on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.* helpers (tiny models, the kernel cases)
+
+GPU_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, head_dim=32)
+DRY_MODEL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64, head_dim=8)
+MODEL = GPU_MODEL
+SEQ = 64
+DEVICE = "cuda"  # --dry-run: "cpu" (simulator)
+
+
+def environment() -> dict:
+    import numba
+
+    try:
+        from numba_cuda import __version__ as nc
+    except Exception:  # older layouts
+        nc = "?"
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (simulator dry run)"
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "device": name,
+            "numba": numba.__version__, "numba_cuda": nc, "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR"),
+            "simulator": os.environ.get("NUMBA_ENABLE_CUDASIM")}
+
+
+def kernels() -> dict:
+    """Each registry kernel, fp32 and bf16, on the GPU vs its reference: {name/dtype: error or 'ok'}."""
+    import copy
+
+    from surogate.numba_kernels import KERNELS
+    from tests.kernels.cases import CASES
+    from tests.kernels.test_gpu import _tensors, _to
+
+    out, seconds = {}, {}
+    for name in sorted(KERNELS):
+        for dtype in (torch.float32, torch.bfloat16):
+            key = f"{name}/{str(dtype).removeprefix('torch.')}"
+            try:
+                args, kwargs, atol = CASES[name](dtype)
+                ref = copy.deepcopy((args, kwargs))
+                KERNELS[name].reference(*ref[0], **ref[1])
+                on_gpu = _to((args, kwargs), DEVICE)
+                t0 = time.perf_counter()
+                KERNELS[name].cuda(*on_gpu[0], **on_gpu[1])
+                _sync()
+                seconds[key] = round(time.perf_counter() - t0, 3)
+                tol = max(atol, 2e-5) if dtype == torch.float32 else max(atol, 1.6e-2)
+                for got, want in zip(_tensors(on_gpu), _tensors(ref), strict=True):
+                    got = got.cpu()
+                    if got.is_floating_point():
+                        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
+                    elif (got != want).float().mean() > 0.01:
+                        raise AssertionError(f"{float((got != want).float().mean()):.2%} of the codes differ")
+                out[key] = "ok"
+            except Exception as exc:  # one broken kernel must not hide the others
+                out[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    return {"results": out, "first_call_seconds": seconds, "total_first_call_seconds": round(sum(seconds.values()), 2),
+            "failed": sorted(k for k, v in out.items() if v != "ok")}
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _hf_grads(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor, labels: torch.Tensor):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(DEVICE)
+    out = model(input_ids=ids.to(DEVICE), labels=labels.to(DEVICE))
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+
+
+def parity(model_dir: Path) -> dict:
+    """Full bf16 fine-tune micro-step (every weight has a gradient) vs transformers fp32 / bf16."""
+    from tests.cuda_backend.helpers import Runner, rel_err, sim_cfg
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, MODEL["vocab_size"], (2, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    res = {}
+    for attention in ("auto", "sdpa"):
+        os.environ["SUROGATE_CUDA_ATTENTION"] = attention
+        ours = Runner(sim_cfg(model_dir, seq=SEQ, batch=2, torch_dtype="bfloat16"), "cuda", device=DEVICE)
+        loss, grads = ours.micro_step(ids, labels)
+        ref_loss, ref = _hf_grads(model_dir, torch.float32, ids, labels)
+        hf_loss, hf = _hf_grads(model_dir, torch.bfloat16, ids, labels)
+        ratios = {n: rel_err(grads[n], r) / max(rel_err(hf[n], r), 1e-6) for n, r in ref.items()}
+        worst = max(ratios, key=ratios.get)
+        res[attention] = {"loss_err": abs(loss - ref_loss) / abs(ref_loss), "hf_bf16_loss_err": abs(hf_loss - ref_loss)
+                          / abs(ref_loss), "max_grad_err_ratio": ratios[worst], "worst_grad": worst,
+                          "max_grad_err": max(rel_err(grads[n], r) for n, r in ref.items()),
+                          "ok": abs(loss - ref_loss) <= 2 * abs(hf_loss - ref_loss) + 2e-3 * abs(ref_loss)
+                          and all(rel_err(grads[n], r) <= 2 * rel_err(hf[n], r) + 1e-3 for n, r in ref.items())}
+    os.environ.pop("SUROGATE_CUDA_ATTENTION", None)
+    return res
+
+
+def _packed(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(10 + step)
+    ids = torch.randint(3, MODEL["vocab_size"], (2, SEQ), generator=g)
+    cuts = sorted({int(c) for c in torch.randint(1, 2 * SEQ, (1 + step % 3,), generator=g)} | {SEQ})
+    cu = torch.tensor([0, *cuts, 2 * SEQ])
+    pos = torch.cat([torch.arange(int(b) - int(a)) for a, b in zip(cu[:-1], cu[1:], strict=True)]).view(2, SEQ)
+    labels = ids.clone()
+    labels.view(-1)[cu[:-1]] = -100
+    return ids, labels, pos, cu
+
+
+def graphs(model_dir: Path, steps: int = 4, micro: int = 2) -> dict:
+    if DEVICE != "cuda":
+        steps, micro = 2, 1
+    from surogate.runtime.cuda_graphs import AllocationRecorder, install
+    from tests.cuda_backend.helpers import Runner, sim_cfg
+
+    cfg = sim_cfg(model_dir, seq=SEQ, batch=2, torch_dtype="bfloat16", lora=True, lora_rank=8, lora_alpha=16,
+                  use_cuda_graphs=True)
+    res = {}
+    for mode in ("eager", "graphs"):
+        r = Runner(cfg, "cuda", device=DEVICE)
+        runner = install(r.ex, enabled=mode == "graphs")
+        rec, losses, seconds = AllocationRecorder(), [], []
+        if DEVICE != "cuda":  # dry run: no allocator statistics
+            rec.record = lambda rec=rec: rec.snapshots.append(dict.fromkeys(AllocationRecorder.KEYS, 0))
+        for step in range(steps):
+            t0 = time.perf_counter()
+            loss = 0.0
+            r.ex.zero_gradients()
+            for m in range(micro):
+                ids, labels, pos, cu = _packed(step * micro + m)
+                r.write_batch(ids, labels, position_ids=pos, cu_seqlens=cu)
+                from surogate.runtime.executor import MICRO_STEP, StepContext
+
+                r.ex.run(MICRO_STEP, StepContext(r.plan, step * micro + m))
+                loss += float(r.ex.observed[r.loss_name])
+            r.optimizer_step(step, lr_scale=1.0 - 0.1 * step)
+            rec.record()
+            seconds.append(round(time.perf_counter() - t0, 3))
+            losses.append(loss)
+        res[mode] = {"losses": losses, "step_seconds": seconds, "replays": runner.replays,
+                     "graphs": sorted(map(str, runner.graphs)), "reason": runner.reason,
+                     "allocations_after_step1": rec.allocations_after_first(), "deltas": rec.deltas()}
+    e, g = res["eager"]["losses"], res["graphs"]["losses"]
+    res["max_rel_loss_diff"] = max(abs(a - b) / abs(a) for a, b in zip(e, g, strict=True))
+    res["ok"] = ((res["graphs"]["reason"] is None and res["graphs"]["replays"] > 0 or DEVICE != "cuda")
+                 and res["max_rel_loss_diff"] <= 1e-3 and res["graphs"]["allocations_after_step1"] == 0
+                 and e[0] != e[-1])
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="CPU + Numba simulator, small model (script check)")
+    args = ap.parse_args(argv)
+    global DEVICE, SEQ, MODEL
+    if args.dry_run:
+        DEVICE, SEQ, MODEL = "cpu", 8, DRY_MODEL
+    elif not torch.cuda.is_available():
+        print("gpu_smoke: torch sees no CUDA GPU; nothing checked")
+        return 2
+    report: dict = {"environment": environment()}
+    print(json.dumps(report["environment"]), flush=True)
+    import tempfile
+
+    from tests.cuda_backend.helpers import save_qwen3
+
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="surogate-smoke-") as tmp:
+        model_dir = save_qwen3(Path(tmp) / "qwen3", **MODEL)
+        for name, fn in (("kernels", kernels), ("parity", lambda: parity(model_dir)),
+                         ("graphs", lambda: graphs(model_dir))):
+            t0 = time.perf_counter()
+            try:
+                report[name] = fn()
+            except Exception:
+                report[name] = {"exception": traceback.format_exc()[-4000:]}
+            report[name]["seconds"] = round(time.perf_counter() - t0, 2)
+            passed = (not report[name].get("failed") and "exception" not in report[name]
+                      and all(v.get("ok", True) for v in report[name].values() if isinstance(v, dict))
+                      and report[name].get("ok", True))
+            ok &= passed
+            print(f"[smoke] {name}: {'ok' if passed else 'FAILED'} in {report[name]['seconds']} s", flush=True)
+            if not passed:
+                print(json.dumps(report[name], indent=1, default=str)[-3000:], flush=True)
+    report["ok"] = ok
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
