@@ -143,7 +143,12 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{comm.local_rank()}"
-    executor = ArenaExecutor(plan, kernel_table(backend), device=device)
+    kernels = kernel_table(backend)
+    if world > 1 and backend != "cpu":  # the cpu table steps rank slices already; a cuda table is fresh per call
+        from surogate.runtime.distributed.optim_slices import wrap_step_kernels
+
+        kernels = wrap_step_kernels(kernels)
+    executor = ArenaExecutor(plan, kernels, device=device)
     graphs_note = _graphs_note(executor, cfg, backend)
     weights = initial_weights(unsharded(plan) if world > 1 else plan, cfg, spec.source_dir, spec.hf_config)
     if world > 1:

@@ -103,3 +103,12 @@ def gathered_normuon(kernel: Kernel) -> Kernel:
         return [w, *([body[1]] if master else []), momentum, row_var]
 
     return step
+
+
+def wrap_step_kernels(table: dict[str, Kernel]) -> dict[str, Kernel]:
+    """Make a fresh kernel table's optimizer-step ops rank-aware in place (the cpu table's already are)."""
+    if "adamw8bit_step" in table:
+        table["adamw8bit_step"] = sliced_adamw(table["adamw8bit_step"])
+    if "normuon_step" in table:
+        table["normuon_step"] = gathered_normuon(table["normuon_step"])
+    return table

@@ -25,15 +25,16 @@ def root(tmp_path_factory):
 def one_rank(root):
     """The single-process runs: accumulation doubled (= the 2-rank global batch)."""
     out = {}
-    for lora in (True, False):
-        name = f"one-{'lora' if lora else 'full'}"
-        result = run_training(cfg_for(root, name, gpus=1, accumulation=2, lora=lora), backend="cpu")
-        out[lora] = (result, root / name)
+    for lora, optimizer in ((True, "adamw_8bit"), (False, "adamw_8bit"), (False, "normuon")):
+        name = f"one-{'lora' if lora else 'full'}-{optimizer}"
+        result = run_training(cfg_for(root, name, gpus=1, accumulation=2, lora=lora, optimizer=optimizer),
+                              backend="cpu")
+        out[lora, optimizer] = (result, root / name)
     return out
 
 
-def _check(root, name, one, result, lora):
-    ref, ref_out = one[lora]
+def _check(root, name, one, result, lora, optimizer="adamw_8bit"):
+    ref, ref_out = one[lora, optimizer]
     assert result.steps == STEPS and len(result.losses) == STEPS
     for a, b in zip(result.losses, ref.losses, strict=True):
         assert abs(a - b) <= TOL * abs(b)
@@ -68,3 +69,11 @@ def test_full_finetune_zero3_two_ranks_equal_one_rank(root, one_rank):
     name = "two-full-z3"
     result = run_training(cfg_for(root, name, gpus=2, accumulation=1, lora=False, zero_level=3), backend="cpu")
     _check(root, name, one_rank, result, lora=False)
+
+
+def test_full_finetune_zero1_normuon_two_ranks_equal_one_rank(root, one_rank):
+    """NorMuon orthogonalises whole matrices: the ranks gather their row shards and keep their rows."""
+    name = "two-full-z1-normuon"
+    result = run_training(cfg_for(root, name, gpus=2, accumulation=1, lora=False, zero_level=1,
+                                  optimizer="normuon"), backend="cpu")
+    _check(root, name, one_rank, result, lora=False, optimizer="normuon")
