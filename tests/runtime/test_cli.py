@@ -74,7 +74,6 @@ def _main_code(capsys, *argv):
     ("missing-data", {"datasets": [{"path": "/nonexistent/train.jsonl", "type": "text"}]}, 2,
      "datasets[0].path"),
     ("fp8-on-cpu", {"recipe": "fp8_hybrid"}, 3, "recipe 'fp8_hybrid'"),
-    ("two-ranks", {"gpus": 2}, 3, "ranks"),
 ])
 def test_bad_input_is_a_clear_error(root, capsys, case, over, code, message):
     got, err = _main_code(capsys, "sft", str(_yaml(root, case, **over)))
