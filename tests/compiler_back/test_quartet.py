@@ -153,3 +153,13 @@ def test_forward_quantizer_preserves_the_product_in_the_hadamard_basis():
     deq = [hd.nvfp4_dequantize_ref(*hd.nvfp4_quantize_ref(hd.rht_ref(t, s), "quest")[:3]) for t in (x, w)]
     rel = float((deq[0] @ deq[1].t() - exact).norm() / exact.norm())
     assert 0 < rel < 0.2  # observed ~0.15 (NVFP4 round-to-nearest on Gaussian-like data)
+
+
+def test_projections_whose_in_features_are_not_a_multiple_of_32_stay_unquantized(tmp_path):
+    d = save_tiny(tmp_path, "llama", hidden_size=48)  # q/k/v/gate/up read 48 features; o reads 64, down 96
+    graph = compile_front(make_cfg(d, recipe="nvfp4_quartet"))
+    kinds = {n: graph.op(f"L0.{n}").kind for n in ("q", "k", "gate", "o", "down")}
+    assert kinds == {"q": "linear", "k": "linear", "gate": "linear", "o": "qlinear_quartet", "down": "qlinear_quartet"}
+    assert any("nvfp4_quartet: 10 projection(s)" in n for n in graph.meta["notes"])
+    loss, grads = _grads(graph, d)
+    assert math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
