@@ -51,8 +51,8 @@ def environment() -> dict:
             "simulator": os.environ.get("NUMBA_ENABLE_CUDASIM")}
 
 
-def kernels() -> dict:
-    """Each registry kernel, fp32 and bf16, on the GPU vs its reference: {name/dtype: error or 'ok'}."""
+def kernel_group(modules: list[str]) -> dict:
+    """The registry kernels defined in `modules`, fp32 and bf16, on the device vs their references."""
     import copy
 
     from surogate.numba_kernels import KERNELS
@@ -60,7 +60,8 @@ def kernels() -> dict:
     from tests.kernels.test_gpu import _tensors, _to
 
     out, seconds = {}, {}
-    for name in sorted(KERNELS):
+    names = [n for n in sorted(KERNELS) if KERNELS[n].cuda.__module__.rsplit(".", 1)[-1] in modules]
+    for name in names:
         for dtype in (torch.float32, torch.bfloat16):
             key = f"{name}/{str(dtype).removeprefix('torch.')}"
             try:
@@ -82,7 +83,32 @@ def kernels() -> dict:
                 out[key] = "ok"
             except Exception as exc:  # one broken kernel must not hide the others
                 out[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    return {"results": out, "first_call_seconds": seconds, "total_first_call_seconds": round(sum(seconds.values()), 2),
+    return {"results": out, "first_call_seconds": seconds}
+
+
+def kernels() -> dict:
+    """Every registry kernel: one process per kernel module, in parallel (each compiles its own kernels into
+    NUMBA_CACHE_DIR: a module's cache index is written by one process only)."""
+    import subprocess
+
+    from surogate.numba_kernels import KERNELS
+
+    modules = sorted({KERNELS[n].cuda.__module__.rsplit(".", 1)[-1] for n in KERNELS})
+    procs = {m: subprocess.Popen([sys.executable, __file__, "--kernel-group", m, *(["--dry-run"] if DEVICE != "cuda"
+                                  else [])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in modules}
+    out, seconds = {}, {}
+    for m, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        try:
+            part = json.loads(stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out[m] = f"group process failed (rc {proc.returncode}): {stderr[-1500:]}"
+            continue
+        out.update(part["results"])
+        seconds.update(part["first_call_seconds"])
+    return {"results": out, "first_call_seconds": seconds, "max_first_call_seconds": max(seconds.values(), default=0),
+            "sum_first_call_seconds": round(sum(seconds.values()), 2),
             "failed": sorted(k for k, v in out.items() if v != "ok")}
 
 
@@ -182,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--dry-run", action="store_true", help="CPU + Numba simulator, small model (script check)")
+    ap.add_argument("--kernel-group", help=argparse.SUPPRESS)  # worker: one kernel module, JSON on stdout
     args = ap.parse_args(argv)
     global DEVICE, SEQ, MODEL
     if args.dry_run:
         DEVICE, SEQ, MODEL = "cpu", 8, DRY_MODEL
-    elif not torch.cuda.is_available():
+    if args.kernel_group:
+        print(json.dumps(kernel_group([args.kernel_group])))
+        return 0
+    if not args.dry_run and not torch.cuda.is_available():
         print("gpu_smoke: torch sees no CUDA GPU; nothing checked")
         return 2
     report: dict = {"environment": environment()}

@@ -32,13 +32,37 @@ def _batches(args: argparse.Namespace, vocab: int) -> list[list[dict]]:
 
 
 def run_ours(work: Path, args: argparse.Namespace) -> dict:
+    """Ours, with the memory figures of the same run: measured peak vs the plan's, allocator calls after warm-up."""
+    import time
+
+    from surogate.runtime.cuda_graphs import AllocationRecorder
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
     trainer = OurTrainer(our_config(work / "model", args))
+    setup_s = time.perf_counter() - t0
     vocab = trainer.plan.tensors["model.embed_tokens.weight"].shape[0]
     steps = _batches(args, vocab)
-    elapsed, losses = timed(lambda i: trainer.train_step(steps[i]), 2, args.steps)
+    warm_s = []
+    for i in range(2):  # eager warm-up (Numba compiles or loads its cache), then the capture
+        t0 = time.perf_counter()
+        trainer.train_step(steps[i])
+        torch.cuda.synchronize()
+        warm_s.append(round(time.perf_counter() - t0, 2))
+    rec = AllocationRecorder()
+    rec.record()
+    elapsed, losses = timed(lambda i: trainer.train_step(steps[2 + i]), 0, args.steps)
+    rec.record()
+    measured = torch.cuda.max_memory_allocated() - base
+    planned = int(trainer.plan.memory["device"]["peak_bytes"])
+    ops = {name: len(prog) for name, prog in trainer.ex.programs.items()}
     return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses,
             "graphs": trainer.graphs.enabled, "eager_reason": trainer.graphs.reason,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "captured": sorted(map(str, trainer.graphs.graphs)), "peak_gib": measured / 2**30,
+            "plan_peak_gib": planned / 2**30, "peak_ratio": measured / planned, "setup_s": round(setup_s, 2),
+            "warmup_step_s": warm_s, "allocations_after_warmup": rec.deltas()[0]["allocation.all.allocated"],
+            "ops_per_program": ops, "scratch_mib": trainer.ex.kernels.state.scratch_bytes / 2**20}
 
 
 def run_hf(work: Path, args: argparse.Namespace) -> dict:
@@ -66,7 +90,7 @@ def run_hf(work: Path, args: argparse.Namespace) -> dict:
         return total
 
     elapsed, losses = timed(step, 1, args.steps)
-    return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses,
+    return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses[1:],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -79,35 +103,44 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--accum", type=int, default=4)
+    p.add_argument("--extra", default="", help="more jobs after the main one, comma-separated from 0.6b-full, "
+                   "1.7b, 1.7b-full, 4b, 4b-full; each runs only if --budget-s leaves time for it")
+    p.add_argument("--budget-s", type=float, default=0.0, help="wall-clock seconds for the whole run (extras)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--runner", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if not torch.cuda.is_available():
-        print("throughput.py needs a CUDA GPU (torch sees none); nothing measured.")
-        return 0
-    if args.runner:
-        run = run_ours if args.runner == "ours" else run_hf
-        print(json.dumps(run(Path(args.work), args)))
-        return 0
+def compare(args: argparse.Namespace, deadline: float | None) -> dict:
+    """Ours and transformers + peft on the job `args` names, each in its own process (same saved model); with a
+    `deadline` (time.monotonic()), each process gets an equal share of the time left."""
+    import time
+
+    base = ["--model-size", args.model_size, "--steps", str(args.steps), "--seq", str(args.seq), "--batch",
+            str(args.batch), "--accum", str(args.accum), *(["--full"] if args.full else []),
+            *(["--eager"] if args.eager else [])]
+    results: dict = {"job": {"model_size": args.model_size, "full": args.full, "eager": args.eager}}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
         save_preset_model(args.model_size, work / "model")
-        results = {}
-        for runner in ("ours", "hf"):
-            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--runner", runner,
-                   "--work", str(work)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        for k, runner in enumerate(("ours", "hf")):
+            cmd = [sys.executable, __file__, *base, "--runner", runner, "--work", str(work)]
+            timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) / (2 - k))
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            except subprocess.TimeoutExpired:
+                print(f"[{runner}] out of time ({timeout:.0f} s)", file=sys.stderr)
+                results[runner] = None
+                continue
             if proc.returncode != 0:
                 print(f"[{runner}] failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
                 results[runner] = None
                 continue
             results[runner] = json.loads(proc.stdout.strip().splitlines()[-1])
     ours, hf = results["ours"], results["hf"]
+    results["ratio"] = ours["tokens_per_s"] / hf["tokens_per_s"] if ours and hf else None
     mode = "full fine-tune" if args.full else "LoRA r16 (7 projections)"
     print(f"job: {SIZES[args.model_size]}-shaped, bf16, {mode}, seq {args.seq} x batch {args.batch} x accum "
           f"{args.accum}, packed rows, {args.steps} timed steps, {torch.cuda.get_device_name()}")
@@ -118,13 +151,46 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{name:<26}{r['tokens_per_s']:>12.0f} tokens/s  peak {r['peak_gib']:.2f} GiB  losses "
                   f"{[round(x, 4) for x in r['losses']]}")
+    if ours:
+        print(f"surogate: plan peak {ours['plan_peak_gib']:.3f} GiB, measured/plan x{ours['peak_ratio']:.4f}, "
+              f"allocations after warm-up {ours['allocations_after_warmup']}, warm-up steps {ours['warmup_step_s']} s, "
+              f"ops {ours['ops_per_program']}, graphs {ours['graphs']} ({ours['eager_reason'] or ours['captured']})")
     if ours and hf:
-        print(f"ratio (surogate / HF): throughput x{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}, "
-              f"peak memory x{ours['peak_gib'] / hf['peak_gib']:.2f}; graphs {ours['graphs']} "
-              f"({ours['eager_reason'] or 'captured'})")
+        print(f"ratio (surogate / HF): throughput x{results['ratio']:.2f}, peak memory x"
+              f"{ours['peak_gib'] / hf['peak_gib']:.2f}")
+    return results
+
+
+EXTRAS = {"0.6b-full": ("0.6b", True), "1.7b": ("1.7b", False), "1.7b-full": ("1.7b", True), "4b": ("4b", False),
+          "4b-full": ("4b", True)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import time
+
+    started = time.monotonic()
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print("throughput.py needs a CUDA GPU (torch sees none); nothing measured.")
+        return 0
+    if args.runner:
+        run = run_ours if args.runner == "ours" else run_hf
+        print(json.dumps(run(Path(args.work), args)))
+        return 0
+    deadline = started + args.budget_s if args.budget_s > 0 else None
+    main_job = compare(args, deadline)
+    runs = [main_job]
+    for name in [e for e in args.extra.split(",") if e]:
+        left = args.budget_s - (time.monotonic() - started)
+        if name not in EXTRAS or left < 60:  # a job needs a model save and two processes: skip rather than cut
+            print(f"[extra {name}] skipped ({'unknown' if name not in EXTRAS else f'{left:.0f} s left'})")
+            continue
+        size, full = EXTRAS[name]
+        runs.append(compare(argparse.Namespace(**{**vars(args), "model_size": size, "full": full}), deadline))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "ours": ours, "hf": hf}, indent=1))
-    return 0 if ours and hf else 1
+        Path(args.json).write_text(json.dumps({"args": vars(args), "ours": main_job["ours"], "hf": main_job["hf"],
+                                               "ratio": main_job["ratio"], "runs": runs}, indent=1))
+    return 0 if main_job["ours"] and main_job["hf"] else 1
 
 
 if __name__ == "__main__":
