@@ -142,10 +142,11 @@ class Trainer:
 
     def gradient_norm(self) -> float:
         """Global L2 norm of the step's gradients (sharded gradients: the ranks' sums of squares added)."""
-        total = 0.0
-        for name in self.ex.gradient_names:
-            if not self.plan.tensors[name].attrs.get("transient"):  # one micro-step's full copy (ZeRO-2)
-                total += float(self.ex.views[name].double().pow(2).sum())
+        grads = [self.ex.views[n] for n in self.ex.gradient_names
+                 if not self.plan.tensors[n].attrs.get("transient")]  # one micro-step's full copy (ZeRO-2)
+        # fused per-gradient norms and one host read (a read per gradient was a device sync each, ~400 per step)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else []
+        total = float(torch.stack(norms).double().pow(2).sum()) if norms else 0.0
         if self.world > 1 and self.plan.meta.get("zero", {}).get("gradients"):
             total = comm.all_reduce([total])[0]
         return math.sqrt(total)
