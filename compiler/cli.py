@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
-
-from surogate.errors import ConfigError, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,55 +20,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="draw the device memory timeline to this image")
 
 
-def replanner(cfg: Any, front_snapshot: bytes | None = None) -> Any:
-    """A function changes -> Plan (None when the changed config is invalid), for fit suggestions.
-
-    Front-half graphs are cached (pickled) by the front-half options changed, so a change to back-half
-    options only re-runs the back half, and combinations of knobs reuse the front graph of their
-    front-half part. `front_snapshot` is the unchanged config's front graph.
-    """
-    from surogate.compiler.pipeline import BACK_HALF_OPTIONS, back_plan, front_graph, restore, snapshot
-    from surogate.compiler.plan import config_dict
-    from surogate.schema import config_from_dict
-
-    to_dict = getattr(cfg, "to_dict", None)
-    base = to_dict() if callable(to_dict) else config_dict(cfg)
-    fronts: dict[str, bytes] = {} if front_snapshot is None else {"{}": front_snapshot}
-
-    def replan(changes: dict[str, Any]) -> Any:
-        try:
-            changed = config_from_dict({**base, **changes})
-        except (ConfigError, UserError, TypeError):
-            return None
-        key = json.dumps({k: v for k, v in changes.items() if k not in BACK_HALF_OPTIONS}, sort_keys=True)
-        if key not in fronts:
-            fronts[key] = snapshot(front_graph(changed))
-        return back_plan(restore(fronts[key]), changed, normalize=False)  # only its memory report is read
-
-    return replan
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from surogate.compiler.pipeline import back_plan, front_graph, snapshot
+    from surogate.compiler.fit import Replanner, StageTrace, paused_gc
+    from surogate.compiler.pipeline import back_plan, front_graph
     from surogate.compiler.planfile import write_plan
     from surogate.compiler.report import build_report, detect_gpu, parse_size, render_report, suggest_fixes
     from surogate.schema import load_config
 
     gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
     cfg = load_config(args.config)
+    gpu = detect_gpu()
+    # With a GPU size to check against, the plan may not fit: record what each pass reads and keep copies
+    # of the graph, so that the fit suggestions re-run only the passes their change affects.
+    trace = StageTrace(cfg) if gpu_memory or gpu else None
     # With --json, stdout carries only the JSON document: the graph dump goes to stderr.
     out = sys.stderr if args.json else sys.stdout
-    graph = front_graph(cfg, dump_after=args.dump_after, out=out)
-    saved = snapshot(graph)  # before the back half mutates it: re-plans for suggestions start here
-    plan = back_plan(graph, cfg, dump_after=args.dump_after, out=out)
-    gpu = detect_gpu()
-    report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu)
-    if report["fits"] is False:
-        capacity = report["gpu"]["usable_bytes"]
-        report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu,
-                              suggestions=suggest_fixes(plan, capacity, replanner(cfg, saved)))
+    with paused_gc():
+        plan = back_plan(front_graph(cfg, dump_after=args.dump_after, out=out, before=trace), cfg,
+                         dump_after=args.dump_after, out=out, before=trace)
+        report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu)
+        if report["fits"] is False and trace is not None:
+            replan = Replanner(cfg, trace, plan.memory["device"]["peak_bytes"])
+            report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu,
+                                  suggestions=suggest_fixes(plan, report["gpu"]["usable_bytes"], replan))
     if args.output:
         path = write_plan(plan, args.output)
         report["plan_file"] = str(path)

@@ -24,6 +24,10 @@ from surogate.compiler.plan import Plan, make_plan
 from surogate.errors import UserError
 
 Pass = Callable[[Graph, Any], Graph]
+# Called before each stage ("build", then every pass) with the stage's name and the graph it will get
+# (None before "build"); returns the config that stage reads. Fit suggestions use it to record which
+# options each pass reads and to keep copies of the graph between passes (compiler/fit.py).
+StageHook = Callable[[str, "Graph | None"], Any]
 
 
 def _lazy(module: str, func: str) -> Pass:
@@ -58,13 +62,14 @@ def run_passes(
     start_after: str | None = None,
     dump_after: str | None = None,
     out: TextIO | None = None,
+    before: StageHook | None = None,
 ) -> Graph:
     """Run the pipeline on `graph` (from the pass after `start_after`, or from the first)."""
     check_pass_name(dump_after, "--dump-after")
     check_pass_name(start_after, "start_after")
     start = PASS_NAMES.index(start_after) + 1 if start_after else 0
     for name, fn in PASSES[start:]:
-        graph = fn(graph, cfg)
+        graph = fn(graph, cfg if before is None else before(name, graph))
         if name == dump_after:
             (out or sys.stdout).write(format_graph(graph, title=f"graph after pass '{name}'"))
     return graph
@@ -94,22 +99,30 @@ BACK_HALF_OPTIONS = frozenset({
 })
 
 
-def front_graph(cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None) -> Graph:
+def front_graph(
+    cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None, before: StageHook | None = None
+) -> Graph:
     """The model graph after the front half of the pipeline (through `chunking`)."""
     check_pass_name(dump_after, "--dump-after")
-    graph = build_graph(cfg)
+    graph = build_graph(cfg if before is None else before("build", None))
     for name, fn in PASSES[: PASS_NAMES.index(FRONT_END) + 1]:
-        graph = fn(graph, cfg)
+        graph = fn(graph, cfg if before is None else before(name, graph))
         if name == dump_after:
             (out or sys.stdout).write(format_graph(graph, title=f"graph after pass '{name}'"))
     return graph
 
 
 def back_plan(
-    graph: Graph, cfg: Any, *, dump_after: str | None = None, out: TextIO | None = None, normalize: bool = True
+    graph: Graph,
+    cfg: Any,
+    *,
+    dump_after: str | None = None,
+    out: TextIO | None = None,
+    normalize: bool = True,
+    before: StageHook | None = None,
 ) -> Plan:
     """Run the back half on a front-half graph (mutating it) and freeze the Plan (see `make_plan`)."""
-    graph = run_passes(graph, cfg, start_after=FRONT_END, dump_after=dump_after, out=out)
+    graph = run_passes(graph, cfg, start_after=FRONT_END, dump_after=dump_after, out=out, before=before)
     return make_plan(graph, cfg, normalize=normalize)
 
 

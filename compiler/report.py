@@ -3,7 +3,8 @@
 `build_report` gives plain data (what `--json` prints); `render_report` turns it into rich tables;
 `format_memory_table(plan)` is the device / host table alone (the runtime prints it for
 `debug_memory_breakdown`). `suggest_fixes` re-plans the config with one knob flipped at a time (and,
-if none alone suffices, greedily combined) and reports the device memory each saves.
+if none alone suffices, greedily combined) and reports the device memory each saves (the re-plans
+resume from saved graphs: compiler/fit.py).
 """
 
 from __future__ import annotations
@@ -123,9 +124,10 @@ MODE_KNOBS = frozenset({"lora", "qlora_bnb", "per_device_train_batch_size"})
 
 
 def suggest_fixes(
-    plan: Plan, capacity: int | None, replan: Callable[[dict[str, Any]], Plan | None]
+    plan: Plan, capacity: int | None, replan: Callable[[dict[str, Any]], int | None]
 ) -> list[dict[str, Any]]:
-    """Device memory saved by each knob (re-planned via `replan(changes)`; None = not applicable).
+    """Device memory saved by each knob (`replan(changes)`: the device peak bytes re-planned with them,
+    None = not applicable; `fit.Replanner`).
 
     Sorted by savings. When `capacity` is known, also greedy combinations until one fits: first of the
     knobs that keep the training mode (no switch to LoRA / QLoRA, same micro-batch) if none of those
@@ -134,11 +136,8 @@ def suggest_fixes(
     base = plan.memory["device"]["peak_bytes"]
     results = []
     for changes in _knobs(plan.config, plan):
-        p = replan(changes)
-        if p is None:
-            continue
-        peak = p.memory["device"]["peak_bytes"]
-        if peak < base:
+        peak = replan(changes)
+        if peak is not None and peak < base:
             results.append({"changes": changes, "peak_bytes": peak, "saves_bytes": base - peak,
                             "fits": None if capacity is None else peak <= capacity})
     results.sort(key=lambda r: -r["saves_bytes"])
@@ -154,16 +153,16 @@ def suggest_fixes(
 
 
 def _combine(
-    singles: list[dict[str, Any]], base: int, capacity: int, replan: Callable[[dict[str, Any]], Plan | None]
+    singles: list[dict[str, Any]], base: int, capacity: int, replan: Callable[[dict[str, Any]], int | None]
 ) -> dict[str, Any] | None:
     """Add knobs (biggest savings first) while each still lowers the peak, until it fits."""
     combined: dict[str, Any] = {}
     best, used = base, 0
     for r in singles:
         trial = {**combined, **r["changes"]}
-        p = replan(trial)
-        if p is not None and p.memory["device"]["peak_bytes"] < best:
-            combined, best, used = trial, p.memory["device"]["peak_bytes"], used + 1
+        peak = replan(trial)
+        if peak is not None and peak < best:
+            combined, best, used = trial, peak, used + 1
             if best <= capacity:
                 break
     if used < 2:  # one knob alone is already listed
