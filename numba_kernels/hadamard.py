@@ -90,7 +90,7 @@ def _e4m3_round_up(v: torch.Tensor) -> torch.Tensor:
 
 
 def _codes_rtn(y: torch.Tensor) -> torch.Tensor:
-    mag = (y.abs()[..., None] > _MIDS.to(y.device)).sum(-1)
+    mag = torch.bucketize(y.abs(), _MIDS.to(y.device))  # midpoints strictly below |y|: ties go down
     return _signed(mag, y)
 
 
@@ -101,7 +101,7 @@ def _signed(mag: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _codes_sr(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     a = y.abs()
     grid = E2M1_MAGS.to(y.device)
-    lo = ((a[..., None] >= grid).sum(-1) - 1).clamp(0, 6)
+    lo = (torch.bucketize(a, grid, right=True) - 1).clamp(0, 6)  # largest magnitude <= a
     glo, ghi = grid[lo], grid[lo + 1]
     p = (a - glo) / (ghi - glo)
     return _signed(lo + (u < p).long(), y)
