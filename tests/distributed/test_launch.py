@@ -1,0 +1,72 @@
+"""The launcher's contract without training: device checks, how a failed rank is reported, and a world
+started by torchrun (the environment already describes it) trains without a second launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from surogate.errors import NotAvailableError, UserError
+from surogate.runtime.distributed.launch import RankFailedError, check_devices, failure, free_port
+from surogate.runtime.distributed.shards import rank_slice, row_range
+from surogate.runtime.observe.jsonl import read_log
+from tests.distributed.helpers import LORA_RANK, make_root
+from tests.runtime.helpers import cli_env, write_yaml, yaml_cfg
+
+
+def test_cuda_with_fewer_gpus_than_ranks_names_both_numbers(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(NotAvailableError, match=r"runs 2 rank\(s\) per node on the cuda backend but 1 GPU\(s\)"):
+        check_devices("cuda", 2)
+    check_devices("cuda", 1)
+    check_devices("cpu", 8)  # cpu ranks are processes: any number
+
+
+def test_failure_reports_the_ranks_own_error_and_exit_code(tmp_path):
+    (tmp_path / "error-1.json").write_text(json.dumps({"message": "datasets[0].path: no such file", "exit_code": 2}))
+    err = failure(1, 2, tmp_path)
+    assert isinstance(err, UserError) and err.exit_code == 2 and str(err) == "rank 1: datasets[0].path: no such file"
+    killed = failure(3, -9, tmp_path)
+    assert killed.exit_code == 1 and "rank 3 was killed by signal SIGKILL" in str(killed)
+    crashed = failure(0, 7, tmp_path)
+    assert isinstance(crashed, RankFailedError) and crashed.exit_code == 7 and "rank 0 exited with status 7" in str(crashed)
+
+
+def test_rank_slices_pad_the_last_shards():
+    import torch
+
+    full = torch.arange(10.0).reshape(5, 2)
+    assert [row_range(5, 2, r) for r in range(2)] == [(0, 3), (3, 5)]
+    assert row_range(2, 4, 3) == (2, 2)  # more ranks than rows: an empty (all-padding) shard
+    assert rank_slice(full, 3, 0).data_ptr() == full.data_ptr()  # a view when nothing is padded
+    last = rank_slice(full, 3, 1)
+    assert last.tolist() == [[6.0, 7.0], [8.0, 9.0], [0.0, 0.0]]
+
+
+def test_torchrun_started_world_trains_once(tmp_path):
+    root = make_root(tmp_path)
+    cfg = yaml_cfg(root / "model", root / "train.jsonl", root / "torchrun", gpus=2, lora_rank=LORA_RANK,
+                   lora_alpha=32, max_steps=2)
+    yaml_file = write_yaml(root / "torchrun.yaml", cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "surogate.cli", "sft", str(yaml_file)]
+    proc = subprocess.Popen(cmd, env={**cli_env(), "SUROGATE_DIST_TIMEOUT": "120"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # never leave torchrun's ranks behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("Surogate run ") == 1  # rank 0's console only
+    assert stdout.count("trained 2 step(s)") == 2  # both ranks trained (no nested launch)
+    assert [r["step"] for r in read_log(root / "torchrun" / "log.jsonl").steps] == [1, 2]
