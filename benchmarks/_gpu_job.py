@@ -80,6 +80,12 @@ class OurTrainer:
         initialise(self.ex, load_weights(self.plan, cfg.model, lora_seed=0))
         self.graphs = install(self.ex, enabled=bool(cfg.use_cuda_graphs))
         self.step = 0
+        self.world = 1  # Trainer.gradient_norm reads it
+
+    def gradient_norm(self) -> float:
+        from surogate.runtime.trainer import Trainer
+
+        return Trainer.gradient_norm(self)  # type: ignore[arg-type]  # the loop's own computation
 
     def train_step(self, micro_batches: list[dict]) -> float:
         from surogate.runtime.batches import plan_inputs
@@ -93,6 +99,7 @@ class OurTrainer:
                 self.ex.write(name, value)
             self.ex.run(MICRO_STEP, StepContext(self.plan, self.step * len(micro_batches) + i))
             loss += float(self.ex.observed[self.loss_name])
+        self.grad_norm = self.gradient_norm()  # the training loop reads it every step (logging, non-finite skip)
         self.ex.run(OPTIMIZER_STEP, StepContext(self.plan, self.step, optimizer_step=self.step + 1))
         self.step += 1
         return loss

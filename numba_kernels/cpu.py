@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import adamw8bit, cross_entropy, dropout, fp8, nf4, normuon, quant8, rmsnorm, rope, swiglu
+from . import adamw8bit, cross_entropy, dropout, fp8, lut_dequant, nf4, normuon, quant8, rmsnorm, rope, swiglu
 
 
 def rmsnorm_forward(x, weight, out, rstd, eps, residual=None, sum_out=None) -> None:
@@ -120,6 +120,10 @@ def nf4_dequantize(packed, out, block=64, absmax=None, qabsmax=None, absmax2=Non
         raise ValueError("nf4_dequantize needs absmax, or qabsmax + absmax2 + offset (double quantization)")
     q = nf4.NF4Tensor(packed, absmax, qabsmax, absmax2, offset, block, tuple(out.shape))
     out.copy_(nf4.nf4_dequantize_ref(q, out.dtype))
+
+
+def lut_dequantize(codes, table, scale, block, out, s2=None, offset=None, group=256) -> None:
+    out.copy_(lut_dequant.lut_dequantize_ref(codes, table, scale, block, s2, offset, group).view(out.shape))
 
 
 def fp8_amax(x, amax) -> None:

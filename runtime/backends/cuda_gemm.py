@@ -21,24 +21,35 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool, alpha: float) -> None:
+    """out (=|+=) alpha * a @ b with all three in one dtype: one cuBLAS call (alpha inside the GEMM)."""
+    if accumulate:
+        out.addmm_(a, b, alpha=alpha)
+    elif alpha != 1.0:  # beta = 0: out's old contents are not read (NaN/inf in them do not propagate)
+        torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+    else:
+        torch.mm(a, b, out=out)
+
+
 def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, alpha: float = 1.0) -> None:
-    """out (=|+=) alpha * a @ b, written into `out` without a temporary when all dtypes agree."""
+    """out (=|+=) alpha * a @ b, written into `out` without a temporary when the output has the compute dtype."""
     if a.dtype == b.dtype == out.dtype:
-        if accumulate:
-            out.addmm_(a, b, alpha=alpha)
-        else:
-            torch.matmul(a, b, out=out)
-            if alpha != 1.0:
-                out.mul_(alpha)
+        _mm(out, a, b, accumulate, alpha)
         return
-    # Mixed dtypes (bf16 operands into an fp32 gradient, fp32 adapters on bf16 activations): the product in the
-    # promoted dtype, a block of output rows at a time so the temporary stays small (an LM-head weight
-    # gradient would otherwise need a vocab x hidden temporary).
+    # Mixed dtypes (bf16 activations with fp32 LoRA adapters, as PEFT computes them in fp32): the operands in the
+    # promoted dtype, a block of output rows at a time so the temporaries stay small (an LM-head weight gradient
+    # would otherwise need a vocab x hidden temporary). An output of the compute dtype is written by the GEMM
+    # itself; otherwise the product is a temporary cast into it.
     dt = common(a, b)
+    bt = b.to(dt)
     step = max(1, TILE_ELEMENTS // max(1, out.shape[1]))
     for r0 in range(0, out.shape[0], step):
         r1 = min(out.shape[0], r0 + step)
-        prod = a[r0:r1].to(dt) @ b.to(dt)
+        at = a[r0:r1].to(dt)
+        if out.dtype == dt:
+            _mm(out[r0:r1], at, bt, accumulate, alpha)
+            continue
+        prod = at @ bt
         if alpha != 1.0:
             prod.mul_(alpha)
         if accumulate:
@@ -119,8 +130,10 @@ def add(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     out = bnd.views[0]
     if bnd.accumulate[0]:
         out.add_(a).add_(b)
-    elif b.dtype == a.dtype:
+    elif b.dtype == a.dtype == out.dtype:
         torch.add(a, b, out=out)
+    elif out.dtype == a.dtype:  # as the reference, b rounded to a's dtype first (a fp32 LoRA product into bf16)
+        torch.add(a, b.to(a.dtype), out=out)
     else:
         out.copy_(a + b.to(a.dtype))
     return [out]

@@ -280,38 +280,33 @@ def _table(st: CudaState, name: str, device: torch.device) -> torch.Tensor:
     return st.constant(("quant_table", name), lambda: getattr(quant, name).float(), device)
 
 
-def _blocks_of(vals: torch.Tensor, block: int) -> torch.Tensor:
-    pad = (-vals.numel()) % block
-    flat = vals.reshape(-1)
-    return (torch.cat([flat, flat.new_zeros(pad)]) if pad else flat).view(-1, block)
-
-
 def dequant(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
-    """The reference format math (`reference.quant.dequantize`) with its lookup tables on the device.
-
-    4-bit codes arrive unpacked (one per byte, the executor's default). The Numba NF4 kernel is not used: it
-    reads bitsandbytes' packing (high nibble first) and double-quant layout, the arena stores neither."""
+    """The reference format math (`reference.quant.dequantize`). NF4 and FP4 (4-bit codes, unpacked one per byte
+    by the executor) run as one Numba pass (`numba_kernels.lut_dequant`: table lookup times the block scale,
+    double-quantized NF4 scales recovered on the fly); FP8 formats as the reference math on the device."""
+    from surogate.compiler.ops.quant import DOUBLE_QUANT_GROUP, NVFP4_BLOCK
+    from surogate.numba_kernels.lut_dequant import lut_dequantize
     from surogate.runtime.reference import quant
 
     bnd = st.bind(ins, attrs, ctx)
     out = bnd.views[0]
     fmt, block, shape = attrs["format"], int(attrs["block_size"]), tuple(attrs["shape"])
-    numel = out.numel()
-    if fmt == "nf4":
-        codes, absmax = ins[0], ins[1].float()
-        if attrs.get("double_quant", False):
-            s2, offset = ins[2][:-1].float(), ins[2][-1].float()
-            absmax = (_blocks_of(absmax - 128.0, quant.DOUBLE_QUANT_GROUP) * s2[:, None]).reshape(-1)[
-                : ins[1].numel()] + offset
-        vals = _table(st, "NF4_CODE", out.device)[codes.reshape(-1).long()]
-        res = (_blocks_of(vals, block) * absmax[:, None]).reshape(-1)[:numel]
-    elif fmt in ("fp4", "fp4_block"):
-        codes, scale = ins[0], ins[1].float()
-        g = ins[2].float() if fmt == "fp4" else 1.0
-        vals = _table(st, "E2M1", out.device)[codes.reshape(-1).long()]
-        res = (_blocks_of(vals, quant.NVFP4_BLOCK) * (scale * g)[:, None]).reshape(-1)[:numel]
-    else:  # fp8 formats: no lookup table, the reference math runs on the device as it is
-        res = quant.dequantize(fmt, list(ins), shape, block, attrs.get("double_quant", False))
+    if fmt in ("nf4", "fp4", "fp4_block") and out.dtype in (torch.float32, torch.bfloat16) and out.is_contiguous():
+        buf = _into(st, out, bnd.accumulate[0], "dequant_acc")
+        codes = ins[0] if ins[0].dtype == torch.uint8 else ins[0].to(torch.uint8)
+        if fmt == "nf4":
+            table = _table(st, "NF4_CODE", out.device)
+            if attrs.get("double_quant", False):
+                lut_dequantize(codes, table, ins[1], block, buf, s2=ins[2][:-1], offset=ins[2][-1:],
+                               group=DOUBLE_QUANT_GROUP)
+            else:
+                lut_dequantize(codes, table, ins[1] if ins[1].dtype == torch.float32 else ins[1].float(), block, buf)
+        else:  # fp8 block scales (times the fp32 global scale for `fp4`): a small fp32 temporary, one per 16 codes
+            scale = ins[1].float() * ins[2].float() if fmt == "fp4" else ins[1].float()
+            lut_dequantize(codes, _table(st, "E2M1", out.device), scale, NVFP4_BLOCK, buf)
+        _flush(out, buf)
+        return [out]
+    res = quant.dequantize(fmt, list(ins), shape, block, attrs.get("double_quant", False))
     if bnd.accumulate[0]:
         out.add_(res.view(out.shape).to(out.dtype))
     else:

@@ -121,6 +121,17 @@ def nf4_dequantize(dt):
     return (q.packed, torch.empty(70, dtype=dt), 32), {"absmax": q.absmax}, 0
 
 
+def lut_dequantize(dt):
+    """NF4 codes of 203 elements (odd, a partial last block of 8), double-quantized scales: 26 blocks, groups of 4."""
+    from surogate.runtime.reference.quant import NF4_CODE
+
+    g = _g(5)
+    codes = torch.randint(0, 16, (7, 29), generator=g, dtype=torch.uint8)
+    q = torch.randint(0, 256, (26,), generator=g, dtype=torch.uint8)
+    s2, offset = torch.rand(7, generator=g) * 0.01, torch.tensor([0.3])
+    return (codes, NF4_CODE.float(), q, 8, torch.empty(7, 29, dtype=dt)), {"s2": s2, "offset": offset, "group": 4}, 0
+
+
 def fp8_amax(dt):
     return (_r(50, dtype=dt), torch.empty(1)), {}, 0
 
