@@ -6,7 +6,8 @@ A *hard* requirement cannot run below its SM (no FP4 / FP8 tensor-core fallback 
 recipes); a soft one runs there more slowly. The contract (configuration.md) names the hard ones:
 recipes `fp8_hybrid` (SM89+), `nvfp4` / `nvfp4_quartet` (SM100+) and `qlora_fp4` (SM100+). It gives
 `qlora_fp8` no hardware requirement: below SM89 its FP8 base weights are dequantized for each matmul,
-so it is a warning, not a refusal.
+so there it is a warning at run time, not a refusal. Validation cannot know the GPU: it lists both kinds
+as requirement notices (a soft one saying what happens below its SM); only hard ones are refused.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def gpu_requirements(cfg: Any) -> list[Requirement]:
         reqs.append(Requirement("recipe", FP8_SM, "recipe 'fp8_hybrid' needs an FP8-capable GPU (SM89+: Ada, Hopper, "
                                                   "Blackwell) at run time"))
     if opts.get("qlora_fp8"):
-        reqs.append(Requirement("qlora_fp8", FP8_SM, "FP8 QLoRA runs FP8 matmuls on SM89+ GPUs (Ada, Hopper, "
-                                                     "Blackwell); older GPUs dequantize the FP8 base weights for "
-                                                     "each matmul (slower)", hard=False))
+        reqs.append(Requirement("qlora_fp8", FP8_SM, "FP8 QLoRA: FP8 matmuls need an SM89+ GPU (Ada, Hopper, "
+                                                     "Blackwell); on older GPUs the FP8 base weights are "
+                                                     "dequantized for each matmul instead (slower)", hard=False))
     return sorted(reqs, key=lambda r: (not r.hard, -r.min_sm))
 
 

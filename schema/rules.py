@@ -124,9 +124,9 @@ def qlora_needs_lora(cfg, given):
 
 @rule
 def hardware_requirements(cfg, given):
-    """GPU needs, from the one table in `schema.hardware`: hard ones are requirements, soft ones warnings."""
+    """GPU needs, from the one table in `schema.hardware` (a soft one says what happens below its SM)."""
     for req in gpu_requirements(cfg):
-        yield Notice("requirement" if req.hard else "warning", req.field, req.what)
+        yield Notice("requirement", req.field, req.what)
 
 
 @rule
