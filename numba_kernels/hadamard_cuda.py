@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads
 from .dropout import _C1, _C2, _GOLDEN, _M32
 from .fp8 import _codec, fp8_amax
 from .hadamard import _INV_SQRT, BLOCK, E4M3_MAX, HADAMARD, MODES, QUEST_ALPHA
@@ -33,7 +33,7 @@ def _rht_kernel(x_dt: torch.dtype, inverse: bool):
     lx, _ = converters(x_dt)
     inv = bool(inverse)
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, signs, out):
         groups = x.shape[0] // HADAMARD
         v = cuda.local.array(HADAMARD, float32)
@@ -93,7 +93,7 @@ def _gscale_kernel(quest: bool):
     cuda = get_cuda()
     from numba import float32
 
-    @cuda.jit
+    @jit_kernel
     def kernel(gscale):
         if cuda.grid(1) == 0:
             amax = gscale[0]
@@ -145,7 +145,7 @@ def _quant_kernel(x_dt: torch.dtype, quest: bool):
                 n += 1
         return n
 
-    @cuda.jit
+    @jit_kernel
     def kernel(x, codes, scales, gscale, mask, seed_lo, seed_hi):
         nblocks = x.shape[0] // BLOCK
         gs = gscale[0]
