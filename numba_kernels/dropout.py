@@ -1,7 +1,9 @@
 """LoRA dropout with a counter-based mask: forward apply and backward (the same function).
 
 The keep mask of element i is a pure function of (seed, offset + i): nothing is stored between forward
-and backward, and the torch reference reproduces the kernel's mask bit for bit.
+and backward, and the torch reference reproduces the kernel's mask bit for bit. With `step` (an int64 device
+tensor [1]) the counter is offset + step[0] * n + i, read on the device: a CUDA graph captured once replays
+with the step written into that tensor before each replay (no host value frozen into the capture).
 Hash: four rounds of the murmur3 32-bit finaliser (fmix32) over the 32-bit halves of seed and counter;
 u = (h >> 8) * 2^-24 is uniform on [0, 1) with 24 bits; keep iff u >= p. Every product is of two
 values below 2^32, so it is exact in uint64 (kernel) and correct modulo 2^64 in int64 (torch).
@@ -14,7 +16,7 @@ import functools
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads, zeros1
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -77,14 +79,15 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
         return h ^ (h >> s16)
 
     @jit_kernel
-    def kernel(x, out, p, scale, seed_lo, seed_hi, offset):
+    def kernel(x, out, p, scale, seed_lo, seed_hi, offset, step):
         n = x.shape[0]
+        base = uint64(offset) + uint64(step[0]) * uint64(n)
         hs = fmix32(uint64(seed_lo) ^ uint64(_GOLDEN))
         hs = fmix32(hs ^ uint64(seed_hi))
         pf = float32(p)
         sc = float32(scale)
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            ctr = uint64(offset) + uint64(i)
+            ctr = base + uint64(i)
             h = fmix32(hs ^ (ctr & m32))
             h = fmix32(h ^ (ctr >> s32))
             u = float32(h >> s8) * float32(5.9604644775390625e-08)  # 2^-24
@@ -96,8 +99,11 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
     return kernel
 
 
-def dropout_apply(x: torch.Tensor, out: torch.Tensor, p: float, seed: int, offset: int = 0) -> None:
-    """out = x * keep(seed, offset + i) / (1 - p). Backward: call with (dout, dx) and the same seed/offset."""
+def dropout_apply(x: torch.Tensor, out: torch.Tensor, p: float, seed: int, offset: int = 0,
+                  step: torch.Tensor | None = None) -> None:
+    """out = x * keep(seed, offset [+ step[0] * numel] + i) / (1 - p). Backward: (dout, dx), the same seed/offset.
+
+    `step`: int64 tensor [1] on x's device, read by the kernel (graph-capturable step-dependent masks)."""
     check_contiguous("x", x)
     check_contiguous("out", out)
     if not 0.0 <= p < 1.0:
@@ -115,4 +121,5 @@ def dropout_apply(x: torch.Tensor, out: torch.Tensor, p: float, seed: int, offse
         int(seed) & _M32,
         (int(seed) >> 32) & _M32,
         int(offset),
+        step if step is not None else zeros1(x.device, torch.int64),
     )

@@ -10,8 +10,8 @@ cuBLAS workspaces are created), is captured on its next run and replayed from th
     ...
     rec = AllocationRecorder(); rec.record(); <step>; rec.record(); rec.deltas()  # "no allocation" check
 
-`use_cuda_graphs: false`, a CPU executor, or a plan whose ops cannot be replayed unchanged (dropout: its
-mask depends on the step number, a host value baked into a capture) run eagerly; `reason` says why.
+`use_cuda_graphs: false` or a CPU executor run eagerly; `reason` says why. Dropout masks depend on the step
+number: the kernels read it from a device tensor refreshed before each replay (`CudaState.step_index`).
 
 Document boundaries: `install` watches the executor's writes of `cu_seqlens` (host tensors, read without a
 device sync) and sets how many entries flash attention reads (`cuda_attention.doc_slots`, a power-of-two
@@ -37,8 +37,6 @@ def eager_reason(executor: ArenaExecutor, enabled: bool) -> str | None:
         return "use_cuda_graphs is false"
     if getattr(executor.kernels, "state", None) is None:
         return "the kernel table is not the cuda backend's"
-    if any(op.kind in ("dropout", "dropout_bwd") and float(op.attrs.get("p", 0.0)) > 0 for op in executor.plan.ops):
-        return "dropout masks depend on the step number (a host value a captured graph would freeze)"
     if executor.device.type != "cuda" or not torch.cuda.is_available():
         return "the executor is not on a CUDA device"
     return None

@@ -181,8 +181,9 @@ def _dropout(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     x = ins[0]
     if p == 0.0:
         buf.copy_(x)
-    else:  # counter-based mask from (seed, step): forward, recompute and backward regenerate the same one
-        _k("lora_dropout")(x, buf, p, int(attrs["seed"]), int(ctx.step) * x.numel())
+    else:  # counter-based mask from (seed, step): forward, recompute and backward regenerate the same one; the
+        # step is read on the device (st.step_index), so a captured micro-step replays with each step's mask
+        _k("lora_dropout")(x, buf, p, int(attrs["seed"]), 0, step=st.step_index(ctx, x.device))
     _flush(out, buf)
     return [out]
 

@@ -80,6 +80,7 @@ class CudaState:
         self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
         # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
         self.cu_slots: int | None = None
+        self._step: torch.Tensor | None = None  # int64 [1]: ctx.step on the device (dropout masks)
 
     # -- outputs ---------------------------------------------------------------------------------------
     def _op_index(self, graph: Any) -> dict[int, Any]:
@@ -172,6 +173,15 @@ class CudaState:
             entry[0].copy_(torch.tensor(values(ctx), dtype=torch.float32))
         return entry[0]
 
+    def step_index(self, ctx: Any, device: torch.device) -> torch.Tensor:
+        """ctx.step as an int64 device tensor [1], refreshed now unless a capture is running (then before each
+        replay by `refresh_scalars`). Kept apart from the packed scalars: captured graphs hold its address."""
+        if self._step is None:
+            self._step = torch.zeros(1, dtype=torch.int64, device=device)
+        if not capturing():
+            self._step.copy_(torch.tensor([int(ctx.step)], dtype=torch.int64))
+        return self._step
+
     def consolidate_scalars(self) -> None:
         """Move every per-step scalar into one device buffer (call before a capture): a refresh is then one copy."""
         entries = list(self._scalars.items())
@@ -189,6 +199,8 @@ class CudaState:
 
     def refresh_scalars(self, ctx: Any) -> None:
         """Write every per-step scalar for `ctx` (before replaying a captured graph)."""
+        if self._step is not None:
+            self._step.copy_(torch.tensor([int(ctx.step)], dtype=torch.int64))
         if self._packed is not None and len(self._scalars) and sum(
                 b.numel() for b, _ in self._scalars.values()) == self._packed.numel():
             host = [v for _, values in self._scalars.values() for v in values(ctx)]

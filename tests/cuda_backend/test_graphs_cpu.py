@@ -23,7 +23,8 @@ def test_eager_reasons(model_dir):
     dropout = compile_plan(sim_cfg(model_dir, lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.1))
     assert eager_reason(ArenaExecutor(plain, kernel_table("cuda")), False) == "use_cuda_graphs is false"
     assert "not the cuda backend" in eager_reason(ArenaExecutor(plain, kernel_table("cpu")), True)
-    assert "dropout" in eager_reason(ArenaExecutor(dropout, kernel_table("cuda")), True)
+    # dropout no longer forces eager runs (its step is a device tensor): only the device does here
+    assert "not on a CUDA device" in eager_reason(ArenaExecutor(dropout, kernel_table("cuda")), True)
     assert "not on a CUDA device" in eager_reason(ArenaExecutor(plain, kernel_table("cuda")), True)
 
 
@@ -203,3 +204,20 @@ def test_runner_captures_one_graph_per_doc_slot_bucket_and_restores_its_loss(mod
     assert [c for c in calls if c[0] == "capture"] == [("capture", MICRO_STEP), ("capture", OPTIMIZER_STEP),
                                                        ("capture", MICRO_STEP)]
     assert runner.replays == 5  # every run after the warm-up, captures included (a capture is then replayed)
+
+
+def test_dropout_step_is_a_device_tensor_refreshed_before_replays():
+    """The dropout kernels read the step from `step_index`'s tensor: written on eager calls and by
+    refresh_scalars (before a replay), with one address for the life of the state (graphs hold it)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from surogate.runtime.backends.cuda_state import CudaState
+
+    st = CudaState()
+    t = st.step_index(SimpleNamespace(step=7), torch.device("cpu"))
+    assert t.dtype == torch.int64 and t.tolist() == [7]
+    st.refresh_scalars(SimpleNamespace(step=123456789012, lr_scale=1.0, optimizer_step=1))
+    assert t.tolist() == [123456789012]  # int64: no fp32 rounding of large step counters
+    assert st.step_index(SimpleNamespace(step=8), torch.device("cpu")) is t and t.tolist() == [8]

@@ -46,3 +46,21 @@ def test_zero_p_is_identity_and_bad_p_rejected():
     assert torch.equal(out, x)
     with pytest.raises(ValueError, match="probability"):
         dropout_apply(x, out, 1.0, seed=1)
+
+
+def test_step_read_from_a_device_tensor_equals_the_host_offset():
+    """step [1] int64 on the device: counters start at offset + step * numel (what a captured graph replays)."""
+    from surogate.numba_kernels import KERNELS
+
+    x = torch.randn(2, 37)
+    step = torch.tensor([5], dtype=torch.int64)
+    got, host = torch.empty_like(x), torch.empty_like(x)
+    dropout_apply(x, got, 0.4, 11, 3, step=step)
+    dropout_apply(x, host, 0.4, 11, 3 + 5 * x.numel())
+    assert torch.equal(got, host)
+    ref = torch.empty_like(x)
+    KERNELS["lora_dropout"].reference(x, ref, 0.4, 11, 3, step=step)
+    assert torch.equal(ref, host)
+    step.fill_(6)  # a new step through the same tensor: a different mask
+    dropout_apply(x, got, 0.4, 11, 3, step=step)
+    assert not torch.equal(got == 0, host == 0)
