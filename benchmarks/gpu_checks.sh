@@ -40,6 +40,8 @@ export PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0 PYTHONWARNINGS=ignore HF_HUB_OF
 # compiled Numba kernels are cached here: the smoke stage compiles, later processes load (cache=True kernels)
 export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/surogate-numba-cache}
 PY=${PY:-python3}
+# numba-cuda finds NVVM/NVRTC through cuda-pathfinder; the image's toolkit is also under /usr/local/cuda
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 echo "== env ($(date -u +%H:%M:%S))"
 nvidia-smi -L 2>&1 | head -2
 # missing pure-Python deps (jsonschema & co., from scripts/gpu_wheels.sh) into /tmp/site

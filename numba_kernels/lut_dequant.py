@@ -15,11 +15,21 @@ import functools
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads, zeros1
+from ._device import (
+    check_contiguous,
+    converters,
+    get_cuda,
+    grid_for,
+    jit_kernel,
+    launch,
+    log2_block,
+    threads,
+    zeros1,
+)
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
-MAX_ELEMENTS = 2**31 - 1  # 32-bit block indices (64-bit integer division is emulated on GPUs)
+MAX_ELEMENTS = 2**31 - 1
 
 
 def lut_dequantize_ref(codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor, block: int,
@@ -38,17 +48,17 @@ def lut_dequantize_ref(codes: torch.Tensor, table: torch.Tensor, scale: torch.Te
 def _kernel(o_dt: torch.dtype, double: bool):
     global cuda
     cuda = get_cuda()
-    from numba import float32, int32
+    from numba import float32
 
     _, so = converters(o_dt)
 
     @jit_kernel
-    def kernel(codes, table, scale, s2, offset, block, group, out):
+    def kernel(codes, table, scale, s2, offset, log2_blk, log2_grp, out):
         n = codes.shape[0]
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            b = int32(i) // int32(block)
+            b = i >> log2_blk  # power-of-two blocks: shifts (integer division is emulated on GPUs)
             if double:
-                a = (float32(scale[b]) - float32(128.0)) * s2[b // int32(group)]
+                a = (float32(scale[b]) - float32(128.0)) * s2[b >> log2_grp]
                 a = a + offset[0]
             else:
                 a = scale[b]
@@ -61,7 +71,7 @@ def lut_dequantize(codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
                    s2: torch.Tensor | None = None, offset: torch.Tensor | None = None, group: int = 256) -> None:
     """out (fp32/bf16, codes' element count) <- table[codes] * per-block scale; no allocation, no host sync.
 
-    codes uint8 (one per element), table fp32 [16], scale fp32 [blocks] (or uint8 q [blocks] with s2 fp32
+    block and group are powers of two (every block size the configuration allows). codes uint8 (one per element), table fp32 [16], scale fp32 [blocks] (or uint8 q [blocks] with s2 fp32
     [ceil(blocks / group)] and offset fp32 [1]: double quantization)."""
     for name, t in (("codes", codes), ("out", out), ("scale", scale)):
         check_contiguous(name, t)
@@ -76,4 +86,4 @@ def lut_dequantize(codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
     dummy = zeros1(codes.device)
     launch(_kernel(out.dtype, double), grid_for(n, threads()), threads(), codes.view(-1), table,
            scale.view(-1), s2.reshape(-1) if double else dummy, offset.reshape(-1) if double else dummy,
-           int(block), int(group), out.view(-1))
+           log2_block("block", int(block)), log2_block("group", int(group)), out.view(-1))

@@ -74,7 +74,7 @@ def main() -> int:
 
     _device._max_resident_blocks = lambda: 1056
     for mod in ("rmsnorm", "swiglu", "rope", "dropout", "cross_entropy", "quant8", "nf4", "fp8", "adamw8bit", "normuon",
-                "hadamard_cuda"):
+                "hadamard_cuda", "lut_dequant"):
         importlib.import_module(f"surogate.numba_kernels.{mod}").launch = fake_launch
     for name in sorted(KERNELS):
         for dt in (torch.float32, torch.bfloat16):

@@ -60,3 +60,9 @@ def test_bad_arguments_are_refused():
         lut_dequantize(codes, quant.NF4_CODE.float(), torch.ones(1), 16, torch.empty(9))
     with pytest.raises(TypeError, match="uint8 codes"):
         lut_dequantize(codes.long(), quant.NF4_CODE.float(), torch.ones(1), 16, torch.empty(10))
+
+
+def test_block_and_group_must_be_powers_of_two():
+    codes = torch.zeros(12, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="power of two"):
+        lut_dequantize(codes, quant.NF4_CODE.float(), torch.ones(1), 12, torch.empty(12))
