@@ -13,6 +13,7 @@ import torch
 from surogate.compiler.ir import Role
 from surogate.compiler.passes.buffers import aligned
 from surogate.compiler.pipeline import compile_plan
+from surogate.compiler.planfile import read_plan, write_plan
 from surogate.numba_kernels import hadamard as hd
 from surogate.runtime.reference import batch_inputs, gradients, load_weights, run_graph
 from surogate.runtime.reference.kernels_quartet import sr_gemm
@@ -94,6 +95,10 @@ def test_memory_plan_counts_masks_and_global_scales(tmp_path):
     # the inputs' masks (read by the dx GEMM) are planned at 1 bit per element too
     x_masks = [t for n, t in qt.tensors.items() if t.attrs.get("clip_mask") and n not in masks]
     assert x_masks and all(t.nbytes == math.ceil(qt.tensors[t.attrs["quant_of"]].numel / 8) for t in x_masks)
+    # plan.bin keeps the Quartet attributes (seeds included: a run from the file is the same run)
+    back = read_plan(write_plan(qt, tmp_path / "plan.bin"))
+    assert [op.attrs.get("quartet") for op in back.ops] == [op.attrs.get("quartet") for op in qt.ops]
+    assert back.memory == qt.memory
 
 
 def test_quartet_gradients_are_close_to_full_precision_and_reproducible(llama):
