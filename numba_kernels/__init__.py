@@ -75,6 +75,7 @@ _CUDA = {
     "normuon_apply": normuon.normuon_apply,
     "hadamard_rht": hadamard_cuda.hadamard_rht,
     "nvfp4_quartet_quantize": hadamard_cuda.nvfp4_quartet_quantize,
+    "quartet_signs": hadamard_cuda.quartet_signs,
 }
 
 _CPU = {
@@ -107,6 +108,7 @@ _CPU = {
     "normuon_apply": cpu.normuon_apply,
     "hadamard_rht": hadamard.hadamard_rht_cpu,
     "nvfp4_quartet_quantize": hadamard.nvfp4_quartet_quantize_cpu,
+    "quartet_signs": hadamard.quartet_signs_cpu,
 }
 
 KERNELS: dict[str, KernelPair] = {name: KernelPair(reference=_CPU[name], cuda=_CUDA[name]) for name in _CUDA}

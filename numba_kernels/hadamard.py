@@ -32,6 +32,8 @@ from .dropout import dropout_hash_ref
 HADAMARD = 32
 BLOCK = 16
 E4M3_MAX = 448.0
+STEP_STRIDE = 8  # low-word seed increment per step (room for 8 streams per step and seed)
+_M32 = 0xFFFFFFFF
 QUEST_ALPHA = 2.92247856 / 6.0  # QuEST's MSE-optimal Gaussian clip (in RMS units) over the largest E2M1 value
 E2M1_MAGS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 MODES = ("quest", "sr")
@@ -45,6 +47,12 @@ def hadamard_matrix(n: int = HADAMARD) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(n)
+
+
+def seed_with_step(seed: int, step: int) -> int:
+    """The seed a kernel given `seed` and a device step tensor uses: step * STEP_STRIDE added to the low 32 bits
+    (mod 2^32; the high word is untouched), so per-step streams of different seeds never collide."""
+    return (int(seed) & ~_M32 & ((1 << 64) - 1)) | ((int(seed) + STEP_STRIDE * int(step)) & _M32)
 
 
 def uniform_ref(seed: int, n: int, offset: int = 0) -> torch.Tensor:
@@ -174,6 +182,11 @@ def hadamard_rht_cpu(x: torch.Tensor, signs: torch.Tensor, out: torch.Tensor, in
 
 
 def nvfp4_quartet_quantize_cpu(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gscale: torch.Tensor,
-                               mask: torch.Tensor, mode: str, seed: int = 0) -> None:
+                               mask: torch.Tensor, mode: str, seed: int = 0, step: torch.Tensor | None = None) -> None:
+    seed = seed_with_step(seed, int(step[0]) if step is not None else 0)
     for buf, val in zip((codes, scales, gscale, mask), nvfp4_quantize_ref(x, mode, seed), strict=True):
         buf.copy_(val.view(buf.shape))
+
+
+def quartet_signs_cpu(out: torch.Tensor, seed: int, step: torch.Tensor | None = None) -> None:
+    out.copy_(random_signs_ref(seed_with_step(seed, int(step[0]) if step is not None else 0), out.numel()))

@@ -2,11 +2,13 @@
 
 - `hadamard_rht(x, signs, out, inverse)`: blockwise (32) randomized Hadamard transform of the rows of x, one
   thread per group of 32, in registers (five butterfly stages, then the 32^-1/2 scale).
-- `nvfp4_quartet_quantize(x, codes, scales, gscale, mask, mode, seed)`: NVFP4 codes/scales/global scale and
+- `quartet_signs(out, seed, step)`: the random +-1 signs of a randomized Hadamard transform.
+- `nvfp4_quartet_quantize(x, codes, scales, gscale, mask, mode, seed, step)`: NVFP4 codes/scales/global scale and
   clip mask of x (already rotated), "quest" (round to nearest) or "sr" (stochastic rounding). Three launches:
   tensor amax (`fp8.fp8_amax`, into `gscale`), the global scale (one thread, in place), then one thread per
   16-element block (its two mask bytes included, so no two threads write one byte).
-Every float operation is an explicit fp32 operation in the reference's order, so the simulator matches the
+`step` (an int64 device tensor, optional) enters the seed on the device, as the dropout kernel's does, so a
+captured CUDA graph draws fresh randomness each step. Every float operation is an explicit fp32 operation in the reference's order, so the simulator matches the
 reference bit for bit; on a GPU, ptxas may fuse the QuEST sum of squares into FMAs (last-bit differences).
 """
 
@@ -16,10 +18,10 @@ import functools
 
 import torch
 
-from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads
+from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads, zeros1
 from .dropout import _C1, _C2, _GOLDEN, _M32
 from .fp8 import _codec, fp8_amax
-from .hadamard import _INV_SQRT, BLOCK, E4M3_MAX, HADAMARD, MODES, QUEST_ALPHA
+from .hadamard import _INV_SQRT, BLOCK, E4M3_MAX, HADAMARD, MODES, QUEST_ALPHA, STEP_STRIDE
 
 cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
 
@@ -146,10 +148,11 @@ def _quant_kernel(x_dt: torch.dtype, quest: bool):
         return n
 
     @jit_kernel
-    def kernel(x, codes, scales, gscale, mask, seed_lo, seed_hi):
+    def kernel(x, codes, scales, gscale, mask, seed_lo, seed_hi, step):
         nblocks = x.shape[0] // BLOCK
         gs = gscale[0]
-        hs = fmix32(uint64(seed_lo) ^ uint64(_GOLDEN))
+        lo = (uint64(seed_lo) + uint64(step[0]) * uint64(STEP_STRIDE)) & m32
+        hs = fmix32(lo ^ uint64(_GOLDEN))
         hs = fmix32(hs ^ uint64(seed_hi))
         for blk in range(cuda.grid(1), nblocks, cuda.gridsize(1)):
             base = blk * BLOCK
@@ -202,9 +205,11 @@ def _quant_kernel(x_dt: torch.dtype, quest: bool):
 
 
 def nvfp4_quartet_quantize(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gscale: torch.Tensor,
-                           mask: torch.Tensor, mode: str, seed: int = 0) -> None:
+                           mask: torch.Tensor, mode: str, seed: int = 0, step: torch.Tensor | None = None) -> None:
     """NVFP4 of x (fp32/bf16, numel a multiple of 16): codes uint8 like x, scales uint8 (E4M3 bits) [n/16],
-    gscale fp32 [1], mask uint8 [n/8]; `mode` "quest" or "sr" (uniforms from `seed`)."""
+    gscale fp32 [1], mask uint8 [n/8]; `mode` "quest" or "sr" (uniforms from `seed_with_step(seed, step[0])`).
+
+    `step`: int64 tensor [1] on x's device, read by the kernel (a captured CUDA graph rounds afresh each step)."""
     if mode not in MODES:
         raise ValueError(f"unknown NVFP4 quantization mode {mode!r}; expected one of {', '.join(MODES)}")
     for name, t in (("x", x), ("codes", codes), ("scales", scales), ("mask", mask)):
@@ -217,4 +222,33 @@ def nvfp4_quartet_quantize(x: torch.Tensor, codes: torch.Tensor, scales: torch.T
     fp8_amax(x, gscale)
     launch(_gscale_kernel(quest), 1, 1, gscale)
     launch(_quant_kernel(x.dtype, quest), grid_for(n // BLOCK, threads()), threads(), x.view(-1), codes.view(-1),
-           scales.view(-1), gscale, mask.view(-1), int(seed) & _M32, (int(seed) >> 32) & _M32)
+           scales.view(-1), gscale, mask.view(-1), int(seed) & _M32, (int(seed) >> 32) & _M32,
+           step if step is not None else zeros1(x.device, torch.int64))
+
+
+@functools.cache
+def _signs_kernel():
+    global cuda
+    cuda = get_cuda()
+    from numba import float32, uint64
+
+    fmix32 = _device_fns()
+    m32 = uint64(_M32)
+
+    @jit_kernel
+    def kernel(out, seed_lo, seed_hi, step):
+        j = cuda.grid(1)
+        if j < out.shape[0]:
+            lo = (uint64(seed_lo) + uint64(step[0]) * uint64(STEP_STRIDE)) & m32
+            h = fmix32(fmix32(lo ^ uint64(_GOLDEN)) ^ uint64(seed_hi))
+            h = fmix32(fmix32(h ^ uint64(j)) ^ uint64(0))
+            out[j] = float32(1.0) - float32(2.0) * float32(h & uint64(1))
+
+    return kernel
+
+
+def quartet_signs(out: torch.Tensor, seed: int, step: torch.Tensor | None = None) -> None:
+    """out (fp32 [n]) = +-1 from the counter hash of `seed_with_step(seed, step[0])` (the RHT's random signs)."""
+    check_contiguous("out", out)
+    launch(_signs_kernel(), grid_for(out.numel(), threads()), threads(), out.view(-1), int(seed) & _M32,
+           (int(seed) >> 32) & _M32, step if step is not None else zeros1(out.device, torch.int64))

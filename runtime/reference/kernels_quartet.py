@@ -23,6 +23,7 @@ from surogate.numba_kernels.hadamard import (
     nvfp4_quantize_ref,
     random_signs_ref,
     rht_ref,
+    seed_with_step,
     unpack_bits,
 )
 
@@ -31,8 +32,10 @@ _M32 = 0xFFFFFFFF
 
 
 def stream_seed(seed: int, step: int, stream: int, k: int) -> int:
-    """64-bit seed of one random stream: (projection seed, step, GEMM 0 = dx / 1 = dW, k: 0 signs, 1/2 operands)."""
-    return ((int(seed) & _M32) << 32) | ((int(step) * 8 + int(stream) * 4 + int(k)) & _M32)
+    """64-bit seed of one random stream: (projection seed, step, GEMM 0 = dx / 1 = dW, k: 0 signs, 1/2 operands).
+    Equal to `seed_with_step(stream_seed(seed, 0, stream, k), step)`: what the Numba kernels compute when the
+    step comes as a device tensor."""
+    return seed_with_step(((int(seed) & _M32) << 32) | (int(stream) * 4 + int(k)), step)
 
 
 def quartet_quantize(x: Tensors, a: dict, ctx: Any) -> Tensors:

@@ -191,7 +191,11 @@ def hadamard_rht(dt):
 def nvfp4_quartet_quantize(dt):
     x = _r(3, 32, dtype=dt, scale=5.0)
     return (x, torch.empty(3, 32, dtype=torch.uint8), torch.empty(6, dtype=torch.uint8), torch.empty(1),
-            torch.empty(12, dtype=torch.uint8), "sr"), {"seed": 11}, 0
+            torch.empty(12, dtype=torch.uint8), "sr"), {"seed": 11, "step": torch.tensor([5])}, 0
+
+
+def quartet_signs(dt):
+    return (torch.empty(32), (3 << 32) | 4), {"step": torch.tensor([2])}, 0
 
 
 def _cases() -> dict:

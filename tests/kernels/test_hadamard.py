@@ -113,3 +113,20 @@ def test_pack_bits_roundtrip_and_bad_input():
         hd.nvfp4_quantize_ref(torch.randn(24), "sr")
     with pytest.raises(ValueError, match="mode"):
         nvfp4_quartet_quantize(torch.randn(16), *_buffers(torch.randn(16)), "rtn")
+
+
+def test_device_step_enters_the_seed_like_the_reference():
+    """A step tensor (as a captured CUDA graph passes it) gives the reference's stream for that step."""
+    from surogate.numba_kernels.hadamard_cuda import quartet_signs
+    from surogate.runtime.reference.kernels_quartet import stream_seed
+
+    x = torch.randn(2, 32) * 3
+    seed = stream_seed(1234, 0, 1, 2)
+    bufs = _buffers(x)
+    nvfp4_quartet_quantize(x, *bufs, "sr", seed, step=torch.tensor([7]))
+    assert torch.equal(bufs[0], hd.nvfp4_quantize_ref(x, "sr", stream_seed(1234, 7, 1, 2))[0])
+    assert not torch.equal(bufs[0], hd.nvfp4_quantize_ref(x, "sr", stream_seed(1234, 6, 1, 2))[0])
+    signs = torch.empty(32)
+    quartet_signs(signs, stream_seed(99, 0, 0, 0), step=torch.tensor([3]))
+    assert torch.equal(signs, hd.random_signs_ref(stream_seed(99, 3, 0, 0)))
+    assert hd.seed_with_step((5 << 32) | 0xFFFFFFFF, 1) == (5 << 32) | 7  # wraps in the low word only
