@@ -31,8 +31,9 @@ from surogate.compiler.ops.quant import QUARTET_HADAMARD, data_dtype, scale_tens
 from surogate.errors import UserError
 
 RECIPES = {"bf16": None, "fp8_hybrid": "fp8_tensor", "nvfp4": "fp4_block", "nvfp4_quartet": "fp4_quartet"}
-# Quartet's forward quantizer (the paper's QuEST: RMS-based clip scale, MSE-optimal for the Gaussian the Hadamard
-# produces). Measured on a tiny Llama: gradient cosine to fp32 0.917 vs 0.886 with block-amax scales + mask.
+# Quartet's forward quantizer: the paper's QuEST (RMS-based clip scale, MSE-optimal for the Gaussian the Hadamard
+# produces, with the trust mask), here per NVFP4 16-element block. Measured on a tiny Llama (one step), mean
+# gradient cosine to fp32: 0.917; block-amax scales instead: 0.886 with the mask, 0.926 without it.
 QUARTET_FORWARD = "quest"
 _DT = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2",
        "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
