@@ -384,10 +384,20 @@ _RESUME_FREE = {
 }
 
 
+# The rank count and ZeRO layout may change on resume (the checkpoint is resharded,
+# `runtime.distributed.reshard`); the global batch may not: accumulation x ranks is what must match.
+_LAYOUT_FREE = {"gpus", "zero_level", "shard_weights", "shard_gradients"}
+GLOBAL_ACCUMULATION = "gradient_accumulation_steps x ranks"
+
+
 def config_fingerprint(cfg: Any) -> dict[str, Any]:
     """The options a resumed run must share with the run that saved (JSON-able), plus their hash."""
+    from surogate.compiler.passes.zero import world_size
+
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE}
+    kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE | _LAYOUT_FREE}
+    if "gradient_accumulation_steps" in kept:
+        kept[GLOBAL_ACCUMULATION] = int(kept.pop("gradient_accumulation_steps")) * world_size(cfg)[0]
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
     return {"hash": digest, "options": kept}
 

@@ -169,6 +169,8 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         latest = find_latest(checkpoints)
         if latest is not None:
             trainer.restore(checkpoints.load(latest))
+    reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
+                    "tensors were resharded" if trainer.resharded_from else None)
     info = RunInfo(
         model=str(cfg.model), total_params=total_params, trainable_params=int(params.get("trainable", 0)),
         total_steps=trainer.total_steps,
@@ -177,7 +179,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
         packing_efficiency=train_stats.efficiency, plan_peak_bytes=int(plan.memory["device"]["peak_bytes"]),
         device=backend, start_step=trainer.step,
-        notes=tuple(n for n in (adjusted.message, graphs_note, *rank_notes(plan, backend)) if n),
+        notes=tuple(n for n in (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note) if n),
     )
     result = TrainResult(steps=0)
     # Every rank observes (the same all-reduced figures, so the same decisions); only rank 0 writes.

@@ -23,6 +23,7 @@ from surogate.compiler.plan import Plan
 from surogate.errors import UserError
 from surogate.runtime.batches import BatchStream, Position, plan_inputs
 from surogate.runtime.distributed import comm
+from surogate.runtime.distributed.reshard import layout
 from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, ArenaExecutor, StepContext
 
 CHECKPOINT_ROLES = (Role.TRAINABLE_WEIGHT, Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
@@ -82,6 +83,7 @@ class Trainer:
         self.total_steps = int(cfg.max_steps) if cfg.max_steps > 0 else self.steps_per_epoch * epochs
         self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
+        self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
@@ -181,7 +183,7 @@ class Trainer:
         pos = self.stream.position
         return {"step": self.step, "applied": self.applied, "lr_scale": self.lr_scale,
                 "data": {"epoch": pos.epoch, "index": pos.index}, "total_steps": self.total_steps,
-                "world": self.world}
+                "world": self.world, "layout": layout(self.plan)}
 
     def save(self) -> Path | None:
         if self.checkpoints is None:
@@ -194,10 +196,15 @@ class Trainer:
 
     def restore(self, checkpoint: Any) -> None:
         """Continue from a loaded checkpoint (tensors, counters, data position, RNG)."""
-        from surogate.runtime.distributed.state import check_world, rank_tensors
+        from surogate.runtime.distributed.reshard import reshard
+        from surogate.runtime.distributed.state import rank_tensors
 
-        check_world(checkpoint, self.world)
-        tensors = rank_tensors(checkpoint, self.plan, self.rank, self.world)
+        saved = checkpoint.state.get("layout") or {"world": int(checkpoint.state.get("world", 1))}
+        if all(saved.get(k) == v for k, v in layout(self.plan).items() if k in saved):
+            tensors = rank_tensors(checkpoint, self.plan, self.rank, self.world)
+        else:  # another rank count or ZeRO layout: cut the checkpoint's tensors for this rank
+            tensors = reshard(checkpoint.tensors, int(saved["world"]), self.plan, self.rank)
+            self.resharded_from = int(saved["world"])
         missing = set(self.state_tensors()) - set(tensors)
         if missing:
             raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensor(s) of this plan, e.g. "

@@ -2,8 +2,8 @@
 
 Rank 0 gathers each rank's per-rank tensors (optimizer-state and master shards, ZeRO-3 weight shards)
 and writes them as `rank{r}/{name}` beside the replicated tensors (one copy, plain names) through the
-ordinary `CheckpointManager` (atomic, rotated, verified). `state.json` records the world size: a
-checkpoint resumes only with the same number of ranks (shards and 8-bit quantization blocks depend on it).
+ordinary `CheckpointManager` (atomic, rotated, verified). `state.json` records the rank count and
+ZeRO layout; a run with another one reshards the checkpoint (`reshard`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from surogate.compiler.plan import Plan
-from surogate.errors import UserError
 from surogate.runtime.distributed import comm
 from surogate.runtime.distributed.shards import per_rank
 
@@ -34,14 +33,6 @@ def save_all_ranks(manager: Any, plan: Plan, step: int, tensors: dict[str, torch
             merged |= {RANK_PREFIX.format(r) + n: v for n, v in part.items()}
         path = str(manager.save(step, merged, state))
     return Path(comm.broadcast(path))
-
-
-def check_world(checkpoint: Any, world: int) -> None:
-    saved = int(checkpoint.state.get("world", 1))
-    if saved != world:
-        raise UserError(f"checkpoint {checkpoint.path} was written by a {saved}-rank run; this run has {world} "
-                        "rank(s) (gpus x distributed.num_nodes). Resume with the same number of ranks, or set "
-                        "`resume_from_checkpoint: false` / another `checkpoint_dir` to start fresh")
 
 
 def rank_tensors(checkpoint: Any, plan: Plan, rank: int, world: int) -> dict[str, torch.Tensor]:

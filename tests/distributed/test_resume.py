@@ -1,10 +1,10 @@
-"""Resume with 2 ranks from a 2-rank checkpoint (ZeRO-3: weight, master and 8-bit state shards of every
-rank) reproduces the uninterrupted run bitwise; a checkpoint from another rank count is refused clearly."""
+"""Resume with 2 ranks from a 2-rank checkpoint (ZeRO-3: weight and 8-bit state shards of every rank)
+reproduces the uninterrupted run bitwise; the same checkpoint resumed by one process (same global batch)
+is resharded and continues the same training; a different global batch is refused naming it."""
 
 from __future__ import annotations
 
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,27 +12,36 @@ from safetensors.torch import load_file
 
 from surogate.errors import UserError
 from surogate.runtime.checkpoint import TENSORS_FILE
-from surogate.runtime.distributed.state import check_world
 from surogate.runtime.session import run_training
-from tests.distributed.helpers import cfg_for, exported, log_steps, make_root
+from tests.distributed.helpers import cfg_for, exported, log_steps, make_root, max_rel
+
+OPTS = dict(zero_level=3, max_steps=4, save_steps=2, eval_steps=1000, validation_split_ratio=0.0, lora_dropout=0.1,
+            resume_from_checkpoint=True)
 
 
-def test_two_rank_resume_is_bitwise(tmp_path):
-    root = make_root(tmp_path)
-    opts = dict(gpus=2, accumulation=1, zero_level=3, max_steps=4, save_steps=2, eval_steps=1000,
-                validation_split_ratio=0.0, lora_dropout=0.1, resume_from_checkpoint=True)
-    straight = run_training(cfg_for(root, "run", **opts), backend="cpu")
-    out = root / "run"
-    final = load_file(str(out / "checkpoint-4" / TENSORS_FILE))
-    assert any(k.startswith("rank1/") for k in final) and any(k.startswith("rank0/") for k in final)
-    adapter = exported(out, lora=True)
-    log = log_steps(out)
-    # interrupted after step 2: the step-4 checkpoint and the outputs never happened
+def _interrupt_after_step_2(out):
+    """As if the run had died after its step-2 checkpoint: no step-4 checkpoint, no outputs."""
     shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "adapter")
     (out / "latest").write_text("checkpoint-2\n")
-    resumed = run_training(cfg_for(root, "run", **opts), backend="cpu")
-    assert resumed.losses == straight.losses[2:]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    root = make_root(tmp_path_factory.mktemp("resume"))
+    result = run_training(cfg_for(root, "run", gpus=2, accumulation=1, **OPTS), backend="cpu")
+    out = root / "run"
+    return root, result, load_file(str(out / "checkpoint-4" / TENSORS_FILE)), exported(out, lora=True), log_steps(out)
+
+
+def test_two_rank_resume_is_bitwise(straight):
+    root, result, final, adapter, log = straight
+    out = root / "run"
+    assert any(k.startswith("rank1/") for k in final) and any(k.startswith("rank0/") for k in final)
+    shutil.copytree(out / "checkpoint-2", root / "saved-checkpoint-2")
+    _interrupt_after_step_2(out)
+    resumed = run_training(cfg_for(root, "run", gpus=2, accumulation=1, **OPTS), backend="cpu")
+    assert resumed.losses == result.losses[2:]
     again = load_file(str(out / "checkpoint-4" / TENSORS_FILE))
     assert set(again) == set(final)
     for k in final:
@@ -42,8 +51,17 @@ def test_two_rank_resume_is_bitwise(tmp_path):
     assert log_steps(out)[4]["grad_norm"] == log[4]["grad_norm"]
 
 
-def test_checkpoint_of_another_world_size_is_a_user_error(tmp_path):
-    ckpt = SimpleNamespace(path=tmp_path / "checkpoint-2", state={"world": 2})
-    with pytest.raises(UserError, match="written by a 2-rank run; this run has 4 rank"):
-        check_world(ckpt, 4)
-    check_world(ckpt, 2)  # same world: fine
+def test_one_process_resumes_a_two_rank_checkpoint_resharded(straight):
+    root, result, _, adapter, _ = straight
+    out = root / "one"
+    out.mkdir()
+    shutil.copytree(root / "run" / "checkpoint-2", out / "checkpoint-2")
+    (out / "latest").write_text("checkpoint-2\n")
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps x ranks: 2 -> 1"):
+        run_training(cfg_for(root, "one", gpus=1, accumulation=1, **OPTS), backend="cpu")
+    resumed = run_training(cfg_for(root, "one", gpus=1, accumulation=2, **OPTS), backend="cpu")
+    assert len(resumed.losses) == 2
+    for a, b in zip(resumed.losses, result.losses[2:], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    got = exported(out, lora=True)
+    assert set(got) == set(adapter) and all(max_rel(got[k], adapter[k]) <= 1e-5 for k in adapter)
