@@ -87,8 +87,11 @@ def _finalize_kernel():
 
 
 @functools.cache
-def _grad_kernel(l_dt: torch.dtype):
-    """logits <- grad_scale * (exp(logit - lse) - onehot(label)), in place; zero rows for ignored labels."""
+def _grad_kernel(l_dt: torch.dtype, device_scale: bool = False):
+    """logits <- grad_scale * (exp(logit - lse) - onehot(label)), in place; zero rows for ignored labels.
+
+    `device_scale`: grad_scale is an fp32 device array [1] (e.g. 1 / num_items computed on the device: no host
+    read, one rounding to the logits dtype instead of a second scaling pass)."""
     global cuda
     cuda = get_cuda()
     from numba import float32
@@ -97,10 +100,9 @@ def _grad_kernel(l_dt: torch.dtype):
 
     T = threads()
 
-    @jit_kernel
-    def kernel(logits, labels, lse, v0, grad_scale, ignore_index):
+    @cuda.jit(device=True, inline="always")
+    def rows_grad(logits, labels, lse, v0, scale, ignore_index):
         rows, vt = logits.shape
-        scale = float32(grad_scale)
         for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):  # a block per row: no index division
             lab = labels[r]
             ignored = lab == ignore_index
@@ -114,6 +116,18 @@ def _grad_kernel(l_dt: torch.dtype):
                     if c == tc:
                         p -= float32(1.0)
                     logits[r, c] = sl(p * scale)
+
+    if device_scale:
+
+        @jit_kernel
+        def kernel(logits, labels, lse, v0, grad_scale, ignore_index):
+            rows_grad(logits, labels, lse, v0, float32(grad_scale[0]), ignore_index)
+
+    else:
+
+        @jit_kernel
+        def kernel(logits, labels, lse, v0, grad_scale, ignore_index):
+            rows_grad(logits, labels, lse, v0, float32(grad_scale), ignore_index)
 
     return kernel
 

@@ -263,10 +263,9 @@ def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dx = views[0].reshape(rows, -1) if 0 in views else None
     for r0, r1, v0, v1 in ce._tiles(rows, vocab, ws):
         buf = ce._logits_tile(x, w, ws, r0, r1, v0, v1)
-        # gradient of the summed loss, then scaled by 1/num_items on the device (no host sync)
-        _device.launch(ce._grad_kernel(buf.dtype), _device.grid_for(buf.shape[0], 1), _device.threads(), buf,
-                       lab[r0:r1], lse[r0:r1], int(v0), 1.0, ignore)
-        buf.mul_(inv)
+        # gradient of the mean loss: 1/num_items read on the device by the kernel (no host sync, one rounding)
+        _device.launch(ce._grad_kernel(buf.dtype, True), _device.grid_for(buf.shape[0], 1), _device.threads(), buf,
+                       lab[r0:r1], lse[r0:r1], int(v0), inv.reshape(1), ignore)
         if dx is not None:
             gemm_into(dx[r0:r1], buf, w[v0:v1], accumulate=accs[0] or v0 > 0)
         if 1 in views:
