@@ -54,6 +54,7 @@ class GraphRunner:
         self.observed: dict[tuple, dict] = {}  # per graph: the executor's watched tensors its capture recorded
         self.runs: dict[str, int] = {}
         self.pool = None
+        self.stream = None  # the side stream warm-ups and captures run on (torch's recipe: warm up where you capture)
         self.replays = 0
 
     @property
@@ -69,7 +70,7 @@ class GraphRunner:
         state = self.executor.kernels.state
         key = (program, state.cu_slots if program == MICRO_STEP else None)
         if key not in self.graphs and n < self.warmup:
-            self.eager_run(program, ctx)  # compiles kernels, creates scratch buffers and library workspaces
+            self._warm_up(program, ctx)  # compiles kernels, creates scratch buffers and library workspaces
             return
         if key not in self.graphs:  # a new document-slot bucket after warm-up: captured directly
             before = dict(self.executor.observed)
@@ -80,6 +81,20 @@ class GraphRunner:
         self.executor.observed.update(self.observed[key])  # this graph's loss tensor, not the last capture's
         self.replays += 1
 
+    def _side_stream(self) -> Any:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
+    def _warm_up(self, program: str, ctx: Any) -> None:
+        """An eager run on the capture stream (its cuBLAS workspace, the Numba stream wrapper exist before the
+        capture), ordered after the inputs just written and before whatever reads the results."""
+        side, main = self._side_stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.eager_run(program, ctx)
+        main.wait_stream(side)
+
     def _capture(self, program: str, ctx: Any) -> Any:
         # per-step scalars belong to optimizer kernels and exist after the optimizer's warm-up run: packed into
         # one buffer (before any graph holds their addresses), a refresh is one copy
@@ -89,7 +104,7 @@ class GraphRunner:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self._side_stream()):
             self.eager_run(program, ctx)  # recorded, not executed: run() replays it right after
         torch.cuda.synchronize()
         return graph

@@ -180,6 +180,7 @@ def test_runner_captures_one_graph_per_doc_slot_bucket_and_restores_its_loss(mod
 
     runner.eager_run = fake_eager
     monkeypatch.setattr(GraphRunner, "_capture", fake_capture)
+    monkeypatch.setattr(GraphRunner, "_warm_up", lambda self, program, ctx: self.eager_run(program, ctx))  # no stream
     monkeypatch.setattr(r.ex.kernels.state, "refresh_scalars", lambda ctx: None)
     ids, labels = batch(2, 8)
 
