@@ -36,7 +36,8 @@ stage() {  # stage NAME LIMIT_SECONDS CMD...: output to $OUT/NAME.log, its tail 
 }
 
 main() {
-export PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0 PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 NUMBA_ENABLE_CUDASIM=0 PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0
 # compiled Numba kernels are cached here: the smoke stage compiles, later processes load (cache=True kernels)
 export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/surogate-numba-cache}
 PY=${PY:-python3}

@@ -70,6 +70,7 @@ def cuda_backend_available() -> bool:
 _ARRAYS: dict[tuple, object] = {}
 _ARRAYS_MAX = 16384
 _STREAMS: dict[int, object] = {}
+_CONFIGS: dict[tuple, object] = {}  # (kernel, grid, block, stream) -> numba launch configuration
 
 
 def _device_array(t: torch.Tensor):
@@ -127,7 +128,12 @@ def launch(kernel, grid: int, block: int, *args) -> None:
     if is_simulator():
         kernel[grid, block](*cuda_args)
         return
-    kernel[grid, block, current_stream()](*cuda_args)
+    stream = current_stream()
+    key = (kernel, grid, block, stream)
+    configured = _CONFIGS.get(key)
+    if configured is None:  # building a launch configuration checks occupancy and may warn: once per shape
+        configured = _CONFIGS[key] = kernel[grid, block, stream]
+    configured(*cuda_args)
 
 
 def jit_kernel(fn):
