@@ -119,15 +119,15 @@ def test_quartet_gradients_are_close_to_full_precision_and_reproducible(llama):
 
 
 def test_backward_noise_averages_out_over_steps(llama):
-    """Stochastic rounding makes the backward GEMMs unbiased: averaging the gradients of 8 steps (8 seeds)
-    brings them closer to full precision than one step is (observed mean cosine 0.917 -> 0.95)."""
+    """Stochastic rounding makes the backward GEMMs unbiased: the mean of the gradients of 4 steps (4 seeds) is
+    closer to full precision than any one step's (observed mean cosine: 0.915-0.920 per step, 0.946 averaged)."""
     _, g0 = _grads(compile_front(make_cfg(llama)), llama)
     graph = compile_front(make_cfg(llama, recipe="nvfp4_quartet"))
-    runs = [_grads(graph, llama, step=s)[1] for s in range(8)]
+    runs = [_grads(graph, llama, step=s)[1] for s in range(4)]
     proj = [k for k in g0 if "proj" in k]
-    single = sum(_cos(runs[0][k], g0[k]) for k in proj) / len(proj)
+    best_single = max(sum(_cos(r[k], g0[k]) for k in proj) / len(proj) for r in runs)
     mean = sum(_cos(sum(r[k] for r in runs) / len(runs), g0[k]) for k in proj) / len(proj)
-    assert mean > single + 0.015
+    assert mean > best_single + 0.015
 
 
 def test_sr_gemm_is_unbiased_where_rtn_nvfp4_is_not():
