@@ -8,8 +8,9 @@
   tensor amax (`fp8.fp8_amax`, into `gscale`), the global scale (one thread, in place), then one thread per
   16-element block (its two mask bytes included, so no two threads write one byte).
 `step` (an int64 device tensor, optional) enters the seed on the device, as the dropout kernel's does, so a
-captured CUDA graph draws fresh randomness each step. Every float operation is an explicit fp32 operation in the reference's order, so the simulator matches the
-reference bit for bit; on a GPU, ptxas may fuse the QuEST sum of squares into FMAs (last-bit differences).
+captured CUDA graph draws fresh randomness each step. Every float operation is an explicit fp32 operation in
+the reference's order, so the simulator matches the reference bit for bit; on a GPU, ptxas may fuse the QuEST
+sum of squares into FMAs (last-bit differences).
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ def _quant_kernel(x_dt: torch.dtype, quest: bool):
     def kernel(x, codes, scales, gscale, mask, seed_lo, seed_hi, step):
         nblocks = x.shape[0] // BLOCK
         gs = gscale[0]
-        lo = (uint64(seed_lo) + uint64(step[0]) * uint64(STEP_STRIDE)) & m32
-        hs = fmix32(lo ^ uint64(_GOLDEN))
+        low = (uint64(seed_lo) + uint64(step[0]) * uint64(STEP_STRIDE)) & m32
+        hs = fmix32(low ^ uint64(_GOLDEN))
         hs = fmix32(hs ^ uint64(seed_hi))
         for blk in range(cuda.grid(1), nblocks, cuda.gridsize(1)):
             base = blk * BLOCK
