@@ -19,6 +19,7 @@ host copy of `cu_seqlens` when it is written (`cuda_graphs.install`), unused tai
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -55,6 +56,37 @@ def doc_slots(cu_host: torch.Tensor) -> int:
 def _flash_cu(st: CudaState, cu: torch.Tensor) -> torch.Tensor:
     n = st.cu_slots
     return cu[:n] if n is not None and n < cu.numel() else cu
+
+
+def flash_bwd_bytes_per_group(total: int, seqs: int, rep: int, hd: int) -> int:
+    """Device bytes `_flash_attention_backward` allocates per key/value group of a call (torch's flash_api.cpp,
+    mha_varlen_bwd): fp32 dQ accumulator and softmax_d over total + 128 * seqs rows, dq/dk/dv, the GQA-expanded
+    dk/dv, and the contiguous copies of dout and out a head slice needs."""
+    rows = total + 128 * seqs
+    hdr = -(-hd // 32) * 32 if hd <= 128 else -(-hd // 64) * 64
+    accum = rows * rep * hdr * 4 + rows * rep * 4
+    grads = total * rep * hd * 2 + 2 * total * hd * 2 + (2 * total * rep * hd * 2 if rep > 1 else 0)
+    copies = 2 * total * rep * hd * 2
+    return accum + grads + copies
+
+
+def flash_bwd_chunks(total: int, seqs: int, nh: int, nkv: int, hd: int, budget: int, planned: int,
+                     sms: int = 132) -> int:
+    """Chunks of whole key/value groups for the flash backward: at least the plan's, and as many as keep one
+    call's own allocations within the plan's attention workspace (`budget` bytes, which flash cannot use)
+    while each call still fills the GPU (flash's backward runs one block per 128 keys per head: a call
+    keeps >= 2 blocks per multiprocessor)."""
+    rep = nh // nkv
+    per_group = flash_bwd_bytes_per_group(total, seqs, rep, hd)
+    by_memory = budget // max(1, per_group)
+    by_occupancy = -(-2 * sms // max(1, rep * -(-total // 128)))
+    groups = max(1, min(nkv, max(by_memory, by_occupancy)))
+    return max(int(planned), -(-nkv // groups))
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
@@ -155,7 +187,12 @@ def attention_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
         qh, kh, vh = _heads(q, nh), _heads(k, nkv), _heads(v, nkv)
         doh, oh = _heads(do, nh), _heads(out, nh)
         zero = st.constant(("philox0",), lambda: torch.zeros((), dtype=torch.int64), q.device)
-    for g0, g1 in _chunks(nkv, attrs.get("chunks", 1)):
+    chunks = int(attrs.get("chunks", 1))
+    if flash and len(bnd.views) > len(wrt):  # the planned fp32 workspace bounds flash's own temporaries
+        ws = bnd.views[len(wrt)]
+        chunks = flash_bwd_chunks(b * t, cu.numel() - 1, nh, nkv, hd, ws.numel() * ws.element_size(), chunks,
+                                  _multiprocessors(q.device.index or 0))
+    for g0, g1 in _chunks(nkv, chunks):
         h0, h1 = g0 * rep, g1 * rep
         if flash:
             dq, dk, dv = aten._flash_attention_backward(

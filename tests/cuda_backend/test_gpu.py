@@ -182,3 +182,29 @@ def test_cuda_graphs_with_lora_dropout_replay_the_eager_masks(gpu_model):
     assert runner.enabled and runner.replays >= 4, runner.reason
     for a, b in zip(eager, graphed, strict=True):
         assert abs(a - b) <= 1e-3 * abs(a), (eager, graphed)
+
+
+def test_flash_backward_allocates_what_the_chunking_formula_says():
+    """`flash_bwd_bytes_per_group` (read off torch's flash_api.cpp) against the allocator: one varlen backward
+    call's peak allocation is within 10% of the formula (so the chunking that bounds it is real)."""
+    from surogate.runtime.backends.cuda_attention import flash_bwd_bytes_per_group
+
+    total, nh, nkv, hd, docs = 4096, 16, 8, 128, 16
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    q, do, o = (torch.randn(total, nh, hd, device=dev, dtype=bf) for _ in range(3))
+    k, v = (torch.randn(total, nkv, hd, device=dev, dtype=bf) for _ in range(2))
+    cu = torch.full((docs + 1,), total, dtype=torch.int32, device=dev)
+    cu[:5] = torch.tensor([0, 1000, 2048, 3000, total], dtype=torch.int32)
+    lse = torch.randn(nh, total, device=dev)
+    rng = torch.zeros(2, dtype=torch.int64, device=dev)
+    heads = slice(0, 8)  # 4 kv groups, a head slice as the backend passes it (dout/out copied contiguous)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    res = torch.ops.aten._flash_attention_backward(do[:, heads], q[:, heads], k[:, 0:4], v[:, 0:4], o[:, heads],
+                                                   lse[heads], cu, cu, 2048, 2048, 0.0, True, rng, rng, scale=0.1)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    expected = 4 * flash_bwd_bytes_per_group(total, docs, nh // nkv, hd)
+    assert all(torch.isfinite(r).all() for r in res)
+    assert abs(measured / expected - 1) <= 0.10, (measured, expected)

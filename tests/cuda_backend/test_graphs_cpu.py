@@ -222,3 +222,16 @@ def test_dropout_step_is_a_device_tensor_refreshed_before_replays():
     st.refresh_scalars(SimpleNamespace(step=123456789012, lr_scale=1.0, optimizer_step=1))
     assert t.tolist() == [123456789012]  # int64: no fp32 rounding of large step counters
     assert st.step_index(SimpleNamespace(step=8), torch.device("cpu")) is t and t.tolist() == [8]
+
+
+def test_flash_backward_chunks_bound_its_temporaries_and_keep_the_gpu_busy():
+    from surogate.runtime.backends.cuda_attention import flash_bwd_bytes_per_group, flash_bwd_chunks
+
+    # Qwen3-0.6B at 2 x 2048: 16 query / 8 kv heads of 128, a 16-document bucket, planned fp32 dQ workspace
+    per_group = flash_bwd_bytes_per_group(4096, 16, 2, 128)
+    assert 17 * 2**20 < per_group < 19 * 2**20  # the dQ accumulator alone: (4096 + 128 * 16) rows x 2 x 128 x 4 B
+    budget = 4096 * 2048 * 4
+    assert flash_bwd_chunks(4096, 16, 16, 8, 128, budget, 1, sms=132) == 2  # 8 heads a call: 256 blocks >= 2 x 132
+    assert flash_bwd_chunks(4096, 16, 16, 8, 128, budget, 1, sms=8) == 8  # a small GPU: memory decides (1 group)
+    assert flash_bwd_chunks(4096, 16, 16, 8, 128, 10**12, 1, sms=132) == 1  # room for everything: one call
+    assert flash_bwd_chunks(4096, 16, 16, 8, 128, 10**12, 4, sms=132) == 4  # never fewer than the plan's
