@@ -65,7 +65,11 @@ def summarise(out: Path, stages: str, seconds: float) -> dict[str, Any]:
         "memory": {"measured_peak_gib": ours.get("peak_gib"), "plan_peak_gib": ours.get("plan_peak_gib"),
                    "ratio": ours.get("peak_ratio"),
                    "within_3pct": None if ours.get("peak_ratio") is None else abs(ours["peak_ratio"] - 1) <= 0.03,
+                   # allocator calls (cached blocks included: the loop's gradient-norm read makes some) and
+                   # cudaMalloc segments / reserved bytes (new device memory) over the timed steps
                    "allocations_after_warmup_0_6b": ours.get("allocations_after_warmup"),
+                   "segments_after_warmup_0_6b": ours.get("segments_after_warmup"),
+                   "reserved_bytes_after_warmup_0_6b": ours.get("reserved_bytes_after_warmup"),
                    "allocations_after_step1_tiny": (graphs.get("graphs") or {}).get("allocations_after_step1"),
                    "hf_peak_gib": hf.get("peak_gib")},
         "parity_bf16_vs_transformers": {k: {m: v.get(m) for m in ("loss_err", "hf_bf16_loss_err", "max_grad_err",

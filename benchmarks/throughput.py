@@ -62,6 +62,8 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
             "captured": sorted(map(str, trainer.graphs.graphs)), "peak_gib": measured / 2**30,
             "plan_peak_gib": planned / 2**30, "peak_ratio": measured / planned, "setup_s": round(setup_s, 2),
             "warmup_step_s": warm_s, "allocations_after_warmup": rec.deltas()[0]["allocation.all.allocated"],
+            "segments_after_warmup": rec.deltas()[0]["segment.all.allocated"],
+            "reserved_bytes_after_warmup": rec.deltas()[0]["reserved_bytes.all.current"],
             "ops_per_program": ops, "scratch_mib": trainer.ex.kernels.state.scratch_bytes / 2**20}
 
 
@@ -153,7 +155,9 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
                   f"{[round(x, 4) for x in r['losses']]}")
     if ours:
         print(f"surogate: plan peak {ours['plan_peak_gib']:.3f} GiB, measured/plan x{ours['peak_ratio']:.4f}, "
-              f"allocations after warm-up {ours['allocations_after_warmup']}, warm-up steps {ours['warmup_step_s']} s, "
+              f"after warm-up: {ours['allocations_after_warmup']} allocator calls, {ours['segments_after_warmup']} "
+              f"cudaMalloc segments, reserved +{ours['reserved_bytes_after_warmup']} B; warm-up steps "
+              f"{ours['warmup_step_s']} s, "
               f"ops {ours['ops_per_program']}, graphs {ours['graphs']} ({ours['eager_reason'] or ours['captured']})")
     if ours and hf:
         print(f"ratio (surogate / HF): throughput x{results['ratio']:.2f}, peak memory x"

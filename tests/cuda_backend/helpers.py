@@ -79,7 +79,7 @@ class Runner:
                 "position_ids": position_ids if position_ids is not None else torch.arange(t).expand(b, t),
                 "cu_seqlens": cu_seqlens if cu_seqlens is not None else torch.arange(0, b * t + 1, t)}
         for name, value in plan_inputs(self.plan, data).items():
-            self.ex.write(name, value.to(self.device))
+            self.ex.write(name, value)  # host values: copied into the arena views (no device allocation)
 
     def micro_step(self, ids: torch.Tensor, labels: torch.Tensor, step: int = 0, **kw: Any):
         self.ex.zero_gradients()
