@@ -47,6 +47,19 @@ def loss_tensor(plan: Plan) -> str:
     raise UserError("the plan has no loss op (lm_head_ce): it cannot train")
 
 
+REDUCE_GRADIENTS = "reduce_gradients"
+
+
+def split_gradient_collectives(plan: Plan, program: list) -> tuple[list, list]:
+    """(gradient all-reduces / reduce-scatters of `program`, the rest in order). Nothing else in the optimizer
+    program writes a weight gradient, so running these first changes no result."""
+    def is_grad_comm(op: Any) -> bool:
+        return op.kind in ("all_reduce", "reduce_scatter") and all(
+            plan.tensors[n].role is Role.GRADIENT for n in op.inputs)
+
+    return [op for op in program if is_grad_comm(op)], [op for op in program if not is_grad_comm(op)]
+
+
 def eval_program(plan: Plan) -> list:
     """The micro-step up to and including the loss: forward only, dropout off (p = 0 keeps every element:
     evaluation is deterministic and equals the Hugging Face model in `eval()` mode)."""
@@ -66,6 +79,10 @@ class Trainer:
         self.loss_name = loss_tensor(plan)
         self.ex.watch.add(self.loss_name)
         self.ex.programs["eval"] = eval_program(plan)
+        # Gradient collectives the plan placed at the head of the optimizer program (after the last backward
+        # writer: the embedding gradient's, typically) run before the step's gradient norm is taken.
+        reduce, rest = split_gradient_collectives(plan, self.ex.programs[OPTIMIZER_STEP])
+        self.ex.programs[REDUCE_GRADIENTS], self.ex.programs[OPTIMIZER_STEP] = reduce, rest
         self.accumulation = int(cfg.gradient_accumulation_steps)
         self.batch_size = int(cfg.per_device_train_batch_size)
         per_epoch = math.ceil(data.train.num_batches(self.batch_size) / self.accumulation)
@@ -132,6 +149,8 @@ class Trainer:
             loss = comm.all_reduce([loss])[0] / self.world
             first_bad = comm.all_reduce([len(everything) if bad_micro is None else bad_micro], "min")[0]
             bad_micro = None if first_bad >= len(everything) else int(first_bad)
+        if self.ex.programs[REDUCE_GRADIENTS]:
+            self.ex.run(REDUCE_GRADIENTS, StepContext(self.plan, self.step))
         norm = self.gradient_norm()
         tokens = sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in everything)
         if math.isfinite(loss) and math.isfinite(norm):
