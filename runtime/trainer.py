@@ -47,9 +47,6 @@ def loss_tensor(plan: Plan) -> str:
     raise UserError("the plan has no loss op (lm_head_ce): it cannot train")
 
 
-REDUCE_GRADIENTS = "reduce_gradients"
-
-
 def split_gradient_collectives(plan: Plan, program: list) -> tuple[list, list]:
     """(gradient all-reduces / reduce-scatters of `program`, the rest in order). Nothing else in the optimizer
     program writes a weight gradient, so running these first changes no result."""
@@ -80,9 +77,12 @@ class Trainer:
         self.ex.watch.add(self.loss_name)
         self.ex.programs["eval"] = eval_program(plan)
         # Gradient collectives the plan placed at the head of the optimizer program (after the last backward
-        # writer: the embedding gradient's, typically) run before the step's gradient norm is taken.
+        # writer: the embedding gradient's, typically) close the micro-step instead, like every other
+        # gradient's: a reduce-scatter then adds each micro-step's gradient into the shard (its transient
+        # full gradient holds one micro-step only) and the step's gradient norm sees reduced gradients.
         reduce, rest = split_gradient_collectives(plan, self.ex.programs[OPTIMIZER_STEP])
-        self.ex.programs[REDUCE_GRADIENTS], self.ex.programs[OPTIMIZER_STEP] = reduce, rest
+        self.ex.programs[MICRO_STEP] = [*self.ex.programs[MICRO_STEP], *reduce]
+        self.ex.programs[OPTIMIZER_STEP] = rest
         self.accumulation = int(cfg.gradient_accumulation_steps)
         self.batch_size = int(cfg.per_device_train_batch_size)
         per_epoch = math.ceil(data.train.num_batches(self.batch_size) / self.accumulation)
@@ -149,8 +149,6 @@ class Trainer:
             loss = comm.all_reduce([loss])[0] / self.world
             first_bad = comm.all_reduce([len(everything) if bad_micro is None else bad_micro], "min")[0]
             bad_micro = None if first_bad >= len(everything) else int(first_bad)
-        if self.ex.programs[REDUCE_GRADIENTS]:
-            self.ex.run(REDUCE_GRADIENTS, StepContext(self.plan, self.step))
         norm = self.gradient_norm()
         tokens = sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in everything)
         if math.isfinite(loss) and math.isfinite(norm):

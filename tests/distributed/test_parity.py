@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from surogate.runtime.session import run_training
 from tests.distributed.helpers import STEPS, cfg_for, exported, log_steps, make_root, max_rel
 
+# Full fine-tune weights: an fp32-rounding-sized difference in a moment (the ranks add the gradients in
+# another order) can move its 8-bit code by one step (nearest-code rounding is discontinuous), so a few
+# elements of the larger tensors differ by about one quantum of their update.
 TOL = 1e-5
-# Full fine-tune weights: an fp32-rounding-sized difference in a moment can move its 8-bit code by one step
-# (the nearest-code rounding is discontinuous), so a few elements differ by one quantum of the update.
-WEIGHT_TOL = {True: TOL, False: 5e-5}
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,16 @@ def root(tmp_path_factory):
 def one_rank(root):
     """The single-process runs: accumulation doubled (= the 2-rank global batch)."""
     out = {}
-    for lora, optimizer in ((True, "adamw_8bit"), (False, "adamw_8bit"), (False, "normuon")):
-        name = f"one-{'lora' if lora else 'full'}-{optimizer}"
-        result = run_training(cfg_for(root, name, gpus=1, accumulation=2, lora=lora, optimizer=optimizer),
+    for lora, optimizer, accumulation in ((True, "adamw_8bit", 2), (False, "adamw_8bit", 4), (False, "normuon", 2)):
+        name = f"one-{'lora' if lora else 'full'}-{optimizer}-{accumulation}"
+        result = run_training(cfg_for(root, name, gpus=1, accumulation=accumulation, lora=lora, optimizer=optimizer),
                               backend="cpu")
-        out[lora, optimizer] = (result, root / name)
+        out[lora, optimizer, accumulation] = (result, root / name)
     return out
 
 
-def _check(root, name, one, result, lora, optimizer="adamw_8bit"):
-    ref, ref_out = one[lora, optimizer]
+def _check(root, name, one, result, lora, optimizer="adamw_8bit", accumulation=2):
+    ref, ref_out = one[lora, optimizer, accumulation]
     assert result.steps == STEPS and len(result.losses) == STEPS
     for a, b in zip(result.losses, ref.losses, strict=True):
         assert abs(a - b) <= TOL * abs(b)
@@ -49,7 +49,11 @@ def _check(root, name, one, result, lora, optimizer="adamw_8bit"):
     assert set(got) == set(want)
     for k in want:
         assert got[k].shape == want[k].shape, k
-        assert max_rel(got[k], want[k]) <= WEIGHT_TOL[lora], k
+        if lora:
+            assert max_rel(got[k], want[k]) <= TOL, k
+        else:  # all but a few elements (8-bit code flips) equal to fp32 rounding; the flips are one update step
+            close = (got[k] - want[k]).abs() <= TOL * want[k].abs().max()
+            assert float(close.float().mean()) >= 0.999 and max_rel(got[k], want[k]) <= 1e-3, k
     # training moved the weights: the comparison is not between two untouched initialisations
     if lora:
         assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)  # B starts at zero
@@ -65,10 +69,11 @@ def test_lora_two_ranks_equal_one_rank(root, one_rank, level):
     _check(root, name, one_rank, result, lora=True)
 
 
-def test_full_finetune_zero3_two_ranks_equal_one_rank(root, one_rank):
+def test_full_finetune_zero3_with_accumulation_two_ranks_equal_one_rank(root, one_rank):
+    """Accumulation 2 per rank: the gradient reduce-scatters add every micro-step's share into the shards."""
     name = "two-full-z3"
-    result = run_training(cfg_for(root, name, gpus=2, accumulation=1, lora=False, zero_level=3), backend="cpu")
-    _check(root, name, one_rank, result, lora=False)
+    result = run_training(cfg_for(root, name, gpus=2, accumulation=2, lora=False, zero_level=3), backend="cpu")
+    _check(root, name, one_rank, result, lora=False, accumulation=4)
 
 
 def test_full_finetune_zero1_normuon_two_ranks_equal_one_rank(root, one_rank):
