@@ -5,6 +5,10 @@ micro-batch's loss weighted by its share of the step's loss tokens, so that accu
 big batch) followed by the plan's optimizer program. Everything a resumed run needs is in the
 checkpoint: trainable weights, master weights, optimizer states, step counts, the data position, the
 LR scale and the RNG states.
+
+Data parallel (a plan for world > 1, one Trainer per rank): each rank runs its share of the global
+step's micro-batches, the loss is normalised by the global step's loss tokens, gradients are reduced by
+the plan's collectives, and loss, gradient norm and eval figures are reduced so every rank decides alike.
 """
 
 from __future__ import annotations
@@ -85,19 +89,16 @@ class Trainer:
         self.ex.programs[OPTIMIZER_STEP] = rest
         self.accumulation = int(cfg.gradient_accumulation_steps)
         self.batch_size = int(cfg.per_device_train_batch_size)
-        per_epoch = math.ceil(data.train.num_batches(self.batch_size) / self.accumulation)
+        # Data parallel: one optimizer step reads accumulation x world micro-batches of the shared order;
+        # rank r trains on micro-batches r, r + world, ... (the stream and its position are global).
+        self.rank, self.world = comm.rank(), comm.world()
+        per_epoch = math.ceil(data.train.num_batches(self.batch_size) / (self.accumulation * self.world))
         self.steps_per_epoch = max(1, per_epoch)
         epochs = int(num_epochs if num_epochs is not None else cfg.num_epochs)
         self.total_steps = int(cfg.max_steps) if cfg.max_steps > 0 else self.steps_per_epoch * epochs
         self.step = 0  # optimizer steps taken (applied or skipped)
         self.applied = 0  # optimizer steps applied (bias correction counts these)
         self.lr_scale = 1.0  # permanent factor from automatic LR reductions
-        # Data parallel: one optimizer step reads accumulation x world micro-batches of the shared order;
-        # rank r trains on micro-batches r, r + world, ... (the stream and its position are global).
-        self.rank, self.world = comm.rank(), comm.world()
-        per_epoch = math.ceil(data.train.num_batches(self.batch_size) / (self.accumulation * self.world))
-        self.steps_per_epoch = max(1, per_epoch)
-        self.total_steps = int(cfg.max_steps) if cfg.max_steps > 0 else self.steps_per_epoch * epochs
         self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
         self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
