@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,9 +25,10 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
     world = int(plan.meta.get("zero", {}).get("world", 1))
     from surogate.runtime.distributed import comm
 
-    if comm.world() != world:  # run_training launches the ranks; a world started elsewhere must match
+    started = comm.world() if comm.initialized() else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if started != world:  # run_training launches the ranks; a world started elsewhere must match
         raise NotAvailableError(f"this plan is for {world} rank(s) (gpus x distributed.num_nodes) but it was "
-                                f"started in a world of {comm.world()} processes (torchrun --nproc-per-node / "
+                                f"started in a world of {started} processes (torchrun --nproc-per-node / "
                                 "WORLD_SIZE); start it with one process per rank, or re-plan")
     if backend == "cpu" and cfg.recipe != "bf16":
         raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "

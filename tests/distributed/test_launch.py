@@ -70,3 +70,17 @@ def test_torchrun_started_world_trains_once(tmp_path):
     assert stdout.count("Surogate run ") == 1  # rank 0's console only
     assert stdout.count("trained 2 step(s)") == 2  # both ranks trained (no nested launch)
     assert [r["step"] for r in read_log(root / "torchrun" / "log.jsonl").steps] == [1, 2]
+
+
+def test_a_world_started_elsewhere_must_match_the_plan(monkeypatch):
+    from types import SimpleNamespace
+
+    from surogate.runtime.session import _check_runnable
+
+    cfg = SimpleNamespace(recipe="bf16", qlora_fp4=False)
+    one_rank = SimpleNamespace(meta={"zero": {"world": 1}})
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 with a `gpus: 1` config
+    with pytest.raises(NotAvailableError, match=r"plan is for 1 rank\(s\).*world of 2 processes"):
+        _check_runnable(one_rank, cfg, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _check_runnable(one_rank, cfg, "cpu")
