@@ -27,8 +27,8 @@ def one_rank(root):
     out = {}
     for lora, optimizer, accumulation in ((True, "adamw_8bit", 2), (False, "adamw_8bit", 4), (False, "normuon", 2)):
         name = f"one-{'lora' if lora else 'full'}-{optimizer}-{accumulation}"
-        result = run_training(cfg_for(root, name, gpus=1, accumulation=accumulation, lora=lora, optimizer=optimizer),
-                              backend="cpu")
+        result = run_training(cfg_for(root, name, gpus=1, accumulation=accumulation, lora=lora, optimizer=optimizer,
+                                      merge_adapter=lora), backend="cpu")
         out[lora, optimizer, accumulation] = (result, root / name)
     return out
 
@@ -57,15 +57,26 @@ def _check(root, name, one, result, lora, optimizer="adamw_8bit", accumulation=2
     # training moved the weights: the comparison is not between two untouched initialisations
     if lora:
         assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)  # B starts at zero
+        merged, merged_ref = _merged(root / name), _merged(ref_out)  # base weights gathered (ZeRO-3 shards them)
+        assert set(merged) == set(merged_ref) and all(max_rel(merged[k], merged_ref[k]) <= TOL for k in merged_ref)
     else:
         initial = load_file(str(root / "model" / "model.safetensors"))
         assert max(max_rel(got[k], initial[k]) for k in got if k in initial) > 1e-4
 
 
+def _merged(out):
+    tensors = {}
+    for f in sorted((out / "merged").glob("*.safetensors")):
+        tensors |= load_file(str(f))
+    assert tensors, f"no merged model in {out}"
+    return tensors
+
+
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_lora_two_ranks_equal_one_rank(root, one_rank, level):
     name = f"two-lora-z{level}"
-    result = run_training(cfg_for(root, name, gpus=2, accumulation=1, zero_level=level), backend="cpu")
+    result = run_training(cfg_for(root, name, gpus=2, accumulation=1, zero_level=level, merge_adapter=True),
+                          backend="cpu")
     _check(root, name, one_rank, result, lora=True)
 
 
