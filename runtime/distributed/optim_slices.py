@@ -57,10 +57,6 @@ def sliced_adamw(kernel: Kernel) -> Kernel:
     return step
 
 
-def _gather_full(x: torch.Tensor, full_rows: int) -> torch.Tensor:
-    return comm.all_gather_rows(x, full_rows)
-
-
 def gathered_normuon(kernel: Kernel) -> Kernel:
     """Wrap the NorMuon step op: gather row shards to full matrices, update in full, keep this rank's rows."""
 
@@ -75,19 +71,19 @@ def gathered_normuon(kernel: Kernel) -> Kernel:
         k = 2 if master else 1
         momentum, row_var = body[k + 1], body[k + 2]
         shard_rows = momentum.shape[0]
-        full_rows = int(attrs["full_rows"]) if "full_rows" in attrs else None
-        if full_rows is None:  # the full weight or gradient tells; else the shard is all there is
-            full = [x.shape[0] for x in (w, body[k]) if x.shape[0] != shard_rows]
-            full_rows = full[0] if full else shard_rows * comm.world()
+        # the full weight or gradient tells the row count; with both sharded (ZeRO-3) the gathered matrices
+        # keep the zero padding rows, which Newton-Schulz and the row normalisation leave at zero
+        full = [x.shape[0] for x in (w, body[k]) if x.shape[0] != shard_rows]
+        full_rows = full[0] if full else shard_rows * comm.world()
         r = comm.rank()
-        gathered = [w if w.shape[0] == full_rows else _gather_full(w, full_rows)]
+        gathered = [w if w.shape[0] == full_rows else comm.all_gather_rows(w, full_rows)]
         if master:
-            gathered.append(_gather_full(body[1], full_rows))
+            gathered.append(comm.all_gather_rows(body[1], full_rows))
         g = body[k]
-        gathered.append(g if g.shape[0] == full_rows else _gather_full(g, full_rows))
-        gathered.append(_gather_full(momentum, full_rows))
+        gathered.append(g if g.shape[0] == full_rows else comm.all_gather_rows(g, full_rows))
+        gathered.append(comm.all_gather_rows(momentum, full_rows))
         per_row = row_var.numel() // shard_rows  # row variances: one per output row of each matrix
-        rv_full = _gather_full(row_var.view(shard_rows, per_row), full_rows).reshape(-1)
+        rv_full = comm.all_gather_rows(row_var.view(shard_rows, per_row), full_rows).reshape(-1)
         gathered.append(rv_full)
         args = [t.clone() for t in gathered] + ([clip] if clip is not None else [])
         outs = kernel(args, attrs, ctx)
