@@ -37,3 +37,16 @@ def test_two_nodes_on_a_local_ray_cluster_equal_one_process(tmp_path):
     # each node tokenized into its own folder
     assert (tmp_path / "workers" / "node-0" / "tokenized").is_dir()
     assert (tmp_path / "workers" / "node-1" / "tokenized").is_dir()
+
+
+def test_ray_address_auto_without_a_cluster_is_not_available(tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'surogate[ray]')")
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.distributed.ray_launch import launch_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    root = make_root(tmp_path)
+    cfg = cfg_for(root, "auto", gpus=1, accumulation=1,
+                  distributed={"num_nodes": 2, "gpus_per_node": 1, "ray_address": "auto"})
+    with pytest.raises(NotAvailableError, match=r"no Ray cluster at 'auto'.*ray_address: local"):
+        launch_ray(cfg, compile_plan(cfg), "cpu", 2)
