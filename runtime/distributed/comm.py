@@ -54,7 +54,13 @@ def init_from_env(backend: str, timeout_s: float | None = None) -> None:
         return
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("SUROGATE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     if backend == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, have = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= have:
+            from surogate.errors import NotAvailableError
+
+            raise NotAvailableError(f"local rank {local} needs GPU {local} but {have} GPU(s) are visible on this node; "
+                                    "start at most one rank per visible GPU")
+        torch.cuda.set_device(local)
         dist.init_process_group("nccl", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
