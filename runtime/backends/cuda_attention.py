@@ -71,15 +71,17 @@ def flash_bwd_bytes_per_group(total: int, seqs: int, rep: int, hd: int) -> int:
 
 
 def flash_bwd_chunks(total: int, seqs: int, nh: int, nkv: int, hd: int, budget: int, planned: int,
-                     sms: int = 132) -> int:
+                     sms: int = 132, waves: int | None = None) -> int:
     """Chunks of whole key/value groups for the flash backward: at least the plan's, and as many as keep one
     call's own allocations within the plan's attention workspace (`budget` bytes, which flash cannot use)
     while each call still fills the GPU (flash's backward runs one block per 128 keys per head: a call
-    keeps >= 2 blocks per multiprocessor)."""
+    keeps >= `waves` blocks per multiprocessor; SUROGATE_FLASH_BWD_WAVES, default 2, 0 = memory only)."""
+    if waves is None:
+        waves = int(os.environ.get("SUROGATE_FLASH_BWD_WAVES", "2"))
     rep = nh // nkv
     per_group = flash_bwd_bytes_per_group(total, seqs, rep, hd)
     by_memory = budget // max(1, per_group)
-    by_occupancy = -(-2 * sms // max(1, rep * -(-total // 128)))
+    by_occupancy = -(-waves * sms // max(1, rep * -(-total // 128)))
     groups = max(1, min(nkv, max(by_memory, by_occupancy)))
     return max(int(planned), -(-nkv // groups))
 

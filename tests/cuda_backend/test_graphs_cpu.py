@@ -235,3 +235,4 @@ def test_flash_backward_chunks_bound_its_temporaries_and_keep_the_gpu_busy():
     assert flash_bwd_chunks(4096, 16, 16, 8, 128, budget, 1, sms=8) == 8  # a small GPU: memory decides (1 group)
     assert flash_bwd_chunks(4096, 16, 16, 8, 128, 10**12, 1, sms=132) == 1  # room for everything: one call
     assert flash_bwd_chunks(4096, 16, 16, 8, 128, 10**12, 4, sms=132) == 4  # never fewer than the plan's
+    assert flash_bwd_chunks(4096, 16, 16, 8, 128, budget, 1, sms=132, waves=0) == 8  # memory only
