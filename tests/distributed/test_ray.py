@@ -50,3 +50,16 @@ def test_ray_address_auto_without_a_cluster_is_not_available(tmp_path, monkeypat
                   distributed={"num_nodes": 2, "gpus_per_node": 1, "ray_address": "auto"})
     with pytest.raises(NotAvailableError, match=r"no Ray cluster at 'auto'.*ray_address: local"):
         launch_ray(cfg, compile_plan(cfg), "cpu", 2)
+
+
+def test_a_failing_node_stops_the_run_with_its_error(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'surogate[ray]')")
+    from surogate.runtime.distributed.launch import RankFailedError
+
+    root = make_root(tmp_path)
+    cfg = cfg_for(root, "fail", gpus=1, accumulation=1, validation_split_ratio=0.0,
+                  datasets=[{"path": str(tmp_path / "missing.jsonl"), "type": "text"}],
+                  distributed={"num_nodes": 2, "gpus_per_node": 1, "ray_address": "local"})
+    with pytest.raises(RankFailedError, match=r"node \d: rank \d: datasets\[0\]\.path: .*missing\.jsonl") as err:
+        run_training(cfg, backend="cpu")
+    assert err.value.exit_code == 2
