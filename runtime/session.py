@@ -137,11 +137,8 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     rank, world = comm.rank(), comm.world()
     torch.manual_seed(int(cfg.train_seed))
     tokenizer = load_tokenizer(cfg)
-    if comm.local_rank() != 0:  # the node's first rank tokenizes (and caches); the others then read the cache
-        comm.barrier()
-    data = prepare_datasets(cfg, tokenizer, comm.node_rank())
-    if world > 1 and comm.local_rank() == 0:
-        comm.barrier()
+    # the node's first rank tokenizes (into the node's cache); the others then read that cache
+    data = comm.node_first(lambda: prepare_datasets(cfg, tokenizer, comm.node_rank()))
     device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{comm.local_rank()}"

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # A collective that waits longer than this means a peer died or hangs: fail instead of waiting forever.
 DEFAULT_TIMEOUT_S = 600.0
@@ -112,6 +115,19 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def node_first(fn: Callable[[], T]) -> T:
+    """`fn()` on every rank, local rank 0 of each node before the others (it fills a node-local cache they
+    then read). A collective: every rank calls it."""
+    if not initialized():
+        return fn()
+    if local_rank() != 0:
+        barrier()
+    out = fn()
+    if local_rank() == 0:
+        barrier()
+    return out
 
 
 def all_gather_rows(shard: torch.Tensor, full_rows: int) -> torch.Tensor:
