@@ -65,11 +65,14 @@ def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     out, acc = bnd.views[0], bnd.accumulate[0]
     scale = float(attrs.get("scale", 1.0))
     o2 = _rows(out)
+    x2 = _rows(x)
+    if x.dtype != w.dtype and common(x, w) != x.dtype:  # bf16 activations into fp32 adapters: one conversion
+        x2 = st.upcast(bnd.inputs[0], x2, common(x, w), ctx)  # per run for q/k/v's (gate/up's) shared input
     if bias is None:
-        gemm_into(o2, _rows(x), w.t(), accumulate=acc, alpha=scale)
+        gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale)
     else:  # (x @ W^T + b) * scale
         tmp = st.scratch("linear_bias", tuple(o2.shape), o2.dtype, o2.device) if acc else o2
-        gemm_into(tmp, _rows(x), w.t(), accumulate=False)
+        gemm_into(tmp, x2, w.t(), accumulate=False)
         tmp.add_(bias.to(tmp.dtype))
         if scale != 1.0:
             tmp.mul_(scale)
@@ -90,7 +93,10 @@ def linear_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dy, x = ins
     bnd = st.bind(ins, attrs, ctx)
     dyr = _rows(dy)
-    gemm_into(bnd.views[0], dyr.t(), _rows(x), accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)))
+    x2 = _rows(x)
+    if common(dy, x) != x.dtype:  # the adapters' fp32 gradient reads the shared bf16 input converted once per run
+        x2 = st.upcast(bnd.inputs[1], x2, common(dy, x), ctx)
+    gemm_into(bnd.views[0], dyr.t(), x2, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)))
     if len(bnd.views) > 1:  # dbias
         db = bnd.views[1]
         if bnd.accumulate[1]:

@@ -16,6 +16,7 @@ the host outside any CUDA-graph capture (`refresh_scalars`), so a captured step 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,33 @@ class Binding:
 
     views: list[torch.Tensor]
     accumulate: list[bool]
+    inputs: tuple[str, ...] = ()  # the op's input tensor names
+
+
+_RUN_TOKENS = itertools.count(1)
+
+
+def run_token(ctx: Any) -> int:
+    """A number unique to this program run (its StepContext), never reused (ids of dead contexts are)."""
+    tok = ctx.__dict__.get("_cuda_run_token")
+    if tok is None:
+        tok = ctx.__dict__["_cuda_run_token"] = next(_RUN_TOKENS)
+    return tok
+
+
+def _upcast_names(graph: Any) -> set[str]:
+    """Activations that two or more mixed-dtype GEMMs read in a wider dtype (the input of q/k/v's or gate/up's
+    fp32 LoRA adapters), written by exactly one op per run: worth converting once per run."""
+    tensors, readers, writers = graph.tensors, {}, {}
+    for op in _plan_ops(graph):
+        for name in op.outputs:
+            writers[name] = writers.get(name, 0) + 1
+        if op.kind in ("linear", "linear_bwd_weight") and len(op.inputs) >= 2:
+            x, other = (op.inputs[0], op.inputs[1]) if op.kind == "linear" else (op.inputs[1], op.inputs[0])
+            dx, do = TORCH_DTYPES.get(tensors[x].dtype), TORCH_DTYPES.get(tensors[other].dtype)
+            if dx is not None and do is not None and torch.promote_types(dx, do) != dx:
+                readers[x] = readers.get(x, 0) + 1
+    return {n for n, k in readers.items() if k >= 2 and writers.get(n, 0) == 1}
 
 
 def capturing() -> bool:
@@ -80,6 +108,8 @@ class CudaState:
         self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
         # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
         self.cu_slots: int | None = None
+        self._upcast: dict[int, tuple[Any, set[str]]] = {}  # id(plan) -> (plan, names worth one conversion)
+        self._upcast_owner: dict[tuple, tuple[str, int]] = {}  # slot -> (tensor name, run token) it holds
         self._step: torch.Tensor | None = None  # int64 [1]: ctx.step on the device (dropout masks)
 
     # -- outputs ---------------------------------------------------------------------------------------
@@ -135,9 +165,29 @@ class CudaState:
                 continue
             views.append(_arena_view(src.untyped_storage(), src.device, t))
             modes.append(name in acc and (t.role is Role.GRADIENT or first[name] != index))
-        binding = Binding(views, modes)
+        binding = Binding(views, modes, tuple(op.inputs))
         self._bindings[key] = binding
         return binding
+
+    # -- shared conversions ------------------------------------------------------------------------------
+    def upcast(self, name: str, t: torch.Tensor, dtype: torch.dtype, ctx: Any) -> torch.Tensor:
+        """`t` (the arena view of tensor `name`) in `dtype`. An activation several mixed-dtype GEMMs read is
+        converted once per run into a scratch slot (one per shape) and reused until another tensor takes the
+        slot; anything else is converted as it is read."""
+        graph = ctx.graph
+        entry = self._upcast.get(id(graph))
+        if entry is None or entry[0] is not graph:
+            entry = (graph, _upcast_names(graph))
+            self._upcast[id(graph)] = entry
+        if name not in entry[1]:
+            return t.to(dtype)
+        slot = self.scratch("upcast", tuple(t.shape), dtype, t.device)
+        key = (tuple(t.shape), dtype, str(t.device))
+        owner = (name, run_token(ctx))
+        if self._upcast_owner.get(key) != owner:
+            slot.copy_(t)
+            self._upcast_owner[key] = owner
+        return slot
 
     # -- scratch ---------------------------------------------------------------------------------------
     def scratch(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -236,3 +236,56 @@ def test_flash_backward_chunks_bound_its_temporaries_and_keep_the_gpu_busy():
     assert flash_bwd_chunks(4096, 16, 16, 8, 128, 10**12, 1, sms=132) == 1  # room for everything: one call
     assert flash_bwd_chunks(4096, 16, 16, 8, 128, 10**12, 4, sms=132) == 4  # never fewer than the plan's
     assert flash_bwd_chunks(4096, 16, 16, 8, 128, budget, 1, sms=132, waves=0) == 8  # memory only
+
+
+def test_shared_upcast_is_converted_once_per_run_and_never_stale(model_dir):
+    """q/k/v (gate/up) read one bf16 activation into fp32 adapters: one conversion per run, reused while the
+    slot holds that tensor of this run; a new run or another tensor converts again."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.backends.cuda_state import CudaState, _upcast_names
+
+    plan = compile_plan(sim_cfg(model_dir, torch_dtype="bfloat16", lora=True, lora_rank=4, lora_alpha=8))
+    names = _upcast_names(plan)
+    qkv_in = {op.inputs[0] for op in plan.ops if op.kind == "linear" and "q_proj.lora_A" in op.inputs[1]}
+    assert qkv_in and qkv_in <= names  # the attention projections' shared input is converted once
+    name = next(iter(qkv_in))
+    other = next(n for n in names if n != name and plan.tensors[n].shape == plan.tensors[name].shape)
+    st = CudaState()
+    ctx = SimpleNamespace(graph=plan)
+    x = torch.randn(8, 32).bfloat16()
+    a = st.upcast(name, x, torch.float32, ctx)
+    x.mul_(2)  # not a real pattern (the tensor is written once per run): shows the second read is the cache
+    assert st.upcast(name, x, torch.float32, ctx) is a and torch.equal(a, (x / 2).float())
+    assert torch.equal(st.upcast(name, x, torch.float32, SimpleNamespace(graph=plan)), x.float())  # new run
+    y = torch.randn(8, 32).bfloat16()
+    assert torch.equal(st.upcast(other, y, torch.float32, ctx), y.float())  # another tensor takes the slot
+    assert torch.equal(st.upcast(name, x, torch.float32, ctx), x.float())  # ... so this one is converted again
+    assert st.upcast("not.shared", x, torch.float32, ctx) is not a  # plain conversion
+
+
+@pytest.mark.parametrize("recompute", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~20 s each
+def test_bf16_lora_step_is_the_same_with_and_without_shared_upcasts(model_dir, monkeypatch, recompute):
+    """Sharing the fp32 copy of q/k/v's (gate/up's) input changes no bit of the loss or the gradients."""
+    import torch
+
+    from surogate.runtime.backends import cuda_state
+    from tests.cuda_backend.helpers import lora_b_weights
+
+    cfg = sim_cfg(model_dir, torch_dtype="bfloat16", lora=True, lora_rank=4, lora_alpha=8, recompute=recompute)
+    shared = Runner(cfg, "cuda")
+    w = lora_b_weights(shared.plan)
+    for n, v in w.items():
+        shared.ex.write(n, v.to(shared.ex.views[n].dtype))
+    ids, labels = batch(1, 8, seed=4)
+    l0, g0 = shared.micro_step(ids, labels)
+    monkeypatch.setattr(cuda_state, "_upcast_names", lambda graph: set())
+    plain = Runner(cfg, "cuda", plan=shared.plan)
+    for n, v in w.items():
+        plain.ex.write(n, v.to(plain.ex.views[n].dtype))
+    l1, g1 = plain.micro_step(ids, labels)
+    assert l0 == l1 and g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
+    assert any(g0[n].abs().sum() > 0 for n in g0)
