@@ -6,7 +6,7 @@
 # Stages (limits sum to 290 s; the smoke stage fails fast, and the benchmark stages are skipped when it fails):
 #   1. smoke       80 s  benchmarks/gpu_smoke.py: every Numba kernel once per dtype vs reference (compile time),
 #                        tiny bf16 parity vs transformers (both attention paths), CUDA graphs vs eager with
-#                        varying packed documents, allocator calls after step 1
+#                        varying packed documents, allocator calls after step 2 (both captures done)
 #   2. tests       70 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py (the same checks as asserts,
 #                        plus fp32 == cpu backend and the measured peak within 3% of the plan at 4 layers)
 #   3. throughput 120 s  benchmarks/throughput.py: Qwen3-0.6B-shaped random model, BF16 LoRA r16 x 7 projections,

@@ -70,7 +70,7 @@ def summarise(out: Path, stages: str, seconds: float) -> dict[str, Any]:
                    "allocations_after_warmup_0_6b": ours.get("allocations_after_warmup"),
                    "segments_after_warmup_0_6b": ours.get("segments_after_warmup"),
                    "reserved_bytes_after_warmup_0_6b": ours.get("reserved_bytes_after_warmup"),
-                   "allocations_after_step1_tiny": (graphs.get("graphs") or {}).get("allocations_after_step1"),
+                   "allocations_after_step2_tiny": (graphs.get("graphs") or {}).get("allocations_after_step2"),
                    "hf_peak_gib": hf.get("peak_gib")},
         "parity_bf16_vs_transformers": {k: {m: v.get(m) for m in ("loss_err", "hf_bf16_loss_err", "max_grad_err",
                                                                   "max_grad_err_ratio", "worst_grad", "ok")}

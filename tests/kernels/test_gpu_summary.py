@@ -25,7 +25,7 @@ def test_figures_from_stage_outputs(tmp_path):
         "kernels": {"failed": [], "max_first_call_seconds": 1.5, "sum_first_call_seconds": 30.0},
         "parity": {"auto": {"loss_err": 1e-4, "hf_bf16_loss_err": 2e-4, "max_grad_err": 0.01,
                             "max_grad_err_ratio": 0.9, "worst_grad": "w", "ok": True}, "seconds": 3},
-        "graphs": {"graphs": {"allocations_after_step1": 0}, "max_rel_loss_diff": 1e-6, "ok": True}}))
+        "graphs": {"graphs": {"allocations_after_step2": 0}, "max_rel_loss_diff": 1e-6, "ok": True}}))
     (tmp_path / "throughput.json").write_text(json.dumps({
         "ours": {"tokens_per_s": 60000.0, "peak_gib": 5.1, "plan_peak_gib": 5.0, "peak_ratio": 1.02,
                  "allocations_after_warmup": 0, "graphs": True},
@@ -34,7 +34,7 @@ def test_figures_from_stage_outputs(tmp_path):
     s = _module().summarise(tmp_path, " smoke=0:41 tests=1:50", 200)
     assert s["throughput"]["ratio"] == 3.0 and s["throughput"]["target_ratio_2_5x"] and s["throughput"]["target_54k"]
     assert s["memory"]["within_3pct"] and s["memory"]["allocations_after_warmup_0_6b"] == 0
-    assert s["memory"]["allocations_after_step1_tiny"] == 0
+    assert s["memory"]["allocations_after_step2_tiny"] == 0
     assert s["parity_bf16_vs_transformers"]["auto"]["ok"] and "seconds" not in s["parity_bf16_vs_transformers"]
     assert s["tests"]["failed"] == 1 and s["tests"]["passed"] == 60 and s["tests"]["failed_tests"] == ["tests/x.py::test_a - boom"]
     assert s["stages"] == {"smoke": {"rc": 0, "seconds": 41}, "tests": {"rc": 1, "seconds": 50}}
