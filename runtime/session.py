@@ -17,11 +17,11 @@ from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
 from surogate.errors import NotAvailableError, UserError
 from surogate.runtime.trainer import Trainer, TrainResult
-from surogate.schema import hardware_requirements
+from surogate.schema import gpu_requirements, min_compute_capability, sm_of
 
 
-def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
-    """Refuse, with the reason, what this backend cannot execute."""
+def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
+    """Refuse, with the reason, what this backend cannot execute; returns notes on what runs slower here."""
     world = int(plan.meta.get("zero", {}).get("world", 1))
     from surogate.runtime.distributed import comm
 
@@ -33,12 +33,17 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> None:
     if backend == "cpu" and cfg.recipe != "bf16":
         raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "
                                 "trains with recipe 'bf16' only")
+    notes: list[str] = []
     if backend == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        needs = 100 if cfg.recipe in ("nvfp4", "nvfp4_quartet") or cfg.qlora_fp4 else 89 if cfg.recipe == "fp8_hybrid" else 0
-        if major * 10 + minor < needs:
-            raise NotAvailableError(f"this config needs an SM{needs}+ GPU ({hardware_requirements(cfg)[0]}); "
-                                    f"{torch.cuda.get_device_name()} is SM{major}{minor}")
+        sm = sm_of(torch.cuda.get_device_capability())
+        needs, why = min_compute_capability(cfg)
+        if sm < needs:
+            raise NotAvailableError(f"this config needs an SM{needs}+ GPU ({'; '.join(r.what for r in why)}); "
+                                    f"{torch.cuda.get_device_name()} is SM{sm}")
+        # soft needs (qlora_fp8 below SM89) run through a slower fallback: say so instead of refusing
+        notes += [f"{r.field}: {r.what} (SM{sm} here: running the fallback)" for r in gpu_requirements(cfg)
+                  if not r.hard and sm < r.min_sm]
+    return notes
 
 
 def default_backend() -> str:
@@ -133,7 +138,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     launched = launch_if_needed(cfg, plan, backend)  # world > 1 and no process group: start the ranks
     if launched is not None:
         return launched
-    _check_runnable(plan, cfg, backend)
+    hardware_notes = _check_runnable(plan, cfg, backend)
     rank, world = comm.rank(), comm.world()
     torch.manual_seed(int(cfg.train_seed))
     tokenizer = load_tokenizer(cfg)
@@ -182,7 +187,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
         packing_efficiency=train_stats.efficiency, plan_peak_bytes=int(plan.memory["device"]["peak_bytes"]),
         device=backend, start_step=trainer.step,
-        notes=tuple(n for n in (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note) if n),
+        notes=tuple(n for n in (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note, *hardware_notes) if n),
     )
     result = TrainResult(steps=0)
     # Every rank observes (the same all-reduced figures, so the same decisions); only rank 0 writes.
