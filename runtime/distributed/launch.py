@@ -166,10 +166,13 @@ def _first_cause(procs: dict[int, subprocess.Popen], work: Path) -> RankFailedEr
         time.sleep(0.05)
     _terminate(procs)
     failed = {r: p.returncode for r, p in procs.items() if p.returncode not in (0, None)}
-    killed = [r for r, c in failed.items() if c < 0 and c != -signal.SIGTERM]
+    # SIGTERM is ours (_terminate); SIGABRT is how a peer's collective library dies when it loses a rank
+    consequences = (-signal.SIGTERM, -signal.SIGABRT)
+    killed = [r for r, c in sorted(failed.items()) if c < 0 and c not in consequences]
     errors = {r: failure(r, c, work) for r, c in failed.items()}
-    user = [r for r, e in errors.items() if e.exit_code in (2, 3)]
-    rank = (killed or user or sorted(errors))[0]
+    user = [r for r, e in sorted(errors.items()) if e.exit_code in (2, 3)]
+    crashed = [r for r, c in sorted(failed.items()) if c not in consequences]
+    rank = (killed or user or crashed or sorted(errors))[0]
     return errors[rank]
 
 

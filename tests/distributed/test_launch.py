@@ -84,3 +84,26 @@ def test_a_world_started_elsewhere_must_match_the_plan(monkeypatch):
         _check_runnable(one_rank, cfg, "cpu")
     monkeypatch.setenv("WORLD_SIZE", "1")
     _check_runnable(one_rank, cfg, "cpu")
+
+
+class _Exited:
+    """A finished worker process as `_first_cause` sees it."""
+
+    def __init__(self, code: int) -> None:
+        self.returncode = code
+
+    def poll(self) -> int:
+        return self.returncode
+
+
+@pytest.mark.parametrize(("codes", "named"), [
+    ({0: -6, 1: -9}, "rank 1 was killed by signal SIGKILL"),  # rank 0's gloo aborted after losing rank 1
+    ({0: -15, 1: -9}, "rank 1 was killed by signal SIGKILL"),  # rank 0 was stopped by the launcher
+    ({0: 1, 1: 2}, "rank 1 exited with status 2"),  # a user error outranks the crash it caused
+    ({0: -6, 1: 1}, "rank 1 exited with status 1"),
+])
+def test_first_cause_names_the_rank_that_failed_first(tmp_path, codes, named):
+    from surogate.runtime.distributed.launch import _first_cause
+
+    err = _first_cause({r: _Exited(c) for r, c in codes.items()}, tmp_path)
+    assert named in str(err)
