@@ -37,6 +37,12 @@ def eager_reason(executor: ArenaExecutor, enabled: bool) -> str | None:
         return "use_cuda_graphs is false"
     if getattr(executor.kernels, "state", None) is None:
         return "the kernel table is not the cuda backend's"
+    from surogate.runtime.backends.cuda import fallback_kinds
+
+    # the reference math may read host values (the step, data-dependent shapes) that a replay would freeze
+    slow = sorted({op.kind for p in CAPTURED_PROGRAMS for op in executor.programs.get(p, ())} & set(fallback_kinds()))
+    if slow:
+        return f"op kinds {', '.join(slow)} run through the reference math, which CUDA graphs cannot capture"
     if executor.device.type != "cuda" or not torch.cuda.is_available():
         return "the executor is not on a CUDA device"
     return None

@@ -289,3 +289,16 @@ def test_bf16_lora_step_is_the_same_with_and_without_shared_upcasts(model_dir, m
     l1, g1 = plain.micro_step(ids, labels)
     assert l0 == l1 and g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
     assert any(g0[n].abs().sum() > 0 for n in g0)
+
+
+def test_reference_math_ops_run_eagerly(model_dir):
+    """Kinds the cuda table runs through the reference math (MoE routing, FP8/FP4 and Quartet quantisers) may
+    read host values, e.g. Quartet's per-step stochastic-rounding seed: a captured replay would freeze them."""
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.backends.cuda import fallback_kinds
+
+    quartet = compile_plan(sim_cfg(model_dir, recipe="nvfp4_quartet"))
+    kinds = {op.kind for op in quartet.ops} & set(fallback_kinds())
+    assert kinds, "the Quartet plan has no reference-math kinds: this test no longer tests anything"
+    reason = eager_reason(ArenaExecutor(quartet, kernel_table("cuda")), True)
+    assert "reference math" in reason and all(k in reason for k in kinds)
