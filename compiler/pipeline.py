@@ -51,6 +51,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("schedule", schedule_ops),
     ("liveness", compute_liveness),
     ("buffers", assign_buffers),
+    ("workspace", _lazy("surogate.compiler.passes.workspace", "estimate_backend_workspace")),
 ]
 PASS_NAMES = [name for name, _ in PASSES]
 
@@ -122,8 +123,12 @@ def back_plan(
     before: StageHook | None = None,
 ) -> Plan:
     """Run the back half on a front-half graph (mutating it) and freeze the Plan (see `make_plan`)."""
+    from surogate.compiler.passes.workspace import attach_to_memory
+
     graph = run_passes(graph, cfg, start_after=FRONT_END, dump_after=dump_after, out=out, before=before)
-    return make_plan(graph, cfg, normalize=normalize)
+    plan = make_plan(graph, cfg, normalize=normalize)
+    attach_to_memory(plan)  # the cuda backend's own buffers beside the arena (total_peak_bytes)
+    return plan
 
 
 def snapshot(graph: Graph) -> bytes:

@@ -205,11 +205,25 @@ def build_report(
         "memory": {"device": device, "host": host},
         "gpu": {"name": (gpu or {}).get("name"), "memory_bytes": capacity, "source": source,
                 "reserve_bytes": reserve, "usable_bytes": None if capacity is None else capacity - reserve},
-        "fits": None if capacity is None else device["peak_bytes"] <= capacity - reserve,
+        # the arena plus the cuda backend's own buffers beside it (compiler/passes/workspace.py)
+        "fits": None if capacity is None else device_total(device) <= capacity - reserve,
         "hardware": {**need, "satisfied": satisfied},
         "notes": list(plan.meta.get("notes", [])),
         "suggestions": suggestions or [],
     }
+
+
+def device_total(device: dict[str, Any]) -> int:
+    """Device bytes the run needs: the arena plus the backend workspace when the plan records one."""
+    return int(device.get("total_peak_bytes", device["peak_bytes"]))
+
+
+def _workspace_rows(t: Table, ws: dict[str, Any]) -> None:
+    at = ws.get("transient_at") or {}
+    t.add_row("backend scratch (persistent)", human(ws["persistent_bytes"] + ws["constants_bytes"]
+                                                    + ws["scalars_bytes"]), "", "")
+    t.add_row(f"backend temporaries (at {at.get('kind') or '-'})", human(ws["transient_bytes"]), "", "")
+    t.add_row("cuBLAS workspace", human(ws["cublas_workspace_bytes"]), "", "")
 
 
 def format_memory_table(plan: Plan) -> Table:
@@ -227,6 +241,11 @@ def format_memory_table(plan: Plan) -> Table:
     t.add_section()
     t.add_row("arena (allocated)", human(dev["peak_bytes"]), "", human(host["peak_bytes"]))
     t.add_row("lower bound (live peak)", human(dev["lower_bound_bytes"]), "", human(host["lower_bound_bytes"]))
+    ws = dev.get("backend_workspace")
+    if ws is not None:  # what the cuda backend allocates beside the arena
+        t.add_section()
+        _workspace_rows(t, ws)
+        t.add_row("device total (arena + backend)", human(device_total(dev)), "", "")
     return t
 
 
@@ -257,6 +276,9 @@ def render_report(report: dict[str, Any], plan: Plan) -> Group:
     layer = f", layer {at['layer']}" if at.get("layer") is not None else ""
     head.append(f"Device arena {human(dev['peak_bytes'])} per rank (lower bound {human(dev['lower_bound_bytes'])}, "
                 f"x{dev['ratio_to_lower_bound']:.3f}); live peak at op {at.get('op')} ({at.get('phase')}{layer})\n")
+    if "total_peak_bytes" in dev:
+        head.append(f"Device total {human(dev['total_peak_bytes'])} per rank (arena + "
+                    f"{human(dev['backend_workspace']['bytes'])} cuda backend workspace)\n")
     head.append(f"Pinned host memory: {human(report['memory']['host']['peak_bytes'])}\n")
     gpu = report["gpu"]
     if report["fits"] is None:

@@ -25,7 +25,12 @@ from typing import Any
 
 import torch
 
+from surogate.runtime.backends import cuda_sizes as sz
+from surogate.runtime.backends.cuda_sizes import MIN_DOC_SLOTS, flash_bwd_bytes_per_group, flash_bwd_chunks
 from surogate.runtime.backends.cuda_state import CudaState
+from surogate.runtime.backends.cuda_state import dtype_name as dn
+
+__all__ = ["MIN_DOC_SLOTS", "doc_slots", "flash_bwd_bytes_per_group", "flash_bwd_chunks", "use_flash"]
 
 aten = torch.ops.aten
 
@@ -34,9 +39,6 @@ def use_flash(q: torch.Tensor) -> bool:
     """Whether this call takes the varlen flash path."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hasattr(aten, "_flash_attention_forward")
             and os.environ.get("SUROGATE_CUDA_ATTENTION", "auto") != "sdpa")
-
-
-MIN_DOC_SLOTS = 16  # the smallest bucket: typical packed micro-batches (a few documents per row) share one graph
 
 
 def doc_slots(cu_host: torch.Tensor) -> int:
@@ -58,43 +60,9 @@ def _flash_cu(st: CudaState, cu: torch.Tensor) -> torch.Tensor:
     return cu[:n] if n is not None and n < cu.numel() else cu
 
 
-def flash_bwd_bytes_per_group(total: int, seqs: int, rep: int, hd: int) -> int:
-    """Device bytes `_flash_attention_backward` allocates per key/value group of a call (torch's flash_api.cpp,
-    mha_varlen_bwd): fp32 dQ accumulator and softmax_d over total + 128 * seqs rows, dq/dk/dv, the GQA-expanded
-    dk/dv, and the contiguous copies of dout and out a head slice needs."""
-    rows = total + 128 * seqs
-    hdr = -(-hd // 32) * 32 if hd <= 128 else -(-hd // 64) * 64
-    accum = rows * rep * hdr * 4 + rows * rep * 4
-    grads = total * rep * hd * 2 + 2 * total * hd * 2 + (2 * total * rep * hd * 2 if rep > 1 else 0)
-    copies = 2 * total * rep * hd * 2
-    return accum + grads + copies
-
-
-def flash_bwd_chunks(total: int, seqs: int, nh: int, nkv: int, hd: int, budget: int, planned: int,
-                     sms: int = 132, waves: int | None = None) -> int:
-    """Chunks of whole key/value groups for the flash backward: at least the plan's, and as many as keep one
-    call's own allocations within the plan's attention workspace (`budget` bytes, which flash cannot use)
-    while each call still fills the GPU (flash's backward runs one block per 128 keys per head: a call
-    keeps >= `waves` blocks per multiprocessor; SUROGATE_FLASH_BWD_WAVES, default 2, 0 = memory only)."""
-    if waves is None:
-        waves = int(os.environ.get("SUROGATE_FLASH_BWD_WAVES", "2"))
-    rep = nh // nkv
-    per_group = flash_bwd_bytes_per_group(total, seqs, rep, hd)
-    by_memory = budget // max(1, per_group)
-    by_occupancy = -(-waves * sms // max(1, rep * -(-total // 128)))
-    groups = max(1, min(nkv, max(by_memory, by_occupancy)))
-    return max(int(planned), -(-nkv // groups))
-
-
 @functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
-    parts = max(1, min(int(parts), n))
-    step = -(-n // parts)
-    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
 def _bias(st: CudaState, cu: torch.Tensor, b: int, t: int, dtype: torch.dtype, ctx: Any) -> torch.Tensor:
@@ -102,13 +70,14 @@ def _bias(st: CudaState, cu: torch.Tensor, b: int, t: int, dtype: torch.dtype, c
 
     Rebuilt in place once per program run (the first attention op of the run; captured graphs replay it)."""
     dev = cu.device
-    bias = st.scratch("attn_bias", (b, 1, t, t), dtype, dev)
+    bias_spec, doc_spec, same_spec = sz.attn_bias(b, t, dn(dtype))
+    bias = st.alloc(bias_spec, dev)
     if getattr(ctx, "_cuda_bias_built", None) == (b, t, dtype):
         return bias
     tokens = st.constant(("tokens", b * t), lambda: torch.arange(b * t, dtype=torch.int32), dev)
     tril = st.constant(("tril", t), lambda: torch.ones(t, t, dtype=torch.bool).tril(), dev)
-    doc = st.scratch("attn_doc", (b * t,), torch.int64, dev)
-    same = st.scratch("attn_same", (b, t, t), torch.bool, dev)
+    doc = st.alloc(doc_spec, dev)
+    same = st.alloc(same_spec, dev)
     torch.searchsorted(cu, tokens, right=True, out=doc)
     d = doc.view(b, t)
     torch.eq(d[:, :, None], d[:, None, :], out=same)
@@ -129,7 +98,7 @@ def _expand(st: CudaState, x: torch.Tensor, rep: int, tag: str) -> torch.Tensor:
     if rep == 1:
         return x
     b, g, t, d = x.shape
-    out = st.scratch(tag, (b, g * rep, t, d), x.dtype, x.device)
+    out = st.alloc(sz.attn_expand(tag, b, g * rep, t, d, dn(x.dtype)), x.device)
     out.view(b, g, rep, t, d).copy_(x[:, :, None])
     return out
 
@@ -179,7 +148,7 @@ def attention_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     flash = use_flash(q)
     if flash:
         cu = _flash_cu(st, cu)
-        lse_n = st.scratch("attn_lse_native", (nh, b * t), torch.float32, q.device)
+        lse_n = st.alloc(sz.attn_lse_native(nh, b * t), q.device)
         lse_n.view(nh, b, t).copy_(lse.transpose(0, 1))
         rng = st.constant(("flash_rng",), lambda: torch.zeros(2, dtype=torch.int64), q.device)
         q3, k3, v3 = q.view(b * t, nh, hd), k.view(b * t, nkv, hd), v.view(b * t, nkv, hd)
@@ -194,7 +163,7 @@ def attention_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
         ws = bnd.views[len(wrt)]
         chunks = flash_bwd_chunks(b * t, cu.numel() - 1, nh, nkv, hd, ws.numel() * ws.element_size(), chunks,
                                   _multiprocessors(q.device.index or 0))
-    for g0, g1 in _chunks(nkv, chunks):
+    for g0, g1 in sz.chunks(nkv, chunks):
         h0, h1 = g0 * rep, g1 * rep
         if flash:
             dq, dk, dv = aten._flash_attention_backward(
@@ -207,7 +176,7 @@ def attention_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
             args = (doh[:, h0:h1], qh[:, h0:h1], kc, vc)
             lc = lse[:, h0:h1]
             if q.is_cuda:
-                lpad = st.scratch("attn_lse_pad", (b, h1 - h0, -(-t // 32) * 32), torch.float32, q.device, zero=True)
+                lpad = st.alloc(sz.attn_lse_pad(b, h1 - h0, t), q.device, zero=True)
                 lpad[..., :t].copy_(lc)
                 dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
                     *args, bias.expand(-1, h1 - h0, -1, -1), oh[:, h0:h1], lpad, zero, zero, 0.0,

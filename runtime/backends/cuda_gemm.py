@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
+from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.backends.cuda_state import CudaState
+from surogate.runtime.backends.cuda_state import dtype_name as dn
 from surogate.runtime.reference.dtypes import common
 
-TILE_ELEMENTS = 1 << 23  # output elements per block of a mixed-dtype GEMM (16 MiB of bf16)
+TILE_ELEMENTS = sz.TILE_ELEMENTS  # output elements per block of a mixed-dtype GEMM (16 MiB of bf16)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     if bias is None:
         gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale)
     else:  # (x @ W^T + b) * scale
-        tmp = st.scratch("linear_bias", tuple(o2.shape), o2.dtype, o2.device) if acc else o2
+        tmp = st.alloc(sz.linear_bias(*o2.shape, dn(o2.dtype)), o2.device) if acc else o2
         gemm_into(tmp, x2, w.t(), accumulate=False)
         tmp.add_(bias.to(tmp.dtype))
         if scale != 1.0:
@@ -121,7 +123,7 @@ def embedding_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
         dw.zero_()
     pad = attrs.get("padding_idx")
     if pad is not None:  # as nn.Embedding(padding_idx=...): that row never receives a gradient
-        keep = st.scratch("embedding_pad_row", (dw.shape[1],), dw.dtype, dw.device)
+        keep = st.alloc(sz.embedding_pad_row(dw.shape[1], dn(dw.dtype)), dw.device)
         keep.copy_(dw[pad])
     src = _rows(dy)
     dw.index_add_(0, ids.reshape(-1), src if src.dtype == dw.dtype else src.to(dw.dtype))

@@ -14,7 +14,9 @@ import torch
 from surogate.numba_kernels import KERNELS as NK
 from surogate.numba_kernels.cross_entropy import CEWorkspace
 from surogate.numba_kernels.rmsnorm import rmsnorm_bwd_workspace_shape
+from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.backends.cuda_state import CudaState
+from surogate.runtime.backends.cuda_state import dtype_name as dn
 
 
 def _k(name: str):
@@ -23,7 +25,7 @@ def _k(name: str):
 
 def _into(st: CudaState, view: torch.Tensor, accumulate: bool, tag: str) -> torch.Tensor:
     """Where a kernel should write: the view itself, or a scratch buffer that is then added into it."""
-    return st.scratch(tag, tuple(view.shape), view.dtype, view.device) if accumulate else view
+    return st.alloc(sz.acc_buffer(tag, tuple(view.shape), dn(view.dtype)), view.device) if accumulate else view
 
 
 def _flush(view: torch.Tensor, buf: torch.Tensor) -> None:
@@ -39,7 +41,7 @@ def _groups(x: torch.Tensor, attrs: dict) -> torch.Tensor:
 
 def _rstd(st: CudaState, x2: torch.Tensor, eps: float) -> torch.Tensor:
     """Recompute rstd (the plan keeps no rstd tensor) with torch reductions into scratch."""
-    rstd = st.scratch("rms_rstd", (x2.shape[0],), torch.float32, x2.device)
+    rstd = st.alloc(sz.rms_rstd(x2.shape[0]), x2.device)
     torch.linalg.vector_norm(x2, dim=-1, dtype=torch.float32, out=rstd)
     return rstd.pow_(2).div_(x2.shape[1]).add_(eps).rsqrt_()
 
@@ -53,7 +55,7 @@ def rmsnorm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bnd = st.bind(ins, attrs, ctx)
     out = bnd.views[0]
     x2 = _groups(x, attrs)
-    rstd = st.scratch("rms_rstd", (x2.shape[0],), torch.float32, x.device)
+    rstd = st.alloc(sz.rms_rstd(x2.shape[0]), x.device)
     buf = _into(st, out, bnd.accumulate[0], "rms_acc")
     _k("rmsnorm_fwd")(x2, w, buf.reshape(x2.shape), rstd, float(attrs["eps"]))
     _flush(out, buf)
@@ -65,9 +67,8 @@ def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Ten
     x2 = _groups(x, attrs)
     rows, h = x2.shape
     rstd = _rstd(st, x2, float(attrs["eps"]))
-    dw = st.scratch(f"rms_dw:{attrs.get('fwd_op')}", (h,), w.dtype, x.device)
-    blocks = min(rows, rmsnorm_bwd_workspace_shape(rows)[0])  # dweight partials: one row per block
-    ws = st.scratch("rms_ws", (blocks, h), torch.float32, x.device)
+    dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), h, dn(w.dtype)), x.device)
+    ws = st.alloc(sz.rms_ws(rows, h, rmsnorm_bwd_workspace_shape(rows)[0]), x.device)  # one row per block
     _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, rstd, ds.reshape(rows, h), dw,
                       dres.reshape(rows, h) if dres is not None else None, ws)
     return dw
@@ -93,7 +94,7 @@ def rmsnorm_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     # dy and x are this op's inputs, hence unchanged since rmsnorm_bwd read them
     if dw is None:
         ones = _ones(st, h, x.dtype, x.device)  # dweight = sum(dy * xhat) does not depend on the weight
-        ds = st.scratch("rms_ds", tuple(x.shape), x.dtype, x.device)
+        ds = st.alloc(sz.rms_ds(tuple(x.shape), dn(x.dtype)), x.device)
         dw = _rms_backward(st, dy, x, ones, {**attrs, "fwd_op": None}, ds, None)
     if bnd.accumulate[0]:
         dweight.add_(dw.to(dweight.dtype))
@@ -164,8 +165,8 @@ def swiglu_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     targets = {}
     for k, i in enumerate(wrt):
         targets[i] = _into(st, bnd.views[k], bnd.accumulate[k], f"swiglu_d{i}")
-    dg = targets.get(0, st.scratch("swiglu_d0", tuple(g.shape), g.dtype, g.device))
-    du = targets.get(1, st.scratch("swiglu_d1", tuple(u.shape), u.dtype, u.device))
+    dg = targets.get(0) if 0 in targets else st.alloc(sz.acc_buffer("swiglu_d0", tuple(g.shape), dn(g.dtype)), g.device)
+    du = targets.get(1) if 1 in targets else st.alloc(sz.acc_buffer("swiglu_d1", tuple(u.shape), dn(u.dtype)), u.device)
     _k("swiglu_bwd")(dy, g, u, dg, du)
     for k, i in enumerate(wrt):
         _flush(bnd.views[k], targets[i])
@@ -203,20 +204,20 @@ def _logits_buffer(st: CudaState, logits_ws: torch.Tensor, dtype: torch.dtype) -
     n = flat.numel()
     if flat.element_size() >= torch.empty((), dtype=dtype).element_size():
         return flat.view(torch.uint8)[: n * torch.empty((), dtype=dtype).element_size()].view(dtype)
-    return st.scratch("ce_logits", (n,), dtype, flat.device)
+    return st.alloc(sz.ce_logits(n, dn(dtype)), flat.device)
 
 
 def _ce_workspace(st: CudaState, logits_ws: torch.Tensor, rows: int, dtype: torch.dtype) -> CEWorkspace:
     dev = logits_ws.device
-    f32 = torch.float32
-    return CEWorkspace(logits=_logits_buffer(st, logits_ws, dtype), m=st.scratch("ce_m", (rows,), f32, dev),
-                       s=st.scratch("ce_s", (rows,), f32, dev), tgt=st.scratch("ce_tgt", (rows,), f32, dev, zero=True),
+    m, s, tgt = sz.ce_rows(rows)
+    return CEWorkspace(logits=_logits_buffer(st, logits_ws, dtype), m=st.alloc(m, dev), s=st.alloc(s, dev),
+                       tgt=st.alloc(tgt, dev, zero=True),
                        rows_per_chunk=int(logits_ws.shape[0]), vocab_tile=int(logits_ws.shape[1]))
 
 
 def _inv_items(st: CudaState, n_items: torch.Tensor) -> torch.Tensor:
     """1 / max(num_items, 1) as a device scalar (no host sync: the step can be captured)."""
-    inv = st.scratch("ce_inv_items", (), torch.float32, n_items.device)
+    inv = st.alloc(sz.CE_INV_ITEMS, n_items.device)
     torch.clamp(n_items.float() if n_items.dtype != torch.float32 else n_items, min=1.0, out=inv)
     return inv.reciprocal_()
 
@@ -230,7 +231,7 @@ def lm_head_ce(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     lab = labels.reshape(-1)
     rows = x.shape[0]
     ws = _ce_workspace(st, logits_ws, rows, x.dtype)
-    loss_rows = st.scratch("ce_loss_rows", (rows,), torch.float32, x.device)
+    loss_rows = st.alloc(sz.ce_loss_rows(rows), x.device)
     ignore = int(attrs.get("ignore_index", ce.IGNORE_INDEX))
     vocab = w.shape[0]
     for r0, r1, v0, v1 in ce._tiles(rows, vocab, ws):

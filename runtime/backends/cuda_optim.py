@@ -17,6 +17,7 @@ import torch
 from surogate.numba_kernels import KERNELS as NK
 from surogate.numba_kernels import normuon as nm
 from surogate.runtime.backends import cpu as cpu_backend
+from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.backends.cuda_state import CudaState
 from surogate.runtime.optim import _matrices, _unpack
 
@@ -34,7 +35,7 @@ def _adam_values(attrs: dict):
 
 def adamw8bit_step(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     w, master, grad, (m, v, m_abs, v_abs), clip = _unpack(ins, ins[2].dtype != torch.uint8, 4)
-    hp = st.scalars(("adamw", id(attrs)), 8, w.device, _adam_values(attrs), ctx)
+    hp = st.scalars(("adamw", id(attrs)), sz.ADAMW_SCALARS, w.device, _adam_values(attrs), ctx)
     if clip is not None:  # grad_scale from the device (captured with the step)
         hp[7:8].copy_(clip.reshape(1))
     state = {"m_codes": m.view(-1), "v_codes": v.view(-1), "m_absmax": m_abs, "v_absmax": v_abs}
@@ -48,15 +49,14 @@ def normuon_step(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     target = master if master is not None else w
     dev = w.device
     lr, wd = float(attrs["lr"]), float(attrs["weight_decay"])
-    hp = st.scalars(("normuon", id(attrs)), 2, dev, lambda ctx: [lr * float(ctx.lr_scale), wd], ctx)
+    hp = st.scalars(("normuon", id(attrs)), sz.NORMUON_SCALARS, dev, lambda ctx: [lr * float(ctx.lr_scale), wd], ctx)
     g = grad
-    if clip is not None:
-        g = st.scratch("nm_grad", tuple(grad.shape), torch.float32, dev)
-        torch.mul(grad, clip, out=g)
     rows, cols = target.shape[-2], target.shape[-1]
-    update = st.scratch("nm_update", (rows, cols), torch.float32, dev)
-    rowsq = st.scratch("nm_rowsq", (rows,), torch.float32, dev)
-    scale = st.scratch("nm_scale", (1,), torch.float32, dev)
+    specs = sz.normuon(rows, cols, tuple(grad.shape) if clip is not None else None)
+    if clip is not None:
+        g = st.alloc(specs.pop(0), dev)
+        torch.mul(grad, clip, out=g)
+    update, rowsq, scale = (st.alloc(s, dev) for s in specs)
     for i, (t, gi, mi) in enumerate(zip(_matrices(target), _matrices(g), _matrices(momentum), strict=True)):
         gi = gi.contiguous()
         NK["normuon_momentum"].cuda(gi, mi, update, float(attrs["momentum"]))
@@ -71,8 +71,7 @@ def normuon_step(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 
 def grad_norm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     out = st.bind(ins, attrs, ctx).views[0]
-    acc = st.scratch("gn_acc", (), torch.float32, out.device)
-    part = st.scratch("gn_part", (), torch.float32, out.device)
+    acc, part = (st.alloc(s, out.device) for s in sz.GRAD_NORM)
     acc.zero_()
     for g in ins:
         torch.linalg.vector_norm(g, dtype=torch.float32, out=part)

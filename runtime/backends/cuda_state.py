@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from surogate.compiler.ir import Role
+from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 
 
@@ -37,6 +37,12 @@ class Binding:
 
 
 _RUN_TOKENS = itertools.count(1)
+_NAMES = {v: k for k, v in reversed(TORCH_DTYPES.items())}  # torch dtype -> IR name (uint8, not the packed formats)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The IR name of a torch dtype (what `cuda_sizes` specs carry)."""
+    return _NAMES[dtype]
 
 
 def run_token(ctx: Any) -> int:
@@ -50,16 +56,11 @@ def run_token(ctx: Any) -> int:
 def _upcast_names(graph: Any) -> set[str]:
     """Activations that two or more mixed-dtype GEMMs read in a wider dtype (the input of q/k/v's or gate/up's
     fp32 LoRA adapters), written by exactly one op per run: worth converting once per run."""
-    tensors, readers, writers = graph.tensors, {}, {}
-    for op in _plan_ops(graph):
-        for name in op.outputs:
-            writers[name] = writers.get(name, 0) + 1
-        if op.kind in ("linear", "linear_bwd_weight") and len(op.inputs) >= 2:
-            x, other = (op.inputs[0], op.inputs[1]) if op.kind == "linear" else (op.inputs[1], op.inputs[0])
-            dx, do = TORCH_DTYPES.get(tensors[x].dtype), TORCH_DTYPES.get(tensors[other].dtype)
-            if dx is not None and do is not None and torch.promote_types(dx, do) != dx:
-                readers[x] = readers.get(x, 0) + 1
-    return {n for n, k in readers.items() if k >= 2 and writers.get(n, 0) == 1}
+    def wider(x: str, other: str) -> bool:
+        dx, do = TORCH_DTYPES.get(x), TORCH_DTYPES.get(other)
+        return dx is not None and do is not None and torch.promote_types(dx, do) != dx
+
+    return sz.upcast_names(_plan_ops(graph), graph.tensors, wider)
 
 
 def capturing() -> bool:
@@ -151,12 +152,9 @@ class CudaState:
         # unpacked temporaries: their storage is not the arena)
         space_of = {tensors[n].space: v for n, v in zip(op.inputs, ins, strict=False)
                     if isinstance(v, torch.Tensor) and _is_arena_view(v, tensors[n])}
-        acc = attrs.get("accumulate_into")
-        if acc is None:  # the executor's rule for back-half ops: `accumulate` adds into every output
-            acc = op.outputs if attrs.get("accumulate") else ()
-        acc = set(acc)
+        accumulate = sz.accumulates(op, index, first, tensors)  # the executor's rule (shared with the planner)
         views, modes = [], []
-        for name in op.outputs:
+        for name, acc in zip(op.outputs, accumulate, strict=True):
             t = tensors[name]
             src = space_of.get(t.space)
             if src is None or t.offset is None:  # no input in that arena: a fresh buffer, copied by the executor
@@ -164,7 +162,7 @@ class CudaState:
                 modes.append(False)
                 continue
             views.append(_arena_view(src.untyped_storage(), src.device, t))
-            modes.append(name in acc and (t.role is Role.GRADIENT or first[name] != index))
+            modes.append(acc)
         binding = Binding(views, modes, tuple(op.inputs))
         self._bindings[key] = binding
         return binding
@@ -181,7 +179,7 @@ class CudaState:
             self._upcast[id(graph)] = entry
         if name not in entry[1]:
             return t.to(dtype)
-        slot = self.scratch("upcast", tuple(t.shape), dtype, t.device)
+        slot = self.alloc(sz.upcast_slot(*t.shape, dtype_name(dtype)), t.device)
         key = (tuple(t.shape), dtype, str(t.device))
         owner = (name, run_token(ctx))
         if self._upcast_owner.get(key) != owner:
@@ -199,6 +197,10 @@ class CudaState:
             buf = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
             self._scratch[key] = buf
         return buf
+
+    def alloc(self, spec: sz.Spec, device: torch.device, zero: bool = False) -> torch.Tensor:
+        """The scratch buffer of a `cuda_sizes` spec (what the plan's workspace estimate counts)."""
+        return self.scratch(spec.tag, spec.shape, TORCH_DTYPES[spec.dtype], device, zero=zero)
 
     def constant(self, key: tuple, build: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
         k = (*key, str(device))

@@ -1,0 +1,262 @@
+"""Sizes of the `cuda` backend's own device buffers, as pure functions of shapes and dtype names (no torch).
+
+The backend's kernels allocate their scratch buffers through these functions (`CudaState.alloc(spec)`), and
+the compiler's `workspace` pass calls the same functions over the plan's schedule to predict what the backend
+holds beside the arena (compiler/passes/workspace.py): the two cannot drift apart.
+
+A scratch buffer is a `Spec` (tag, shape, dtype name); `CudaState` keeps one buffer per distinct spec (and
+device) for the executor's lifetime, so the backend's persistent bytes are the sum over the distinct specs the
+schedule asks for. Transient bytes (torch temporaries created inside a kernel call, flash attention's own
+allocations, the cuBLAS workspace) are sized here too, per call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from surogate.compiler.ir import DTYPE_BITS
+
+
+class Spec(NamedTuple):
+    """One scratch buffer: CudaState keys it by (tag, shape, dtype) and allocates it once."""
+
+    tag: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the backend runs on: a GPU (flash attention for bf16/fp16, `sms` multiprocessors) or CPU tensors
+    under the Numba simulator (SDPA attention, 2 resident blocks)."""
+
+    cuda: bool = True
+    sms: int = 132  # H100 SXM
+    simulator: bool = False
+    capability: tuple[int, int] = (9, 0)
+
+    @property
+    def resident_blocks(self) -> int:
+        """numba_kernels._device._max_resident_blocks on this target."""
+        return 2 if self.simulator else self.sms * 8
+
+    def flash(self, dtype: str) -> bool:
+        """cuda_attention.use_flash on this target (SUROGATE_CUDA_ATTENTION=sdpa turns it off)."""
+        return (self.cuda and dtype in ("bf16", "fp16")
+                and os.environ.get("SUROGATE_CUDA_ATTENTION", "auto") != "sdpa")
+
+
+FLOATS = ("fp16", "bf16", "fp32")
+
+
+def promote(a: str, b: str) -> str:
+    """torch.promote_types on IR dtype names (floats; bf16 with fp16 gives fp32)."""
+    if a == b:
+        return a
+    if a in FLOATS and b in FLOATS:
+        return "fp32" if "fp32" in (a, b) or {a, b} == {"bf16", "fp16"} else a
+    return a if DTYPE_BITS.get(a, 0) >= DTYPE_BITS.get(b, 0) else b
+
+
+def nbytes(shape: Iterable[int], dtype: str) -> int:
+    return math.prod(tuple(shape)) * DTYPE_BITS[dtype] // 8
+
+
+# -- accumulation and shared conversions (the rules CudaState applies) --------------------------------------
+def accumulates(op: Any, index: int, first_writer: dict[str, int], tensors: dict[str, Any]) -> list[bool]:
+    """Per output of `op` (at schedule `index`): whether the backend adds into it (the executor's rule)."""
+    from surogate.compiler.ir import Role
+
+    acc = op.attrs.get("accumulate_into")
+    if acc is None:  # back-half ops: `accumulate` adds into every output
+        acc = op.outputs if op.attrs.get("accumulate") else ()
+    acc = set(acc)
+    return [name in acc and (tensors[name].role is Role.GRADIENT or first_writer[name] != index)
+            for name in op.outputs]
+
+
+def upcast_names(ops: Iterable[Any], tensors: dict[str, Any], wider: Callable[[str, str], bool]) -> set[str]:
+    """Activations that two or more mixed-dtype GEMMs read in a wider dtype (the input of q/k/v's or gate/up's
+    fp32 LoRA adapters), written by exactly one op per run: worth converting once per run. `wider(x, other)`:
+    whether x's dtype promotes to a different one against other's."""
+    readers: dict[str, int] = {}
+    writers: dict[str, int] = {}
+    for op in ops:
+        for name in op.outputs:
+            writers[name] = writers.get(name, 0) + 1
+        if op.kind in ("linear", "linear_bwd_weight") and len(op.inputs) >= 2:
+            x, other = (op.inputs[0], op.inputs[1]) if op.kind == "linear" else (op.inputs[1], op.inputs[0])
+            if wider(tensors[x].dtype, tensors[other].dtype):
+                readers[x] = readers.get(x, 0) + 1
+    return {n for n, k in readers.items() if k >= 2 and writers.get(n, 0) == 1}
+
+
+def upcast_slot(rows: int, cols: int, dtype: str) -> Spec:
+    return Spec("upcast", (rows, cols), dtype)
+
+
+# -- per-kernel scratch ------------------------------------------------------------------------------------
+def acc_buffer(tag: str, shape: tuple[int, ...], dtype: str) -> Spec:
+    """Where a kernel writes an output it then adds into the planned view."""
+    return Spec(tag, tuple(shape), dtype)
+
+
+def linear_bias(rows: int, cols: int, dtype: str) -> Spec:
+    return Spec("linear_bias", (rows, cols), dtype)
+
+
+def embedding_pad_row(hidden: int, dtype: str) -> Spec:
+    return Spec("embedding_pad_row", (hidden,), dtype)
+
+
+def rms_rstd(rows: int) -> Spec:
+    return Spec("rms_rstd", (rows,), "fp32")
+
+
+def rms_dw(fwd_op: Any, hidden: int, dtype: str) -> Spec:
+    return Spec(f"rms_dw:{fwd_op}", (hidden,), dtype)
+
+
+def rms_ws(rows: int, hidden: int, grid: int) -> Spec:
+    """fp32 dweight partials of the RMSNorm backward: one row per block of its grid."""
+    return Spec("rms_ws", (min(rows, grid), hidden), "fp32")
+
+
+def rms_ds(shape: tuple[int, ...], dtype: str) -> Spec:
+    return Spec("rms_ds", tuple(shape), dtype)
+
+
+def ce_logits(numel: int, dtype: str) -> Spec:
+    return Spec("ce_logits", (numel,), dtype)
+
+
+def ce_rows(rows: int) -> list[Spec]:
+    """Row statistics of the fused LM-head cross-entropy (running max, sum, target logit)."""
+    return [Spec("ce_m", (rows,), "fp32"), Spec("ce_s", (rows,), "fp32"), Spec("ce_tgt", (rows,), "fp32")]
+
+
+def ce_loss_rows(rows: int) -> Spec:
+    return Spec("ce_loss_rows", (rows,), "fp32")
+
+
+CE_INV_ITEMS = Spec("ce_inv_items", (), "fp32")
+
+
+def attn_bias(b: int, t: int, dtype: str) -> list[Spec]:
+    """The SDPA path's block-diagonal causal bias and the two buffers it is built from."""
+    return [Spec("attn_bias", (b, 1, t, t), dtype), Spec("attn_doc", (b * t,), "int64"),
+            Spec("attn_same", (b, t, t), "bool")]
+
+
+def attn_expand(tag: str, b: int, heads: int, t: int, hd: int, dtype: str) -> Spec:
+    return Spec(tag, (b, heads, t, hd), dtype)
+
+
+def attn_lse_pad(b: int, heads: int, t: int) -> Spec:
+    return Spec("attn_lse_pad", (b, heads, -(-t // 32) * 32), "fp32")
+
+
+def attn_lse_native(nh: int, total: int) -> Spec:
+    return Spec("attn_lse_native", (nh, total), "fp32")
+
+
+def chunks(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of `parts` near-equal chunks of n (the attention backward's head groups)."""
+    parts = max(1, min(int(parts), n))
+    step = -(-n // parts)
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def normuon(rows: int, cols: int, grad_shape: tuple[int, ...] | None) -> list[Spec]:
+    """NorMuon's fp32 scratch: the clipped gradient (with clipping), the update, row sums, the scale."""
+    specs = [Spec("nm_grad", tuple(grad_shape), "fp32")] if grad_shape is not None else []
+    return specs + [Spec("nm_update", (rows, cols), "fp32"), Spec("nm_rowsq", (rows,), "fp32"),
+                    Spec("nm_scale", (1,), "fp32")]
+
+
+GRAD_NORM = [Spec("gn_acc", (), "fp32"), Spec("gn_part", (), "fp32")]
+ADAMW_SCALARS = 8  # fp32 hyperparameters per adamw8bit_step op (CudaState.scalars)
+NORMUON_SCALARS = 2
+
+
+# -- transients --------------------------------------------------------------------------------------------
+TILE_ELEMENTS = 1 << 23  # output elements per block of a mixed-dtype GEMM (16 MiB of bf16)
+
+
+def gemm_transient(a: tuple[int, int], a_dtype: str, b: tuple[int, int], b_dtype: str, out_dtype: str) -> int:
+    """Peak bytes of torch temporaries of `cuda_gemm.gemm_into(out, a, b)`: none when all three dtypes agree;
+    else b in the compute dtype, a block of a's rows in it, and the block's product when out has another dtype
+    (a rebound block's new tensor exists before the old one is freed: two blocks when there are several)."""
+    if a_dtype == b_dtype == out_dtype:
+        return 0
+    dt = promote(a_dtype, b_dtype)
+    rows, cols = a[0], b[1]
+    step = max(1, TILE_ELEMENTS // max(1, cols))
+    live = 2 if rows > step else 1
+    block = min(rows, step)
+    total = nbytes(b, dt) if b_dtype != dt else 0
+    if a_dtype != dt:
+        total += live * block * a[1] * DTYPE_BITS[dt] // 8
+    if out_dtype != dt:
+        total += live * block * cols * DTYPE_BITS[dt] // 8
+    return total
+
+
+def cublas_workspace(capability: tuple[int, int], env: str | None = None) -> int:
+    """Bytes of torch's cuBLAS workspace per (handle, stream), which cuBLASLt shares by default
+    (torch CublasHandlePool.cpp: CUBLAS_WORKSPACE_CONFIG ':SIZE_KiB:COUNT' pairs, default ':4096:8' = 32 MiB on
+    SM90+, ':4096:2:16:8' below)."""
+    import re
+
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG") if env is None else env
+    if env:
+        pairs = re.findall(r":([0-9]+):([0-9]+)", env)
+        if pairs:
+            return sum(int(s) * 1024 * int(c) for s, c in pairs)
+    return 4096 * 8 * 1024 if capability[0] >= 9 else 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+# -- flash attention ---------------------------------------------------------------------------------------
+MIN_DOC_SLOTS = 16  # the smallest cu_seqlens bucket flash attention gets (cuda_attention.doc_slots)
+
+
+def flash_bwd_bytes_per_group(total: int, seqs: int, rep: int, hd: int) -> int:
+    """Device bytes `_flash_attention_backward` allocates per key/value group of a call (torch's flash_api.cpp,
+    mha_varlen_bwd): fp32 dQ accumulator and softmax_d over total + 128 * seqs rows, dq/dk/dv, the GQA-expanded
+    dk/dv, and the contiguous copies of dout and out a head slice needs."""
+    rows = total + 128 * seqs
+    hdr = -(-hd // 32) * 32 if hd <= 128 else -(-hd // 64) * 64
+    accum = rows * rep * hdr * 4 + rows * rep * 4
+    grads = total * rep * hd * 2 + 2 * total * hd * 2 + (2 * total * rep * hd * 2 if rep > 1 else 0)
+    copies = 2 * total * rep * hd * 2
+    return accum + grads + copies
+
+
+def flash_bwd_chunks(total: int, seqs: int, nh: int, nkv: int, hd: int, budget: int, planned: int,
+                     sms: int = 132, waves: int | None = None) -> int:
+    """Chunks of whole key/value groups for the flash backward: at least the plan's, and as many as keep one
+    call's own allocations within the plan's attention workspace (`budget` bytes, which flash cannot use)
+    while each call still fills the GPU (flash's backward runs one block per 128 keys per head: a call
+    keeps >= `waves` blocks per multiprocessor; SUROGATE_FLASH_BWD_WAVES, default 2, 0 = memory only)."""
+    if waves is None:
+        waves = int(os.environ.get("SUROGATE_FLASH_BWD_WAVES", "2"))
+    rep = nh // nkv
+    per_group = flash_bwd_bytes_per_group(total, seqs, rep, hd)
+    by_memory = budget // max(1, per_group)
+    by_occupancy = -(-waves * sms // max(1, rep * -(-total // 128)))
+    groups = max(1, min(nkv, max(by_memory, by_occupancy)))
+    return max(int(planned), -(-nkv // groups))
+
+
+def flash_fwd_bytes(total: int, nh: int, hd: int, itemsize: int) -> int:
+    """What `_flash_attention_forward` returns (and the kernel then copies into the plan's views): the output
+    [total, nh, hd] and the fp32 softmax LSE [nh, total] (flash_api.cpp mha_varlen_fwd), plus its rng state."""
+    return total * nh * hd * itemsize + nh * total * 4 + 16
