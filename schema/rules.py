@@ -245,9 +245,14 @@ def parallel_sizes(cfg, given):
         yield ConfigIssue(
             "distributed.gpus_per_node", "multi-node training needs a GPU count: set it, or `gpus`", 0
         )
+    single = per_node == 1 and dist["num_nodes"] == 1
     for key in ("memcpy_all_gather", "memcpy_send_recv", "use_all_to_all_reduce"):
-        if cfg[key] and per_node == 1 and dist["num_nodes"] == 1:
+        if cfg[key] and single:
             yield _warn(key, "has no effect on a single GPU")
+        elif cfg[key] and key != "use_all_to_all_reduce":
+            # the reference's threads backend shares one address space; Surogate's ranks are processes
+            yield _warn(key, "applies to the threads backend only; Surogate's ranks are processes "
+                             "(torch.distributed: NCCL on GPUs, gloo on CPU), so it has no effect")
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -27,6 +27,31 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _all_to_all_sum(padded: torch.Tensor, world: int) -> torch.Tensor:
+    """Reduce-scatter of `padded` (world equal row blocks) by one all-to-all: every rank receives its block from
+    each peer and adds them up locally, in rank order (`use_all_to_all_reduce`)."""
+    import torch.distributed as dist
+
+    received = torch.empty_like(padded)
+    dist.all_to_all_single(received, padded)
+    return received.view(world, padded.shape[0] // world, *padded.shape[1:]).sum(0)
+
+
+def _all_to_all_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """A sum all-reduce as an all-to-all reduce-scatter followed by an all-gather (`use_all_to_all_reduce`)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    flat = x.reshape(-1)
+    per_rank = -(-flat.numel() // world)
+    padded = torch.zeros(per_rank * world, dtype=x.dtype, device=x.device)
+    padded[: flat.numel()] = flat
+    mine = _all_to_all_sum(padded, world)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return torch.cat(parts)[: flat.numel()].view_as(x)
+
+
 def all_reduce(ins: list, attrs: dict, ctx: Any) -> list:
     import torch.distributed as dist
 
@@ -38,7 +63,10 @@ def all_reduce(ins: list, attrs: dict, ctx: Any) -> list:
             sq = x.float().pow(2)
             dist.all_reduce(sq)
             return [sq.sqrt().to(x.dtype)]
-        dist.all_reduce(x)
+        if attrs.get("all_to_all"):  # use_all_to_all_reduce: reduce-scatter by all-to-all, then all-gather
+            x = _all_to_all_all_reduce(x)
+        else:
+            dist.all_reduce(x)
         if attrs.get("op", "avg") == "avg":
             x /= _world()
     return [x]
@@ -70,7 +98,9 @@ def reduce_scatter(ins: list, attrs: dict, ctx: Any) -> list:
     rows = ctx.shape_of_output(0)[0]
     padded = torch.zeros((rows * world, *full.shape[1:]), dtype=full.dtype)
     padded[: full.shape[0]] = full
-    if dist.get_backend() == "gloo":  # gloo has no reduce_scatter: all-reduce, keep this rank's rows
+    if attrs.get("all_to_all"):  # use_all_to_all_reduce
+        out = _all_to_all_sum(padded, world)
+    elif dist.get_backend() == "gloo":  # gloo has no reduce_scatter: all-reduce, keep this rank's rows
         dist.all_reduce(padded)
         out = padded[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
     else:

@@ -1,5 +1,5 @@
 """The cpu backend's collectives and rank-sliced optimizer step with uneven (zero-padded) shards: 3 gloo
-ranks on 5 rows, and a ZeRO-1 AdamW step stitched from 3 ranks' slices equal to the full-tensor step."""
+ranks on 5 rows (also through `use_all_to_all_reduce`), and a ZeRO-1 AdamW step stitched from 3 ranks' slices equal to the full-tensor step."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     attrs = {"op": "avg", "when": "last_micro_step"}
     results["not_last"] = cpu.all_reduce([_value(rank)], attrs, _ctx((ROWS, 4), last=False))[0]
     results["avg"] = cpu.all_reduce([_value(rank)], attrs, _ctx((ROWS, 4)))[0]
+    # use_all_to_all_reduce: the same reductions through one all-to-all (+ an all-gather for all-reduce)
+    results["reduce_scatter_a2a"] = cpu.reduce_scatter([_value(rank)], {"all_to_all": True}, _ctx((2, 4)))[0]
+    results["avg_a2a"] = cpu.all_reduce([_value(rank)], {**attrs, "all_to_all": True}, _ctx((ROWS, 4)))[0]
     with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
         pickle.dump(results, f)
     dist.destroy_process_group()
@@ -62,6 +65,9 @@ def test_collectives_with_padded_shards(tmp_path):
         assert torch.equal(got["gather_in_place"], stitched)
         assert got["not_last"] is None  # still accumulating: no reduction, the gradient is left alone
         assert torch.allclose(got["avg"], mean, rtol=1e-6)
+        # integer-valued inputs: every summation order is exact, so the two algorithms agree bitwise
+        assert torch.equal(got["reduce_scatter_a2a"], got["reduce_scatter"])
+        assert torch.equal(got["avg_a2a"], got["avg"])
 
 
 def test_zero1_adamw_slices_stitch_to_the_full_step(monkeypatch):

@@ -72,11 +72,11 @@ def _merged(out):
     return tensors
 
 
-@pytest.mark.parametrize("level", [1, 2, 3])
-def test_lora_two_ranks_equal_one_rank(root, one_rank, level):
-    name = f"two-lora-z{level}"
-    result = run_training(cfg_for(root, name, gpus=2, accumulation=1, zero_level=level, merge_adapter=True),
-                          backend="cpu")
+@pytest.mark.parametrize(("level", "all_to_all"), [(1, False), (2, False), (3, False), (2, True)])
+def test_lora_two_ranks_equal_one_rank(root, one_rank, level, all_to_all):
+    name = f"two-lora-z{level}{'-a2a' if all_to_all else ''}"
+    result = run_training(cfg_for(root, name, gpus=2, accumulation=1, zero_level=level, merge_adapter=True,
+                                  use_all_to_all_reduce=all_to_all), backend="cpu")
     _check(root, name, one_rank, result, lora=True)
 
 

@@ -133,3 +133,12 @@ def test_every_rule_is_registered_once():
     public = [f for name, f in inspect.getmembers(input_rules, inspect.isfunction)
               if f.__module__ == input_rules.__name__ and not name.startswith("_") and name != "parse_rope_scaling"]
     assert public and all(f in rules.RULES for f in public)
+
+
+def test_collective_options_say_when_they_have_no_effect():
+    single = _notices(check(memcpy_all_gather=True, use_all_to_all_reduce=True), "warning")
+    assert "single GPU" in single["memcpy_all_gather"] and "single GPU" in single["use_all_to_all_reduce"]
+    many = _notices(check(gpus=2, memcpy_all_gather=True, memcpy_send_recv=True, use_all_to_all_reduce=True),
+                    "warning")
+    assert "threads backend only" in many["memcpy_all_gather"] and "threads backend only" in many["memcpy_send_recv"]
+    assert "use_all_to_all_reduce" not in many  # with ranks it picks the reduction algorithm (tests/distributed)
