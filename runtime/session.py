@@ -30,6 +30,10 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
         raise NotAvailableError(f"this plan is for {world} rank(s) (gpus x distributed.num_nodes) but it was "
                                 f"started in a world of {started} processes (torchrun --nproc-per-node / "
                                 "WORLD_SIZE); start it with one process per rank, or re-plan")
+    if int(getattr(cfg, "sequence_parallel_size", 1) or 1) > 1:
+        raise NotAvailableError("sequence_parallel_size: sequence parallelism is not in this version (its plan "
+                                "would be that of sequence_parallel_size 1); train with sequence_parallel_size: 1, "
+                                "where data-parallel ranks split the batch instead")
     if backend == "cpu" and cfg.recipe != "bf16":
         raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "
                                 "trains with recipe 'bf16' only")

@@ -179,6 +179,9 @@ def apply_zero(graph: Graph, cfg: Any) -> Graph:
     }
     graph.meta["zero"] = info
     graph.meta.setdefault("notes", []).extend(notes)
+    if int(getattr(cfg, "sequence_parallel_size", 1) or 1) > 1:
+        graph.meta["notes"].append("sequence_parallel_size > 1: sequence parallelism is not in this version; this "
+                                   "plan splits no sequence, and training refuses it")
     if world == 1 and (level > 1 or getattr(cfg, "shard_weights", False) or getattr(cfg, "shard_gradients", False)):
         graph.meta["notes"].append("ZeRO sharding has no effect with a single rank")
     if info["weights"]:

@@ -117,3 +117,9 @@ def test_zero3_gathers_are_prefetched_one_group_early():
     assert len(early) >= len(gathers) - 2  # the very first gather of each phase has nothing to overlap
     for t, i in gathers.items():
         assert i < first_use[t]
+
+
+def test_sequence_parallel_plan_says_it_splits_no_sequence():
+    plan = back_half(gpus=2, sequence_parallel_size=2)
+    assert any(n.startswith("sequence_parallel_size > 1") for n in plan.meta["notes"])
+    assert not any("sequence_parallel" in n for n in back_half(gpus=2).meta["notes"])

@@ -1,4 +1,4 @@
-"""`run_training`'s GPU check reads the one requirement table in `schema/hardware.py`: hard needs refuse,
+"""`run_training` refuses what this version cannot run (sequence parallelism). Its GPU check reads the one requirement table in `schema/hardware.py`: hard needs refuse,
 soft ones (FP8 QLoRA below SM89) run with a note."""
 
 import re
@@ -51,3 +51,9 @@ def test_fp8_qlora_below_sm89_runs_with_a_note(gpu):
     assert len(notes) == 1 and notes[0].startswith("qlora_fp8:") and "SM80" in notes[0]
     gpu(9, 0)
     assert _check_runnable(ONE_RANK, _cfg(qlora_fp8=True), "cuda") == []
+
+
+def test_sequence_parallelism_is_refused_not_ignored():
+    with pytest.raises(NotAvailableError, match="sequence_parallel_size: sequence parallelism is not in this version"):
+        _check_runnable(ONE_RANK, _cfg(sequence_parallel_size=2), "cpu")
+    assert _check_runnable(ONE_RANK, _cfg(sequence_parallel_size=1), "cpu") == []
