@@ -101,6 +101,7 @@ class Trainer:
         self.lr_scale = 1.0  # permanent factor from automatic LR reductions
         self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
+        self._micro_losses: torch.Tensor | None = None  # the step's micro-losses, on the loss's device
         self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
 
     # -- one step --------------------------------------------------------------------------------------
@@ -142,7 +143,10 @@ class Trainer:
             ctx = StepContext(self.plan, (self.step * self.accumulation + i) * self.world + self.rank,
                               last_micro_step=i == len(mine) - 1)
             self.ex.run(MICRO_STEP, ctx)
-            micro_loss = float(self.ex.observed[self.loss_name])
+            self._keep_micro_loss(i, len(mine))
+        # one host read per step: a read per micro-step would make the host wait for the device each time
+        # instead of queueing the next micro-batch's inputs while the device still computes
+        for i, micro_loss in enumerate(self._micro_losses[: len(mine)].tolist()):
             if not math.isfinite(micro_loss) and bad_micro is None:
                 bad_micro = i * self.world + self.rank
             loss += micro_loss
@@ -159,6 +163,14 @@ class Trainer:
             self.applied += 1
         self.step += 1
         return loss, norm, tokens, bad_micro
+
+    def _keep_micro_loss(self, i: int, n: int) -> None:
+        """Copy micro-step `i`'s loss into a device buffer made once (the observed tensor is rewritten by the
+        next micro-step: a replayed CUDA graph reuses its output)."""
+        value = self.ex.observed[self.loss_name].reshape(())
+        if self._micro_losses is None or self._micro_losses.numel() < n or self._micro_losses.device != value.device:
+            self._micro_losses = torch.zeros(max(n, self.accumulation), dtype=torch.float64, device=value.device)
+        self._micro_losses[i].copy_(value)
 
     def gradient_norm(self) -> float:
         """Global L2 norm of the step's gradients (sharded gradients: the ranks' sums of squares added)."""
