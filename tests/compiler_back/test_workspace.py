@@ -1,0 +1,119 @@
+"""The `workspace` pass: the cuda backend's device bytes beside the arena, in the plan's memory report, the
+`surogate plan` table and the fit verdict. (That its figures are what the kernels really allocate is checked by
+running the kernel table under the simulator: tests/cuda_backend/test_workspace_sim.py.)"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from surogate.compiler.passes.workspace import estimate_workspace
+from surogate.compiler.pipeline import PASS_NAMES, compile_plan
+from surogate.compiler.report import build_report, memory_table_text, reserve_bytes
+from surogate.runtime.backends import cuda_sizes as sz
+from surogate.schema import config_from_dict
+
+# the throughput benchmark's job (benchmarks/_gpu_job.py): Qwen3-0.6B, bf16, LoRA r16 on all seven projections
+JOB = {"model": "Qwen/Qwen3-0.6B", "sequence_len": 2048, "per_device_train_batch_size": 2,
+       "gradient_accumulation_steps": 4, "torch_dtype": "bfloat16", "lora": True, "lora_rank": 16, "lora_alpha": 32,
+       "lora_dropout": 0.0, "optimizer": "adamw_8bit", "learning_rate": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return compile_plan(config_from_dict(JOB))
+
+
+def test_pass_runs_last_and_the_report_adds_a_separate_total(plan):
+    assert PASS_NAMES[-1] == "workspace" and PASS_NAMES[-2] == "buffers"
+    dev = plan.memory["device"]
+    ws = dev["backend_workspace"]
+    assert dev["peak_bytes"] == plan.arenas["device"]  # the arena keeps its meaning
+    assert dev["total_peak_bytes"] == dev["peak_bytes"] + ws["bytes"]
+    parts = (ws["persistent_bytes"] + ws["constants_bytes"] + ws["scalars_bytes"] + ws["transient_bytes"]
+             + ws["cublas_workspace_bytes"])
+    assert parts <= ws["bytes"] <= parts + 512 * (ws["persistent_buffers"] + 64)  # allocator blocks of 512 B
+    assert ws["not_sized"] == []
+
+
+def test_benchmark_job_figures(plan):
+    ws = plan.memory["device"]["backend_workspace"]
+    rows, hidden = 2 * 2048, 1024
+    # q/k/v and gate/up read the same [rows, hidden] bf16 activation in fp32: one shared slot
+    assert ws["by_tag"]["upcast"] == rows * hidden * 4
+    assert ws["by_tag"]["attn_lse_native"] == 16 * rows * 4  # flash path: LSE in [heads, tokens]
+    assert "attn_bias" not in ws["by_tag"]  # the SDPA path's mask is not built on a GPU
+    assert ws["cublas_workspace_bytes"] == 32 * 2**20  # torch's default on SM90
+    # flash attention's backward: whole kv groups per call, as many as the plan's fp32 workspace and occupancy allow
+    bwd = next(op for op in plan.ops if op.kind == "attention_bwd")
+    budget = plan.tensors[bwd.outputs[-1]].nbytes
+    chunks = sz.flash_bwd_chunks(rows, sz.MIN_DOC_SLOTS, 16, 8, 128, budget, int(bwd.attrs.get("chunks", 1)))
+    groups = max(g1 - g0 for g0, g1 in sz.chunks(8, chunks))
+    assert ws["transient_by_kind"]["attention_bwd"] == groups * sz.flash_bwd_bytes_per_group(rows, 16, 2, 128)
+    # the largest temporary of the job, and the whole workspace: small against the arena, not negligible
+    assert ws["transient_bytes"] == max(ws["transient_by_kind"].values())
+    assert 0.01 < ws["bytes"] / plan.memory["device"]["peak_bytes"] < 0.1
+
+
+def test_targets_choose_the_attention_path(plan, monkeypatch):
+    sim = estimate_workspace(plan, sz.Target(cuda=False, simulator=True))
+    assert {"attn_bias", "attn_doc", "attn_same", "attn_k", "attn_v", "attn_kc", "attn_vc"} <= set(sim["by_tag"])
+    assert "attn_lse_pad" not in sim["by_tag"] and sim["cublas_workspace_bytes"] == 0
+    # fewer resident blocks on the simulator: a smaller RMSNorm partials workspace
+    gpu = plan.memory["device"]["backend_workspace"]
+    assert sim["by_tag"]["rms_ws"] < gpu["by_tag"]["rms_ws"]
+    monkeypatch.setenv("SUROGATE_CUDA_ATTENTION", "sdpa")
+    sdpa = estimate_workspace(plan)
+    assert "attn_lse_pad" in sdpa["by_tag"] and "attn_lse_native" not in sdpa["by_tag"]
+    b, t = 2, 2048
+    assert sdpa["by_tag"]["attn_bias"] == b * t * t * 2  # [B, 1, T, T] bf16 mask: the reason flash is preferred
+    assert sdpa["bytes"] > gpu["bytes"]
+
+
+def test_gemm_temporaries_and_cublas_workspace():
+    assert sz.gemm_transient((4096, 1024), "bf16", (1024, 16), "bf16", "bf16") == 0
+    # bf16 activations into an fp32 adapter, bf16 output: blocks of 2730 rows (2 alive), x and product in fp32
+    step = (1 << 23) // 3072
+    assert sz.gemm_transient((4096, 16), "bf16", (16, 3072), "fp32", "bf16") == 2 * step * 16 * 4 + 2 * step * 3072 * 4
+    # one block: a bf16 product cast into an fp32 output; a bf16 b converted for an fp32 GEMM into its fp32 output
+    assert sz.gemm_transient((8, 4), "bf16", (4, 4), "bf16", "fp32") == 8 * 4 * 2
+    assert sz.gemm_transient((8, 4), "fp32", (4, 4), "bf16", "fp32") == 4 * 4 * 4
+    assert sz.cublas_workspace((9, 0), "") == 32 * 2**20
+    assert sz.cublas_workspace((8, 0), "") == 4096 * 1024 * 2 + 16 * 1024 * 8
+    assert sz.cublas_workspace((9, 0), ":1024:2") == 2 * 2**20
+    assert sz.promote("bf16", "fp16") == "fp32" and sz.promote("bf16", "fp32") == "fp32"
+
+
+def test_fit_verdict_counts_the_workspace(plan):
+    dev = plan.memory["device"]
+
+    def capacity_for(need: int) -> int:  # the smallest GPU whose usable memory holds `need`
+        lo, hi = need, 2 * need + 2**31
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if mid - reserve_bytes(mid) < need else (lo, mid)
+        return lo
+
+    assert build_report(plan, gpu_memory=capacity_for(dev["total_peak_bytes"]))["fits"] is True
+    # room for the arena but not for the backend's buffers beside it: does not fit
+    assert build_report(plan, gpu_memory=capacity_for(dev["peak_bytes"]))["fits"] is False
+    rep = build_report(plan)
+    assert rep["memory"]["device"]["backend_workspace"]["bytes"] > 0  # in `surogate plan --json`
+
+
+def test_memory_table_shows_the_workspace(plan):
+    text = memory_table_text(plan, width=140)
+    for row in ("backend scratch (persistent)", "backend temporaries (at attention_bwd)", "cuBLAS workspace",
+                "device total (arena + backend)"):
+        assert row in text
+
+
+def test_kernels_allocate_scratch_only_through_the_shared_sizes():
+    """The estimate and the kernels share `cuda_sizes`: a kernel sizing a buffer by itself would drift."""
+    from surogate.runtime.backends import cuda_attention, cuda_gemm, cuda_numba, cuda_optim
+
+    for module in (cuda_attention, cuda_gemm, cuda_numba, cuda_optim):
+        src = inspect.getsource(module)
+        assert "st.scratch(" not in src and "st.alloc(" in src, module.__name__
+    assert cuda_attention.flash_bwd_chunks is sz.flash_bwd_chunks
