@@ -14,14 +14,12 @@ rotates. A crash at any moment leaves either the previous state or the new one: 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,16 @@ from safetensors.torch import load_file, save_file
 
 from surogate.errors import UserError
 from surogate.runtime import rng as rng_mod
+from surogate.runtime.atomic_files import (
+    fsync_dir,
+    fsync_file,
+    owned_host_tensors,
+    pid_alive,
+    publish_dir,
+    sha256_of,
+    write_atomic_text,
+)
+from surogate.runtime.checkpoint_config import check_config_compatible, config_fingerprint, is_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -61,115 +69,6 @@ class Checkpoint:
         if self.rng is None:
             raise UserError(f"{self.path}: this checkpoint was saved without random-generator state")
         rng_mod.restore(self.rng)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    """Write a small file so readers see the old or the new content, never a mix (temp + fsync + replace)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def owned_host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Host tensors that each own their storage, as safetensors requires.
-
-    Device tensors are copied to the host anyway; host views into a larger buffer (arena views), tied
-    names and non-contiguous tensors are cloned; everything else is written without a copy.
-    """
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"checkpoint tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        else:
-            storage = t.untyped_storage()
-            owns = storage.nbytes() == t.numel() * t.element_size() and storage.data_ptr() not in seen
-            if not (owns and t.is_contiguous()):
-                t = t.clone(memory_format=torch.contiguous_format)
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
-
-
-def publish_dir(tmp: Path, final: Path, stage: Callable[[str], None] | None = None) -> None:
-    """Rename a finished, fsynced temp folder into place; an existing `final` is replaced (moved aside, then removed).
-
-    `stage`: test seam called between the two renames (the only window where `final` is absent).
-    """
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-        if stage is not None:
-            stage("moved_aside")
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder beside `final`; on success fsync its files and rename it to `final`.
-
-    On any exception the temp folder is removed and `final` (if it existed) is left untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
-        publish_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers are stale: this process is not inside a save right now
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CheckpointManager:
@@ -214,17 +113,17 @@ class CheckpointManager:
         tmp.mkdir()
         try:
             save_file(all_tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "step": str(step)})
-            _fsync_file(tmp / TENSORS_FILE)
+            fsync_file(tmp / TENSORS_FILE)
             self._stage("tensors_written")
             (tmp / STATE_FILE).write_text(state_text, encoding="utf-8")
-            _fsync_file(tmp / STATE_FILE)
+            fsync_file(tmp / STATE_FILE)
             self._stage("state_written")
             files = {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_of(tmp / n)}
                      for n in (TENSORS_FILE, STATE_FILE)}
             manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "files": files}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-            _fsync_file(tmp / MANIFEST_FILE)
-            _fsync_dir(tmp)
+            fsync_file(tmp / MANIFEST_FILE)
+            fsync_dir(tmp)
             self._stage("manifest_written")
             self._publish(tmp, final)
         except BaseException:
@@ -274,10 +173,10 @@ class CheckpointManager:
         for p in sorted(self.dir.iterdir()):
             m = _TMP.match(p.name)
             pointer_tmp = _LATEST_TMP.match(p.name)
-            if pointer_tmp and not _pid_alive(int(pointer_tmp.group(1))):
+            if pointer_tmp and not pid_alive(int(pointer_tmp.group(1))):
                 p.unlink(missing_ok=True)
                 removed.append(p)
-            if not (m and p.is_dir()) or _pid_alive(int(m.group(3))):
+            if not (m and p.is_dir()) or pid_alive(int(m.group(3))):
                 continue
             original = self.dir / f"checkpoint-{m.group(1)}"
             if m.group(2) == "old" and not original.exists():
@@ -370,50 +269,6 @@ def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool
                  if "rng" in full else None)
     state = full.get("state", {})
     if expect_config is not None and "config" in full:
-        current = expect_config if _is_fingerprint(expect_config) else config_fingerprint(expect_config)
+        current = expect_config if is_fingerprint(expect_config) else config_fingerprint(expect_config)
         check_config_compatible(full["config"], current, path)
     return Checkpoint(path, int(full["step"]), tensors, state, rng_state)
-
-
-# Options that change neither the weights' trajectory nor the data order: a resume may change them.
-_RESUME_FREE = {
-    "run_name", "output_dir", "checkpoint_dir", "resume_from_checkpoint", "save_steps", "save_total_limit",
-    "eval_steps", "report_to", "log_file", "log_gpu_util", "wandb_project", "wandb_name", "aim_experiment",
-    "aim_repo", "aim_name", "debug_time_breakdown", "debug_memory_breakdown", "dataloader_num_workers",
-    "use_cuda_graphs", "num_epochs", "max_steps", "early_stop", "distributed",
-}
-
-
-# The rank count and ZeRO layout may change on resume (the checkpoint is resharded,
-# `runtime.distributed.reshard`); the global batch may not: accumulation x ranks is what must match.
-_LAYOUT_FREE = {"gpus", "zero_level", "shard_weights", "shard_gradients"}
-GLOBAL_ACCUMULATION = "gradient_accumulation_steps x ranks"
-
-
-def config_fingerprint(cfg: Any) -> dict[str, Any]:
-    """The options a resumed run must share with the run that saved (JSON-able), plus their hash."""
-    from surogate.compiler.passes.zero import world_size
-
-    data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE | _LAYOUT_FREE}
-    if "gradient_accumulation_steps" in kept:
-        kept[GLOBAL_ACCUMULATION] = int(kept.pop("gradient_accumulation_steps")) * world_size(cfg)[0]
-    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-    return {"hash": digest, "options": kept}
-
-
-def _is_fingerprint(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"hash", "options"}
-
-
-def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
-    """UserError naming each option whose value differs between the saved and the current fingerprint."""
-    if saved.get("hash") == current.get("hash"):
-        return
-    old, new = saved.get("options", {}), current.get("options", {})
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    raise UserError(
-        f"checkpoint {where} was written with a different config; cannot resume. Differences: "
-        + ("; ".join(diffs) if diffs else "(config hash differs)")
-        + ". Set `resume_from_checkpoint: false` or point `checkpoint_dir` elsewhere to start fresh."
-    )

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from surogate.errors import UserError
-from surogate.runtime.checkpoint import atomic_directory, owned_host_tensors
+from surogate.runtime.atomic_files import atomic_directory, owned_host_tensors
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"

@@ -1,0 +1,53 @@
+"""Which options a resumed run must share with the run that saved its checkpoint (the config fingerprint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from surogate.errors import UserError
+
+# Options that change neither the weights' trajectory nor the data order: a resume may change them.
+_RESUME_FREE = {
+    "run_name", "output_dir", "checkpoint_dir", "resume_from_checkpoint", "save_steps", "save_total_limit",
+    "eval_steps", "report_to", "log_file", "log_gpu_util", "wandb_project", "wandb_name", "aim_experiment",
+    "aim_repo", "aim_name", "debug_time_breakdown", "debug_memory_breakdown", "dataloader_num_workers",
+    "use_cuda_graphs", "num_epochs", "max_steps", "early_stop", "distributed",
+}
+
+
+# The rank count and ZeRO layout may change on resume (the checkpoint is resharded,
+# `runtime.distributed.reshard`); the global batch may not: accumulation x ranks is what must match.
+_LAYOUT_FREE = {"gpus", "zero_level", "shard_weights", "shard_gradients"}
+GLOBAL_ACCUMULATION = "gradient_accumulation_steps x ranks"
+
+
+def config_fingerprint(cfg: Any) -> dict[str, Any]:
+    """The options a resumed run must share with the run that saved (JSON-able), plus their hash."""
+    from surogate.compiler.passes.zero import world_size
+
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE | _LAYOUT_FREE}
+    if "gradient_accumulation_steps" in kept:
+        kept[GLOBAL_ACCUMULATION] = int(kept.pop("gradient_accumulation_steps")) * world_size(cfg)[0]
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return {"hash": digest, "options": kept}
+
+
+def is_fingerprint(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"hash", "options"}
+
+
+def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
+    """UserError naming each option whose value differs between the saved and the current fingerprint."""
+    if saved.get("hash") == current.get("hash"):
+        return
+    old, new = saved.get("options", {}), current.get("options", {})
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    raise UserError(
+        f"checkpoint {where} was written with a different config; cannot resume. Differences: "
+        + ("; ".join(diffs) if diffs else "(config hash differs)")
+        + ". Set `resume_from_checkpoint: false` or point `checkpoint_dir` elsewhere to start fresh."
+    )
