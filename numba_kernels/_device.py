@@ -81,9 +81,20 @@ def _device_array(t: torch.Tensor):
             _ARRAYS.clear()
         # sync=False: torch's interface (version 2) names no stream, and a stream sync must never happen
         # inside a CUDA-graph capture; ordering comes from launching on torch's current stream.
-        arr = get_cuda().from_cuda_array_interface(t.__cuda_array_interface__, owner=None, sync=False)
+        cai = t.__cuda_array_interface__ if t.is_cuda else _pinned_interface(t)
+        arr = get_cuda().from_cuda_array_interface(cai, owner=None, sync=False)
         _ARRAYS[key] = arr
     return arr
+
+
+def _pinned_interface(t: torch.Tensor) -> dict:
+    """`__cuda_array_interface__` of a pinned host tensor (`use_zero_copy`): torch pins with cudaHostAlloc,
+    which under unified virtual addressing (every 64-bit CUDA platform) maps the memory into the device's
+    address space at the same pointer, so a kernel reads and writes it in place over PCIe/NVLink."""
+    item = t.element_size()
+    return {"shape": tuple(t.shape), "strides": tuple(s * item for s in t.stride()),
+            "typestr": torch.empty(0, dtype=t.dtype).numpy().dtype.str, "data": (t.data_ptr(), False),
+            "version": 2}
 
 
 def as_array(t):
@@ -104,8 +115,9 @@ def as_array(t):
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         return FakeCUDAArray(t.numpy())  # wraps the tensor's memory: kernels write in place, strides kept
-    if not t.is_cuda:
-        raise ValueError(f"CUDA kernels need CUDA tensors, got a {t.device} tensor of shape {tuple(t.shape)}")
+    if not t.is_cuda and not (t.device.type == "cpu" and t.is_pinned()):
+        raise ValueError(f"CUDA kernels need CUDA tensors (or pinned host tensors: zero copy), got a {t.device} "
+                         f"tensor of shape {tuple(t.shape)}")
     return _device_array(t)
 
 

@@ -62,3 +62,26 @@ def test_kernel_on_gpu_matches_reference(name, dtype):
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
         else:
             assert (got != want).float().mean() <= 0.01, name
+
+
+@pytest.mark.gpu
+def test_pinned_host_tensors_are_read_and_written_in_place():
+    """`use_zero_copy`: optimizer states in pinned host memory go to the kernels without a copy."""
+    if is_simulator():
+        pytest.skip("NUMBA_ENABLE_CUDASIM=1: run with NUMBA_ENABLE_CUDASIM=0 to test on the GPU")
+    args, kwargs, _ = CASES["adamw8bit_step"](torch.float32)
+    ref = copy.deepcopy((args, kwargs))
+    KERNELS["adamw8bit_step"].reference(*ref[0], **ref[1])
+    on_gpu = _to((args, kwargs), "cuda")
+    param, grad, state, hp = on_gpu[0]
+    # the 8-bit moments live in pinned host memory, as offloaded optimizer states do (offload_optimizer)
+    state = {k: v.cpu().pin_memory() for k, v in state.items()}
+    assert all(v.is_pinned() for v in state.values())
+    KERNELS["adamw8bit_step"].cuda(param, grad, state, hp, **on_gpu[1])
+    torch.cuda.synchronize()
+    for got, want in zip(_tensors(((param, grad, state, hp), on_gpu[1])), _tensors(ref), strict=True):
+        got = got.cpu()
+        if got.is_floating_point():
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-5, rtol=2e-5, equal_nan=True)
+        else:
+            assert (got != want).float().mean() <= 0.01
