@@ -57,3 +57,8 @@ def test_sequence_parallelism_is_refused_not_ignored():
     with pytest.raises(NotAvailableError, match="sequence_parallel_size: sequence parallelism is not in this version"):
         _check_runnable(ONE_RANK, _cfg(sequence_parallel_size=2), "cpu")
     assert _check_runnable(ONE_RANK, _cfg(sequence_parallel_size=1), "cpu") == []
+
+
+def test_write_combined_says_it_is_ordinary_pinned_memory():
+    notes = _check_runnable(ONE_RANK, _cfg(use_write_combined=True), "cpu")
+    assert len(notes) == 1 and notes[0].startswith("use_write_combined:")
