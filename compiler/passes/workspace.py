@@ -82,10 +82,16 @@ class _Walk:
                 extra, fn = 0, None
             if fn is None and op.kind not in NO_WORKSPACE:
                 self.unsized.add(op.kind)
+            extra += self._unpacked(op)
             if extra:
                 self.transient.append((int(extra), op.name, op.kind))
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _unpacked(self, op: Any) -> int:
+        """The executor hands a kernel its 4-bit inputs unpacked, one uint8 code per element (executor.
+        unpack_nibbles: the two nibble halves and their interleaved copy: 2 bytes per element at once)."""
+        return sum(2 * self.t(n).numel for n in op.inputs if self.t(n).dtype in ("nf4", "fp4_e2m1"))
+
     def _acc_out(self, op: Any, acc: list[bool], k: int, tag: str) -> None:
         if acc[k]:
             o = self.t(op.outputs[k])

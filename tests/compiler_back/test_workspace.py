@@ -117,3 +117,15 @@ def test_kernels_allocate_scratch_only_through_the_shared_sizes():
         src = inspect.getsource(module)
         assert "st.scratch(" not in src and "st.alloc(" in src, module.__name__
     assert cuda_attention.flash_bwd_chunks is sz.flash_bwd_chunks
+
+
+def test_qlora_dequant_counts_the_unpacked_codes():
+    plan = compile_plan(config_from_dict({**JOB, "sequence_len": 256, "qlora_bnb": True}))
+    ws = plan.memory["device"]["backend_workspace"]
+    dq = next(op for op in plan.ops if op.kind == "dequant" and plan.tensors[op.inputs[0]].dtype == "nf4")
+    codes = plan.tensors[dq.inputs[0]].numel
+    biggest = max(plan.tensors[op.inputs[0]].numel for op in plan.ops
+                  if op.kind == "dequant" and plan.tensors[op.inputs[0]].dtype == "nf4")
+    # the executor unpacks 4-bit codes to one byte each for the kernel (2 bytes per code at once while it does)
+    assert ws["transient_by_kind"]["dequant"] == 2 * biggest >= 2 * codes
+    assert ws["not_sized"] == [] and "dequant" in {op.kind for op in plan.ops}
