@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from surogate.compiler.report import device_total
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_job import SIZES, OurTrainer, our_config, packed_batches, save_preset_model  # noqa: E402
 
@@ -39,7 +41,7 @@ def _plan_only(args: argparse.Namespace) -> int:
     from surogate.compiler.pipeline import compile_plan
 
     cfg = our_config(SIZES[args.model_size], args)
-    peak = int(compile_plan(cfg).memory["device"]["peak_bytes"])
+    peak = device_total(compile_plan(cfg).memory["device"])
     print(f"memory_peak.py needs a CUDA GPU to measure; the plan's device peak for this job is {peak / 2**30:.3f} GiB")
     return 0
 
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train_step(flat[s * args.accum : (s + 1) * args.accum])
         torch.cuda.synchronize()
         measured = torch.cuda.max_memory_allocated() - base
-        planned = int(trainer.plan.memory["device"]["peak_bytes"])
+        planned = device_total(trainer.plan.memory["device"])  # arena + the backend's own buffers
         arena = int(trainer.plan.arenas.get("device", 0))
         scratch = trainer.ex.kernels.state.scratch_bytes
     gib = 2**30

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from surogate.compiler.report import device_total
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_job import PROJ, SIZES, OurTrainer, our_config, packed_batches, save_preset_model, timed  # noqa: E402
 
@@ -55,7 +57,7 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     elapsed, losses = timed(lambda i: trainer.train_step(steps[2 + i]), 0, args.steps)
     rec.record()
     measured = torch.cuda.max_memory_allocated() - base
-    planned = int(trainer.plan.memory["device"]["peak_bytes"])
+    planned = device_total(trainer.plan.memory["device"])  # arena + the backend's own buffers
     ops = {name: len(prog) for name, prog in trainer.ex.programs.items()}
     return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses,
             "graphs": trainer.graphs.enabled, "eager_reason": trainer.graphs.reason,

@@ -26,7 +26,14 @@ def run(args: argparse.Namespace) -> int:
     from surogate.compiler.fit import Replanner, StageTrace, paused_gc
     from surogate.compiler.pipeline import back_plan, front_graph
     from surogate.compiler.planfile import write_plan
-    from surogate.compiler.report import build_report, detect_gpu, parse_size, render_report, suggest_fixes
+    from surogate.compiler.report import (
+        build_report,
+        detect_gpu,
+        device_total,
+        parse_size,
+        render_report,
+        suggest_fixes,
+    )
     from surogate.schema import load_config
 
     gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
@@ -42,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                          dump_after=args.dump_after, out=out, before=trace)
         report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu)
         if report["fits"] is False and trace is not None:
-            replan = Replanner(cfg, trace, plan.memory["device"]["peak_bytes"])
+            replan = Replanner(cfg, trace, device_total(plan.memory["device"]))
             report = build_report(plan, gpu_memory=gpu_memory, gpu=gpu,
                                   suggestions=suggest_fixes(plan, report["gpu"]["usable_bytes"], replan))
     if args.output:

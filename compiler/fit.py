@@ -123,7 +123,8 @@ class StageTrace:
 class Replanner:
     """changes -> the device peak bytes of the base config re-planned with them (None: invalid config).
 
-    `trace` is the StageTrace of the base plan (run to the end), `peak_bytes` that plan's device peak.
+    `trace` is the StageTrace of the base plan (run to the end), `peak_bytes` that plan's device total
+    (`report.device_total`: arena + backend workspace).
     """
 
     def __init__(self, cfg: Any, trace: StageTrace, peak_bytes: int) -> None:
@@ -167,5 +168,7 @@ class Replanner:
             i = PASS_NAMES.index(start.stage)
             graph = run_passes(start.graph(), cfg, start_after=PASS_NAMES[i - 1] if i else None, before=trace)
         self.checkpoints += trace.checkpoints
-        # make_plan reports `memory.device.peak_bytes` as this arena size
-        return int(graph.meta["buffers"]["device"]["arena_bytes"])
+        # what `report.device_total` reads from a Plan: the arena (make_plan's `peak_bytes`) plus the
+        # backend workspace the last pass recorded
+        workspace = graph.meta.get("backend_workspace") or {}
+        return int(graph.meta["buffers"]["device"]["arena_bytes"]) + int(workspace.get("bytes", 0))

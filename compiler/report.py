@@ -126,14 +126,14 @@ MODE_KNOBS = frozenset({"lora", "qlora_bnb", "per_device_train_batch_size"})
 def suggest_fixes(
     plan: Plan, capacity: int | None, replan: Callable[[dict[str, Any]], int | None]
 ) -> list[dict[str, Any]]:
-    """Device memory saved by each knob (`replan(changes)`: the device peak bytes re-planned with them,
+    """Device memory saved by each knob (`replan(changes)`: the device total re-planned with them,
     None = not applicable; `fit.Replanner`).
 
     Sorted by savings. When `capacity` is known, also greedy combinations until one fits: first of the
     knobs that keep the training mode (no switch to LoRA / QLoRA, same micro-batch) if none of those
     fits alone, then of all knobs if nothing fits alone. Combined entries carry `combined: True`.
     """
-    base = plan.memory["device"]["peak_bytes"]
+    base = device_total(plan.memory["device"])  # what the fit verdict compares, so what a fix must lower
     results = []
     for changes in _knobs(plan.config, plan):
         peak = replan(changes)

@@ -15,6 +15,7 @@ import torch
 
 from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
+from surogate.compiler.report import device_total
 from surogate.errors import NotAvailableError, UserError
 from surogate.runtime.trainer import Trainer, TrainResult
 from surogate.schema import gpu_requirements, min_compute_capability, sm_of
@@ -192,7 +193,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         tokens_per_step=trainer.batch_size * trainer.accumulation * world * int(cfg.sequence_len),
         num_epochs=adjusted.num_epochs, warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
-        packing_efficiency=train_stats.efficiency, plan_peak_bytes=int(plan.memory["device"]["peak_bytes"]),
+        packing_efficiency=train_stats.efficiency, plan_peak_bytes=device_total(plan.memory["device"]),
         device=backend, start_step=trainer.step,
         notes=tuple(n for n in (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note, *hardware_notes) if n),
     )

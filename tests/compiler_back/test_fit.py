@@ -8,7 +8,7 @@ import pytest
 
 from surogate.compiler.fit import Replanner, StageTrace, paused_gc
 from surogate.compiler.pipeline import back_plan, compile_plan, front_graph
-from surogate.compiler.report import _knobs, suggest_fixes
+from surogate.compiler.report import _knobs, device_total, suggest_fixes
 from surogate.schema import config_from_dict
 
 from .test_real_models import tiny_config
@@ -24,11 +24,11 @@ def tiny_model(tmp_path_factory) -> str:
 def _traced_plan(cfg):
     trace = StageTrace(cfg)
     plan = back_plan(front_graph(cfg, before=trace), cfg, before=trace)
-    return plan, Replanner(cfg, trace, plan.memory["device"]["peak_bytes"])
+    return plan, Replanner(cfg, trace, device_total(plan.memory["device"]))
 
 
 def _full_peak(base: dict, changes: dict) -> int:
-    return compile_plan(config_from_dict({**base, **changes})).memory["device"]["peak_bytes"]
+    return device_total(compile_plan(config_from_dict({**base, **changes})).memory["device"])
 
 
 BASES = [
@@ -56,7 +56,7 @@ def test_every_knob_and_combination_matches_a_full_replan(tiny_model, opts):
     assert any(r.get("combined") for r in results) or len(results) < 2
     for r in results:
         assert r["peak_bytes"] == _full_peak(base, r["changes"]), r["changes"]
-        assert r["saves_bytes"] == plan.memory["device"]["peak_bytes"] - r["peak_bytes"]
+        assert r["saves_bytes"] == device_total(plan.memory["device"]) - r["peak_bytes"]
 
 
 def test_replans_resume_after_the_passes_a_change_does_not_affect(tiny_model):
