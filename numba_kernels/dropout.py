@@ -59,16 +59,14 @@ def dropout_ref(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.
 
 
 @functools.cache
-def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
-    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+def fmix32_device():
+    """murmur3's 32-bit finaliser as a device function (the dropout and Quartet counter-based RNGs)."""
+    global cuda
     cuda = get_cuda()
-    from numba import float32, uint64
+    from numba import uint64
 
-    lx, _ = converters(x_dt)
-    _, so = converters(o_dt)
-    m32 = uint64(_M32)
-    c1, c2 = uint64(_C1), uint64(_C2)
-    s13, s16, s32, s8 = uint64(13), uint64(16), uint64(32), uint64(8)
+    m32, c1, c2 = uint64(_M32), uint64(_C1), uint64(_C2)
+    s13, s16 = uint64(13), uint64(16)
 
     @cuda.jit(device=True, inline="always")
     def fmix32(h):
@@ -77,6 +75,21 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
         h = h ^ (h >> s13)
         h = (h * c2) & m32
         return h ^ (h >> s16)
+
+    return fmix32
+
+
+@functools.cache
+def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    from numba import float32, uint64
+
+    lx, _ = converters(x_dt)
+    _, so = converters(o_dt)
+    m32 = uint64(_M32)
+    s32, s8 = uint64(32), uint64(8)
+    fmix32 = fmix32_device()
 
     @jit_kernel
     def kernel(x, out, p, scale, seed_lo, seed_hi, offset, step):

@@ -20,7 +20,7 @@ import functools
 import torch
 
 from ._device import check_contiguous, converters, get_cuda, grid_for, jit_kernel, launch, threads, zeros1
-from .dropout import _C1, _C2, _GOLDEN, _M32
+from .dropout import _GOLDEN, _M32, fmix32_device
 from .fp8 import _codec, fp8_amax
 from .hadamard import _INV_SQRT, BLOCK, E4M3_MAX, HADAMARD, MODES, QUEST_ALPHA, STEP_STRIDE
 
@@ -71,26 +71,6 @@ def hadamard_rht(x: torch.Tensor, signs: torch.Tensor, out: torch.Tensor, invers
 
 
 @functools.cache
-def _device_fns():
-    global cuda
-    cuda = get_cuda()
-    from numba import uint64
-
-    m32, c1, c2 = uint64(_M32), uint64(_C1), uint64(_C2)
-    s13, s16 = uint64(13), uint64(16)
-
-    @cuda.jit(device=True, inline="always")
-    def fmix32(h):
-        h = h ^ (h >> s16)
-        h = (h * c1) & m32
-        h = h ^ (h >> s13)
-        h = (h * c2) & m32
-        return h ^ (h >> s16)
-
-    return fmix32
-
-
-@functools.cache
 def _gscale_kernel(quest: bool):
     global cuda
     cuda = get_cuda()
@@ -119,7 +99,7 @@ def _quant_kernel(x_dt: torch.dtype, quest: bool):
 
     lx, _ = converters(x_dt)
     encode, decode = _codec("e4m3")
-    fmix32 = _device_fns()
+    fmix32 = fmix32_device()
     m32, s32, s8 = uint64(_M32), uint64(32), uint64(8)
 
     jit_dev = cuda.jit(device=True, inline="always")
@@ -233,7 +213,7 @@ def _signs_kernel():
     cuda = get_cuda()
     from numba import float32, uint64
 
-    fmix32 = _device_fns()
+    fmix32 = fmix32_device()
     m32 = uint64(_M32)
 
     @jit_kernel
