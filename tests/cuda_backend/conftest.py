@@ -16,13 +16,7 @@ if "numba" in sys.modules and "numba.cuda" not in sys.modules:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.runtime.conftest import _one_thread  # noqa: E402, F401 - autouse fixture, shared with tests/runtime
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,3 @@
-"""Runtime tests run tiny models: one intra-op thread is faster than two on a shared 2-core machine (no
-spin-waiting threads) and makes CPU results independent of the thread count."""
+"""Rank processes and the tests that compare them run tiny models: one intra-op thread (the runtime tests' fixture)."""
 
-from __future__ import annotations
-
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.runtime.conftest import _one_thread  # noqa: F401 - autouse fixture, shared with tests/runtime
