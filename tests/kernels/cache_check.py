@@ -17,14 +17,9 @@ os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
 
 
 def main() -> int:
-    import importlib
-
-    import torch
     from numba.cuda.serialize import dumps
 
-    from surogate.numba_kernels import KERNELS, _device
-
-    from .cases import CASES
+    from .cases import kernel_name, launch_every_case
 
     seen: dict = {}
 
@@ -36,17 +31,9 @@ def main() -> int:
             raise SystemExit(f"{kernel.py_func.__qualname__}: not cached ({type(cache).__name__})")
         cvars = tuple(c.cell_contents for c in kernel.py_func.__closure__ or ())
         digest = hashlib.sha256(dumps(cvars)).hexdigest()[:16]
-        name = f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__}".replace(".<locals>.kernel", "")
-        seen[id(kernel)] = (name, digest, cache.cache_path)
+        seen[id(kernel)] = (kernel_name(kernel), digest, cache.cache_path)
 
-    _device._max_resident_blocks = lambda: 1056
-    for mod in ("rmsnorm", "swiglu", "rope", "dropout", "cross_entropy", "quant8", "nf4", "fp8", "adamw8bit", "normuon",
-                "hadamard_cuda", "lut_dequant"):
-        importlib.import_module(f"surogate.numba_kernels.{mod}").launch = fake_launch
-    for name in sorted(KERNELS):
-        for dt in (torch.float32, torch.bfloat16):
-            args, kwargs, _ = CASES[name](dt)
-            KERNELS[name].cuda(*args, **kwargs)
+    launch_every_case(fake_launch)
     for name, digest, path in sorted(seen.values()):
         print(name, digest, path)
     print(f"CACHE-KEYS {len(seen)}")

@@ -1,4 +1,4 @@
-"""Small argument sets for every registry kernel, shared by the registry test and ptx_check.py.
+"""Small argument sets for every registry kernel, shared by the registry test, ptx_check.py and cache_check.py.
 
 `CASES[name](dtype)` returns (args, kwargs, atol) with fresh tensors; `dtype` is the activation/param
 dtype (float32 or bfloat16). Outputs are among the args (caller-provided buffers).
@@ -205,3 +205,29 @@ def _cases() -> dict:
 
 
 CASES = _cases()
+
+
+# numba_kernels modules whose launchers call `launch` (replaced by `launch_every_case`)
+LAUNCHING_MODULES = ("rmsnorm", "swiglu", "rope", "dropout", "cross_entropy", "quant8", "nf4", "fp8", "adamw8bit",
+                     "normuon", "hadamard_cuda", "lut_dequant")
+
+
+def launch_every_case(fake_launch) -> None:
+    """Run every registry kernel's cuda launcher on its case, in both dtypes, with `launch` replaced by
+    `fake_launch(kernel, grid, block, *args)`: every kernel variant is built, nothing runs on a device."""
+    import importlib
+
+    from surogate.numba_kernels import KERNELS, _device
+
+    _device._max_resident_blocks = lambda: 1056  # an H100's resident blocks: grids as on the real target
+    for mod in LAUNCHING_MODULES:
+        importlib.import_module(f"surogate.numba_kernels.{mod}").launch = fake_launch
+    for name in sorted(KERNELS):
+        for dt in (torch.float32, torch.bfloat16):
+            args, kwargs, _ = CASES[name](dt)
+            KERNELS[name].cuda(*args, **kwargs)
+
+
+def kernel_name(kernel) -> str:
+    """module.factory of a jit kernel built inside a factory function (its closure's name)."""
+    return f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__}".replace(".<locals>.kernel", "")

@@ -48,13 +48,11 @@ def main() -> int:
         print(f"PTX-UNAVAILABLE {type(exc).__name__}: {str(exc).splitlines()[0]}")
         return 0
 
-    import importlib
-
     import torch
 
-    from surogate.numba_kernels import KERNELS, _device
+    from surogate.numba_kernels import KERNELS
 
-    from .cases import CASES
+    from .cases import kernel_name, launch_every_case
 
     compiled: dict = {}
 
@@ -69,17 +67,9 @@ def main() -> int:
             f64 = sum(1 for ln in lines if ".f64" in ln)
             # ... and so is 64-bit integer division (emulated): per-element loops should have none
             div64 = sum(1 for ln in lines if ln.startswith(("div.s64", "div.u64", "rem.s64", "rem.u64")))
-            name = f"{kernel.py_func.__module__}.{kernel.py_func.__qualname__}".replace(".<locals>.kernel", "")
-            print(f"compiled {name} ({len(sig)} args) f64-lines={f64} div64={div64}", flush=True)
+            print(f"compiled {kernel_name(kernel)} ({len(sig)} args) f64-lines={f64} div64={div64}", flush=True)
 
-    _device._max_resident_blocks = lambda: 1056
-    for mod in ("rmsnorm", "swiglu", "rope", "dropout", "cross_entropy", "quant8", "nf4", "fp8", "adamw8bit", "normuon",
-                "hadamard_cuda", "lut_dequant"):
-        importlib.import_module(f"surogate.numba_kernels.{mod}").launch = fake_launch
-    for name in sorted(KERNELS):
-        for dt in (torch.float32, torch.bfloat16):
-            args, kwargs, _ = CASES[name](dt)
-            KERNELS[name].cuda(*args, **kwargs)
+    launch_every_case(fake_launch)
     # rows longer than 128 take the 256-thread RMSNorm variants
     x, w = torch.zeros(2, 300), torch.zeros(300)
     KERNELS["rmsnorm_fwd"].cuda(x, w, x, torch.zeros(2), 1e-6)
