@@ -37,6 +37,9 @@ def eager_reason(executor: ArenaExecutor, enabled: bool) -> str | None:
         return "use_cuda_graphs is false"
     if getattr(executor.kernels, "state", None) is None:
         return "the kernel table is not the cuda backend's"
+    if int(executor.plan.meta.get("zero", {}).get("world", 1)) > 1:
+        # a captured micro-step would freeze whether the last-micro-step gradient all-reduce runs
+        return "multi-rank runs keep collectives outside CUDA graphs"
     from surogate.runtime.backends.cuda import fallback_kinds
 
     # the reference math may read host values (the step, data-dependent shapes) that a replay would freeze

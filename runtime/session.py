@@ -161,11 +161,7 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
 
         kernels = wrap_step_kernels(kernels)
     executor = ArenaExecutor(plan, kernels, device=device)
-    if world > 1 and backend == "cuda" and cfg.use_cuda_graphs:
-        # a captured micro-step would freeze whether the last-micro-step gradient all-reduce runs
-        graphs_note = "use_cuda_graphs: running eagerly (multi-rank runs keep collectives outside CUDA graphs)"
-    else:
-        graphs_note = _graphs_note(executor, cfg, backend)
+    graphs_note = _graphs_note(executor, cfg, backend)
     weights = initial_weights(unsharded(plan) if world > 1 else plan, cfg, spec.source_dir, spec.hf_config)
     if world > 1:
         initialise_rank(executor, weights, rank)

@@ -26,6 +26,8 @@ def test_eager_reasons(model_dir):
     # dropout no longer forces eager runs (its step is a device tensor): only the device does here
     assert "not on a CUDA device" in eager_reason(ArenaExecutor(dropout, kernel_table("cuda")), True)
     assert "not on a CUDA device" in eager_reason(ArenaExecutor(plain, kernel_table("cuda")), True)
+    two_ranks = compile_plan(sim_cfg(model_dir, gpus=2))
+    assert "multi-rank" in eager_reason(ArenaExecutor(two_ranks, kernel_table("cuda")), True)
 
 
 def test_installed_runner_on_cpu_runs_eagerly_with_the_same_results(model_dir):
