@@ -103,6 +103,8 @@ class Trainer:
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
         self._micro_losses: torch.Tensor | None = None  # the step's micro-losses, on the loss's device
         self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
+        # the gradients the norm reads: not ZeRO-2's transient full copies (they hold one micro-step only)
+        self._norm_gradients = [n for n in self.ex.gradient_names if not plan.tensors[n].attrs.get("transient")]
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
@@ -174,8 +176,7 @@ class Trainer:
 
     def gradient_norm(self) -> float:
         """Global L2 norm of the step's gradients (sharded gradients: the ranks' sums of squares added)."""
-        grads = [self.ex.views[n] for n in self.ex.gradient_names
-                 if not self.plan.tensors[n].attrs.get("transient")]  # one micro-step's full copy (ZeRO-2)
+        grads = [self.ex.views[n] for n in self._norm_gradients]
         # fused per-gradient norms and one host read (a read per gradient was a device sync each, ~400 per step)
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else []
         total = float(torch.stack(norms).double().pow(2).sum()) if norms else 0.0
