@@ -12,7 +12,7 @@ import torch
 
 from surogate.runtime import optim
 from surogate.runtime.distributed.optim_slices import gathered_normuon, sliced_adamw
-from surogate.runtime.distributed.shards import rank_slice
+from surogate.runtime.distributed.shards import rank_slice, shard_rows
 from surogate.runtime.reference import KERNELS as REFERENCE
 
 
@@ -80,7 +80,7 @@ def all_gather(ins: list, attrs: dict, ctx: Any) -> list:
         return [ins[0]]
     full_rows = ctx.shape_of_output(0)[0]
     if attrs.get("in_place"):  # a replicated weight whose rank slice the optimizer just updated
-        shard = rank_slice(ins[0], -(-full_rows // world), dist.get_rank()).contiguous()
+        shard = rank_slice(ins[0], shard_rows(full_rows, world), dist.get_rank()).contiguous()
     else:
         shard = ins[0].contiguous()
     parts = [torch.empty_like(shard) for _ in range(world)]

@@ -13,13 +13,15 @@ from typing import Any
 import torch
 
 from surogate.compiler.ir import Role, Tensor
+from surogate.compiler.passes.zero import shard_shape
 from surogate.compiler.plan import Plan
 from surogate.runtime.distributed import comm
 from surogate.runtime.optim import init_optimizer_state
 
 
 def shard_rows(full_rows: int, world: int) -> int:
-    return -(-full_rows // world)
+    """Rows of one rank's shard: the compiler's split (`shard_shape`), so runtime and plan always agree."""
+    return shard_shape((full_rows,), world)[0]
 
 
 def row_range(full_rows: int, world: int, rank: int) -> tuple[int, int]:
