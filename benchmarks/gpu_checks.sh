@@ -2,20 +2,24 @@
 # Every GPU figure issue 7 asks for, in one command, for a session with a lent H100/H200 (<= 5 minutes there):
 #   bash benchmarks/gpu_checks.sh          # $OUT (or a temp folder) gets <= 8 files; summary.json has the figures
 # Run it through the device tool with the wheels the image lacks (scripts/gpu_wheels.sh prints the call):
-#   carry [".whl"], timeout_s 420, command: bash benchmarks/gpu_checks.sh
-# Stages (limits sum to 290 s; the smoke stage fails fast, and the benchmark stages are skipped when it fails):
+#   carry [".whl"], timeout_s 450, command: bash benchmarks/gpu_checks.sh
+# Stages (limits sum to 380 s; every stage runs, whatever failed before it: one device call must give figures):
 #   1. smoke       80 s  benchmarks/gpu_smoke.py: every Numba kernel once per dtype vs reference (compile time),
 #                        tiny bf16 parity vs transformers (both attention paths), CUDA graphs vs eager with
-#                        varying packed documents, allocator calls after step 2 (both captures done)
-#   2. tests       70 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py (the same checks as asserts,
+#                        varying packed documents, allocator calls after step 2 (both captures done).
+#                        Its results pick the fallbacks of the later stages: most kernels failing -> no on-disk
+#                        Numba cache; varlen flash parity failing (sdpa passing) -> SUROGATE_CUDA_ATTENTION=sdpa
+#   2. throughput 150 s  benchmarks/throughput.py: Qwen3-0.6B-shaped random model, BF16 LoRA r16 x 7 projections,
+#                        seq 2048, batch 2 x accum 4, packed; ours (cuda backend, graphs; eager if the graphs
+#                        run fails, with the failure recorded) vs transformers + peft (SDPA, gradient
+#                        checkpointing) in the same run, warm-up excluded; measured peak vs plan, allocations
+#                        after warm-up; extras (1.7B, full FT) only if time is left (EXTRA=...)
+#   3. kernels     80 s  benchmarks/kernel_bandwidth.py (achieved GB/s per kernel at 0.6B sizes), then
+#                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels)
+#   4. tests       70 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py (the same checks as asserts,
 #                        plus fp32 == cpu backend and the measured peak within 3% of the plan at 4 layers)
-#   3. throughput 120 s  benchmarks/throughput.py: Qwen3-0.6B-shaped random model, BF16 LoRA r16 x 7 projections,
-#                        seq 2048, batch 2 x accum 4, packed; ours (cuda backend, graphs) vs transformers + peft
-#                        (SDPA, gradient checkpointing) in the same run, warm-up excluded; measured peak vs plan,
-#                        allocations after warm-up; extras (1.7B, full FT) only if time is left (EXTRA=...)
-#   4. bandwidth   20 s  benchmarks/kernel_bandwidth.py: achieved GB/s per kernel at 0.6B sizes
-# Files: gpu_checks.log (all of stdout), smoke.json, smoke.log, tests.log, throughput.json, throughput.log,
-#        bandwidth.log, summary.json.
+# Files (8): gpu_checks.log (all of stdout), smoke.json, smoke.log, throughput.json, throughput.log, kernels.log,
+#        tests.log, summary.json.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -60,15 +64,24 @@ $PY -c "import torch, surogate.runtime.backends.cuda as c, jsonschema; print('to
 'cuda', torch.cuda.is_available(), 'surogate from', c.__file__)" || { echo "setup failed"; exit 2; }
 
 stage smoke 80 $PY benchmarks/gpu_smoke.py --json "$OUT/smoke.json"
-SMOKE=$?
+# what the smoke stage found decides the fallbacks of the later stages (one device call has to give figures)
+eval "$($PY - "$OUT/smoke.json" <<'PYEOF'
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit()
+k, p = s.get("kernels") or {}, s.get("parity") or {}
+if len(k.get("failed") or []) > len(k.get("results") or {}) / 2:
+    print("export SUROGATE_NUMBA_CACHE=0; echo '== fallback: most kernels failed, on-disk Numba cache off'")
+if not (p.get("auto") or {}).get("ok", True) and (p.get("sdpa") or {}).get("ok"):
+    print("export SUROGATE_CUDA_ATTENTION=sdpa; echo '== fallback: varlen flash parity failed, sdpa attention'")
+PYEOF
+)"
+stage throughput 150 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
+  --extra "${EXTRA:-}" --budget-s 142
+stage kernels 80 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 55 $PY benchmarks/op_profile.py"
 stage tests 70 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py
-if [ $SMOKE -eq 0 ]; then
-  stage throughput 120 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
-    --extra "${EXTRA:-}" --budget-s 112
-  stage bandwidth 20 $PY benchmarks/kernel_bandwidth.py
-else
-  echo "== smoke failed: throughput and bandwidth skipped (fix the smoke failure first; see smoke.log)"
-fi
 $PY benchmarks/gpu_summary.py "$OUT" --stages "$STAGES" --seconds $(( $(date +%s) - T0 ))
 }
 

@@ -56,6 +56,7 @@ def summarise(out: Path, stages: str, seconds: float) -> dict[str, Any]:
                        "target_ratio_2_5x": None if ratio is None else ratio >= 2.5,
                        "target_54k": None if tps is None else tps >= 54000,
                        "graphs": ours.get("graphs"), "eager_reason": ours.get("eager_reason"),
+                       "graphs_failure": (((thr or {}).get("runs") or [{}])[0]).get("graphs_failure"),
                        "captured": ours.get("captured"), "warmup_step_s": ours.get("warmup_step_s"),
                        "ops_per_program": ours.get("ops_per_program"),
                        "extra_jobs": [{**r.get("job", {}), "ratio": r.get("ratio"),

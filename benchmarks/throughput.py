@@ -138,6 +138,19 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
                 print(f"[{runner}] out of time ({timeout:.0f} s)", file=sys.stderr)
                 results[runner] = None
                 continue
+            if proc.returncode != 0 and runner == "ours" and not args.eager:
+                # graphs broke: say how, then measure the eager cuda backend so the session still gets a figure
+                print(f"[ours] failed with CUDA graphs:\n{proc.stderr[-4000:]}\n[ours] retrying eagerly",
+                      file=sys.stderr)
+                results["graphs_failure"] = proc.stderr[-2000:]
+                timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) / 2)
+                try:
+                    proc = subprocess.run([*cmd, "--eager"], capture_output=True, text=True, timeout=timeout,
+                                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                except subprocess.TimeoutExpired:
+                    print(f"[ours] eager retry out of time ({timeout:.0f} s)", file=sys.stderr)
+                    results[runner] = None
+                    continue
             if proc.returncode != 0:
                 print(f"[{runner}] failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
                 results[runner] = None

@@ -1,0 +1,94 @@
+"""Where a training step's GPU time goes, by plan op kind: the throughput job run eagerly with CUDA events
+around every op, plus torch.profiler's top device kernels for one micro-step.
+
+    python benchmarks/op_profile.py [--model-size 0.6b] [--full] [--json out.json]
+
+Prints, per op kind: calls per step, device milliseconds per step and share; then the step's wall time, the
+sum of op device time (the gap is host launch overhead that CUDA graphs remove) and the top kernels by device
+time. Needs a GPU; without one it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_job import SIZES, OurTrainer, our_config, packed_batches, save_preset_model  # noqa: E402
+
+
+def timed_kernels(table: dict, events: list) -> None:
+    """Wrap every kernel of `table` so that each call records (kind, start event, end event) into `events`."""
+    for kind, fn in list(table.items()):
+        def wrapped(ins, attrs, ctx, _fn=fn, _kind=kind):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = _fn(ins, attrs, ctx)
+            end.record()
+            events.append((_kind, start, end))
+            return out
+        table[kind] = wrapped
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-size", choices=list(SIZES), default="0.6b")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=4)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("op_profile.py needs a CUDA GPU (torch sees none); nothing measured.")
+        return 0
+    args.eager = True
+    with tempfile.TemporaryDirectory(prefix="surogate-profile-") as tmp:
+        save_preset_model(args.model_size, Path(tmp) / "model")
+        trainer = OurTrainer(our_config(Path(tmp) / "model", args))
+        vocab = trainer.plan.tensors["model.embed_tokens.weight"].shape[0]
+        flat = packed_batches(3 * args.accum, args.batch, args.seq, vocab)
+        trainer.train_step(flat[: args.accum])  # warm-up: Numba loads or compiles
+        torch.cuda.synchronize()
+        events: list = []
+        timed_kernels(trainer.ex.kernels, events)
+        t0 = time.perf_counter()
+        trainer.train_step(flat[args.accum : 2 * args.accum])
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        per_kind: dict[str, list[float]] = defaultdict(list)
+        for kind, start, end in events:
+            per_kind[kind].append(start.elapsed_time(end))
+        total = sum(sum(v) for v in per_kind.values())
+        rows = sorted(((k, len(v), sum(v)) for k, v in per_kind.items()), key=lambda r: -r[2])
+        print(f"{'op kind':<28}{'calls':>7}{'ms/step':>10}{'share':>8}")
+        for kind, n, ms in rows:
+            print(f"{kind:<28}{n:>7}{ms:>10.2f}{ms / total:>8.1%}")
+        tokens = args.batch * args.seq * args.accum
+        print(f"eager step wall {wall * 1e3:.1f} ms; op device time (events, serialising) {total:.1f} ms "
+              f"-> {tokens / (total / 1e3):.0f} tokens/s if launch-free")
+        # the kernels themselves, one micro-step, without the per-op events
+        for kind in list(trainer.ex.kernels):
+            trainer.ex.kernels[kind] = trainer.ex.kernels[kind].__defaults__[0]
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            trainer.train_step(flat[2 * args.accum : 2 * args.accum + 1] * args.accum)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "wall_ms": wall * 1e3, "device_ms": total,
+                                                   "kernels_table": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
