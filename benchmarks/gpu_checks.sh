@@ -80,8 +80,8 @@ PYEOF
 )"
 stage throughput 150 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
   --extra "${EXTRA:-}" --budget-s 142
-stage kernels 80 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 55 $PY benchmarks/op_profile.py"
-stage tests 70 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py
+stage kernels 70 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py"
+stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py
 $PY benchmarks/gpu_summary.py "$OUT" --stages "$STAGES" --seconds $(( $(date +%s) - T0 ))
 }
 

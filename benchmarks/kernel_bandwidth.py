@@ -145,7 +145,9 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
 
 def peak_bandwidth_gbs() -> float:
     """DRAM peak of the current device from its memory clock and bus width (2 transfers per clock)."""
-    from numba import cuda
+    from surogate.numba_kernels._device import get_cuda
+
+    cuda = get_cuda()
 
     dev = cuda.get_current_device()
     clock_khz = dev.MEMORY_CLOCK_RATE

@@ -34,8 +34,19 @@ def threads() -> int:
     return SIM_THREADS if is_simulator() else GPU_THREADS
 
 
+def numpy_compat() -> None:
+    """Let numba-cuda (<= 0.30.4) import under NumPy >= 2.5: its array module registers an overload for
+    `np.row_stack`, which NumPy 2.5 removed (an alias of `np.vstack` since NumPy 1.x), and fails at import
+    with AttributeError. Restoring the alias is what NumPy 2.0-2.4 had; nothing else changes."""
+    import numpy as np
+
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack
+
+
 def get_cuda():
     """`numba.cuda`, imported on first use (the simulator is chosen then, from NUMBA_ENABLE_CUDASIM)."""
+    numpy_compat()
     from numba import cuda
 
     return cuda
@@ -51,7 +62,7 @@ def is_simulator() -> bool:
         return _SIMULATOR
     if "numba.cuda" in sys.modules:
         # what was imported decides (numba re-reads its config from the environment on every compile)
-        from numba import cuda
+        cuda = get_cuda()
 
         _SIMULATOR = getattr(cuda.jit, "__module__", "").startswith("numba.cuda.simulator")
         return _SIMULATOR

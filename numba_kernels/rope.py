@@ -26,7 +26,7 @@ def rope_tables_ref(
     inv_freq: torch.Tensor, max_positions: int, attention_scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) fp32 [max_positions, D/2], as HF's rotary embedding computes them (before any dtype cast)."""
-    pos = torch.arange(max_positions, dtype=torch.float32)
+    pos = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
     freqs = pos[:, None] * inv_freq.float()[None, :]
     return freqs.cos() * attention_scaling, freqs.sin() * attention_scaling
 

@@ -41,7 +41,9 @@ def _numba_type(arg):
 
 def main() -> int:
     try:
-        from numba import cuda
+        from surogate.numba_kernels._device import get_cuda
+
+        cuda = get_cuda()
 
         cuda.compile_ptx(lambda a: None, "(float32[::1],)", cc=(9, 0))
     except Exception as exc:  # missing NVVM / NVRTC: nothing to check here

@@ -72,3 +72,17 @@ def test_signatures_are_identical(name):
         return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
 
     assert shape(KERNELS[name].reference) == shape(KERNELS[name].cuda)
+
+
+def test_numpy_compat_restores_row_stack_for_numba_cuda(monkeypatch):
+    # numba-cuda 0.30 registers an overload for np.row_stack at import; NumPy 2.5 removed that alias
+    import numpy as np
+
+    from surogate.numba_kernels._device import numpy_compat
+
+    monkeypatch.delattr(np, "row_stack", raising=False)
+    numpy_compat()
+    assert np.row_stack is np.vstack
+    before = np.row_stack
+    numpy_compat()  # idempotent: an existing attribute is left alone
+    assert np.row_stack is before

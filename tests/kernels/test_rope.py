@@ -113,3 +113,10 @@ def test_bf16_kernel_close_to_transformers_bf16():
     out = torch.empty_like(x)
     rope_fused_forward(x, out, pos.reshape(-1), rot.inv_freq, rot.attention_scaling)
     torch.testing.assert_close(out.float(), q_hf.transpose(1, 2).reshape(s, 2, d).float(), atol=3e-2, rtol=2e-2)
+
+
+def test_rope_tables_are_built_on_the_device_of_inv_freq():
+    # the cuda backend builds its tables from a device inv_freq: positions must live there too
+    cos, sin = rope_tables_ref(_inv_freq(8).to("meta"), 16)
+    assert cos.device.type == sin.device.type == "meta"
+    assert cos.shape == sin.shape == (16, 4)
