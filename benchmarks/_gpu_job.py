@@ -64,23 +64,24 @@ def our_config(model_dir: Path, args: Any, **over: Any):
 class OurTrainer:
     """compile_plan -> ArenaExecutor(cuda table) on the GPU -> GraphRunner; one call = one optimizer step."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, device: str = "cuda") -> None:
         from surogate.compiler.pipeline import compile_plan
         from surogate.runtime.backends import kernel_table
         from surogate.runtime.cuda_graphs import install
         from surogate.runtime.executor import ArenaExecutor
         from surogate.runtime.reference import load_weights
-        from surogate.runtime.trainer import loss_tensor
+        from surogate.runtime.trainer import loss_tensor, norm_gradient_names
         from surogate.runtime.weights import initialise
 
         self.cfg = cfg
         self.plan = compile_plan(cfg)
         self.loss_name = loss_tensor(self.plan)
-        self.ex = ArenaExecutor(self.plan, kernel_table("cuda"), device="cuda", watch=[self.loss_name])
+        self.ex = ArenaExecutor(self.plan, kernel_table("cuda"), device=device, watch=[self.loss_name])
         initialise(self.ex, load_weights(self.plan, cfg.model, lora_seed=0))
         self.graphs = install(self.ex, enabled=bool(cfg.use_cuda_graphs))
         self.step = 0
-        self.world = 1  # Trainer.gradient_norm reads it
+        self.world = 1  # Trainer.gradient_norm reads it, with the gradient list Trainer.__init__ makes
+        self._norm_gradients = norm_gradient_names(self.plan, self.ex)
 
     def gradient_norm(self) -> float:
         from surogate.runtime.trainer import Trainer

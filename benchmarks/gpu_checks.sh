@@ -18,6 +18,7 @@
 #                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels)
 #   4. tests       70 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py (the same checks as asserts,
 #                        plus fp32 == cpu backend and the measured peak within 3% of the plan at 4 layers)
+# STAGES_RUN="throughput kernels" runs only those stages (a rerun after the smoke stage passed once).
 # Files (8): gpu_checks.log (all of stdout), smoke.json, smoke.log, throughput.json, throughput.log, kernels.log,
 #        tests.log, summary.json.
 set -u -o pipefail
@@ -63,7 +64,8 @@ fi
 $PY -c "import torch, surogate.runtime.backends.cuda as c, jsonschema; print('torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), 'surogate from', c.__file__)" || { echo "setup failed"; exit 2; }
 
-stage smoke 80 $PY benchmarks/gpu_smoke.py --json "$OUT/smoke.json"
+want() { case " ${STAGES_RUN:-smoke throughput kernels tests} " in *" $1 "*) return 0;; esac; return 1; }
+want smoke && stage smoke 80 $PY benchmarks/gpu_smoke.py --json "$OUT/smoke.json"
 # what the smoke stage found decides the fallbacks of the later stages (one device call has to give figures)
 eval "$($PY - "$OUT/smoke.json" <<'PYEOF'
 import json, sys
@@ -78,10 +80,10 @@ if not (p.get("auto") or {}).get("ok", True) and (p.get("sdpa") or {}).get("ok")
     print("export SUROGATE_CUDA_ATTENTION=sdpa; echo '== fallback: varlen flash parity failed, sdpa attention'")
 PYEOF
 )"
-stage throughput 150 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
+want throughput && stage throughput 150 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
   --extra "${EXTRA:-}" --budget-s 142
-stage kernels 70 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py"
-stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py
+want kernels && stage kernels 70 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py"
+want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py
 $PY benchmarks/gpu_summary.py "$OUT" --stages "$STAGES" --seconds $(( $(date +%s) - T0 ))
 }
 

@@ -47,17 +47,31 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     vocab = trainer.plan.tensors["model.embed_tokens.weight"].shape[0]
     steps = _batches(args, vocab)
     warm_s = []
+    # where the peak comes from: allocated bytes (above the baseline) after set-up and after each warm-up step,
+    # and the peak reached in each phase
+    mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+    memory = {"after_setup_mib": mib(torch.cuda.memory_allocated() - base),
+              "peak_setup_mib": mib(torch.cuda.max_memory_allocated() - base)}
     for i in range(2):  # eager warm-up (Numba compiles or loads its cache), then the capture
         t0 = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats()
         trainer.train_step(steps[i])
         torch.cuda.synchronize()
         warm_s.append(round(time.perf_counter() - t0, 2))
+        memory[f"after_step{i + 1}_mib"] = mib(torch.cuda.memory_allocated() - base)
+        memory[f"peak_step{i + 1}_mib"] = mib(torch.cuda.max_memory_allocated() - base)
+    torch.cuda.reset_peak_memory_stats()
     rec = AllocationRecorder()
     rec.record()
     elapsed, losses = timed(lambda i: trainer.train_step(steps[2 + i]), 0, args.steps)
     rec.record()
-    measured = torch.cuda.max_memory_allocated() - base
+    memory["peak_timed_mib"] = mib(torch.cuda.max_memory_allocated() - base)
+    measured = max(memory[k] for k in memory if k.startswith("peak")) * 2**20
     planned = device_total(trainer.plan.memory["device"])  # arena + the backend's own buffers
+    dev = trainer.plan.memory["device"]
+    memory["plan_arena_mib"] = mib(dev["peak_bytes"])
+    memory["plan_workspace"] = {k: mib(v) if isinstance(v, int) else v
+                                for k, v in (dev.get("backend_workspace") or {}).items()}
     ops = {name: len(prog) for name, prog in trainer.ex.programs.items()}
     return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses,
             "graphs": trainer.graphs.enabled, "eager_reason": trainer.graphs.reason,
@@ -66,7 +80,7 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
             "warmup_step_s": warm_s, "allocations_after_warmup": rec.deltas()[0]["allocation.all.allocated"],
             "segments_after_warmup": rec.deltas()[0]["segment.all.allocated"],
             "reserved_bytes_after_warmup": rec.deltas()[0]["reserved_bytes.all.current"],
-            "ops_per_program": ops, "scratch_mib": trainer.ex.kernels.state.scratch_bytes / 2**20}
+            "ops_per_program": ops, "scratch_mib": trainer.ex.kernels.state.scratch_bytes / 2**20, "memory": memory}
 
 
 def run_hf(work: Path, args: argparse.Namespace) -> dict:
@@ -130,7 +144,8 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
         save_preset_model(args.model_size, work / "model")
         for k, runner in enumerate(("ours", "hf")):
             cmd = [sys.executable, __file__, *base, "--runner", runner, "--work", str(work)]
-            timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) / (2 - k))
+            # ours gets 3/5 of the time left (kernel compile or cache load, plan, warm-up and capture), HF the rest
+            timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) * (0.6 if k == 0 else 1))
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                       env={**os.environ, "PYTHONWARNINGS": "ignore"})

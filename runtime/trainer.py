@@ -51,6 +51,12 @@ def loss_tensor(plan: Plan) -> str:
     raise UserError("the plan has no loss op (lm_head_ce): it cannot train")
 
 
+def norm_gradient_names(plan: Plan, ex: Any) -> list[str]:
+    """The gradients the step's norm reads: every weight gradient except ZeRO-2's transient full copies
+    (they hold one micro-step only)."""
+    return [n for n in ex.gradient_names if not plan.tensors[n].attrs.get("transient")]
+
+
 def split_gradient_collectives(plan: Plan, program: list) -> tuple[list, list]:
     """(gradient all-reduces / reduce-scatters of `program`, the rest in order). Nothing else in the optimizer
     program writes a weight gradient, so running these first changes no result."""
@@ -103,8 +109,7 @@ class Trainer:
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
         self._micro_losses: torch.Tensor | None = None  # the step's micro-losses, on the loss's device
         self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
-        # the gradients the norm reads: not ZeRO-2's transient full copies (they hold one micro-step only)
-        self._norm_gradients = [n for n in self.ex.gradient_names if not plan.tensors[n].attrs.get("transient")]
+        self._norm_gradients = norm_gradient_names(plan, self.ex)
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
