@@ -65,6 +65,7 @@ class GraphRunner:
         self.pool = None
         self.stream = None  # the side stream warm-ups and captures run on (torch's recipe: warm up where you capture)
         self.replays = 0
+        self._norm_out: dict[tuple, torch.Tensor] = {}  # gradient-norm graphs' output scalars
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +90,38 @@ class GraphRunner:
         self.graphs[key].replay()
         self.executor.observed.update(self.observed[key])  # this graph's loss tensor, not the last capture's
         self.replays += 1
+
+    def sum_of_squares(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of the squared L2 norms of `tensors` (fp32 per tensor, fp64 total) as a device scalar. Captured
+        like a program (eager warm-up, then one capture, replays after): the training loop's gradient norm
+        then allocates nothing either. Eager where graphs are off."""
+        if not self.enabled:
+            return fused_sum_of_squares(tensors)
+        key = ("gradient_norm", hash(tuple(t.data_ptr() for t in tensors)))  # arena views: fixed addresses
+        if key in self.graphs:
+            self.graphs[key].replay()
+            self.replays += 1
+            return self._norm_out[key]
+        n = self.runs.get("gradient_norm", 0)
+        self.runs["gradient_norm"] = n + 1
+        side, main = self._side_stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        if n < self.warmup:
+            with torch.cuda.stream(side):
+                out = fused_sum_of_squares(tensors)
+            main.wait_stream(side)
+            return out
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            self._norm_out[key] = fused_sum_of_squares(tensors)  # lives in the graph's pool, rewritten by each replay
+        torch.cuda.synchronize()
+        self.graphs[key] = graph
+        graph.replay()
+        self.replays += 1
+        return self._norm_out[key]
 
     def _side_stream(self) -> Any:
         if self.stream is None:
@@ -119,11 +152,19 @@ class GraphRunner:
         return graph
 
 
+def fused_sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Fused per-tensor norms (one kernel group), their squares summed in fp64."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double().pow(2).sum()
+
+
 def install(executor: ArenaExecutor, enabled: bool = True, warmup: int = 1) -> GraphRunner:
     """Route `executor.run` through a GraphRunner (eager where `GraphRunner.reason` says so); on the cuda
     backend also size flash attention's document slots from each written `cu_seqlens` (graphs or not)."""
     runner = GraphRunner(executor, enabled, warmup)
     executor.run = runner.run  # type: ignore[method-assign]
+    executor.graphs = runner  # the training loop's gradient norm goes through it too (sum_of_squares)
     state = getattr(executor.kernels, "state", None)
     if state is not None and "cu_seqlens" in executor.views:
         watch_doc_slots(executor, state)

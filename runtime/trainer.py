@@ -26,6 +26,7 @@ from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
 from surogate.errors import UserError
 from surogate.runtime.batches import BatchStream, Position, plan_inputs
+from surogate.runtime.cuda_graphs import fused_sum_of_squares
 from surogate.runtime.distributed import comm
 from surogate.runtime.distributed.reshard import layout
 from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, ArenaExecutor, StepContext
@@ -182,9 +183,10 @@ class Trainer:
     def gradient_norm(self) -> float:
         """Global L2 norm of the step's gradients (sharded gradients: the ranks' sums of squares added)."""
         grads = [self.ex.views[n] for n in self._norm_gradients]
-        # fused per-gradient norms and one host read (a read per gradient was a device sync each, ~400 per step)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads else []
-        total = float(torch.stack(norms).double().pow(2).sum()) if norms else 0.0
+        # fused per-gradient norms and one host read (a read per gradient was a device sync each, ~400 per step);
+        # through the executor's CUDA-graph runner when it has one, so the step allocates nothing
+        runner = getattr(self.ex, "graphs", None)
+        total = float(runner.sum_of_squares(grads) if runner is not None else fused_sum_of_squares(grads))
         if self.world > 1 and self.plan.meta.get("zero", {}).get("gradients"):
             total = comm.all_reduce([total])[0]
         return math.sqrt(total)

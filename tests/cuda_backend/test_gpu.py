@@ -104,8 +104,11 @@ def _train(cfg, graphs: bool, steps: int, recorder=None):
     for step in range(steps):
         ids, labels = _batch(2, SEQ, seed=10 + step)
         loss, _ = r.micro_step(ids, labels, step=step)
+        # the loop's gradient norm, as the trainer reads it (captured with the programs when graphs are on)
+        norm = float(runner.sum_of_squares([r.ex.views[n] for n in r.ex.gradient_names]))
         r.optimizer_step(step, lr_scale=1.0 - 0.1 * step)
         losses.append(loss)
+        runner.norms = [*getattr(runner, "norms", []), norm]
         if recorder is not None:
             recorder.record()
     return losses, runner
@@ -115,12 +118,15 @@ def test_cuda_graphs_replay_eager_losses_without_allocating(gpu_model):
     from surogate.runtime.cuda_graphs import AllocationRecorder
 
     cfg = sim_cfg(gpu_model, seq=SEQ, batch=2, torch_dtype="bfloat16", lora=True, lora_rank=8, lora_alpha=16)
-    eager, _ = _train(cfg, False, 5)
+    eager, eager_runner = _train(cfg, False, 5)
     rec = AllocationRecorder()
     graphed, runner = _train(cfg, True, 5, rec)
     assert runner.enabled and runner.replays >= 6, runner.reason
+    assert any(k[0] == "gradient_norm" for k in runner.graphs)  # the loop's norm is captured too
     for a, b in zip(eager, graphed, strict=True):
         assert abs(a - b) <= 1e-3 * abs(a), (eager, graphed)
+    for a, b in zip(eager_runner.norms, runner.norms, strict=True):
+        assert abs(a - b) <= 1e-3 * abs(a), (eager_runner.norms, runner.norms)
     assert eager[0] != eager[-1]  # the weights moved: replays saw new data and new hyperparameters
     # step 1 runs eagerly (warm-up), step 2 captures; from then on nothing is allocated
     steady = rec.snapshots[1:]

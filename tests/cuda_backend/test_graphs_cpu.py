@@ -304,3 +304,19 @@ def test_reference_math_ops_run_eagerly(model_dir):
     assert kinds, "the Quartet plan has no reference-math kinds: this test no longer tests anything"
     reason = eager_reason(ArenaExecutor(quartet, kernel_table("cuda")), True)
     assert "reference math" in reason and all(k in reason for k in kinds)
+
+
+def test_sum_of_squares_eager_equals_the_squared_norms_and_the_trainer_uses_the_runner(model_dir):
+    import torch
+
+    from surogate.runtime.cuda_graphs import fused_sum_of_squares
+
+    ts = [torch.randn(5, 3), torch.randn(7).to(torch.bfloat16), torch.zeros(2)]
+    want = sum(float(t.float().pow(2).sum()) for t in ts)
+    assert abs(float(fused_sum_of_squares(ts)) - want) <= 1e-5 * want
+    assert float(fused_sum_of_squares([])) == 0.0
+    routed = Runner(sim_cfg(model_dir), "cpu")
+    runner = install(routed.ex, enabled=True)
+    assert routed.ex.graphs is runner and not runner.enabled
+    assert abs(float(runner.sum_of_squares(ts)) - want) <= 1e-5 * want  # eager where graphs are off
+    assert runner.graphs == {}
