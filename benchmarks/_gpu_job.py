@@ -64,7 +64,7 @@ def our_config(model_dir: Path, args: Any, **over: Any):
 class OurTrainer:
     """compile_plan -> ArenaExecutor(cuda table) on the GPU -> GraphRunner; one call = one optimizer step."""
 
-    def __init__(self, cfg: Any, device: str = "cuda") -> None:
+    def __init__(self, cfg: Any, device: str = "cuda", backend: str = "cuda") -> None:
         from surogate.compiler.pipeline import compile_plan
         from surogate.runtime.backends import kernel_table
         from surogate.runtime.cuda_graphs import install
@@ -76,7 +76,7 @@ class OurTrainer:
         self.cfg = cfg
         self.plan = compile_plan(cfg)
         self.loss_name = loss_tensor(self.plan)
-        self.ex = ArenaExecutor(self.plan, kernel_table("cuda"), device=device, watch=[self.loss_name])
+        self.ex = ArenaExecutor(self.plan, kernel_table(backend), device=device, watch=[self.loss_name])
         initialise(self.ex, load_weights(self.plan, cfg.model, lora_seed=0))
         self.graphs = install(self.ex, enabled=bool(cfg.use_cuda_graphs))
         self.step = 0

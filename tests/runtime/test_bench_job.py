@@ -1,5 +1,5 @@
-"""The GPU benchmarks' training step (benchmarks/_gpu_job.py) runs on the cuda kernel table under the
-simulator: a harness broken by a runtime refactor fails here, not in a lent GPU session."""
+"""The GPU benchmarks' training step (benchmarks/_gpu_job.py) runs here on the cpu kernel table (the simulator
+takes minutes per step): a harness broken by a runtime refactor fails here, not in a lent GPU session."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_benchmark_trainer_steps_reduce_the_loss_and_read_the_norm(tmp_path):
     d = save_qwen3(tmp_path / "m", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=64, head_dim=8)
     args = SimpleNamespace(seq=16, batch=1, accum=2, full=False, eager=True)
-    trainer = OurTrainer(our_config(d, args, learning_rate=1e-2), device="cpu")
+    trainer = OurTrainer(our_config(d, args, learning_rate=1e-2), device="cpu", backend="cpu")
     batches = packed_batches(2, args.batch, args.seq, 64)
     losses = [trainer.train_step(batches) for _ in range(4)]
     assert all(torch.isfinite(torch.tensor(losses)))
