@@ -90,7 +90,9 @@ def run_hf(work: Path, args: argparse.Namespace) -> dict:
     if not args.full:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJ))
+        # lora_dtype fp32 = PEFT's default (adapters upcast to fp32); bf16 keeps them in the model's dtype
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJ),
+                               autocast_adapter_dtype=args.lora_dtype == "fp32")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()
@@ -117,12 +119,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-size", choices=list(SIZES), default="0.6b")
     p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     p.add_argument("--eager", action="store_true", help="ours without CUDA graphs")
+    p.add_argument("--lora-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="adapter dtype on both sides (fp32: PEFT's default and ours; bf16: no fp32 upcasts)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--extra", default="", help="more jobs after the main one, comma-separated from 0.6b-full, "
-                   "1.7b, 1.7b-full, 4b, 4b-full; each runs only if --budget-s leaves time for it")
+                   "0.6b-bf16 (bf16 adapters), 1.7b, 1.7b-full, 4b, 4b-full; each runs only if --budget-s leaves time for it")
     p.add_argument("--budget-s", type=float, default=0.0, help="wall-clock seconds for the whole run (extras)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--runner", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -136,9 +140,11 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
     import time
 
     base = ["--model-size", args.model_size, "--steps", str(args.steps), "--seq", str(args.seq), "--batch",
-            str(args.batch), "--accum", str(args.accum), *(["--full"] if args.full else []),
+            str(args.batch), "--accum", str(args.accum), "--lora-dtype", args.lora_dtype,
+            *(["--full"] if args.full else []),
             *(["--eager"] if args.eager else [])]
-    results: dict = {"job": {"model_size": args.model_size, "full": args.full, "eager": args.eager}}
+    results: dict = {"job": {"model_size": args.model_size, "full": args.full, "eager": args.eager,
+                             "lora_dtype": args.lora_dtype}}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
         save_preset_model(args.model_size, work / "model")
@@ -173,7 +179,7 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
             results[runner] = json.loads(proc.stdout.strip().splitlines()[-1])
     ours, hf = results["ours"], results["hf"]
     results["ratio"] = ours["tokens_per_s"] / hf["tokens_per_s"] if ours and hf else None
-    mode = "full fine-tune" if args.full else "LoRA r16 (7 projections)"
+    mode = "full fine-tune" if args.full else f"LoRA r16 (7 projections, {args.lora_dtype} adapters)"
     print(f"job: {SIZES[args.model_size]}-shaped, bf16, {mode}, seq {args.seq} x batch {args.batch} x accum "
           f"{args.accum}, packed rows, {args.steps} timed steps, {torch.cuda.get_device_name()}")
     for name, r in (("surogate (cuda, graphs)" if not args.eager else "surogate (cuda, eager)", ours),
@@ -195,8 +201,8 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
     return results
 
 
-EXTRAS = {"0.6b-full": ("0.6b", True), "1.7b": ("1.7b", False), "1.7b-full": ("1.7b", True), "4b": ("4b", False),
-          "4b-full": ("4b", True)}
+EXTRAS = {"0.6b-full": ("0.6b", True, "fp32"), "0.6b-bf16": ("0.6b", False, "bf16"), "1.7b": ("1.7b", False, "fp32"),
+          "1.7b-full": ("1.7b", True, "fp32"), "4b": ("4b", False, "fp32"), "4b-full": ("4b", True, "fp32")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in EXTRAS or left < 60:  # a job needs a model save and two processes: skip rather than cut
             print(f"[extra {name}] skipped ({'unknown' if name not in EXTRAS else f'{left:.0f} s left'})")
             continue
-        size, full = EXTRAS[name]
-        runs.append(compare(argparse.Namespace(**{**vars(args), "model_size": size, "full": full}), deadline))
+        size, full, lora_dtype = EXTRAS[name]
+        runs.append(compare(argparse.Namespace(**{**vars(args), "model_size": size, "full": full,
+                                                  "lora_dtype": lora_dtype}), deadline))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ours": main_job["ours"], "hf": main_job["hf"],
                                                "ratio": main_job["ratio"], "runs": runs}, indent=1))
