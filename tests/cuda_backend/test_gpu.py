@@ -146,15 +146,24 @@ def test_measured_peak_within_3_percent_of_plan(tmp_path):
     base = torch.cuda.memory_allocated()
     r = Runner(cfg, "cuda", device="cuda")
     install(r.ex, enabled=True)
+    mib = lambda b: round(b / 2**20, 2)  # noqa: E731
+    phases = {"setup": (mib(torch.cuda.memory_allocated() - base), mib(torch.cuda.max_memory_allocated() - base))}
     for step in range(3):
-        ids = torch.randint(3, 8192, (2, 1024))
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(3, 8192, (2, 1024), generator=torch.Generator().manual_seed(step))
         r.micro_step(ids, ids.clone(), step=step)
         r.optimizer_step(step)
-    torch.cuda.synchronize()
-    measured = torch.cuda.max_memory_allocated() - base
-    planned = device_total(r.plan.memory["device"])  # arena + backend workspace (compiler/passes/workspace.py)
+        torch.cuda.synchronize()
+        # (allocated after, peak during) each phase, MiB above the baseline: where an unplanned byte appears
+        phases[f"step{step + 1}"] = (mib(torch.cuda.memory_allocated() - base),
+                                     mib(torch.cuda.max_memory_allocated() - base))
+    measured = max(peak for _, peak in phases.values()) * 2**20
+    dev = r.plan.memory["device"]
+    planned = device_total(dev)  # arena + backend workspace (compiler/passes/workspace.py)
     assert planned > 0 and r.plan.tensors
-    assert abs(measured / planned - 1) <= 0.03, f"measured {measured} vs planned {planned}"
+    ws = {k: v for k, v in (dev.get("backend_workspace") or {}).items() if k not in ("target", "by_tag")}
+    assert abs(measured / planned - 1) <= 0.03, (f"measured {measured} vs planned {planned} (arena "
+                                                 f"{dev['peak_bytes']}); phases {phases}; workspace {ws}")
     assert {t.role for t in r.plan.tensors.values()} >= {Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT}
     assert os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0")
 
