@@ -226,7 +226,8 @@ def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) ->
 
 @functools.cache
 def helpers() -> SimpleNamespace:
-    """Device functions shared by the kernels: float bit casts, rint, bf16 conversions, block reductions.
+    """Device functions shared by the kernels: float bit casts, rint, bf16 conversions (also two bf16 packed in
+    an int32), block and warp reductions.
 
     The simulator has no libdevice, so the bit casts there go through NumPy scalar views; on a GPU
     they are libdevice's `__float_as_int` / `__int_as_float` (no instructions).
@@ -247,6 +248,9 @@ def helpers() -> SimpleNamespace:
         def rint(x):
             return np.float32(np.rint(np.float32(x)))
 
+        def f32_bits_i32(x):
+            return np.float32(x).view(np.int32)
+
     else:
         from numba.cuda import libdevice
 
@@ -261,6 +265,10 @@ def helpers() -> SimpleNamespace:
         @cuda.jit(device=True, inline="always")
         def rint(x):
             return libdevice.rintf(float32(x))
+
+        @cuda.jit(device=True, inline="always")
+        def f32_bits_i32(x):
+            return libdevice.float_as_int(float32(x))
 
     jit_dev = cuda.jit(device=True, inline="always")
 
@@ -317,7 +325,70 @@ def helpers() -> SimpleNamespace:
         cuda.syncthreads()
         return r
 
+    if is_simulator():
+
+        lanes = np.arange(32)
+
+        @jit_dev
+        def warp_sum(val):
+            """The simulator has no shuffles: each thread replays the xor butterfly on its warp's values, read
+            through shared memory (the same float32 additions in the same order: the same bits). Every thread
+            of the block must call it (it synchronises the block); blockDim.x <= 1024."""
+            sm = cuda.shared.array(1024, float32)
+            tid = cuda.threadIdx.x
+            sm[tid] = val
+            cuda.syncthreads()
+            v = sm[tid - tid % 32:tid - tid % 32 + 32].copy()
+            for m in (16, 8, 4, 2, 1):
+                v = v + v[lanes ^ m]
+            cuda.syncthreads()  # sm is written again by the next call
+            return v[tid % 32]
+
+    else:
+
+        @jit_dev
+        def warp_sum(val):
+            """Sum of `val` over the warp, in every lane (xor butterfly: all lanes get the same bits). The
+            whole warp must call it; no shared memory, no syncthreads."""
+            val += cuda.shfl_xor_sync(0xFFFFFFFF, val, 16)
+            val += cuda.shfl_xor_sync(0xFFFFFFFF, val, 8)
+            val += cuda.shfl_xor_sync(0xFFFFFFFF, val, 4)
+            val += cuda.shfl_xor_sync(0xFFFFFFFF, val, 2)
+            val += cuda.shfl_xor_sync(0xFFFFFFFF, val, 1)
+            return val
+
+    @jit_dev
+    def bf16x2_lo(v):
+        """The bf16 in the low half of an int32 holding two (element 2i, little-endian) as float32."""
+        return f32_from_bits(int32(v) << int32(16))
+
+    @jit_dev
+    def bf16x2_hi(v):
+        """The bf16 in the high half of an int32 holding two (element 2i + 1) as float32."""
+        return f32_from_bits(int32(v) & int32(-65536))
+
+    @jit_dev
+    def bf16_bits32(x):
+        """`f32_to_bf16`'s rounding in 32-bit integer arithmetic, as the unsigned pattern 0..0xFFFF (same bits)."""
+        b = f32_bits_i32(x)
+        if (b & int32(0x7FFFFFFF)) > int32(0x7F800000):
+            r = (b >> int32(16)) | int32(0x40)
+        else:  # no overflow: |b| <= 0x7F800000 here
+            r = int32(b + int32(0x7FFF) + ((b >> int32(16)) & int32(1))) >> int32(16)
+        return int32(r & int32(0xFFFF))
+
+    @jit_dev
+    def bf16x2_pack(a, b):
+        """Two float32 rounded as `f32_to_bf16` does, packed into one int32 (a low, b high)."""
+        return int32((bf16_bits32(b) << int32(16)) | bf16_bits32(a))
+
     return SimpleNamespace(
+        warp_sum=warp_sum,
+        bf16x2_lo=bf16x2_lo,
+        bf16x2_hi=bf16x2_hi,
+        bf16x2_pack=bf16x2_pack,
+        bf16_bits32=bf16_bits32,
+        f32_bits_i32=f32_bits_i32,
         block_sum=block_sum,
         block_max=block_max,
         f32_bits=f32_bits,

@@ -7,29 +7,25 @@ Math (the definition; HF `LlamaRMSNorm` / `Qwen3RMSNorm`):
 Backward, with xhat = s * rstd and g = dy * weight (fp32):
     ds = rstd * (g - xhat * mean(g * xhat)) (+ the gradient already flowing into s, if given)
     dweight = sum_rows(dy * xhat)
-Kernels: forward is one block per row (two passes over the row, the second hits cache); backward writes
-per-block partial dweight rows into a caller workspace and a column kernel sums them (deterministic).
+Kernels (_rmsnorm_kernels.py): a warp per row (a few warps for rows over 1024), the row held in registers
+between the two passes, so each tensor is read or written once; the row's sum is a warp shuffle. bf16 rows
+of even length move two values per int32 access. The backward sums each thread's dweight columns in
+registers over all its rows and writes one fp32 partial row per block (per 8 rows, up to the resident-block
+cap) into a caller workspace; a column kernel sums them in a fixed order (deterministic).
 """
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
-from ._device import (
-    check_contiguous,
-    converters,
-    get_cuda,
-    grid_for,
-    helpers,
-    jit_kernel,
-    launch,
-    threads,
-)
+from . import _rmsnorm_kernels as K
+from ._device import check_contiguous, grid_for, launch, threads
 
-cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
+# The backward's blocks (= its dweight partial rows): one per ROWS_PER_PART rows, up to the resident-block cap.
+# Enough warps in flight for short rows (65536 q/k-norm rows: the whole cap), few partials for long ones (4096 rows
+# of 1024: 512 partial rows, 2 MB against the 32 MB the backward moves). runtime/backends/cuda_sizes.rms_ws
+# predicts the same count.
+ROWS_PER_PART = 8
 
 # ---------------------------------------------------------------- reference
 
@@ -67,122 +63,27 @@ def rmsnorm_backward_ref(
     return ds.to(s.dtype).reshape(s.shape), dw.to(weight.dtype)
 
 
-# ---------------------------------------------------------------- kernels
+# ---------------------------------------------------------------- launchers
 
 
 def row_threads(hidden: int) -> int:
-    """Threads per row-block: 128 for short rows (e.g. Qwen3's per-head q/k norm, hidden 128), else 256."""
-    t = threads()
-    return t // 2 if hidden <= t // 2 else t
+    """Threads per block of the row kernels (a warp per row, several rows per block)."""
+    return threads()
 
 
-@functools.cache
-def _fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res: bool, T: int):
-    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
-    cuda = get_cuda()
-    from numba import float32
-
-    h = helpers()
-    lx, sx = converters(x_dt)
-    lw, _ = converters(w_dt)
-    _, so = converters(o_dt)
-    block_sum = h.block_sum
-
-    @jit_kernel
-    def kernel(x, res, w, out, sum_out, rstd, eps):
-        sm = cuda.shared.array(T, float32)
-        tid = cuda.threadIdx.x
-        rows, hidden = x.shape
-        for row in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
-            acc = float32(0.0)
-            for c in range(tid, hidden, T):
-                v = lx(x[row, c])
-                if has_res:
-                    sv = sx(v + lx(res[row, c]))  # the residual add rounds to the input dtype, as in HF
-                    sum_out[row, c] = sv
-                    v = lx(sv)
-                acc += v * v
-            total = block_sum(sm, acc)
-            r = float32(1.0) / math.sqrt(float32(total / float32(hidden)) + float32(eps))
-            if tid == 0:
-                rstd[row] = r
-            for c in range(tid, hidden, T):
-                if has_res:
-                    v = lx(sum_out[row, c])
-                else:
-                    v = lx(x[row, c])
-                y = lx(sx(v * r))  # HF casts the normalised value back to the input dtype first
-                out[row, c] = so(lw(w[c]) * y)
-
-    return kernel
+def _pairs(hidden: int, *ts: torch.Tensor) -> bool:
+    """All row tensors bf16 and 4-byte aligned, rows of even length: accessed as int32 pairs."""
+    return hidden % 2 == 0 and all(t.dtype == torch.bfloat16 and t.data_ptr() % 4 == 0 for t in ts)
 
 
-@functools.cache
-def _bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool, T: int):
-    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
-    cuda = get_cuda()
-    from numba import float32
-
-    h = helpers()
-    ldy, _ = converters(dy_dt)
-    ls, ss = converters(s_dt)
-    lw, _ = converters(w_dt)
-    block_sum = h.block_sum
-
-    @jit_kernel
-    def kernel(dy, s, w, rstd, dres, ds, dw_part):
-        sm = cuda.shared.array(T, float32)
-        tid = cuda.threadIdx.x
-        b = cuda.blockIdx.x
-        rows, hidden = s.shape
-        for c in range(tid, hidden, T):
-            dw_part[b, c] = float32(0.0)
-        for row in range(b, rows, cuda.gridDim.x):
-            r = rstd[row]
-            acc = float32(0.0)
-            for c in range(tid, hidden, T):
-                acc += ldy(dy[row, c]) * lw(w[c]) * (ls(s[row, c]) * r)
-            dot = block_sum(sm, acc) / float32(hidden)
-            for c in range(tid, hidden, T):
-                g = ldy(dy[row, c])
-                xhat = ls(s[row, c]) * r
-                v = r * (g * lw(w[c]) - xhat * dot)
-                if has_dres:
-                    v += ls(dres[row, c])
-                ds[row, c] = ss(v)
-                dw_part[b, c] += g * xhat
-
-    return kernel
-
-
-@functools.cache
-def _colsum_kernel(o_dt: torch.dtype):
-    """dweight[c] = sum_b part[b, c]: one thread per column, coalesced across the row of partials."""
-    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
-    cuda = get_cuda()
-    from numba import float32
-
-    _, so = converters(o_dt)
-
-    @jit_kernel
-    def kernel(part, out):
-        nb, n = part.shape
-        start, stride = cuda.grid(1), cuda.gridsize(1)
-        for c in range(start, n, stride):
-            acc = float32(0.0)
-            for b in range(nb):
-                acc += part[b, c]
-            out[c] = so(acc)
-
-    return kernel
+def _view(t: torch.Tensor, pair: bool) -> torch.Tensor:
+    return t.view(torch.int32) if pair else t
 
 
 def colsum(part: torch.Tensor, out: torch.Tensor) -> None:
     """out[c] = sum over rows of the fp32 partials `part[b, c]` (deterministic order)."""
-    launch(_colsum_kernel(out.dtype), grid_for(part.shape[1], threads()), threads(), part, out)
-
-
-# ---------------------------------------------------------------- launchers
+    t = threads()
+    launch(K.colsum_kernel(out.dtype, t), grid_for(part.shape[1], K.COLS), t, part, out)
 
 
 def rmsnorm_forward(
@@ -210,14 +111,17 @@ def rmsnorm_forward(
     rows = x2.shape[0]
     res2 = residual.reshape(-1, hidden) if has_res else x2
     sum2 = sum_out.reshape(-1, hidden) if has_res else x2
-    t = row_threads(hidden)
-    kernel = _fwd_kernel(x.dtype, weight.dtype, out.dtype, has_res, t)
-    launch(kernel, grid_for(rows, 1), t, x2, res2, weight, out.reshape(-1, hidden), sum2, rstd, float(eps))
+    out2 = out.reshape(-1, hidden)
+    pair = _pairs(hidden, x2, res2, sum2, out2)
+    lay = K.layout(hidden, pair, row_threads(hidden))
+    kernel = K.fwd_kernel(x.dtype, weight.dtype, out.dtype, has_res, lay)
+    launch(kernel, grid_for(rows, lay.rpb), lay.threads, _view(x2, pair), _view(res2, pair), weight,
+           _view(out2, pair), _view(sum2, pair), rstd, float(eps))
 
 
 def rmsnorm_bwd_workspace_shape(rows: int) -> tuple[int, int]:
-    """Rows of the fp32 dweight-partials workspace the backward needs (times hidden columns)."""
-    return (grid_for(rows, 1), -1)
+    """Rows of the fp32 dweight-partials workspace the backward needs (times hidden columns): its blocks."""
+    return (grid_for(rows, ROWS_PER_PART), -1)
 
 
 def rmsnorm_backward(
@@ -233,7 +137,7 @@ def rmsnorm_backward(
     """ds = d(loss)/d(s) (+ dresidual), dweight = sum over rows; `s` is the normalised input (x + residual).
 
     `workspace` is fp32 [blocks, hidden] (see `rmsnorm_bwd_workspace_shape`); allocated here if omitted,
-    which a static plan should avoid.
+    which a static plan should avoid. A workspace with fewer rows runs fewer blocks.
     """
     hidden = s.shape[-1]
     for name, t in (("dy", dy), ("s", s), ("ds", ds), ("dresidual", dresidual)):
@@ -241,7 +145,7 @@ def rmsnorm_backward(
             check_contiguous(name, t)
     s2 = s.reshape(-1, hidden)
     rows = s2.shape[0]
-    blocks = grid_for(rows, 1)
+    blocks = rmsnorm_bwd_workspace_shape(rows)[0]
     if workspace is None:
         workspace = torch.empty((blocks, hidden), dtype=torch.float32, device=s.device)
     if workspace.dtype != torch.float32 or workspace.shape[1] != hidden:
@@ -249,8 +153,11 @@ def rmsnorm_backward(
     blocks = min(blocks, workspace.shape[0])
     part = workspace[:blocks]
     has_dres = dresidual is not None
+    dy2, ds2 = dy.reshape(-1, hidden), ds.reshape(-1, hidden)
     dres2 = dresidual.reshape(-1, hidden) if has_dres else s2
-    t = row_threads(hidden)
-    kernel = _bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, t)
-    launch(kernel, blocks, t, dy.reshape(-1, hidden), s2, weight, rstd, dres2, ds.reshape(-1, hidden), part)
+    pair = _pairs(hidden, dy2, s2, ds2, dres2)
+    lay = K.layout(hidden, pair, row_threads(hidden))
+    kernel = K.bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, lay)
+    launch(kernel, blocks, lay.threads, _view(dy2, pair), _view(s2, pair), weight, rstd, _view(dres2, pair),
+           _view(ds2, pair), part)
     colsum(part, dweight)

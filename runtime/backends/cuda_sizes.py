@@ -125,9 +125,13 @@ def rms_dw(fwd_op: Any, hidden: int, dtype: str) -> Spec:
     return Spec(f"rms_dw:{fwd_op}", (hidden,), dtype)
 
 
+RMS_ROWS_PER_PART = 8  # numba_kernels.rmsnorm.ROWS_PER_PART
+
+
 def rms_ws(rows: int, hidden: int, grid: int) -> Spec:
-    """fp32 dweight partials of the RMSNorm backward: one row per block of its grid."""
-    return Spec("rms_ws", (min(rows, grid), hidden), "fp32")
+    """fp32 dweight partials of the RMSNorm backward: one row per block of its grid, a block per 8 rows up to
+    `grid` (the resident-block cap, or the backward's own block count)."""
+    return Spec("rms_ws", (min(math.ceil(rows / RMS_ROWS_PER_PART), grid), hidden), "fp32")
 
 
 def rms_ds(shape: tuple[int, ...], dtype: str) -> Spec:

@@ -1,0 +1,309 @@
+"""The RMSNorm kernels (launchers and math: rmsnorm.py). Built per dtypes and per row length, for bandwidth.
+
+A row belongs to a group of `tpr` threads (one warp, or a few warps for long rows) and every thread keeps its
+elements of the row in registers between the two passes: the forward reads x (and the residual) once and
+writes the sum and the output once; the backward reads dy and s once. The row's reduction is a warp shuffle
+(plus one shared-memory step across the warps of a group when the row has several). A thread's columns are the
+same for every row it handles, so the backward sums its dweight contributions in registers and writes one
+partial row per block at the end. bf16 rows with an even length are read and written two values at a time,
+as int32 (element 2i in the low half).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._device import converters, get_cuda, helpers, jit_kernel, log2_block
+
+cuda = None  # numba.cuda, bound by the first kernel build (lazy import)
+
+CACHE = 32  # row elements a thread keeps in registers (per array); rows longer than threads x CACHE re-read
+COLS = 8  # columns per colsum block row (the rest of the block: row groups of the partials)
+
+
+class Layout(NamedTuple):
+    """How a block of `threads` covers rows of `hidden` elements (`pair`: two bf16 per int32 access)."""
+
+    hidden: int
+    pair: bool
+    threads: int
+    tpr: int  # threads per row (a multiple of 32)
+    rpb: int  # rows per block at a time
+    units: int  # accesses per row (hidden, or hidden / 2 for pairs)
+    per: int  # accesses per thread and row
+    cached: bool  # the row stays in registers between the passes
+
+    @property
+    def elems(self) -> int:
+        return self.per * (2 if self.pair else 1)
+
+
+def layout(hidden: int, pair: bool, threads: int) -> Layout:
+    """One warp per row while a thread's share fits CACHE, else 2, 4, ... warps (at most the block)."""
+    warps = max(1, threads // 32)
+    v = 2 if pair else 1
+    units = hidden // v
+    wpr = 1
+    while wpr < warps and v * math.ceil(units / (32 * wpr)) > CACHE:
+        wpr *= 2
+    tpr = 32 * wpr
+    per = math.ceil(units / tpr)
+    return Layout(hidden, pair, 32 * warps, tpr, warps // wpr, units, per, v * per <= CACHE)
+
+
+def _row_total(lay: Layout):
+    """Device function: the sum of `acc` over a row's thread group, in every thread of the group."""
+    from numba import float32
+
+    warp_sum = helpers().warp_sum
+    wpr = lay.tpr // 32
+
+    @cuda.jit(device=True, inline="always")
+    def total(acc, sm):
+        t = warp_sum(acc)
+        if wpr > 1:  # the group's warps add their sums in a fixed order
+            tid = cuda.threadIdx.x
+            if tid & 31 == 0:
+                sm[tid >> 5] = t
+            cuda.syncthreads()
+            g0 = (tid >> 5) & ~(wpr - 1)
+            t = float32(0.0)
+            for i in range(wpr):
+                t += sm[g0 + i]
+            cuda.syncthreads()  # sm is written again by the next row
+        return t
+
+    return total
+
+
+@functools.cache
+def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res: bool, lay: Layout):
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    from numba import float32
+
+    h = helpers()
+    lx, sx = converters(x_dt)
+    lw, _ = converters(w_dt)
+    _, so = converters(o_dt)
+    lo, hi, pack = h.bf16x2_lo, h.bf16x2_hi, h.bf16x2_pack
+    total = _row_total(lay)
+    H, PAIR, TPR, RPB, NU, PER, CACHED = lay.hidden, lay.pair, lay.tpr, lay.rpb, lay.units, lay.per, lay.cached
+    WARPS, NBUF, SH = lay.threads // 32, lay.elems if lay.cached else 1, log2_block("tpr", lay.tpr)
+
+    @jit_kernel
+    def kernel(x, res, w, out, sum_out, rstd, eps):
+        buf = cuda.local.array(NBUF, float32)
+        sm = cuda.shared.array(WARPS, float32)
+        tid = cuda.threadIdx.x
+        grp, ut = tid >> SH, tid & (TPR - 1)
+        rows = x.shape[0]
+        # block-uniform loop (every thread takes part in the row reduction, whose rows may be past the end)
+        for base in range(cuda.blockIdx.x * RPB, rows, cuda.gridDim.x * RPB):
+            row = base + grp
+            valid = row < rows
+            acc = float32(0.0)
+            if valid:
+                for k in range(PER):
+                    u = ut + k * TPR
+                    if u < NU:
+                        if PAIR:
+                            p = x[row, u]
+                            a, b = lo(p), hi(p)
+                            if has_res:  # the residual add rounds to the input dtype, as in HF
+                                q = res[row, u]
+                                sp = pack(a + lo(q), b + hi(q))
+                                sum_out[row, u] = sp
+                                a, b = lo(sp), hi(sp)
+                            if CACHED:
+                                buf[2 * k] = a
+                                buf[2 * k + 1] = b
+                            acc += a * a
+                            acc += b * b
+                        else:
+                            v = lx(x[row, u])
+                            if has_res:
+                                sv = sx(v + lx(res[row, u]))
+                                sum_out[row, u] = sv
+                                v = lx(sv)
+                            if CACHED:
+                                buf[k] = v
+                            acc += v * v
+            tot = total(acc, sm)
+            if valid:
+                r = float32(1.0) / math.sqrt(float32(tot / float32(H)) + float32(eps))
+                if ut == 0:
+                    rstd[row] = r
+                for k in range(PER):
+                    u = ut + k * TPR
+                    if u < NU:
+                        if PAIR:
+                            if CACHED:
+                                a, b = buf[2 * k], buf[2 * k + 1]
+                            else:
+                                p = sum_out[row, u] if has_res else x[row, u]
+                                a, b = lo(p), hi(p)
+                            # HF casts the normalised value back to the input dtype first
+                            ya, yb = lx(sx(a * r)), lx(sx(b * r))
+                            out[row, u] = pack(lw(w[2 * u]) * ya, lw(w[2 * u + 1]) * yb)
+                        else:
+                            if CACHED:
+                                v = buf[k]
+                            else:
+                                v = lx(sum_out[row, u]) if has_res else lx(x[row, u])
+                            out[row, u] = so(lw(w[u]) * lx(sx(v * r)))
+
+    return kernel
+
+
+@functools.cache
+def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool, lay: Layout):
+    """ds per row; each block writes its row `part[blockIdx]` of dweight partials (summed by `colsum_kernel`)."""
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    from numba import float32
+
+    h = helpers()
+    ldy, _ = converters(dy_dt)
+    ls, ss = converters(s_dt)
+    lw, _ = converters(w_dt)
+    lo, hi, pack = h.bf16x2_lo, h.bf16x2_hi, h.bf16x2_pack
+    total = _row_total(lay)
+    H, PAIR, TPR, RPB, NU, PER, CACHED = lay.hidden, lay.pair, lay.tpr, lay.rpb, lay.units, lay.per, lay.cached
+    T, WARPS, E, SH = lay.threads, lay.threads // 32, lay.elems, log2_block("tpr", lay.tpr)
+    NBUF = E if CACHED else 1
+    NSM = RPB * H if RPB > 1 else 1  # the block's row groups' dweight sums (<= 32 KB: RPB > 1 only when cached)
+
+    @jit_kernel
+    def kernel(dy, s, w, rstd, dres, ds, dw_part):
+        sbuf = cuda.local.array(NBUF, float32)
+        gbuf = cuda.local.array(NBUF, float32)
+        dwa = cuda.local.array(E, float32)  # this thread's columns' dweight, over all its rows
+        sm = cuda.shared.array(WARPS, float32)
+        smw = cuda.shared.array(NSM, float32)
+        tid = cuda.threadIdx.x
+        grp, ut = tid >> SH, tid & (TPR - 1)
+        b = cuda.blockIdx.x
+        rows = s.shape[0]
+        for e in range(E):
+            dwa[e] = float32(0.0)
+        for base in range(b * RPB, rows, cuda.gridDim.x * RPB):  # block-uniform (see the forward)
+            row = base + grp
+            valid = row < rows
+            acc = float32(0.0)
+            r = float32(0.0)
+            if valid:
+                r = rstd[row]
+                for k in range(PER):
+                    u = ut + k * TPR
+                    if u < NU:
+                        if PAIR:
+                            p, q = s[row, u], dy[row, u]
+                            sa, sb, ga, gb = lo(p), hi(p), lo(q), hi(q)
+                            if CACHED:
+                                sbuf[2 * k], sbuf[2 * k + 1] = sa, sb
+                                gbuf[2 * k], gbuf[2 * k + 1] = ga, gb
+                            acc += ga * lw(w[2 * u]) * (sa * r)
+                            acc += gb * lw(w[2 * u + 1]) * (sb * r)
+                        else:
+                            sv, g = ls(s[row, u]), ldy(dy[row, u])
+                            if CACHED:
+                                sbuf[k], gbuf[k] = sv, g
+                            acc += g * lw(w[u]) * (sv * r)
+            dot = total(acc, sm) / float32(H)
+            if valid:
+                for k in range(PER):
+                    u = ut + k * TPR
+                    if u < NU:
+                        if PAIR:
+                            if CACHED:
+                                sa, sb, ga, gb = sbuf[2 * k], sbuf[2 * k + 1], gbuf[2 * k], gbuf[2 * k + 1]
+                            else:
+                                p, q = s[row, u], dy[row, u]
+                                sa, sb, ga, gb = lo(p), hi(p), lo(q), hi(q)
+                            xa, xb = sa * r, sb * r
+                            va = r * (ga * lw(w[2 * u]) - xa * dot)
+                            vb = r * (gb * lw(w[2 * u + 1]) - xb * dot)
+                            if has_dres:
+                                q = dres[row, u]
+                                va += lo(q)
+                                vb += hi(q)
+                            ds[row, u] = pack(va, vb)
+                            dwa[2 * k] += ga * xa
+                            dwa[2 * k + 1] += gb * xb
+                        else:
+                            if CACHED:
+                                sv, g = sbuf[k], gbuf[k]
+                            else:
+                                sv, g = ls(s[row, u]), ldy(dy[row, u])
+                            xhat = sv * r
+                            v = r * (g * lw(w[u]) - xhat * dot)
+                            if has_dres:
+                                v += ls(dres[row, u])
+                            ds[row, u] = ss(v)
+                            dwa[k] += g * xhat
+        # one partial row per block: the row groups' sums added in a fixed order (deterministic)
+        for k in range(PER):
+            u = ut + k * TPR
+            if u < NU:
+                if PAIR:
+                    if RPB > 1:
+                        smw[grp * H + 2 * u] = dwa[2 * k]
+                        smw[grp * H + 2 * u + 1] = dwa[2 * k + 1]
+                    else:
+                        dw_part[b, 2 * u] = dwa[2 * k]
+                        dw_part[b, 2 * u + 1] = dwa[2 * k + 1]
+                else:
+                    if RPB > 1:
+                        smw[grp * H + u] = dwa[k]
+                    else:
+                        dw_part[b, u] = dwa[k]
+        if RPB > 1:
+            cuda.syncthreads()
+            for c in range(tid, H, T):
+                t = smw[c]
+                for g in range(1, RPB):
+                    t += smw[g * H + c]
+                dw_part[b, c] = t
+
+    return kernel
+
+
+@functools.cache
+def colsum_kernel(o_dt: torch.dtype, T: int):
+    """out[c] = sum_b part[b, c]: a block takes COLS columns with T / COLS row groups (each a strided sum over
+    the partials), then adds the groups in a fixed order through shared memory: deterministic, and enough
+    threads for a few hundred partial rows."""
+    global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
+    cuda = get_cuda()
+    from numba import float32
+
+    _, so = converters(o_dt)
+    RG, SH = T // COLS, log2_block("COLS", COLS)
+
+    @jit_kernel
+    def kernel(part, out):
+        sm = cuda.shared.array(T, float32)
+        tid = cuda.threadIdx.x
+        cl, rg = tid & (COLS - 1), tid >> SH
+        nb, n = part.shape
+        for c0 in range(cuda.blockIdx.x * COLS, n, cuda.gridDim.x * COLS):  # block-uniform
+            c = c0 + cl
+            acc = float32(0.0)
+            if c < n:
+                for b in range(rg, nb, RG):
+                    acc += part[b, c]
+            sm[tid] = acc
+            cuda.syncthreads()
+            if rg == 0 and c < n:
+                t = sm[cl]
+                for g in range(1, RG):
+                    t += sm[g * COLS + cl]
+                out[c] = so(t)
+            cuda.syncthreads()
+
+    return kernel
