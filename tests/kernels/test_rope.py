@@ -120,3 +120,183 @@ def test_rope_tables_are_built_on_the_device_of_inv_freq():
     cos, sin = rope_tables_ref(_inv_freq(8).to("meta"), 16)
     assert cos.device.type == sin.device.type == "meta"
     assert cos.shape == sin.shape == (16, 4)
+
+
+# -- wide path (int32 / int64 words of bf16, two word pairs per thread, float32 pairs) vs the scalar kernel -----
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+
+def _scalar(x, out, pos, cos, sin, inv, scaling, sign):
+    """The scalar kernel (the path before the wide one, and the fallback), launched directly."""
+    from surogate.numba_kernels import rope as R
+    from surogate.numba_kernels._device import grid_for, launch, threads
+
+    fused = inv is not None
+    k = R._kernel(x.dtype, out.dtype, fused)
+    if fused:
+        cos = sin = inv.view(1, -1)
+    launch(k, grid_for(x.shape[0], 1), threads(), x, out, pos, cos, sin, inv if fused else cos.reshape(-1),
+           float(scaling), float(sign))
+
+
+def _x(t, h, d, dtype, seed):
+    x = torch.randn(t, h, d, generator=torch.Generator().manual_seed(seed)) * 2
+    flat = x.view(-1)
+    for i, v in enumerate([float("nan"), float("inf"), -float("inf"), 1e-40, -0.0, 3e38]):
+        flat[(7 * i + 1) % flat.numel()] = v
+    return x.to(dtype)
+
+
+def _all_variants(x, pos, d, expect_width):
+    """Forward and backward, table and fused, into a new buffer and in place: the same bits as the scalar kernel."""
+    from surogate.numba_kernels import rope as R
+
+    assert R._width(x, x) == expect_width
+    inv = _inv_freq(d)
+    cos, sin = rope_tables_ref(inv, 16, attention_scaling=1.25)
+    for fused in (False, True):
+        for sign in (1.0, -1.0):
+            if fused:
+                fn = rope_fused_forward if sign > 0 else rope_fused_backward
+                new = lambda a, b, fn=fn: fn(a, b, pos, inv, 1.25)  # noqa: E731
+            else:
+                fn = rope_forward if sign > 0 else rope_backward
+                new = lambda a, b, fn=fn: fn(a, b, pos, cos, sin)  # noqa: E731
+            old = torch.empty_like(x)
+            _scalar(x, old, pos, cos, sin, inv if fused else None, 1.25, sign)
+            out = torch.empty_like(x)
+            new(x, out)
+            assert torch.equal(_bits(out), _bits(old)), (fused, sign)
+            y = x.clone()
+            new(y, y)  # in place
+            assert torch.equal(_bits(y), _bits(old)), (fused, sign)
+    if x.dtype == torch.bfloat16:  # table path: the same fp32 products as the reference, rounded once
+        out = torch.empty_like(x)
+        rope_forward(x, out, pos, cos, sin)
+        ref = rope_forward_ref(x, pos, cos, sin)
+        nan = torch.isnan(ref)  # NaN payloads differ by convention (torch propagates, the kernels quiet)
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(_bits(out)[~nan], _bits(ref)[~nan])
+
+
+# inf / huge inputs overflow float32 products in the simulator (NumPy warns; a GPU does not)
+SPECIAL_VALUES = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                                            "ignore:invalid value encountered:RuntimeWarning")
+
+
+@SPECIAL_VALUES
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,d", [(2, 128), (3, 64), (1, 8), (3, 4), (2, 12), (2, 10), (1, 2)])
+def test_wide_path_same_bits_as_scalar_kernel(dtype, heads, d):
+    pos = torch.tensor([0, 15, 3], dtype=torch.int64)
+    half = d // 2
+    width = 1 if dtype == torch.float32 else 4 if half % 4 == 0 else 2 if half % 2 == 0 else 0
+    _all_variants(_x(3, heads, d, dtype, seed=d + heads), pos, d, width)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_path_on_packed_qkv_view_in_place(dtype):
+    """q and k heads of a packed bf16 qkv buffer (head_dim 64): int64 words on a strided view; v untouched."""
+    t, hq, hk, d = 3, 4, 2, 64
+    qkv = torch.randn(t, (hq + 2 * hk) * d).to(dtype)
+    before = qkv.clone()
+    pos = torch.tensor([2, 0, 1], dtype=torch.int32)
+    cos, sin = rope_tables_ref(_inv_freq(d), 4)
+    qk = qkv.view(t, hq + 2 * hk, d)[:, : hq + hk]
+    from surogate.numba_kernels import rope as R
+
+    assert R._width(qk, qk) == (1 if dtype == torch.float32 else 4)
+    expect = torch.empty_like(qk)
+    _scalar(qk, expect, pos, cos, sin, None, 1.0, 1.0)
+    rope_forward(qk, qk, pos, cos, sin)
+    assert torch.equal(_bits(qkv.view(t, -1, d)[:, : hq + hk]), _bits(expect))
+    assert torch.equal(qkv.view(t, -1, d)[:, hq + hk :], before.view(t, -1, d)[:, hq + hk :])
+
+
+@SPECIAL_VALUES
+def test_misaligned_view_and_mixed_dtypes_take_the_scalar_path():
+    from surogate.numba_kernels import rope as R
+
+    t, h, d = 3, 2, 8
+    buf = _x(1, 1, t * h * d + 2, torch.bfloat16, seed=4).view(-1)
+    pos = torch.tensor([1, 0, 2], dtype=torch.int64)
+    x = buf[1 : 1 + t * h * d].view(t, h, d)  # odd element offset: 2-byte aligned only
+    assert x.data_ptr() % 4
+    _all_variants(x, pos, d, 0)
+    x2 = buf[2 : 2 + t * h * d].view(t, h, d)  # 4-byte aligned: int32 words, not int64
+    _all_variants(x2, pos, d, 2)
+    # bf16 in, fp32 out: the scalar kernel
+    out = torch.empty(t, h, d)
+    assert R._width(x2, out) == 0
+    cos, sin = rope_tables_ref(_inv_freq(d), 4)
+    rope_forward(x2, out, pos, cos, sin)
+    old = torch.empty_like(out)
+    _scalar(x2, old, pos, cos, sin, None, 1.0, 1.0)
+    assert torch.equal(_bits(out), _bits(old))
+
+
+_PTX_SCRIPT = r"""
+import os, re, sys
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+import torch
+from surogate.numba_kernels import _device
+from surogate.numba_kernels._device import get_cuda
+from surogate.numba_kernels import rope as R
+from tests.kernels.ptx_check import _numba_type
+_device._max_resident_blocks = lambda: 1056  # grids as on an H100 (no device here)
+try:
+    cuda = get_cuda()
+    cuda.compile_ptx(lambda a: None, "(float32[::1],)", cc=(9, 0))
+except Exception as exc:
+    print("PTX-UNAVAILABLE", type(exc).__name__, str(exc).splitlines()[0])
+    sys.exit(0)
+
+def fake_launch(kernel, grid, block, *args):
+    sig = tuple(_numba_type(a) for a in args)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    wide = {b: sum(1 for ln in lines if re.match(r"ld\.global(?:\.nc)?\.[bsu]%d\s" % b, ln)) for b in (64, 32)}
+    print(kernel.py_func.__qualname__.split(".")[0], sig[0].dtype, wide[64], wide[32], flush=True)
+
+R.launch = fake_launch
+bf, f32 = torch.bfloat16, torch.float32
+pos = torch.zeros(3, dtype=torch.int64)
+for d, dt in ((128, bf), (64, bf), (4, bf), (10, bf), (128, f32)):
+    x = torch.zeros(3, 2, d, dtype=dt)
+    R.rope_forward(x, x, pos, torch.zeros(8, d // 2), torch.zeros(8, d // 2))
+    R.rope_fused_backward(x, x, pos, torch.zeros(d // 2), 1.0)
+x = torch.zeros(3, 2, 8, dtype=bf)
+R.rope_forward(x, x.float(), pos, torch.zeros(8, 4), torch.zeros(8, 4))
+print("PTX-DONE")
+"""
+
+
+@pytest.mark.slow
+def test_every_rope_variant_compiles_to_ptx_with_wide_loads():
+    """sm_90 PTX of the int64 / int32 word, float32 and scalar variants, table and fused (the registry cases
+    build only some): the word kernels load x as 64- / 32-bit words (two word pairs per iteration)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    if "PTX-UNAVAILABLE" in out.stdout:
+        pytest.skip(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and "PTX-DONE" in out.stdout, out.stderr[-3000:]
+    rows = [ln.split() for ln in out.stdout.splitlines()[:-1]]
+    assert len(rows) == 11, out.stdout
+    for name, dt, w64, w32 in rows:
+        if name == "_wide_kernel" and dt == "int64":
+            assert int(w64) >= 4, rows  # x1 and x2 words of two items
+        if name == "_wide_kernel" and dt == "int32":
+            assert int(w32) >= 4, rows
+    names = {(r[0], r[1]) for r in rows}
+    assert names == {("_wide_kernel", "int64"), ("_wide_kernel", "int32"), ("_wide_kernel", "float32"),
+                     ("_kernel", "int16")}
