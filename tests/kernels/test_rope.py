@@ -254,12 +254,46 @@ except Exception as exc:
     print("PTX-UNAVAILABLE", type(exc).__name__, str(exc).splitlines()[0])
     sys.exit(0)
 
+def contractions(lines):
+    # {(shared array of the fma's multiplicand, addend's op, shared array of the addend's product)} over the
+    # rotation's fmas; arrays by declaration order: 0 = cos (sc), 1 = sin (ss)
+    arrays = [m.group(1) for ln in lines for m in [re.match(r"\.visible \.shared .* (\w+)\[", ln)] if m]
+    defs = {}
+    for ln in lines:
+        m = re.match(r"([\w.]+)\s+(%\w+),\s*(.*?);", ln)
+        if m:
+            defs[m.group(2)] = (m.group(1), re.findall(r"[%\w]+", m.group(3)))
+    def array(reg, depth=0):  # the shared array an address register points into
+        op, ops = defs.get(reg, ("", []))
+        for o in ops:
+            if o in arrays:
+                return arrays.index(o)
+        for o in ops:
+            if o.startswith("%") and depth < 20:
+                a = array(o, depth + 1)
+                if a is not None:
+                    return a
+        return None
+    def shared_operand(ops):
+        for o in ops:
+            op, src = defs.get(o, ("", []))
+            if op.startswith("ld.shared"):
+                return array(src[0])
+        return None
+    found = set()
+    for op, ops in defs.values():
+        if op == "fma.rn.f32" and shared_operand(ops[:2]) is not None:
+            mop, mops = defs.get(ops[2], ("", []))
+            found.add((shared_operand(ops[:2]), mop, shared_operand(mops)))
+    return found
+
 def fake_launch(kernel, grid, block, *args):
     sig = tuple(_numba_type(a) for a in args)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
     lines = [ln.strip() for ln in ptx.splitlines()]
     wide = {b: sum(1 for ln in lines if re.match(r"ld\.global(?:\.nc)?\.[bsu]%d\s" % b, ln)) for b in (64, 32)}
-    print(kernel.py_func.__qualname__.split(".")[0], sig[0].dtype, wide[64], wide[32], flush=True)
+    fmas = "|".join(f"{a}:{op}:{b}" for a, op, b in sorted(contractions(lines)))
+    print(kernel.py_func.__qualname__.split(".")[0], sig[0].dtype, wide[64], wide[32], fmas, flush=True)
 
 R.launch = fake_launch
 bf, f32 = torch.bfloat16, torch.float32
@@ -277,7 +311,8 @@ print("PTX-DONE")
 @pytest.mark.slow
 def test_every_rope_variant_compiles_to_ptx_with_wide_loads():
     """sm_90 PTX of the int64 / int32 word, float32 and scalar variants, table and fused (the registry cases
-    build only some): the word kernels load x as 64- / 32-bit words (two word pairs per iteration)."""
+    build only some): the word kernels load x as 64- / 32-bit words (two word pairs per iteration), and every
+    variant rounds the rotation as the scalar kernel does (its one contracted product, read from the PTX)."""
     import os
     import subprocess
     import sys
@@ -292,7 +327,10 @@ def test_every_rope_variant_compiles_to_ptx_with_wide_loads():
     assert out.returncode == 0 and "PTX-DONE" in out.stdout, out.stderr[-3000:]
     rows = [ln.split() for ln in out.stdout.splitlines()[:-1]]
     assert len(rows) == 11, out.stdout
-    for name, dt, w64, w32 in rows:
+    # bit-identity on a GPU: NVVM contracts the scalar kernel's x2 * c + x1 * s into fma(x1, s, x2 * c); every
+    # variant, scalar and wide, table and fused, must compute exactly that (sin a multiplicand, cos * x2 the addend)
+    assert {r[4] for r in rows} == {"1:mul.f32:0"}, out.stdout
+    for name, dt, w64, w32, _ in rows:
         if name == "_wide_kernel" and dt == "int64":
             assert int(w64) >= 4, rows  # x1 and x2 words of two items
         if name == "_wide_kernel" and dt == "int32":
