@@ -44,6 +44,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("precision", _lazy("surogate.compiler.passes.precision", "annotate_precision")),
     ("autodiff", _lazy("surogate.compiler.passes.autodiff", "emit_backward")),
     ("recompute", _lazy("surogate.compiler.passes.recompute", "apply_recompute")),
+    ("fuse_lora_merge", _lazy("surogate.compiler.passes.fusion", "fuse_lora_merge")),
     ("chunking", _lazy("surogate.compiler.passes.chunking", "apply_chunking")),
     ("offload", apply_offload),
     ("zero", apply_zero),

@@ -106,6 +106,11 @@ register(OpDef("qlinear_quartet", ("x", "weight", "x_q", "x_scale", "x_gscale", 
                    "x @ weight.T up to quantization error); backward: stochastic-rounded NVFP4 GEMMs after a "
                    "random-sign Hadamard along each GEMM's reduction dim, gradients masked by the clip masks"))
 
+# Post-autodiff fusions: emitted after the backward program exists, so they need no VJP rule.
+register(OpDef("lora_merge", ("base", "h", "b"), ("out",), ("scale",), _same(), None, (),
+               doc="out = add(base, linear(h, b, scale)): a LoRA projection's merge without the [rows, out] "
+                   "product tensor (pass fuse_lora_merge); the product is rounded to h/b's dtype, then to base's"))
+
 # Backward kinds. `accumulate_into` (op attr) lists outputs added into rather than overwritten.
 for kind, ins, outs in (
     ("embedding_bwd", ("dout", "ids"), ("dweight",)),

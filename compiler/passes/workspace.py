@@ -150,6 +150,15 @@ class _Walk:
         n = math.prod(a.shape) * _isz(a.dtype)
         return n if out.dtype == a.dtype else 2 * n
 
+    def k_lora_merge(self, op: Any, acc: list[bool]) -> int:
+        """The Numba kernel allocates nothing (an accumulated output: one scratch buffer); fp16 tensors run the
+        reference math: the product in the adapters' dtype, its cast and the sum are temporaries."""
+        base, h, out = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.outputs[0])
+        if all(t.dtype in ("fp32", "bf16") for t in (base, h, self.t(op.inputs[2]), out)):
+            self._acc_out(op, acc, 0, "lora_merge_acc")
+            return 0
+        return out.numel * (_isz(sz.promote(h.dtype, self.t(op.inputs[2]).dtype)) + 2 * _isz(base.dtype))
+
     # -- row / element-wise kinds --------------------------------------------------------------------------
     def _rows(self, op: Any, x: Any) -> tuple[int, int]:
         g = op.attrs.get("group") or x.shape[-1]

@@ -12,6 +12,7 @@ from surogate.compiler.ir import Graph
 from surogate.compiler.models import build_forward_graph, resolve_model
 from surogate.compiler.passes.autodiff import emit_backward
 from surogate.compiler.passes.chunking import apply_chunking
+from surogate.compiler.passes.fusion import fuse_lora_merge
 from surogate.compiler.passes.lora import inject_lora
 from surogate.compiler.passes.precision import annotate_precision
 from surogate.compiler.passes.recompute import apply_recompute
@@ -67,12 +68,13 @@ def make_cfg(model: str | Path, **over: Any) -> types.SimpleNamespace:
 
 
 def compile_front(cfg: Any, *, backward: bool = True) -> Graph:
-    """resolve -> build -> lora -> precision -> autodiff -> recompute -> chunking (the front-half order)."""
+    """resolve -> build -> lora -> precision -> autodiff -> recompute -> fuse_lora_merge -> chunking (the front-half
+    order)."""
     graph = build_forward_graph(resolve_model(cfg), cfg)
     graph = annotate_precision(inject_lora(graph, cfg), cfg)
     if not backward:
         return graph
-    return apply_chunking(apply_recompute(emit_backward(graph, cfg), cfg), cfg)
+    return apply_chunking(fuse_lora_merge(apply_recompute(emit_backward(graph, cfg), cfg), cfg), cfg)
 
 
 def random_batch(vocab: int, b: int, t: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,6 +198,12 @@ def quartet_signs(dt):
     return (torch.empty(32), (3 << 32) | 4), {"step": torch.tensor([2])}, 0
 
 
+def lora_merge(dt):
+    """dt is the model dtype; the adapters are fp32 (the default lora_dtype) under a bf16 model."""
+    base, h, b = _r(5, 40, dtype=dt), _r(5, 4, seed=1), _r(40, 4, seed=2)
+    return (base, h, b, torch.empty_like(base), 2.0), {}, 1e-5 if dt == torch.float32 else 1e-2
+
+
 def _cases() -> dict:
     from surogate.numba_kernels import KERNELS
 
@@ -209,7 +215,7 @@ CASES = _cases()
 
 # numba_kernels modules whose launchers call `launch` (replaced by `launch_every_case`)
 LAUNCHING_MODULES = ("rmsnorm", "swiglu", "rope", "dropout", "cross_entropy", "quant8", "nf4", "fp8", "adamw8bit",
-                     "normuon", "hadamard_cuda", "lut_dequant")
+                     "normuon", "hadamard_cuda", "lut_dequant", "lora_merge")
 
 
 def launch_every_case(fake_launch) -> None:

@@ -76,6 +76,11 @@ def main() -> int:
     x, w = torch.zeros(2, 300), torch.zeros(300)
     KERNELS["rmsnorm_fwd"].cuda(x, w, x, torch.zeros(2), 1e-6)
     KERNELS["rmsnorm_bwd"].cuda(x, x, w, torch.zeros(2), x, w)
+    # LoRA merge variants beyond the cases' (bf16 model, fp32 adapters): bf16 adapters, and a rank above R_MAX
+    base, out = torch.zeros(3, 40, dtype=torch.bfloat16), torch.zeros(3, 40, dtype=torch.bfloat16)
+    KERNELS["lora_merge"].cuda(base, torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(40, 4, dtype=torch.bfloat16),
+                               out, 2.0)
+    KERNELS["lora_merge"].cuda(base, torch.zeros(3, 65), torch.zeros(40, 65), out, 2.0)
     print(f"PTX-OK {len(compiled)}")
     return 0
 

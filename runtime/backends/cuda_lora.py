@@ -1,0 +1,42 @@
+"""The `lora_merge` kernel of the `cuda` backend: a LoRA projection's up-projection and residual add in one pass.
+
+`fuse_lora_merge` turns `y.lora_b = linear(h, B, scale); y = add(y.base, y.lora_b)` into `lora_merge(y.base, h, B)`,
+so the [rows, out] product (fp32 with the default adapters) never exists. The Numba kernel
+(`numba_kernels.lora_merge`) reads base, h and B and writes y once, with the reference's roundings; it is used for
+fp32 and bf16 adapters alike (cuBLAS `addmm(base, h, B^T)` would round once instead of twice). fp16 tensors, which
+the kernels do not take, run the reference math on the device (temporaries: see the workspace pass).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from surogate.numba_kernels import KERNELS as NK
+from surogate.runtime.backends import cuda_sizes as sz
+from surogate.runtime.backends.cuda_state import CudaState
+from surogate.runtime.backends.cuda_state import dtype_name as dn
+from surogate.runtime.reference.kernels_fwd import lora_merge as reference_lora_merge
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def lora_merge(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    base, h, b = ins
+    bnd = st.bind(ins, attrs, ctx)
+    out, acc = bnd.views[0], bnd.accumulate[0]
+    tensors = (base, h, b, out)
+    if all(t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors):
+        buf = st.alloc(sz.acc_buffer("lora_merge_acc", tuple(out.shape), dn(out.dtype)), out.device) if acc else out
+        NK["lora_merge"].cuda(base, h, b, buf, float(attrs.get("scale", 1.0)))
+        if acc:
+            out.add_(buf)
+        return [out]
+    with torch.device(out.device):
+        res = reference_lora_merge(list(ins), attrs, ctx)[0]
+    out.add_(res.to(out.dtype)) if acc else out.copy_(res)
+    return [out]
+
+
+KERNELS = {"lora_merge": lora_merge}

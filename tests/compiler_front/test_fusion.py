@@ -1,0 +1,71 @@
+"""Pass `fuse_lora_merge`: every LoRA up-projection + merge add becomes one `lora_merge` (forward and recompute)."""
+
+from __future__ import annotations
+
+from surogate.compiler.ir import Op, Role, Tensor
+from surogate.compiler.models import build_forward_graph, resolve_model
+from surogate.compiler.passes import fusion
+from surogate.compiler.passes.autodiff import emit_backward
+from surogate.compiler.passes.lora import inject_lora
+from surogate.compiler.passes.precision import annotate_precision
+from surogate.compiler.passes.recompute import apply_recompute
+from surogate.compiler.pipeline import PASS_NAMES
+from tests.compiler_front.helpers import make_cfg
+
+QWEN = "Qwen/Qwen3-0.6B"
+
+
+def _graph(**over):
+    cfg = make_cfg(QWEN, lora=True, lora_rank=8, lora_alpha=16, sequence_len=8, recompute=True, **over)
+    graph = annotate_precision(inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg), cfg)
+    return apply_recompute(emit_backward(graph, cfg), cfg), cfg
+
+
+def test_pass_sits_between_recompute_and_chunking():
+    i = PASS_NAMES.index("fuse_lora_merge")
+    assert PASS_NAMES[i - 1] == "recompute" and PASS_NAMES[i + 1] == "chunking"
+
+
+def test_every_merge_is_fused_and_the_product_tensor_is_gone():
+    graph, cfg = _graph()
+    merges = [op for op in graph.ops() if op.kind == "add" and op.attrs.get("lora") == "merge"]
+    ups = {op.name: op for op in graph.ops() if op.kind == "linear" and op.attrs.get("lora") == "B"}
+    products = [t for t in graph.tensors if t.endswith(".lora_b") or t.endswith(".lora_b@rc")]
+    assert len(merges) == len(ups) == len(products) > 28 * 7  # forward and recomputed copies
+    fusion.fuse_lora_merge(graph, cfg)
+    graph.check()
+    assert graph.meta["lora_merge_fused"] == len(merges)
+    assert not any(op.kind == "linear" and op.attrs.get("lora") == "B" for op in graph.ops())
+    assert not any(t in graph.tensors for t in products)
+    fused = [op for op in graph.ops() if op.kind == "lora_merge"]
+    assert len(fused) == len(merges)
+    assert sum(op.phase == "backward" and op.attrs.get("recompute") for op in fused) > 0
+    op = graph.op("L0.q.lora_add")
+    assert op.inputs == ["L0.q.base", "L0.q.lora_a", "model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert op.outputs == ["L0.q"] and op.attrs["scale"] == 2.0 and op.attrs["lora"] == "merge"
+    # B still gets its gradient, from h and the output gradient (never from the removed product)
+    b_grad = [o for o in graph.ops() if o.kind == "linear_bwd_weight"
+              and any("q_proj.lora_B" in t for t in o.outputs) and o.layer == 0]
+    assert b_grad and b_grad[0].inputs[1] in ("L0.q.lora_a", "L0.q.lora_a@rc")
+
+
+def test_switch_off_and_no_lora_leave_the_graph_alone():
+    graph, cfg = _graph()
+    before = [(op.name, op.kind, list(op.inputs)) for op in graph.ops()]
+    fusion.fuse_lora_merge(graph, cfg, enabled=False)
+    assert [(op.name, op.kind, list(op.inputs)) for op in graph.ops()] == before
+    assert graph.meta["lora_merge_fused"] == 0
+    cfg = make_cfg(QWEN, lora=False, sequence_len=8)
+    graph = emit_backward(annotate_precision(inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg), cfg), cfg)
+    kinds = [op.kind for op in graph.ops()]
+    assert [op.kind for op in fusion.fuse_lora_merge(graph, cfg).ops()] == kinds
+
+
+def test_a_product_with_another_reader_is_not_fused():
+    graph, cfg = _graph()
+    prod = graph.tensors["L0.q.lora_b"]
+    graph.add_tensor(Tensor("spy", prod.shape, prod.dtype, Role.ACTIVATION, layer=0))
+    graph.add_op(Op("spy", "identity", ["L0.q.lora_b"], ["spy"], {}, "forward", 0), after="L0.q.lora_add")
+    fusion.fuse_lora_merge(graph, cfg)
+    assert graph.op("L0.q.lora_add").kind == "add" and "L0.q.lora_b" in graph.tensors
+    assert graph.op("L0.k.lora_add").kind == "lora_merge"
