@@ -72,10 +72,11 @@ def main() -> int:
             print(f"compiled {kernel_name(kernel)} ({len(sig)} args) f64-lines={f64} div64={div64}", flush=True)
 
     launch_every_case(fake_launch)
-    # rows longer than 128 take the 256-thread RMSNorm variants
-    x, w = torch.zeros(2, 300), torch.zeros(300)
-    KERNELS["rmsnorm_fwd"].cuda(x, w, x, torch.zeros(2), 1e-6)
-    KERNELS["rmsnorm_bwd"].cuda(x, x, w, torch.zeros(2), x, w)
+    # RMSNorm kernels are built per row length (the row lives in registers): an odd one, and Qwen3-0.6B's 1024 in bf16
+    for hidden, dt in ((300, torch.float32), (1024, torch.bfloat16)):
+        x, w = torch.zeros(2, hidden, dtype=dt), torch.zeros(hidden, dtype=dt)
+        KERNELS["rmsnorm_fwd"].cuda(x, w, x, torch.zeros(2), 1e-6)
+        KERNELS["rmsnorm_bwd"].cuda(x, x, w, torch.zeros(2), x, w)
     # LoRA merge variants beyond the cases' (bf16 model, fp32 adapters): bf16 adapters, and a rank above R_MAX
     base, out = torch.zeros(3, 40, dtype=torch.bfloat16), torch.zeros(3, 40, dtype=torch.bfloat16)
     KERNELS["lora_merge"].cuda(base, torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(40, 4, dtype=torch.bfloat16),
