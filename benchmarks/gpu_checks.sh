@@ -3,8 +3,9 @@
 #   bash benchmarks/gpu_checks.sh          # $OUT (or a temp folder) gets <= 8 files; summary.json has the figures
 # Run it through the device tool with the wheels the image lacks (scripts/gpu_wheels.sh prints the call):
 #   carry [".whl"], timeout_s 480, command: bash benchmarks/gpu_checks.sh
-# Stages (limits sum to 410 s; every stage runs, whatever failed before it: one device call must give figures):
-#   1. smoke       80 s  benchmarks/gpu_smoke.py: every Numba kernel once per dtype vs reference (compile time),
+# Stages (limits sum to 430 s; every stage runs, whatever failed before it: one device call must give figures):
+#   1. smoke      100 s  benchmarks/gpu_smoke.py: every Numba kernel once per dtype vs reference (compile time),
+#                        the shape-dependent kernels again at the 0.6B job's sizes,
 #                        tiny bf16 parity vs transformers (both attention paths), CUDA graphs vs eager with
 #                        varying packed documents, allocator calls after step 2 (both captures done).
 #                        Its results pick the fallbacks of the later stages: most kernels failing -> no on-disk
@@ -66,7 +67,7 @@ $PY -c "import torch, surogate.runtime.backends.cuda as c, jsonschema; print('to
 'cuda', torch.cuda.is_available(), 'surogate from', c.__file__)" || { echo "setup failed"; exit 2; }
 
 want() { case " ${STAGES_RUN:-smoke throughput kernels tests} " in *" $1 "*) return 0;; esac; return 1; }
-want smoke && stage smoke 80 $PY benchmarks/gpu_smoke.py --json "$OUT/smoke.json"
+want smoke && stage smoke 100 $PY benchmarks/gpu_smoke.py --json "$OUT/smoke.json"
 # what the smoke stage found decides the fallbacks of the later stages (one device call has to give figures)
 eval "$($PY - "$OUT/smoke.json" <<'PYEOF'
 import json, sys

@@ -5,6 +5,8 @@
 1. environment: torch, CUDA device, numba-cuda, NUMBA_CACHE_DIR;
 2. every registry Numba kernel once per dtype on the GPU against its reference (compile seconds recorded:
    with NUMBA_CACHE_DIR warm, later processes load them);
+   and the shape-dependent kernels (RMSNorm per row length, swiglu / rope vector widths, the LoRA merge) at the
+   benchmark job's sizes (Qwen3-0.6B, 4096 tokens), bf16 and fp32, against their references;
 3. a tiny bf16 Qwen3 (2 layers, hidden 128, LoRA r8): one micro-step against transformers in fp32 and in
    bf16 (loss and gradient relative errors: ours must be within twice HF-bf16's own error);
 4. the same model with CUDA graphs: 4 optimizer steps (2 micro-steps each, packed documents that vary) against
@@ -51,39 +53,102 @@ def environment() -> dict:
             "simulator": os.environ.get("NUMBA_ENABLE_CUDASIM")}
 
 
-def kernel_group(modules: list[str]) -> dict:
-    """The registry kernels defined in `modules`, fp32 and bf16, on the device vs their references."""
+def check_case(name: str, case, dtype: torch.dtype, key: str, out: dict, seconds: dict) -> None:
+    """Run registry kernel `name` on the device and its reference on CPU with `case(dtype)`'s arguments; record
+    "ok" or the first line of the failure under `key` in `out`, the device call's seconds in `seconds`."""
     import copy
 
     from surogate.numba_kernels import KERNELS
-    from tests.kernels.cases import CASES
     from tests.kernels.test_gpu import _tensors, _to
+
+    try:
+        args, kwargs, atol = case(dtype)
+        ref = copy.deepcopy((args, kwargs))
+        KERNELS[name].reference(*ref[0], **ref[1])
+        on_gpu = _to((args, kwargs), DEVICE)
+        t0 = time.perf_counter()
+        KERNELS[name].cuda(*on_gpu[0], **on_gpu[1])
+        _sync()
+        seconds[key] = round(time.perf_counter() - t0, 3)
+        tol = max(atol, 2e-5) if dtype == torch.float32 else max(atol, 1.6e-2)
+        for got, want in zip(_tensors(on_gpu), _tensors(ref), strict=True):
+            got = got.cpu()
+            if got.is_floating_point():
+                torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
+            elif (got != want).float().mean() > 0.01:
+                raise AssertionError(f"{float((got != want).float().mean()):.2%} of the codes differ")
+        out[key] = "ok"
+    except Exception as exc:  # one broken kernel must not hide the others
+        out[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+
+
+def kernel_group(modules: list[str]) -> dict:
+    """The registry kernels defined in `modules`, fp32 and bf16, on the device vs their references."""
+    from surogate.numba_kernels import KERNELS
+    from tests.kernels.cases import CASES
 
     out, seconds = {}, {}
     names = [n for n in sorted(KERNELS) if KERNELS[n].cuda.__module__.rsplit(".", 1)[-1] in modules]
     for name in names:
         for dtype in (torch.float32, torch.bfloat16):
-            key = f"{name}/{str(dtype).removeprefix('torch.')}"
-            try:
-                args, kwargs, atol = CASES[name](dtype)
-                ref = copy.deepcopy((args, kwargs))
-                KERNELS[name].reference(*ref[0], **ref[1])
-                on_gpu = _to((args, kwargs), DEVICE)
-                t0 = time.perf_counter()
-                KERNELS[name].cuda(*on_gpu[0], **on_gpu[1])
-                _sync()
-                seconds[key] = round(time.perf_counter() - t0, 3)
-                tol = max(atol, 2e-5) if dtype == torch.float32 else max(atol, 1.6e-2)
-                for got, want in zip(_tensors(on_gpu), _tensors(ref), strict=True):
-                    got = got.cpu()
-                    if got.is_floating_point():
-                        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, equal_nan=True)
-                    elif (got != want).float().mean() > 0.01:
-                        raise AssertionError(f"{float((got != want).float().mean()):.2%} of the codes differ")
-                out[key] = "ok"
-            except Exception as exc:  # one broken kernel must not hide the others
-                out[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            check_case(name, CASES[name], dtype, f"{name}/{str(dtype).removeprefix('torch.')}", out, seconds)
     return {"results": out, "first_call_seconds": seconds}
+
+
+def at_size_cases() -> list[tuple[str, str, object]]:
+    """(label, registry kernel, case) at the benchmark job's sizes (Qwen3-0.6B, 4096 tokens): the kernels whose
+    variants depend on the shape (RMSNorm per row length, the vector widths of swiglu / rope, the LoRA merge),
+    which the registry's small cases do not reach. Tiny sizes in a dry run."""
+    from surogate.numba_kernels.rope import rope_tables_ref
+    from tests.kernels.cases import _inv_freq, _r
+
+    t, h, i, heads, d, r = (4096, 1024, 3072, 24, 128, 16) if DEVICE == "cuda" else (6, 32, 48, 3, 8, 4)
+
+    def rms_fwd(rows, hid):
+        def case(dt):
+            x, res, w = _r(rows, hid, dtype=dt), _r(rows, hid, dtype=dt, seed=1), _r(hid, dtype=dt, seed=2)
+            return ((x, w, torch.empty_like(x), torch.empty(rows), 1e-6),
+                    {"residual": res, "sum_out": torch.empty_like(x)}, 0)
+        return case
+
+    def rms_bwd(rows, hid):
+        def case(dt):
+            s, w, dy = _r(rows, hid, dtype=dt), _r(hid, dtype=dt, seed=2), _r(rows, hid, dtype=dt, seed=3)
+            rstd = torch.rsqrt(s.float().pow(2).mean(-1) + 1e-6)
+            return ((dy, s, w, rstd, torch.empty_like(s), torch.empty_like(w)),
+                    {"dresidual": _r(rows, hid, dtype=dt, seed=4)}, 1e-4)
+        return case
+
+    def swiglu_fwd(dt):
+        return (_r(t, i, dtype=dt), _r(t, i, dtype=dt, seed=1), torch.empty(t, i, dtype=dt)), {}, 1e-6
+
+    def swiglu_bwd(dt):
+        g, u, dout = _r(t, i, dtype=dt), _r(t, i, dtype=dt, seed=1), _r(t, i, dtype=dt, seed=2)
+        return (dout, g, u, torch.empty_like(g), torch.empty_like(u)), {}, 1e-6
+
+    def rope(dt):
+        pos = torch.arange(t, dtype=torch.int64) % 2048
+        cos, sin = rope_tables_ref(_inv_freq(d), 2048)
+        x = _r(t, heads, d, dtype=dt)
+        return (x, torch.empty_like(x), pos, cos, sin), {}, 1e-6
+
+    def merge(dt):
+        base = _r(t, 2 * h, dtype=dt)
+        return (base, _r(t, r, seed=1), _r(2 * h, r, seed=2, scale=0.1), torch.empty_like(base), 2.0), {}, 1e-5
+
+    return [("rmsnorm_fwd@hidden", "rmsnorm_fwd", rms_fwd(t, h)), ("rmsnorm_bwd@hidden", "rmsnorm_bwd", rms_bwd(t, h)),
+            ("rmsnorm_fwd@qk", "rmsnorm_fwd", rms_fwd(t * 16, d)), ("rmsnorm_bwd@qk", "rmsnorm_bwd", rms_bwd(t * 16, d)),
+            ("swiglu_fwd", "swiglu_fwd", swiglu_fwd), ("swiglu_bwd", "swiglu_bwd", swiglu_bwd),
+            ("rope_fwd", "rope_fwd", rope), ("rope_bwd", "rope_bwd", rope), ("lora_merge", "lora_merge", merge)]
+
+
+def kernels_at_size() -> dict:
+    """`at_size_cases` on the device vs their references, bf16 (the benchmark's dtype) and fp32."""
+    out, seconds = {}, {}
+    for label, name, case in at_size_cases():
+        for dtype in (torch.bfloat16, torch.float32):
+            check_case(name, case, dtype, f"{label}/{str(dtype).removeprefix('torch.')}", out, seconds)
+    return {"results": out, "seconds_per_call": seconds, "failed": sorted(k for k, v in out.items() if v != "ok")}
 
 
 def kernels() -> dict:
@@ -229,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     with tempfile.TemporaryDirectory(prefix="surogate-smoke-") as tmp:
         model_dir = save_qwen3(Path(tmp) / "qwen3", **MODEL)
-        for name, fn in (("kernels", kernels), ("parity", lambda: parity(model_dir)),
+        for name, fn in (("kernels", kernels), ("kernels_at_size", kernels_at_size), ("parity", lambda: parity(model_dir)),
                          ("graphs", lambda: graphs(model_dir))):
             t0 = time.perf_counter()
             try:

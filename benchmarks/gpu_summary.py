@@ -77,6 +77,7 @@ def summarise(out: Path, stages: str, seconds: float) -> dict[str, Any]:
                                                                   "max_grad_err_ratio", "worst_grad", "ok")}
                                         for k, v in parity.items() if isinstance(v, dict)},
         "graphs_vs_eager_max_rel_loss_diff": graphs.get("max_rel_loss_diff"),
+        "kernels_at_size_failed": ((smoke or {}).get("kernels_at_size") or {}).get("failed"),
         "kernels": {"failed": kernels.get("failed"), "max_first_call_s": kernels.get("max_first_call_seconds"),
                     "sum_first_call_s": kernels.get("sum_first_call_seconds")},
         "tests": _pytest_tally(out / "tests.log"),
