@@ -74,6 +74,32 @@ UNROLL = 2  # (x1, x2) word pairs per thread per iteration on the wide path
 
 
 @functools.cache
+def _token_tables(fused: bool):
+    """Device function: one token's cos/sin (sin times `sign`) into the shared arrays, once for all its heads;
+    from the tables, or computed from inv_freq (`fused`). Shared by the scalar and the wide kernels."""
+    global cuda
+    cuda = get_cuda()
+    from numba import float32
+
+    T = threads()
+
+    @cuda.jit(device=True, inline="always")
+    def fill(sc, ss, p, cos_t, sin_t, inv_freq, scaling, sign, half):
+        for j in range(cuda.threadIdx.x, half, T):
+            if fused:
+                ang = float32(p) * inv_freq[j]
+                c = float32(math.cos(ang)) * float32(scaling)
+                s = float32(math.sin(ang)) * float32(scaling)
+            else:
+                c = cos_t[p, j]
+                s = sin_t[p, j]
+            sc[j] = c
+            ss[j] = s * float32(sign)
+
+    return fill
+
+
+@functools.cache
 def _kernel(x_dt: torch.dtype, o_dt: torch.dtype, fused: bool):
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
@@ -81,6 +107,7 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype, fused: bool):
 
     lx, _ = converters(x_dt)
     _, so = converters(o_dt)
+    fill = _token_tables(fused)
     T = threads()
 
     @jit_kernel
@@ -92,16 +119,7 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype, fused: bool):
         half = int32(d // 2)
         for t in range(cuda.blockIdx.x, n_tok, cuda.gridDim.x):  # a block per token
             p = pos[t]
-            for j in range(tid, half, T):  # this token's cos/sin, once for all its heads
-                if fused:
-                    ang = float32(p) * inv_freq[j]
-                    c = float32(math.cos(ang)) * float32(scaling)
-                    s = float32(math.sin(ang)) * float32(scaling)
-                else:
-                    c = cos_t[p, j]
-                    s = sin_t[p, j]
-                sc[j] = c
-                ss[j] = s * float32(sign)
+            fill(sc, ss, p, cos_t, sin_t, inv_freq, scaling, sign, half)
             cuda.syncthreads()
             for k in range(tid, n_heads * half, T):
                 h = int32(k) // half  # 32-bit division: 64-bit division is emulated and slow
@@ -176,6 +194,7 @@ def _wide_kernel(width: int, fused: bool):
     from numba import float32, int32
 
     rot = _rotate_fn(width)
+    fill = _token_tables(fused)
     T = threads()
     W = width
 
@@ -198,16 +217,7 @@ def _wide_kernel(width: int, fused: bool):
         dw2 = int32(UNROLL * T) - dh2 * hw
         for t in range(cuda.blockIdx.x, n_tok, cuda.gridDim.x):  # a block per token
             p = pos[t]
-            for j in range(tid, half, T):  # this token's cos/sin, once for all its heads
-                if fused:
-                    ang = float32(p) * inv_freq[j]
-                    c = float32(math.cos(ang)) * float32(scaling)
-                    s = float32(math.sin(ang)) * float32(scaling)
-                else:
-                    c = cos_t[p, j]
-                    s = sin_t[p, j]
-                sc[j] = c
-                ss[j] = s * float32(sign)
+            fill(sc, ss, p, cos_t, sin_t, inv_freq, scaling, sign, half)
             cuda.syncthreads()
             h0 = h_first
             w0 = w_first
