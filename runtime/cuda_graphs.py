@@ -80,11 +80,17 @@ class GraphRunner:
         state = self.executor.kernels.state
         key = (program, state.cu_slots if program == MICRO_STEP else None)
         if key not in self.graphs and n < self.warmup:
-            self._warm_up(program, ctx)  # compiles kernels, creates scratch buffers and library workspaces
+            # compiles kernels, creates scratch buffers and library workspaces
+            self._warm_up(lambda: self.eager_run(program, ctx))
             return
         if key not in self.graphs:  # a new document-slot bucket after warm-up: captured directly
             before = dict(self.executor.observed)
-            self.graphs[key] = self._capture(program, ctx)
+            if program == OPTIMIZER_STEP:
+                # per-step scalars belong to optimizer kernels and exist after the optimizer's warm-up run: packed
+                # into one buffer (before any graph holds their addresses), a refresh is one copy
+                self.executor.kernels.state.consolidate_scalars()
+            # recorded, not executed: replayed right below
+            self.graphs[key], _ = self._capture(lambda: self.eager_run(program, ctx))
             self.observed[key] = {k: v for k, v in self.executor.observed.items() if before.get(k) is not v}
         state.refresh_scalars(ctx)  # learning rate / bias correction of this step, before the replay
         self.graphs[key].replay()
@@ -104,22 +110,11 @@ class GraphRunner:
             return self._norm_out[key]
         n = self.runs.get("gradient_norm", 0)
         self.runs["gradient_norm"] = n + 1
-        side, main = self._side_stream(), torch.cuda.current_stream()
-        side.wait_stream(main)
         if n < self.warmup:
-            with torch.cuda.stream(side):
-                out = fused_sum_of_squares(tensors)
-            main.wait_stream(side)
-            return out
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool, stream=side):
-            self._norm_out[key] = fused_sum_of_squares(tensors)  # lives in the graph's pool, rewritten by each replay
-        torch.cuda.synchronize()
-        self.graphs[key] = graph
-        graph.replay()
+            return self._warm_up(lambda: fused_sum_of_squares(tensors))
+        # the output lives in the graph's pool, rewritten by each replay
+        self.graphs[key], self._norm_out[key] = self._capture(lambda: fused_sum_of_squares(tensors))
+        self.graphs[key].replay()
         self.replays += 1
         return self._norm_out[key]
 
@@ -128,28 +123,26 @@ class GraphRunner:
             self.stream = torch.cuda.Stream()
         return self.stream
 
-    def _warm_up(self, program: str, ctx: Any) -> None:
-        """An eager run on the capture stream (its cuBLAS workspace, the Numba stream wrapper exist before the
+    def _warm_up(self, work: Callable[[], Any]) -> Any:
+        """`work()` eagerly on the capture stream (its cuBLAS workspace, the Numba stream wrapper exist before the
         capture), ordered after the inputs just written and before whatever reads the results."""
         side, main = self._side_stream(), torch.cuda.current_stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            self.eager_run(program, ctx)
+            out = work()
         main.wait_stream(side)
+        return out
 
-    def _capture(self, program: str, ctx: Any) -> Any:
-        # per-step scalars belong to optimizer kernels and exist after the optimizer's warm-up run: packed into
-        # one buffer (before any graph holds their addresses), a refresh is one copy
-        if program == OPTIMIZER_STEP:
-            self.executor.kernels.state.consolidate_scalars()
+    def _capture(self, work: Callable[[], Any]) -> tuple[Any, Any]:
+        """(the CUDA graph of `work()`, what the capture returned) on the capture stream and the shared pool."""
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool, stream=self._side_stream()):
-            self.eager_run(program, ctx)  # recorded, not executed: run() replays it right after
+            out = work()
         torch.cuda.synchronize()
-        return graph
+        return graph, out
 
 
 def fused_sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -175,14 +175,15 @@ def test_runner_captures_one_graph_per_doc_slot_bucket_and_restores_its_loss(mod
         calls.append(("eager", program))
         r.ex.observed["loss"] = torch.tensor(float(len(calls)))  # a capture clones the loss into a new tensor
 
-    def fake_capture(self, program, ctx):
-        self.eager_run(program, ctx)
+    def fake_capture(self, work):
+        out = work()
+        program = calls[-1][1]
         calls[-1] = ("capture", program)
-        return _FakeGraph(lambda: calls.append(("replay", program)))
+        return _FakeGraph(lambda: calls.append(("replay", program))), out
 
     runner.eager_run = fake_eager
     monkeypatch.setattr(GraphRunner, "_capture", fake_capture)
-    monkeypatch.setattr(GraphRunner, "_warm_up", lambda self, program, ctx: self.eager_run(program, ctx))  # no stream
+    monkeypatch.setattr(GraphRunner, "_warm_up", lambda self, work: work())  # no stream
     monkeypatch.setattr(r.ex.kernels.state, "refresh_scalars", lambda ctx: None)
     ids, labels = batch(2, 8)
 
