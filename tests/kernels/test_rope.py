@@ -15,7 +15,7 @@ from surogate.numba_kernels.rope import (
     rope_tables_ref,
 )
 
-from .helpers import DTYPES, close
+from .helpers import DTYPES, PTX_PREAMBLE, close, run_ptx_script
 
 
 def _inv_freq(d: int, theta: float = 10000.0) -> torch.Tensor:
@@ -238,21 +238,8 @@ def test_misaligned_view_and_mixed_dtypes_take_the_scalar_path():
     assert torch.equal(_bits(out), _bits(old))
 
 
-_PTX_SCRIPT = r"""
-import os, re, sys
-os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-import torch
-from surogate.numba_kernels import _device
-from surogate.numba_kernels._device import get_cuda
+_PTX_SCRIPT = PTX_PREAMBLE + r"""
 from surogate.numba_kernels import rope as R
-from tests.kernels.ptx_check import _numba_type
-_device._max_resident_blocks = lambda: 1056  # grids as on an H100 (no device here)
-try:
-    cuda = get_cuda()
-    cuda.compile_ptx(lambda a: None, "(float32[::1],)", cc=(9, 0))
-except Exception as exc:
-    print("PTX-UNAVAILABLE", type(exc).__name__, str(exc).splitlines()[0])
-    sys.exit(0)
 
 def contractions(lines):
     # {(shared array of the fma's multiplicand, addend's op, shared array of the addend's product)} over the
@@ -313,23 +300,11 @@ def test_every_rope_variant_compiles_to_ptx_with_wide_loads():
     """sm_90 PTX of the int64 / int32 word, float32 and scalar variants, table and fused (the registry cases
     build only some): the word kernels load x as 64- / 32-bit words (two word pairs per iteration), and every
     variant rounds the rotation as the scalar kernel does (its one contracted product, read from the PTX)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
-    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if "PTX-UNAVAILABLE" in out.stdout:
-        pytest.skip(out.stdout.strip().splitlines()[-1])
-    assert out.returncode == 0 and "PTX-DONE" in out.stdout, out.stderr[-3000:]
-    rows = [ln.split() for ln in out.stdout.splitlines()[:-1]]
-    assert len(rows) == 11, out.stdout
+    rows = run_ptx_script(_PTX_SCRIPT)
+    assert len(rows) == 11, rows
     # bit-identity on a GPU: NVVM contracts the scalar kernel's x2 * c + x1 * s into fma(x1, s, x2 * c); every
     # variant, scalar and wide, table and fused, must compute exactly that (sin a multiplicand, cos * x2 the addend)
-    assert {r[4] for r in rows} == {"1:mul.f32:0"}, out.stdout
+    assert {r[4] for r in rows} == {"1:mul.f32:0"}, rows
     for name, dt, w64, w32, _ in rows:
         if name == "_wide_kernel" and dt == "int64":
             assert int(w64) >= 4, rows  # x1 and x2 words of two items

@@ -12,7 +12,7 @@ from surogate.numba_kernels.swiglu import (
     swiglu_forward_ref,
 )
 
-from .helpers import DTYPES, close
+from .helpers import DTYPES, PTX_PREAMBLE, close, run_ptx_script
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -221,21 +221,8 @@ def test_vec_pack_unpack_bit_exact():
     assert torch.equal(unref.view(torch.int32), bf.to(torch.int32) << 16)
 
 
-_PTX_SCRIPT = r"""
-import os, re, sys
-os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
-import torch
-from surogate.numba_kernels import _device
-from surogate.numba_kernels._device import get_cuda
+_PTX_SCRIPT = PTX_PREAMBLE + r"""
 from surogate.numba_kernels import swiglu as S
-from tests.kernels.ptx_check import _numba_type
-_device._max_resident_blocks = lambda: 1056  # grids as on an H100 (no device here)
-try:
-    cuda = get_cuda()
-    cuda.compile_ptx(lambda a: None, "(float32[::1],)", cc=(9, 0))
-except Exception as exc:
-    print("PTX-UNAVAILABLE", type(exc).__name__, str(exc).splitlines()[0])
-    sys.exit(0)
 
 def fake_launch(kernel, grid, block, *args):
     sig = tuple(_numba_type(a) for a in args)
@@ -259,19 +246,7 @@ print("PTX-DONE")
 def test_every_swiglu_variant_compiles_to_ptx_with_wide_loads():
     """sm_90 PTX of the int64 / int32 word, float32 ILP and scalar variants (the registry cases build only
     some): the word kernels load 64- / 32-bit words, UNROLL of each tensor per iteration."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
-    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    if "PTX-UNAVAILABLE" in out.stdout:
-        pytest.skip(out.stdout.strip().splitlines()[-1])
-    assert out.returncode == 0 and "PTX-DONE" in out.stdout, out.stderr[-3000:]
-    rows = [ln.split() for ln in out.stdout.splitlines()[:-1]]
+    rows = run_ptx_script(_PTX_SCRIPT)
     loads = {(name, dt): (int(a), int(b), int(c)) for name, dt, a, b, c in rows}
     assert loads[("_fwd_wide_kernel", "int64")][0] >= 8  # 4 words of gate and up
     assert loads[("_bwd_wide_kernel", "int64")][0] >= 12
