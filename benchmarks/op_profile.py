@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes, by plan op kind: the throughput job run eagerly with CUDA events
 around every op, plus torch.profiler's top device kernels for one micro-step.
 
-    python benchmarks/op_profile.py [--model-size 0.6b] [--full] [--json out.json]
+    python benchmarks/op_profile.py [--model-size 0.6b] [--full] [--lora-dtype bf16|fp32] [--no-recompute] [--json out.json]
 
 Prints, per op kind: calls per step, device milliseconds per step and share; then the step's wall time, the
 sum of op device time (the gap is host launch overhead that CUDA graphs remove) and the top kernels by device
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-size", choices=list(SIZES), default="0.6b")
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--lora-dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--no-recompute", action="store_true")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accum", type=int, default=4)

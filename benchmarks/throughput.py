@@ -3,9 +3,10 @@
     python benchmarks/throughput.py [--model-size 0.6b|1.7b|4b] [--full] [--steps 3] [--eager]
 
 The job: a random Qwen3-0.6B-shaped model (the preset architecture, random bf16 weights, nothing downloaded),
-BF16, LoRA r16 / alpha 32 on all seven projections (`--full`: full fine-tune), sequence 2048, batch 2 x
-gradient accumulation 4, packed rows of synthetic tokens. Ours: cuda backend, CUDA graphs on (`--eager`: off),
-8-bit AdamW. transformers + peft: SDPA attention, gradient checkpointing on, torch AdamW, the same rows (HF gets
+BF16, LoRA r16 / alpha 32 on all seven projections with bf16 adapters on both sides (the issue's "BF16 LoRA";
+`--lora-dtype fp32`: fp32 adapters, PEFT's default; `--full`: full fine-tune), sequence 2048, batch 2 x gradient
+accumulation 4, packed rows of synthetic tokens. Ours: cuda backend, CUDA graphs on (`--eager`: off), 8-bit AdamW,
+`recompute: true` (`--no-recompute`: every activation kept, the contract's fastest setting). transformers + peft: SDPA attention, gradient checkpointing on, torch AdamW, the same rows (HF gets
 no document boundaries: timing only). Each side runs in its own subprocess after one warm-up step (ours needs
 two: warm-up, then capture). Prints tokens/s and the ratio. Without a GPU it says so and exits 0.
 """
@@ -119,14 +120,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-size", choices=list(SIZES), default="0.6b")
     p.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     p.add_argument("--eager", action="store_true", help="ours without CUDA graphs")
-    p.add_argument("--lora-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="adapter dtype on both sides (fp32: PEFT's default and ours; bf16: no fp32 upcasts)")
+    p.add_argument("--lora-dtype", choices=["fp32", "bf16"], default="bf16",
+                   help="adapter dtype on both sides (bf16: the issue's BF16 LoRA; fp32: PEFT's default and ours)")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="ours with recompute: false (HF keeps gradient checkpointing, as the issue sets it)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--accum", type=int, default=4)
-    p.add_argument("--extra", default="", help="more jobs after the main one, comma-separated from 0.6b-full, "
-                   "0.6b-bf16 (bf16 adapters), 1.7b, 1.7b-full, 4b, 4b-full; each runs only if --budget-s leaves time for it")
+    p.add_argument("--extra", default="", help="more jobs after the main one, comma-separated names of EXTRAS "
+                   f"({', '.join(EXTRAS)}); each runs only if --budget-s leaves time for it")
     p.add_argument("--budget-s", type=float, default=0.0, help="wall-clock seconds for the whole run (extras)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--runner", choices=["ours", "hf"], help=argparse.SUPPRESS)
@@ -141,10 +144,10 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
 
     base = ["--model-size", args.model_size, "--steps", str(args.steps), "--seq", str(args.seq), "--batch",
             str(args.batch), "--accum", str(args.accum), "--lora-dtype", args.lora_dtype,
-            *(["--full"] if args.full else []),
+            *(["--full"] if args.full else []), *(["--no-recompute"] if args.no_recompute else []),
             *(["--eager"] if args.eager else [])]
     results: dict = {"job": {"model_size": args.model_size, "full": args.full, "eager": args.eager,
-                             "lora_dtype": args.lora_dtype}}
+                             "lora_dtype": args.lora_dtype, "recompute": not args.no_recompute}}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
         save_preset_model(args.model_size, work / "model")
@@ -180,6 +183,7 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
     ours, hf = results["ours"], results["hf"]
     results["ratio"] = ours["tokens_per_s"] / hf["tokens_per_s"] if ours and hf else None
     mode = "full fine-tune" if args.full else f"LoRA r16 (7 projections, {args.lora_dtype} adapters)"
+    mode += ", ours with recompute: false" if args.no_recompute else ""
     print(f"job: {SIZES[args.model_size]}-shaped, bf16, {mode}, seq {args.seq} x batch {args.batch} x accum "
           f"{args.accum}, packed rows, {args.steps} timed steps, {torch.cuda.get_device_name()}")
     for name, r in (("surogate (cuda, graphs)" if not args.eager else "surogate (cuda, eager)", ours),
@@ -201,8 +205,14 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
     return results
 
 
-EXTRAS = {"0.6b-full": ("0.6b", True, "fp32"), "0.6b-bf16": ("0.6b", False, "bf16"), "1.7b": ("1.7b", False, "fp32"),
-          "1.7b-full": ("1.7b", True, "fp32"), "4b": ("4b", False, "fp32"), "4b-full": ("4b", True, "fp32")}
+# name -> the job's settings over the main job's (model size, full fine-tune, adapter dtype, recompute)
+EXTRAS = {
+    "0.6b-norecompute": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": True},
+    "0.6b-fp32": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "no_recompute": False},
+    "0.6b-full": {"model_size": "0.6b", "full": True, "no_recompute": False},
+    **{f"{size}{suffix}": {"model_size": size, "full": bool(suffix), "lora_dtype": "bf16", "no_recompute": False}
+       for size in ("1.7b", "4b") for suffix in ("", "-full")},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in EXTRAS or left < 60:  # a job needs a model save and two processes: skip rather than cut
             print(f"[extra {name}] skipped ({'unknown' if name not in EXTRAS else f'{left:.0f} s left'})")
             continue
-        size, full, lora_dtype = EXTRAS[name]
-        runs.append(compare(argparse.Namespace(**{**vars(args), "model_size": size, "full": full,
-                                                  "lora_dtype": lora_dtype}), deadline))
+        runs.append(compare(argparse.Namespace(**{**vars(args), **EXTRAS[name]}), deadline))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ours": main_job["ours"], "hf": main_job["hf"],
                                                "ratio": main_job["ratio"], "runs": runs}, indent=1))
