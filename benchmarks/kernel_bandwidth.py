@@ -72,9 +72,11 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
     out, s, rstd = e(t, h), e(t, h), e(t, dtype=f32)
     b.append(Bench("rmsnorm_fwd (+residual)", lambda: K["rmsnorm_fwd"](x, w, out, rstd, 1e-6, res, s),
                    [x, res, w], [out, s, rstd]))
-    dy, ds, dw = r(t, h), e(t, h), e(h)  # s and rstd come from the forward bench, which runs first
-    b.append(Bench("rmsnorm_bwd (+dresidual)", lambda: K["rmsnorm_bwd"](dy, s, w, rstd, ds, dw, dresidual=res),
-                   [dy, s, w, rstd, res], [ds, dw]))
+    dy, ds, dw = r(t, h), e(t, h), e(h)  # s comes from the forward bench, which runs first
+    # as the cuda backend calls it: no rstd input, the kernel recomputes it from s
+    b.append(Bench("rmsnorm_bwd (+dresidual)", lambda: K["rmsnorm_bwd"](dy, s, w, None, ds, dw, dresidual=res,
+                                                                         eps=1e-6),
+                   [dy, s, w, res], [ds, dw]))
 
     gu = r(t, 2 * i)
     act, dact = e(t, i), r(t, i)

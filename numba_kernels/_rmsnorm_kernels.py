@@ -161,8 +161,12 @@ def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res:
 
 
 @functools.cache
-def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool, lay: Layout):
-    """ds per row; each block writes its row `part[blockIdx]` of dweight partials (summed by `colsum_kernel`)."""
+def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool, lay: Layout,
+               own_rstd: bool = False):
+    """ds per row; each block writes its row `part[blockIdx]` of dweight partials (summed by `colsum_kernel`).
+
+    `own_rstd`: rstd is not read but recomputed from s in the same pass (a second warp sum, free while s is in
+    registers; the forward's summation order, so the forward's value), so no caller recomputes it over s."""
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
     from numba import float32
@@ -176,10 +180,11 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
     H, PAIR, TPR, RPB, NU, PER, CACHED = lay.hidden, lay.pair, lay.tpr, lay.rpb, lay.units, lay.per, lay.cached
     T, WARPS, E, SH = lay.threads, lay.threads // 32, lay.elems, log2_block("tpr", lay.tpr)
     NBUF = E if CACHED else 1
+    OWN = own_rstd
     NSM = RPB * H if RPB > 1 else 1  # the block's row groups' dweight sums (<= 32 KB: RPB > 1 only when cached)
 
     @jit_kernel
-    def kernel(dy, s, w, rstd, dres, ds, dw_part):
+    def kernel(dy, s, w, rstd, dres, ds, dw_part, eps):
         sbuf = cuda.local.array(NBUF, float32)
         gbuf = cuda.local.array(NBUF, float32)
         dwa = cuda.local.array(E, float32)  # this thread's columns' dweight, over all its rows
@@ -194,10 +199,12 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
         for base in range(b * RPB, rows, cuda.gridDim.x * RPB):  # block-uniform (see the forward)
             row = base + grp
             valid = row < rows
-            acc = float32(0.0)
+            acc = float32(0.0)  # sum of g * w * s (times r below)
+            sq = float32(0.0)  # sum of s^2 (own_rstd), in the forward's order
             r = float32(0.0)
             if valid:
-                r = rstd[row]
+                if not OWN:
+                    r = rstd[row]
                 for k in range(PER):
                     u = ut + k * TPR
                     if u < NU:
@@ -207,14 +214,29 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
                             if CACHED:
                                 sbuf[2 * k], sbuf[2 * k + 1] = sa, sb
                                 gbuf[2 * k], gbuf[2 * k + 1] = ga, gb
-                            acc += ga * lw(w[2 * u]) * (sa * r)
-                            acc += gb * lw(w[2 * u + 1]) * (sb * r)
+                            if OWN:
+                                sq += sa * sa
+                                sq += sb * sb
+                                acc += ga * lw(w[2 * u]) * sa
+                                acc += gb * lw(w[2 * u + 1]) * sb
+                            else:
+                                acc += ga * lw(w[2 * u]) * (sa * r)
+                                acc += gb * lw(w[2 * u + 1]) * (sb * r)
                         else:
                             sv, g = ls(s[row, u]), ldy(dy[row, u])
                             if CACHED:
                                 sbuf[k], gbuf[k] = sv, g
-                            acc += g * lw(w[u]) * (sv * r)
-            dot = total(acc, sm) / float32(H)
+                            if OWN:
+                                sq += sv * sv
+                                acc += g * lw(w[u]) * sv
+                            else:
+                                acc += g * lw(w[u]) * (sv * r)
+            if OWN:  # every thread of the block takes part in both sums (block-uniform)
+                tsq = total(sq, sm)
+                r = float32(1.0) / math.sqrt(float32(tsq / float32(H)) + float32(eps))
+                dot = r * total(acc, sm) / float32(H)
+            else:
+                dot = total(acc, sm) / float32(H)
             if valid:
                 for k in range(PER):
                     u = ut + k * TPR

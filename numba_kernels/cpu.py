@@ -20,7 +20,9 @@ def rmsnorm_forward(x, weight, out, rstd, eps, residual=None, sum_out=None) -> N
         sum_out.copy_(s)
 
 
-def rmsnorm_backward(dy, s, weight, rstd, ds, dweight, dresidual=None, workspace=None) -> None:
+def rmsnorm_backward(dy, s, weight, rstd, ds, dweight, dresidual=None, workspace=None, eps=None) -> None:
+    if rstd is None:  # as the launcher: recomputed from s (the forward's definition)
+        rstd = rmsnorm.rstd_ref(s, eps).reshape(-1)
     d, dw = rmsnorm.rmsnorm_backward_ref(dy, s, weight, rstd, dresidual)
     ds.copy_(d)
     dweight.copy_(dw)

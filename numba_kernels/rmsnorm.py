@@ -30,14 +30,18 @@ ROWS_PER_PART = 8
 # ---------------------------------------------------------------- reference
 
 
+def rstd_ref(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(s_f32^2) + eps) per row, fp32, keepdim."""
+    return torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
 def rmsnorm_forward_ref(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns (out, rstd[rows] fp32, summed or None); leading dims of x are flattened for rstd."""
     s = x + residual if residual is not None else x
-    sf = s.float()
-    rstd = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * (sf * rstd).to(x.dtype)
+    rstd = rstd_ref(s, eps)
+    out = weight * (s.float() * rstd).to(x.dtype)
     return out, rstd.reshape(-1), (s if residual is not None else None)
 
 
@@ -128,17 +132,22 @@ def rmsnorm_backward(
     dy: torch.Tensor,
     s: torch.Tensor,
     weight: torch.Tensor,
-    rstd: torch.Tensor,
+    rstd: torch.Tensor | None,
     ds: torch.Tensor,
     dweight: torch.Tensor,
     dresidual: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    eps: float | None = None,
 ) -> None:
     """ds = d(loss)/d(s) (+ dresidual), dweight = sum over rows; `s` is the normalised input (x + residual).
 
-    `workspace` is fp32 [blocks, hidden] (see `rmsnorm_bwd_workspace_shape`); allocated here if omitted,
-    which a static plan should avoid. A workspace with fewer rows runs fewer blocks.
+    `rstd` None: the kernel recomputes it from s with `eps` in the same pass (a plan that keeps no rstd
+    tensor needs no extra pass over s). `workspace` is fp32 [blocks, hidden] (see
+    `rmsnorm_bwd_workspace_shape`); allocated here if omitted, which a static plan should avoid. A workspace
+    with fewer rows runs fewer blocks.
     """
+    if rstd is None and eps is None:
+        raise ValueError("rmsnorm_backward without rstd needs eps")
     hidden = s.shape[-1]
     for name, t in (("dy", dy), ("s", s), ("ds", ds), ("dresidual", dresidual)):
         if t is not None:
@@ -157,7 +166,9 @@ def rmsnorm_backward(
     dres2 = dresidual.reshape(-1, hidden) if has_dres else s2
     pair = _pairs(hidden, dy2, s2, ds2, dres2)
     lay = K.layout(hidden, pair, row_threads(hidden))
-    kernel = K.bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, lay)
-    launch(kernel, blocks, lay.threads, _view(dy2, pair), _view(s2, pair), weight, rstd, _view(dres2, pair),
-           _view(ds2, pair), part)
+    own = rstd is None
+    kernel = K.bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, lay, own)
+    # without rstd, the kernel's (unread) rstd argument is a row of the workspace: same type, nothing allocated
+    launch(kernel, blocks, lay.threads, _view(dy2, pair), _view(s2, pair), weight, part[0] if own else rstd,
+           _view(dres2, pair), _view(ds2, pair), part, float(eps if eps is not None else 0.0))
     colsum(part, dweight)

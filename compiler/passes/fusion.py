@@ -1,4 +1,6 @@
-"""Pass `fuse_lora_merge`: merge each LoRA projection's up-projection and residual add into one op.
+"""Post-autodiff fusions: passes `fuse_lora_merge` and `fuse_add_rmsnorm`.
+
+`fuse_lora_merge`: merge each LoRA projection's up-projection and residual add into one op.
 
 `inject_lora` writes a targeted projection as
     y.base = linear(x, W);  h = linear(x, A);  y.lora_b = linear(h, B, scale);  y = add(y.base, y.lora_b)
@@ -13,6 +15,14 @@ two reference kernels, bit for bit.
 It runs after `recompute`, so the recomputed copies (`rc:...`, outputs `...@rc`) are fused too, and before
 the memory passes, which then never see y.lora_b. `ENABLED = False` (or `fuse_lora_merge(graph, cfg,
 enabled=False)`) keeps the unfused program, e.g. to compare the two.
+
+`fuse_add_rmsnorm`: a decoder layer's residual add `s = add(x, o)` is read next by the RMSNorm of the following
+block, `y = rmsnorm(s, w)`, so `s` is written by the add and read straight back. `add_rmsnorm(x, o, w) -> (y, s)`
+computes both in one pass (the kernel's fused residual: x and o read once, s and y written once). It fuses only
+an add immediately followed in program order by the norm of its output (so no op between them could need `s`
+or change the weight), with equal dtypes and shapes and no accumulation; the fused op keeps the norm's name,
+which its backward ops name as `fwd_op`. `s` stays a planned tensor (the backward and the next residual add
+read it); only the add op disappears.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from typing import Any
 from surogate.compiler.ir import Graph, GraphError
 
 ENABLED = True  # module switch: False keeps the unfused linear + add pair
+ADD_RMSNORM_ENABLED = True  # module switch: False keeps the add + rmsnorm pairs
 
 
 def fuse_lora_merge(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
@@ -63,3 +74,36 @@ def _check_gone(graph: Graph) -> None:
         for t in (*op.inputs, *op.outputs):
             if t not in graph.tensors:
                 raise GraphError(f"fuse_lora_merge: op {op.name!r} still uses the removed tensor {t!r}")
+
+
+def fuse_add_rmsnorm(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
+    """Rewrite every `s = add(a, b)` directly followed by `y = rmsnorm(s, w)` into `add_rmsnorm(a, b, w) -> (y, s)`."""
+    on = ADD_RMSNORM_ENABLED if enabled is None else enabled
+    fused = 0
+    if on:
+        nxt = dict(zip(graph.order, graph.order[1:], strict=False))
+        for add in [op for op in graph.ops() if op.kind == "add" and not op.attrs.get("lora")]:
+            norm = graph.op(nxt[add.name]) if add.name in nxt else None
+            if norm is not None and _fusable(graph, add, norm):
+                y, w = norm.outputs[0], norm.inputs[1]
+                norm.kind = "add_rmsnorm"
+                norm.inputs[:] = [add.inputs[0], add.inputs[1], w]
+                norm.outputs[:] = [y, add.outputs[0]]
+                norm.attrs = {**norm.attrs, "fused_add": add.name}
+                graph.remove_op(add.name)
+                fused += 1
+        if fused:
+            graph.rewire()
+            graph.check()
+    graph.meta["add_rmsnorm_fused"] = fused
+    return graph
+
+
+def _fusable(graph: Graph, add: Any, norm: Any) -> bool:
+    """`norm` normalises (whole rows) exactly `add`'s output, in the same phase, and nothing accumulates."""
+    if norm.kind != "rmsnorm" or norm.inputs[0] != add.outputs[0] or norm.phase != add.phase:
+        return False
+    if norm.attrs.get("group") or add.attrs.get("accumulate_into") or norm.attrs.get("accumulate_into"):
+        return False
+    t = [graph.tensors[n] for n in (*add.inputs, add.outputs[0], norm.outputs[0])]
+    return len({x.dtype for x in t}) == 1 and len({tuple(x.shape) for x in t}) == 1

@@ -102,12 +102,16 @@ class KindSizes:
 
     def _rms_bwd(self, fwd_op: Any, x: Any, w_dtype: str, op: Any) -> None:
         rows, h = self._rows(op, x)
-        self.add(sz.rms_rstd(rows), sz.rms_dw(fwd_op, h, w_dtype),
-                 sz.rms_ws(rows, h, min(rows, self.target.resident_blocks)))
+        # no rstd scratch: the backward kernel recomputes rstd from x in its own pass
+        self.add(sz.rms_dw(fwd_op, h, w_dtype), sz.rms_ws(rows, h, min(rows, self.target.resident_blocks)))
 
     def k_rmsnorm(self, op: Any, acc: list[bool]) -> int:
         self.add(sz.rms_rstd(self._rows(op, self.t(op.inputs[0]))[0]))
         self._acc_out(op, acc, 0, "rms_acc")
+        return 0
+
+    def k_add_rmsnorm(self, op: Any, acc: list[bool]) -> int:
+        self.add(sz.rms_rstd(self._rows(op, self.t(op.inputs[0]))[0]))
         return 0
 
     def k_rmsnorm_bwd(self, op: Any, acc: list[bool]) -> int:

@@ -39,13 +39,6 @@ def _groups(x: torch.Tensor, attrs: dict) -> torch.Tensor:
     return x.reshape(-1, g)
 
 
-def _rstd(st: CudaState, x2: torch.Tensor, eps: float) -> torch.Tensor:
-    """Recompute rstd (the plan keeps no rstd tensor) with torch reductions into scratch."""
-    rstd = st.alloc(sz.rms_rstd(x2.shape[0]), x2.device)
-    torch.linalg.vector_norm(x2, dim=-1, dtype=torch.float32, out=rstd)
-    return rstd.pow_(2).div_(x2.shape[1]).add_(eps).rsqrt_()
-
-
 def _ones(st: CudaState, h: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return st.constant(("ones", h, dtype), lambda: torch.ones(h, dtype=dtype), device)
 
@@ -62,15 +55,30 @@ def rmsnorm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     return [out]
 
 
+def add_rmsnorm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """sum = a + b and out = RMSNorm(sum) * w in one launch (the kernel's fused residual)."""
+    a, b, w = ins
+    bnd = st.bind(ins, attrs, ctx)
+    out, summed = bnd.views
+    if any(bnd.accumulate) or attrs.get("group"):  # fuse_add_rmsnorm fuses neither: a plan from elsewhere
+        raise ValueError("add_rmsnorm: accumulating or grouped outputs are not supported (fuse_add_rmsnorm "
+                         "never emits them)")
+    h = a.shape[-1]
+    rstd = st.alloc(sz.rms_rstd(a.numel() // h), a.device)
+    _k("rmsnorm_fwd")(a.reshape(-1, h), w, out.reshape(-1, h), rstd, float(attrs["eps"]),
+                      residual=b.reshape(-1, h), sum_out=summed.reshape(-1, h))
+    return [out, summed]
+
+
 def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, attrs: dict,
                   ds: torch.Tensor, dres: torch.Tensor | None) -> torch.Tensor:
     x2 = _groups(x, attrs)
     rows, h = x2.shape
-    rstd = _rstd(st, x2, float(attrs["eps"]))
     dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), h, dn(w.dtype)), x.device)
     ws = st.alloc(sz.rms_ws(rows, h, rmsnorm_bwd_workspace_shape(rows)[0]), x.device)  # one row per block
-    _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, rstd, ds.reshape(rows, h), dw,
-                      dres.reshape(rows, h) if dres is not None else None, ws)
+    # rstd=None: the kernel recomputes it from x in its own pass (the plan keeps no rstd tensor)
+    _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, None, ds.reshape(rows, h), dw,
+                      dres.reshape(rows, h) if dres is not None else None, ws, float(attrs["eps"]))
     return dw
 
 
@@ -317,6 +325,7 @@ def dequant(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 
 KERNELS = {
     "rmsnorm": rmsnorm,
+    "add_rmsnorm": add_rmsnorm,
     "rmsnorm_bwd": rmsnorm_bwd,
     "rmsnorm_bwd_weight": rmsnorm_bwd_weight,
     "rope": rope,

@@ -118,6 +118,12 @@ def lora_merge(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return add([base, linear([h, b], {"scale": a.get("scale", 1.0)}, ctx)[0]], {}, ctx)
 
 
+def add_rmsnorm(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """(rmsnorm(add(a, b), w), add(a, b)): by definition the two kernels it fuses, bit for bit."""
+    s = add([x[0], x[1]], {}, ctx)[0]
+    return [rmsnorm([s, x[2]], a, ctx)[0], s]
+
+
 def identity(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [x[0].clone()]
 
@@ -157,6 +163,7 @@ KERNELS = {
     "swiglu": swiglu,
     "add": add,
     "lora_merge": lora_merge,
+    "add_rmsnorm": add_rmsnorm,
     "identity": identity,
     "dropout": dropout,
     "lm_head_ce": lm_head_ce,

@@ -1,4 +1,5 @@
-"""Pass `fuse_lora_merge`: every LoRA up-projection + merge add becomes one `lora_merge` (forward and recompute)."""
+"""Passes `fuse_lora_merge` (every LoRA up-projection + merge add becomes one `lora_merge`, forward and recompute)
+and `fuse_add_rmsnorm` (a residual add and the norm that reads it next become one `add_rmsnorm`)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ def _graph(**over):
     return apply_recompute(emit_backward(graph, cfg), cfg), cfg
 
 
-def test_pass_sits_between_recompute_and_chunking():
+def test_passes_sit_between_recompute_and_chunking():
     i = PASS_NAMES.index("fuse_lora_merge")
-    assert PASS_NAMES[i - 1] == "recompute" and PASS_NAMES[i + 1] == "chunking"
+    assert PASS_NAMES[i - 1 : i + 3] == ["recompute", "fuse_lora_merge", "fuse_add_rmsnorm", "chunking"]
 
 
 def test_every_merge_is_fused_and_the_product_tensor_is_gone():
@@ -69,3 +70,49 @@ def test_a_product_with_another_reader_is_not_fused():
     fusion.fuse_lora_merge(graph, cfg)
     assert graph.op("L0.q.lora_add").kind == "add" and "L0.q.lora_b" in graph.tensors
     assert graph.op("L0.k.lora_add").kind == "lora_merge"
+
+
+# ---------------------------------------------------------------- fuse_add_rmsnorm
+
+
+def test_every_residual_add_read_next_by_a_norm_is_fused():
+    graph, cfg = _graph()
+    fusion.fuse_lora_merge(graph, cfg)
+    adds = [op for op in graph.ops() if op.kind == "add" and not op.attrs.get("lora")]
+    # forward: attn_res -> mlp_norm and mlp_res -> the next attn_norm (the last -> final_norm); recompute: attn_res
+    assert len(adds) == 3 * 28
+    norms_before = sum(op.kind == "rmsnorm" for op in graph.ops())
+    fusion.fuse_add_rmsnorm(graph, cfg)
+    graph.check()
+    assert graph.meta["add_rmsnorm_fused"] == 3 * 28
+    assert not any(op.kind == "add" and not op.attrs.get("lora") for op in graph.ops())
+    assert sum(op.kind == "rmsnorm" for op in graph.ops()) == norms_before - 3 * 28
+    op = graph.op("L1.attn_norm")  # keeps the norm's name (its backward ops' fwd_op)
+    assert op.kind == "add_rmsnorm" and op.attrs["fused_add"] == "L0.mlp_res"
+    assert op.inputs == ["L0.mid", "L0.down", "model.layers.1.input_layernorm.weight"]
+    assert op.outputs == ["L1.attn_norm", "L0.out"]
+    assert graph.op("final_norm").kind == "add_rmsnorm"
+    rc = graph.op("rc:L0.mlp_norm")
+    assert rc.kind == "add_rmsnorm" and rc.outputs[1] == "L0.mid@rc" and rc.attrs.get("recompute")
+    # the sums stay planned tensors: the backward norms and the next residual adds read them
+    assert any(o.kind == "rmsnorm_bwd" and "L0.mid@rc" in o.inputs for o in graph.ops())
+
+
+def test_an_op_between_the_add_and_the_norm_blocks_the_fusion():
+    graph, cfg = _graph()
+    s = graph.tensors["L0.mid"]
+    graph.add_tensor(Tensor("spy", s.shape, s.dtype, Role.ACTIVATION, layer=0))
+    graph.add_op(Op("spy", "identity", ["L0.mid"], ["spy"], {}, "forward", 0), after="L0.attn_res")
+    fusion.fuse_add_rmsnorm(graph, cfg)
+    assert graph.op("L0.attn_res").kind == "add" and graph.op("L0.mlp_norm").kind == "rmsnorm"
+    assert graph.op("L1.attn_norm").kind == "add_rmsnorm"
+
+
+def test_add_rmsnorm_switch_off_and_dtype_mismatch_leave_pairs():
+    graph, cfg = _graph()
+    kinds = [op.kind for op in graph.ops()]
+    assert [op.kind for op in fusion.fuse_add_rmsnorm(graph, cfg, enabled=False).ops()] == kinds
+    assert graph.meta["add_rmsnorm_fused"] == 0
+    graph.update_tensor("L0.down", dtype="fp32")  # mixed dtypes: the kernel's residual add would round differently
+    fusion.fuse_add_rmsnorm(graph, cfg)
+    assert graph.op("L0.mlp_res").kind == "add" and graph.op("L1.attn_norm").kind == "rmsnorm"

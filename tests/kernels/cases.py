@@ -33,9 +33,10 @@ def rmsnorm_fwd(dt):
 
 
 def rmsnorm_bwd(dt):
+    # rstd None: the kernel recomputes it, as the cuda backend calls it (a given rstd: tests/kernels/test_rmsnorm)
     s, w, dy = _r(5, 24, dtype=dt), _r(24, dtype=dt, seed=2), _r(5, 24, dtype=dt, seed=3)
-    rstd = torch.rsqrt(s.float().pow(2).mean(-1) + 1e-6)
-    return (dy, s, w, rstd, torch.empty_like(s), torch.empty_like(w)), {"dresidual": _r(5, 24, dtype=dt, seed=4)}, 1e-5
+    return ((dy, s, w, None, torch.empty_like(s), torch.empty_like(w)),
+            {"dresidual": _r(5, 24, dtype=dt, seed=4), "eps": 1e-6}, 1e-5)
 
 
 def swiglu_fwd(dt):

@@ -77,6 +77,7 @@ def main() -> int:
         x, w = torch.zeros(2, hidden, dtype=dt), torch.zeros(hidden, dtype=dt)
         KERNELS["rmsnorm_fwd"].cuda(x, w, x, torch.zeros(2), 1e-6)
         KERNELS["rmsnorm_bwd"].cuda(x, x, w, torch.zeros(2), x, w)
+        KERNELS["rmsnorm_bwd"].cuda(x, x, w, None, x, w, eps=1e-6)  # rstd recomputed (the backend's call)
     # LoRA merge variants beyond the cases' (bf16 model, fp32 adapters): bf16 adapters, and a rank above R_MAX
     base, out = torch.zeros(3, 40, dtype=torch.bfloat16), torch.zeros(3, 40, dtype=torch.bfloat16)
     KERNELS["lora_merge"].cuda(base, torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(40, 4, dtype=torch.bfloat16),

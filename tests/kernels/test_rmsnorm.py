@@ -103,13 +103,15 @@ def _fwd_check(rows, hidden, dtype, with_res):
     close(out, ref_out, dtype)
 
 
-def _bwd_check(rows, hidden, dtype, with_dres):
+def _bwd_check(rows, hidden, dtype, with_dres, own_rstd=False):
+    """`own_rstd`: the kernel gets no rstd and recomputes it from s (what the cuda backend runs)."""
     s, dy = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    s[0] *= 30.0  # rows of very different scales: a wrong or shared rstd shows
     w = torch.randn(hidden).to(dtype)
     dres = torch.randn(rows, hidden).to(dtype) if with_dres else None
     _, rstd, _ = rmsnorm_forward_ref(s, w, 1e-6)
     ds, dw = torch.empty_like(s), torch.empty_like(w)
-    rmsnorm_backward(dy, s, w, rstd, ds, dw, dresidual=dres)
+    rmsnorm_backward(dy, s, w, None if own_rstd else rstd, ds, dw, dresidual=dres, eps=1e-6)
     ref_ds, ref_dw = rmsnorm_backward_ref(dy, s, w, rstd, dresidual=dres)
     close(ds, ref_ds, dtype)
     close(dw, ref_dw, dtype)
@@ -133,10 +135,24 @@ def test_backward_shapes(dtype, rows, hidden, with_dres):
     _bwd_check(rows, hidden, dtype, with_dres)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", SHAPES)
+def test_backward_recomputes_rstd(dtype, rows, hidden):
+    """Without an rstd input the kernel's own (the forward's summation) matches the reference's rstd."""
+    _bwd_check(rows, hidden, dtype, rows % 2 == 1, own_rstd=True)
+
+
+def test_backward_without_rstd_needs_eps():
+    s = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="eps"):
+        rmsnorm_backward(s, s, torch.ones(8), None, torch.empty_like(s), torch.empty(8))
+
+
 def test_long_rows():
     """hidden 1000: 32 values (fp32) or 16 pairs (bf16) per lane, the most a thread keeps in registers."""
     _fwd_check(1, 1000, torch.bfloat16, True)
     _bwd_check(1, 1000, torch.float32, True)
+    _bwd_check(2, 1000, torch.bfloat16, False, own_rstd=True)
 
 
 @pytest.mark.parametrize("threads,hidden,want", [
@@ -162,6 +178,7 @@ def test_layouts(monkeypatch, threads, hidden, want, dtype):
     _fwd_check(5, hidden, dtype, True)
     _fwd_check(2, hidden, dtype, False)
     _bwd_check(3, hidden, dtype, True)
+    _bwd_check(3, hidden, dtype, False, own_rstd=True)  # both row sums across a group's warps
 
 
 def test_unaligned_bf16_takes_the_scalar_path():
