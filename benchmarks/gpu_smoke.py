@@ -9,6 +9,9 @@
    benchmark job's sizes (Qwen3-0.6B, 4096 tokens), bf16 and fp32, against their references;
 3. a tiny bf16 Qwen3 (2 layers, hidden 128, LoRA r8): one micro-step against transformers in fp32 and in
    bf16 (loss and gradient relative errors: ours must be within twice HF-bf16's own error);
+3b. the bf16x3 split GEMMs of fp32 LoRA adapters (the five mixed-dtype LoRA GEMMs at the benchmark's sizes)
+   against fp64 and the promoted fp32 path, with both paths' ms per call, and whether torch's mm out_dtype
+   probe passed (runtime/backends/cuda_split_gemm.py);
 4. the same model with CUDA graphs: 4 optimizer steps (2 micro-steps each, packed documents that vary) against
    the eager losses; allocator calls after step 2 (both captures done) (must be 0) and the number of replays.
 Writes every figure to --json and exits 1 if a check fails (the rest of the checks still run).
@@ -217,6 +220,13 @@ def parity(model_dir: Path) -> dict:
     return res
 
 
+def split_gemm() -> dict:
+    """The split GEMMs on the device (tests/cuda_backend/test_split_gemm.device_check): well under a second."""
+    from tests.cuda_backend.test_split_gemm import device_check
+
+    return device_check(torch.device(DEVICE), *((4096, 1024, 16) if DEVICE == "cuda" else (64, 300, 4)))
+
+
 def _packed(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(10 + step)
     ids = torch.randint(3, MODEL["vocab_size"], (2, SEQ), generator=g)
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="surogate-smoke-") as tmp:
         model_dir = save_qwen3(Path(tmp) / "qwen3", **MODEL)
         for name, fn in (("kernels", kernels), ("kernels_at_size", kernels_at_size), ("parity", lambda: parity(model_dir)),
-                         ("graphs", lambda: graphs(model_dir))):
+                         ("split_gemm", split_gemm), ("graphs", lambda: graphs(model_dir))):
             t0 = time.perf_counter()
             try:
                 report[name] = fn()

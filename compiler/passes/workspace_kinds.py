@@ -45,12 +45,21 @@ class KindSizes:
         return dt, rows * x.shape[-1] * _isz(dt)
 
     # -- GEMM kinds ----------------------------------------------------------------------------------------
+    def _route(self, m: int, k: int, n: int, a: str, b: str, out: str, acc: bool) -> sz.GemmRoute:
+        """cuda_gemm.gemm_into's route; a split route's scratch buffers are recorded here."""
+        route = sz.gemm_route(m, k, n, a, b, out, acc, self.target.split_gemm)
+        self.add(*route.scratch)
+        return route
+
     def k_linear(self, op: Any, acc: list[bool]) -> int:
         x, w, out = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.outputs[0])
         rows = math.prod(x.shape[:-1])
-        xd, conv = self._x_in(op.inputs[0], op.inputs[1], rows)
         cols = out.shape[-1]
-        extra = conv + sz.gemm_transient((rows, x.shape[-1]), xd, (x.shape[-1], cols), w.dtype, out.dtype)
+        route = self._route(rows, x.shape[-1], cols, x.dtype, w.dtype, out.dtype, acc[0] and len(op.inputs) < 3)
+        extra = 0
+        if route.kind == "promote":
+            xd, conv = self._x_in(op.inputs[0], op.inputs[1], rows)
+            extra = conv + sz.gemm_transient((rows, x.shape[-1]), xd, (x.shape[-1], cols), w.dtype, out.dtype)
         if len(op.inputs) > 2:
             if acc[0]:
                 self.add(sz.linear_bias(rows, cols, out.dtype))
@@ -61,13 +70,17 @@ class KindSizes:
     def k_linear_bwd_data(self, op: Any, acc: list[bool]) -> int:
         dy, w, dx = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.outputs[0])
         rows = math.prod(dy.shape[:-1])
+        if self._route(rows, dy.shape[-1], w.shape[1], dy.dtype, w.dtype, dx.dtype, acc[0]).kind != "promote":
+            return 0
         return sz.gemm_transient((rows, dy.shape[-1]), dy.dtype, tuple(w.shape), w.dtype, dx.dtype)
 
     def k_linear_bwd_weight(self, op: Any, acc: list[bool]) -> int:
         dy, x, dw = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.outputs[0])
         rows = math.prod(dy.shape[:-1])
-        xd, conv = self._x_in(op.inputs[1], op.inputs[0], rows)
-        extra = conv + sz.gemm_transient((dy.shape[-1], rows), dy.dtype, (rows, x.shape[-1]), xd, dw.dtype)
+        extra = 0
+        if self._route(dy.shape[-1], rows, x.shape[-1], dy.dtype, x.dtype, dw.dtype, acc[0]).kind == "promote":
+            xd, conv = self._x_in(op.inputs[1], op.inputs[0], rows)
+            extra = conv + sz.gemm_transient((dy.shape[-1], rows), dy.dtype, (rows, x.shape[-1]), xd, dw.dtype)
         if len(op.outputs) > 1:  # dbias: a reduction (in fp32 when the dtypes differ) and its cast
             db = self.t(op.outputs[1])
             extra += rows * dy.shape[-1] * 4 + 2 * db.nbytes if db.dtype != dy.dtype or acc[1] else 0

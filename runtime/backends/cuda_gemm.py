@@ -1,8 +1,10 @@
 """GEMM-shaped and indexing kernels of the `cuda` backend: linear (+ backward), embedding, add, identity.
 
 GEMMs go through torch (cuBLAS on a GPU) with `out=` the planned view, or `addmm_` into it when the op
-accumulates; when operand dtypes differ (fp32 LoRA adapters on bf16 activations) the product is computed
-in the promoted dtype and cast into the view (a temporary, as the reference backend does).
+accumulates. When operand dtypes differ (fp32 LoRA adapters on bf16 activations) the route is
+`cuda_sizes.gemm_route`: on a GPU, bf16 tensor-core GEMMs over bf16x3 splits of the fp32 operand
+(`cuda_split_gemm`, as accurate as fp32); elsewhere, or for combinations the split does not cover, the product
+in the promoted dtype cast into the view (temporaries, as the reference backend does).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 from surogate.runtime.backends import cuda_sizes as sz
+from surogate.runtime.backends import cuda_split_gemm as csg
 from surogate.runtime.backends.cuda_state import CudaState
 from surogate.runtime.backends.cuda_state import dtype_name as dn
 from surogate.runtime.reference.dtypes import common
@@ -23,20 +26,28 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool, alpha: float) -> None:
-    """out (=|+=) alpha * a @ b with all three in one dtype: one cuBLAS call (alpha inside the GEMM)."""
-    if accumulate:
-        out.addmm_(a, b, alpha=alpha)
-    elif alpha != 1.0:  # beta = 0: out's old contents are not read (NaN/inf in them do not propagate)
-        torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
-    else:
-        torch.mm(a, b, out=out)
+_mm = csg.mm_into
 
 
-def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, alpha: float = 1.0) -> None:
-    """out (=|+=) alpha * a @ b, written into `out` without a temporary when the output has the compute dtype."""
+def route_of(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
+             st: CudaState | None) -> sz.GemmRoute:
+    """The route `gemm_into` takes (without a CudaState for its scratch: never a split one)."""
+    split = st is not None and csg.split_enabled(out.device)
+    return sz.gemm_route(a.shape[0], a.shape[1], b.shape[1], dn(a.dtype), dn(b.dtype), dn(out.dtype), accumulate,
+                         split)
+
+
+def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, alpha: float = 1.0,
+              st: CudaState | None = None, route: sz.GemmRoute | None = None) -> None:
+    """out (=|+=) alpha * a @ b, written into `out` without a temporary when the output has the compute dtype.
+    With `st`, mixed bf16/fp32 GEMMs on a GPU take a split route (`cuda_split_gemm`) with scratch from `st`."""
     if a.dtype == b.dtype == out.dtype:
         _mm(out, a, b, accumulate, alpha)
+        return
+    route = route if route is not None else route_of(out, a, b, accumulate, st)
+    if route.kind != "promote":
+        bufs = [st.alloc(spec, out.device) for spec in route.scratch]
+        csg.split_gemm(out, a, b, route, bufs, accumulate, alpha)
         return
     # Mixed dtypes (bf16 activations with fp32 LoRA adapters, as PEFT computes them in fp32): the operands in the
     # promoted dtype, a block of output rows at a time so the temporaries stay small (an LM-head weight gradient
@@ -68,13 +79,17 @@ def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     scale = float(attrs.get("scale", 1.0))
     o2 = _rows(out)
     x2 = _rows(x)
-    if x.dtype != w.dtype and common(x, w) != x.dtype:  # bf16 activations into fp32 adapters: one conversion
-        x2 = st.upcast(bnd.inputs[0], x2, common(x, w), ctx)  # per run for q/k/v's (gate/up's) shared input
+    acc_gemm = acc and bias is None  # (with a bias the GEMM writes a buffer the bias is added to)
+    route = route_of(o2, x2, w.t(), acc_gemm, st)
+    if route.kind == "promote" and x.dtype != w.dtype and common(x, w) != x.dtype:
+        # bf16 activations into fp32 adapters: one conversion per run for q/k/v's (gate/up's) shared input
+        x2 = st.upcast(bnd.inputs[0], x2, common(x, w), ctx)
+        route = None
     if bias is None:
-        gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale)
+        gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale, st=st, route=route)
     else:  # (x @ W^T + b) * scale
         tmp = st.alloc(sz.linear_bias(*o2.shape, dn(o2.dtype)), o2.device) if acc else o2
-        gemm_into(tmp, x2, w.t(), accumulate=False)
+        gemm_into(tmp, x2, w.t(), accumulate=False, st=st, route=route)
         tmp.add_(bias.to(tmp.dtype))
         if scale != 1.0:
             tmp.mul_(scale)
@@ -87,7 +102,7 @@ def linear_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dy, w = ins
     bnd = st.bind(ins, attrs, ctx)
     dx = bnd.views[0]
-    gemm_into(_rows(dx), _rows(dy), w, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)))
+    gemm_into(_rows(dx), _rows(dy), w, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)), st=st)
     return [dx]
 
 
@@ -96,9 +111,13 @@ def linear_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bnd = st.bind(ins, attrs, ctx)
     dyr = _rows(dy)
     x2 = _rows(x)
-    if common(dy, x) != x.dtype:  # the adapters' fp32 gradient reads the shared bf16 input converted once per run
+    dw, acc = bnd.views[0], bnd.accumulate[0]
+    route = route_of(dw, dyr.t(), x2, acc, st)
+    if route.kind == "promote" and common(dy, x) != x.dtype:
+        # the adapters' fp32 gradient reads the shared bf16 input converted once per run
         x2 = st.upcast(bnd.inputs[1], x2, common(dy, x), ctx)
-    gemm_into(bnd.views[0], dyr.t(), x2, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)))
+        route = None
+    gemm_into(dw, dyr.t(), x2, accumulate=acc, alpha=float(attrs.get("scale", 1.0)), st=st, route=route)
     if len(bnd.views) > 1:  # dbias
         db = bnd.views[1]
         if bnd.accumulate[1]:

@@ -42,11 +42,18 @@ class Target:
     sms: int = 132  # H100 SXM
     simulator: bool = False
     capability: tuple[int, int] = (9, 0)
+    bf16x3: bool | None = None  # split GEMMs (None: on a GPU); tests force them on under the simulator
 
     @property
     def resident_blocks(self) -> int:
         """numba_kernels._device._max_resident_blocks on this target."""
         return 2 if self.simulator else self.sms * 8
+
+    @property
+    def split_gemm(self) -> bool:
+        """Whether mixed bf16/fp32 GEMMs run as bf16x3 split GEMMs (`gemm_route`): on a GPU (torch's
+        mm out_dtype), unless `bf16x3` says otherwise or SUROGATE_SPLIT_GEMM=0 turns it off."""
+        return split_gemm_enabled() and (self.cuda if self.bf16x3 is None else self.bf16x3)
 
     def flash(self, dtype: str) -> bool:
         """cuda_attention.use_flash on this target (SUROGATE_CUDA_ATTENTION=sdpa turns it off)."""
@@ -212,6 +219,62 @@ def gemm_transient(a: tuple[int, int], a_dtype: str, b: tuple[int, int], b_dtype
     if out_dtype != dt:
         total += live * block * cols * DTYPE_BITS[dt] // 8
     return total
+
+
+# -- bf16x3 split GEMMs (runtime/backends/cuda_split_gemm.py) ------------------------------------------------
+SPLIT_MAX_DIM = 256  # the small dim (a LoRA rank) split 3x; larger ones keep the promoted fp32 GEMM
+SPLIT_MAX_ELEMENTS = TILE_ELEMENTS  # the largest split scratch buffer (bigger GEMMs keep the promoted path)
+
+
+def split_gemm_enabled() -> bool:
+    """SUROGATE_SPLIT_GEMM=0 turns the split GEMMs off (the promoted fp32 path, for comparisons)."""
+    return os.environ.get("SUROGATE_SPLIT_GEMM", "auto").lower() not in ("0", "off", "false", "no")
+
+
+class GemmRoute(NamedTuple):
+    """How `cuda_gemm.gemm_into` computes out (=|+=) alpha * a @ b, and the scratch buffers it holds for it.
+
+    same: one GEMM in the common dtype. promote: today's path (operands converted to the promoted dtype; its
+    temporaries are `gemm_transient`). out_fp32: bf16 x bf16 into an fp32 output (a GEMM with fp32 output; a
+    product buffer when it accumulates). split_n: the fp32 operand's non-reduction dim is small: its three bf16
+    parts side by side, one bf16 GEMM into an fp32 product, the three slices summed into out. split_k: the
+    reduction dim is small: the parts stacked along it, the bf16 operand repeated 3x, one bf16 GEMM."""
+
+    kind: str
+    wide: str = ""  # which operand ("a" / "b") is fp32 (split routes)
+    scratch: tuple[Spec, ...] = ()
+
+
+def gemm_route(m: int, k: int, n: int, a_dtype: str, b_dtype: str, out_dtype: str, accumulate: bool,
+               split: bool) -> GemmRoute:
+    """The route of a [m, k] @ [k, n] GEMM (shared by the backend and the workspace pass). `split`: whether the
+    device runs bf16 GEMMs with an fp32 output (Target.split_gemm; the backend's probe)."""
+    if a_dtype == b_dtype == out_dtype:
+        return GemmRoute("same")
+    if not split or out_dtype not in ("bf16", "fp32"):
+        return GemmRoute("promote")
+    if a_dtype == b_dtype == "bf16":  # out fp32: no bf16 rounding of the product any more
+        if not accumulate:
+            return GemmRoute("out_fp32")
+        if m * n <= SPLIT_MAX_ELEMENTS:
+            return GemmRoute("out_fp32", scratch=(Spec("split_prod", (m, n), "fp32"),))
+        return GemmRoute("promote")
+    if {a_dtype, b_dtype} != {"bf16", "fp32"}:
+        return GemmRoute("promote")
+    wide = "a" if a_dtype == "fp32" else "b"
+    small, big = (m, n) if wide == "a" else (n, m)
+    if small <= SPLIT_MAX_DIM and max(3 * small * k, 3 * small * big) <= SPLIT_MAX_ELEMENTS:
+        prod = (3 * m, n) if wide == "a" else (m, 3 * n)
+        return GemmRoute("split_n", wide, (Spec("split_parts", (3 * small, k), "bf16"),
+                                           Spec("split_res", (small, k), "fp32"), Spec("split_prod", prod, "fp32")))
+    if k <= SPLIT_MAX_DIM and out_dtype == "bf16" and 3 * k * max(m, n) <= SPLIT_MAX_ELEMENTS:
+        rows, cols = (k, m) if wide == "a" else (k, n)  # the fp32 operand, reduction dim first
+        other = n if wide == "a" else m
+        return GemmRoute("split_k", wide, (Spec("split_parts", (3 * rows, cols), "bf16"),
+                                           Spec("split_res", (rows, cols), "fp32"),
+                                           Spec("split_rep", (3 * k, other) if wide == "a" else (other, 3 * k),
+                                                "bf16")))
+    return GemmRoute("promote")
 
 
 def cublas_workspace(capability: tuple[int, int], env: str | None = None) -> int:

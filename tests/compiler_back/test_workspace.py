@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 
-from surogate.compiler.passes.workspace import estimate_workspace
+from surogate.compiler.passes.workspace import estimate_workspace, scratch_specs
 from surogate.compiler.pipeline import PASS_NAMES, compile_plan
 from surogate.compiler.report import build_report, memory_table_text, reserve_bytes
 from surogate.runtime.backends import cuda_sizes as sz
@@ -18,6 +18,10 @@ from surogate.schema import config_from_dict
 JOB = {"model": "Qwen/Qwen3-0.6B", "sequence_len": 2048, "per_device_train_batch_size": 2,
        "gradient_accumulation_steps": 4, "torch_dtype": "bfloat16", "lora": True, "lora_rank": 16, "lora_alpha": 32,
        "lora_dropout": 0.0, "optimizer": "adamw_8bit", "learning_rate": 1e-4}
+
+
+def estimate_scratch(plan) -> list:
+    return list(scratch_specs(plan, sz.Target()))
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +44,17 @@ def test_pass_runs_last_and_the_report_adds_a_separate_total(plan):
 def test_benchmark_job_figures(plan):
     ws = plan.memory["device"]["backend_workspace"]
     rows, hidden = 2 * 2048, 1024
-    # q/k/v and gate/up read the same [rows, hidden] bf16 activation in fp32: one shared slot
-    assert ws["by_tag"]["upcast"] == rows * hidden * 4
+    # fp32 adapters on a GPU: bf16x3 split GEMMs, no fp32 copy of the shared bf16 input (its upcast slot)
+    assert "upcast" not in ws["by_tag"]
+    r = 16
+    # bf16 parts of the fp32 operand, [3r, reduction]: A over each input width, lora_a's output over the tokens
+    assert ws["by_tag"]["split_parts"] == sum(3 * r * k * 2 for k in {1024, 2048, 3072, rows})
+    # the largest fp32 product: [tokens, 3r] (lora_a's forward, lora_b's data gradient)
+    assert max(s.nbytes for s in estimate_scratch(plan) if s.tag == "split_prod") == rows * 3 * r * 4
+    # without them (SUROGATE_SPLIT_GEMM=0, or a device without mm out_dtype) q/k/v and gate/up read the same
+    # [rows, hidden] bf16 activation in fp32: one shared slot
+    promoted = estimate_workspace(plan, sz.Target(bf16x3=False))
+    assert promoted["by_tag"]["upcast"] == rows * hidden * 4 and "split_parts" not in promoted["by_tag"]
     assert ws["by_tag"]["attn_lse_native"] == 16 * rows * 4  # flash path: LSE in [heads, tokens]
     assert "attn_bias" not in ws["by_tag"]  # the SDPA path's mask is not built on a GPU
     assert ws["cublas_workspace_bytes"] == 32 * 2**20  # torch's default on SM90

@@ -224,3 +224,19 @@ def test_flash_backward_allocates_what_the_chunking_formula_says():
     expected = 4 * flash_bwd_bytes_per_group(total, docs, nh // nkv, hd)
     assert all(torch.isfinite(r).all() for r in res)
     assert abs(measured / expected - 1) <= 0.10, (measured, expected)
+
+
+def test_split_gemms_on_the_device_are_fp32_accurate():
+    """The five LoRA GEMMs of fp32 adapters (tests/cuda_backend/test_split_gemm.py) on the GPU at the benchmark's
+    sizes: bf16x3 split GEMMs against fp64, within the promoted fp32 path's error; torch >= 2.8 has mm out_dtype
+    on CUDA, so the probe must have found it (else the backend silently keeps the slow promoted path)."""
+    from surogate.runtime.backends import cuda_split_gemm as csg
+    from tests.cuda_backend.test_split_gemm import device_check
+
+    dev = torch.device("cuda")
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    if (major, minor) >= (2, 8):
+        assert csg.native_out_dtype(dev), csg.PROBE
+    res = device_check(dev)
+    assert res["ok"], res
+    assert all(c["route"] != "promote" for c in res["cases"].values()), res

@@ -162,3 +162,21 @@ def test_scratch_and_temporaries_match_the_plan(model_dir, case, monkeypatch):
     # and not wildly above: the largest estimate within a small factor of the largest measured temporary
     micro = max(estimate[name] for name in observed if name in estimate)
     assert micro <= 4 * measured, (micro, measured)
+
+
+def test_split_gemm_scratch_matches_the_plan(model_dir, monkeypatch):
+    """fp32 adapters with the bf16x3 split GEMMs forced on (a GPU's route; the fp32-output GEMM emulated on CPU):
+    the backend holds exactly the split buffers the plan's GPU-style walk records, and no upcast slot. (The
+    emulation's fp32 copies are CPU-only temporaries: transients are not compared here.)"""
+    from surogate.runtime.backends import cuda_split_gemm as csg
+
+    monkeypatch.setattr(csg, "split_enabled", lambda device: True)
+    r = Runner(sim_cfg(model_dir, batch=1, seq=8, **CASES[0]), "cuda")
+    walk = _Walk(r.plan, Target(cuda=False, simulator=True, bf16x3=True))
+    walk.run()
+    tags = {s.tag for s in walk.scratch}
+    assert {"split_parts", "split_res", "split_prod"} <= tags and "upcast" not in tags
+    ids, labels = batch(1, 8, seed=3)
+    r.micro_step(ids, labels)
+    r.optimizer_step(0)
+    assert _held_specs(r) == walk.scratch
