@@ -110,12 +110,11 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
     ws = ce.CEWorkspace(logits=logits.view(-1), m=m_, s=s_, tgt=tg, rows_per_chunk=rows, vocab_tile=v)
     b.append(Bench("ce_logsumexp (1 chunk)", lambda: ce._stats(logits, labels, 0, True, ws, 0, rows),
                    [logits, labels], [m_, s_, tg]))
-    b.append(Bench("ce_fused_lse_dlogits (1 chunk, in place)", lambda: ce.launch(
-        ce._fused_kernel(bf), ce.grid_for(rows, 1), ce.threads(), logits, labels, 1e-4, -100, lse, m_),
-        [logits, labels], [logits, lse, m_]))
-    b.append(Bench("ce_dlogits (1 chunk, in place)", lambda: ce.launch(
-        ce._grad_kernel(bf), ce.grid_for(rows, 1), ce.threads(), logits, labels, lse, 0, 1e-4, -100),
-        [logits, labels, lse], [logits]))
+    b.append(Bench("ce_fused_lse_dlogits (1 chunk, in place)",
+                   lambda: ce.launch_fused(logits, labels, 1e-4, -100, lse, m_),
+                   [logits, labels], [logits, lse, m_]))
+    b.append(Bench("ce_dlogits (1 chunk, in place)", lambda: ce.launch_grad(logits, labels, lse, 0, 1e-4, -100),
+                   [logits, labels, lse], [logits]))
 
     n = sz.optimizer_numel
     p, grad, master = e(n), r(n), r(n, dtype=f32)

@@ -22,6 +22,7 @@ import torch
 
 from ._ce_kernels import _finalize_kernel, _fused_kernel, _grad_kernel, _stats_kernel
 from ._device import grid_for, launch, threads
+from ._vec import vec_width, word_view
 
 IGNORE_INDEX = -100
 
@@ -109,19 +110,46 @@ def _logits_tile(x, w, ws, r0, r1, v0, v1) -> torch.Tensor:
     return buf
 
 
+def logits_width(buf: torch.Tensor) -> int:
+    """Logits per word the kernels read `buf` [rows, tile] with: 4 or 2 for a bf16 tile whose width, row stride
+    and alignment allow it (`_vec.word_view`), else 1 (odd or unaligned bf16 tiles, float32)."""
+    return vec_width(buf)
+
+
+def _words(buf: torch.Tensor, width: int) -> torch.Tensor:
+    return buf if width == 1 else word_view(buf, width)
+
+
+def launch_stats(buf: torch.Tensor, labels: torch.Tensor, v0: int, first: bool, m: torch.Tensor, s: torch.Tensor,
+                 tgt: torch.Tensor) -> None:
+    """Merge the tile `buf` [rows, tile] (vocab columns v0..) into the running max `m` / sum `s` per row; the
+    label logit goes to `tgt` for rows whose label is in the tile. `first`: the rows' first tile (no merge)."""
+    width = logits_width(buf)
+    launch(_stats_kernel(buf.dtype, width=width), grid_for(buf.shape[0], 1), threads(), _words(buf, width),
+           labels, int(v0), bool(first), m, s, tgt)
+
+
+def launch_grad(buf: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, v0: int,
+                grad_scale: float | torch.Tensor, ignore_index: int) -> None:
+    """buf <- grad_scale * (softmax - onehot(label)) in place (zero rows where label == ignore_index).
+    grad_scale: a float, or an fp32 device tensor of one element (read by the kernel: no host sync)."""
+    width = logits_width(buf)
+    on_device = isinstance(grad_scale, torch.Tensor)
+    launch(_grad_kernel(buf.dtype, width=width, device_scale=on_device), grid_for(buf.shape[0], 1), threads(),
+           _words(buf, width), labels, lse, int(v0), grad_scale.reshape(1) if on_device else float(grad_scale),
+           int(ignore_index))
+
+
+def launch_fused(buf: torch.Tensor, labels: torch.Tensor, grad_scale: float, ignore_index: int, lse: torch.Tensor,
+                 loss_rows: torch.Tensor) -> None:
+    """Whole-vocabulary rows `buf`: lse, per-row loss and the in-place logits gradient in one launch."""
+    width = logits_width(buf)
+    launch(_fused_kernel(buf.dtype, width=width), grid_for(buf.shape[0], 1), threads(), _words(buf, width),
+           labels, float(grad_scale), int(ignore_index), lse, loss_rows)
+
+
 def _stats(buf, labels, v0, first, ws, r0, r1) -> None:
-    launch(
-        _stats_kernel(buf.dtype),
-        grid_for(r1 - r0, 1),
-        threads(),
-        buf,
-        labels[r0:r1],
-        int(v0),
-        bool(first),
-        ws.m[r0:r1],
-        ws.s[r0:r1],
-        ws.tgt[r0:r1],
-    )
+    launch_stats(buf, labels[r0:r1], v0, first, ws.m[r0:r1], ws.s[r0:r1], ws.tgt[r0:r1])
 
 
 def _finalize(labels, ws, lse, loss_rows, ignore_index, r0, r1) -> None:
@@ -140,17 +168,7 @@ def _finalize(labels, ws, lse, loss_rows, ignore_index, r0, r1) -> None:
 
 
 def _grads(x, w, buf, labels, lse, grad_scale, ignore_index, dx, dw, r0, r1, v0, v1) -> None:
-    launch(
-        _grad_kernel(buf.dtype),
-        grid_for(buf.shape[0], 1),
-        threads(),
-        buf,
-        labels[r0:r1],
-        lse[r0:r1],
-        int(v0),
-        float(grad_scale),
-        int(ignore_index),
-    )
+    launch_grad(buf, labels[r0:r1], lse[r0:r1], v0, float(grad_scale), ignore_index)
     _dlogits_gemms(x, w, buf, dx, dw, r0, r1, v0, v1)
 
 
@@ -247,16 +265,6 @@ def lmhead_ce_forward_backward(
         return out
     for r0, r1, v0, v1 in _tiles(rows, vocab, ws):
         buf = _logits_tile(x, w, ws, r0, r1, v0, v1)
-        launch(
-            _fused_kernel(buf.dtype),
-            grid_for(r1 - r0, 1),
-            threads(),
-            buf,
-            labels[r0:r1],
-            float(grad_scale),
-            int(ignore_index),
-            lse[r0:r1],
-            loss_rows[r0:r1],
-        )
+        launch_fused(buf, labels[r0:r1], grad_scale, ignore_index, lse[r0:r1], loss_rows[r0:r1])
         _dlogits_gemms(x, w, buf, dx, dw, r0, r1, v0, v1)
     return loss_rows.sum(), (labels != ignore_index).sum()

@@ -253,7 +253,6 @@ def lm_head_ce(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 
 
 def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
-    from surogate.numba_kernels import _device
     from surogate.numba_kernels import cross_entropy as ce
     from surogate.runtime.backends.cuda_gemm import gemm_into
 
@@ -273,8 +272,7 @@ def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     for r0, r1, v0, v1 in ce._tiles(rows, vocab, ws):
         buf = ce._logits_tile(x, w, ws, r0, r1, v0, v1)
         # gradient of the mean loss: 1/num_items read on the device by the kernel (no host sync, one rounding)
-        _device.launch(ce._grad_kernel(buf.dtype, True), _device.grid_for(buf.shape[0], 1), _device.threads(), buf,
-                       lab[r0:r1], lse[r0:r1], int(v0), inv.reshape(1), ignore)
+        ce.launch_grad(buf, lab[r0:r1], lse[r0:r1], v0, inv, ignore)
         if dx is not None:
             gemm_into(dx[r0:r1], buf, w[v0:v1], accumulate=accs[0] or v0 > 0)
         if 1 in views:

@@ -78,6 +78,16 @@ def main() -> int:
         KERNELS["rmsnorm_fwd"].cuda(x, w, x, torch.zeros(2), 1e-6)
         KERNELS["rmsnorm_bwd"].cuda(x, x, w, torch.zeros(2), x, w)
         KERNELS["rmsnorm_bwd"].cuda(x, x, w, None, x, w, eps=1e-6)  # rstd recomputed (the backend's call)
+    # CE tiles beyond the cases' (int64 words, float32): int32 words (width 6), scalar bf16 (odd width 7), and the
+    # gradient with its scale read on the device (the cuda backend's call)
+    from surogate.numba_kernels import cross_entropy as ce
+
+    lab, f = torch.zeros(3, dtype=torch.int64), torch.zeros(3)
+    for vt, dt in ((6, torch.bfloat16), (7, torch.bfloat16), (8, torch.bfloat16), (8, torch.float32)):
+        b = torch.zeros(3, vt, dtype=dt)
+        ce.launch_stats(b, lab, 0, True, f, f, f)
+        ce.launch_grad(b, lab, f, 0, torch.ones(1), -100)
+        ce.launch_fused(b, lab, 1.0, -100, f, f)
     # LoRA merge variants beyond the cases' (bf16 model, fp32 adapters): bf16 adapters, and a rank above R_MAX
     base, out = torch.zeros(3, 40, dtype=torch.bfloat16), torch.zeros(3, 40, dtype=torch.bfloat16)
     KERNELS["lora_merge"].cuda(base, torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(40, 4, dtype=torch.bfloat16),
