@@ -26,6 +26,7 @@ from . import (
     quant8,
     rmsnorm,
     rope,
+    split_bf16,
     swiglu,
 )
 
@@ -66,6 +67,8 @@ _CUDA = {
     "nf4_dequantize": nf4.nf4_dequantize,
     "lut_dequantize": lut_dequant.lut_dequantize,
     "lora_merge": lora_merge.lora_merge,
+    "split3_bf16": split_bf16.split3,
+    "sum3_f32": split_bf16.sum3,
     "fp8_amax": fp8.fp8_amax,
     "fp8_quantize": fp8.fp8_quantize,
     "fp8_dequantize": fp8.fp8_dequantize,
@@ -100,6 +103,8 @@ _CPU = {
     "nf4_dequantize": cpu.nf4_dequantize,
     "lut_dequantize": cpu.lut_dequantize,
     "lora_merge": lora_merge.lora_merge_ref,
+    "split3_bf16": split_bf16.split3_ref,
+    "sum3_f32": split_bf16.sum3_ref,
     "fp8_amax": cpu.fp8_amax,
     "fp8_quantize": cpu.fp8_quantize,
     "fp8_dequantize": cpu.fp8_dequantize,

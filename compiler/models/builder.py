@@ -130,7 +130,8 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     lm_loss = "lm_loss" if bld.stats else "loss"
     bld.op("lm_head", "lm_head_ce", [xn, head_w, labels, n_items], [lm_loss, "lm_head.lse", "lm_head.logits_ws"],
            None, {"chunks": 1, "ignore_index": -100},
-           dtypes=["fp32", "fp32", "fp32"], roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])
+           # the logits workspace holds the logits GEMM's output: the activation dtype (as HF's logits)
+           dtypes=["fp32", "fp32", bld.act_dtype], roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])
     if bld.stats:
         (router,) = bld.op("router_loss", "moe_router_loss", bld.stats, ["router_loss"], None,
                            {"num_experts": spec.num_experts, "rows": b * t, "aux_coef": aux_coef, "z_coef": z_coef},

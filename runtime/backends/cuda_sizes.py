@@ -266,12 +266,11 @@ def gemm_route(m: int, k: int, n: int, a_dtype: str, b_dtype: str, out_dtype: st
     if small <= SPLIT_MAX_DIM and max(3 * small * k, 3 * small * big) <= SPLIT_MAX_ELEMENTS:
         prod = (3 * m, n) if wide == "a" else (m, 3 * n)
         return GemmRoute("split_n", wide, (Spec("split_parts", (3 * small, k), "bf16"),
-                                           Spec("split_res", (small, k), "fp32"), Spec("split_prod", prod, "fp32")))
+                                           Spec("split_prod", prod, "fp32")))
     if k <= SPLIT_MAX_DIM and out_dtype == "bf16" and 3 * k * max(m, n) <= SPLIT_MAX_ELEMENTS:
         rows, cols = (k, m) if wide == "a" else (k, n)  # the fp32 operand, reduction dim first
         other = n if wide == "a" else m
         return GemmRoute("split_k", wide, (Spec("split_parts", (3 * rows, cols), "bf16"),
-                                           Spec("split_res", (rows, cols), "fp32"),
                                            Spec("split_rep", (3 * k, other) if wide == "a" else (other, 3 * k),
                                                 "bf16")))
     return GemmRoute("promote")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from surogate.numba_kernels import KERNELS as NK
 from surogate.runtime.backends import cuda_sizes as sz
 
 # device -> None when `mm(..., out_dtype=float32)` works there, else why not (inspectable after a run)
@@ -83,33 +84,18 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
         torch.mm(a, b, out=out)
 
 
-def split3(f: torch.Tensor, parts: torch.Tensor, res: torch.Tensor) -> None:
+def split3(f: torch.Tensor, parts: torch.Tensor) -> None:
     """parts[0], parts[1], parts[2] = lo, mid, hi (bf16, each [rows, cols]) with hi + mid + lo == f (fp32
-    [rows, cols], any strides) to ~2^-24 relative; `res` ([rows, cols] fp32) is scratch. Smallest part first so
-    that a slice sum in index order adds the small terms first. +-inf: hi = inf, mid = lo = 0 (the product
-    stays inf, not inf - inf); NaN: hi = NaN. (|f| above bf16's largest finite value rounds hi to inf; below
-    ~2^-100 mid / lo leave the normal range and the split is exact to ~2^-126 absolute only.)"""
-    lo, mid, hi = parts[0], parts[1], parts[2]
-    hi.copy_(f)
-    torch.sub(f, hi, out=res)  # exact in fp32
-    res.nan_to_num_(nan=0.0)  # inf - inf: the infinity is carried by hi alone
-    mid.copy_(res)
-    torch.sub(res, mid, out=lo)  # res - mid exact in fp32, rounded once into bf16
+    [rows, cols], any strides) to ~2^-24 relative, in one kernel (numba_kernels/split_bf16: non-finite values
+    stay in hi). Smallest part first so that a slice sum in index order adds the small terms first."""
+    NK["split3_bf16"].cuda(f, parts[0], parts[1], parts[2])
 
 
 def sum3(out: torch.Tensor, lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tensor, accumulate: bool,
          alpha: float) -> None:
-    """out (=|+=) alpha * (lo + mid + hi), the fp32 slices of a split product summed smallest first in fp32 and
-    rounded once into out's dtype. `lo` is overwritten."""
-    lo.add_(mid)
-    if accumulate:
-        lo.add_(hi)
-        out.add_(lo, alpha=alpha)
-    elif alpha != 1.0:
-        lo.add_(hi)
-        torch.mul(lo, alpha, out=out)
-    else:
-        torch.add(lo, hi, out=out)
+    """out (=|+=) alpha * ((lo + mid) + hi), the fp32 slices of a split product summed smallest first in fp32
+    and rounded once into out's dtype, in one kernel."""
+    NK["sum3_f32"].cuda(out, lo, mid, hi, accumulate, alpha)
 
 
 def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.GemmRoute, bufs: list[torch.Tensor],
@@ -125,31 +111,31 @@ def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.Ge
             if alpha != 1.0:
                 out.mul_(alpha)
         return
-    parts, res = bufs[0], bufs[1]
+    parts = bufs[0]
     if route.kind == "split_n":
         if route.wide == "b":  # b [k, n] fp32: parts of b^T [n, k] -> b' = [k, 3n]
             n = b.shape[1]
-            split3(b.t(), parts.view(3, n, -1), res)
-            prod = bufs[2]
+            split3(b.t(), parts.view(3, n, -1))
+            prod = bufs[1]
             mm_fp32(a, parts.t(), prod)  # [m, 3n]
             sum3(out, prod[:, :n], prod[:, n : 2 * n], prod[:, 2 * n :], accumulate, alpha)
         else:  # a [m, k] fp32: parts of a -> a' = [3m, k]
             m = a.shape[0]
-            split3(a, parts.view(3, m, -1), res)
-            prod = bufs[2]
+            split3(a, parts.view(3, m, -1))
+            prod = bufs[1]
             mm_fp32(parts, b, prod)  # [3m, n]
             sum3(out, prod[:m], prod[m : 2 * m], prod[2 * m :], accumulate, alpha)
         return
     if route.kind != "split_k":
         raise ValueError(f"split_gemm: route {route.kind!r} is not a split route")
-    rep = bufs[2]
+    rep = bufs[1]
     k = a.shape[1]
     if route.wide == "b":  # b [k, n] fp32 -> [3k, n] parts; a [m, k] bf16 -> [m, 3k] repeated
-        split3(b, parts.view(3, k, -1), res)
+        split3(b, parts.view(3, k, -1))
         rep.view(-1, 3, k).copy_(a.unsqueeze(1).expand(-1, 3, k))
         lhs, rhs = rep, parts
     else:  # a [m, k] fp32 -> parts of a^T [3k, m], used as [m, 3k]; b [k, n] bf16 -> [3k, n] repeated
-        split3(a.t(), parts.view(3, k, -1), res)
+        split3(a.t(), parts.view(3, k, -1))
         rep.view(3, k, -1).copy_(b.unsqueeze(0).expand(3, k, -1))
         lhs, rhs = parts.t(), rep
     if out.dtype == torch.bfloat16 and native_out_dtype(out.device):

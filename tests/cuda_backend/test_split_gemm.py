@@ -47,7 +47,7 @@ def split_on(request, monkeypatch):
 # -- the split ---------------------------------------------------------------------------------------------
 def _split(f: torch.Tensor) -> torch.Tensor:
     parts = torch.empty(3, *f.shape, dtype=BF)
-    csg.split3(f, parts, torch.empty(f.shape, dtype=F32))
+    csg.split3(f, parts)
     return parts
 
 

@@ -205,6 +205,22 @@ def lora_merge(dt):
     return (base, h, b, torch.empty_like(base), 2.0), {}, 1e-5 if dt == torch.float32 else 1e-2
 
 
+def split3_bf16(dt):
+    """dt unused (fp32 in, bf16 parts out); f a transposed view with an inf and a value past bf16's range (NaN:
+    tests/kernels/test_split_bf16.py)."""
+    f = _r(6, 5, scale=3.0).t()
+    f[0, 0], f[2, 2] = float("inf"), 3.4e38
+    parts = torch.empty(3, 5, 6, dtype=torch.bfloat16)
+    return (f, parts[0], parts[1], parts[2]), {}, 0
+
+
+def sum3_f32(dt):
+    """out in dt; the three fp32 slices are column blocks of one product (strided), accumulate with alpha."""
+    prod = _r(4, 21, seed=3)
+    return (_r(4, 7, dtype=dt, seed=4), prod[:, :7], prod[:, 7:14], prod[:, 14:]), \
+        {"accumulate": True, "alpha": 2.5}, 1e-6 if dt == torch.float32 else 1e-2
+
+
 def _cases() -> dict:
     from surogate.numba_kernels import KERNELS
 
@@ -216,7 +232,7 @@ CASES = _cases()
 
 # numba_kernels modules whose launchers call `launch` (replaced by `launch_every_case`)
 LAUNCHING_MODULES = ("rmsnorm", "swiglu", "rope", "dropout", "cross_entropy", "quant8", "nf4", "fp8", "adamw8bit",
-                     "normuon", "hadamard_cuda", "lut_dequant", "lora_merge")
+                     "normuon", "hadamard_cuda", "lut_dequant", "lora_merge", "split_bf16")
 
 
 def launch_every_case(fake_launch) -> None:
