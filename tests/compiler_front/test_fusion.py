@@ -22,6 +22,13 @@ def _graph(**over):
     return apply_recompute(emit_backward(graph, cfg), cfg), cfg
 
 
+def _add_reader(graph, tensor: str, after: str) -> None:
+    """A layer-0 forward `identity` op reading `tensor`, placed right after op `after` (a reader fusion must see)."""
+    t = graph.tensors[tensor]
+    graph.add_tensor(Tensor("spy", t.shape, t.dtype, Role.ACTIVATION, layer=0))
+    graph.add_op(Op("spy", "identity", [tensor], ["spy"], {}, "forward", 0), after=after)
+
+
 def test_passes_sit_between_recompute_and_chunking():
     i = PASS_NAMES.index("fuse_lora_merge")
     assert PASS_NAMES[i - 1 : i + 3] == ["recompute", "fuse_lora_merge", "fuse_add_rmsnorm", "chunking"]
@@ -64,9 +71,7 @@ def test_switch_off_and_no_lora_leave_the_graph_alone():
 
 def test_a_product_with_another_reader_is_not_fused():
     graph, cfg = _graph()
-    prod = graph.tensors["L0.q.lora_b"]
-    graph.add_tensor(Tensor("spy", prod.shape, prod.dtype, Role.ACTIVATION, layer=0))
-    graph.add_op(Op("spy", "identity", ["L0.q.lora_b"], ["spy"], {}, "forward", 0), after="L0.q.lora_add")
+    _add_reader(graph, "L0.q.lora_b", after="L0.q.lora_add")
     fusion.fuse_lora_merge(graph, cfg)
     assert graph.op("L0.q.lora_add").kind == "add" and "L0.q.lora_b" in graph.tensors
     assert graph.op("L0.k.lora_add").kind == "lora_merge"
@@ -100,9 +105,7 @@ def test_every_residual_add_read_next_by_a_norm_is_fused():
 
 def test_an_op_between_the_add_and_the_norm_blocks_the_fusion():
     graph, cfg = _graph()
-    s = graph.tensors["L0.mid"]
-    graph.add_tensor(Tensor("spy", s.shape, s.dtype, Role.ACTIVATION, layer=0))
-    graph.add_op(Op("spy", "identity", ["L0.mid"], ["spy"], {}, "forward", 0), after="L0.attn_res")
+    _add_reader(graph, "L0.mid", after="L0.attn_res")
     fusion.fuse_add_rmsnorm(graph, cfg)
     assert graph.op("L0.attn_res").kind == "add" and graph.op("L0.mlp_norm").kind == "rmsnorm"
     assert graph.op("L1.attn_norm").kind == "add_rmsnorm"
