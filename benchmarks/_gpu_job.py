@@ -83,6 +83,8 @@ class OurTrainer:
         self.step = 0
         self.world = 1  # Trainer.gradient_norm reads it, with the gradient list Trainer.__init__ makes
         self._norm_gradients = norm_gradient_names(self.plan, self.ex)
+        self.accumulation = int(cfg.gradient_accumulation_steps)  # Trainer._keep_micro_loss reads these two
+        self._micro_losses = None
 
     def gradient_norm(self) -> float:
         from surogate.runtime.trainer import Trainer
@@ -92,15 +94,17 @@ class OurTrainer:
     def train_step(self, micro_batches: list[dict]) -> float:
         from surogate.runtime.batches import plan_inputs
         from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, StepContext
+        from surogate.runtime.trainer import Trainer
 
         total = max(sum(int((b["labels"] != -100).sum()) for b in micro_batches), 1)
         self.ex.zero_gradients()
-        loss = 0.0
         for i, b in enumerate(micro_batches):
             for name, value in plan_inputs(self.plan, b, num_items=total).items():
                 self.ex.write(name, value)
             self.ex.run(MICRO_STEP, StepContext(self.plan, self.step * len(micro_batches) + i))
-            loss += float(self.ex.observed[self.loss_name])
+            # the loop's own device-side copy: one host read per step, as in training (no sync per micro-step)
+            Trainer._keep_micro_loss(self, i, len(micro_batches))  # type: ignore[arg-type]
+        loss = float(self._micro_losses[: len(micro_batches)].sum())
         self.grad_norm = self.gradient_norm()  # the training loop reads it every step (logging, non-finite skip)
         self.ex.run(OPTIMIZER_STEP, StepContext(self.plan, self.step, optimizer_step=self.step + 1))
         self.step += 1

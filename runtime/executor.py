@@ -154,8 +154,10 @@ class ArenaExecutor:
         return list(self._gradients)
 
     def zero_gradients(self) -> None:
-        for name in self._gradients:
-            self.views[name].zero_()
+        # one multi-tensor launch per (device, dtype) group, not one per gradient (392 at Qwen3-0.6B LoRA)
+        grads = [self.views[name] for name in self._gradients]
+        if grads:
+            torch._foreach_zero_(grads)
 
     # -- execution -----------------------------------------------------------------------------------
     def run(self, program: str, ctx: StepContext) -> None:

@@ -27,6 +27,7 @@ import torch
 from surogate.compiler.plan import Plan
 from surogate.errors import NotAvailableError, UserError
 from surogate.runtime.distributed import comm
+from surogate.runtime.distributed.worker import LAUNCHER_PID_ENV
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 RESULT_FILE = "result.pkl"
@@ -97,6 +98,8 @@ def check_devices(backend: str, per_node: int) -> None:
 def _worker_env(rank: int, local_rank: int, world: int, per_node: int, node_rank: int, addr: str, port: int,
                 backend: str) -> dict[str, str]:
     env = dict(os.environ)
+    # the worker asks for SIGTERM when this pid dies (worker.die_with_launcher): no rank outlives the launcher
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(per_node),
                GROUP_RANK=str(node_rank), SUROGATE_NODE_RANK=str(node_rank), MASTER_ADDR=addr, MASTER_PORT=str(port))
     if backend == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -125,7 +128,7 @@ def launch_local(cfg: Any, plan: Plan, backend: str, *, nodes: int = 1, node_ran
                 rank = node_rank * per_node + local
                 env = _worker_env(rank, local, world, per_node, node_rank, master_addr, port, backend)
                 procs[rank] = subprocess.Popen([sys.executable, "-m", "surogate.runtime.distributed.worker", str(work)],
-                                               env=env, preexec_fn=_die_with_parent)
+                                               env=env)
             _watch(procs, work)
         finally:
             _terminate(procs)
@@ -134,14 +137,6 @@ def launch_local(cfg: Any, plan: Plan, backend: str, *, nodes: int = 1, node_ran
             return None  # rank 0 runs on another node
         with open(result_file, "rb") as f:
             return pickle.load(f)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the launcher dies (even by SIGKILL), so no rank outlives it (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _watch(procs: dict[int, subprocess.Popen], work: Path) -> None:

@@ -16,8 +16,25 @@ from pathlib import Path
 
 from surogate.errors import UserError
 
+LAUNCHER_PID_ENV = "SUROGATE_LAUNCHER_PID"  # set by launch.launch_local
+
+
+def die_with_launcher() -> None:
+    """Get SIGTERM when the launcher dies (even by SIGKILL), so no rank outlives it (Linux). Set here, in the
+    worker, not in a Popen preexec_fn: code between fork and exec in a threaded launcher can deadlock."""
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV, "0"))
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # the launcher died before the request above took effect
+        os._exit(1)
+
 
 def main(argv: list[str]) -> int:
+    die_with_launcher()
     work = Path(argv[0])
     rank = int(os.environ["RANK"])
     try:

@@ -69,7 +69,7 @@ def _rank_of(pid: int) -> int | None:
 
 def test_killed_worker_stops_the_run_and_names_its_rank(root):
     proc = subprocess.Popen(surogate_cmd("sft", str(_yaml(root, "killed", max_steps=100000))), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     workers: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 120
@@ -82,8 +82,8 @@ def test_killed_worker_stops_the_run_and_names_its_rank(root):
         os.kill(workers[1], signal.SIGKILL)
         code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # never leave the launcher or a rank behind
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     stderr = proc.stderr.read()
     assert code not in (0, None)

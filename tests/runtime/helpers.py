@@ -180,10 +180,25 @@ def surogate_cmd(*args: str) -> list[str]:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300):
+    """`surogate ARGS` to completion (a CompletedProcess). In its own process group: on a timeout the whole group
+    is killed, so no rank or helper it started keeps the output pipes open and wedges the test run."""
+    import os
+    import signal
     import subprocess
 
-    return subprocess.run(surogate_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    with subprocess.Popen(surogate_cmd(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"surogate {' '.join(args)} did not finish in {timeout:.0f} s; "
+                                 f"stderr tail:\n{err[-3000:]}") from None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def write_yaml(path: Path, cfg: dict[str, Any]) -> Path:
