@@ -19,8 +19,8 @@
 #                        sides, full fine-tune; EXTRA= for none)
 #   3. kernels     70 s  benchmarks/kernel_bandwidth.py (achieved GB/s per kernel at 0.6B sizes), then
 #                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels)
-#   4. tests       60 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py (the same checks as asserts,
-#                        plus fp32 == cpu backend and the measured peak within 3% of the plan at 4 layers)
+#   4. tests       60 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py
+#                        (checks as asserts, plus fp32 == cpu backend and the measured peak within 3% of the plan at 4 layers)
 # STAGES_RUN="throughput kernels" runs only those stages (a rerun after the smoke stage passed once).
 # Files (8): gpu_checks.log (all of stdout), smoke.json, smoke.log, throughput.json, throughput.log, kernels.log,
 #        tests.log, summary.json.
@@ -86,7 +86,7 @@ PYEOF
 want throughput && stage throughput 200 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
   --extra "${EXTRA-0.6b-norecompute,0.6b-fp32,0.6b-full}" --budget-s 192
 want kernels && stage kernels 70 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py"
-want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py
+want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py
 $PY benchmarks/gpu_summary.py "$OUT" --stages "$STAGES" --seconds $(( $(date +%s) - T0 ))
 }
 

@@ -19,6 +19,7 @@ import torch
 
 from surogate.compiler.ir import Op, Role, Space, Tensor
 from surogate.compiler.plan import Plan
+from surogate.runtime.host_staging import PinnedStaging
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 
 Kernel = Callable[[list, dict, Any], list]
@@ -124,6 +125,7 @@ class ArenaExecutor:
             raise NotImplementedError(f"backend has no kernel for op kind(s): {', '.join(missing)}")
         self._gradients = [n for n, t in plan.tensors.items() if t.role is Role.GRADIENT and n in self.views]
         self._inputs = {n for n, t in plan.tensors.items() if t.role is Role.INPUT and n in self.views}
+        self.staging = PinnedStaging()
         self._written: set[str] = set()
 
     # -- state ---------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ class ArenaExecutor:
             value = pack_nibbles(value)
         if tuple(value.shape) != tuple(view.shape):
             raise ValueError(f"{name}: value shape {tuple(value.shape)} != planned {tuple(view.shape)}")
-        view.copy_(value)
+        self.staging.write(name, view, value)  # a host value into device memory: queued, no device sync
         self._written.add(name)
 
     def _kernel_view(self, name: str) -> torch.Tensor:

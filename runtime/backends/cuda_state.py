@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from surogate.runtime.backends import cuda_sizes as sz
+from surogate.runtime.host_staging import PinnedStaging
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 
 
@@ -112,6 +113,7 @@ class CudaState:
         self._upcast: dict[int, tuple[Any, set[str]]] = {}  # id(plan) -> (plan, names worth one conversion)
         self._upcast_owner: dict[tuple, tuple[str, int]] = {}  # slot -> (tensor name, run token) it holds
         self._step: torch.Tensor | None = None  # int64 [1]: ctx.step on the device (dropout masks)
+        self.staging = PinnedStaging()  # refresh_scalars' host -> device copies
 
     # -- outputs ---------------------------------------------------------------------------------------
     def _op_index(self, graph: Any) -> dict[int, Any]:
@@ -251,15 +253,16 @@ class CudaState:
 
     def refresh_scalars(self, ctx: Any) -> None:
         """Write every per-step scalar for `ctx` (before replaying a captured graph)."""
+        # staged host -> device copies: a pageable copy_ would make the host wait for the device before every replay
         if self._step is not None:
-            self._step.copy_(torch.tensor([int(ctx.step)], dtype=torch.int64))
+            self.staging.write("step", self._step, torch.tensor([int(ctx.step)], dtype=torch.int64))
         if self._packed is not None and len(self._scalars) and sum(
                 b.numel() for b, _ in self._scalars.values()) == self._packed.numel():
             host = [v for _, values in self._scalars.values() for v in values(ctx)]
-            self._packed.copy_(torch.tensor(host, dtype=torch.float32))
+            self.staging.write("scalars", self._packed, torch.tensor(host, dtype=torch.float32))
             return
-        for buf, values in self._scalars.values():
-            buf.copy_(torch.tensor(values(ctx), dtype=torch.float32))
+        for key, (buf, values) in self._scalars.items():
+            self.staging.write(f"scalar:{key}", buf, torch.tensor(values(ctx), dtype=torch.float32))
 
 
 class CudaKernels(dict):
