@@ -135,6 +135,12 @@ def at_size_cases() -> list[tuple[str, str, object]]:
         x = _r(t, heads, d, dtype=dt)
         return (x, torch.empty_like(x), pos, cos, sin), {}, 1e-6
 
+    def rms_rope(dt):  # the q/k norm with its rotation (head_dim 128 on the GPU: the one-pass epilogue)
+        pos = torch.arange(t, dtype=torch.int64) % 2048
+        cos, sin = rope_tables_ref(_inv_freq(d), 2048)
+        x, w = _r(t, heads, d, dtype=dt), (_r(d, seed=3).abs() + 0.5).to(dt)
+        return (x, w, torch.empty_like(x), torch.empty(t * heads), 1e-6, pos, cos, sin), {}, 1e-5
+
     def merge(dt):
         base = _r(t, 2 * h, dtype=dt)
         return (base, _r(t, r, seed=1), _r(2 * h, r, seed=2, scale=0.1), torch.empty_like(base), 2.0), {}, 1e-5
@@ -142,7 +148,8 @@ def at_size_cases() -> list[tuple[str, str, object]]:
     return [("rmsnorm_fwd@hidden", "rmsnorm_fwd", rms_fwd(t, h)), ("rmsnorm_bwd@hidden", "rmsnorm_bwd", rms_bwd(t, h)),
             ("rmsnorm_fwd@qk", "rmsnorm_fwd", rms_fwd(t * 16, d)), ("rmsnorm_bwd@qk", "rmsnorm_bwd", rms_bwd(t * 16, d)),
             ("swiglu_fwd", "swiglu_fwd", swiglu_fwd), ("swiglu_bwd", "swiglu_bwd", swiglu_bwd),
-            ("rope_fwd", "rope_fwd", rope), ("rope_bwd", "rope_bwd", rope), ("lora_merge", "lora_merge", merge)]
+            ("rope_fwd", "rope_fwd", rope), ("rope_bwd", "rope_bwd", rope), ("lora_merge", "lora_merge", merge),
+            ("rmsnorm_rope_fwd@qk", "rmsnorm_rope_fwd", rms_rope)]
 
 
 def kernels_at_size() -> dict:

@@ -95,6 +95,10 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
     b.append(Bench("rope_fwd (tables, in place)", lambda: K["rope_fwd"](qk, qk, pos, cos, sin),
                    [qk, pos, cos, sin], [qk]))
     b.append(Bench("rope_fused_fwd (in place)", lambda: K["rope_fused_fwd"](qk, qk, pos, inv), [qk, pos, inv], [qk]))
+    qk_w, qk_out, qk_rstd = r(sz.head_dim), e(t, heads, sz.head_dim), e(t * heads, dtype=f32)
+    b.append(Bench("rmsnorm_rope_fwd (q/k norm + rope)",
+                   lambda: K["rmsnorm_rope_fwd"](qk, qk_w, qk_out, qk_rstd, 1e-6, pos, cos, sin),
+                   [qk, qk_w, pos, cos, sin], [qk_out, qk_rstd]))
 
     lx, lo = r(t, h), e(t, h)
     b.append(Bench("lora_dropout", lambda: K["lora_dropout"](lx, lo, 0.05, 1234), [lx], [lo]))

@@ -46,6 +46,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("recompute", _lazy("surogate.compiler.passes.recompute", "apply_recompute")),
     ("fuse_lora_merge", _lazy("surogate.compiler.passes.fusion", "fuse_lora_merge")),
     ("fuse_add_rmsnorm", _lazy("surogate.compiler.passes.fusion", "fuse_add_rmsnorm")),
+    ("fuse_rmsnorm_rope", _lazy("surogate.compiler.passes.fusion", "fuse_rmsnorm_rope")),
     ("chunking", _lazy("surogate.compiler.passes.chunking", "apply_chunking")),
     ("offload", apply_offload),
     ("zero", apply_zero),

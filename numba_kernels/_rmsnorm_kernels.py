@@ -80,23 +80,38 @@ def _row_total(lay: Layout):
     return total
 
 
+def rope_fits(lay: Layout) -> bool:
+    """The rotation can be the forward's epilogue: the row (one head) is in registers and a thread's k-th
+    access and its (k + per/2)-th are the two halves' partners (element j and j + D/2), so no exchange."""
+    return lay.cached and lay.per % 2 == 0 and lay.per * lay.tpr == lay.units
+
+
 @functools.cache
-def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res: bool, lay: Layout):
+def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res: bool, lay: Layout,
+               rope: bool = False):
+    """`rope`: rows are heads (D = hidden) of `heads`-head tokens, and the normalised head (rounded to the
+    output dtype, as the unfused pair stores it) is rotated by the cos/sin table rows of its token's position
+    before the one store; needs `rope_fits(lay)`. Without it, pos/cos_t/sin_t/heads are unread."""
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
-    from numba import float32
+    from numba import float32, int32
+
+    if rope and not rope_fits(lay):
+        raise ValueError(f"rmsnorm + rope epilogue needs a cached row split in partner halves, got {lay}")
 
     h = helpers()
     lx, sx = converters(x_dt)
     lw, _ = converters(w_dt)
-    _, so = converters(o_dt)
+    ld_o, so = converters(o_dt)
     lo, hi, pack = h.bf16x2_lo, h.bf16x2_hi, h.bf16x2_pack
     total = _row_total(lay)
     H, PAIR, TPR, RPB, NU, PER, CACHED = lay.hidden, lay.pair, lay.tpr, lay.rpb, lay.units, lay.per, lay.cached
     WARPS, NBUF, SH = lay.threads // 32, lay.elems if lay.cached else 1, log2_block("tpr", lay.tpr)
 
+    HALF_K, HALF_U = lay.per // 2, lay.units // 2  # (rope) a first-half access's partner: k + HALF_K, u + HALF_U
+
     @jit_kernel
-    def kernel(x, res, w, out, sum_out, rstd, eps):
+    def kernel(x, res, w, out, sum_out, rstd, eps, pos, cos_t, sin_t, heads):
         buf = cuda.local.array(NBUF, float32)
         sm = cuda.shared.array(WARPS, float32)
         tid = cuda.threadIdx.x
@@ -138,6 +153,29 @@ def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res:
                 r = float32(1.0) / math.sqrt(float32(tot / float32(H)) + float32(eps))
                 if ut == 0:
                     rstd[row] = r
+                if rope:
+                    p = pos[int32(row) // int32(heads)]  # 32-bit division: 64-bit is emulated and slow
+                    for k in range(HALF_K):
+                        u = ut + k * TPR
+                        u2 = u + HALF_U
+                        k2 = k + HALF_K
+                        if PAIR:  # the norm's output words as the pair stores them, then the rotation's math
+                            j = 2 * u
+                            n1 = pack(lw(w[j]) * lx(sx(buf[2 * k] * r)), lw(w[j + 1]) * lx(sx(buf[2 * k + 1] * r)))
+                            n2 = pack(lw(w[2 * u2]) * lx(sx(buf[2 * k2] * r)),
+                                      lw(w[2 * u2 + 1]) * lx(sx(buf[2 * k2 + 1] * r)))
+                            x1a, x1b, x2a, x2b = lo(n1), hi(n1), lo(n2), hi(n2)
+                            ca, sa = cos_t[p, j], sin_t[p, j]
+                            cb, sb = cos_t[p, j + 1], sin_t[p, j + 1]
+                            out[row, u] = pack(x1a * ca - x2a * sa, x1b * cb - x2b * sb)
+                            out[row, u2] = pack(x2a * ca + x1a * sa, x2b * cb + x1b * sb)
+                        else:
+                            x1 = ld_o(so(lw(w[u]) * lx(sx(buf[k] * r))))
+                            x2 = ld_o(so(lw(w[u2]) * lx(sx(buf[k2] * r))))
+                            c, sn = cos_t[p, u], sin_t[p, u]
+                            out[row, u] = so(x1 * c - x2 * sn)
+                            out[row, u2] = so(x2 * c + x1 * sn)
+                    continue
                 for k in range(PER):
                     u = ut + k * TPR
                     if u < NU:

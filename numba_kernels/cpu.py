@@ -20,6 +20,11 @@ def rmsnorm_forward(x, weight, out, rstd, eps, residual=None, sum_out=None) -> N
         sum_out.copy_(s)
 
 
+def rmsnorm_rope_forward(x, weight, out, rstd, eps, position_ids, cos, sin) -> None:
+    out.copy_(rmsnorm.rmsnorm_rope_ref(x, weight, eps, position_ids, cos, sin))
+    rstd.copy_(rmsnorm.rstd_ref(x, eps).reshape(-1))
+
+
 def rmsnorm_backward(dy, s, weight, rstd, ds, dweight, dresidual=None, workspace=None, eps=None) -> None:
     if rstd is None:  # as the launcher: recomputed from s (the forward's definition)
         rstd = rmsnorm.rstd_ref(s, eps).reshape(-1)

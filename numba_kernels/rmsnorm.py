@@ -119,8 +119,43 @@ def rmsnorm_forward(
     pair = _pairs(hidden, x2, res2, sum2, out2)
     lay = K.layout(hidden, pair, row_threads(hidden))
     kernel = K.fwd_kernel(x.dtype, weight.dtype, out.dtype, has_res, lay)
+    # the rope arguments are unread: typed stand-ins viewing rstd (nothing allocated)
     launch(kernel, grid_for(rows, lay.rpb), lay.threads, _view(x2, pair), _view(res2, pair), weight,
-           _view(out2, pair), _view(sum2, pair), rstd, float(eps))
+           _view(out2, pair), _view(sum2, pair), rstd, float(eps), rstd.view(torch.int32), rstd.view(1, -1),
+           rstd.view(1, -1), 1)
+
+
+def rmsnorm_rope_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, position_ids: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope(rmsnorm(x) * weight) per head: x [T, H, D] normalised over D, then rotated by the position's table
+    row (rope_forward_ref), the normalised value rounded to x's dtype in between, as the pair stores it."""
+    from .rope import rope_forward_ref
+
+    normed = rmsnorm_forward_ref(x, weight, eps)[0]
+    return rope_forward_ref(normed, position_ids, cos, sin)
+
+
+def rmsnorm_rope_forward(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, rstd: torch.Tensor, eps: float,
+                         position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """out = rope(rmsnorm(x) * weight) for x, out [T, H, D] contiguous (a Qwen3 q/k norm and its rotation), in
+    one pass when the head fits the forward kernel's rope epilogue (`rope_fits`: bf16 D % 128 == 0, fp32
+    D % 64 == 0), else as the pair (the norm into out, then rope in place). Same bits either way on the
+    simulator; on a GPU up to the rotation's FMA contraction, as between the rope kernels themselves."""
+    n_tok, heads, d = x.shape
+    check_contiguous("x", x)
+    check_contiguous("out", out)
+    x2, out2 = x.reshape(-1, d), out.reshape(-1, d)
+    pair = _pairs(d, x2, out2)
+    lay = K.layout(d, pair, row_threads(d))
+    if not K.rope_fits(lay):
+        from .rope import rope_forward
+
+        rmsnorm_forward(x2, weight, out2, rstd, eps)
+        rope_forward(out, out, position_ids, cos, sin)
+        return
+    kernel = K.fwd_kernel(x.dtype, weight.dtype, out.dtype, False, lay, True)
+    launch(kernel, grid_for(x2.shape[0], lay.rpb), lay.threads, _view(x2, pair), _view(x2, pair), weight,
+           _view(out2, pair), _view(x2, pair), rstd, float(eps), position_ids, cos, sin, heads)
 
 
 def rmsnorm_bwd_workspace_shape(rows: int) -> tuple[int, int]:

@@ -110,6 +110,10 @@ register(OpDef("qlinear_quartet", ("x", "weight", "x_q", "x_scale", "x_gscale", 
 register(OpDef("lora_merge", ("base", "h", "b"), ("out",), ("scale",), _same(), None, (),
                doc="out = add(base, linear(h, b, scale)): a LoRA projection's merge without the [rows, out] "
                    "product tensor (pass fuse_lora_merge); the product is rounded to h/b's dtype, then to base's"))
+register(OpDef("rmsnorm_rope", ("x", "weight", "position_ids", "cos", "sin"), ("out",),
+               ("eps", "group", "head_dim", "inv_freq", "attention_scaling"), _same(), None, (),
+               doc="out = rope(rmsnorm(x, weight)) per head: a q/k norm with its rotation (pass fuse_rmsnorm_rope), "
+                   "the normalised value rounded to x's dtype in between, exactly the pair's"))
 register(OpDef("add_rmsnorm", ("a", "b", "weight"), ("out", "sum"), ("eps", "group"), lambda s, a: [s[0], s[0]], None,
                (), doc="sum = add(a, b); out = rmsnorm(sum, weight): the residual add fused into the norm that reads "
                        "it (pass fuse_add_rmsnorm); both outputs exactly the pair's"))

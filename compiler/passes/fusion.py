@@ -1,4 +1,4 @@
-"""Post-autodiff fusions: passes `fuse_lora_merge` and `fuse_add_rmsnorm`.
+"""Post-autodiff fusions: passes `fuse_lora_merge`, `fuse_add_rmsnorm` and `fuse_rmsnorm_rope`.
 
 `fuse_lora_merge`: merge each LoRA projection's up-projection and residual add into one op.
 
@@ -23,6 +23,13 @@ an add immediately followed in program order by the norm of its output (so no op
 or change the weight), with equal dtypes and shapes and no accumulation; the fused op keeps the norm's name,
 which its backward ops name as `fwd_op`. `s` stays a planned tensor (the backward and the next residual add
 read it); only the add op disappears.
+
+`fuse_rmsnorm_rope`: Qwen3's per-head q/k norm `n = rmsnorm(q, w, group=head_dim)` is read only by the rotation
+`r = rope(n, pos, cos, sin)` (the norm's backward reads q, rope's backward only the gradient), so n is written
+and read straight back. `rmsnorm_rope(q, w, pos, cos, sin) -> r` does both in one pass (the norm kernel's rope
+epilogue) and n is no longer planned. It fuses a table rope (not `use_fused_rope`) whose input has the norm as
+its only writer and itself as its only reader, in the same phase, over whole heads, one dtype throughout and no
+accumulation; the fused op takes the rope's place and name (`fused_norm` names the norm).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from surogate.compiler.ir import Graph, GraphError
 
 ENABLED = True  # module switch: False keeps the unfused linear + add pair
 ADD_RMSNORM_ENABLED = True  # module switch: False keeps the add + rmsnorm pairs
+RMSNORM_ROPE_ENABLED = True  # module switch: False keeps the q/k rmsnorm + rope pairs
 
 
 def fuse_lora_merge(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
@@ -107,3 +115,47 @@ def _fusable(graph: Graph, add: Any, norm: Any) -> bool:
         return False
     t = [graph.tensors[n] for n in (*add.inputs, add.outputs[0], norm.outputs[0])]
     return len({x.dtype for x in t}) == 1 and len({tuple(x.shape) for x in t}) == 1
+
+
+def fuse_rmsnorm_rope(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
+    """Rewrite every `r = rope(rmsnorm(q, w, group=head_dim), pos, cos, sin)` whose normalised tensor nothing
+    else reads into `rmsnorm_rope(q, w, pos, cos, sin) -> r`."""
+    on = RMSNORM_ROPE_ENABLED if enabled is None else enabled
+    fused = 0
+    if on:
+        for rope in [op for op in graph.ops() if op.kind == "rope" and len(op.inputs) == 4]:
+            norm = _rope_norm(graph, rope)
+            if norm is None:
+                continue
+            normed = rope.inputs[0]
+            rope.kind = "rmsnorm_rope"
+            rope.inputs[:] = [norm.inputs[0], norm.inputs[1], *rope.inputs[1:]]
+            rope.attrs = {**rope.attrs, "eps": norm.attrs["eps"], "group": norm.attrs["group"],
+                          "fused_norm": norm.name}
+            graph.remove_op(norm.name)
+            graph.remove_tensor(normed)
+            fused += 1
+        if fused:
+            graph.rewire()
+            graph.check()
+    graph.meta["rmsnorm_rope_fused"] = fused
+    return graph
+
+
+def _rope_norm(graph: Graph, rope: Any) -> Any | None:
+    """The per-head rmsnorm `rope` can absorb (see the module doc), or None."""
+    normed = rope.inputs[0]
+    writers = graph.producers(normed)
+    if len(writers) != 1 or graph.consumers(normed) != [rope.name]:
+        return None
+    norm = graph.op(writers[0])
+    if norm.kind != "rmsnorm" or norm.phase != rope.phase or norm.attrs.get("group") != rope.attrs.get("head_dim"):
+        return None
+    if norm.attrs.get("accumulate_into") or rope.attrs.get("accumulate_into"):
+        return None
+    x = norm.inputs[0]
+    at = graph.order.index
+    if any(at(w) > at(norm.name) for w in graph.producers(x)):  # x must not change before the rope reads it
+        return None
+    dtypes = {graph.tensors[n].dtype for n in (x, norm.inputs[1], normed, rope.outputs[0])}
+    return norm if len(dtypes) == 1 else None

@@ -127,6 +127,10 @@ class KindSizes:
         self.add(sz.rms_rstd(self._rows(op, self.t(op.inputs[0]))[0]))
         return 0
 
+    def k_rmsnorm_rope(self, op: Any, acc: list[bool]) -> int:
+        self.add(sz.rms_rstd(self._rows(op, self.t(op.inputs[0]))[0]))  # rows: heads (group = head_dim)
+        return 0
+
     def k_rmsnorm_bwd(self, op: Any, acc: list[bool]) -> int:
         self._rms_bwd(op.attrs.get("fwd_op"), self.t(op.inputs[1]), self.t(op.inputs[2]).dtype, op)
         self.rms_seen.add(op.attrs.get("fwd_op"))

@@ -3,8 +3,8 @@ tensors, which is how it is tested without one).
 
 - GEMMs: torch (cuBLAS) with `out=` the planned view (`cuda_gemm`);
 - attention: torch's fused attention ops, varlen flash where available (`cuda_attention`);
-- RMSNorm (also with the residual add fused: `add_rmsnorm`), RoPE, SwiGLU, dropout, fused LM-head CE, NF4
-  dequant: Numba-CUDA kernels (`cuda_numba`);
+- RMSNorm (also with the residual add fused: `add_rmsnorm`; a q/k norm with its rotation: `rmsnorm_rope`), RoPE,
+  SwiGLU, dropout, fused LM-head CE, NF4 dequant: Numba-CUDA kernels (`cuda_numba`);
 - the fused LoRA merge (`lora_merge`): a Numba-CUDA kernel (`cuda_lora`);
 - 8-bit AdamW, NorMuon, gradient norm / clipping, copies and collectives (`cuda_optim`);
 - MoE and FP8/FP4 matmul kinds: the reference math, run on the device (torch ops; see `_on_device`).

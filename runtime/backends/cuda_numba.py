@@ -70,6 +70,22 @@ def add_rmsnorm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     return [out, summed]
 
 
+def rmsnorm_rope(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """out = rope(RMSNorm(x) * w) per head in one launch (the norm kernel's rope epilogue, or the pair where the
+    head does not fit it: rmsnorm.rmsnorm_rope_forward)."""
+    x, w, pos, cos, sin = ins
+    bnd = st.bind(ins, attrs, ctx)
+    out = bnd.views[0]
+    if bnd.accumulate[0]:  # fuse_rmsnorm_rope never emits it: a plan from elsewhere
+        raise ValueError("rmsnorm_rope: an accumulating output is not supported (fuse_rmsnorm_rope never emits one)")
+    d = int(attrs["head_dim"])
+    b, t, width = x.shape
+    rstd = st.alloc(sz.rms_rstd(b * t * (width // d)), x.device)
+    _k("rmsnorm_rope_fwd")(x.reshape(b * t, width // d, d), w, out.view(b * t, width // d, d), rstd,
+                           float(attrs["eps"]), pos.reshape(-1), cos, sin)
+    return [out]
+
+
 def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, attrs: dict,
                   ds: torch.Tensor, dres: torch.Tensor | None) -> torch.Tensor:
     x2 = _groups(x, attrs)
@@ -324,6 +340,7 @@ def dequant(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 KERNELS = {
     "rmsnorm": rmsnorm,
     "add_rmsnorm": add_rmsnorm,
+    "rmsnorm_rope": rmsnorm_rope,
     "rmsnorm_bwd": rmsnorm_bwd,
     "rmsnorm_bwd_weight": rmsnorm_bwd_weight,
     "rope": rope,

@@ -124,6 +124,12 @@ def add_rmsnorm(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [rmsnorm([s, x[2]], a, ctx)[0], s]
 
 
+def rmsnorm_rope(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """rope(rmsnorm(x, w)) with the tables: by definition the two kernels it fuses, bit for bit."""
+    normed = rmsnorm([x[0], x[1]], a, ctx)[0]
+    return rope([normed, *x[2:]], a, ctx)
+
+
 def identity(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [x[0].clone()]
 
@@ -164,6 +170,7 @@ KERNELS = {
     "add": add,
     "lora_merge": lora_merge,
     "add_rmsnorm": add_rmsnorm,
+    "rmsnorm_rope": rmsnorm_rope,
     "identity": identity,
     "dropout": dropout,
     "lm_head_ce": lm_head_ce,

@@ -1,5 +1,6 @@
-"""Passes `fuse_lora_merge` (every LoRA up-projection + merge add becomes one `lora_merge`, forward and recompute)
-and `fuse_add_rmsnorm` (a residual add and the norm that reads it next become one `add_rmsnorm`)."""
+"""Passes `fuse_lora_merge` (every LoRA up-projection + merge add becomes one `lora_merge`, forward and recompute),
+`fuse_add_rmsnorm` (a residual add and the norm that reads it next become one `add_rmsnorm`) and
+`fuse_rmsnorm_rope` (a q/k norm and the rotation that reads it become one `rmsnorm_rope`)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _add_reader(graph, tensor: str, after: str) -> None:
 
 def test_passes_sit_between_recompute_and_chunking():
     i = PASS_NAMES.index("fuse_lora_merge")
-    assert PASS_NAMES[i - 1 : i + 3] == ["recompute", "fuse_lora_merge", "fuse_add_rmsnorm", "chunking"]
+    assert PASS_NAMES[i - 1 : i + 4] == ["recompute", "fuse_lora_merge", "fuse_add_rmsnorm", "fuse_rmsnorm_rope",
+                                         "chunking"]
 
 
 def test_every_merge_is_fused_and_the_product_tensor_is_gone():
@@ -119,3 +121,46 @@ def test_add_rmsnorm_switch_off_and_dtype_mismatch_leave_pairs():
     graph.update_tensor("L0.down", dtype="fp32")  # mixed dtypes: the kernel's residual add would round differently
     fusion.fuse_add_rmsnorm(graph, cfg)
     assert graph.op("L0.mlp_res").kind == "add" and graph.op("L1.attn_norm").kind == "rmsnorm"
+
+
+# ---------------------------------------------------------------- fuse_rmsnorm_rope
+
+
+def test_every_qk_norm_read_by_its_rotation_is_fused():
+    graph, cfg = _graph()
+    ropes = [op for op in graph.ops() if op.kind == "rope"]
+    assert len(ropes) == 2 * 2 * 28  # q and k, forward and recomputed
+    fusion.fuse_rmsnorm_rope(graph, cfg)
+    graph.check()
+    assert graph.meta["rmsnorm_rope_fused"] == len(ropes)
+    assert not any(op.kind == "rope" for op in graph.ops())
+    assert not any(op.kind == "rmsnorm" and op.attrs.get("group") for op in graph.ops())
+    op = graph.op("L0.q_rope")  # keeps the rope's name and place, takes the norm's input, weight and eps
+    assert op.kind == "rmsnorm_rope" and op.attrs["fused_norm"] == "L0.q_norm"
+    assert op.inputs[:2] == ["L0.q", "model.layers.0.self_attn.q_norm.weight"] and op.outputs == ["L0.q_rope"]
+    assert op.attrs["group"] == op.attrs["head_dim"] == 128 and op.attrs["eps"] > 0
+    assert "L0.q_norm" not in graph.tensors and "L0.q_norm@rc" not in graph.tensors  # no longer planned
+    assert graph.op("rc:L0.k_rope").kind == "rmsnorm_rope"
+    # the backward is unchanged: rope's backward, then the norm's backward reading the norm's input
+    assert any(o.kind == "rmsnorm_bwd" and o.attrs.get("fwd_op") == "L0.q_norm" and "L0.q@rc" in o.inputs
+               for o in graph.ops())
+
+
+def test_a_norm_with_another_reader_or_fused_rope_is_not_fused():
+    graph, cfg = _graph()
+    _add_reader(graph, "L0.q_norm", after="L0.q_norm")
+    fusion.fuse_rmsnorm_rope(graph, cfg)
+    assert graph.op("L0.q_rope").kind == "rope" and "L0.q_norm" in graph.tensors
+    assert graph.op("L0.k_rope").kind == "rmsnorm_rope"
+    graph, cfg = _graph(use_fused_rope=True)  # sin/cos computed on the fly: the epilogue reads tables only
+    kinds = [op.kind for op in graph.ops()]
+    assert [op.kind for op in fusion.fuse_rmsnorm_rope(graph, cfg).ops()] == kinds
+
+
+def test_rmsnorm_rope_switch_off_and_dtype_mismatch_leave_pairs():
+    graph, cfg = _graph()
+    kinds = [op.kind for op in graph.ops()]
+    assert [op.kind for op in fusion.fuse_rmsnorm_rope(graph, cfg, enabled=False).ops()] == kinds
+    graph.update_tensor("L0.q_norm", dtype="fp32")  # an fp32 normalised tensor: not the kernel's rounding
+    fusion.fuse_rmsnorm_rope(graph, cfg)
+    assert graph.op("L0.q_rope").kind == "rope" and graph.op("L0.k_rope").kind == "rmsnorm_rope"

@@ -32,6 +32,14 @@ def rmsnorm_fwd(dt):
     return (x, w, torch.empty_like(x), torch.empty(5), 1e-6), {"residual": res, "sum_out": torch.empty_like(x)}, 0
 
 
+def rmsnorm_rope_fwd(dt):
+    # head_dim 128: the one-pass path (rope epilogue) in bf16 and fp32
+    x, w = _r(3, 2, 128, dtype=dt), (torch.rand(128, generator=_g(5)) + 0.5).to(dt)
+    cos, sin = rope_tables_ref(_inv_freq(128), 4)
+    pos = torch.tensor([0, 3, 1], dtype=torch.int64)
+    return (x, w, torch.empty_like(x), torch.empty(6), 1e-6, pos, cos, sin), {}, 1e-5
+
+
 def rmsnorm_bwd(dt):
     # rstd None: the kernel recomputes it, as the cuda backend calls it (a given rstd: tests/kernels/test_rmsnorm)
     s, w, dy = _r(5, 24, dtype=dt), _r(24, dtype=dt, seed=2), _r(5, 24, dtype=dt, seed=3)
