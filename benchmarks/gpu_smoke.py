@@ -141,6 +141,11 @@ def at_size_cases() -> list[tuple[str, str, object]]:
         x, w = _r(t, heads, d, dtype=dt), (_r(d, seed=3).abs() + 0.5).to(dt)
         return (x, w, torch.empty_like(x), torch.empty(t * heads), 1e-6, pos, cos, sin), {}, 1e-5
 
+    def rms_rope_bwd(dt):  # its backward (rope's backward as the norm backward's prologue)
+        (x, w, _, _, eps, pos, cos, sin), _, _ = rms_rope(dt)
+        dout = _r(t, heads, d, dtype=dt, seed=4)
+        return (dout, x, w, torch.empty_like(x), torch.empty_like(w), None, eps, pos, cos, sin), {}, 1e-4
+
     def merge(dt):
         base = _r(t, 2 * h, dtype=dt)
         return (base, _r(t, r, seed=1), _r(2 * h, r, seed=2, scale=0.1), torch.empty_like(base), 2.0), {}, 1e-5
@@ -149,7 +154,7 @@ def at_size_cases() -> list[tuple[str, str, object]]:
             ("rmsnorm_fwd@qk", "rmsnorm_fwd", rms_fwd(t * 16, d)), ("rmsnorm_bwd@qk", "rmsnorm_bwd", rms_bwd(t * 16, d)),
             ("swiglu_fwd", "swiglu_fwd", swiglu_fwd), ("swiglu_bwd", "swiglu_bwd", swiglu_bwd),
             ("rope_fwd", "rope_fwd", rope), ("rope_bwd", "rope_bwd", rope), ("lora_merge", "lora_merge", merge),
-            ("rmsnorm_rope_fwd@qk", "rmsnorm_rope_fwd", rms_rope)]
+            ("rmsnorm_rope_fwd@qk", "rmsnorm_rope_fwd", rms_rope), ("rmsnorm_rope_bwd@qk", "rmsnorm_rope_bwd", rms_rope_bwd)]
 
 
 def kernels_at_size() -> dict:

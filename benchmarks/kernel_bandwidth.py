@@ -99,6 +99,12 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
     b.append(Bench("rmsnorm_rope_fwd (q/k norm + rope)",
                    lambda: K["rmsnorm_rope_fwd"](qk, qk_w, qk_out, qk_rstd, 1e-6, pos, cos, sin),
                    [qk, qk_w, pos, cos, sin], [qk_out, qk_rstd]))
+    qk_dw = e(sz.head_dim)
+    # qk_out as the rotated output's gradient, qk as the norm's input; dx written into a fresh buffer
+    qk_dx = e(t, heads, sz.head_dim)
+    b.append(Bench("rmsnorm_rope_bwd (q/k norm + rope backward)",
+                   lambda: K["rmsnorm_rope_bwd"](qk_out, qk, qk_w, qk_dx, qk_dw, None, 1e-6, pos, cos, sin),
+                   [qk_out, qk, qk_w, pos, cos, sin], [qk_dx, qk_dw]))
 
     lx, lo = r(t, h), e(t, h)
     b.append(Bench("lora_dropout", lambda: K["lora_dropout"](lx, lo, 0.05, 1234), [lx], [lo]))

@@ -50,6 +50,7 @@ class KernelPair:
 _CUDA = {
     "rmsnorm_fwd": rmsnorm.rmsnorm_forward,
     "rmsnorm_rope_fwd": rmsnorm.rmsnorm_rope_forward,
+    "rmsnorm_rope_bwd": rmsnorm.rmsnorm_rope_backward,
     "rmsnorm_bwd": rmsnorm.rmsnorm_backward,
     "swiglu_fwd": swiglu.swiglu_forward,
     "swiglu_bwd": swiglu.swiglu_backward,
@@ -87,6 +88,7 @@ _CUDA = {
 _CPU = {
     "rmsnorm_fwd": cpu.rmsnorm_forward,
     "rmsnorm_rope_fwd": cpu.rmsnorm_rope_forward,
+    "rmsnorm_rope_bwd": cpu.rmsnorm_rope_backward,
     "rmsnorm_bwd": cpu.rmsnorm_backward,
     "swiglu_fwd": cpu.swiglu_forward,
     "swiglu_bwd": cpu.swiglu_backward,

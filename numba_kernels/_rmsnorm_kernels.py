@@ -200,17 +200,21 @@ def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res:
 
 @functools.cache
 def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool, lay: Layout,
-               own_rstd: bool = False):
+               own_rstd: bool = False, rope: bool = False):
     """ds per row; each block writes its row `part[blockIdx]` of dweight partials (summed by `colsum_kernel`).
 
     `own_rstd`: rstd is not read but recomputed from s in the same pass (a second warp sum, free while s is in
-    registers; the forward's summation order, so the forward's value), so no caller recomputes it over s."""
+    registers; the forward's summation order, so the forward's value), so no caller recomputes it over s.
+    `rope` (needs `rope_fits(lay)` and own_rstd): dy is the gradient of the rotation's output; each head's dy is
+    first rotated back (rope's backward math, rounded to dy's dtype as the pair stores it) into registers."""
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
-    from numba import float32
+    from numba import float32, int32
 
+    if rope and not (rope_fits(lay) and own_rstd):
+        raise ValueError(f"rmsnorm backward with a rope prologue needs a cached row split in partner halves, got {lay}")
     h = helpers()
-    ldy, _ = converters(dy_dt)
+    ldy, sdy = converters(dy_dt)
     ls, ss = converters(s_dt)
     lw, _ = converters(w_dt)
     lo, hi, pack = h.bf16x2_lo, h.bf16x2_hi, h.bf16x2_pack
@@ -220,9 +224,10 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
     NBUF = E if CACHED else 1
     OWN = own_rstd
     NSM = RPB * H if RPB > 1 else 1  # the block's row groups' dweight sums (<= 32 KB: RPB > 1 only when cached)
+    HALF_K, HALF_U = lay.per // 2, lay.units // 2  # (rope) a first-half access's partner: k + HALF_K, u + HALF_U
 
     @jit_kernel
-    def kernel(dy, s, w, rstd, dres, ds, dw_part, eps):
+    def kernel(dy, s, w, rstd, dres, ds, dw_part, eps, pos, cos_t, sin_t, heads):
         sbuf = cuda.local.array(NBUF, float32)
         gbuf = cuda.local.array(NBUF, float32)
         dwa = cuda.local.array(E, float32)  # this thread's columns' dweight, over all its rows
@@ -243,12 +248,37 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
             if valid:
                 if not OWN:
                     r = rstd[row]
+                if rope:  # dy <- rope^T(dy) into gbuf: the inverse rotation (sin negated), as rope_bwd stores it
+                    pt = pos[int32(row) // int32(heads)]
+                    for k in range(HALF_K):
+                        u = ut + k * TPR
+                        u2 = u + HALF_U
+                        k2 = k + HALF_K
+                        if PAIR:
+                            j = 2 * u
+                            q1, q2 = dy[row, u], dy[row, u2]
+                            ca, sa_n = cos_t[pt, j], sin_t[pt, j] * float32(-1.0)
+                            cb, sb_n = cos_t[pt, j + 1], sin_t[pt, j + 1] * float32(-1.0)
+                            n1 = pack(lo(q1) * ca - lo(q2) * sa_n, hi(q1) * cb - hi(q2) * sb_n)
+                            n2 = pack(lo(q2) * ca + lo(q1) * sa_n, hi(q2) * cb + hi(q1) * sb_n)
+                            gbuf[2 * k], gbuf[2 * k + 1] = lo(n1), hi(n1)
+                            gbuf[2 * k2], gbuf[2 * k2 + 1] = lo(n2), hi(n2)
+                        else:
+                            x1, x2 = ldy(dy[row, u]), ldy(dy[row, u2])
+                            c, sn = cos_t[pt, u], sin_t[pt, u] * float32(-1.0)
+                            gbuf[k] = ldy(sdy(x1 * c - x2 * sn))
+                            gbuf[k2] = ldy(sdy(x2 * c + x1 * sn))
                 for k in range(PER):
                     u = ut + k * TPR
                     if u < NU:
                         if PAIR:
-                            p, q = s[row, u], dy[row, u]
-                            sa, sb, ga, gb = lo(p), hi(p), lo(q), hi(q)
+                            p = s[row, u]
+                            sa, sb = lo(p), hi(p)
+                            if rope:
+                                ga, gb = gbuf[2 * k], gbuf[2 * k + 1]
+                            else:
+                                q = dy[row, u]
+                                ga, gb = lo(q), hi(q)
                             if CACHED:
                                 sbuf[2 * k], sbuf[2 * k + 1] = sa, sb
                                 gbuf[2 * k], gbuf[2 * k + 1] = ga, gb
@@ -261,7 +291,8 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
                                 acc += ga * lw(w[2 * u]) * (sa * r)
                                 acc += gb * lw(w[2 * u + 1]) * (sb * r)
                         else:
-                            sv, g = ls(s[row, u]), ldy(dy[row, u])
+                            sv = ls(s[row, u])
+                            g = gbuf[k] if rope else ldy(dy[row, u])
                             if CACHED:
                                 sbuf[k], gbuf[k] = sv, g
                             if OWN:

@@ -25,6 +25,12 @@ def rmsnorm_rope_forward(x, weight, out, rstd, eps, position_ids, cos, sin) -> N
     rstd.copy_(rmsnorm.rstd_ref(x, eps).reshape(-1))
 
 
+def rmsnorm_rope_backward(dout, x, weight, dx, dweight, workspace, eps, position_ids, cos, sin) -> None:
+    d, dw = rmsnorm.rmsnorm_rope_backward_ref(dout, x, weight, eps, position_ids, cos, sin)
+    dx.copy_(d)
+    dweight.copy_(dw)
+
+
 def rmsnorm_backward(dy, s, weight, rstd, ds, dweight, dresidual=None, workspace=None, eps=None) -> None:
     if rstd is None:  # as the launcher: recomputed from s (the forward's definition)
         rstd = rmsnorm.rstd_ref(s, eps).reshape(-1)

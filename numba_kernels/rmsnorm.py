@@ -204,6 +204,48 @@ def rmsnorm_backward(
     own = rstd is None
     kernel = K.bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, lay, own)
     # without rstd, the kernel's (unread) rstd argument is a row of the workspace: same type, nothing allocated
+    # the rope arguments are unread: typed stand-ins viewing the workspace (nothing allocated)
     launch(kernel, blocks, lay.threads, _view(dy2, pair), _view(s2, pair), weight, part[0] if own else rstd,
-           _view(dres2, pair), _view(ds2, pair), part, float(eps if eps is not None else 0.0))
+           _view(dres2, pair), _view(ds2, pair), part, float(eps if eps is not None else 0.0),
+           part[0].view(torch.int32), part, part, 1)
+    colsum(part, dweight)
+
+
+def rmsnorm_rope_backward_ref(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                              position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of rmsnorm_rope_ref for x [T, H, D]: rope's backward (rounded to dout's dtype, as the pair
+    stores it), then the norm's."""
+    from .rope import rope_forward_ref
+
+    dnormed = rope_forward_ref(dout, position_ids, cos, sin, backward=True)
+    rstd = rstd_ref(x, eps).reshape(-1)
+    return rmsnorm_backward_ref(dnormed, x, weight, rstd)
+
+
+def rmsnorm_rope_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor,
+                          dweight: torch.Tensor, workspace: torch.Tensor | None, eps: float,
+                          position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """dx, dweight of rmsnorm_rope_forward from dout [T, H, D] (all contiguous, one dtype): rope's backward as the
+    norm backward kernel's prologue when the head fits (`rope_fits`), else the pair with dx as the rotated
+    gradient in between (the norm backward reads each element before it writes it, in the same thread)."""
+    n_tok, heads, d = x.shape
+    for name, t in (("dout", dout), ("x", x), ("dx", dx)):
+        check_contiguous(name, t)
+    x2, dy2, dx2 = x.reshape(-1, d), dout.reshape(-1, d), dx.reshape(-1, d)
+    pair = _pairs(d, x2, dy2, dx2)
+    lay = K.layout(d, pair, row_threads(d))
+    if not K.rope_fits(lay):
+        from .rope import rope_backward
+
+        rope_backward(dout, dx, position_ids, cos, sin)
+        rmsnorm_backward(dx, x, weight, None, dx, dweight, workspace=workspace, eps=eps)
+        return
+    blocks = rmsnorm_bwd_workspace_shape(x2.shape[0])[0]
+    if workspace is None:
+        workspace = torch.empty((blocks, d), dtype=torch.float32, device=x.device)
+    part = workspace[: min(blocks, workspace.shape[0])]
+    kernel = K.bwd_kernel(dout.dtype, x.dtype, weight.dtype, False, lay, True, True)
+    launch(kernel, part.shape[0], lay.threads, _view(dy2, pair), _view(x2, pair), weight, part[0],
+           _view(x2, pair), _view(dx2, pair), part, float(eps), position_ids, cos, sin, heads)
     colsum(part, dweight)

@@ -141,3 +141,7 @@ for kind, ins, outs in (
      ("dx?", "dweights?", "dgate_up?", "ddown?", "dequant_ws?")),
 ):
     register(OpDef(kind, ins, outs, ("wrt", "accumulate", "accumulate_into"), doc=f"backward of {kind[:-4]}"))
+register(OpDef("rmsnorm_rope_bwd", ("dout", "x", "weight", "position_ids", "cos", "sin"), ("dx",),
+               ("wrt", "accumulate", "accumulate_into", "eps", "group", "head_dim", "inv_freq", "attention_scaling"),
+               doc="rmsnorm_bwd(rope_bwd(dout), x, weight): a q/k norm's backward with the inverse rotation of its "
+                   "output gradient (pass fuse_rmsnorm_rope); the rotated gradient rounded as the pair stores it"))

@@ -29,7 +29,9 @@ read it); only the add op disappears.
 and read straight back. `rmsnorm_rope(q, w, pos, cos, sin) -> r` does both in one pass (the norm kernel's rope
 epilogue) and n is no longer planned. It fuses a table rope (not `use_fused_rope`) whose input has the norm as
 its only writer and itself as its only reader, in the same phase, over whole heads, one dtype throughout and no
-accumulation; the fused op takes the rope's place and name (`fused_norm` names the norm).
+accumulation; the fused op takes the rope's place and name (`fused_norm` names the norm). In the backward,
+`dn = rope_bwd(dr, ...)` read only by `dq = rmsnorm_bwd(dn, q, w)` (no weight gradient reading dn: LoRA's
+frozen norms) becomes `rmsnorm_rope_bwd(dr, q, w, pos, cos, sin) -> dq` in the norm backward's place and name.
 """
 
 from __future__ import annotations
@@ -135,11 +137,42 @@ def fuse_rmsnorm_rope(graph: Graph, cfg: Any, *, enabled: bool | None = None) ->
             graph.remove_op(norm.name)
             graph.remove_tensor(normed)
             fused += 1
+        for bwd in [op for op in graph.ops() if op.kind == "rmsnorm_bwd"]:
+            rope_bwd = _norm_rope_bwd(graph, bwd)
+            if rope_bwd is None:
+                continue
+            dnormed = bwd.inputs[0]
+            bwd.kind = "rmsnorm_rope_bwd"
+            bwd.inputs[:] = [rope_bwd.inputs[0], *bwd.inputs[1:], *rope_bwd.inputs[1:]]
+            bwd.attrs = {**rope_bwd.attrs, **bwd.attrs, "fused_rope_bwd": rope_bwd.name}
+            graph.remove_op(rope_bwd.name)
+            graph.remove_tensor(dnormed)
+            fused += 1
         if fused:
             graph.rewire()
             graph.check()
     graph.meta["rmsnorm_rope_fused"] = fused
     return graph
+
+
+def _norm_rope_bwd(graph: Graph, bwd: Any) -> Any | None:
+    """The table `rope_bwd` whose output only `bwd` (an rmsnorm_bwd over whole heads) reads, or None."""
+    dnormed = bwd.inputs[0]
+    writers = graph.producers(dnormed)
+    if len(writers) != 1 or graph.consumers(dnormed) != [bwd.name]:
+        return None
+    rb = graph.op(writers[0])
+    if rb.kind != "rope_bwd" or len(rb.inputs) != 4 or rb.phase != bwd.phase:
+        return None
+    if bwd.attrs.get("group") != rb.attrs.get("head_dim") or rb.attrs.get("accumulate_into"):
+        return None
+    if bwd.attrs.get("accumulate_into") or bwd.attrs.get("accumulate"):
+        return None
+    at = graph.order.index
+    if any(at(w) > at(rb.name) for w in graph.producers(rb.inputs[0])):  # dr must not change in between
+        return None
+    names = (rb.inputs[0], dnormed, *bwd.inputs[1:], *bwd.outputs)
+    return rb if len({graph.tensors[n].dtype for n in names}) == 1 else None
 
 
 def _rope_norm(graph: Graph, rope: Any) -> Any | None:

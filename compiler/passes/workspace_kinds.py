@@ -136,6 +136,8 @@ class KindSizes:
         self.rms_seen.add(op.attrs.get("fwd_op"))
         return 0
 
+    k_rmsnorm_rope_bwd = k_rmsnorm_bwd  # the same kernel (rope's backward is its prologue), inputs in the same places
+
     def k_rmsnorm_bwd_weight(self, op: Any, acc: list[bool]) -> int:
         x, dweight = self.t(op.inputs[1]), self.t(op.outputs[0])
         h = self._rows(op, x)[1]

@@ -109,6 +109,27 @@ def rmsnorm_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     return [dx]
 
 
+def rmsnorm_rope_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """dx of rmsnorm_rope: the norm backward kernel with rope's backward as its prologue (one launch + the dweight
+    column sum; rmsnorm.rmsnorm_rope_backward)."""
+    dout, x, w, pos, cos, sin = ins
+    bnd = st.bind(ins, attrs, ctx)
+    dx = bnd.views[0]
+    if bnd.accumulate[0]:  # fuse_rmsnorm_rope never emits it: a plan from elsewhere
+        raise ValueError("rmsnorm_rope_bwd: an accumulating output is not supported (fuse_rmsnorm_rope never "
+                         "emits one)")
+    d = int(attrs["head_dim"])
+    b, t, width = x.shape
+    rows = b * t * (width // d)
+    dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), d, dn(w.dtype)), x.device)
+    ws = st.alloc(sz.rms_ws(rows, d, rmsnorm_bwd_workspace_shape(rows)[0]), x.device)
+    shape = (b * t, width // d, d)
+    _k("rmsnorm_rope_bwd")(dout.reshape(shape), x.reshape(shape), w, dx.view(shape), dw, ws, float(attrs["eps"]),
+                           pos.reshape(-1), cos, sin)
+    ctx.__dict__.setdefault("_cuda_rms_dw", {})[attrs.get("fwd_op")] = dw  # as rmsnorm_bwd: reused if asked for
+    return [dx]
+
+
 def rmsnorm_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dy, x = ins
     bnd = st.bind(ins, attrs, ctx)
@@ -341,6 +362,7 @@ KERNELS = {
     "rmsnorm": rmsnorm,
     "add_rmsnorm": add_rmsnorm,
     "rmsnorm_rope": rmsnorm_rope,
+    "rmsnorm_rope_bwd": rmsnorm_rope_bwd,
     "rmsnorm_bwd": rmsnorm_bwd,
     "rmsnorm_bwd_weight": rmsnorm_bwd_weight,
     "rope": rope,

@@ -52,6 +52,14 @@ def rmsnorm_bwd_weight(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [prod.reshape(-1, prod.shape[-1]).sum(0)]
 
 
+def rmsnorm_rope_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """rmsnorm_bwd(rope_bwd(dout), x, w): by definition the two kernels it fuses (the rotated gradient in dout's
+    dtype, as the pair's planned tensor holds it)."""
+    dout, inp, w, *tables = x
+    dnormed = rope_bwd([dout, *tables], a, ctx)[0].to(dout.dtype)
+    return rmsnorm_bwd([dnormed, inp, w], a, ctx)
+
+
 def linear_bwd_data(x: Tensors, a: dict, ctx: Any) -> Tensors:
     dy, w = x
     dt = common(dy, w)
@@ -148,6 +156,7 @@ def lm_head_ce_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
 KERNELS = {
     "embedding_bwd": embedding_bwd,
     "rmsnorm_bwd": rmsnorm_bwd,
+    "rmsnorm_rope_bwd": rmsnorm_rope_bwd,
     "rmsnorm_bwd_weight": rmsnorm_bwd_weight,
     "linear_bwd_data": linear_bwd_data,
     "linear_bwd_weight": linear_bwd_weight,

@@ -18,7 +18,7 @@ QWEN = "Qwen/Qwen3-0.6B"
 
 
 def _graph(**over):
-    cfg = make_cfg(QWEN, lora=True, lora_rank=8, lora_alpha=16, sequence_len=8, recompute=True, **over)
+    cfg = make_cfg(QWEN, **{**dict(lora=True, lora_rank=8, lora_alpha=16, sequence_len=8, recompute=True), **over})
     graph = annotate_precision(inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg), cfg)
     return apply_recompute(emit_backward(graph, cfg), cfg), cfg
 
@@ -132,7 +132,6 @@ def test_every_qk_norm_read_by_its_rotation_is_fused():
     assert len(ropes) == 2 * 2 * 28  # q and k, forward and recomputed
     fusion.fuse_rmsnorm_rope(graph, cfg)
     graph.check()
-    assert graph.meta["rmsnorm_rope_fused"] == len(ropes)
     assert not any(op.kind == "rope" for op in graph.ops())
     assert not any(op.kind == "rmsnorm" and op.attrs.get("group") for op in graph.ops())
     op = graph.op("L0.q_rope")  # keeps the rope's name and place, takes the norm's input, weight and eps
@@ -141,9 +140,22 @@ def test_every_qk_norm_read_by_its_rotation_is_fused():
     assert op.attrs["group"] == op.attrs["head_dim"] == 128 and op.attrs["eps"] > 0
     assert "L0.q_norm" not in graph.tensors and "L0.q_norm@rc" not in graph.tensors  # no longer planned
     assert graph.op("rc:L0.k_rope").kind == "rmsnorm_rope"
-    # the backward is unchanged: rope's backward, then the norm's backward reading the norm's input
-    assert any(o.kind == "rmsnorm_bwd" and o.attrs.get("fwd_op") == "L0.q_norm" and "L0.q@rc" in o.inputs
-               for o in graph.ops())
+    # the backward: the norm's backward takes rope's backward as its prologue (frozen norms: no dweight reader)
+    assert not any(op.kind == "rope_bwd" for op in graph.ops())
+    bwd = graph.op("L0.q_norm.bwd.rmsnorm_bwd")
+    assert bwd.kind == "rmsnorm_rope_bwd" and bwd.attrs["fwd_op"] == "L0.q_norm"
+    assert bwd.inputs == ["d:L0.q_rope", "L0.q@rc", "model.layers.0.self_attn.q_norm.weight", "position_ids",
+                          "rope.cos", "rope.sin"] and bwd.outputs == ["d:L0.q"]
+    assert bwd.attrs["head_dim"] == bwd.attrs["group"] == 128 and "d:L0.q_norm" not in graph.tensors
+    assert graph.meta["rmsnorm_rope_fused"] == 2 * len(ropes) - 2 * 28  # forward + recompute + backward
+
+
+def test_a_trained_norm_weight_keeps_the_backward_pair():
+    graph, cfg = _graph(lora=False)  # full fine-tune: rmsnorm_bwd_weight also reads the rotated gradient
+    fusion.fuse_rmsnorm_rope(graph, cfg)
+    assert graph.op("L0.q_rope").kind == "rmsnorm_rope"
+    assert graph.op("L0.q_norm.bwd.rmsnorm_bwd").kind == "rmsnorm_bwd"
+    assert any(op.kind == "rope_bwd" for op in graph.ops())
 
 
 def test_a_norm_with_another_reader_or_fused_rope_is_not_fused():

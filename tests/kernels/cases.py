@@ -40,6 +40,12 @@ def rmsnorm_rope_fwd(dt):
     return (x, w, torch.empty_like(x), torch.empty(6), 1e-6, pos, cos, sin), {}, 1e-5
 
 
+def rmsnorm_rope_bwd(dt):
+    (x, w, _, _, eps, pos, cos, sin), _, _ = rmsnorm_rope_fwd(dt)
+    dout = _r(3, 2, 128, dtype=dt, seed=6)
+    return (dout, x, w, torch.empty_like(x), torch.empty_like(w), None, eps, pos, cos, sin), {}, 1e-4
+
+
 def rmsnorm_bwd(dt):
     # rstd None: the kernel recomputes it, as the cuda backend calls it (a given rstd: tests/kernels/test_rmsnorm)
     s, w, dy = _r(5, 24, dtype=dt), _r(24, dtype=dt, seed=2), _r(5, 24, dtype=dt, seed=3)

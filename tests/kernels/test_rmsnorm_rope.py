@@ -1,5 +1,6 @@
-"""The q/k norm with the rotation as its epilogue (rmsnorm.rmsnorm_rope_forward) against the pair of kernels it
-replaces (bit for bit) and the reference (rmsnorm_rope_ref)."""
+"""The q/k norm with the rotation as its epilogue (rmsnorm.rmsnorm_rope_forward) and its backward with the inverse
+rotation as the prologue (rmsnorm_rope_backward) against the pairs of kernels they replace (bit for bit) and the
+references."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import torch
 from surogate.numba_kernels import _rmsnorm_kernels as K
 from surogate.numba_kernels import rope as R
 from surogate.numba_kernels.rmsnorm import (
+    rmsnorm_backward,
     rmsnorm_forward,
+    rmsnorm_rope_backward,
+    rmsnorm_rope_backward_ref,
     rmsnorm_rope_forward,
     rmsnorm_rope_ref,
     row_threads,
 )
-from surogate.numba_kernels.rope import rope_forward, rope_tables_ref
+from surogate.numba_kernels.rope import rope_backward, rope_forward, rope_tables_ref
 
 from .helpers import close
 
@@ -36,12 +40,15 @@ def _pair(x, w, pos, cos, sin):
     return out, rstd
 
 
-@pytest.mark.parametrize("dtype,d,fused", [
+FITS = [
     (torch.bfloat16, 128, True),  # Qwen3's head: int32 pairs, partner halves in one thread
     (torch.float32, 64, True),  # one value per access
     (torch.bfloat16, 64, False),  # 32 pairs per row: halves in different lanes -> the pair of kernels
     (torch.float32, 24, False),
-])
+]
+
+
+@pytest.mark.parametrize("dtype,d,fused", FITS)
 def test_fused_equals_the_pair_of_kernels_bit_for_bit(dtype, d, fused, monkeypatch):
     x, w, pos, cos, sin = _case(5, 3, d, dtype)
     lay = K.layout(d, dtype == torch.bfloat16, row_threads(d))
@@ -60,3 +67,26 @@ def test_rope_epilogue_needs_partner_halves_in_one_thread():
     with pytest.raises(ValueError, match="partner halves"):
         K.fwd_kernel(torch.bfloat16, torch.bfloat16, torch.bfloat16, False, K.layout(64, True, 128), True)
 
+
+
+@pytest.mark.parametrize("dtype,d,fused", FITS)
+def test_backward_equals_the_pair_of_kernels_bit_for_bit(dtype, d, fused, monkeypatch):
+    x, w, pos, cos, sin = _case(5, 3, d, dtype)
+    dout = (torch.randn(5, 3, d, generator=torch.Generator().manual_seed(9))).to(dtype)
+    dn, want_dx, want_dw = torch.empty_like(x), torch.empty_like(x), torch.empty_like(w)
+    rope_backward(dout, dn, pos, cos, sin)
+    rmsnorm_backward(dn, x, w, None, want_dx, want_dw, eps=1e-6)
+    if fused:
+        monkeypatch.setattr(R, "rope_backward", lambda *a: pytest.fail("fell back to the pair"))
+    dx, dw = torch.empty_like(x), torch.empty_like(w)
+    rmsnorm_rope_backward(dout, x, w, dx, dw, None, 1e-6, pos, cos, sin)
+    assert torch.equal(dx, want_dx)
+    assert torch.equal(dw, want_dw)
+    ref_dx, ref_dw = rmsnorm_rope_backward_ref(dout, x, w, 1e-6, pos, cos, sin)
+    close(dx, ref_dx, dtype)
+    torch.testing.assert_close(dw.float(), ref_dw.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_rope_prologue_needs_partner_halves_and_its_own_rstd():
+    with pytest.raises(ValueError, match="partner halves"):
+        K.bwd_kernel(torch.float32, torch.float32, torch.float32, False, K.layout(128, False, 128), False, True)
