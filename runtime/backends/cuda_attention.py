@@ -119,10 +119,13 @@ def attention(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     scale = float(attrs["scale"])
     if use_flash(q):
         cu = _flash_cu(st, cu)
-        o, l_, _, _, _ = aten._flash_attention_forward(
-            q.view(b * t, nh, hd), k.view(b * t, nkv, hd), v.view(b * t, nkv, hd), cu, cu, t, t, 0.0,
-            bool(attrs.get("causal", True)), False, scale=scale)
-        out.view(b * t, nh, hd).copy_(o)
+        args = (q.view(b * t, nh, hd), k.view(b * t, nkv, hd), v.view(b * t, nkv, hd), cu, cu, t, t, 0.0,
+                bool(attrs.get("causal", True)), False)
+        if sz.flash_inplace():  # the output written straight into the plan's view (no temporary, no copy)
+            l_ = aten._flash_attention_forward_no_dropout_inplace(out.view(b * t, nh, hd), *args, scale=scale)
+        else:
+            o, l_, _, _, _ = aten._flash_attention_forward(*args, scale=scale)
+            out.view(b * t, nh, hd).copy_(o)
         lse.copy_(l_.view(nh, b, t).transpose(0, 1))  # varlen lse: [heads, total tokens]
         return [out, lse]
     rep = nh // nkv

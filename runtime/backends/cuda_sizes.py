@@ -322,7 +322,19 @@ def flash_bwd_chunks(total: int, seqs: int, nh: int, nkv: int, hd: int, budget: 
     return max(int(planned), -(-nkv // groups))
 
 
-def flash_fwd_bytes(total: int, nh: int, hd: int, itemsize: int) -> int:
-    """What `_flash_attention_forward` returns (and the kernel then copies into the plan's views): the output
-    [total, nh, hd] and the fp32 softmax LSE [nh, total] (flash_api.cpp mha_varlen_fwd), plus its rng state."""
-    return total * nh * hd * itemsize + nh * total * 4 + 16
+def flash_inplace() -> bool:
+    """This torch has the varlen flash forward that writes into a given output
+    (`aten._flash_attention_forward_no_dropout_inplace`): the attention kernel passes the plan's view and no
+    output temporary exists. `SUROGATE_FLASH_INPLACE=0` keeps the returning op (output copied into the view)."""
+    import torch
+
+    return (hasattr(torch.ops.aten, "_flash_attention_forward_no_dropout_inplace")
+            and os.environ.get("SUROGATE_FLASH_INPLACE", "1") != "0")
+
+
+def flash_fwd_bytes(total: int, nh: int, hd: int, itemsize: int, inplace: bool | None = None) -> int:
+    """What the varlen flash forward allocates (the kernel then copies it into the plan's views): the fp32 softmax
+    LSE [nh, total] (flash_api.cpp mha_varlen_fwd) and its rng state, plus the output [total, nh, hd] unless it is
+    written in place (`flash_inplace`, the default when None)."""
+    inplace = flash_inplace() if inplace is None else inplace
+    return (0 if inplace else total * nh * hd * itemsize) + nh * total * 4 + 16

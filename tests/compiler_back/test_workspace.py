@@ -64,6 +64,12 @@ def test_benchmark_job_figures(plan):
     chunks = sz.flash_bwd_chunks(rows, sz.MIN_DOC_SLOTS, 16, 8, 128, budget, int(bwd.attrs.get("chunks", 1)))
     groups = max(g1 - g0 for g0, g1 in sz.chunks(8, chunks))
     assert ws["transient_by_kind"]["attention_bwd"] == groups * sz.flash_bwd_bytes_per_group(rows, 16, 2, 128)
+    # flash forward: only the LSE and rng state when torch writes the output into the plan's view, else the output too
+    lse_rng = 16 * rows * 4 + 16
+    want = lse_rng + (0 if sz.flash_inplace() else rows * 16 * 128 * 2)
+    assert ws["transient_by_kind"]["attention"] == want
+    assert sz.flash_fwd_bytes(rows, 16, 128, 2, inplace=False) == lse_rng + rows * 16 * 128 * 2
+    assert sz.flash_fwd_bytes(rows, 16, 128, 2, inplace=True) == lse_rng
     # the largest temporary of the job, and the whole workspace: small against the arena, not negligible
     assert ws["transient_bytes"] == max(ws["transient_by_kind"].values())
     assert 0.01 < ws["bytes"] / plan.memory["device"]["peak_bytes"] < 0.1
@@ -142,3 +148,11 @@ def test_qlora_dequant_counts_the_unpacked_codes():
     # the executor unpacks 4-bit codes to one byte each for the kernel (2 bytes per code at once while it does)
     assert ws["transient_by_kind"]["dequant"] == 2 * biggest >= 2 * codes
     assert ws["not_sized"] == [] and "dequant" in {op.kind for op in plan.ops}
+
+
+def test_flash_inplace_follows_torch_and_the_switch(monkeypatch):
+    import torch
+
+    assert sz.flash_inplace() == hasattr(torch.ops.aten, "_flash_attention_forward_no_dropout_inplace")
+    monkeypatch.setenv("SUROGATE_FLASH_INPLACE", "0")
+    assert not sz.flash_inplace()

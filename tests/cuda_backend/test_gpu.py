@@ -240,3 +240,19 @@ def test_split_gemms_on_the_device_are_fp32_accurate():
     res = device_check(dev)
     assert res["ok"], res
     assert all(c["route"] != "promote" for c in res["cases"].values()), res
+
+
+def test_flash_forward_in_place_equals_the_returning_op():
+    from surogate.runtime.backends import cuda_sizes as sz
+
+    if not sz.flash_inplace():
+        pytest.skip("this torch has no in-place varlen flash forward (the backend copies the output)")
+    aten = torch.ops.aten
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(256, h, 128, device="cuda", generator=g).to(torch.bfloat16) for h in (8, 4, 4))
+    cu = torch.tensor([0, 100, 256, 256], dtype=torch.int32, device="cuda")  # two documents, one empty slot
+    args = (q, k, v, cu, cu, 256, 256, 0.0, True, False)
+    o, lse = aten._flash_attention_forward(*args, scale=0.1)[:2]
+    out = torch.full_like(q, float("nan"))
+    lse_in_place = aten._flash_attention_forward_no_dropout_inplace(out, *args, scale=0.1)
+    assert torch.equal(out, o) and torch.equal(lse_in_place, lse)
