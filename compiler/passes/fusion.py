@@ -102,10 +102,15 @@ def fuse_add_rmsnorm(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> 
                 norm.attrs = {**norm.attrs, "fused_add": add.name}
                 graph.remove_op(add.name)
                 fused += 1
-        if fused:
-            graph.rewire()
-            graph.check()
-    graph.meta["add_rmsnorm_fused"] = fused
+    return _finish(graph, "add_rmsnorm_fused", fused)
+
+
+def _finish(graph: Graph, key: str, fused: int) -> Graph:
+    """After a rewriting pass: edges rebuilt and the graph checked when anything was fused; the count in meta."""
+    if fused:
+        graph.rewire()
+        graph.check()
+    graph.meta[key] = fused
     return graph
 
 
@@ -148,47 +153,53 @@ def fuse_rmsnorm_rope(graph: Graph, cfg: Any, *, enabled: bool | None = None) ->
             graph.remove_op(rope_bwd.name)
             graph.remove_tensor(dnormed)
             fused += 1
-        if fused:
-            graph.rewire()
-            graph.check()
-    graph.meta["rmsnorm_rope_fused"] = fused
-    return graph
+    return _finish(graph, "rmsnorm_rope_fused", fused)
 
 
 def _norm_rope_bwd(graph: Graph, bwd: Any) -> Any | None:
     """The table `rope_bwd` whose output only `bwd` (an rmsnorm_bwd over whole heads) reads, or None."""
     dnormed = bwd.inputs[0]
-    writers = graph.producers(dnormed)
-    if len(writers) != 1 or graph.consumers(dnormed) != [bwd.name]:
-        return None
-    rb = graph.op(writers[0])
-    if rb.kind != "rope_bwd" or len(rb.inputs) != 4 or rb.phase != bwd.phase:
+    rb = _sole_writer(graph, dnormed, bwd.name)
+    if rb is None or rb.kind != "rope_bwd" or len(rb.inputs) != 4 or rb.phase != bwd.phase:
         return None
     if bwd.attrs.get("group") != rb.attrs.get("head_dim") or rb.attrs.get("accumulate_into"):
         return None
     if bwd.attrs.get("accumulate_into") or bwd.attrs.get("accumulate"):
         return None
-    at = graph.order.index
-    if any(at(w) > at(rb.name) for w in graph.producers(rb.inputs[0])):  # dr must not change in between
+    if not _unchanged_after(graph, rb.inputs[0], rb.name):  # dr must not change before the norm backward
         return None
-    names = (rb.inputs[0], dnormed, *bwd.inputs[1:], *bwd.outputs)
-    return rb if len({graph.tensors[n].dtype for n in names}) == 1 else None
+    return rb if _one_dtype(graph, (rb.inputs[0], dnormed, *bwd.inputs[1:], *bwd.outputs)) else None
 
 
 def _rope_norm(graph: Graph, rope: Any) -> Any | None:
     """The per-head rmsnorm `rope` can absorb (see the module doc), or None."""
     normed = rope.inputs[0]
-    writers = graph.producers(normed)
-    if len(writers) != 1 or graph.consumers(normed) != [rope.name]:
+    norm = _sole_writer(graph, normed, rope.name)
+    if norm is None or norm.kind != "rmsnorm" or norm.phase != rope.phase:
         return None
-    norm = graph.op(writers[0])
-    if norm.kind != "rmsnorm" or norm.phase != rope.phase or norm.attrs.get("group") != rope.attrs.get("head_dim"):
+    if norm.attrs.get("group") != rope.attrs.get("head_dim"):
         return None
     if norm.attrs.get("accumulate_into") or rope.attrs.get("accumulate_into"):
         return None
     x = norm.inputs[0]
-    at = graph.order.index
-    if any(at(w) > at(norm.name) for w in graph.producers(x)):  # x must not change before the rope reads it
+    if not _unchanged_after(graph, x, norm.name):  # x must not change before the rope reads it
         return None
-    dtypes = {graph.tensors[n].dtype for n in (x, norm.inputs[1], normed, rope.outputs[0])}
-    return norm if len(dtypes) == 1 else None
+    return norm if _one_dtype(graph, (x, norm.inputs[1], normed, rope.outputs[0])) else None
+
+
+def _sole_writer(graph: Graph, tensor: str, reader: str) -> Any | None:
+    """The one op writing `tensor` when op `reader` is its only reader, else None."""
+    writers = graph.producers(tensor)
+    if len(writers) != 1 or graph.consumers(tensor) != [reader]:
+        return None
+    return graph.op(writers[0])
+
+
+def _unchanged_after(graph: Graph, tensor: str, op_name: str) -> bool:
+    """No op after `op_name` in program order writes `tensor`."""
+    at = graph.order.index
+    return all(at(w) <= at(op_name) for w in graph.producers(tensor))
+
+
+def _one_dtype(graph: Graph, names: Any) -> bool:
+    return len({graph.tensors[n].dtype for n in names}) == 1
