@@ -200,13 +200,14 @@ def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res:
 
 @functools.cache
 def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dres: bool, lay: Layout,
-               own_rstd: bool = False, rope: bool = False):
+               own_rstd: bool = False, rope: bool = False, with_dw: bool = True):
     """ds per row; each block writes its row `part[blockIdx]` of dweight partials (summed by `colsum_kernel`).
 
     `own_rstd`: rstd is not read but recomputed from s in the same pass (a second warp sum, free while s is in
     registers; the forward's summation order, so the forward's value), so no caller recomputes it over s.
     `rope` (needs `rope_fits(lay)` and own_rstd): dy is the gradient of the rotation's output; each head's dy is
-    first rotated back (rope's backward math, rounded to dy's dtype as the pair stores it) into registers."""
+    first rotated back (rope's backward math, rounded to dy's dtype as the pair stores it) into registers.
+    `with_dw` False: no dweight (a frozen weight): no partial sums, nothing written to dw_part."""
     global cuda  # a module global: the simulator swaps `cuda` in kernels' globals at launch
     cuda = get_cuda()
     from numba import float32, int32
@@ -324,8 +325,9 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
                                 va += lo(q)
                                 vb += hi(q)
                             ds[row, u] = pack(va, vb)
-                            dwa[2 * k] += ga * xa
-                            dwa[2 * k + 1] += gb * xb
+                            if with_dw:
+                                dwa[2 * k] += ga * xa
+                                dwa[2 * k + 1] += gb * xb
                         else:
                             if CACHED:
                                 sv, g = sbuf[k], gbuf[k]
@@ -336,7 +338,10 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
                             if has_dres:
                                 v += ls(dres[row, u])
                             ds[row, u] = ss(v)
-                            dwa[k] += g * xhat
+                            if with_dw:
+                                dwa[k] += g * xhat
+        if not with_dw:
+            return
         # one partial row per block: the row groups' sums added in a fixed order (deterministic)
         for k in range(PER):
             u = ut + k * TPR

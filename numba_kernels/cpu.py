@@ -28,7 +28,8 @@ def rmsnorm_rope_forward(x, weight, out, rstd, eps, position_ids, cos, sin) -> N
 def rmsnorm_rope_backward(dout, x, weight, dx, dweight, workspace, eps, position_ids, cos, sin) -> None:
     d, dw = rmsnorm.rmsnorm_rope_backward_ref(dout, x, weight, eps, position_ids, cos, sin)
     dx.copy_(d)
-    dweight.copy_(dw)
+    if dweight is not None:
+        dweight.copy_(dw)
 
 
 def rmsnorm_backward(dy, s, weight, rstd, ds, dweight, dresidual=None, workspace=None, eps=None) -> None:
@@ -36,7 +37,8 @@ def rmsnorm_backward(dy, s, weight, rstd, ds, dweight, dresidual=None, workspace
         rstd = rmsnorm.rstd_ref(s, eps).reshape(-1)
     d, dw = rmsnorm.rmsnorm_backward_ref(dy, s, weight, rstd, dresidual)
     ds.copy_(d)
-    dweight.copy_(dw)
+    if dweight is not None:
+        dweight.copy_(dw)
 
 
 def swiglu_forward(gate, up, out) -> None:

@@ -169,7 +169,7 @@ def rmsnorm_backward(
     weight: torch.Tensor,
     rstd: torch.Tensor | None,
     ds: torch.Tensor,
-    dweight: torch.Tensor,
+    dweight: torch.Tensor | None,
     dresidual: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     eps: float | None = None,
@@ -179,7 +179,7 @@ def rmsnorm_backward(
     `rstd` None: the kernel recomputes it from s with `eps` in the same pass (a plan that keeps no rstd
     tensor needs no extra pass over s). `workspace` is fp32 [blocks, hidden] (see
     `rmsnorm_bwd_workspace_shape`); allocated here if omitted, which a static plan should avoid. A workspace
-    with fewer rows runs fewer blocks.
+    with fewer rows runs fewer blocks. `dweight` None (a frozen weight): no partials written, no column sum.
     """
     if rstd is None and eps is None:
         raise ValueError("rmsnorm_backward without rstd needs eps")
@@ -202,13 +202,14 @@ def rmsnorm_backward(
     pair = _pairs(hidden, dy2, s2, ds2, dres2)
     lay = K.layout(hidden, pair, row_threads(hidden))
     own = rstd is None
-    kernel = K.bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, lay, own)
+    kernel = K.bwd_kernel(dy.dtype, s.dtype, weight.dtype, has_dres, lay, own, False, dweight is not None)
     # without rstd, the kernel's (unread) rstd argument is a row of the workspace: same type, nothing allocated
     # the rope arguments are unread: typed stand-ins viewing the workspace (nothing allocated)
     launch(kernel, blocks, lay.threads, _view(dy2, pair), _view(s2, pair), weight, part[0] if own else rstd,
            _view(dres2, pair), _view(ds2, pair), part, float(eps if eps is not None else 0.0),
            part[0].view(torch.int32), part, part, 1)
-    colsum(part, dweight)
+    if dweight is not None:
+        colsum(part, dweight)
 
 
 def rmsnorm_rope_backward_ref(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -224,11 +225,12 @@ def rmsnorm_rope_backward_ref(dout: torch.Tensor, x: torch.Tensor, weight: torch
 
 
 def rmsnorm_rope_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor,
-                          dweight: torch.Tensor, workspace: torch.Tensor | None, eps: float,
+                          dweight: torch.Tensor | None, workspace: torch.Tensor | None, eps: float,
                           position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """dx, dweight of rmsnorm_rope_forward from dout [T, H, D] (all contiguous, one dtype): rope's backward as the
     norm backward kernel's prologue when the head fits (`rope_fits`), else the pair with dx as the rotated
-    gradient in between (the norm backward reads each element before it writes it, in the same thread)."""
+    gradient in between (the norm backward reads each element before it writes it, in the same thread).
+    `dweight` None: a frozen weight, no dweight work (as rmsnorm_backward)."""
     n_tok, heads, d = x.shape
     for name, t in (("dout", dout), ("x", x), ("dx", dx)):
         check_contiguous(name, t)
@@ -245,7 +247,8 @@ def rmsnorm_rope_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     if workspace is None:
         workspace = torch.empty((blocks, d), dtype=torch.float32, device=x.device)
     part = workspace[: min(blocks, workspace.shape[0])]
-    kernel = K.bwd_kernel(dout.dtype, x.dtype, weight.dtype, False, lay, True, True)
+    kernel = K.bwd_kernel(dout.dtype, x.dtype, weight.dtype, False, lay, True, True, dweight is not None)
     launch(kernel, part.shape[0], lay.threads, _view(dy2, pair), _view(x2, pair), weight, part[0],
            _view(x2, pair), _view(dx2, pair), part, float(eps), position_ids, cos, sin, heads)
-    colsum(part, dweight)
+    if dweight is not None:
+        colsum(part, dweight)

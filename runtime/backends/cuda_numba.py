@@ -87,15 +87,22 @@ def rmsnorm_rope(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 
 
 def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, attrs: dict,
-                  ds: torch.Tensor, dres: torch.Tensor | None) -> torch.Tensor:
+                  ds: torch.Tensor, dres: torch.Tensor | None, want_dw: bool = True) -> torch.Tensor:
     x2 = _groups(x, attrs)
     rows, h = x2.shape
     dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), h, dn(w.dtype)), x.device)
     ws = st.alloc(sz.rms_ws(rows, h, rmsnorm_bwd_workspace_shape(rows)[0]), x.device)  # one row per block
     # rstd=None: the kernel recomputes it from x in its own pass (the plan keeps no rstd tensor)
-    _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, None, ds.reshape(rows, h), dw,
+    _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, None, ds.reshape(rows, h), dw if want_dw else None,
                       dres.reshape(rows, h) if dres is not None else None, ws, float(attrs["eps"]))
     return dw
+
+
+def _wants_dw(st: CudaState, attrs: dict, ctx: Any) -> bool:
+    """Whether this norm backward's dweight is read (an rmsnorm_bwd_weight op of the plan reuses it); a plan we
+    cannot see gets it."""
+    graph = getattr(ctx, "graph", None)
+    return graph is None or attrs.get("fwd_op") in st.norm_weight_grads(graph)
 
 
 def rmsnorm_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
@@ -103,7 +110,7 @@ def rmsnorm_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bnd = st.bind(ins, attrs, ctx)
     dx = bnd.views[0]
     # accumulate: dx = grad + dx (the kernel's `dresidual` input reads the old value element by element)
-    dw = _rms_backward(st, dy, x, w, attrs, dx, dx if bnd.accumulate[0] else None)
+    dw = _rms_backward(st, dy, x, w, attrs, dx, dx if bnd.accumulate[0] else None, _wants_dw(st, attrs, ctx))
     # the same launch summed dweight: the matching rmsnorm_bwd_weight op of this run reuses it
     ctx.__dict__.setdefault("_cuda_rms_dw", {})[attrs.get("fwd_op")] = dw
     return [dx]
@@ -124,8 +131,8 @@ def rmsnorm_rope_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), d, dn(w.dtype)), x.device)
     ws = st.alloc(sz.rms_ws(rows, d, rmsnorm_bwd_workspace_shape(rows)[0]), x.device)
     shape = (b * t, width // d, d)
-    _k("rmsnorm_rope_bwd")(dout.reshape(shape), x.reshape(shape), w, dx.view(shape), dw, ws, float(attrs["eps"]),
-                           pos.reshape(-1), cos, sin)
+    _k("rmsnorm_rope_bwd")(dout.reshape(shape), x.reshape(shape), w, dx.view(shape),
+                           dw if _wants_dw(st, attrs, ctx) else None, ws, float(attrs["eps"]), pos.reshape(-1), cos, sin)
     ctx.__dict__.setdefault("_cuda_rms_dw", {})[attrs.get("fwd_op")] = dw  # as rmsnorm_bwd: reused if asked for
     return [dx]
 

@@ -114,6 +114,16 @@ class CudaState:
         self._upcast_owner: dict[tuple, tuple[str, int]] = {}  # slot -> (tensor name, run token) it holds
         self._step: torch.Tensor | None = None  # int64 [1]: ctx.step on the device (dropout masks)
         self.staging = PinnedStaging()  # refresh_scalars' host -> device copies
+        self._norm_weight_grads: dict[int, tuple[Any, frozenset]] = {}  # id(plan) -> (plan, fwd_op names)
+
+    def norm_weight_grads(self, graph: Any) -> frozenset:
+        """The RMSNorms (their forward op names) whose weight gets a gradient in this plan: those with an
+        `rmsnorm_bwd_weight` op. The others' backward kernels skip the dweight sums (LoRA's frozen norms)."""
+        entry = self._norm_weight_grads.get(id(graph))
+        if entry is None or entry[0] is not graph:
+            names = frozenset(op.attrs.get("fwd_op") for op in _plan_ops(graph) if op.kind == "rmsnorm_bwd_weight")
+            entry = self._norm_weight_grads[id(graph)] = (graph, names)
+        return entry[1]
 
     # -- outputs ---------------------------------------------------------------------------------------
     def _op_index(self, graph: Any) -> dict[int, Any]:

@@ -97,3 +97,12 @@ def run_ours(graph: Graph, model_dir: Path, ids: torch.Tensor, labels_hf: torch.
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def qwen3_graph_before_fusion(**over: Any) -> tuple[Graph, types.SimpleNamespace]:
+    """Qwen3-0.6B (LoRA r8, recompute, 8 tokens unless `over` says otherwise) through the passes up to
+    `recompute`: the graph the fusion passes rewrite, and its config."""
+    cfg = make_cfg("Qwen/Qwen3-0.6B", **{**dict(lora=True, lora_rank=8, lora_alpha=16, sequence_len=8,
+                                                 recompute=True), **over})
+    graph = annotate_precision(inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg), cfg)
+    return apply_recompute(emit_backward(graph, cfg), cfg), cfg

@@ -10,17 +10,13 @@ from surogate.compiler.passes import fusion
 from surogate.compiler.passes.autodiff import emit_backward
 from surogate.compiler.passes.lora import inject_lora
 from surogate.compiler.passes.precision import annotate_precision
-from surogate.compiler.passes.recompute import apply_recompute
 from surogate.compiler.pipeline import PASS_NAMES
-from tests.compiler_front.helpers import make_cfg
+from tests.compiler_front.helpers import make_cfg, qwen3_graph_before_fusion
 
 QWEN = "Qwen/Qwen3-0.6B"
 
 
-def _graph(**over):
-    cfg = make_cfg(QWEN, **{**dict(lora=True, lora_rank=8, lora_alpha=16, sequence_len=8, recompute=True), **over})
-    graph = annotate_precision(inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg), cfg)
-    return apply_recompute(emit_backward(graph, cfg), cfg), cfg
+_graph = qwen3_graph_before_fusion
 
 
 def _add_reader(graph, tensor: str, after: str) -> None:

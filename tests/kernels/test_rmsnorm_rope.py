@@ -90,3 +90,22 @@ def test_backward_equals_the_pair_of_kernels_bit_for_bit(dtype, d, fused, monkey
 def test_rope_prologue_needs_partner_halves_and_its_own_rstd():
     with pytest.raises(ValueError, match="partner halves"):
         K.bwd_kernel(torch.float32, torch.float32, torch.float32, False, K.layout(128, False, 128), False, True)
+
+
+@pytest.mark.parametrize("dtype,d,fused", FITS[:1] + FITS[2:3])
+def test_a_frozen_weight_skips_the_dweight_work(dtype, d, fused):
+    """dweight None: the same dx, and the partials workspace is never written (no sums, no column-sum launch)."""
+    x, w, pos, cos, sin = _case(4, 2, d, dtype)
+    dout = torch.randn(4, 2, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    want, dw = torch.empty_like(x), torch.empty_like(w)
+    ws = torch.zeros(64, d)
+    rmsnorm_rope_backward(dout, x, w, want, dw, ws, 1e-6, pos, cos, sin)
+    assert ws.abs().sum() > 0  # with a dweight the partials are written
+    ws.fill_(float("nan"))
+    dx = torch.empty_like(x)
+    rmsnorm_rope_backward(dout, x, w, dx, None, ws, 1e-6, pos, cos, sin)
+    assert torch.equal(dx, want) and ws.isnan().all()
+    ds, ds_ref = torch.empty_like(x), torch.empty_like(x)
+    rmsnorm_backward(dout, x, w, None, ds_ref, torch.empty_like(w), workspace=torch.zeros(64, d), eps=1e-6)
+    rmsnorm_backward(dout, x, w, None, ds, None, workspace=ws, eps=1e-6)
+    assert torch.equal(ds, ds_ref) and ws.isnan().all()
