@@ -78,6 +78,11 @@ def main() -> int:
         KERNELS["rmsnorm_fwd"].cuda(x, w, x, torch.zeros(2), 1e-6)
         KERNELS["rmsnorm_bwd"].cuda(x, x, w, torch.zeros(2), x, w)
         KERNELS["rmsnorm_bwd"].cuda(x, x, w, None, x, w, eps=1e-6)  # rstd recomputed (the backend's call)
+        KERNELS["rmsnorm_bwd"].cuda(x, x, w, None, x, None, eps=1e-6)  # a frozen weight: no dweight work
+    # the q/k norm + rope backward without dweight (LoRA's frozen q/k norms), Qwen3's head_dim 128 in bf16
+    qk, qw = torch.zeros(2, 2, 128, dtype=torch.bfloat16), torch.zeros(128, dtype=torch.bfloat16)
+    tab, pos = torch.zeros(4, 64), torch.zeros(2, dtype=torch.int64)
+    KERNELS["rmsnorm_rope_bwd"].cuda(qk, qk, qw, qk, None, torch.zeros(8, 128), 1e-6, pos, tab, tab)
     # CE tiles beyond the cases' (int64 words, float32): int32 words (width 6), scalar bf16 (odd width 7), and the
     # gradient with its scale read on the device (the cuda backend's call)
     from surogate.numba_kernels import cross_entropy as ce
