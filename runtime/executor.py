@@ -141,7 +141,10 @@ class ArenaExecutor:
             value = pack_nibbles(value)
         if tuple(value.shape) != tuple(view.shape):
             raise ValueError(f"{name}: value shape {tuple(value.shape)} != planned {tuple(view.shape)}")
-        self.staging.write(name, view, value)  # a host value into device memory: queued, no device sync
+        if name in self._inputs:  # per-step data: queued through pinned buffers, no device sync
+            self.staging.write(name, view, value)
+        else:  # one-off writes (weights, a restored checkpoint): a plain copy, no pinned buffers kept for them
+            view.copy_(value)
         self._written.add(name)
 
     def _kernel_view(self, name: str) -> torch.Tensor:

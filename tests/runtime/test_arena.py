@@ -83,3 +83,18 @@ def test_views_fixed_through_steps_eval_and_checkpoints(trainer, tmp_path):
     # restore wrote the checkpoint into the arena (the state differs from the one after step 2 again)
     assert any(not torch.equal(v, after_two[n]) for n, v in trainer.state_tensors().items())
     assert all(_inside(v, ex.arenas[trainer.plan.tensors[n].space.value]) for n, v in trainer.state_tensors().items())
+
+
+def test_only_per_step_inputs_go_through_the_staging_buffers(trainer, monkeypatch):
+    """Input writes are staged (pinned buffers on a GPU); weights and restored state are plain copies, so no
+    pinned buffer the size of the model is ever kept."""
+    ex, plan = trainer.ex, trainer.plan
+    staged = []
+    monkeypatch.setattr(ex.staging, "write", lambda name, dst, src: (staged.append(name), dst.copy_(src)))
+    inputs = sorted(n for n, t in plan.tensors.items() if t.role is Role.INPUT and n in ex.views)
+    weight = next(n for n, t in plan.tensors.items() if t.role is Role.TRAINABLE_WEIGHT and n in ex.views)
+    before = ex.views[weight].clone()
+    for name in (*inputs, weight):
+        ex.write(name, ex.views[name].clone())
+    assert staged == inputs and inputs
+    assert torch.equal(ex.views[weight], before)
