@@ -36,6 +36,7 @@ frozen norms) becomes `rmsnorm_rope_bwd(dr, q, w, pos, cos, sin) -> dq` in the n
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError
@@ -43,11 +44,19 @@ from surogate.compiler.ir import Graph, GraphError
 ENABLED = True  # module switch: False keeps the unfused linear + add pair
 ADD_RMSNORM_ENABLED = True  # module switch: False keeps the add + rmsnorm pairs
 RMSNORM_ROPE_ENABLED = True  # module switch: False keeps the q/k rmsnorm + rope pairs
+OFF_ENV = "SUROGATE_FUSIONS_OFF"  # comma-separated pass names to skip (e.g. to A/B or bisect a fused kernel)
+
+
+def _on(name: str, module_default: bool, enabled: bool | None) -> bool:
+    """The pass runs: `enabled` when given, else the module switch, unless $SUROGATE_FUSIONS_OFF names it."""
+    if enabled is not None:
+        return enabled
+    return module_default and name not in {p.strip() for p in os.environ.get(OFF_ENV, "").split(",")}
 
 
 def fuse_lora_merge(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
     """Rewrite every LoRA `add` whose product input has a single producer and no other reader into `lora_merge`."""
-    on = ENABLED if enabled is None else enabled
+    on = _on("fuse_lora_merge", ENABLED, enabled)
     fused = 0
     if on and graph.meta.get("lora"):
         for add in [op for op in graph.ops() if op.kind == "add" and op.attrs.get("lora") == "merge"]:
@@ -88,7 +97,7 @@ def _check_gone(graph: Graph) -> None:
 
 def fuse_add_rmsnorm(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
     """Rewrite every `s = add(a, b)` directly followed by `y = rmsnorm(s, w)` into `add_rmsnorm(a, b, w) -> (y, s)`."""
-    on = ADD_RMSNORM_ENABLED if enabled is None else enabled
+    on = _on("fuse_add_rmsnorm", ADD_RMSNORM_ENABLED, enabled)
     fused = 0
     if on:
         nxt = dict(zip(graph.order, graph.order[1:], strict=False))
@@ -127,7 +136,7 @@ def _fusable(graph: Graph, add: Any, norm: Any) -> bool:
 def fuse_rmsnorm_rope(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
     """Rewrite every `r = rope(rmsnorm(q, w, group=head_dim), pos, cos, sin)` whose normalised tensor nothing
     else reads into `rmsnorm_rope(q, w, pos, cos, sin) -> r`."""
-    on = RMSNORM_ROPE_ENABLED if enabled is None else enabled
+    on = _on("fuse_rmsnorm_rope", RMSNORM_ROPE_ENABLED, enabled)
     fused = 0
     if on:
         for rope in [op for op in graph.ops() if op.kind == "rope" and len(op.inputs) == 4]:

@@ -172,3 +172,15 @@ def test_rmsnorm_rope_switch_off_and_dtype_mismatch_leave_pairs():
     graph.update_tensor("L0.q_norm", dtype="fp32")  # an fp32 normalised tensor: not the kernel's rounding
     fusion.fuse_rmsnorm_rope(graph, cfg)
     assert graph.op("L0.q_rope").kind == "rope" and graph.op("L0.k_rope").kind == "rmsnorm_rope"
+
+
+def test_env_turns_named_fusions_off(monkeypatch):
+    monkeypatch.setenv("SUROGATE_FUSIONS_OFF", "fuse_rmsnorm_rope, fuse_lora_merge")
+    graph, cfg = _graph()
+    kinds = [op.kind for op in graph.ops()]
+    fusion.fuse_lora_merge(graph, cfg)
+    fusion.fuse_rmsnorm_rope(graph, cfg)
+    assert [op.kind for op in graph.ops()] == kinds
+    fusion.fuse_add_rmsnorm(graph, cfg)  # not named: still runs
+    assert graph.meta["add_rmsnorm_fused"] > 0
+    assert fusion.fuse_rmsnorm_rope(graph, cfg, enabled=True).meta["rmsnorm_rope_fused"] > 0  # an explicit call wins
