@@ -233,6 +233,7 @@ def test_linear_kernels_skip_the_upcast_on_the_split_route(monkeypatch):
 
 
 # -- a whole micro-step ------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~40 s under the simulator; the five GEMM cases above are checked one by one in the default run
 def test_fp32_lora_micro_step_with_split_gemms_matches_the_promoted_path(tmp_path, monkeypatch):
     """A bf16 model with fp32 adapters under the simulator: loss and adapter gradients with every mixed GEMM on a
     split route equal the promoted fp32 path's at fp32 level (the lora_a weight gradient is now more accurate:
