@@ -209,6 +209,8 @@ def build_report(
         "fits": None if capacity is None else device_total(device) <= capacity - reserve,
         "hardware": {**need, "satisfied": satisfied},
         "notes": list(plan.meta.get("notes", [])),
+        # what the fusion passes rewrote (compiler/passes/fusion.py): fused op -> how many per micro-step program
+        "fusions": {k.removesuffix("_fused"): int(v) for k, v in plan.meta.items() if k.endswith("_fused")},
         "suggestions": suggestions or [],
     }
 
@@ -294,6 +296,10 @@ def render_report(report: dict[str, Any], plan: Plan) -> Group:
     head.append(f"Hardware: {hw['text']}{ok}\n")
     for advice in hw.get("advice", ()):
         head.append(f"Hardware note: {advice}\n", style="dim")
+    fused = {k: v for k, v in report.get("fusions", {}).items() if v}
+    if fused:
+        head.append("Fused ops: " + ", ".join(f"{k} {v}" for k, v in fused.items())
+                    + " (SUROGATE_FUSIONS_OFF=fuse_<op> plans without one)\n", style="dim")
     for note in report["notes"]:
         head.append(f"Note: {note}\n", style="dim")
     parts: list[Any] = [head, format_memory_table(plan)]

@@ -102,3 +102,26 @@ def test_same_mode_combination_is_offered_even_when_a_mode_switch_fits_alone():
     assert result[0]["changes"] == {"lora": True} and result[0]["fits"]
     combined = [r for r in result if r.get("combined")]
     assert len(combined) == 1 and "lora" not in combined[0]["changes"] and combined[0]["fits"]
+
+
+
+def test_report_says_what_the_fusion_passes_rewrote(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.compiler.report import render_report
+    from surogate.schema import config_from_dict
+
+    job = {"model": "Qwen/Qwen3-0.6B", "sequence_len": 64, "lora": True, "lora_rank": 8, "recompute": True}
+    plan = compile_plan(config_from_dict(job))
+    report = build_report(plan)
+    # per layer: 7 LoRA merges forward + 6 recomputed (down_proj's output is not needed again), 2 q/k norm + rope
+    # pairs (forward and recompute) and their 2 backwards, and the residual adds read next by a norm (3)
+    assert report["fusions"] == {"lora_merge": 13 * 28, "add_rmsnorm": 3 * 28, "rmsnorm_rope": 6 * 28}
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render_report(report, plan))
+    assert "Fused ops: lora_merge 364, add_rmsnorm 84, rmsnorm_rope 168" in console.export_text()
+    monkeypatch.setenv("SUROGATE_FUSIONS_OFF", "fuse_rmsnorm_rope")
+    assert build_report(compile_plan(config_from_dict(job)))["fusions"]["rmsnorm_rope"] == 0
