@@ -167,14 +167,15 @@ def fwd_kernel(x_dt: torch.dtype, w_dt: torch.dtype, o_dt: torch.dtype, has_res:
                             x1a, x1b, x2a, x2b = lo(n1), hi(n1), lo(n2), hi(n2)
                             ca, sa = cos_t[p, j], sin_t[p, j]
                             cb, sb = cos_t[p, j + 1], sin_t[p, j + 1]
+                            # rope._rotate_fn's math: the second half as an explicit fma (NVVM's contraction)
                             out[row, u] = pack(x1a * ca - x2a * sa, x1b * cb - x2b * sb)
-                            out[row, u2] = pack(x2a * ca + x1a * sa, x2b * cb + x1b * sb)
+                            out[row, u2] = pack(cuda.fma(x1a, sa, x2a * ca), cuda.fma(x1b, sb, x2b * cb))
                         else:
                             x1 = ld_o(so(lw(w[u]) * lx(sx(buf[k] * r))))
                             x2 = ld_o(so(lw(w[u2]) * lx(sx(buf[k2] * r))))
                             c, sn = cos_t[p, u], sin_t[p, u]
                             out[row, u] = so(x1 * c - x2 * sn)
-                            out[row, u2] = so(x2 * c + x1 * sn)
+                            out[row, u2] = so(cuda.fma(x1, sn, x2 * c))
                     continue
                 for k in range(PER):
                     u = ut + k * TPR
@@ -260,15 +261,16 @@ def bwd_kernel(dy_dt: torch.dtype, s_dt: torch.dtype, w_dt: torch.dtype, has_dre
                             q1, q2 = dy[row, u], dy[row, u2]
                             ca, sa_n = cos_t[pt, j], sin_t[pt, j] * float32(-1.0)
                             cb, sb_n = cos_t[pt, j + 1], sin_t[pt, j + 1] * float32(-1.0)
+                            # rope._rotate_fn's math with sin negated, as rope_bwd runs it
                             n1 = pack(lo(q1) * ca - lo(q2) * sa_n, hi(q1) * cb - hi(q2) * sb_n)
-                            n2 = pack(lo(q2) * ca + lo(q1) * sa_n, hi(q2) * cb + hi(q1) * sb_n)
+                            n2 = pack(cuda.fma(lo(q1), sa_n, lo(q2) * ca), cuda.fma(hi(q1), sb_n, hi(q2) * cb))
                             gbuf[2 * k], gbuf[2 * k + 1] = lo(n1), hi(n1)
                             gbuf[2 * k2], gbuf[2 * k2 + 1] = lo(n2), hi(n2)
                         else:
                             x1, x2 = ldy(dy[row, u]), ldy(dy[row, u2])
                             c, sn = cos_t[pt, u], sin_t[pt, u] * float32(-1.0)
                             gbuf[k] = ldy(sdy(x1 * c - x2 * sn))
-                            gbuf[k2] = ldy(sdy(x2 * c + x1 * sn))
+                            gbuf[k2] = ldy(sdy(cuda.fma(x1, sn, x2 * c)))
                 for k in range(PER):
                     u = ut + k * TPR
                     if u < NU:

@@ -141,7 +141,7 @@ def rmsnorm_rope_forward(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     one pass when the head fits the forward kernel's rope epilogue (`rope_fits`: bf16 D % 128 == 0, fp32
     D % 64 == 0), else as the pair (the norm into out, then rope in place). Same bits either way on the
     simulator; on a GPU up to the rotation's FMA contraction, as between the rope kernels themselves."""
-    n_tok, heads, d = x.shape
+    _, heads, d = x.shape
     check_contiguous("x", x)
     check_contiguous("out", out)
     x2, out2 = x.reshape(-1, d), out.reshape(-1, d)
@@ -161,6 +161,16 @@ def rmsnorm_rope_forward(x: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
 def rmsnorm_bwd_workspace_shape(rows: int) -> tuple[int, int]:
     """Rows of the fp32 dweight-partials workspace the backward needs (times hidden columns): its blocks."""
     return (grid_for(rows, ROWS_PER_PART), -1)
+
+
+def _partials(workspace: torch.Tensor | None, rows: int, hidden: int, device: torch.device) -> torch.Tensor:
+    """The backward's dweight partials: one row per block, as many blocks as the workspace has rows (checked)."""
+    blocks = rmsnorm_bwd_workspace_shape(rows)[0]
+    if workspace is None:
+        workspace = torch.empty((blocks, hidden), dtype=torch.float32, device=device)
+    if workspace.dtype != torch.float32 or workspace.shape[1] != hidden:
+        raise ValueError(f"workspace must be float32 [>= {blocks}, {hidden}], got {tuple(workspace.shape)}")
+    return workspace[: min(blocks, workspace.shape[0])]
 
 
 def rmsnorm_backward(
@@ -188,14 +198,8 @@ def rmsnorm_backward(
         if t is not None:
             check_contiguous(name, t)
     s2 = s.reshape(-1, hidden)
-    rows = s2.shape[0]
-    blocks = rmsnorm_bwd_workspace_shape(rows)[0]
-    if workspace is None:
-        workspace = torch.empty((blocks, hidden), dtype=torch.float32, device=s.device)
-    if workspace.dtype != torch.float32 or workspace.shape[1] != hidden:
-        raise ValueError(f"workspace must be float32 [>= {blocks}, {hidden}], got {tuple(workspace.shape)}")
-    blocks = min(blocks, workspace.shape[0])
-    part = workspace[:blocks]
+    part = _partials(workspace, s2.shape[0], hidden, s.device)
+    blocks = part.shape[0]
     has_dres = dresidual is not None
     dy2, ds2 = dy.reshape(-1, hidden), ds.reshape(-1, hidden)
     dres2 = dresidual.reshape(-1, hidden) if has_dres else s2
@@ -231,7 +235,7 @@ def rmsnorm_rope_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     norm backward kernel's prologue when the head fits (`rope_fits`), else the pair with dx as the rotated
     gradient in between (the norm backward reads each element before it writes it, in the same thread).
     `dweight` None: a frozen weight, no dweight work (as rmsnorm_backward)."""
-    n_tok, heads, d = x.shape
+    _, heads, d = x.shape
     for name, t in (("dout", dout), ("x", x), ("dx", dx)):
         check_contiguous(name, t)
     x2, dy2, dx2 = x.reshape(-1, d), dout.reshape(-1, d), dx.reshape(-1, d)
@@ -243,10 +247,7 @@ def rmsnorm_rope_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Ten
         rope_backward(dout, dx, position_ids, cos, sin)
         rmsnorm_backward(dx, x, weight, None, dx, dweight, workspace=workspace, eps=eps)
         return
-    blocks = rmsnorm_bwd_workspace_shape(x2.shape[0])[0]
-    if workspace is None:
-        workspace = torch.empty((blocks, d), dtype=torch.float32, device=x.device)
-    part = workspace[: min(blocks, workspace.shape[0])]
+    part = _partials(workspace, x2.shape[0], d, x.device)
     kernel = K.bwd_kernel(dout.dtype, x.dtype, weight.dtype, False, lay, True, True, dweight is not None)
     launch(kernel, part.shape[0], lay.threads, _view(dy2, pair), _view(x2, pair), weight, part[0],
            _view(x2, pair), _view(dx2, pair), part, float(eps), position_ids, cos, sin, heads)

@@ -86,12 +86,24 @@ def rmsnorm_rope(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     return [out]
 
 
+def _rms_bwd_scratch(st: CudaState, x2: torch.Tensor, w: torch.Tensor, attrs: dict
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dweight, its partials workspace: one row per block) of a norm backward over the rows of x2."""
+    rows, h = x2.shape
+    dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), h, dn(w.dtype)), x2.device)
+    return dw, st.alloc(sz.rms_ws(rows, h, rmsnorm_bwd_workspace_shape(rows)[0]), x2.device)
+
+
+def _keep_dw(ctx: Any, attrs: dict, dw: torch.Tensor) -> None:
+    """The norm backward's launch summed dweight: the matching rmsnorm_bwd_weight op of this run reuses it."""
+    ctx.__dict__.setdefault("_cuda_rms_dw", {})[attrs.get("fwd_op")] = dw
+
+
 def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, attrs: dict,
                   ds: torch.Tensor, dres: torch.Tensor | None, want_dw: bool = True) -> torch.Tensor:
     x2 = _groups(x, attrs)
     rows, h = x2.shape
-    dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), h, dn(w.dtype)), x.device)
-    ws = st.alloc(sz.rms_ws(rows, h, rmsnorm_bwd_workspace_shape(rows)[0]), x.device)  # one row per block
+    dw, ws = _rms_bwd_scratch(st, x2, w, attrs)
     # rstd=None: the kernel recomputes it from x in its own pass (the plan keeps no rstd tensor)
     _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, None, ds.reshape(rows, h), dw if want_dw else None,
                       dres.reshape(rows, h) if dres is not None else None, ws, float(attrs["eps"]))
@@ -110,9 +122,8 @@ def rmsnorm_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bnd = st.bind(ins, attrs, ctx)
     dx = bnd.views[0]
     # accumulate: dx = grad + dx (the kernel's `dresidual` input reads the old value element by element)
-    dw = _rms_backward(st, dy, x, w, attrs, dx, dx if bnd.accumulate[0] else None, _wants_dw(st, attrs, ctx))
-    # the same launch summed dweight: the matching rmsnorm_bwd_weight op of this run reuses it
-    ctx.__dict__.setdefault("_cuda_rms_dw", {})[attrs.get("fwd_op")] = dw
+    _keep_dw(ctx, attrs, _rms_backward(st, dy, x, w, attrs, dx, dx if bnd.accumulate[0] else None,
+                                       _wants_dw(st, attrs, ctx)))
     return [dx]
 
 
@@ -127,13 +138,11 @@ def rmsnorm_rope_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
                          "emits one)")
     d = int(attrs["head_dim"])
     b, t, width = x.shape
-    rows = b * t * (width // d)
-    dw = st.alloc(sz.rms_dw(attrs.get("fwd_op"), d, dn(w.dtype)), x.device)
-    ws = st.alloc(sz.rms_ws(rows, d, rmsnorm_bwd_workspace_shape(rows)[0]), x.device)
+    dw, ws = _rms_bwd_scratch(st, _groups(x, attrs), w, attrs)  # rows: heads (group = head_dim)
     shape = (b * t, width // d, d)
     _k("rmsnorm_rope_bwd")(dout.reshape(shape), x.reshape(shape), w, dx.view(shape),
                            dw if _wants_dw(st, attrs, ctx) else None, ws, float(attrs["eps"]), pos.reshape(-1), cos, sin)
-    ctx.__dict__.setdefault("_cuda_rms_dw", {})[attrs.get("fwd_op")] = dw  # as rmsnorm_bwd: reused if asked for
+    _keep_dw(ctx, attrs, dw)
     return [dx]
 
 
