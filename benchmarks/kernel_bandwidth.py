@@ -120,8 +120,9 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
     ws = ce.CEWorkspace(logits=logits.view(-1), m=m_, s=s_, tgt=tg, rows_per_chunk=rows, vocab_tile=v)
     b.append(Bench("ce_logsumexp (1 chunk)", lambda: ce._stats(logits, labels, 0, True, ws, 0, rows),
                    [logits, labels], [m_, s_, tg]))
+    inv_items = r(1, dtype=f32)  # 1 / num_items on the device, as the fused loss op passes it
     b.append(Bench("ce_fused_lse_dlogits (1 chunk, in place)",
-                   lambda: ce.launch_fused(logits, labels, 1e-4, -100, lse, m_),
+                   lambda: ce.launch_fused(logits, labels, inv_items, -100, lse, m_),
                    [logits, labels], [logits, lse, m_]))
     b.append(Bench("ce_dlogits (1 chunk, in place)", lambda: ce.launch_grad(logits, labels, lse, 0, 1e-4, -100),
                    [logits, labels, lse], [logits]))

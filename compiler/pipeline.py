@@ -47,6 +47,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("fuse_lora_merge", _lazy("surogate.compiler.passes.fusion", "fuse_lora_merge")),
     ("fuse_add_rmsnorm", _lazy("surogate.compiler.passes.fusion", "fuse_add_rmsnorm")),
     ("fuse_rmsnorm_rope", _lazy("surogate.compiler.passes.fusion", "fuse_rmsnorm_rope")),
+    ("fuse_lm_head_ce", _lazy("surogate.compiler.passes.fusion_loss", "fuse_lm_head_ce")),
     ("chunking", _lazy("surogate.compiler.passes.chunking", "apply_chunking")),
     ("offload", apply_offload),
     ("zero", apply_zero),

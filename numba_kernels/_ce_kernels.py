@@ -319,8 +319,9 @@ def _grad_kernel(l_dt: torch.dtype, *, width: int, device_scale: bool = False):
 
 
 @functools.cache
-def _fused_kernel(l_dt: torch.dtype, *, width: int):
-    """Whole-vocabulary rows: logsumexp, loss and the in-place logits gradient in one launch (2 passes)."""
+def _fused_kernel(l_dt: torch.dtype, *, width: int, device_scale: bool = False):
+    """Whole-vocabulary rows: logsumexp, loss and the in-place logits gradient in one launch (2 passes).
+    `device_scale`: grad_scale is an fp32 device array [1], as in `_grad_kernel`."""
     global cuda
     cuda = get_cuda()
     from numba import float32
@@ -331,11 +332,10 @@ def _fused_kernel(l_dt: torch.dtype, *, width: int):
     row_stats, row_grad, label_logit = ro.row_stats, ro.row_grad, ro.label_logit
     T = threads()
 
-    @jit_kernel
-    def kernel(logits, labels, grad_scale, ignore_index, lse, loss_rows):
+    @cuda.jit(device=True, inline="always")
+    def rows_fused(logits, labels, scale, ignore_index, lse, loss_rows):
         sm = cuda.shared.array(T, float32)
         tid = cuda.threadIdx.x
-        scale = float32(grad_scale)
         for row in range(cuda.blockIdx.x, logits.shape[0], cuda.gridDim.x):
             lab = labels[row]
             ignored = lab == ignore_index
@@ -350,5 +350,17 @@ def _fused_kernel(l_dt: torch.dtype, *, width: int):
                     loss_rows[row] = m - label_logit(logits, row, lab)
             cuda.syncthreads()  # the label logit is read above before its word is overwritten below
             row_grad(logits, row, tid, m, scale, lab, ignored)
+
+    if device_scale:
+
+        @jit_kernel
+        def kernel(logits, labels, grad_scale, ignore_index, lse, loss_rows):
+            rows_fused(logits, labels, float32(grad_scale[0]), ignore_index, lse, loss_rows)
+
+    else:
+
+        @jit_kernel
+        def kernel(logits, labels, grad_scale, ignore_index, lse, loss_rows):
+            rows_fused(logits, labels, float32(grad_scale), ignore_index, lse, loss_rows)
 
     return kernel

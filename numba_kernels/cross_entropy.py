@@ -140,12 +140,15 @@ def launch_grad(buf: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, v0: 
            int(ignore_index))
 
 
-def launch_fused(buf: torch.Tensor, labels: torch.Tensor, grad_scale: float, ignore_index: int, lse: torch.Tensor,
-                 loss_rows: torch.Tensor) -> None:
-    """Whole-vocabulary rows `buf`: lse, per-row loss and the in-place logits gradient in one launch."""
+def launch_fused(buf: torch.Tensor, labels: torch.Tensor, grad_scale: float | torch.Tensor, ignore_index: int,
+                 lse: torch.Tensor, loss_rows: torch.Tensor) -> None:
+    """Whole-vocabulary rows `buf`: lse, per-row loss and the in-place logits gradient in one launch.
+    grad_scale: a float, or an fp32 device tensor of one element (read by the kernel: no host sync)."""
     width = logits_width(buf)
-    launch(_fused_kernel(buf.dtype, width=width), grid_for(buf.shape[0], 1), threads(), _words(buf, width),
-           labels, float(grad_scale), int(ignore_index), lse, loss_rows)
+    on_device = isinstance(grad_scale, torch.Tensor)
+    launch(_fused_kernel(buf.dtype, width=width, device_scale=on_device), grid_for(buf.shape[0], 1), threads(),
+           _words(buf, width), labels, grad_scale.reshape(1) if on_device else float(grad_scale),
+           int(ignore_index), lse, loss_rows)
 
 
 def _stats(buf, labels, v0, first, ws, r0, r1) -> None:

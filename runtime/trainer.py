@@ -45,9 +45,12 @@ class TrainResult:
     stopped: str | None = None
 
 
+LOSS_KINDS = ("lm_head_ce", "lm_head_ce_fwd_bwd")  # the loss op, alone or with its backward (fuse_lm_head_ce)
+
+
 def loss_tensor(plan: Plan) -> str:
     for op in plan.ops:
-        if op.kind == "lm_head_ce":
+        if op.kind in LOSS_KINDS:
             return op.outputs[0]
     raise UserError("the plan has no loss op (lm_head_ce): it cannot train")
 
@@ -69,12 +72,22 @@ def split_gradient_collectives(plan: Plan, program: list) -> tuple[list, list]:
 
 
 def eval_program(plan: Plan) -> list:
-    """The micro-step up to and including the loss: forward only, dropout off (p = 0 keeps every element:
-    evaluation is deterministic and equals the Hugging Face model in `eval()` mode)."""
+    """The micro-step up to and including the loss: forward only, dropout off (an `identity`: evaluation is
+    deterministic and equals the Hugging Face model in `eval()` mode). A loss fused with its backward runs as the
+    forward-only `lm_head_ce` (same inputs; loss, lse and workspace: no gradient written).
+
+    The eval ops keep their training op's attrs object: the cuda backend finds an op's planned outputs by it."""
     ops = plan.ops
-    last = max(i for i, op in enumerate(ops) if op.kind == "lm_head_ce")
-    return [dataclasses.replace(op, attrs={**op.attrs, "p": 0.0}) if op.kind == "dropout" else op
-            for op in ops[: last + 1]]
+    last = max(i for i, op in enumerate(ops) if op.kind in LOSS_KINDS)
+    return [_eval_op(op) for op in ops[: last + 1]]
+
+
+def _eval_op(op: Any) -> Any:
+    if op.kind == "dropout":
+        return dataclasses.replace(op, kind="identity")
+    if op.kind == "lm_head_ce_fwd_bwd":
+        return dataclasses.replace(op, kind="lm_head_ce", outputs=[*op.outputs[:2], op.outputs[-1]])
+    return op
 
 
 class Trainer:

@@ -141,6 +141,10 @@ for kind, ins, outs in (
      ("dx?", "dweights?", "dgate_up?", "ddown?", "dequant_ws?")),
 ):
     register(OpDef(kind, ins, outs, ("wrt", "accumulate", "accumulate_into"), doc=f"backward of {kind[:-4]}"))
+register(OpDef("lm_head_ce_fwd_bwd", ("x", "weight", "labels", "num_items"), ("loss", "lse", "dx?", "dweight?", "logits_ws"),
+               ("chunks", "ignore_index", "wrt", "accumulate", "accumulate_into"),
+               doc="lm_head_ce and its backward in one sweep (pass fuse_lm_head_ce): each row chunk's logits are "
+                   "computed once and turned into their gradient in place; every output exactly the pair's"))
 register(OpDef("rmsnorm_rope_bwd", ("dout", "x", "weight", "position_ids", "cos", "sin"), ("dx",),
                ("wrt", "accumulate", "accumulate_into", "eps", "group", "head_dim", "inv_freq", "attention_scaling"),
                doc="rmsnorm_bwd(rope_bwd(dout), x, weight): a q/k norm's backward with the inverse rotation of its "

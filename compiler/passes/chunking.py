@@ -1,6 +1,7 @@
 """Pass `apply_chunking`: split the LM head + cross-entropy and attention backward into row chunks.
 
-`lmhead_chunks: N` sets `chunks=N` on the fused `lm_head_ce` op and its backward, whose logits
+`lmhead_chunks: N` sets `chunks=N` on the fused `lm_head_ce` op and its backward (or on
+`lm_head_ce_fwd_bwd`, the two in one op: pass `fuse_lm_head_ce`), whose logits
 workspace then holds ceil(rows / N) rows instead of all B*T (full logits never exist).
 `attn_bwd_chunks: N` sets `chunks=N` on every `attention_bwd` op: query rows are processed N blocks at
 a time, so its fp32 dQ workspace is ceil(T / N) rows. Results are unchanged (the reference kernels
@@ -14,6 +15,8 @@ from typing import Any
 from surogate.compiler.ir import Graph
 from surogate.compiler.ops.vjp import workspace_shape_attention
 from surogate.errors import UserError
+
+LM_HEAD_KINDS = ("lm_head_ce", "lm_head_ce_bwd", "lm_head_ce_fwd_bwd")
 
 
 def _option(cfg: Any, name: str) -> int:
@@ -32,7 +35,7 @@ def apply_chunking(graph: Graph, cfg: Any) -> Graph:
     lm = min(lm, rows)
     att = min(att, graph.meta["seq_len"])
     for op in graph.ops():
-        if op.kind in ("lm_head_ce", "lm_head_ce_bwd"):
+        if op.kind in LM_HEAD_KINDS:
             op.attrs["chunks"] = lm
             ws = graph.tensors[op.outputs[-1]]
             graph.update_tensor(ws.name, shape=(-(-rows // lm), ws.shape[1]))

@@ -24,7 +24,7 @@ from surogate.runtime.backends.cuda_sizes import Spec, Target
 
 BLOCK = 512  # torch's caching allocator rounds every block up to a multiple of 512 bytes
 GEMM_KINDS = frozenset({"linear", "linear_bwd_data", "linear_bwd_weight", "lm_head_ce", "lm_head_ce_bwd",
-                        "normuon_step"})
+                        "lm_head_ce_fwd_bwd", "normuon_step"})
 # Kinds whose kernels allocate nothing beside the arena; any other kind without a sizing method below runs the
 # reference math on the device (MoE, FP8/FP4 matmuls): its temporaries are not sized (reported as `not_sized`).
 NO_WORKSPACE = frozenset({"embedding", "identity", "copy_h2d", "copy_d2h", "all_reduce", "all_gather",

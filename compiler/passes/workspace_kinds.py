@@ -215,12 +215,19 @@ class KindSizes:
         return self._ce(op, op.outputs[2], True)[1]
 
     def k_lm_head_ce_bwd(self, op: Any, acc: list[bool]) -> int:
-        wrt = list(op.attrs["wrt"])
-        ws = self.t(op.outputs[len(wrt)])
-        rows, extra = self._ce(op, op.outputs[len(wrt)], False)
+        return self._ce_grads(op, op.outputs[: len(op.attrs["wrt"])], with_loss=False)
+
+    def k_lm_head_ce_fwd_bwd(self, op: Any, acc: list[bool]) -> int:
+        return self._ce_grads(op, op.outputs[2:-1], with_loss=True)
+
+    def _ce_grads(self, op: Any, grads: list[str], with_loss: bool) -> int:
+        """The backward's (or the fused op's) scratch and the transients of its dlogits GEMMs; `grads` are the
+        outputs of the gradients `op.attrs["wrt"]` names, in its order."""
+        ws = self.t(op.outputs[-1])
+        rows, extra = self._ce(op, op.outputs[-1], with_loss)
         h, w = self.t(op.inputs[0]), self.t(op.inputs[1])
         tile = (min(rows, ws.shape[0]), min(w.shape[0], ws.shape[1]))
-        outs = dict(zip(wrt, op.outputs, strict=False))
+        outs = dict(zip(op.attrs["wrt"], grads, strict=True))
         if 0 in outs:
             extra += sz.gemm_transient(tile, h.dtype, (tile[1], h.shape[-1]), w.dtype, self.t(outs[0]).dtype)
         if 1 in outs:

@@ -12,7 +12,7 @@ import torch
 
 from surogate.runtime.reference.common import dropout_mask, heads, merge_heads, rotate_half_t
 from surogate.runtime.reference.dtypes import common
-from surogate.runtime.reference.kernels_fwd import attention_probs, cos_sin, rms_normalize
+from surogate.runtime.reference.kernels_fwd import attention_probs, cos_sin, lm_head_ce, rms_normalize
 
 Tensors = list[torch.Tensor | None]
 
@@ -153,6 +153,13 @@ def lm_head_ce_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [*(grads[i] for i in wrt), None]
 
 
+def lm_head_ce_fwd_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """lm_head_ce then lm_head_ce_bwd (pass fuse_lm_head_ce): (loss, lse, *grads in `wrt` order, None)."""
+    h, w, labels, n_items = x
+    loss, lse, _ = lm_head_ce(x, a, ctx)
+    return [loss, lse, *lm_head_ce_bwd([h, w, labels, lse, n_items], a, ctx)]
+
+
 KERNELS = {
     "embedding_bwd": embedding_bwd,
     "rmsnorm_bwd": rmsnorm_bwd,
@@ -165,4 +172,5 @@ KERNELS = {
     "swiglu_bwd": swiglu_bwd,
     "dropout_bwd": dropout_bwd,
     "lm_head_ce_bwd": lm_head_ce_bwd,
+    "lm_head_ce_fwd_bwd": lm_head_ce_fwd_bwd,
 }

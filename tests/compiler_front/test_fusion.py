@@ -28,8 +28,8 @@ def _add_reader(graph, tensor: str, after: str) -> None:
 
 def test_passes_sit_between_recompute_and_chunking():
     i = PASS_NAMES.index("fuse_lora_merge")
-    assert PASS_NAMES[i - 1 : i + 4] == ["recompute", "fuse_lora_merge", "fuse_add_rmsnorm", "fuse_rmsnorm_rope",
-                                         "chunking"]
+    assert PASS_NAMES[i - 1 : i + 5] == ["recompute", "fuse_lora_merge", "fuse_add_rmsnorm", "fuse_rmsnorm_rope",
+                                         "fuse_lm_head_ce", "chunking"]
 
 
 def test_every_merge_is_fused_and_the_product_tensor_is_gone():

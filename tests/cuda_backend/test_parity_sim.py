@@ -34,7 +34,7 @@ def test_micro_step_and_optimizer_step_match_cpu_backend(model_dir, case):
     check_optimizer = over.pop("optimizer_step", True)
     ref, cud = pair(sim_cfg(model_dir, batch=b, **over))
     kinds = {op.kind: op.attrs for op in ref.plan.ops}
-    assert kinds["lm_head_ce"].get("chunks", 1) == over.get("lmhead_chunks", 1)
+    assert kinds["lm_head_ce_fwd_bwd"].get("chunks", 1) == over.get("lmhead_chunks", 1)
     assert any(op.attrs.get("recompute") for op in ref.plan.ops) == over.get("recompute", False)
     ids, labels = batch(b, 8)
     loss0, g0 = ref.micro_step(ids, labels)

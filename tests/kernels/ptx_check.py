@@ -93,6 +93,7 @@ def main() -> int:
         ce.launch_stats(b, lab, 0, True, f, f, f)
         ce.launch_grad(b, lab, f, 0, torch.ones(1), -100)
         ce.launch_fused(b, lab, 1.0, -100, f, f)
+        ce.launch_fused(b, lab, torch.ones(1), -100, f, f)  # the fused loss op's call (pass fuse_lm_head_ce)
     # LoRA merge variants beyond the cases' (bf16 model, fp32 adapters): bf16 adapters, and a rank above R_MAX
     base, out = torch.zeros(3, 40, dtype=torch.bfloat16), torch.zeros(3, 40, dtype=torch.bfloat16)
     KERNELS["lora_merge"].cuda(base, torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(40, 4, dtype=torch.bfloat16),

@@ -186,6 +186,11 @@ def test_fused_kernel_matches_reference_on_every_read_path(dtype, vt, offset, wi
     ref_loss = torch.where(valid, ref_lse - full[torch.arange(ROWS), safe], 0.0)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ta.float(), _grad_ref(full, labels, ref_lse, scale), **_grad_tol(dtype, scale))
+    # the scale read on the device (the fused loss op's call) gives the same bits
+    _, (tc, _), _ = _tile_case(dtype, vt, offset)
+    lse2, loss2 = torch.empty(ROWS), torch.empty(ROWS)
+    launch_fused(tc, labels, torch.tensor([scale]), -100, lse2, loss2)
+    assert torch.equal(tc, ta) and torch.equal(lse2, lse) and torch.equal(loss2, loss)
 
 
 
@@ -197,8 +202,9 @@ def fake_launch(kernel, grid, block, *args):
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
     wide = [len(re.findall(r"ld\.global(?:\.nc)?\.[bsu]%d\s" % b, ptx)) for b in (64, 32, 16)]
     local = sum(1 for ln in ptx.splitlines() if ".local" in ln and not ln.strip().startswith("//"))
-    scale = "device" if isinstance(args[4], torch.Tensor) else "host"
-    print(kernel.py_func.__qualname__.split(".")[0], sig[0].dtype, scale, *wide, local)
+    name = kernel.py_func.__qualname__.split(".")[0]
+    scale = "device" if isinstance(args[2 if name == "_fused_kernel" else 4], torch.Tensor) else "host"
+    print(name, sig[0].dtype, scale, *wide, local)
 
 C.launch = fake_launch
 lab, f = torch.zeros(3, dtype=torch.int64), torch.zeros(3)
@@ -208,6 +214,7 @@ for vt, dt in ((8, torch.bfloat16), (6, torch.bfloat16), (7, torch.bfloat16), (8
     C.launch_grad(b, lab, f, 0, 1.0, -100)
     C.launch_grad(b, lab, f, 0, torch.ones(1), -100)
     C.launch_fused(b, lab, 1.0, -100, f, f)
+    C.launch_fused(b, lab, torch.ones(1), -100, f, f)
 print("PTX-DONE")
 """
 
@@ -219,7 +226,7 @@ def test_every_ce_variant_compiles_to_ptx_with_wide_loads():
     per-thread word buffers live in registers (no local memory)."""
     rows = run_ptx_script(_PTX_SCRIPT)
     got = {(n, dt, sc): tuple(int(v) for v in vals) for n, dt, sc, *vals in rows}
-    assert len(got) == 16
+    assert len(got) == 20
     assert all(v[3] == 0 for v in got.values()), got
     for (name, dt, _), (l64, l32, l16, _) in got.items():
         if dt == "int64":  # 2 words per iteration + tail + labels (stats and fused: + the label's word)

@@ -51,8 +51,9 @@ def inject_fault(monkeypatch: pytest.MonkeyPatch, kernel: str, factor: Callable[
                  output: int = 0) -> list[int]:
     """Wrap the cpu backend's `kernel` so that at micro-step `ctx.step` its output `output` is multiplied by
     factor(ctx.step) (None: untouched). The executor looks kernels up when it is built, so call this before
-    `run_training`. `lm_head_ce` output 0 is the loss (what the loop reads; the backward recomputes from the
-    log-sum-exp, so gradients stay true); `lm_head_ce_bwd` output 0 is the gradient flowing into the model.
+    `run_training`. Training runs the loss and its backward as one op, `lm_head_ce_fwd_bwd` (pass
+    fuse_lm_head_ce): its output 0 is the loss (what the loop reads; the gradient is computed from the logits,
+    so it stays true), output 2 the gradient flowing into the model (`LOSS` and `GRAD` below).
 
     Micro-step indices are global: optimizer step s (1-based), micro-batch i -> (s - 1) * accumulation + i.
     Evaluation runs the forward with ctx.step 0, so index 0 is never faulted. Returns the faulted indices.
@@ -72,9 +73,18 @@ def inject_fault(monkeypatch: pytest.MonkeyPatch, kernel: str, factor: Callable[
     return hit
 
 
+LOSS_OP = "lm_head_ce_fwd_bwd"
+LOSS, GRAD = 0, 2  # its outputs: the loss, the gradient into the model
+
+
 def inject_loss_fault(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float | None]) -> list[int]:
-    """`inject_fault` on the loss reported by `lm_head_ce`."""
-    return inject_fault(monkeypatch, "lm_head_ce", factor)
+    """`inject_fault` on the loss reported by the loss op."""
+    return inject_fault(monkeypatch, LOSS_OP, factor, LOSS)
+
+
+def inject_grad_fault(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float | None]) -> list[int]:
+    """`inject_fault` on the gradient the loss op sends into the model."""
+    return inject_fault(monkeypatch, LOSS_OP, factor, GRAD)
 
 
 def record_optimizer_lr(monkeypatch: pytest.MonkeyPatch, kernel: str = "adamw8bit_step") -> dict[int, float]:

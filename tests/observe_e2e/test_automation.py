@@ -7,7 +7,7 @@ import pytest
 from surogate.runtime.checkpoint import CheckpointManager
 from surogate.runtime.lr_schedule import lr_at
 from surogate.runtime.observe import read_log
-from tests.observe_e2e.runs import inject_fault, record_optimizer_lr, train, train_cfg
+from tests.observe_e2e.runs import inject_grad_fault, inject_loss_fault, record_optimizer_lr, train, train_cfg
 
 
 def _events(log, name):
@@ -47,15 +47,16 @@ def test_same_run_without_early_stop_goes_on(source, tmp_path):
     assert not _events(read_log(cfg.log_file), "early_stop")
 
 
-@pytest.mark.parametrize("kernel, faulted, factor, reason", [
+@pytest.mark.parametrize("fault, faulted, factor, reason", [
     # steps 24 and 25 report 100x their loss: a spike is 2 consecutive steps above mean + 3 sigma
-    ("lm_head_ce", {23, 24}, 100.0, "loss spike"),
+    ("loss", {23, 24}, 100.0, "loss spike"),
     # step 25's gradients are 1000x: one step above 10x the average grad norm
-    ("lm_head_ce_bwd", {24}, 1000.0, "gradient explosion"),
+    ("gradient", {24}, 1000.0, "gradient explosion"),
 ], ids=["loss-spike", "grad-explosion"])
-def test_auto_lr_reduction_halves_lr(source, tmp_path, monkeypatch, kernel, faulted, factor, reason):
+def test_auto_lr_reduction_halves_lr(source, tmp_path, monkeypatch, fault, faulted, factor, reason):
     # micro-step index = step - 1 (accumulation 1); detection needs 20 normal steps in its window first
-    hit = inject_fault(monkeypatch, kernel, lambda i: factor if i in faulted else None)
+    inject = inject_loss_fault if fault == "loss" else inject_grad_fault
+    hit = inject(monkeypatch, lambda i: factor if i in faulted else None)
     used = record_optimizer_lr(monkeypatch)
     total = 32
     cfg = train_cfg(source, tmp_path, max_steps=total, auto_lr_reduction=True, log_file=str(tmp_path / "log.jsonl"))
@@ -66,7 +67,7 @@ def test_auto_lr_reduction_halves_lr(source, tmp_path, monkeypatch, kernel, faul
     assert red["step"] == 25 and red["scale"] == 0.5 and red["reason"].startswith(reason)
     assert "auto_lr_reduction #1 at step 25" in console
     steps = {r["step"]: r for r in log.steps}
-    if kernel == "lm_head_ce":
+    if fault == "loss":
         assert steps[24]["loss"] > 50 * steps[23]["loss"]  # the spike is in the log
     else:
         assert steps[25]["grad_norm"] > 100 * steps[24]["grad_norm"]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from surogate.runtime.checkpoint import CheckpointManager
 from surogate.runtime.observe import read_log
 from tests.observe_e2e.runs import (
-    inject_fault,
+    inject_grad_fault,
     inject_loss_fault,
     record_states,
     same_state,
@@ -75,7 +75,7 @@ def test_repeated_poison_stops_with_the_last_good_state(source, tmp_path, monkey
 
 def test_non_finite_gradients_skip_the_step(source, tmp_path, monkeypatch):
     """A finite loss with an inf gradient (the backward of the loss blows up at step 3) is skipped too."""
-    hit = inject_fault(monkeypatch, "lm_head_ce_bwd", lambda i: math.inf if i == 2 else None)
+    hit = inject_grad_fault(monkeypatch, lambda i: math.inf if i == 2 else None)
     states = record_states(monkeypatch)
     cfg = train_cfg(source, tmp_path, max_steps=5, log_file=str(tmp_path / "log.jsonl"))
     result, console = train(cfg)

@@ -34,7 +34,7 @@ def _hf(model_dir):
 def _assert_layout(plan, recompute, lm_chunks, attn_chunks):
     """The options reached the executed plan (else the parametrisation would test nothing new)."""
     kinds = {op.kind: op.attrs for op in plan.ops}
-    assert kinds["lm_head_ce"].get("chunks", 1) == lm_chunks
+    assert kinds["lm_head_ce_fwd_bwd"].get("chunks", 1) == lm_chunks
     assert kinds["attention_bwd"].get("chunks", 1) == attn_chunks
     assert any(op.attrs.get("recompute") for op in plan.ops) == recompute
 
