@@ -37,6 +37,19 @@ def timed_kernels(table: dict, events: list) -> None:
         table[kind] = wrapped
 
 
+def floors_for(plan, micro_batches: list[dict]) -> dict:
+    """roofline.step_floor for this GPU (H100 / H200 datasheet peaks; {} on another card) with the documents of
+    `micro_batches`."""
+    from roofline import PEAKS, Peak, step_floor
+
+    name = torch.cuda.get_device_name().lower()
+    gpu = next((g for g in PEAKS if g in name), None)
+    if gpu is None:
+        return {}
+    docs = [int(n) for mb in micro_batches for n in torch.diff(mb["cu_seqlens"]).tolist()]
+    return step_floor(plan, Peak.of(gpu), len(micro_batches), doc_lengths=docs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-size", choices=list(SIZES), default="0.6b")
@@ -70,9 +83,16 @@ def main(argv: list[str] | None = None) -> int:
             per_kind[kind].append(start.elapsed_time(end))
         total = sum(sum(v) for v in per_kind.values())
         rows = sorted(((k, len(v), sum(v)) for k, v in per_kind.items()), key=lambda r: -r[2])
-        print(f"{'op kind':<28}{'calls':>7}{'ms/step':>10}{'share':>8}")
+        floors = floors_for(trainer.plan, flat[args.accum : 2 * args.accum])
+        print(f"{'op kind':<28}{'calls':>7}{'ms/step':>10}{'share':>8}{'floor ms':>10}{'of floor':>10}")
         for kind, n, ms in rows:
-            print(f"{kind:<28}{n:>7}{ms:>10.2f}{ms / total:>8.1%}")
+            fl = floors.get(kind)
+            extra = f"{fl.seconds * 1e3:>10.2f}{fl.seconds * 1e3 / ms:>10.0%}" if fl and ms > 0 else ""
+            print(f"{kind:<28}{n:>7}{ms:>10.2f}{ms / total:>8.1%}{extra}")
+        if floors:
+            floor_ms = sum(f.seconds for f in floors.values()) * 1e3
+            print(f"step floor (roofline.py, this batch's documents) {floor_ms:.1f} ms = {floor_ms / total:.0%} of "
+                  "the measured op time")
         tokens = args.batch * args.seq * args.accum
         print(f"eager step wall {wall * 1e3:.1f} ms; op device time (events, serialising) {total:.1f} ms "
               f"-> {tokens / (total / 1e3):.0f} tokens/s if launch-free")

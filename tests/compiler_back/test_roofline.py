@@ -1,0 +1,84 @@
+"""benchmarks/roofline.py: the per-op floor model (GEMM FLOPs, attention pairs, traffic) and what it says about
+the Qwen3-0.6B LoRA plan, with no GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from surogate.compiler.pipeline import compile_plan
+from surogate.schema import config_from_dict
+
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "roofline.py"
+JOB = {"model": "Qwen/Qwen3-0.6B", "sequence_len": 256, "per_device_train_batch_size": 2, "lora": True,
+       "lora_rank": 16, "lora_alpha": 32, "lora_dtype": "bf16", "torch_dtype": "bfloat16", "recompute": True}
+
+
+@pytest.fixture(scope="module")
+def rf():
+    spec = importlib.util.spec_from_file_location("roofline", PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return compile_plan(config_from_dict(JOB))
+
+
+def _op(plan, name):
+    return plan.ops[plan.op_index(name)]
+
+
+def test_gemm_costs_are_2mnk_and_one_pass_over_each_tensor(rf, plan):
+    rows = 2 * 256
+    q = _op(plan, "L3.q")  # the base projection: x [2, 256, 1024] @ W_q [2048, 1024]^T, bf16
+    nbytes, flops = rf.op_cost(plan, q)
+    assert flops == 2 * rows * 2048 * 1024
+    assert nbytes == 2 * (rows * 1024 + 2048 * 1024 + rows * 2048)
+    dw = next(op for op in plan.ops if op.kind == "linear_bwd_weight" and op.attrs["fwd_op"] == "L3.q.lora_a")
+    assert rf.op_cost(plan, dw)[1] == 2 * rows * 16 * 1024  # dA = dh^T [16, rows] @ x [rows, 1024]
+    acc = next(op for op in plan.ops if op.kind == "linear_bwd_data" and op.attrs.get("accumulate_into"))
+    (out,) = acc.outputs
+    read_write = rf.op_cost(plan, acc)[0] - sum(plan.tensors[n].nbytes for n in acc.inputs)
+    assert read_write == 2 * plan.tensors[out].nbytes  # an accumulated output is read and written
+
+
+def test_attention_pairs_follow_the_documents(rf, plan):
+    assert rf.causal_pairs(16, 8, None) == 2 * 8 * 9 / 2
+    assert rf.causal_pairs(0, 1, [3, 5]) == 6 + 15
+    att = next(op for op in plan.ops if op.kind == "attention")
+    heads_dim = att.attrs["num_heads"] * att.attrs["head_dim"]
+    assert rf.op_cost(plan, att)[1] == 4 * heads_dim * rf.causal_pairs(512, 256, None)
+    assert rf.op_cost(plan, att, pairs=100.0)[1] == 4 * heads_dim * 100
+    bwd = next(op for op in plan.ops if op.kind == "attention_bwd")
+    assert rf.op_cost(plan, bwd, pairs=100.0)[1] == 2.5 * 4 * heads_dim * 100
+    # the step's documents are spread over its micro-steps
+    one = rf.step_floor(plan, rf.Peak.of("h100"), 2, doc_lengths=[256] * 4)["attention"]
+    whole = rf.step_floor(plan, rf.Peak.of("h100"), 2)["attention"]
+    assert one.flops == whole.flops
+
+
+def test_the_floor_sees_what_recompute_and_the_fused_loss_cost(rf, plan, monkeypatch):
+    peak = rf.Peak.of("h100")
+    floor = lambda p: sum(k.seconds for k in rf.step_floor(p, peak, 4).values())  # noqa: E731
+    fused = rf.step_floor(plan, peak, 4)["lm_head_ce_fwd_bwd"]
+    assert fused.calls == 4 and fused.flops == 4 * 2 * (2 * 512 * 151936 * 1024)  # logits + dX GEMMs
+    assert floor(compile_plan(config_from_dict({**JOB, "recompute": False}))) < floor(plan)
+    monkeypatch.setenv("SUROGATE_FUSIONS_OFF", "fuse_lm_head_ce")
+    pair = rf.step_floor(compile_plan(config_from_dict(JOB)), peak, 4)
+    assert pair["lm_head_ce"].flops + pair["lm_head_ce_bwd"].flops == pytest.approx(1.5 * fused.flops)
+    assert math.isclose(floor(plan) + 0.5 * fused.flops / peak.flops_16, sum(k.seconds for k in pair.values()),
+                        rel_tol=0.05)  # the unfused pair's extra logits GEMM (and logits passes)
+
+
+def test_cli_prints_the_table_without_a_gpu(rf, capsys):
+    assert rf.main(["--seq", "128", "--accum", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lm_head_ce_fwd_bwd" in out and "step floor" in out and "of the floor" in out
