@@ -69,6 +69,17 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _op_index(graph: Any) -> tuple[dict[int, list], dict[str, int]]:
+    ops = _plan_ops(graph)
+    first: dict[str, int] = {}
+    by_attrs: dict[int, list] = {}
+    for i, op in enumerate(ops):
+        for name in op.outputs:
+            first.setdefault(name, i)
+        by_attrs.setdefault(id(op.attrs), []).append((i, op))
+    return by_attrs, first
+
+
 def _plan_ops(graph: Any) -> list:
     ops = graph.ops
     return list(ops() if callable(ops) else ops)
@@ -101,8 +112,8 @@ class CudaState:
     """Caches of one kernel-table instance (one executor)."""
 
     def __init__(self) -> None:
-        self._ops: dict[int, tuple[Any, dict[int, Any]]] = {}  # id(plan) -> (plan, {id(attrs): op})
-        self._first_writer: dict[int, dict[str, int]] = {}
+        # (what, id(plan)) -> (plan, value): facts derived once per plan (`_per_plan`)
+        self._plan_memo: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._bindings: dict[tuple[int, int], Binding] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._scalars: dict[Any, tuple[torch.Tensor, Callable[[Any], list[float]]]] = {}
@@ -110,37 +121,28 @@ class CudaState:
         self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
         # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
         self.cu_slots: int | None = None
-        self._upcast: dict[int, tuple[Any, set[str]]] = {}  # id(plan) -> (plan, names worth one conversion)
         self._upcast_owner: dict[tuple, tuple[str, int]] = {}  # slot -> (tensor name, run token) it holds
         self._step: torch.Tensor | None = None  # int64 [1]: ctx.step on the device (dropout masks)
         self.staging = PinnedStaging()  # refresh_scalars' host -> device copies
-        self._norm_weight_grads: dict[int, tuple[Any, frozenset]] = {}  # id(plan) -> (plan, fwd_op names)
+
+    def _per_plan(self, what: str, graph: Any, derive: Callable[[Any], Any]) -> Any:
+        """derive(graph), computed once per plan (a plan is identified by itself, not only by its id: ids of
+        dead plans are reused)."""
+        entry = self._plan_memo.get((what, id(graph)))
+        if entry is None or entry[0] is not graph:
+            entry = self._plan_memo[(what, id(graph))] = (graph, derive(graph))
+        return entry[1]
 
     def norm_weight_grads(self, graph: Any) -> frozenset:
         """The RMSNorms (their forward op names) whose weight gets a gradient in this plan: those with an
         `rmsnorm_bwd_weight` op. The others' backward kernels skip the dweight sums (LoRA's frozen norms)."""
-        entry = self._norm_weight_grads.get(id(graph))
-        if entry is None or entry[0] is not graph:
-            names = frozenset(op.attrs.get("fwd_op") for op in _plan_ops(graph) if op.kind == "rmsnorm_bwd_weight")
-            entry = self._norm_weight_grads[id(graph)] = (graph, names)
-        return entry[1]
+        return self._per_plan("norm_weight_grads", graph, lambda g: frozenset(
+            op.attrs.get("fwd_op") for op in _plan_ops(g) if op.kind == "rmsnorm_bwd_weight"))
 
     # -- outputs ---------------------------------------------------------------------------------------
-    def _op_index(self, graph: Any) -> dict[int, Any]:
-        entry = self._ops.get(id(graph))
-        if entry is None or entry[0] is not graph:
-            ops = _plan_ops(graph)
-            first: dict[str, int] = {}
-            for i, op in enumerate(ops):
-                for name in op.outputs:
-                    first.setdefault(name, i)
-            by_attrs: dict[int, list] = {}
-            for i, op in enumerate(ops):
-                by_attrs.setdefault(id(op.attrs), []).append((i, op))
-            entry = (graph, by_attrs)
-            self._ops[id(graph)] = entry
-            self._first_writer[id(graph)] = first
-        return entry[1]
+    def _op_index(self, graph: Any) -> tuple[dict[int, list], dict[str, int]]:
+        """({id(op.attrs): [(schedule index, op), ...]}, {tensor: index of its first writer}) of the plan."""
+        return self._per_plan("op_index", graph, _op_index)
 
     def bind(self, ins: list, attrs: dict, ctx: Any) -> Binding:
         """Output views (at their planned offsets) and accumulate flags of the op owning `attrs`."""
@@ -150,7 +152,8 @@ class CudaState:
         if hit is not None:
             return hit
         graph = ctx.graph
-        candidates = self._op_index(graph)[id(attrs)]
+        by_attrs, first = self._op_index(graph)
+        candidates = by_attrs[id(attrs)]
         if len(candidates) > 1:  # ops sharing one attrs dict: tell them apart by where their inputs live
             key = (*key, tuple(t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in ins))
             hit = self._bindings.get(key)
@@ -158,7 +161,6 @@ class CudaState:
                 return hit
             candidates = [c for c in candidates if _inputs_at(c[1], ins, graph.tensors)] or candidates[:1]
         index, op = candidates[0]
-        first = self._first_writer[id(graph)]
         tensors = graph.tensors
         # the arena of each space, from an input that really is an arena view (4-bit inputs reach kernels as
         # unpacked temporaries: their storage is not the arena)
@@ -184,12 +186,7 @@ class CudaState:
         """`t` (the arena view of tensor `name`) in `dtype`. An activation several mixed-dtype GEMMs read is
         converted once per run into a scratch slot (one per shape) and reused until another tensor takes the
         slot; anything else is converted as it is read."""
-        graph = ctx.graph
-        entry = self._upcast.get(id(graph))
-        if entry is None or entry[0] is not graph:
-            entry = (graph, _upcast_names(graph))
-            self._upcast[id(graph)] = entry
-        if name not in entry[1]:
+        if name not in self._per_plan("upcast", ctx.graph, _upcast_names):
             return t.to(dtype)
         slot = self.alloc(sz.upcast_slot(*t.shape, dtype_name(dtype)), t.device)
         key = (tuple(t.shape), dtype, str(t.device))
