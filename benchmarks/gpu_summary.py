@@ -57,6 +57,8 @@ def summarise(out: Path, stages: str, seconds: float) -> dict[str, Any]:
                        "target_54k": None if tps is None else tps >= 54000,
                        "graphs": ours.get("graphs"), "eager_reason": ours.get("eager_reason"),
                        "graphs_failure": (((thr or {}).get("runs") or [{}])[0]).get("graphs_failure"),
+                       # the job's roofline (benchmarks/roofline.py) on this GPU, and ours as a share of it
+                       "floor_tokens_per_s": ours.get("floor_tokens_per_s"), "of_floor": ours.get("of_floor"),
                        "captured": ours.get("captured"), "warmup_step_s": ours.get("warmup_step_s"),
                        "ops_per_program": ours.get("ops_per_program"),
                        "extra_jobs": [{**r.get("job", {}), "ratio": r.get("ratio"),

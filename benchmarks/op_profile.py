@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_job import SIZES, OurTrainer, our_config, packed_batches, save_preset_model  # noqa: E402
+from roofline import device_floors  # noqa: E402
 
 
 def timed_kernels(table: dict, events: list) -> None:
@@ -35,19 +36,6 @@ def timed_kernels(table: dict, events: list) -> None:
             events.append((_kind, start, end))
             return out
         table[kind] = wrapped
-
-
-def floors_for(plan, micro_batches: list[dict]) -> dict:
-    """roofline.step_floor for this GPU (H100 / H200 datasheet peaks; {} on another card) with the documents of
-    `micro_batches`."""
-    from roofline import PEAKS, Peak, step_floor
-
-    name = torch.cuda.get_device_name().lower()
-    gpu = next((g for g in PEAKS if g in name), None)
-    if gpu is None:
-        return {}
-    docs = [int(n) for mb in micro_batches for n in torch.diff(mb["cu_seqlens"]).tolist()]
-    return step_floor(plan, Peak.of(gpu), len(micro_batches), doc_lengths=docs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             per_kind[kind].append(start.elapsed_time(end))
         total = sum(sum(v) for v in per_kind.values())
         rows = sorted(((k, len(v), sum(v)) for k, v in per_kind.items()), key=lambda r: -r[2])
-        floors = floors_for(trainer.plan, flat[args.accum : 2 * args.accum])
+        floors = device_floors(trainer.plan, flat[args.accum : 2 * args.accum])
         print(f"{'op kind':<28}{'calls':>7}{'ms/step':>10}{'share':>8}{'floor ms':>10}{'of floor':>10}")
         for kind, n, ms in rows:
             fl = floors.get(kind)
@@ -108,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": rows, "wall_ms": wall * 1e3, "device_ms": total,
+                                                   "floor_ms": {k: f.seconds * 1e3 for k, f in floors.items()},
                                                    "kernels_table": table}, indent=1))
     return 0
 

@@ -138,6 +138,19 @@ def step_floor(plan: Any, peak: Peak, accumulation: int, doc_lengths: Sequence[i
     return dict(out)
 
 
+def device_floors(plan: Any, micro_batches: list[dict]) -> dict[str, KindFloor]:
+    """`step_floor` on the current CUDA device (H100 / H200 datasheet peaks; {} on another card) for one step of
+    `micro_batches` (their `cu_seqlens` give the documents)."""
+    import torch
+
+    name = torch.cuda.get_device_name().lower()
+    gpu = next((g for g in PEAKS if g in name), None)
+    if gpu is None:
+        return {}
+    docs = [int(n) for mb in micro_batches for n in torch.diff(mb["cu_seqlens"]).tolist()]
+    return step_floor(plan, Peak.of(gpu), len(micro_batches), doc_lengths=docs)
+
+
 def _job(args: argparse.Namespace) -> Any:
     from surogate.compiler.pipeline import compile_plan
     from surogate.schema import config_from_dict

@@ -27,6 +27,7 @@ from surogate.compiler.report import device_total
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_job import PROJ, SIZES, OurTrainer, our_config, packed_batches, save_preset_model, timed  # noqa: E402
+from roofline import device_floors  # noqa: E402
 
 
 def _batches(args: argparse.Namespace, vocab: int) -> list[list[dict]]:
@@ -74,7 +75,12 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     memory["plan_workspace"] = {k: mib(v) if isinstance(v, int) else v
                                 for k, v in (dev.get("backend_workspace") or {}).items()}
     ops = {name: len(prog) for name, prog in trainer.ex.programs.items()}
-    return {"tokens_per_s": args.steps * args.accum * args.batch * args.seq / elapsed, "losses": losses,
+    tokens_per_s = args.steps * args.accum * args.batch * args.seq / elapsed
+    floors = device_floors(trainer.plan, steps[2])  # roofline.py: this job at the GPU's peaks, its documents
+    floor_s = sum(f.seconds for f in floors.values())
+    return {"tokens_per_s": tokens_per_s, "losses": losses,
+            "floor_tokens_per_s": args.accum * args.batch * args.seq / floor_s if floors else None,
+            "of_floor": tokens_per_s * floor_s / (args.accum * args.batch * args.seq) if floors else None,
             "graphs": trainer.graphs.enabled, "eager_reason": trainer.graphs.reason,
             "captured": sorted(map(str, trainer.graphs.graphs)), "peak_gib": measured / 2**30,
             "plan_peak_gib": planned / 2**30, "peak_ratio": measured / planned, "setup_s": round(setup_s, 2),
@@ -194,6 +200,9 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
             print(f"{name:<26}{r['tokens_per_s']:>12.0f} tokens/s  peak {r['peak_gib']:.2f} GiB  losses "
                   f"{[round(x, 4) for x in r['losses']]}")
     if ours:
+        if ours.get("floor_tokens_per_s"):
+            print(f"surogate: {ours['of_floor']:.0%} of this job's floor on this GPU ({ours['floor_tokens_per_s']:,.0f} "
+                  "tokens/s, benchmarks/roofline.py)")
         print(f"surogate: plan peak {ours['plan_peak_gib']:.3f} GiB, measured/plan x{ours['peak_ratio']:.4f}, "
               f"after warm-up: {ours['allocations_after_warmup']} allocator calls, {ours['segments_after_warmup']} "
               f"cudaMalloc segments, reserved +{ours['reserved_bytes_after_warmup']} B; warm-up steps "

@@ -82,3 +82,18 @@ def test_cli_prints_the_table_without_a_gpu(rf, capsys):
     assert rf.main(["--seq", "128", "--accum", "2"]) == 0
     out = capsys.readouterr().out
     assert "lm_head_ce_fwd_bwd" in out and "step floor" in out and "of the floor" in out
+
+
+def test_device_floors_take_the_cards_peaks_and_the_batches_documents(rf, plan, monkeypatch):
+    import torch
+
+    # rows of 256 tokens (the plan's sequence), two per micro-batch; the first packs two documents into row 0
+    mbs = [{"cu_seqlens": torch.tensor([0, 100, 256, 512])}, {"cu_seqlens": torch.tensor([0, 256, 512])}]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    got = rf.device_floors(plan, mbs)
+    want = rf.step_floor(plan, rf.Peak.of("h200"), 2, doc_lengths=[100, 156, 256, 256, 256])
+    assert got["attention"].flops == want["attention"].flops < rf.step_floor(plan, rf.Peak.of("h200"), 2)[
+        "attention"].flops  # packed documents attend less than whole rows
+    assert got["linear"].seconds == want["linear"].seconds
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    assert rf.device_floors(plan, mbs) == {}  # no datasheet peaks for that card: no floor rather than a wrong one
