@@ -3,28 +3,21 @@ the Qwen3-0.6B LoRA plan, with no GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from surogate.compiler.pipeline import compile_plan
 from surogate.schema import config_from_dict
+from tests.scripts import load_script
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "roofline.py"
 JOB = {"model": "Qwen/Qwen3-0.6B", "sequence_len": 256, "per_device_train_batch_size": 2, "lora": True,
        "lora_rank": 16, "lora_alpha": 32, "lora_dtype": "bf16", "torch_dtype": "bfloat16", "recompute": True}
 
 
 @pytest.fixture(scope="module")
 def rf():
-    spec = importlib.util.spec_from_file_location("roofline", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/roofline.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,13 @@ None, not a crash), so one GPU run always ends with a summary.json."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_summary.py"
+from tests.scripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_summary", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu_summary.py")
 
 
 def test_figures_from_stage_outputs(tmp_path):

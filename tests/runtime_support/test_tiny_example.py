@@ -3,7 +3,6 @@ falls, and examples/tiny-cpu-sft.yaml validates and points at what the generator
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,22 +12,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surogate.schema import load_config, validate_file
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML = ROOT / "examples" / "tiny-cpu-sft.yaml"
 
 
-def _make_tiny_module():
-    spec = importlib.util.spec_from_file_location("make_tiny", ROOT / "examples" / "tiny" / "make_tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    mod = _make_tiny_module()
+    mod = load_script("examples/tiny/make_tiny.py")
     assert mod.main([str(out), "--rows", "400"]) == 0
     return mod, out
 
