@@ -152,8 +152,10 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
             str(args.batch), "--accum", str(args.accum), "--lora-dtype", args.lora_dtype,
             *(["--full"] if args.full else []), *(["--no-recompute"] if args.no_recompute else []),
             *(["--eager"] if args.eager else [])]
+    env = getattr(args, "env", None) or {}  # an extra's experiment switches, for our process only
     results: dict = {"job": {"model_size": args.model_size, "full": args.full, "eager": args.eager,
-                             "lora_dtype": args.lora_dtype, "recompute": not args.no_recompute}}
+                             "lora_dtype": args.lora_dtype, "recompute": not args.no_recompute, **({"env": env}
+                                                                                                  if env else {})}}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
         save_preset_model(args.model_size, work / "model")
@@ -163,7 +165,7 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
             timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) * (0.6 if k == 0 else 1))
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore", **(env if k == 0 else {})})
             except subprocess.TimeoutExpired:
                 print(f"[{runner}] out of time ({timeout:.0f} s)", file=sys.stderr)
                 results[runner] = None
@@ -176,7 +178,7 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
                 timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) / 2)
                 try:
                     proc = subprocess.run([*cmd, "--eager"], capture_output=True, text=True, timeout=timeout,
-                                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                          env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
                 except subprocess.TimeoutExpired:
                     print(f"[ours] eager retry out of time ({timeout:.0f} s)", file=sys.stderr)
                     results[runner] = None
@@ -214,9 +216,13 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
     return results
 
 
-# name -> the job's settings over the main job's (model size, full fine-tune, adapter dtype, recompute)
+# name -> the job's settings over the main job's (model size, full fine-tune, adapter dtype, recompute; `env`:
+# experiment switches for our process)
 EXTRAS = {
     "0.6b-norecompute": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": True},
+    # the mid-layer residual kept as a checkpoint (compiler/passes/recompute.py): less recompute, more memory
+    "0.6b-keepmid": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
+                     "env": {"SUROGATE_RECOMPUTE_KEEP": "ffn_input"}},
     "0.6b-fp32": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "no_recompute": False},
     "0.6b-full": {"model_size": "0.6b", "full": True, "no_recompute": False},
     **{f"{size}{suffix}": {"model_size": size, "full": bool(suffix), "lora_dtype": "bf16", "no_recompute": False}

@@ -8,14 +8,28 @@ and the backward ops read the recomputed copies. What stays saved is what other 
 reads: the residual stream between layers (`attrs["residual"] == "layer_input"`). Re-emitted ops are
 the same ops with the same attributes (dropout regenerates its mask from its seed), so gradients are
 bit-identical to the non-recomputed program.
+
+`SUROGATE_RECOMPUTE_KEEP=ffn_input` (an experiment switch, not a config option) also keeps the mid-layer
+residual (`attrs["residual"] == "ffn_input"`) saved: the recompute then needs neither the attention output
+projection nor the residual add (more memory, less recompute; for measuring the trade on a GPU). Only what a
+dropped tensor needs and is not itself kept for the backward is re-emitted.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Tensor
+
+KEEP_ENV = "SUROGATE_RECOMPUTE_KEEP"  # comma-separated residual kinds kept besides "layer_input"
+
+
+def kept_residuals() -> frozenset[str]:
+    """Residual kinds (`attrs["residual"]`) saved as checkpoints: the layer input, plus $SUROGATE_RECOMPUTE_KEEP."""
+    extra = {k.strip() for k in os.environ.get(KEEP_ENV, "").split(",") if k.strip()}
+    return frozenset({"layer_input", *extra})
 
 
 def apply_recompute(graph: Graph, cfg: Any) -> Graph:
@@ -37,6 +51,7 @@ def apply_recompute(graph: Graph, cfg: Any) -> Graph:
             for t in op.inputs:
                 readers_layers[t].add(op.layer)
 
+    keep = kept_residuals()
     insert_before: dict[str, list[str]] = {}
     for layer, fops in fwd_by_layer.items():
         bops = bwd_by_layer.get(layer)
@@ -45,10 +60,12 @@ def apply_recompute(graph: Graph, cfg: Any) -> Graph:
         produced = {o for op in fops for o in op.outputs}
         drop = {t for t in produced
                 if readers_layers.get(t) == {layer}
-                and graph.tensors[t].attrs.get("residual") != "layer_input"
+                and graph.tensors[t].attrs.get("residual") not in keep
                 and graph.tensors[t].role == Role.ACTIVATION}
         if drop:
-            insert_before[bops[0].name] = _reemit(graph, fops, produced, drop, bops)
+            # saved for this layer's backward anyway: a recompute reads these rather than rebuilding them
+            kept = {t for t in produced - drop if t in readers_layers}
+            insert_before[bops[0].name] = _reemit(graph, fops, produced - kept, drop, bops)
 
     if insert_before:
         order: list[str] = []
@@ -65,7 +82,8 @@ def apply_recompute(graph: Graph, cfg: Any) -> Graph:
 
 
 def _reemit(graph: Graph, fops: list[Op], produced: set[str], drop: set[str], bops: list[Op]) -> list[str]:
-    """Clone the forward ops of one layer needed to rebuild `drop`; point the layer's backward at the clones."""
+    """Clone the forward ops of one layer needed to rebuild `drop` from what is saved (`produced`: the layer's
+    outputs that are not, so must be rebuilt when an op needs them); point the layer's backward at the clones."""
     need = set(drop)
     chosen: list[Op] = []
     for op in reversed(fops):

@@ -187,3 +187,22 @@ def test_compiled_graphs_use_only_declared_op_kinds(over):
         graph.check()
         assert {op.kind for op in graph.ops()} <= set(OPS)
         assert {op.phase for op in graph.ops()} == {"forward", "backward"}
+
+
+def test_keeping_the_mid_layer_residual_skips_the_output_projection_in_recompute(monkeypatch):
+    """SUROGATE_RECOMPUTE_KEEP=ffn_input: L{i}.mid is saved too, so the recompute rebuilds the attention block
+    without o_proj (its output only fed the residual add) and the MLP block from the saved mid."""
+    cfg = make_cfg(QWEN, lora=True, recompute=True, sequence_len=64)
+    rc = compile_front(cfg)
+    monkeypatch.setenv("SUROGATE_RECOMPUTE_KEEP", "ffn_input")
+    keep = compile_front(cfg)
+    keep.check()
+    saved = {t.name for t in keep.tensors.values() if t.role == Role.ACTIVATION and t.layer is not None}
+    assert saved == {f"L{i}.{w}" for i in range(28) for w in ("out", "mid")}
+    recomputed = lambda g: {op.name.removeprefix("rc:") for op in g.ops() if op.attrs.get("recompute")}  # noqa: E731
+    gone = recomputed(rc) - recomputed(keep)
+    assert {"L3.o", "L3.o.lora_add", "L3.attn_res"} <= gone, sorted(n for n in gone if "L3." in n)
+    assert recomputed(keep) < recomputed(rc) and "L3.o.lora_a" in recomputed(keep)  # h_o: o_proj's dB reads it
+    assert _bytes(keep, Role.ACTIVATION) > _bytes(rc, Role.ACTIVATION)
+    for op in keep.ops():  # the backward reads the forward's mid, no recomputed copy
+        assert "L3.mid@rc" not in op.inputs

@@ -45,3 +45,12 @@ def test_every_extra_job_names_settings_our_config_applies(tmp_path):
         if not over["full"]:
             assert cfg.lora_dtype == over["lora_dtype"], name
     assert EXTRAS["0.6b-norecompute"]["no_recompute"] and EXTRAS["0.6b-fp32"]["lora_dtype"] == "fp32"
+
+
+def test_the_keepmid_extra_sets_the_recompute_switch_the_pass_reads(monkeypatch):
+    from surogate.compiler.passes import recompute
+
+    env = EXTRAS["0.6b-keepmid"]["env"]
+    assert set(env) == {recompute.KEEP_ENV}
+    monkeypatch.setenv(recompute.KEEP_ENV, env[recompute.KEEP_ENV])
+    assert recompute.kept_residuals() == {"layer_input", "ffn_input"}  # the kind the builder gives L{i}.mid
