@@ -57,7 +57,8 @@ def our_config(model_dir: Path, args: Any, **over: Any):
             "gradient_accumulation_steps": args.accum, "torch_dtype": "bfloat16", "lora": not args.full,
             "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_dtype": getattr(args, "lora_dtype", "bf16"),
             "optimizer": "adamw_8bit", "recompute": not getattr(args, "no_recompute", False),
-            "learning_rate": 1e-4, "use_cuda_graphs": not args.eager}
+            "learning_rate": 1e-4, "use_cuda_graphs": not args.eager,
+            "lmhead_chunks": getattr(args, "lmhead_chunks", 1)}
     base.update(over)
     return config_from_dict(base)
 

@@ -130,6 +130,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adapter dtype on both sides (bf16: the issue's BF16 LoRA; fp32: PEFT's default and ours)")
     p.add_argument("--no-recompute", action="store_true",
                    help="ours with recompute: false (HF keeps gradient checkpointing, as the issue sets it)")
+    p.add_argument("--lmhead-chunks", type=int, default=1,
+                   help="ours: LM-head row chunks (the logits workspace holds rows / N rows: smaller, L2-resident)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
@@ -143,23 +145,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def compare(args: argparse.Namespace, deadline: float | None) -> dict:
+def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | None = None) -> dict:
     """Ours and transformers + peft on the job `args` names, each in its own process (same saved model); with a
-    `deadline` (time.monotonic()), each process gets an equal share of the time left."""
+    `deadline` (time.monotonic()), each process gets an equal share of the time left. `hf_result`: the HF figure
+    of a job whose HF side is the same (an extra that changes only ours): HF is not run again."""
     import time
 
     base = ["--model-size", args.model_size, "--steps", str(args.steps), "--seq", str(args.seq), "--batch",
             str(args.batch), "--accum", str(args.accum), "--lora-dtype", args.lora_dtype,
             *(["--full"] if args.full else []), *(["--no-recompute"] if args.no_recompute else []),
-            *(["--eager"] if args.eager else [])]
+            *(["--eager"] if args.eager else []), "--lmhead-chunks", str(getattr(args, "lmhead_chunks", 1))]
     env = getattr(args, "env", None) or {}  # an extra's experiment switches, for our process only
     results: dict = {"job": {"model_size": args.model_size, "full": args.full, "eager": args.eager,
-                             "lora_dtype": args.lora_dtype, "recompute": not args.no_recompute, **({"env": env}
+                             "lora_dtype": args.lora_dtype, "recompute": not args.no_recompute,
+                             "lmhead_chunks": getattr(args, "lmhead_chunks", 1), **({"env": env}
                                                                                                   if env else {})}}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
         save_preset_model(args.model_size, work / "model")
-        for k, runner in enumerate(("ours", "hf")):
+        if hf_result is not None:
+            results["hf"], results["hf_from_main_job"] = hf_result, True
+        for k, runner in enumerate(("ours",) if hf_result is not None else ("ours", "hf")):
             cmd = [sys.executable, __file__, *base, "--runner", runner, "--work", str(work)]
             # ours gets 3/5 of the time left (kernel compile or cache load, plan, warm-up and capture), HF the rest
             timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) * (0.6 if k == 0 else 1))
@@ -192,10 +198,12 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
     results["ratio"] = ours["tokens_per_s"] / hf["tokens_per_s"] if ours and hf else None
     mode = "full fine-tune" if args.full else f"LoRA r16 (7 projections, {args.lora_dtype} adapters)"
     mode += ", ours with recompute: false" if args.no_recompute else ""
+    mode += f", ours with lmhead_chunks: {args.lmhead_chunks}" if getattr(args, "lmhead_chunks", 1) > 1 else ""
+    mode += "".join(f", ours with {k}={v}" for k, v in env.items())
     print(f"job: {SIZES[args.model_size]}-shaped, bf16, {mode}, seq {args.seq} x batch {args.batch} x accum "
           f"{args.accum}, packed rows, {args.steps} timed steps, {torch.cuda.get_device_name()}")
     for name, r in (("surogate (cuda, graphs)" if not args.eager else "surogate (cuda, eager)", ours),
-                    ("transformers + peft", hf)):
+                    ("transformers + peft" + (" (main job's)" if hf_result is not None else ""), hf)):
         if r is None:
             print(f"{name:<26} FAILED")
         else:
@@ -217,12 +225,16 @@ def compare(args: argparse.Namespace, deadline: float | None) -> dict:
 
 
 # name -> the job's settings over the main job's (model size, full fine-tune, adapter dtype, recompute; `env`:
-# experiment switches for our process)
+# experiment switches for our process; `ours_only`: HF's side is the main job's, its figure is reused)
 EXTRAS = {
-    "0.6b-norecompute": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": True},
+    "0.6b-norecompute": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": True,
+                         "ours_only": True},  # HF keeps gradient checkpointing
     # the mid-layer residual kept as a checkpoint (compiler/passes/recompute.py): less recompute, more memory
     "0.6b-keepmid": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
-                     "env": {"SUROGATE_RECOMPUTE_KEEP": "ffn_input"}},
+                     "env": {"SUROGATE_RECOMPUTE_KEEP": "ffn_input"}, "ours_only": True},
+    # 16 LM-head row chunks: a 76 MB logits chunk instead of 1.2 GB (plan 2.68 -> 1.71 GiB), maybe served from L2
+    "0.6b-lmchunks16": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
+                        "lmhead_chunks": 16, "ours_only": True},
     "0.6b-fp32": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "no_recompute": False},
     "0.6b-full": {"model_size": "0.6b", "full": True, "no_recompute": False},
     **{f"{size}{suffix}": {"model_size": size, "full": bool(suffix), "lora_dtype": "bf16", "no_recompute": False}
@@ -250,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         if name not in EXTRAS or left < 60:  # a job needs a model save and two processes: skip rather than cut
             print(f"[extra {name}] skipped ({'unknown' if name not in EXTRAS else f'{left:.0f} s left'})")
             continue
-        runs.append(compare(argparse.Namespace(**{**vars(args), **EXTRAS[name]}), deadline))
+        over = dict(EXTRAS[name])
+        same_hf = over.pop("ours_only", False) and main_job["hf"] is not None
+        runs.append(compare(argparse.Namespace(**{**vars(args), **over}), deadline,
+                            main_job["hf"] if same_hf else None))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ours": main_job["ours"], "hf": main_job["hf"],
                                                "ratio": main_job["ratio"], "runs": runs}, indent=1))

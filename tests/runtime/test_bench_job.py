@@ -44,6 +44,7 @@ def test_every_extra_job_names_settings_our_config_applies(tmp_path):
         assert cfg.lora is not over["full"], name
         if not over["full"]:
             assert cfg.lora_dtype == over["lora_dtype"], name
+        assert cfg.lmhead_chunks == over.get("lmhead_chunks", 1), name
     assert EXTRAS["0.6b-norecompute"]["no_recompute"] and EXTRAS["0.6b-fp32"]["lora_dtype"] == "fp32"
 
 
@@ -54,3 +55,44 @@ def test_the_keepmid_extra_sets_the_recompute_switch_the_pass_reads(monkeypatch)
     assert set(env) == {recompute.KEEP_ENV}
     monkeypatch.setenv(recompute.KEEP_ENV, env[recompute.KEEP_ENV])
     assert recompute.kept_residuals() == {"layer_input", "ffn_input"}  # the kind the builder gives L{i}.mid
+
+
+def test_an_ours_only_extra_reuses_the_main_jobs_hf_figure(monkeypatch):
+    """Extras that change only our side (recompute, experiment switches, LM-head chunks) run one process: HF's
+    job is the main job's (saving a minute of a GPU session each); ours gets its switches, HF never does."""
+    import json
+    import subprocess
+
+    import throughput
+
+    calls = []
+
+    ours = {"tokens_per_s": 100.0, "peak_gib": 3.0, "losses": [1.0], "plan_peak_gib": 3.0, "peak_ratio": 1.0,
+            "allocations_after_warmup": 0, "segments_after_warmup": 0, "reserved_bytes_after_warmup": 0,
+            "warmup_step_s": [1.0], "ops_per_program": {}, "graphs": True, "eager_reason": None, "captured": []}
+    hf = {"tokens_per_s": 40.0, "peak_gib": 8.0, "losses": [1.0]}
+
+    def fake_run(cmd, **kw):
+        runner = cmd[cmd.index("--runner") + 1]
+        calls.append((runner, cmd, kw["env"]))
+        return SimpleNamespace(returncode=0, stdout=json.dumps(ours if runner == "ours" else hf), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(throughput, "save_preset_model", lambda size, out: out)
+    monkeypatch.setattr(throughput.torch.cuda, "get_device_name", lambda *a: "test", raising=False)
+    args = parse([])
+    main = throughput.compare(args, None)
+    assert [c[0] for c in calls] == ["ours", "hf"] and main["ratio"] == 2.5
+    calls.clear()
+    over = dict(EXTRAS["0.6b-keepmid"])
+    assert over.pop("ours_only")
+    extra = throughput.compare(SimpleNamespace(**{**vars(args), **over}), None, main["hf"])
+    (runner, cmd, env), = calls
+    assert runner == "ours" and env["SUROGATE_RECOMPUTE_KEEP"] == "ffn_input"
+    assert extra["hf_from_main_job"] and extra["ratio"] == 2.5 and extra["job"]["env"] == over["env"]
+    calls.clear()
+    over = dict(EXTRAS["0.6b-lmchunks16"])
+    over.pop("ours_only")
+    throughput.compare(SimpleNamespace(**{**vars(args), **over}), None, main["hf"])
+    assert calls[0][1][calls[0][1].index("--lmhead-chunks") + 1] == "16"
+    assert not EXTRAS["0.6b-fp32"].get("ours_only") and not EXTRAS["0.6b-full"].get("ours_only")  # HF changes
