@@ -69,7 +69,9 @@ class Runner:
         self.ex = ArenaExecutor(self.plan, self.kernels, device=device, watch=[self.loss_name])
         values = load_weights(self.plan, cfg.model, lora_seed=int(cfg.train_seed))
         values.update(weights or {})
-        initialise(self.ex, {k: v.to(device) for k, v in values.items()})
+        # host tensors, copied into the arena one by one as the training session does (device copies of every
+        # weight made first would add the whole model to the device peak while loading)
+        initialise(self.ex, values)
         self.device = device
 
     def write_batch(self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
