@@ -4,7 +4,9 @@ tensors, which is how it is tested without one).
 - GEMMs: torch (cuBLAS) with `out=` the planned view (`cuda_gemm`);
 - attention: torch's fused attention ops, varlen flash where available (`cuda_attention`);
 - RMSNorm (also with the residual add fused: `add_rmsnorm`; a q/k norm with its rotation: `rmsnorm_rope`), RoPE,
-  SwiGLU, dropout, fused LM-head CE, NF4 dequant: Numba-CUDA kernels (`cuda_numba`);
+  SwiGLU, dropout, NF4 dequant: Numba-CUDA kernels (`cuda_numba`);
+- the fused LM-head cross-entropy (also with its backward: `lm_head_ce_fwd_bwd`): torch GEMMs on logits chunks
+  and Numba-CUDA kernels (`cuda_ce`);
 - the fused LoRA merge (`lora_merge`): a Numba-CUDA kernel (`cuda_lora`);
 - 8-bit AdamW, NorMuon, gradient norm / clipping, copies and collectives (`cuda_optim`);
 - MoE and FP8/FP4 matmul kinds: the reference math, run on the device (torch ops; see `_on_device`).
@@ -21,12 +23,13 @@ from typing import Any
 
 import torch
 
-from surogate.runtime.backends import cuda_attention, cuda_gemm, cuda_lora, cuda_numba, cuda_optim
+from surogate.runtime.backends import cuda_attention, cuda_ce, cuda_gemm, cuda_lora, cuda_numba, cuda_optim
 from surogate.runtime.backends.cuda_state import CudaKernels, CudaState
 from surogate.runtime.reference.kernels_moe import KERNELS as MOE
 from surogate.runtime.reference.kernels_quant import KERNELS as QUANT
 
-OWN = {**cuda_gemm.KERNELS, **cuda_lora.KERNELS, **cuda_numba.KERNELS, **cuda_attention.KERNELS, **cuda_optim.KERNELS}
+OWN = {**cuda_gemm.KERNELS, **cuda_lora.KERNELS, **cuda_numba.KERNELS, **cuda_ce.KERNELS, **cuda_attention.KERNELS,
+       **cuda_optim.KERNELS}
 
 
 def _on_device(fn: Callable) -> Callable:
