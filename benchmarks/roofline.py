@@ -69,11 +69,11 @@ def causal_pairs(rows: int, seq: int, doc_lengths: Sequence[int] | None) -> floa
     return rows // seq * seq * (seq + 1) / 2
 
 
-def op_cost(plan: Any, op: Any, pairs: float | None = None) -> tuple[float, float]:
+def op_cost(plan: Any, op: Any, pairs: float | None = None, read: frozenset | None = None) -> tuple[float, float]:
     """(bytes, FLOPs) of one op at the floor (module doc); `pairs`: an attention head's (query, key) pairs in one
-    micro-batch (None: causal whole rows)."""
+    micro-batch (None: causal whole rows); `read`: `read_set(plan)` when the caller has it."""
     acc = set(op.attrs.get("accumulate_into") or ())
-    read = _read(plan)
+    read = read_set(plan) if read is None else read
     outs = [n for n in op.outputs if n in read]
     nbytes = float(sum(_t(plan, n).nbytes for n in op.inputs) + sum(_t(plan, n).nbytes for n in outs)
                    + sum(_t(plan, n).nbytes for n in outs if n in acc))
@@ -97,15 +97,9 @@ def op_cost(plan: Any, op: Any, pairs: float | None = None) -> tuple[float, floa
     return nbytes, 0.0
 
 
-_READ: dict[int, tuple[Any, frozenset]] = {}
-
-
-def _read(plan: Any) -> frozenset:
-    """Tensors some op of `plan` reads (cached per plan)."""
-    hit = _READ.get(id(plan))
-    if hit is None or hit[0] is not plan:
-        hit = _READ[id(plan)] = (plan, frozenset(n for op in plan.ops for n in op.inputs))
-    return hit[1]
+def read_set(plan: Any) -> frozenset:
+    """Tensors some op of `plan` reads."""
+    return frozenset(n for op in plan.ops for n in op.inputs)
 
 
 def _flops_peak(plan: Any, op: Any, peak: Peak) -> float:
@@ -127,9 +121,10 @@ def step_floor(plan: Any, peak: Peak, accumulation: int, doc_lengths: Sequence[i
     `doc_lengths`: the documents of the whole step (all micro-batches; None: causal whole rows)."""
     pairs = None if not doc_lengths else causal_pairs(0, 1, doc_lengths) / accumulation
     out: dict[str, KindFloor] = defaultdict(KindFloor)
+    read = read_set(plan)
     for op in plan.ops:
         reps = accumulation if op.phase in ("forward", "backward") else 1
-        nbytes, flops = op_cost(plan, op, pairs)
+        nbytes, flops = op_cost(plan, op, pairs, read)
         k = out[op.kind]
         k.calls += reps
         k.bytes += reps * nbytes
