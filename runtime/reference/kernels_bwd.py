@@ -12,7 +12,7 @@ import torch
 
 from surogate.runtime.reference.common import dropout_mask, heads, merge_heads, rotate_half_t
 from surogate.runtime.reference.dtypes import common
-from surogate.runtime.reference.kernels_fwd import attention_probs, cos_sin, lm_head_ce, rms_normalize
+from surogate.runtime.reference.kernels_fwd import CEChunks, attention_probs, cos_sin, rms_normalize
 
 Tensors = list[torch.Tensor | None]
 
@@ -126,38 +126,53 @@ def dropout_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [x[0] * dropout_mask(x[0].shape, p, a["seed"], ctx.step) / (1.0 - p)]
 
 
+class _CEGrads:
+    """dX / dW of the mean CE, accumulated chunk by chunk from each chunk's logits and log-sum-exp."""
+
+    def __init__(self, ce: CEChunks, h: torch.Tensor, w: torch.Tensor, n_items: torch.Tensor, wrt: Any) -> None:
+        self.ce, self.shape, self.wrt = ce, h.shape, wrt
+        self.coef = 1.0 / n_items.float().clamp(min=1)
+        self.dx = torch.zeros(ce.n, ce.rows.shape[1], dtype=torch.float32) if 0 in wrt else None
+        self.dw = torch.zeros(w.shape, dtype=torch.float32) if 1 in wrt else None
+
+    def add(self, logits: torch.Tensor, lo: int, hi: int, lse: torch.Tensor) -> None:
+        ce = self.ce
+        p = torch.exp(logits - lse[lo:hi, None])
+        p[torch.arange(hi - lo), ce.lab[lo:hi].clamp(min=0)] -= 1.0
+        p *= (ce.valid[lo:hi] * self.coef)[:, None]
+        p = p.to(ce.rows.dtype)
+        if self.dx is not None:
+            self.dx[lo:hi] = (p @ ce.w).float()
+        if self.dw is not None:
+            self.dw += (p.t() @ ce.rows[lo:hi]).float()
+
+    def outputs(self) -> Tensors:
+        grads = {0: self.dx.view(self.shape) if self.dx is not None else None, 1: self.dw}
+        return [grads[i] for i in self.wrt]
+
+
 def lm_head_ce_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     """d(mean CE)/d(x, W), recomputing each chunk's logits from the saved log-sum-exp."""
     h, w, labels, lse, n_items = x
-    rows = _rows(h)
-    lab = labels.reshape(-1).long()
-    valid = lab != a.get("ignore_index", -100)
-    coef = 1.0 / n_items.float().clamp(min=1)
-    n = rows.shape[0]
-    step = -(-n // max(1, a.get("chunks", 1)))
-    wrt = a["wrt"]
-    dx = torch.zeros(n, rows.shape[1], dtype=torch.float32) if 0 in wrt else None
-    dw = torch.zeros(w.shape, dtype=torch.float32) if 1 in wrt else None
-    wc = w.to(rows.dtype)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        p = torch.exp((rows[lo:hi] @ wc.t()).float() - lse[lo:hi, None])
-        p[torch.arange(hi - lo), lab[lo:hi].clamp(min=0)] -= 1.0
-        p *= (valid[lo:hi] * coef)[:, None]
-        p = p.to(rows.dtype)
-        if dx is not None:
-            dx[lo:hi] = (p @ wc).float()
-        if dw is not None:
-            dw += (p.t() @ rows[lo:hi]).float()
-    grads = {0: dx.view(h.shape) if dx is not None else None, 1: dw}
-    return [*(grads[i] for i in wrt), None]
+    ce = CEChunks(h, w, labels, a)
+    grads = _CEGrads(ce, h, w, n_items, a["wrt"])
+    for lo, hi, logits in ce:
+        grads.add(logits, lo, hi, lse)
+    return [*grads.outputs(), None]
 
 
 def lm_head_ce_fwd_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    """lm_head_ce then lm_head_ce_bwd (pass fuse_lm_head_ce): (loss, lse, *grads in `wrt` order, None)."""
+    """lm_head_ce and lm_head_ce_bwd from one logits computation per chunk (pass fuse_lm_head_ce), with the pair's
+    math: (loss, lse, *grads in `wrt` order, None)."""
     h, w, labels, n_items = x
-    loss, lse, _ = lm_head_ce(x, a, ctx)
-    return [loss, lse, *lm_head_ce_bwd([h, w, labels, lse, n_items], a, ctx)]
+    ce = CEChunks(h, w, labels, a)
+    grads = _CEGrads(ce, h, w, n_items, a["wrt"])
+    lse = torch.empty(ce.n, dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32)
+    for lo, hi, logits in ce:
+        total = total + ce.loss(logits, lo, hi, lse)
+        grads.add(logits, lo, hi, lse)
+    return [total / n_items.float().clamp(min=1), lse, *grads.outputs(), None]
 
 
 KERNELS = {

@@ -140,22 +140,38 @@ def dropout(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [x[0] * keep / (1.0 - p)]
 
 
+class CEChunks:
+    """The LM head's rows, labels and logits chunk by chunk (the `chunks` attr): full logits never exist at once."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, a: dict) -> None:
+        self.rows = h.reshape(-1, h.shape[-1])
+        self.w = w.to(self.rows.dtype)
+        self.lab = labels.reshape(-1).long()
+        self.valid = self.lab != a.get("ignore_index", -100)
+        self.n = self.rows.shape[0]
+        self.step = -(-self.n // max(1, a.get("chunks", 1)))
+
+    def __iter__(self):
+        """(lo, hi, fp32 logits of rows lo..hi)."""
+        for lo in range(0, self.n, self.step):
+            hi = min(self.n, lo + self.step)
+            yield lo, hi, (self.rows[lo:hi] @ self.w.t()).float()
+
+    def loss(self, logits: torch.Tensor, lo: int, hi: int, lse: torch.Tensor) -> torch.Tensor:
+        """Rows lo..hi: their log-sum-exp into `lse`; returns the sum of their non-ignored CE."""
+        lse[lo:hi] = torch.logsumexp(logits, dim=-1)
+        tgt = logits.gather(1, self.lab[lo:hi].clamp(min=0)[:, None])[:, 0]
+        return ((lse[lo:hi] - tgt) * self.valid[lo:hi]).sum()
+
+
 def lm_head_ce(x: Tensors, a: dict, ctx: Any) -> Tensors:
     """Sum of CE over non-ignored rows / num_items, row chunk by row chunk: full logits never exist at once."""
     h, w, labels, n_items = x
-    rows = h.reshape(-1, h.shape[-1])
-    lab = labels.reshape(-1).long()
-    valid = lab != a.get("ignore_index", -100)
-    n = rows.shape[0]
-    step = -(-n // max(1, a.get("chunks", 1)))
-    lse = torch.empty(n, dtype=torch.float32)
+    ce = CEChunks(h, w, labels, a)
+    lse = torch.empty(ce.n, dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        logits = (rows[lo:hi] @ w.to(rows.dtype).t()).float()
-        lse[lo:hi] = torch.logsumexp(logits, dim=-1)
-        tgt = logits.gather(1, lab[lo:hi].clamp(min=0)[:, None])[:, 0]
-        total = total + ((lse[lo:hi] - tgt) * valid[lo:hi]).sum()
+    for lo, hi, logits in ce:
+        total = total + ce.loss(logits, lo, hi, lse)
     return [total / n_items.float().clamp(min=1), lse, None]
 
 
