@@ -34,7 +34,8 @@ from typing import Any
 PEAKS = {"h100": (3.35e12, 989e12, 67e12), "h200": (4.8e12, 989e12, 67e12)}
 TARGET_TOKENS_PER_S = 54_000  # issue 7's H100 target for the Qwen3-0.6B LoRA job
 _GEMM = ("linear", "linear_bwd_data", "linear_bwd_weight")
-_CE_PASSES = {"lm_head_ce": 2, "lm_head_ce_bwd": 4, "lm_head_ce_fwd_bwd": 5}  # logits passes, dW GEMM's aside
+# LM-head kinds: (passes over the logits, logits-sized GEMMs), the dW GEMM's of each aside
+_CE = {"lm_head_ce": (2, 1), "lm_head_ce_bwd": (4, 2), "lm_head_ce_fwd_bwd": (5, 2)}
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,7 @@ def _t(plan: Any, name: str) -> Any:
 def _gemm_flops(plan: Any, op: Any) -> float:
     a, b = _t(plan, op.inputs[0]), _t(plan, op.inputs[1])
     rows = math.prod(a.shape[:-1])
-    if op.kind == "linear":  # x [.., in] @ W[out, in]^T
-        return 2.0 * rows * b.shape[0] * b.shape[1]
-    if op.kind == "linear_bwd_data":  # dy [.., out] @ W[out, in]
+    if op.kind in ("linear", "linear_bwd_data"):  # x [.., in] @ W[out, in]^T, dy [.., out] @ W[out, in]
         return 2.0 * rows * b.shape[0] * b.shape[1]
     return 2.0 * rows * a.shape[-1] * b.shape[-1]  # dW = dy^T [out, rows] @ x [rows, in]
 
@@ -81,13 +80,13 @@ def op_cost(plan: Any, op: Any, pairs: float | None = None, read: frozenset | No
         nbytes = 2.0 * _t(plan, op.outputs[0]).nbytes + _t(plan, op.inputs[0]).nbytes
     if op.kind in _GEMM:
         return nbytes, _gemm_flops(plan, op)
-    if op.kind in _CE_PASSES:
+    if op.kind in _CE:
         x, w = _t(plan, op.inputs[0]), _t(plan, op.inputs[1])
         rows, (vocab, hidden) = math.prod(x.shape[:-1]), w.shape
         dw = 1 in tuple(op.attrs.get("wrt", ()))
-        gemms = {"lm_head_ce": 1, "lm_head_ce_bwd": 2, "lm_head_ce_fwd_bwd": 2}[op.kind] + dw
+        passes, gemms = _CE[op.kind]
         logit_bytes = rows * vocab * (x.nbytes // x.numel)
-        return nbytes + logit_bytes * (_CE_PASSES[op.kind] + dw), 2.0 * rows * vocab * hidden * gemms
+        return nbytes + logit_bytes * (passes + dw), 2.0 * rows * vocab * hidden * (gemms + dw)
     if op.kind in ("attention", "attention_bwd"):
         q = _t(plan, op.inputs[0 if op.kind == "attention" else 1])
         b, t = q.shape[0], q.shape[1]
