@@ -75,12 +75,12 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     memory["plan_workspace"] = {k: mib(v) if isinstance(v, int) else v
                                 for k, v in (dev.get("backend_workspace") or {}).items()}
     ops = {name: len(prog) for name, prog in trainer.ex.programs.items()}
-    tokens_per_s = args.steps * args.accum * args.batch * args.seq / elapsed
+    step_tokens = args.accum * args.batch * args.seq
+    tokens_per_s = args.steps * step_tokens / elapsed
     floors = device_floors(trainer.plan, steps[2])  # roofline.py: this job at the GPU's peaks, its documents
-    floor_s = sum(f.seconds for f in floors.values())
-    return {"tokens_per_s": tokens_per_s, "losses": losses,
-            "floor_tokens_per_s": args.accum * args.batch * args.seq / floor_s if floors else None,
-            "of_floor": tokens_per_s * floor_s / (args.accum * args.batch * args.seq) if floors else None,
+    floor_tps = step_tokens / sum(f.seconds for f in floors.values()) if floors else None
+    return {"tokens_per_s": tokens_per_s, "losses": losses, "floor_tokens_per_s": floor_tps,
+            "of_floor": tokens_per_s / floor_tps if floor_tps else None,
             "graphs": trainer.graphs.enabled, "eager_reason": trainer.graphs.reason,
             "captured": sorted(map(str, trainer.graphs.graphs)), "peak_gib": measured / 2**30,
             "plan_peak_gib": planned / 2**30, "peak_ratio": measured / planned, "setup_s": round(setup_s, 2),
@@ -156,10 +156,9 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
             *(["--full"] if args.full else []), *(["--no-recompute"] if args.no_recompute else []),
             *(["--eager"] if args.eager else []), "--lmhead-chunks", str(getattr(args, "lmhead_chunks", 1))]
     env = getattr(args, "env", None) or {}  # an extra's experiment switches, for our process only
-    results: dict = {"job": {"model_size": args.model_size, "full": args.full, "eager": args.eager,
-                             "lora_dtype": args.lora_dtype, "recompute": not args.no_recompute,
-                             "lmhead_chunks": getattr(args, "lmhead_chunks", 1), **({"env": env}
-                                                                                                  if env else {})}}
+    job = {"model_size": args.model_size, "full": args.full, "eager": args.eager, "lora_dtype": args.lora_dtype,
+           "recompute": not args.no_recompute, "lmhead_chunks": getattr(args, "lmhead_chunks", 1)}
+    results: dict = {"job": {**job, "env": env} if env else job}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
         save_preset_model(args.model_size, work / "model")
