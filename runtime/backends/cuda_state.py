@@ -117,6 +117,7 @@ class CudaState:
         self._bindings: dict[tuple[int, int], Binding] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._scalars: dict[Any, tuple[torch.Tensor, Callable[[Any], list[float]]]] = {}
+        self._refreshed: dict[Any, int] = {}  # scalar key -> run token of its last eager refresh
         self.constants: dict[tuple, torch.Tensor] = {}
         self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
         # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
@@ -230,7 +231,8 @@ class CudaState:
         if entry is None:
             entry = (torch.zeros(n, dtype=torch.float32, device=device), values)
             self._scalars[key] = entry
-        if not capturing():
+        if not capturing() and self._refreshed.get(key) != run_token(ctx):  # once per run: kernels share keys
+            self._refreshed[key] = run_token(ctx)
             entry[0].copy_(torch.tensor(values(ctx), dtype=torch.float32))
         return entry[0]
 

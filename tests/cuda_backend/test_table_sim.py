@@ -59,6 +59,29 @@ def test_normuon_with_clipping_in_place_and_no_new_scratch(model_dir):
     assert (state.scratch_bytes, len(state._scratch)) == (held, n_scratch)
 
 
+def test_adamw8bit_weights_share_one_hyperparameter_buffer_and_all_clip(model_dir):
+    """8-bit AdamW + max_grad_norm over two steps with different schedules: the weights share one hyperparameter
+    buffer (one refresh and one clip copy per step, not one per weight), and every weight gets that step's
+    learning rate and clip factor: the same updates as the cpu backend at both steps."""
+    ref, cud = pair(sim_cfg(model_dir, optimizer="adamw_8bit", max_grad_norm=0.01,
+                            lora_target_modules=["q_proj", "down_proj"], **LORA))
+    for step, lr_scale in ((0, 1.0), (1, 0.25)):
+        ids, labels = batch(1, 8, seed=5 + step)
+        before = ref.trainable()
+        for r in (ref, cud):
+            r.micro_step(ids, labels, step=step)
+            r.optimizer_step(step, lr_scale=lr_scale)
+        clip = float(cud.ex.views["grad_clip_scale"])
+        assert 0 < clip < 1, "max_grad_norm 0.01 must clip, else the shared clip copy is untested"
+        w0, w1 = ref.trainable(), cud.trainable()
+        assert len(w0) == 4  # q_proj and down_proj, A and B, one layer
+        for n in w0:
+            assert not torch.equal(w0[n], before[n]), (step, n)
+            assert rel_err(w1[n] - before[n], w0[n] - before[n]) < 1e-3, (step, n)
+    keys = [k for k in cud.kernels.state._scalars if k[0] == "adamw"]
+    assert len(keys) == 1, keys
+
+
 @pytest.mark.slow  # ~1 min under the simulator; `pytest -m slow` runs it
 def test_dropout_masks_agree_between_forward_recompute_and_backward(model_dir):
     """With lora_dropout, recompute on and off give the same gradients (recompute regenerates the forward's
