@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_checks.sh          # $OUT (or a temp folder) gets <= 8 files; summary.json has the figures
 # Run it through the device tool with the wheels the image lacks (scripts/gpu_wheels.sh prints the call):
 #   carry [".whl"], timeout_s 480, command: bash benchmarks/gpu_checks.sh
-# Stages (limits sum to 430 s; every stage runs, whatever failed before it: one device call must give figures):
+# Stages (limits sum to 460 s; every stage runs, whatever failed before it: one device call must give figures):
 #   1. smoke      100 s  benchmarks/gpu_smoke.py: every Numba kernel once per dtype vs reference (compile time),
 #                        the shape-dependent kernels again at the 0.6B job's sizes,
 #                        tiny bf16 parity vs transformers (both attention paths), CUDA graphs vs eager with
@@ -18,8 +18,10 @@
 #                        "0.6b-norecompute,0.6b-keepmid,0.6b-lmchunks16,0.6b-fp32,0.6b-full": ours with recompute
 #                        off, with the mid-layer residual kept, with 16 LM-head chunks (these three reuse the main
 #                        job's HF figure), fp32 adapters on both sides, full fine-tune; EXTRA= for none)
-#   3. kernels     70 s  benchmarks/kernel_bandwidth.py (achieved GB/s per kernel at 0.6B sizes), then
-#                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels)
+#   3. kernels    100 s  benchmarks/kernel_bandwidth.py (achieved GB/s per kernel at 0.6B sizes), then
+#                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels), then
+#                        benchmarks/launch_census.py (launches and copies per op kind of the 0.6B micro-step, as
+#                        the GPU runs it: the varlen flash path's copies, which the CPU census cannot take)
 #   4. tests       60 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py
 #                        (checks as asserts, plus fp32 == cpu backend and the measured peak within 3% of the plan at 4 layers)
 # STAGES_RUN="throughput kernels" runs only those stages (a rerun after the smoke stage passed once).
@@ -86,7 +88,8 @@ PYEOF
 )"
 want throughput && stage throughput 200 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
   --extra "${EXTRA-0.6b-norecompute,0.6b-keepmid,0.6b-lmchunks16,0.6b-fp32,0.6b-full}" --budget-s 192
-want kernels && stage kernels 70 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py"
+want kernels && stage kernels 100 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py; \
+  timeout 30 $PY benchmarks/launch_census.py"
 want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py
 $PY benchmarks/gpu_summary.py "$OUT" --stages "$STAGES" --seconds $(( $(date +%s) - T0 ))
 }
