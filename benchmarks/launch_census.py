@@ -4,12 +4,13 @@ and metadata not counted) and, among them, the copies (copy_, casts, clones) wit
     python benchmarks/launch_census.py [--model-size tiny|0.6b] [--full] [--lora-dtype bf16|fp32] [--json out.json]
 
 Runs the throughput job's configuration (bf16, LoRA r16 on all seven projections, 8-bit AdamW, recompute,
-packed rows) on the cuda backend's kernel table. On a GPU it runs there; without one it runs the same table
-under the Numba simulator (NUMBA_ENABLE_CUDASIM=1, set here when no GPU is seen) on a tiny model. Counts do not depend on the device or
-on the values: they say what the host asks for, so a copy found here is a copy on the GPU. Under the simulator
-the Numba kernels are counted but not run (`--run-kernels` runs them: slow, ~10 s a launch on two cores); torch
-ops run for real. Eager launches cost ~5 us each of host time; with CUDA graphs the launch cost
-goes, the copies' memory traffic stays.
+packed rows) on the cuda backend's kernel table: on a GPU at the 0.6B shape, else on CPU tensors on a tiny
+model (head_dim 128, so the fused norm + rope kernels take their 0.6B path) with NUMBA_ENABLE_CUDASIM=1. Counts
+do not depend on the values: they say what the host asks for. Under the simulator the Numba kernels are counted
+but not run (`--run-kernels` runs them: minutes), torch ops run for real. Two paths differ on CPU tensors and
+are only counted right on a GPU: attention (CPU: SDPA with a dense bias and expanded GQA keys/values; GPU:
+varlen flash) and mixed bf16/fp32 GEMMs of fp32 adapters (CPU: casts to fp32; GPU: the split bf16x3 route).
+Eager launches cost ~5 us each of host time; with CUDA graphs that cost goes, the copies' traffic stays.
 """
 
 from __future__ import annotations
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         results = run_census(model, args, "cuda" if gpu else "cpu")
     for program, table in results.items():
         print_table(program, table)
+    if not gpu:
+        print("\n(CPU tensors: attention takes the SDPA path and fp32-adapter GEMMs the promote route; "
+              "a GPU counts varlen flash and the split route)")
     if args.json:
         Path(args.json).write_text(json.dumps({"model_size": size, "device": "cuda" if gpu else "simulator",
                                                "programs": results}, indent=1))
