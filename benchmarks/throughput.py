@@ -231,6 +231,9 @@ EXTRAS = {
     # the mid-layer residual kept as a checkpoint (compiler/passes/recompute.py): less recompute, more memory
     "0.6b-keepmid": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
                      "env": {"SUROGATE_RECOMPUTE_KEEP": "ffn_input"}, "ours_only": True},
+    # the attention outputs kept as checkpoints: no flash forward in the recompute (+456 MiB at 0.6B)
+    "0.6b-keepattn": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
+                      "env": {"SUROGATE_RECOMPUTE_KEEP": "attention"}, "ours_only": True},
     # 16 LM-head row chunks: a 76 MB logits chunk instead of 1.2 GB (plan 2.68 -> 1.71 GiB), maybe served from L2
     "0.6b-lmchunks16": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
                         "lmhead_chunks": 16, "ours_only": True},

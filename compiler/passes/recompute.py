@@ -9,10 +9,11 @@ reads: the residual stream between layers (`attrs["residual"] == "layer_input"`)
 the same ops with the same attributes (dropout regenerates its mask from its seed), so gradients are
 bit-identical to the non-recomputed program.
 
-`SUROGATE_RECOMPUTE_KEEP=ffn_input` (an experiment switch, not a config option) also keeps the mid-layer
-residual (`attrs["residual"] == "ffn_input"`) saved: the recompute then needs neither the attention output
-projection nor the residual add (more memory, less recompute; for measuring the trade on a GPU). Only what a
-dropped tensor needs and is not itself kept for the backward is re-emitted.
+`SUROGATE_RECOMPUTE_KEEP` (an experiment switch, not a config option; comma-separated) keeps more checkpoints,
+for measuring the trade on a GPU: `ffn_input` the mid-layer residual (`attrs["residual"] == "ffn_input"`: the
+recompute then needs neither the attention output projection nor the residual add), `attention` the attention
+outputs (output and log-sum-exp: the recompute rebuilds q/k/v for the attention backward but runs no attention
+forward). Only what a dropped tensor needs and is not itself kept for the backward is re-emitted.
 """
 
 from __future__ import annotations
@@ -23,13 +24,27 @@ from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Tensor
 
-KEEP_ENV = "SUROGATE_RECOMPUTE_KEEP"  # comma-separated residual kinds kept besides "layer_input"
+KEEP_ENV = "SUROGATE_RECOMPUTE_KEEP"  # comma-separated: residual kinds and op kinds kept besides "layer_input"
+RESIDUAL_KINDS = frozenset({"layer_input", "ffn_input"})  # attrs["residual"] the model builder sets
+KEEPABLE_OPS = frozenset({"attention"})  # op kinds whose outputs $SUROGATE_RECOMPUTE_KEEP may keep
+
+
+def _keep_entries() -> set[str]:
+    entries = {k.strip() for k in os.environ.get(KEEP_ENV, "").split(",") if k.strip()}
+    unknown = entries - RESIDUAL_KINDS - KEEPABLE_OPS
+    if unknown:  # a misspelt switch would measure the plain recompute under another name
+        raise GraphError(f"{KEEP_ENV}: unknown {sorted(unknown)}; known: {sorted(RESIDUAL_KINDS | KEEPABLE_OPS)}")
+    return entries
 
 
 def kept_residuals() -> frozenset[str]:
-    """Residual kinds (`attrs["residual"]`) saved as checkpoints: the layer input, plus $SUROGATE_RECOMPUTE_KEEP."""
-    extra = {k.strip() for k in os.environ.get(KEEP_ENV, "").split(",") if k.strip()}
-    return frozenset({"layer_input", *extra})
+    """Residual kinds (`attrs["residual"]`) saved as checkpoints: the layer input, plus $SUROGATE_RECOMPUTE_KEEP's."""
+    return frozenset({"layer_input", *(_keep_entries() & RESIDUAL_KINDS)})
+
+
+def kept_op_kinds() -> frozenset[str]:
+    """Op kinds whose outputs are saved as checkpoints ($SUROGATE_RECOMPUTE_KEEP's, e.g. `attention`)."""
+    return frozenset(_keep_entries() & KEEPABLE_OPS)
 
 
 def apply_recompute(graph: Graph, cfg: Any) -> Graph:
@@ -51,14 +66,15 @@ def apply_recompute(graph: Graph, cfg: Any) -> Graph:
             for t in op.inputs:
                 readers_layers[t].add(op.layer)
 
-    keep = kept_residuals()
+    keep, keep_ops = kept_residuals(), kept_op_kinds()
     insert_before: dict[str, list[str]] = {}
     for layer, fops in fwd_by_layer.items():
         bops = bwd_by_layer.get(layer)
         if not bops:
             continue
         produced = {o for op in fops for o in op.outputs}
-        drop = {t for t in produced
+        kept_outputs = {o for op in fops if op.kind in keep_ops for o in op.outputs}
+        drop = {t for t in produced - kept_outputs
                 if readers_layers.get(t) == {layer}
                 and graph.tensors[t].attrs.get("residual") not in keep
                 and graph.tensors[t].role == Role.ACTIVATION}

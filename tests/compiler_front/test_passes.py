@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from surogate.compiler.ir import Role
+from surogate.compiler.ir import GraphError, Role
 from surogate.compiler.models import build_forward_graph, resolve_model
 from surogate.compiler.passes.autodiff import emit_backward
 from surogate.compiler.passes.lora import inject_lora, lora_targets
@@ -187,6 +187,31 @@ def test_compiled_graphs_use_only_declared_op_kinds(over):
         graph.check()
         assert {op.kind for op in graph.ops()} <= set(OPS)
         assert {op.phase for op in graph.ops()} == {"forward", "backward"}
+
+
+def test_keeping_the_attention_outputs_skips_the_attention_forward_in_recompute(monkeypatch):
+    """SUROGATE_RECOMPUTE_KEEP=attention: each layer's attention output and log-sum-exp are saved, so the recompute
+    rebuilds q/k/v (the attention backward reads them) but runs no attention forward; with ffn_input both apply.
+    (compile_front: before the fusion passes, so the q/k norm and the rotation are still two ops.)"""
+    cfg = make_cfg(QWEN, lora=True, recompute=True, sequence_len=64)
+    rc = compile_front(cfg)
+    recomputed = lambda g: [op for op in g.ops() if op.attrs.get("recompute")]  # noqa: E731
+    saved = lambda g: {t.name for t in g.tensors.values() if t.role == Role.ACTIVATION and t.layer is not None}  # noqa: E731
+    assert "attention" in {op.kind for op in recomputed(rc)}
+    for env, extra in (("attention", set()), ("attention,ffn_input", {"mid"})):
+        monkeypatch.setenv("SUROGATE_RECOMPUTE_KEEP", env)
+        keep = compile_front(cfg)
+        keep.check()
+        kinds = {op.kind for op in recomputed(keep)}
+        assert "attention" not in kinds and {"linear", "rope"} <= kinds, (env, kinds)
+        assert saved(keep) == {f"L{i}.{w}" for i in range(28) for w in ("out", "attn", "attn_lse", *extra)}, env
+        bwd = next(op for op in keep.ops() if op.kind == "attention_bwd" and op.layer == 3)
+        assert {"L3.attn", "L3.attn_lse", "L3.q_rope@rc", "L3.k_rope@rc", "L3.v@rc"} <= set(bwd.inputs), bwd.inputs
+        assert len(recomputed(keep)) < len(recomputed(rc))
+        assert _bytes(keep, Role.ACTIVATION) > _bytes(rc, Role.ACTIVATION)
+    monkeypatch.setenv("SUROGATE_RECOMPUTE_KEEP", "atention")
+    with pytest.raises(GraphError, match="SUROGATE_RECOMPUTE_KEEP: unknown"):
+        compile_front(cfg)
 
 
 def test_keeping_the_mid_layer_residual_skips_the_output_projection_in_recompute(monkeypatch):

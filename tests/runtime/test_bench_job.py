@@ -55,6 +55,8 @@ def test_the_keepmid_extra_sets_the_recompute_switch_the_pass_reads(monkeypatch)
     assert set(env) == {recompute.KEEP_ENV}
     monkeypatch.setenv(recompute.KEEP_ENV, env[recompute.KEEP_ENV])
     assert recompute.kept_residuals() == {"layer_input", "ffn_input"}  # the kind the builder gives L{i}.mid
+    monkeypatch.setenv(recompute.KEEP_ENV, EXTRAS["0.6b-keepattn"]["env"][recompute.KEEP_ENV])
+    assert recompute.kept_op_kinds() == {"attention"} and recompute.kept_residuals() == {"layer_input"}
 
 
 def test_an_ours_only_extra_reuses_the_main_jobs_hf_figure(monkeypatch):

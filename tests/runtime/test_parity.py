@@ -171,13 +171,14 @@ def test_use_fused_rope_switches_tables_off_and_changes_no_number(models):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_keeping_the_mid_layer_residual_changes_no_number(models, monkeypatch, lora):
-    """SUROGATE_RECOMPUTE_KEEP=ffn_input (the mid-layer residual saved, the output projection not recomputed):
-    loss and gradients bitwise those of the plain recompute, with fewer recomputed ops."""
+def test_keeping_more_recompute_checkpoints_changes_no_number(models, monkeypatch, lora):
+    """SUROGATE_RECOMPUTE_KEEP=ffn_input (the mid-layer residual saved, the output projection not recomputed),
+    =attention (the attention outputs saved, no attention forward in the recompute) and both: loss and gradients
+    bitwise those of the plain recompute, with fewer recomputed ops."""
     d = models["qwen3"]
     ids, labels = random_batch(2, 16, seed=6)
     runs = {}
-    for keep in ("", "ffn_input"):
+    for keep in ("", "ffn_input", "attention", "attention,ffn_input"):
         monkeypatch.setenv("SUROGATE_RECOMPUTE_KEEP", keep)
         runner = PlanRunner(make_cfg(d, lora=lora, lora_rank=4, recompute=True))
         for name, t in runner.plan.tensors.items():  # non-zero B: every adapter gradient flows
@@ -185,7 +186,10 @@ def test_keeping_the_mid_layer_residual_changes_no_number(models, monkeypatch, l
                 runner.ex.write(name, torch.full(t.shape, 0.05))
         n_rc = sum(1 for op in runner.plan.ops if op.attrs.get("recompute"))
         runs[keep] = (n_rc, *runner.micro_step(ids, labels))
-    (n0, l0, g0), (n1, l1, g1) = runs[""], runs["ffn_input"]
-    assert n1 < n0 and l1 == l0 and set(g1) == set(g0)
-    for name in g0:
-        assert g0[name].abs().sum() > 0 and torch.equal(g1[name], g0[name]), name
+    n0, l0, g0 = runs[""]
+    for keep, (n1, l1, g1) in runs.items():
+        if not keep:
+            continue
+        assert n1 < n0 and l1 == l0 and set(g1) == set(g0), keep
+        for name in g0:
+            assert g0[name].abs().sum() > 0 and torch.equal(g1[name], g0[name]), (keep, name)
