@@ -23,6 +23,7 @@ from collections import defaultdict
 from typing import Any
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Tensor
+from surogate.errors import UserError
 
 KEEP_ENV = "SUROGATE_RECOMPUTE_KEEP"  # comma-separated: residual kinds and op kinds kept besides "layer_input"
 RESIDUAL_KINDS = frozenset({"layer_input", "ffn_input"})  # attrs["residual"] the model builder sets
@@ -33,7 +34,7 @@ def _keep_entries() -> set[str]:
     entries = {k.strip() for k in os.environ.get(KEEP_ENV, "").split(",") if k.strip()}
     unknown = entries - RESIDUAL_KINDS - KEEPABLE_OPS
     if unknown:  # a misspelt switch would measure the plain recompute under another name
-        raise GraphError(f"{KEEP_ENV}: unknown {sorted(unknown)}; known: {sorted(RESIDUAL_KINDS | KEEPABLE_OPS)}")
+        raise UserError(f"{KEEP_ENV} (environment): unknown {sorted(unknown)}; known: {sorted(RESIDUAL_KINDS | KEEPABLE_OPS)}")
     return entries
 
 

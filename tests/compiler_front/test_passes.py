@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from surogate.compiler.ir import GraphError, Role
+from surogate.compiler.ir import Role
 from surogate.compiler.models import build_forward_graph, resolve_model
 from surogate.compiler.passes.autodiff import emit_backward
 from surogate.compiler.passes.lora import inject_lora, lora_targets
@@ -210,7 +210,7 @@ def test_keeping_the_attention_outputs_skips_the_attention_forward_in_recompute(
         assert len(recomputed(keep)) < len(recomputed(rc))
         assert _bytes(keep, Role.ACTIVATION) > _bytes(rc, Role.ACTIVATION)
     monkeypatch.setenv("SUROGATE_RECOMPUTE_KEEP", "atention")
-    with pytest.raises(GraphError, match="SUROGATE_RECOMPUTE_KEEP: unknown"):
+    with pytest.raises(UserError, match=r"SUROGATE_RECOMPUTE_KEEP \(environment\): unknown \['atention'\]"):
         compile_front(cfg)
 
 
