@@ -104,7 +104,8 @@ class Census:
         for info in pkgutil.iter_modules(pkg.__path__):
             mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
             current = getattr(mod, "launch", None)
-            if current is real or getattr(current, "census", False):
+            # _device keeps the real one: it is what every wrapper calls and what _restore_launchers puts back
+            if mod is not _device and (current is real or getattr(current, "census", False)):
                 mod.launch = counted
 
     def dispatch_mode(self) -> TorchDispatchMode:

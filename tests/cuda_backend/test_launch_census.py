@@ -45,6 +45,21 @@ def census(tmp_path_factory):
     return results, split_programs(plan.ops, plan.meta.get("optimizer_start")), script
 
 
+def test_the_census_leaves_every_launcher_as_it_found_it(census):
+    """After the census every kernel module launches for real again (a census that does not run kernels and
+    stayed installed would turn every later kernel call into a no-op)."""
+    import importlib
+    import pkgutil
+
+    import surogate.numba_kernels as pkg
+    from surogate.numba_kernels import _device
+
+    assert not getattr(_device.launch, "census", False) and _device.launch.__module__ == _device.__name__
+    modules = [importlib.import_module(f"{pkg.__name__}.{i.name}") for i in pkgutil.iter_modules(pkg.__path__)]
+    launching = [m for m in modules if hasattr(m, "launch")]
+    assert len(launching) > 10 and all(m.launch is _device.launch for m in launching)
+
+
 def test_every_op_of_both_programs_is_counted_under_its_kind(census):
     results, programs, _ = census
     for program in (MICRO_STEP, OPTIMIZER_STEP):
