@@ -50,6 +50,7 @@ class _Walk(KindSizes):
         self.scratch: dict[Spec, int] = {}
         self.constants: dict[tuple, int] = {}
         self.scalars = 0
+        self.adamw_keys: set[tuple] = set()  # 8-bit AdamW hyperparameter buffers (one per distinct setting)
         self.step_scalar = 0
         self.transient: list[tuple[int, str, str]] = []  # (bytes, op name, kind)
         self.rms_seen: set[Any] = set()  # fwd_ops whose rmsnorm_bwd ran in this program (ctx._cuda_rms_dw)

@@ -20,7 +20,7 @@ def _isz(dtype: str) -> int:
 
 class KindSizes:
     """Mixin of `workspace._Walk`: one `k_<kind>` method per op kind the cuda backend runs with its own buffers
-    (state: `t`, `add`, `const`, `target`, `upcast`, `rms_seen`, `scalars`, `step_scalar` of the walk)."""
+    (state: `t`, `add`, `const`, `target`, `upcast`, `rms_seen`, `scalars`, `adamw_keys`, `step_scalar` of the walk)."""
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _unpacked(self, op: Any) -> int:
@@ -286,7 +286,10 @@ class KindSizes:
 
     # -- optimizer -----------------------------------------------------------------------------------------
     def k_adamw8bit_step(self, op: Any, acc: list[bool]) -> int:
-        self.scalars += 4 * sz.ADAMW_SCALARS
+        key = sz.adamw_scalar_key(op.attrs, op.inputs[-1] == "grad_clip_scale")
+        if key not in self.adamw_keys:  # one buffer per distinct setting (cuda_optim.adamw8bit_step)
+            self.adamw_keys.add(key)
+            self.scalars += 4 * sz.ADAMW_SCALARS
         return 0
 
     def k_normuon_step(self, op: Any, acc: list[bool]) -> int:

@@ -36,8 +36,7 @@ def _adam_values(attrs: dict):
 def adamw8bit_step(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     w, master, grad, (m, v, m_abs, v_abs), clip = _unpack(ins, ins[2].dtype != torch.uint8, 4)
     # one hyperparameter buffer per distinct setting (not per parameter): one refresh and one clip copy for all
-    key = ("adamw", *(float(attrs[k]) for k in ("lr", "beta1", "beta2", "epsilon", "weight_decay")),
-           clip is not None)
+    key = sz.adamw_scalar_key(attrs, clip is not None)
     hp = st.scalars(key, sz.ADAMW_SCALARS, w.device, _adam_values(attrs), ctx)
     if clip is not None:  # grad_scale from the device (captured with the step), once per buffer per run
         copied = ctx.__dict__.setdefault("_cuda_clip_copied", set())
