@@ -9,6 +9,12 @@ reads: the residual stream between layers (`attrs["residual"] == "layer_input"`)
 the same ops with the same attributes (dropout regenerates its mask from its seed), so gradients are
 bit-identical to the non-recomputed program.
 
+LoRA's down-projections (`h = x @ A^T`, the outputs of `linear` ops with `attrs["lora"] == "A"`, [tokens, rank])
+are always kept: rank/width of their input's size (1/64 at rank 16, hidden 1024; 25 MiB over Qwen3-0.6B's 196
+adapters at 4096 tokens), and keeping them spares the recompute one skinny GEMM per adapter, each reading the
+whole input of its projection (the merge and the B gradient read the kept h). Not with `offload_residual`: there
+the device's activations are promised independent of depth, so h is recomputed as before.
+
 `SUROGATE_RECOMPUTE_KEEP` (an experiment switch, not a config option; comma-separated) keeps more checkpoints,
 for measuring the trade on a GPU: `ffn_input` the mid-layer residual (`attrs["residual"] == "ffn_input"`: the
 recompute then needs neither the attention output projection nor the residual add), `attention` the attention
@@ -68,13 +74,15 @@ def apply_recompute(graph: Graph, cfg: Any) -> Graph:
                 readers_layers[t].add(op.layer)
 
     keep, keep_ops = kept_residuals(), kept_op_kinds()
+    keep_lora_a = not getattr(cfg, "offload_residual", False)
     insert_before: dict[str, list[str]] = {}
     for layer, fops in fwd_by_layer.items():
         bops = bwd_by_layer.get(layer)
         if not bops:
             continue
         produced = {o for op in fops for o in op.outputs}
-        kept_outputs = {o for op in fops if op.kind in keep_ops for o in op.outputs}
+        kept_outputs = {o for op in fops if op.kind in keep_ops or (keep_lora_a and op.attrs.get("lora") == "A")
+                        for o in op.outputs}
         drop = {t for t in produced - kept_outputs
                 if readers_layers.get(t) == {layer}
                 and graph.tensors[t].attrs.get("residual") not in keep

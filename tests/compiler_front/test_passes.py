@@ -18,6 +18,11 @@ def _bytes(graph, role):
     return sum(t.nbytes for t in graph.tensors.values() if t.role == role)
 
 
+def _lora_a(layers: int = 28) -> set[str]:
+    """The LoRA down-projections (x @ A^T) of every layer: recompute keeps them (compiler/passes/recompute.py)."""
+    return {f"L{i}.{p}.lora_a" for i in range(layers) for p in ("q", "k", "v", "o", "gate", "up", "down")}
+
+
 def test_lora_targets_and_scale():
     cfg = make_cfg(QWEN, lora=True, lora_rank=8, lora_alpha=32, lora_target_modules=("q_proj", "v"), sequence_len=8)
     graph = inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
@@ -116,7 +121,9 @@ def test_recompute_lowers_activation_bytes_and_keeps_layer_inputs(lora):
     assert _bytes(rc, Role.ACTIVATION) < 0.25 * _bytes(base, Role.ACTIVATION)
     saved_layer = {t.name for t in rc.tensors.values() if t.role == Role.ACTIVATION and t.layer is not None}
     assert rc.tensors["embed.out"].role == Role.ACTIVATION  # layer 0's recompute starts from it
-    assert saved_layer == {f"L{i}.out" for i in range(28)}  # layer outputs = next inputs (last: final norm)
+    # layer outputs = next inputs (last: final norm); LoRA's [tokens, rank] down-projections
+    assert saved_layer == {f"L{i}.out" for i in range(28)} | (_lora_a() if lora else set())
+    assert not any(op.attrs.get("lora") == "A" for op in rc.ops() if op.attrs.get("recompute"))
     first_bwd: dict[int, int] = {}
     for i, op in enumerate(rc.ops()):
         if op.phase == "backward" and op.layer is not None and not op.attrs.get("recompute"):
@@ -204,7 +211,7 @@ def test_keeping_the_attention_outputs_skips_the_attention_forward_in_recompute(
         keep.check()
         kinds = {op.kind for op in recomputed(keep)}
         assert "attention" not in kinds and {"linear", "rope"} <= kinds, (env, kinds)
-        assert saved(keep) == {f"L{i}.{w}" for i in range(28) for w in ("out", "attn", "attn_lse", *extra)}, env
+        assert saved(keep) == {f"L{i}.{w}" for i in range(28) for w in ("out", "attn", "attn_lse", *extra)} | _lora_a(), env
         bwd = next(op for op in keep.ops() if op.kind == "attention_bwd" and op.layer == 3)
         assert {"L3.attn", "L3.attn_lse", "L3.q_rope@rc", "L3.k_rope@rc", "L3.v@rc"} <= set(bwd.inputs), bwd.inputs
         assert len(recomputed(keep)) < len(recomputed(rc))
@@ -223,11 +230,11 @@ def test_keeping_the_mid_layer_residual_skips_the_output_projection_in_recompute
     keep = compile_front(cfg)
     keep.check()
     saved = {t.name for t in keep.tensors.values() if t.role == Role.ACTIVATION and t.layer is not None}
-    assert saved == {f"L{i}.{w}" for i in range(28) for w in ("out", "mid")}
+    assert saved == {f"L{i}.{w}" for i in range(28) for w in ("out", "mid")} | _lora_a()
     recomputed = lambda g: {op.name.removeprefix("rc:") for op in g.ops() if op.attrs.get("recompute")}  # noqa: E731
     gone = recomputed(rc) - recomputed(keep)
     assert {"L3.o", "L3.o.lora_add", "L3.attn_res"} <= gone, sorted(n for n in gone if "L3." in n)
-    assert recomputed(keep) < recomputed(rc) and "L3.o.lora_a" in recomputed(keep)  # h_o: o_proj's dB reads it
+    assert recomputed(keep) < recomputed(rc) and "L3.o.lora_a" not in recomputed(rc)  # h_o is kept
     assert _bytes(keep, Role.ACTIVATION) > _bytes(rc, Role.ACTIVATION)
     for op in keep.ops():  # the backward reads the forward's mid, no recomputed copy
         assert "L3.mid@rc" not in op.inputs
