@@ -86,10 +86,6 @@ class Census:
             table[kind] = wrapped
 
     def wrap_launchers(self) -> None:
-        import importlib
-        import pkgutil
-
-        import surogate.numba_kernels as pkg
         from surogate.numba_kernels import _device
 
         real = _device.launch
@@ -101,11 +97,8 @@ class Census:
                 real(kernel, grid, block, *args)
 
         counted.census = True  # a later census replaces this one
-        for info in pkgutil.iter_modules(pkg.__path__):
-            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-            current = getattr(mod, "launch", None)
-            # _device keeps the real one: it is what every wrapper calls and what _restore_launchers puts back
-            if mod is not _device and (current is real or getattr(current, "census", False)):
+        for mod in _launcher_modules():
+            if mod.launch is real or getattr(mod.launch, "census", False):
                 mod.launch = counted
 
     def dispatch_mode(self) -> TorchDispatchMode:
@@ -163,17 +156,24 @@ def run_census(model_dir: Path, args: Any, device: str) -> dict[str, Any]:
     return results
 
 
-def _restore_launchers() -> None:
+def _launcher_modules() -> list[Any]:
+    """The numba_kernels modules that launch through their own `launch` name, `_device` itself excepted: it keeps
+    the real function, which every wrapper calls and _restore_launchers puts back."""
     import importlib
     import pkgutil
 
     import surogate.numba_kernels as pkg
     from surogate.numba_kernels import _device
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        if hasattr(mod, "launch") and mod is not _device:
-            mod.launch = _device.launch
+    modules = (importlib.import_module(f"{pkg.__name__}.{info.name}") for info in pkgutil.iter_modules(pkg.__path__))
+    return [mod for mod in modules if hasattr(mod, "launch") and mod is not _device]
+
+
+def _restore_launchers() -> None:
+    from surogate.numba_kernels import _device
+
+    for mod in _launcher_modules():
+        mod.launch = _device.launch
 
 
 def totals(table: dict[str, dict[str, Any]]) -> dict[str, int]:

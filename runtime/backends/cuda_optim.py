@@ -38,11 +38,8 @@ def adamw8bit_step(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     # one hyperparameter buffer per distinct setting (not per parameter): one refresh and one clip copy for all
     key = sz.adamw_scalar_key(attrs, clip is not None)
     hp = st.scalars(key, sz.ADAMW_SCALARS, w.device, _adam_values(attrs), ctx)
-    if clip is not None:  # grad_scale from the device (captured with the step), once per buffer per run
-        copied = ctx.__dict__.setdefault("_cuda_clip_copied", set())
-        if key not in copied:
-            copied.add(key)
-            hp[7:8].copy_(clip.reshape(1))
+    if clip is not None and st.first_in_run(("clip", key), ctx):  # grad_scale from the device, captured with the step
+        hp[7:8].copy_(clip.reshape(1))
     state = {"m_codes": m.view(-1), "v_codes": v.view(-1), "m_absmax": m_abs, "v_absmax": v_abs}
     NK["adamw8bit_step"].cuda(w, grad, state, hp, master=master)
     return [w, *([master] if master is not None else []), m, v, m_abs, v_abs]

@@ -196,12 +196,13 @@ def normuon(rows: int, cols: int, grad_shape: tuple[int, ...] | None) -> list[Sp
 GRAD_NORM = [Spec("gn_acc", (), "fp32"), Spec("gn_part", (), "fp32")]
 ADAMW_SCALARS = 8  # fp32 hyperparameters per adamw8bit_step buffer (CudaState.scalars; see adamw_scalar_key)
 
+NORMUON_SCALARS = 2
+
 
 def adamw_scalar_key(attrs: dict, clipped: bool) -> tuple:
     """The key of an 8-bit AdamW op's hyperparameter buffer: ops with equal settings share one (one refresh and
     one clip copy per step for all of them); the planner counts the distinct keys."""
     return ("adamw", *(float(attrs[k]) for k in ("lr", "beta1", "beta2", "epsilon", "weight_decay")), clipped)
-NORMUON_SCALARS = 2
 
 
 # -- transients --------------------------------------------------------------------------------------------

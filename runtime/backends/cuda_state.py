@@ -117,7 +117,7 @@ class CudaState:
         self._bindings: dict[tuple[int, int], Binding] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._scalars: dict[Any, tuple[torch.Tensor, Callable[[Any], list[float]]]] = {}
-        self._refreshed: dict[Any, int] = {}  # scalar key -> run token of its last eager refresh
+        self._run_seen: dict[Any, int] = {}  # key -> run token of the run that last asked (first_in_run)
         self.constants: dict[tuple, torch.Tensor] = {}
         self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
         # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
@@ -231,10 +231,18 @@ class CudaState:
         if entry is None:
             entry = (torch.zeros(n, dtype=torch.float32, device=device), values)
             self._scalars[key] = entry
-        if not capturing() and self._refreshed.get(key) != run_token(ctx):  # once per run: kernels share keys
-            self._refreshed[key] = run_token(ctx)
+        if not capturing() and self.first_in_run(("refresh", key), ctx):  # once per run: kernels share keys
             entry[0].copy_(torch.tensor(values(ctx), dtype=torch.float32))
         return entry[0]
+
+    def first_in_run(self, key: Any, ctx: Any) -> bool:
+        """True the first time `key` is asked about in this program run (ctx): work on a buffer several ops of a
+        run share is done once."""
+        tok = run_token(ctx)
+        if self._run_seen.get(key) == tok:
+            return False
+        self._run_seen[key] = tok
+        return True
 
     def step_index(self, ctx: Any, device: torch.device) -> torch.Tensor:
         """ctx.step as an int64 device tensor [1], refreshed now unless a capture is running (then before each
