@@ -51,8 +51,10 @@ def _check(root, name, one, result, lora, optimizer="adamw_8bit", accumulation=2
         assert got[k].shape == want[k].shape, k
         # all but a few elements (8-bit code flips: adapters too, they are 8-bit AdamW weights like any other)
         # equal to fp32 rounding; a flip is one quantum of one update (a LoRA A weight was seen 1.2e-5 off)
+        # (full fine-tune: at most 0.1% of a tensor, as before; adapters, small tensors: also up to 2 elements)
         far = int(((got[k] - want[k]).abs() > TOL * want[k].abs().max()).sum())
-        assert far <= max(2, want[k].numel() // 1000) and max_rel(got[k], want[k]) <= 1e-3, (k, far)
+        allowed = max(2, want[k].numel() // 1000) if lora else want[k].numel() // 1000
+        assert far <= allowed and max_rel(got[k], want[k]) <= 1e-3, (k, far)
     # training moved the weights: the comparison is not between two untouched initialisations
     if lora:
         assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)  # B starts at zero
