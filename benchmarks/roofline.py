@@ -34,6 +34,7 @@ from typing import Any
 PEAKS = {"h100": (3.35e12, 989e12, 67e12), "h200": (4.8e12, 989e12, 67e12)}
 TARGET_TOKENS_PER_S = 54_000  # issue 7's H100 target for the Qwen3-0.6B LoRA job
 _GEMM = ("linear", "linear_bwd_data", "linear_bwd_weight")
+_STACKED = ("linear_stacked", "linear_stacked_bwd_data", "linear_stacked_bwd_weight")
 # LM-head kinds: (passes over the logits, logits-sized GEMMs), the dW GEMM's of each aside
 _CE = {"lm_head_ce": (2, 1), "lm_head_ce_bwd": (4, 2), "lm_head_ce_fwd_bwd": (5, 2)}
 
@@ -55,6 +56,9 @@ def _t(plan: Any, name: str) -> Any:
 
 def _gemm_flops(plan: Any, op: Any) -> float:
     a, b = _t(plan, op.inputs[0]), _t(plan, op.inputs[1])
+    if op.kind in _STACKED:  # 2 x rows x (the first input's width) x (the other side's: the output's or x's)
+        other = b if op.kind == "linear_stacked_bwd_weight" else _t(plan, op.outputs[0])
+        return 2.0 * math.prod(a.shape[:-1]) * a.shape[-1] * other.shape[-1]
     rows = math.prod(a.shape[:-1])
     if op.kind in ("linear", "linear_bwd_data"):  # x [.., in] @ W[out, in]^T, dy [.., out] @ W[out, in]
         return 2.0 * rows * b.shape[0] * b.shape[1]
@@ -78,7 +82,7 @@ def op_cost(plan: Any, op: Any, pairs: float | None = None, read: frozenset | No
                    + sum(_t(plan, n).nbytes for n in outs if n in acc))
     if op.kind == "embedding":  # reads the looked-up rows, not the table
         nbytes = 2.0 * _t(plan, op.outputs[0]).nbytes + _t(plan, op.inputs[0]).nbytes
-    if op.kind in _GEMM:
+    if op.kind in _GEMM or op.kind in _STACKED:
         return nbytes, _gemm_flops(plan, op)
     if op.kind in _CE:
         x, w = _t(plan, op.inputs[0]), _t(plan, op.inputs[1])
@@ -103,7 +107,7 @@ def read_set(plan: Any) -> frozenset:
 
 def _flops_peak(plan: Any, op: Any, peak: Peak) -> float:
     wide = any(_t(plan, n).dtype == "fp32" for n in op.inputs[:2])
-    return peak.flops_32 if wide and op.kind in _GEMM else peak.flops_16
+    return peak.flops_32 if wide and (op.kind in _GEMM or op.kind in _STACKED) else peak.flops_16
 
 
 @dataclass

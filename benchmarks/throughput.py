@@ -226,6 +226,9 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
 # name -> the job's settings over the main job's (model size, full fine-tune, adapter dtype, recompute; `env`:
 # experiment switches for our process; `ours_only`: HF's side is the main job's, its figure is reused)
 EXTRAS = {
+    # the A/B of the stacked LoRA down-projections (compiler/passes/lora_group.py): the unstacked program
+    "0.6b-nostack": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
+                     "env": {"SUROGATE_FUSIONS_OFF": "group_lora_projections"}, "ours_only": True},
     "0.6b-norecompute": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": True,
                          "ours_only": True},  # HF keeps gradient checkpointing
     # the mid-layer residual kept as a checkpoint (compiler/passes/recompute.py): less recompute, more memory

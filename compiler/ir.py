@@ -84,6 +84,17 @@ class Tensor:
         return (self.numel * DTYPE_BITS[self.dtype] + 7) // 8
 
 
+def view_parent(t: Tensor) -> str | None:
+    """The tensor whose column slice `t` is (`attrs["view"]`: a view takes no memory of its own), or None."""
+    view = t.attrs.get("view")
+    return view["of"] if view else None
+
+
+def view_owners(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """Column view -> its parent, over a tensor table."""
+    return {n: p for n, t in tensors.items() if (p := view_parent(t)) is not None}
+
+
 @dataclass
 class Op:
     """One operation: reads `inputs`, writes `outputs` (tensor names), with static attributes."""
@@ -198,6 +209,10 @@ class Graph:
             for t in op.outputs:
                 self._writers.setdefault(t, []).append(n)
 
+    def view_owners(self) -> dict[str, str]:
+        """Column view -> the tensor whose memory it is (`view_parent`); hazards and lifetimes go by the owner."""
+        return view_owners(self.tensors)
+
     def check(self) -> None:
         """Raise GraphError if the program reads a tensor before anything writes it (weights and inputs aside)."""
         written: set[str] = {
@@ -214,10 +229,19 @@ class Graph:
                 Role.INPUT,
             )
         }
+        owner = self.view_owners()
+        views: dict[str, list[str]] = {}
+        for v, p in owner.items():
+            views.setdefault(p, []).append(v)
         for op in self.ops():
             for t in op.inputs:
                 if t not in written:
                     raise GraphError(f"op {op.name!r} reads {t!r} before it is written")
-            written.update(op.outputs)
+            for t in op.outputs:
+                written.add(t)
+                written.update(views.get(t, ()))  # writing a parent writes its column views
+                p = owner.get(t)
+                if p is not None and all(v in written for v in views[p]):
+                    written.add(p)  # and writing every column writes the parent
         if not nx.is_directed_acyclic_graph(self.dag):
             raise GraphError("op graph has a cycle")

@@ -52,6 +52,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("offload", apply_offload),
     ("zero", apply_zero),
     ("optimizer", build_optimizer),
+    ("group_lora", _lazy("surogate.compiler.passes.lora_group", "group_lora_projections")),
     ("schedule", schedule_ops),
     ("liveness", compute_liveness),
     ("buffers", assign_buffers),

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from surogate.compiler.ir import Graph, Op, Role, Space, Tensor
+from surogate.compiler.ir import Graph, Op, Role, Space, Tensor, view_parent
 
 FORMAT_VERSION = 1
 
@@ -156,7 +156,7 @@ def timeline(plan: Plan, space: str = "device") -> tuple[tuple[str, ...], np.nda
     row = {c: i for i, c in enumerate(CATEGORIES)}
     for name, t in plan.tensors.items():
         life = plan.lifetimes.get(name)
-        if life is None or t.space.value != space:
+        if life is None or t.space.value != space or view_parent(t) is not None:  # (a view's bytes are its parent's)
             continue
         size = aligned(t.nbytes)
         r = row[category(t)]
@@ -174,7 +174,8 @@ def _space_report(plan: Plan, space: str, buffers: dict[str, Any]) -> dict[str, 
     peak = info["peak_index"] if plan.ops else 0
     persistent = dict.fromkeys(cats, 0)
     for name, t in plan.tensors.items():
-        if t.space.value == space and plan.lifetimes.get(name) is not None and is_persistent(t):
+        if (t.space.value == space and plan.lifetimes.get(name) is not None and is_persistent(t)
+                and view_parent(t) is None):
             persistent[category(t)] += aligned(t.nbytes)
     lower = info["lower_bound_bytes"]
     op = plan.ops[peak] if plan.ops else None

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from surogate.compiler.ir import Op, Role, Space, Tensor
+from surogate.compiler.ir import Op, Role, Space, Tensor, view_parent
 from surogate.compiler.plan import Plan
 from surogate.runtime.host_staging import PinnedStaging
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
@@ -73,7 +73,13 @@ def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
     return codes[: math.prod(shape)].reshape(shape)
 
 
-def _view(arena: torch.Tensor, t: Tensor) -> torch.Tensor:
+def arena_view(arena: torch.Tensor, t: Tensor, tensors: dict[str, Tensor]) -> torch.Tensor:
+    """Tensor `t` at its planned offset in `arena` (a flat uint8 tensor); a column view (`attrs["view"]`) is the
+    slice of its parent's view (strided: rows keep the parent's width)."""
+    parent = view_parent(t)
+    if parent is not None:
+        col = t.attrs["view"]["col"]
+        return arena_view(arena, tensors[parent], tensors)[..., col : col + t.shape[-1]]
     start, size = t.offset, t.nbytes
     raw = arena[start : start + size]
     if t.dtype in ("nf4", "fp4_e2m1"):  # packed sub-byte formats: a flat byte view
@@ -115,7 +121,7 @@ class ArenaExecutor:
                 arena = arena.pin_memory()
             self.arenas[space] = arena
         self.views: dict[str, torch.Tensor] = {
-            name: _view(self.arenas[t.space.value], t)
+            name: arena_view(self.arenas[t.space.value], t, plan.tensors)
             for name, t in plan.tensors.items()
             if t.offset is not None and plan.lifetimes.get(name) is not None
         }

@@ -110,6 +110,15 @@ register(OpDef("qlinear_quartet", ("x", "weight", "x_q", "x_scale", "x_gscale", 
 register(OpDef("lora_merge", ("base", "h", "b"), ("out",), ("scale",), _same(), None, (),
                doc="out = add(base, linear(h, b, scale)): a LoRA projection's merge without the [rows, out] "
                    "product tensor (pass fuse_lora_merge); the product is rounded to h/b's dtype, then to base's"))
+for kind, ins, outs, doc in (
+    ("linear_stacked", ("x", "weights*"), ("out",), "out = x @ [W_1; ...; W_n]^T, the n products side by side "
+     "(pass group_lora_projections: LoRA down-projections sharing x; the weights adjacent in the arena)"),
+    ("linear_stacked_bwd_data", ("dout", "weights*"), ("dx",), "dx = dout @ [W_1; ...; W_n], dout holding the n "
+     "output gradients side by side (one GEMM with K = the summed rows)"),
+    ("linear_stacked_bwd_weight", ("dout", "x"), ("dweights*",), "[dW_1; ...; dW_n] = dout^T @ x, one GEMM into "
+     "the adjacent gradients"),
+):
+    register(OpDef(kind, ins, outs, ("scale", "lora", "stacked", "accumulate_into"), doc=doc))
 register(OpDef("rmsnorm_rope", ("x", "weight", "position_ids", "cos", "sin"), ("out",),
                ("eps", "group", "head_dim", "inv_freq", "attention_scaling"), _same(), None, (),
                doc="out = rope(rmsnorm(x, weight)) per head: a q/k norm with its rotation (pass fuse_rmsnorm_rope), "

@@ -9,6 +9,10 @@ smallest arena is kept. Sizes are rounded up to `ALIGNMENT` bytes.
 
 The lower bound is the largest sum of (aligned) live bytes at any schedule position: no assignment
 can use less. `graph.meta["buffers"][space]` records arena size, lower bound and where it peaks.
+
+Two layouts are fixed by other passes: a stack (`graph.meta["stacks"]`: persistent tensors one GEMM reads or
+writes as one matrix) is packed as one unit, its members back to back in the listed order; a column view
+(`attrs["view"]`) takes no memory and sits inside its parent, at the parent's offset plus its first column.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from surogate.compiler.ir import Graph, Space
+from surogate.compiler.ir import DTYPE_BITS, Graph, GraphError, Space, view_parent
 from surogate.compiler.passes.liveness import is_persistent
 
 ALIGNMENT = 256
@@ -114,19 +118,17 @@ def assign_buffers(graph: Graph, cfg: Any = None) -> Graph:
     live = graph.meta["liveness"]
     length = max(len(graph.order), 1)
     result: dict[str, dict[str, Any]] = {}
+    stacked = {m: key for key, members in graph.meta.get("stacks", {}).items() for m in members}
     for space in Space:
-        names = [n for n, t in graph.tensors.items() if t.space is space and live.get(n) is not None]
+        names = [n for n, t in graph.tensors.items()
+                 if t.space is space and live.get(n) is not None and view_parent(t) is None]
         sizes = np.array([aligned(graph.tensors[n].nbytes) for n in names], dtype=np.int64)
         starts = np.array([live[n][0] for n in names], dtype=np.int64)
         ends = np.array([live[n][1] for n in names], dtype=np.int64)
         persistent = np.array([is_persistent(graph.tensors[n]) for n in names], dtype=bool)
         offsets = np.zeros(len(names), dtype=np.int64)
         # Persistent block first: it conflicts with everything, so packing it is exact.
-        idx = np.nonzero(persistent)[0]
-        idx = idx[np.argsort(-sizes[idx], kind="stable")]
-        if len(idx):
-            offsets[idx] = np.concatenate(([0], np.cumsum(sizes[idx])[:-1]))
-        base = int(sizes[idx].sum()) if len(idx) else 0
+        base = _pack_persistent(graph, names, sizes, persistent, stacked, offsets)
         rest = np.nonzero(~persistent)[0]
         rest_off, rest_top = place(sizes[rest], starts[rest], ends[rest])
         offsets[rest] = base + rest_off
@@ -144,5 +146,33 @@ def assign_buffers(graph: Graph, cfg: Any = None) -> Graph:
     for n, t in graph.tensors.items():
         if live.get(n) is None:
             t.offset = 0  # never touched: no memory
+        elif (parent := view_parent(t)) is not None:
+            t.offset = graph.tensors[parent].offset + t.attrs["view"]["col"] * DTYPE_BITS[t.dtype] // 8
     graph.meta["buffers"] = result
     return graph
+
+
+def _pack_persistent(graph: Graph, names: list[str], sizes: np.ndarray, persistent: np.ndarray,
+                     stacked: dict[str, str], offsets: np.ndarray) -> int:
+    """Offsets of the persistent tensors, packed from 0, largest unit first (a stack is one unit, its members
+    back to back at their exact byte sizes); returns the block's size."""
+    units: dict[str, list[int]] = {}
+    for i in np.nonzero(persistent)[0].tolist():
+        units.setdefault(stacked.get(names[i], names[i]), []).append(i)
+    stacks = graph.meta.get("stacks", {})
+    for key, idx in units.items():
+        if key in stacks:
+            if len(idx) != len(stacks[key]):
+                raise GraphError(f"stack {key!r}: members not all persistent in one space")
+            order = {m: k for k, m in enumerate(stacks[key])}
+            idx.sort(key=lambda i: order[names[i]])
+    unit_size = {key: aligned(sum(graph.tensors[names[i]].nbytes for i in idx)) if key in stacks
+                 else int(sizes[idx[0]]) for key, idx in units.items()}
+    top = 0
+    for key in sorted(units, key=lambda k: -unit_size[k]):  # stable: ties keep table order
+        at = top
+        for i in units[key]:
+            offsets[i] = at
+            at += graph.tensors[names[i]].nbytes if key in stacks else int(sizes[i])
+        top += unit_size[key]
+    return top

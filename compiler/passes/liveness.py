@@ -6,7 +6,9 @@ Gradients and weights marked `attrs["transient"]` (ZeRO full-size buffers, stagi
 ordinary intervals. Every other tensor lives from its first to its last access; a tensor that is
 read before any write in the schedule is live from position 0 (a batch input) or, if the step also
 writes it, for the whole step (its value carries over to the next step). Tensors no op touches
-get no interval and no memory. Results go to `graph.meta["liveness"]`: name -> (first, last) or None.
+get no interval and no memory. A column view (`attrs["view"]`, pass `group_lora_projections`) has no memory of
+its own: its accesses count as its parent's, and it gets the parent's interval. Results go to
+`graph.meta["liveness"]`: name -> (first, last) or None.
 """
 
 from __future__ import annotations
@@ -41,14 +43,15 @@ def compute_liveness(graph: Graph, cfg: Any = None) -> Graph:
     last: dict[str, int] = {}
     written: set[str] = set()
     read_first: set[str] = set()
+    owner = graph.view_owners()  # a view's accesses are its parent's
     for i, n in enumerate(graph.order):
         op = graph.op(n)
-        for t in op.inputs:
+        for t in (owner.get(t, t) for t in op.inputs):
             if t not in written and t not in first:
                 read_first.add(t)
             first.setdefault(t, i)
             last[t] = i
-        for t in op.outputs:
+        for t in (owner.get(t, t) for t in op.outputs):
             first.setdefault(t, i)
             last[t] = i
             written.add(t)
@@ -64,5 +67,7 @@ def compute_liveness(graph: Graph, cfg: Any = None) -> Graph:
             live[name] = (0, last[name])
         else:
             live[name] = (first[name], last[name])
+    for name, parent in owner.items():
+        live[name] = live.get(parent)
     graph.meta["liveness"] = live
     return graph

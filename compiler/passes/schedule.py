@@ -23,20 +23,23 @@ def dependencies(graph: Graph) -> dict[str, set[str]]:
     deps: dict[str, set[str]] = {n: set() for n in graph.order}
     last_write: dict[str, str] = {}
     reads_since: dict[str, list[str]] = {}
+    owner = graph.view_owners()  # an access to a column view is an access to its parent's memory
     for n in graph.order:
         op = graph.op(n)
-        for t in op.inputs:
+        ins = [owner.get(t, t) for t in op.inputs]
+        outs = [owner.get(t, t) for t in op.outputs]
+        for t in ins:
             w = last_write.get(t)
             if w is not None and w != n:
                 deps[n].add(w)
-        for t in op.outputs:
+        for t in outs:
             w = last_write.get(t)
             if w is not None and w != n:
                 deps[n].add(w)
             deps[n].update(r for r in reads_since.get(t, ()) if r != n)
-        for t in op.inputs:
+        for t in ins:
             reads_since.setdefault(t, []).append(n)
-        for t in op.outputs:
+        for t in outs:
             last_write[t] = n
             reads_since[t] = []
     return deps

@@ -1,4 +1,5 @@
-"""GEMM-shaped and indexing kernels of the `cuda` backend: linear (+ backward), embedding, add, identity.
+"""GEMM-shaped and indexing kernels of the `cuda` backend: linear (+ backward, + the stacked kinds of
+`group_lora_projections`), embedding, add, identity.
 
 GEMMs go through torch (cuBLAS on a GPU) with `out=` the planned view, or `addmm_` into it when the op
 accumulates. When operand dtypes differ (fp32 LoRA adapters on bf16 activations) the route is
@@ -127,6 +128,70 @@ def linear_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     return bnd.views
 
 
+def stacked_rows(ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The contiguous tensors `ts` ([rows_i, ...] each, one dtype and trailing shape) as one [sum rows_i, ...]
+    matrix when they lie back to back in memory (a planned stack), else None."""
+    first = ts[0]
+    at = first.data_ptr()
+    for t in ts:
+        if (t.data_ptr() != at or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        at += t.nbytes
+    return first.as_strided((sum(t.shape[0] for t in ts), *first.shape[1:]), first.stride())
+
+
+def _columns(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(t, widths, dim=-1))
+
+
+def _stacked_weights_gemm(st: CudaState, ins: list, attrs: dict, ctx: Any, forward: bool) -> list:
+    """forward: out = x @ [W_1; ...; W_n]^T (the n products side by side); else dx (=|+=) dy @ [W_1; ...; W_n]
+    (dy holding the n output gradients side by side, K = sum rows). One GEMM over the planned stack; if the
+    weights are not adjacent, one GEMM per weight (into out's columns / accumulated into dx)."""
+    a, ws = _rows(ins[0]), ins[1:]
+    bnd = st.bind(ins, attrs, ctx)
+    out, acc = bnd.views[0], bnd.accumulate[0]
+    o2 = _rows(out)
+    scale = float(attrs.get("scale", 1.0))
+    w = stacked_rows(ws)
+    if w is not None:
+        gemm_into(o2, a, w.t() if forward else w, accumulate=acc, alpha=scale, st=st)
+        return [out]
+    widths = [t.shape[0] for t in ws]
+    for i, (part, wi) in enumerate(zip(_columns(o2 if forward else a, widths), ws, strict=True)):
+        if forward:
+            gemm_into(part, a, wi.t(), accumulate=acc, alpha=scale, st=st)
+        else:
+            gemm_into(o2, part, wi, accumulate=acc or i > 0, alpha=scale, st=st)
+    return [out]
+
+
+def linear_stacked(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """h = x @ [W_1; ...; W_n]^T (`group_lora_projections`)."""
+    return _stacked_weights_gemm(st, ins, attrs, ctx, forward=True)
+
+
+def linear_stacked_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """dx (=|+=) dy @ [W_1; ...; W_n]."""
+    return _stacked_weights_gemm(st, ins, attrs, ctx, forward=False)
+
+
+def linear_stacked_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """[dW_1; ...; dW_n] (=|+=) dy^T @ x into the planned stack of gradients: one GEMM."""
+    dy, x = ins
+    bnd = st.bind(ins, attrs, ctx)
+    scale = float(attrs.get("scale", 1.0))
+    dyr, x2 = _rows(dy), _rows(x)
+    dw = stacked_rows(bnd.views)
+    if dw is not None and len(set(bnd.accumulate)) == 1:
+        gemm_into(dw, dyr.t(), x2, accumulate=bnd.accumulate[0], alpha=scale, st=st)
+        return bnd.views
+    for col, gi, acc in zip(_columns(dyr, [t.shape[0] for t in bnd.views]), bnd.views, bnd.accumulate, strict=True):
+        gemm_into(gi, col.t(), x2, accumulate=acc, alpha=scale, st=st)
+    return bnd.views
+
+
 def embedding(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     ids, w = ins
     out = st.bind(ins, attrs, ctx).views[0]
@@ -177,6 +242,9 @@ KERNELS = {
     "linear": linear,
     "linear_bwd_data": linear_bwd_data,
     "linear_bwd_weight": linear_bwd_weight,
+    "linear_stacked": linear_stacked,
+    "linear_stacked_bwd_data": linear_stacked_bwd_data,
+    "linear_stacked_bwd_weight": linear_stacked_bwd_weight,
     "embedding": embedding,
     "embedding_bwd": embedding_bwd,
     "add": add,

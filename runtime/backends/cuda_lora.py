@@ -27,7 +27,9 @@ def lora_merge(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bnd = st.bind(ins, attrs, ctx)
     out, acc = bnd.views[0], bnd.accumulate[0]
     tensors = (base, h, b, out)
-    if all(t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors):
+    # h may be a column view of the stacked down-projections (`group_lora_projections`): rows strided
+    if all(t.dtype in KERNEL_DTYPES for t in tensors) and all(t.is_contiguous() for t in (base, b, out)) \
+            and _unit_columns(h):
         buf = st.alloc(sz.acc_buffer("lora_merge_acc", tuple(out.shape), dn(out.dtype)), out.device) if acc else out
         NK["lora_merge"].cuda(base, h, b, buf, float(attrs.get("scale", 1.0)))
         if acc:
@@ -37,6 +39,17 @@ def lora_merge(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
         res = reference_lora_merge(list(ins), attrs, ctx)[0]
     out.add_(res.to(out.dtype)) if acc else out.copy_(res)
     return [out]
+
+
+def _unit_columns(t: torch.Tensor) -> bool:
+    """The last dim contiguous and the leading dims flattening into one strided row dim without a copy."""
+    if t.stride(-1) != 1:
+        return False
+    try:
+        t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return False
+    return True
 
 
 KERNELS = {"lora_merge": lora_merge}

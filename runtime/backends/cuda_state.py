@@ -85,12 +85,10 @@ def _plan_ops(graph: Any) -> list:
     return list(ops() if callable(ops) else ops)
 
 
-def _arena_view(storage: torch.UntypedStorage, device: torch.device, t: Any) -> torch.Tensor:
-    arena = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
-    raw = arena[t.offset : t.offset + t.nbytes]
-    if t.dtype in ("nf4", "fp4_e2m1"):
-        return raw
-    return raw.view(TORCH_DTYPES[t.dtype]).view(t.shape)
+def _arena_view(storage: torch.UntypedStorage, device: torch.device, t: Any, tensors: dict) -> torch.Tensor:
+    from surogate.runtime.executor import arena_view  # (the executor imports the backends)
+
+    return arena_view(torch.empty(0, dtype=torch.uint8, device=device).set_(storage), t, tensors)
 
 
 def _is_arena_view(v: torch.Tensor, t: Any) -> bool:
@@ -176,7 +174,7 @@ class CudaState:
                 views.append(torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype], device=base.device))
                 modes.append(False)
                 continue
-            views.append(_arena_view(src.untyped_storage(), src.device, t))
+            views.append(_arena_view(src.untyped_storage(), src.device, t, tensors))
             modes.append(acc)
         binding = Binding(views, modes, tuple(op.inputs))
         self._bindings[key] = binding

@@ -13,17 +13,18 @@ from typing import Any
 
 import torch
 
-from surogate.compiler.ir import Graph, GraphError, Role
+from surogate.compiler.ir import Graph, GraphError, Role, view_owners
 from surogate.runtime.reference.common import default_cu_seqlens
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 from surogate.runtime.reference.kernels_bwd import KERNELS as BWD
 from surogate.runtime.reference.kernels_fwd import KERNELS as FWD
 from surogate.runtime.reference.kernels_moe import KERNELS as MOE
 from surogate.runtime.reference.kernels_quant import KERNELS as QUANT
+from surogate.runtime.reference.kernels_stacked import KERNELS as STACKED
 
 _PACKED = {"nf4", "fp4_e2m1"}
 Kernel = Callable[[list, dict, Any], list]
-KERNELS: dict[str, Kernel] = {**FWD, **BWD, **MOE, **QUANT}
+KERNELS: dict[str, Kernel] = {**FWD, **BWD, **MOE, **QUANT, **STACKED}
 
 
 @dataclass
@@ -64,9 +65,17 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
               phases: Iterable[str] = ("forward", "backward")) -> dict[str, torch.Tensor]:
     """Execute the ops of `phases` in program order; `values` (weights, inputs, grads) is updated and returned."""
     wanted = set(phases)
+    columns: dict[str, list[str]] = {}  # parent -> its column views, in column order
+    for view, parent in view_owners(graph.tensors).items():
+        columns.setdefault(parent, []).append(view)
+    for views in columns.values():
+        views.sort(key=lambda v: graph.tensors[v].attrs["view"]["col"])
     for op in graph.ops():
         if op.phase not in wanted:
             continue
+        for t in op.inputs:  # a parent whose columns were written one by one: read as their concatenation
+            if t in columns and t not in values:
+                values[t] = torch.cat([values[v] for v in columns[t]], dim=-1)
         try:
             kernel = KERNELS[op.kind]
         except KeyError:
@@ -91,6 +100,9 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
                 values[name] = values[name] + val
             else:
                 values[name] = val
+            for v in columns.get(name, ()):  # a parent written whole: its column views are its slices
+                col = graph.tensors[v].attrs["view"]["col"]
+                values[v] = values[name][..., col : col + graph.tensors[v].shape[-1]]
     return values
 
 

@@ -22,6 +22,9 @@ LAYERS = 2
 # launches (Numba + torch) per op of each kind; copies are budgeted apart (COPIES)
 LAUNCHES_PER_OP = {
     "linear": 1, "linear_bwd_data": 1, "linear_bwd_weight": 1,
+    # one GEMM per stacked group (q/k/v, gate/up) over the planned adjacent weights / gradients: a second
+    # launch or a copy here means the planner's stack was not found adjacent (the per-weight fallback)
+    "linear_stacked": 1, "linear_stacked_bwd_data": 1, "linear_stacked_bwd_weight": 1,
     "lora_merge": 1,  # up-projection + add in one kernel
     "rmsnorm": 1, "add_rmsnorm": 1, "rmsnorm_bwd": 1, "rmsnorm_rope": 1, "rmsnorm_rope_bwd": 1,
     "swiglu": 1, "swiglu_bwd": 1, "embedding": 1, "rope_table": 0,

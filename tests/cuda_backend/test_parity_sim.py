@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.cuda_backend.helpers import assert_close_grads, batch, pair, rel_err, save_sim_model, sim_cfg
+from tests.cuda_backend.helpers import (
+    assert_close_grads,
+    batch,
+    pair,
+    record_copies,
+    rel_err,
+    save_sim_model,
+    sim_cfg,
+)
 
 TOL = 1e-5
 
@@ -38,6 +46,7 @@ def test_micro_step_and_optimizer_step_match_cpu_backend(model_dir, case):
     check_optimizer = over.pop("optimizer_step", True)
     ref, cud = pair(sim_cfg(model_dir, batch=b, **over))
     kinds = {op.kind: op.attrs for op in ref.plan.ops}
+    copies = record_copies(cud)
     assert kinds["lm_head_ce_fwd_bwd"].get("chunks", 1) == over.get("lmhead_chunks", 1)
     assert any(op.attrs.get("recompute") for op in ref.plan.ops) == over.get("recompute", False)
     ids, labels = batch(b, 8)
@@ -45,6 +54,11 @@ def test_micro_step_and_optimizer_step_match_cpu_backend(model_dir, case):
     loss1, g1 = cud.micro_step(ids, labels)
     assert abs(loss1 - loss0) <= TOL * abs(loss0), (loss1, loss0)
     assert_close_grads(g1, g0, TOL)
+    if over.get("lora"):  # the stacked LoRA GEMMs (group_lora_projections) and merges write the plan's views
+        assert "linear_stacked" in kinds and "linear_stacked_bwd_weight" in kinds
+        direct = {o for op in ref.plan.ops if op.kind.startswith("linear_stacked") or op.kind == "lora_merge"
+                  for o in op.outputs}
+        assert direct and not direct & set(copies), sorted(direct & set(copies))
     if case == "full-b2":  # the cpu backend is the oracle here; check once against transformers directly
         _check_against_transformers(model_dir, ids, labels, loss1, g1)
     if not check_optimizer:

@@ -80,3 +80,20 @@ def test_three_d_activations_and_shape_errors():
     assert torch.equal(out, _k_order(base, h, b, 2.0))
     with pytest.raises(ValueError, match="shapes"):
         lora_merge(base, h, b[:-1], out, 2.0)
+
+
+@pytest.mark.parametrize("r_max", [False, True])
+def test_h_as_a_column_view_of_stacked_down_projections(r_max):
+    """`group_lora_projections` hands the kernel h = h_G[..., c:c + r], rows strided by the group's width: the
+    result is the contiguous h's exactly, at the register rank and at a rank above R_MAX (global reads)."""
+    r = R_MAX + 1 if r_max else 4
+    base, h, b = _args(BF16, BF16, rows=6, cols=36, r=r, seed=5)
+    wide = torch.randn(2, 3, 3 * r).to(BF16)
+    wide[..., r : 2 * r] = h.view(2, 3, r)
+    col = wide[..., r : 2 * r]
+    assert not col.is_contiguous()
+    out = torch.empty_like(base)
+    lora_merge(base.view(2, 3, 36), col, b, out.view(2, 3, 36), 2.0)
+    assert torch.equal(out, _k_order(base, h, b, 2.0))
+    with pytest.raises(ValueError, match="unit stride"):
+        lora_merge(base, wide.view(6, 3 * r)[:, ::3], b, out, 2.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surogate.compiler.ir import Role
+from surogate.compiler.ir import Role, view_parent
 from surogate.runtime.checkpoint import CheckpointManager
 from tests.runtime.helpers import build_trainer, save_model, text_cfg, write_text_data
 
@@ -45,12 +45,19 @@ def test_one_arena_per_space_and_every_tensor_a_view_at_its_offset(trainer):
         arena = ex.arenas[t.space.value]
         assert _inside(view, arena), name
         assert view.data_ptr() - arena.data_ptr() == t.offset, name
-        assert view.is_contiguous() and view.numel() * view.element_size() == t.nbytes, name
+        parent = view_parent(t)
+        if parent is None:
+            assert view.is_contiguous() and view.numel() * view.element_size() == t.nbytes, name
+        else:  # a column view (stacked LoRA down-projections): exactly its columns of the parent's view
+            col = t.attrs["view"]["col"]
+            assert view.data_ptr() == ex.views[parent][..., col:].data_ptr(), name
+            assert view.stride() == ex.views[parent].stride() and tuple(view.shape) == t.shape, name
+    assert any(view_parent(t) for t in plan.tensors.values())  # the grouped LoRA program is what this checks
 
 
 def test_tensors_alive_together_never_share_bytes(trainer):
     plan = trainer.plan
-    live = [(n, t) for n, t in plan.tensors.items() if n in trainer.ex.views]
+    live = [(n, t) for n, t in plan.tensors.items() if n in trainer.ex.views and view_parent(t) is None]
     by_space: dict[str, list] = {}
     for n, t in live:
         start, end = plan.lifetimes[n]

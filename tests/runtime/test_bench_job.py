@@ -59,6 +59,20 @@ def test_the_keepmid_extra_sets_the_recompute_switch_the_pass_reads(monkeypatch)
     assert recompute.kept_op_kinds() == {"attention"} and recompute.kept_residuals() == {"layer_input"}
 
 
+def test_the_nostack_extra_turns_the_lora_stacking_pass_off(monkeypatch):
+    from surogate.compiler.ir import Graph
+    from surogate.compiler.passes import fusion, lora_group
+
+    env = EXTRAS["0.6b-nostack"]["env"]
+    assert set(env) == {fusion.OFF_ENV} and EXTRAS["0.6b-nostack"]["ours_only"]
+    graph = Graph()
+    graph.meta["lora"] = True
+    assert fusion._on("group_lora_projections", lora_group.ENABLED, None)
+    monkeypatch.setenv(fusion.OFF_ENV, env[fusion.OFF_ENV])
+    assert not fusion._on("group_lora_projections", lora_group.ENABLED, None)
+    assert lora_group.group_lora_projections(graph, None).meta["lora_groups"] == 0
+
+
 def test_an_ours_only_extra_reuses_the_main_jobs_hf_figure(monkeypatch):
     """Extras that change only our side (recompute, experiment switches, LM-head chunks) run one process: HF's
     job is the main job's (saving a minute of a GPU session each); ours gets its switches, HF never does."""
