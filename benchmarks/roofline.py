@@ -101,8 +101,11 @@ def op_cost(plan: Any, op: Any, pairs: float | None = None, read: frozenset | No
 
 
 def read_set(plan: Any) -> frozenset:
-    """Tensors some op of `plan` reads."""
-    return frozenset(n for op in plan.ops for n in op.inputs)
+    """Tensors some op of `plan` reads (a column view read reads its parent's memory)."""
+    from surogate.compiler.ir import view_parent
+
+    read = {n for op in plan.ops for n in op.inputs}
+    return frozenset(read | {p for n in read if (p := view_parent(plan.tensors[n])) is not None})
 
 
 def _flops_peak(plan: Any, op: Any, peak: Peak) -> float:

@@ -110,12 +110,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def lora_merge(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: float) -> None:
     """out = base + scale * h @ b^T with the reference's roundings; base/out [..., cols], h [..., r], b [cols, r].
 
-    float32 or bfloat16 each; out may be base (in place); h's rows may be strided (a column view)."""
-    for name, t in (("base", base), ("b", b), ("out", out)):
+    float32 or bfloat16 each; out may be base (in place);
+    base's and h's rows may be strided (column views of stacked projections)."""
+    for name, t in (("b", b), ("out", out)):
         check_contiguous(name, t)
-    if h.stride(-1) != 1:  # (h may be a column slice of a wider matrix: rows strided, read by 2D indexing)
-        raise ValueError(f"h must have unit stride along its last dim (strides {h.stride()})")
-    b2, h2, o2 = _rows(base), h.view(-1, h.shape[-1]), _rows(out)
+    for name, t in (("base", base), ("h", h)):  # column slices of wider matrices: rows strided, 2D indexing
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along its last dim (strides {t.stride()})")
+    b2, h2, o2 = base.view(-1, base.shape[-1]), h.view(-1, h.shape[-1]), _rows(out)
     rows, cols = b2.shape
     r = h2.shape[1]
     if b.shape != (cols, r) or h2.shape[0] != rows or o2.shape != b2.shape:

@@ -1,4 +1,4 @@
-"""Pass `group_lora_projections`: one GEMM for the LoRA down-projections that share an input.
+"""Pass `group_lora_projections`: one GEMM for the LoRA projections that share an input.
 
 q/k/v (and gate/up) read the same normalised activation x, so their adapters run three (two) skinny GEMMs of
 the same x each pass: `h_i = x @ A_i^T` in the forward, `dx += dh_i @ A_i` and `dA_i += dh_i^T @ x` in the backward
@@ -20,7 +20,14 @@ only these ops and the optimizer touch (no ZeRO shards, offload copies or collec
 a multiple of `STACK_ALIGN` so adjacent members are exactly a stacked matrix. Whatever does not fit keeps its
 unstacked ops. The planner (`assign_buffers`) places each `graph.meta["stacks"]` entry contiguously; column views
 carry `attrs["view"] = {"of": parent, "col": first column}` and take no memory of their own.
-`SUROGATE_FUSIONS_OFF=group_lora_projections` keeps the unstacked program (to A/B the two).
+
+The frozen base weights of the same projections are stacked too (a LoRA model's: no weight gradients):
+`y_G = x @ [W_q; W_k; W_v]^T` once per forward and recompute (y_q, y_k, y_v column views, read only by their
+adapters' merges, whose kernel takes row-strided inputs), and for gate/up, whose output gradients swiglu_bwd
+writes as column views of one [.., 2 * intermediate] tensor, `dx += [d_gate | d_up] @ [W_gate; W_up]` (K = 2 x
+intermediate). q/k/v's gradients come from attention and the q/k norm kernels, which write whole tensors: their
+data gradients stay three GEMMs. A full fine-tune is left alone (its projections' outputs feed kernels that
+take whole tensors). `SUROGATE_FUSIONS_OFF=group_lora_projections` keeps the unstacked program (to A/B the two).
 """
 
 from __future__ import annotations
@@ -35,54 +42,105 @@ ENABLED = True
 STACK_ALIGN = 16  # bytes: kernels' vector loads need members starting at 16-byte boundaries
 # Kinds allowed to read a column view h_i (by position of h_i among the inputs).
 _H_READERS = {("lora_merge", 1), ("linear_bwd_weight", 1), ("linear", 0)}
+# ... and a base projection's output y_i (in a LoRA model only its adapter's merge reads it)
+_BASE_READERS = {("lora_merge", 0), ("add", 0)}  # (add: the merge unfused)
+# Kinds allowed to read an output gradient dy_i that becomes a column view, and the kinds that may write it
+_DY_READERS = {("linear_bwd_data", 0), ("linear_bwd_weight", 0)}
+_DY_WRITERS = frozenset({"swiglu_bwd"})  # writes its outputs through row-strided views
 
 
 def group_lora_projections(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
-    """Stack the A weights of LoRA adapters sharing an input; rewrite their forward and backward GEMMs."""
+    """Stack the A weights of LoRA adapters sharing an input, and the frozen base weights of projections sharing
+    one; rewrite their GEMMs into stacked ones."""
     stacks: dict[str, list[str]] = graph.meta.setdefault("stacks", {})
-    grouped = 0
+    grouped = based = 0
     if _on("group_lora_projections", ENABLED, enabled) and graph.meta.get("lora"):
         position = {n: i for i, n in enumerate(graph.tensors)}
-        for members in _forward_groups(graph):
-            weights = [op.inputs[1] for op in members]
-            grads = _weight_gradients(graph, weights)
-            if grads is None or not _stackable(graph, weights, grads, members):
-                continue
-            order = sorted(range(len(members)), key=lambda i: position[weights[i]])
-            members = [members[i] for i in order]
-            weights = [weights[i] for i in order]
-            key = f"{weights[0].removesuffix('.weight')}+{len(weights)}"
-            if key in stacks:
-                continue
-            stacks[key] = weights
-            stacks[f"{key}.grad"] = [grads[w] for w in weights]
-            _stack_forward(graph, members, weights)
-            for rc in _recompute_groups(graph, weights):
-                _stack_forward(graph, rc, weights)
-            _stack_backward(graph, weights, grads)
-            grouped += 1
-        if grouped:
+        grouped = _stack_down_projections(graph, stacks, position)
+        based = _stack_base_projections(graph, stacks, position)
+        if grouped or based:
             graph.rewire()
     graph.meta["lora_groups"] = grouped
+    graph.meta["base_groups"] = based
     return graph
 
 
-def _forward_groups(graph: Graph) -> list[list[Op]]:
-    """Forward `linear` ops of LoRA A weights, grouped by their shared input (two or more per group)."""
-    by_input: dict[tuple[str, str], list[Op]] = {}
+def _unscaled(op: Op) -> bool:
+    """The stacked ops compute the plain products (every GEMM they replace has scale 1)."""
+    return float(op.attrs.get("scale", 1.0)) == 1.0
+
+
+def _is_lora_a(graph: Graph, op: Op) -> bool:
+    return op.attrs.get("lora") == "A"
+
+
+def _is_frozen_base(graph: Graph, op: Op) -> bool:
+    return "lora" not in op.attrs and graph.tensors[op.inputs[1]].role is Role.FROZEN_WEIGHT
+
+
+def _ordered(members: list[Op], position: dict[str, int]) -> tuple[list[Op], list[str]]:
+    members = sorted(members, key=lambda op: position[op.inputs[1]])
+    return members, [op.inputs[1] for op in members]
+
+
+def _stack_down_projections(graph: Graph, stacks: dict[str, list[str]], position: dict[str, int]) -> int:
+    grouped = 0
+    for found in _forward_groups(graph, _is_lora_a):
+        members, weights = _ordered(found, position)
+        grads = _weight_gradients(graph, weights)
+        key = f"{weights[0].removesuffix('.weight')}+{len(weights)}"
+        if grads is None or key in stacks or not _stackable(graph, weights, grads, members):
+            continue
+        stacks[key] = weights
+        stacks[f"{key}.grad"] = [grads[w] for w in weights]
+        _stack_forward(graph, members, weights)
+        for rc in _recompute_groups(graph, weights, _is_lora_a, _H_READERS):
+            _stack_forward(graph, rc, weights)
+        _stack_backward(graph, weights, grads)
+        grouped += 1
+    return grouped
+
+
+def _stack_base_projections(graph: Graph, stacks: dict[str, list[str]], position: dict[str, int]) -> int:
+    """A LoRA model's frozen q/k/v (gate/up) weights as one stack: one forward GEMM per group (its outputs read
+    only by the adapters' merges, which take column views), and where the output gradients come from one
+    kernel that writes column views (swiglu_bwd: gate/up) one data-gradient GEMM with K = the summed widths."""
+    based = 0
+    for found in _forward_groups(graph, _is_frozen_base):
+        members, weights = _ordered(found, position)
+        key = f"{weights[0].removesuffix('.weight')}+{len(weights)}"
+        if key in stacks or not _frozen_stackable(graph, weights, members):
+            continue
+        stacks[key] = weights
+        _stack_forward(graph, members, weights)
+        for rc in _recompute_groups(graph, weights, _is_frozen_base, _BASE_READERS):
+            _stack_forward(graph, rc, weights)
+        data_ops = _base_data_ops(graph, weights)
+        if data_ops is not None:
+            dys = [d.inputs[0] for d in data_ops]
+            parent = _parent(graph, dys, f"{dys[0]}+{len(dys)}", graph.tensors[dys[0]].role)
+            _emit_stacked_data(graph, data_ops, parent, weights)
+        based += 1
+    return based
+
+
+def _forward_groups(graph: Graph, pick: Any) -> list[list[Op]]:
+    """Forward `linear` ops (no bias) that `pick` selects, grouped by their shared input (two or more per group)."""
+    by_input: dict[str, list[Op]] = {}
     for op in graph.ops():
-        if op.kind == "linear" and op.attrs.get("lora") == "A" and len(op.inputs) == 2 and op.phase == "forward":
-            by_input.setdefault((op.phase, op.inputs[0]), []).append(op)
+        if op.kind == "linear" and len(op.inputs) == 2 and op.phase == "forward" and _unscaled(op) and pick(graph, op):
+            by_input.setdefault(op.inputs[0], []).append(op)
     return [ops for ops in by_input.values() if len(ops) >= 2]
 
 
-def _recompute_groups(graph: Graph, weights: list[str]) -> list[list[Op]]:
-    """Recompute copies of a stacked group's forward GEMMs (present when recompute re-runs the adapters)."""
+def _recompute_groups(graph: Graph, weights: list[str], pick: Any, readers: set) -> list[list[Op]]:
+    """Recompute copies of a stacked group's forward GEMMs (present when recompute re-runs them)."""
     found: dict[str, list[Op | None]] = {}
     for op in graph.ops():
-        if op.kind == "linear" and op.attrs.get("lora") == "A" and op.phase != "forward" and op.inputs[1] in weights:
+        if op.kind == "linear" and op.phase != "forward" and len(op.inputs) == 2 and op.inputs[1] in weights \
+                and _unscaled(op) and pick(graph, op):
             found.setdefault(op.inputs[0], [None] * len(weights))[weights.index(op.inputs[1])] = op
-    return [ops for ops in found.values() if all(ops) and all(_h_ok(graph, o) for o in ops)]  # type: ignore[misc]
+    return [ops for ops in found.values() if all(ops) and all(_out_ok(graph, o, readers) for o in ops)]  # type: ignore[misc]
 
 
 def _weight_gradients(graph: Graph, weights: list[str]) -> dict[str, str] | None:
@@ -114,19 +172,71 @@ def _stackable(graph: Graph, weights: list[str], grads: dict[str, str], ops: lis
                 op = graph.op(o)
                 if op.phase != "optimizer" and op.kind not in allowed:
                     return False
-    return all(_h_ok(graph, op) for op in ops) and _backward_pairs(graph, weights, grads) is not None
+    return all(_out_ok(graph, op, _H_READERS) for op in ops) and _backward_pairs(graph, weights, grads) is not None
 
 
-def _h_ok(graph: Graph, op: Op) -> bool:
-    """The op's output h is written by it alone and read only by kinds that take a column view of it."""
-    h = op.outputs[0]
-    if len(op.outputs) != 1 or graph.producers(h) != [op.name] or graph.tensors[h].attrs.get("view"):
+def _out_ok(graph: Graph, op: Op, readers: set) -> bool:
+    """The op's output is written by it alone and read only by kinds that take a column view of it."""
+    y = op.outputs[0]
+    if len(op.outputs) != 1 or graph.producers(y) != [op.name] or graph.tensors[y].attrs.get("view"):
         return False
-    for r in graph.consumers(h):
+    return _readers_ok(graph, y, readers)
+
+
+def _readers_ok(graph: Graph, name: str, readers: set) -> bool:
+    for r in graph.consumers(name):
         rop = graph.op(r)
-        if not any(rop.kind == k and rop.inputs[i] == h and rop.inputs.count(h) == 1 for k, i in _H_READERS):
+        if not any(rop.kind == k and rop.inputs[i] == name and rop.inputs.count(name) == 1 for k, i in readers):
             return False
     return True
+
+
+def _frozen_stackable(graph: Graph, weights: list[str], ops: list[Op]) -> bool:
+    x = graph.tensors[ops[0].inputs[0]]
+    ws = [graph.tensors[w] for w in weights]
+    for t in ws:
+        if (t.role is not Role.FROZEN_WEIGHT or t.space is not Space.DEVICE or not is_persistent(t)
+                or t.nbytes % STACK_ALIGN or t.dtype != x.dtype or t.shape[1:] != ws[0].shape[1:]
+                or t.attrs.get("stack") or t.attrs.get("view")):
+            return False
+        if any(graph.op(o).kind not in ("linear", "linear_bwd_data") for o in graph.consumers(t.name)):
+            return False
+        if graph.producers(t.name):
+            return False
+    return all(_out_ok(graph, op, _BASE_READERS) for op in ops)
+
+
+def _base_data_ops(graph: Graph, weights: list[str]) -> list[Op] | None:
+    """Per frozen weight its one linear_bwd_data, when every output gradient can be a column view of one tensor:
+    written whole (no accumulation) by one op of a kind that writes views, all by the same op, read only by GEMMs;
+    the same dx; nothing reading dx between the first and the last of them. None otherwise."""
+    data: list[Op] = []
+    for w in weights:
+        ops = [graph.op(o) for o in graph.consumers(w) if graph.op(o).kind == "linear_bwd_data"]
+        if len(ops) != 1 or not _unscaled(ops[0]):
+            return None
+        data.append(ops[0])
+    writers = set()
+    for d in data:
+        dy = d.inputs[0]
+        t = graph.tensors[dy]
+        prod = graph.producers(dy)
+        if len(prod) != 1 or t.attrs.get("view") or t.dtype != graph.tensors[d.inputs[1]].dtype:
+            return None
+        writer = graph.op(prod[0])
+        if writer.kind not in _DY_WRITERS or dy in (writer.attrs.get("accumulate_into") or ()) \
+                or writer.attrs.get("accumulate") or not _readers_ok(graph, dy, _DY_READERS):
+            return None
+        writers.add(writer.name)
+    if len(writers) != 1 or len({d.outputs[0] for d in data}) != 1 or not _dx_untouched_between(graph, data):
+        return None
+    return data
+
+
+def _dx_untouched_between(graph: Graph, data_ops: list[Op]) -> bool:
+    """Nothing reads the ops' common output between the first and the last of them (the stacked op runs last)."""
+    at = [_index(graph, d) for d in data_ops]
+    return not any(min(at) < _index(graph, graph.op(r)) < max(at) for r in graph.consumers(data_ops[0].outputs[0]))
 
 
 def _backward_pairs(graph: Graph, weights: list[str], grads: dict[str, str]) -> list[tuple[Op | None, Op]] | None:
@@ -140,6 +250,8 @@ def _backward_pairs(graph: Graph, weights: list[str], grads: dict[str, str]) -> 
         if len(data) > 1 or len(wgrad) != 1 or wgrad[0].kind != "linear_bwd_weight":
             return None
         d, g = (data[0] if data else None), wgrad[0]
+        if not _unscaled(g) or (d is not None and not _unscaled(d)):
+            return None
         dh = g.inputs[0]
         if len(g.outputs) != 1 or (d is not None and (d.inputs[0] != dh or d.phase != g.phase)):
             return None
@@ -154,13 +266,8 @@ def _backward_pairs(graph: Graph, weights: list[str], grads: dict[str, str]) -> 
     data_ops = [d for d, _ in pairs if d is not None]
     if len(data_ops) not in (0, len(pairs)) or len({g.inputs[1] for _, g in pairs}) != 1:
         return None
-    if data_ops:
-        if len({d.outputs[0] for d in data_ops}) != 1:
-            return None
-        # the stacked data gradient runs where the last of them did: nothing may read dx in between
-        at = [_index(graph, d) for d in data_ops]
-        if any(min(at) < _index(graph, graph.op(r)) < max(at) for r in graph.consumers(data_ops[0].outputs[0])):
-            return None
+    if data_ops and (len({d.outputs[0] for d in data_ops}) != 1 or not _dx_untouched_between(graph, data_ops)):
+        return None
     return pairs
 
 
@@ -183,7 +290,8 @@ def _stack_forward(graph: Graph, ops: list[Op], weights: list[str]) -> None:
     parent = _parent(graph, hs, f"{hs[0]}+{len(hs)}", graph.tensors[hs[0]].role)
     first = min(ops, key=lambda o: _index(graph, o))  # where the first h_i was written: before any reader
     graph.add_op(Op(f"{first.name}+{len(ops)}", "linear_stacked", [first.inputs[0], *weights], [parent],
-                    {"scale": 1.0, "lora": "A", "stacked": len(weights)}, first.phase, first.layer),
+                    {"scale": 1.0, **({"lora": "A"} if "lora" in first.attrs else {}), "stacked": len(weights)},
+                    first.phase, first.layer),
                  after=first.name)
     for op in ops:
         graph.remove_op(op.name)
@@ -198,21 +306,28 @@ def _stack_backward(graph: Graph, weights: list[str], grads: dict[str, str]) -> 
     dhs = [g.inputs[0] for g in grad_ops]
     parent = _parent(graph, dhs, f"{dhs[0]}+{len(dhs)}", graph.tensors[dhs[0]].role)
     if data_ops:
-        dx = data_ops[0].outputs[0]
-        last = max(data_ops, key=lambda o: _index(graph, o))
-        # dx accumulates when a removed op or another writer did (the executor's rule then overwrites if the
-        # stacked op ends up dx's first writer)
-        acc = [dx] if any(dx in (d.attrs.get("accumulate_into") or ()) for d in data_ops) or \
-            len(graph.producers(dx)) > len(data_ops) else []
-        graph.add_op(Op(f"{last.name}+{len(pairs)}", "linear_stacked_bwd_data", [parent, *weights], [dx],
-                        {"scale": 1.0, "stacked": len(weights), "accumulate_into": acc}, last.phase, last.layer),
-                     after=last.name)
+        _emit_stacked_data(graph, data_ops, parent, weights)
     last = max(grad_ops, key=lambda o: _index(graph, o))
     gnames = [grads[w] for w in weights]
     graph.add_op(Op(f"{last.name}+{len(pairs)}", "linear_stacked_bwd_weight", [parent, grad_ops[0].inputs[1]],
                     gnames, {"scale": 1.0, "stacked": len(weights), "accumulate_into": list(gnames)}, last.phase,
                     last.layer), after=last.name)
-    for op in (*data_ops, *grad_ops):
+    for op in grad_ops:
+        graph.remove_op(op.name)
+
+
+def _emit_stacked_data(graph: Graph, data_ops: list[Op], parent: str, weights: list[str]) -> None:
+    """One `linear_stacked_bwd_data(dy_G, W_1..W_n) -> dx` where the last of `data_ops` ran; they go."""
+    dx = data_ops[0].outputs[0]
+    last = max(data_ops, key=lambda o: _index(graph, o))
+    # dx accumulates when a removed op or another writer did (the executor's rule then overwrites if the
+    # stacked op ends up dx's first writer)
+    acc = [dx] if any(dx in (d.attrs.get("accumulate_into") or ()) for d in data_ops) or \
+        len(graph.producers(dx)) > len(data_ops) else []
+    graph.add_op(Op(f"{last.name}+{len(data_ops)}", "linear_stacked_bwd_data", [parent, *weights], [dx],
+                    {"scale": 1.0, "stacked": len(weights), "accumulate_into": acc}, last.phase, last.layer),
+                 after=last.name)
+    for op in data_ops:
         graph.remove_op(op.name)
 
 

@@ -27,9 +27,9 @@ def lora_merge(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bnd = st.bind(ins, attrs, ctx)
     out, acc = bnd.views[0], bnd.accumulate[0]
     tensors = (base, h, b, out)
-    # h may be a column view of the stacked down-projections (`group_lora_projections`): rows strided
-    if all(t.dtype in KERNEL_DTYPES for t in tensors) and all(t.is_contiguous() for t in (base, b, out)) \
-            and _unit_columns(h):
+    # base and h may be column views of stacked projections (`group_lora_projections`): rows strided
+    if all(t.dtype in KERNEL_DTYPES for t in tensors) and b.is_contiguous() and out.is_contiguous() \
+            and _unit_columns(h) and _unit_columns(base):
         buf = st.alloc(sz.acc_buffer("lora_merge_acc", tuple(out.shape), dn(out.dtype)), out.device) if acc else out
         NK["lora_merge"].cuda(base, h, b, buf, float(attrs.get("scale", 1.0)))
         if acc:

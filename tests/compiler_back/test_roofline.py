@@ -12,7 +12,8 @@ from surogate.schema import config_from_dict
 from tests.scripts import load_script
 
 JOB = {"model": "Qwen/Qwen3-0.6B", "sequence_len": 256, "per_device_train_batch_size": 2, "lora": True,
-       "lora_rank": 16, "lora_alpha": 32, "lora_dtype": "bf16", "torch_dtype": "bfloat16", "recompute": True}
+       "lora_rank": 16, "lora_alpha": 32, "lora_dtype": "bf16", "torch_dtype": "bfloat16", "recompute": True,
+       "lora_dropout": 0.0}  # as the throughput job
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +32,19 @@ def _op(plan, name):
 
 def test_gemm_costs_are_2mnk_and_one_pass_over_each_tensor(rf, plan):
     rows = 2 * 256
-    q = _op(plan, "L3.q")  # the base projection: x [2, 256, 1024] @ W_q [2048, 1024]^T, bf16
-    nbytes, flops = rf.op_cost(plan, q)
-    assert flops == 2 * rows * 2048 * 1024
-    assert nbytes == 2 * (rows * 1024 + 2048 * 1024 + rows * 2048)
-    dw = next(op for op in plan.ops if op.kind == "linear_bwd_weight" and op.attrs["fwd_op"] == "L3.q.lora_a")
-    assert rf.op_cost(plan, dw)[1] == 2 * rows * 16 * 1024  # dA = dh^T [16, rows] @ x [rows, 1024]
+    o = _op(plan, "L3.o")  # a base projection: x [2, 256, 2048] @ W_o [1024, 2048]^T, bf16
+    nbytes, flops = rf.op_cost(plan, o)
+    assert flops == 2 * rows * 1024 * 2048
+    assert nbytes == 2 * (rows * 2048 + 1024 * 2048 + rows * 1024)
+    # the stacked q/k/v base projections (group_lora_projections): x @ [W_q; W_k; W_v]^T, N = 2048 + 1024 + 1024
+    qkv = _op(plan, "L3.q+3")
+    nbytes, flops = rf.op_cost(plan, qkv)
+    assert flops == 2 * rows * 4096 * 1024
+    assert nbytes == 2 * (rows * 1024 + 4096 * 1024 + rows * 4096)
+    dw = _op(plan, "L3.q.lora_a.bwd.linear_bwd_weight+3")  # [dA_q; dA_k; dA_v] = dh_G^T [48, rows] @ x [rows, 1024]
+    assert rf.op_cost(plan, dw)[1] == 2 * rows * 48 * 1024
+    dx = _op(plan, "L3.q.lora_a.bwd.linear_bwd_data+3")  # dx += dh_G [rows, 48] @ [A_q; A_k; A_v]
+    assert rf.op_cost(plan, dx)[1] == 2 * rows * 48 * 1024
     acc = next(op for op in plan.ops if op.kind == "linear_bwd_data" and op.attrs.get("accumulate_into"))
     (out,) = acc.outputs
     read_write = rf.op_cost(plan, acc)[0] - sum(plan.tensors[n].nbytes for n in acc.inputs)

@@ -42,25 +42,32 @@ def _kinds(plan) -> dict[str, int]:
 def test_qkv_and_gate_up_are_stacked_per_layer(model_dir):
     plan = compile_plan(sim_cfg(model_dir, **LORA))
     kinds = _kinds(plan)
-    assert plan.meta["lora_groups"] == 4  # 2 layers x (q/k/v, gate/up)
-    assert kinds["linear_stacked"] == 4 and kinds["linear_stacked_bwd_weight"] == 4
-    # layer 0's q/k/v input (the embedding output) needs no gradient in a LoRA model: no data-gradient GEMM there
-    assert kinds["linear_stacked_bwd_data"] == 3
-    # o and down have no partner: their A GEMMs stay (forward 2 per layer; recompute keeps h)
+    # 2 layers x (q/k/v, gate/up), for the adapters' A weights and for the frozen base weights
+    assert plan.meta["lora_groups"] == 4 and plan.meta["base_groups"] == 4
+    # forward + recompute of the base GEMMs (the adapters' h is kept, not recomputed)
+    assert kinds["linear_stacked"] == 4 + 2 * 4 and kinds["linear_stacked_bwd_weight"] == 4
+    # data gradients: the adapters' (layer 0's q/k/v input, the embedding output, needs none in a LoRA model:
+    # 3) and the base gate/up's, whose output gradients swiglu_bwd writes as column views (2; q/k/v's come
+    # from attention and the q/k norm kernels and stay three GEMMs)
+    assert kinds["linear_stacked_bwd_data"] == 3 + 2
+    # o and down have no partner: their GEMMs stay
     lora_a = [op for op in plan.ops if op.kind == "linear" and op.attrs.get("lora") == "A"]
     assert sorted({op.name.split(".")[1] for op in lora_a}) == ["down", "o"]
+    base = [op for op in plan.ops if op.kind == "linear" and "lora" not in op.attrs and op.layer is not None]
+    assert sorted({op.name.split(".")[1] for op in base}) == ["down", "o"]
 
 
 def test_stacks_are_back_to_back_and_views_sit_inside_their_parents(model_dir):
     plan = compile_plan(sim_cfg(model_dir, **LORA))
     stacks = plan.meta["stacks"]
-    assert len(stacks) == 8  # 4 groups: weights and gradients
+    assert len(stacks) == 4 * 2 + 4  # adapters: weights and gradients; base: frozen weights
     for members in stacks.values():
         ts = [plan.tensors[m] for m in members]
         for a, b in zip(ts, ts[1:], strict=False):
             assert b.offset == a.offset + a.nbytes, (a.name, b.name)
     views = {n: t for n, t in plan.tensors.items() if view_parent(t)}
-    assert len(views) == 2 * 5 * 2  # h and dh of 5 adapters in 2 layers
+    # per layer: h and dh of 5 adapters; the 5 base outputs, their recomputed copies, d_gate and d_up
+    assert len(views) == 2 * (5 * 2 + 5 * 2 + 2)
     for n, t in views.items():
         p = plan.tensors[view_parent(t)]
         col = t.attrs["view"]["col"]
@@ -78,16 +85,22 @@ def test_stacks_are_back_to_back_and_views_sit_inside_their_parents(model_dir):
     ("dropout: each adapter reads its own x'", dict(lora_dropout=0.1)),
     ("fp32 adapters on bf16 activations", dict(torch_dtype="bfloat16", lora_dtype="fp32")),
 ])
-def test_not_stacked_where_the_stack_would_not_be_one_gemm(model_dir, why, over):
+def test_adapters_not_stacked_where_the_stack_would_not_be_one_gemm(model_dir, why, over):
     plan = compile_plan(sim_cfg(model_dir, **{**LORA, **over}))
     assert plan.meta["lora_groups"] == 0, why
-    assert not STACKED & set(_kinds(plan))
+    assert not any(op.kind.startswith("linear_stacked") and op.attrs.get("lora") for op in plan.ops)
+    assert plan.meta["base_groups"] == 4  # the frozen base projections still share their input
+
+
+def test_full_fine_tune_is_left_alone(model_dir):
+    plan = compile_plan(sim_cfg(model_dir, recompute=True))
+    assert plan.meta["lora_groups"] == plan.meta["base_groups"] == 0 and not STACKED & set(_kinds(plan))
 
 
 def test_switched_off_by_environment(model_dir, monkeypatch):
     monkeypatch.setenv(OFF_ENV, "group_lora_projections")
     plan = compile_plan(sim_cfg(model_dir, **LORA))
-    assert plan.meta["lora_groups"] == 0 and not STACKED & set(_kinds(plan))
+    assert plan.meta["lora_groups"] == plan.meta["base_groups"] == 0 and not STACKED & set(_kinds(plan))
     assert not any(view_parent(t) for t in plan.tensors.values())
 
 
@@ -115,7 +128,8 @@ def test_stacked_program_computes_what_the_unstacked_one_does(model_dir, monkeyp
     backend (fp32 model: equal to fp32 rounding; the K = 3r data gradient sums in another order)."""
     cfg = sim_cfg(model_dir, batch=2, **LORA)
     stacked, plain = compile_plan(cfg), _unstacked_plan(cfg, monkeypatch)
-    assert stacked.meta["lora_groups"] == 4 and plain.meta["lora_groups"] == 0
+    assert stacked.meta["lora_groups"] == stacked.meta["base_groups"] == 4
+    assert plain.meta["lora_groups"] == plain.meta["base_groups"] == 0
     weights = lora_b_weights(stacked)
     runs = [Runner(cfg, backend, plan=p, weights=weights) for p in (stacked, plain)]
     copies = record_copies(runs[0]) if backend == "cuda" else []

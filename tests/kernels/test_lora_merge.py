@@ -83,9 +83,10 @@ def test_three_d_activations_and_shape_errors():
 
 
 @pytest.mark.parametrize("r_max", [False, True])
-def test_h_as_a_column_view_of_stacked_down_projections(r_max):
-    """`group_lora_projections` hands the kernel h = h_G[..., c:c + r], rows strided by the group's width: the
-    result is the contiguous h's exactly, at the register rank and at a rank above R_MAX (global reads)."""
+def test_base_and_h_as_column_views_of_stacked_projections(r_max):
+    """`group_lora_projections` hands the kernel h = h_G[..., c:c + r] and base = y_G[..., c:c + cols], rows
+    strided by the group's width: the result is the contiguous tensors' exactly, at the register rank and at a
+    rank above R_MAX (global reads)."""
     r = R_MAX + 1 if r_max else 4
     base, h, b = _args(BF16, BF16, rows=6, cols=36, r=r, seed=5)
     wide = torch.randn(2, 3, 3 * r).to(BF16)
@@ -95,5 +96,11 @@ def test_h_as_a_column_view_of_stacked_down_projections(r_max):
     out = torch.empty_like(base)
     lora_merge(base.view(2, 3, 36), col, b, out.view(2, 3, 36), 2.0)
     assert torch.equal(out, _k_order(base, h, b, 2.0))
+    # base as a column view too (the stacked base projections' output y_G [.., q + k + v])
+    wide_base = torch.randn(2, 3, 3 * 36).to(BF16)
+    wide_base[..., 72:] = base.view(2, 3, 36)
+    out2 = torch.empty_like(base)
+    lora_merge(wide_base[..., 72:], col, b, out2.view(2, 3, 36), 2.0)
+    assert torch.equal(out2, out)
     with pytest.raises(ValueError, match="unit stride"):
         lora_merge(base, wide.view(6, 3 * r)[:, ::3], b, out, 2.0)
