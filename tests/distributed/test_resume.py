@@ -64,4 +64,11 @@ def test_one_process_resumes_a_two_rank_checkpoint_resharded(straight):
     for a, b in zip(resumed.losses, result.losses[2:], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
     got = exported(out, lora=True)
-    assert set(got) == set(adapter) and all(max_rel(got[k], adapter[k]) <= 1e-5 for k in adapter)
+    assert set(got) == set(adapter)
+    for k in adapter:
+        # equal to fp32 rounding but for at most 2 elements: one process stacks the base projections'
+        # GEMMs (group_lora_projections; ZeRO-3's sharded weights on two ranks are not stacked), so the sums
+        # round differently and an 8-bit AdamW code may flip: one quantum of one update (seen: 1 element of
+        # o_proj's B, 3.9e-3 of the tensor's max after 4 steps from B = 0)
+        far = int(((got[k] - adapter[k]).abs() > 1e-5 * adapter[k].abs().max()).sum())
+        assert far <= 2 and max_rel(got[k], adapter[k]) <= 1e-2, (k, far)
