@@ -285,7 +285,7 @@ def _parent(graph: Graph, members: list[str], name: str, role: Role) -> str:
 
 
 def _stack_forward(graph: Graph, ops: list[Op], weights: list[str]) -> None:
-    """Replace the group's `linear(x, A_i) -> h_i` by one `linear_stacked(x, A_1..A_n) -> h_G`."""
+    """Replace the group's `linear(x, W_i) -> y_i` by one `linear_stacked(x, W_1..W_n) -> y_G` (y_i its columns)."""
     hs = [op.outputs[0] for op in ops]
     parent = _parent(graph, hs, f"{hs[0]}+{len(hs)}", graph.tensors[hs[0]].role)
     first = min(ops, key=lambda o: _index(graph, o))  # where the first h_i was written: before any reader
