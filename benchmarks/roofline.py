@@ -35,6 +35,7 @@ PEAKS = {"h100": (3.35e12, 989e12, 67e12), "h200": (4.8e12, 989e12, 67e12)}
 TARGET_TOKENS_PER_S = 54_000  # issue 7's H100 target for the Qwen3-0.6B LoRA job
 _GEMM = ("linear", "linear_bwd_data", "linear_bwd_weight")
 _STACKED = ("linear_stacked", "linear_stacked_bwd_data", "linear_stacked_bwd_weight")
+_ALL_GEMM = _GEMM + _STACKED
 # LM-head kinds: (passes over the logits, logits-sized GEMMs), the dW GEMM's of each aside
 _CE = {"lm_head_ce": (2, 1), "lm_head_ce_bwd": (4, 2), "lm_head_ce_fwd_bwd": (5, 2)}
 
@@ -82,7 +83,7 @@ def op_cost(plan: Any, op: Any, pairs: float | None = None, read: frozenset | No
                    + sum(_t(plan, n).nbytes for n in outs if n in acc))
     if op.kind == "embedding":  # reads the looked-up rows, not the table
         nbytes = 2.0 * _t(plan, op.outputs[0]).nbytes + _t(plan, op.inputs[0]).nbytes
-    if op.kind in _GEMM or op.kind in _STACKED:
+    if op.kind in _ALL_GEMM:
         return nbytes, _gemm_flops(plan, op)
     if op.kind in _CE:
         x, w = _t(plan, op.inputs[0]), _t(plan, op.inputs[1])
@@ -110,7 +111,7 @@ def read_set(plan: Any) -> frozenset:
 
 def _flops_peak(plan: Any, op: Any, peak: Peak) -> float:
     wide = any(_t(plan, n).dtype == "fp32" for n in op.inputs[:2])
-    return peak.flops_32 if wide and (op.kind in _GEMM or op.kind in _STACKED) else peak.flops_16
+    return peak.flops_32 if wide and op.kind in _ALL_GEMM else peak.flops_16
 
 
 @dataclass

@@ -91,8 +91,18 @@ def view_parent(t: Tensor) -> str | None:
 
 
 def view_owners(tensors: dict[str, Tensor]) -> dict[str, str]:
-    """Column view -> its parent, over a tensor table."""
+    """Column view -> its parent, over a tensor table (hazards and lifetimes go by the parent)."""
     return {n: p for n, t in tensors.items() if (p := view_parent(t)) is not None}
+
+
+def view_columns(tensors: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Parent -> its column views, in column order."""
+    out: dict[str, list[str]] = {}
+    for v, p in view_owners(tensors).items():
+        out.setdefault(p, []).append(v)
+    for views in out.values():
+        views.sort(key=lambda v: tensors[v].attrs["view"]["col"])
+    return out
 
 
 @dataclass
@@ -209,10 +219,6 @@ class Graph:
             for t in op.outputs:
                 self._writers.setdefault(t, []).append(n)
 
-    def view_owners(self) -> dict[str, str]:
-        """Column view -> the tensor whose memory it is (`view_parent`); hazards and lifetimes go by the owner."""
-        return view_owners(self.tensors)
-
     def check(self) -> None:
         """Raise GraphError if the program reads a tensor before anything writes it (weights and inputs aside)."""
         written: set[str] = {
@@ -229,10 +235,7 @@ class Graph:
                 Role.INPUT,
             )
         }
-        owner = self.view_owners()
-        views: dict[str, list[str]] = {}
-        for v, p in owner.items():
-            views.setdefault(p, []).append(v)
+        owner, views = view_owners(self.tensors), view_columns(self.tensors)
         for op in self.ops():
             for t in op.inputs:
                 if t not in written:

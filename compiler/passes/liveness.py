@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surogate.compiler.ir import Graph, Role, Tensor
+from surogate.compiler.ir import Graph, Role, Tensor, view_owners
 
 PERSISTENT_ROLES = frozenset(
     {
@@ -43,7 +43,7 @@ def compute_liveness(graph: Graph, cfg: Any = None) -> Graph:
     last: dict[str, int] = {}
     written: set[str] = set()
     read_first: set[str] = set()
-    owner = graph.view_owners()  # a view's accesses are its parent's
+    owner = view_owners(graph.tensors)  # a view's accesses are its parent's
     for i, n in enumerate(graph.order):
         op = graph.op(n)
         for t in (owner.get(t, t) for t in op.inputs):

@@ -134,12 +134,15 @@ def _forward_groups(graph: Graph, pick: Any) -> list[list[Op]]:
 
 
 def _recompute_groups(graph: Graph, weights: list[str], pick: Any, readers: set) -> list[list[Op]]:
-    """Recompute copies of a stacked group's forward GEMMs (present when recompute re-runs them)."""
+    """Recompute copies of a stacked group's forward GEMMs (present when recompute re-runs them), found among
+    the weights' readers."""
     found: dict[str, list[Op | None]] = {}
-    for op in graph.ops():
-        if op.kind == "linear" and op.phase != "forward" and len(op.inputs) == 2 and op.inputs[1] in weights \
-                and _unscaled(op) and pick(graph, op):
-            found.setdefault(op.inputs[0], [None] * len(weights))[weights.index(op.inputs[1])] = op
+    for k, w in enumerate(weights):
+        for name in graph.consumers(w):
+            op = graph.op(name)
+            if op.kind == "linear" and op.phase != "forward" and len(op.inputs) == 2 and op.inputs[1] == w \
+                    and _unscaled(op) and pick(graph, op):
+                found.setdefault(op.inputs[0], [None] * len(weights))[k] = op
     return [ops for ops in found.values() if all(ops) and all(_out_ok(graph, o, readers) for o in ops)]  # type: ignore[misc]
 
 
@@ -164,7 +167,7 @@ def _stackable(graph: Graph, weights: list[str], grads: dict[str, str], ops: lis
     for t in (*ws, *gs):
         if t.space is not Space.DEVICE or not is_persistent(t) or t.nbytes % STACK_ALIGN or t.dtype != x.dtype:
             return False
-        if t.attrs.get("stack") or t.attrs.get("view"):
+        if t.attrs.get("view"):
             return False
     for w, g in zip(ws, gs, strict=True):
         for name, allowed in ((w.name, ("linear", "linear_bwd_data")), (g.name, ("linear_bwd_weight",))):
@@ -197,7 +200,7 @@ def _frozen_stackable(graph: Graph, weights: list[str], ops: list[Op]) -> bool:
     for t in ws:
         if (t.role is not Role.FROZEN_WEIGHT or t.space is not Space.DEVICE or not is_persistent(t)
                 or t.nbytes % STACK_ALIGN or t.dtype != x.dtype or t.shape[1:] != ws[0].shape[1:]
-                or t.attrs.get("stack") or t.attrs.get("view")):
+                or t.attrs.get("view")):
             return False
         if any(graph.op(o).kind not in ("linear", "linear_bwd_data") for o in graph.consumers(t.name)):
             return False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
-from surogate.compiler.ir import Graph, GraphError
+from surogate.compiler.ir import Graph, GraphError, view_owners
 from surogate.compiler.passes.offload import rebuild_edges
 
 PHASE_RANK = {"forward": 0, "backward": 1, "optimizer": 2}
@@ -23,7 +23,7 @@ def dependencies(graph: Graph) -> dict[str, set[str]]:
     deps: dict[str, set[str]] = {n: set() for n in graph.order}
     last_write: dict[str, str] = {}
     reads_since: dict[str, list[str]] = {}
-    owner = graph.view_owners()  # an access to a column view is an access to its parent's memory
+    owner = view_owners(graph.tensors)  # an access to a column view is an access to its parent's memory
     for n in graph.order:
         op = graph.op(n)
         ins = [owner.get(t, t) for t in op.inputs]

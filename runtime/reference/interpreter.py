@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from surogate.compiler.ir import Graph, GraphError, Role, view_owners
+from surogate.compiler.ir import Graph, GraphError, Role, view_columns
 from surogate.runtime.reference.common import default_cu_seqlens
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 from surogate.runtime.reference.kernels_bwd import KERNELS as BWD
@@ -65,11 +65,7 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
               phases: Iterable[str] = ("forward", "backward")) -> dict[str, torch.Tensor]:
     """Execute the ops of `phases` in program order; `values` (weights, inputs, grads) is updated and returned."""
     wanted = set(phases)
-    columns: dict[str, list[str]] = {}  # parent -> its column views, in column order
-    for view, parent in view_owners(graph.tensors).items():
-        columns.setdefault(parent, []).append(view)
-    for views in columns.values():
-        views.sort(key=lambda v: graph.tensors[v].attrs["view"]["col"])
+    columns = view_columns(graph.tensors)  # parent -> its column views, in column order
     for op in graph.ops():
         if op.phase not in wanted:
             continue
