@@ -12,8 +12,8 @@
 #                        Numba cache; varlen flash parity failing (sdpa passing) -> SUROGATE_CUDA_ATTENTION=sdpa
 #   2. throughput 200 s  benchmarks/throughput.py: Qwen3-0.6B-shaped random model, BF16 LoRA r16 x 7 projections,
 #                        seq 2048, batch 2 x accum 4, packed; ours (cuda backend, graphs; eager if the graphs
-#                        run fails, with the failure recorded) vs transformers + peft (SDPA, gradient
-#                        checkpointing) in the same run, warm-up excluded; measured peak vs plan, allocations
+#                        run fails, then eager with SUROGATE_FUSIONS_OFF=all; failures recorded)
+#                        vs transformers + peft (SDPA, gradient checkpointing) in the same run, warm-up excluded; measured peak vs plan, allocations
 #                        after warm-up; then the extras while time is left (EXTRA, default
 #                        "0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,
 #                        0.6b-full": ours without the stacked LoRA down-projections, with recompute off, with the mid-layer residual kept, with the attention outputs kept,

@@ -56,7 +56,10 @@ def summarise(out: Path, stages: str, seconds: float) -> dict[str, Any]:
                        "target_ratio_2_5x": None if ratio is None else ratio >= 2.5,
                        "target_54k": None if tps is None else tps >= 54000,
                        "graphs": ours.get("graphs"), "eager_reason": ours.get("eager_reason"),
-                       "graphs_failure": (((thr or {}).get("runs") or [{}])[0]).get("graphs_failure"),
+                       # how ours ran if the graphs run failed (eager, or eager with every fusion off) and why
+                       "ran_as": (((thr or {}).get("runs") or [{}])[0]).get("ours_ran_as", "with CUDA graphs" if ours else None),
+                       "failures": [f["failed"] + ": " + f["stderr"][-600:]
+                                    for f in (((thr or {}).get("runs") or [{}])[0]).get("fallbacks", [])],
                        # the job's roofline (benchmarks/roofline.py) on this GPU, and ours as a share of it
                        "floor_tokens_per_s": ours.get("floor_tokens_per_s"), "of_floor": ours.get("of_floor"),
                        "captured": ours.get("captured"), "warmup_step_s": ours.get("warmup_step_s"),

@@ -145,6 +145,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def attempts(runner: str, eager: bool) -> list[tuple[list[str], dict, str]]:
+    """The ways to run one side, in order, each tried only if the one before failed: (extra flags, extra env,
+    what failing it means). Ours falls back from CUDA graphs to eager, then to the unfused program (every fusion
+    and stacking pass off): one device call must give a figure even if a capture or a fused kernel breaks."""
+    if runner != "ours":
+        return [([], {}, "run")]
+    from surogate.compiler.passes.fusion import OFF_ALL, OFF_ENV
+
+    tried = [] if eager else [([], {}, "with CUDA graphs")]
+    return [*tried, (["--eager"], {}, "eager"), (["--eager"], {OFF_ENV: OFF_ALL}, "eager, every fusion off")]
+
+
 def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | None = None) -> dict:
     """Ours and transformers + peft on the job `args` names, each in its own process (same saved model); with a
     `deadline` (time.monotonic()), each process gets an equal share of the time left. `hf_result`: the HF figure
@@ -168,26 +180,29 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
             cmd = [sys.executable, __file__, *base, "--runner", runner, "--work", str(work)]
             # ours gets 3/5 of the time left (kernel compile or cache load, plan, warm-up and capture), HF the rest
             timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) * (0.6 if k == 0 else 1))
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore", **(env if k == 0 else {})})
-            except subprocess.TimeoutExpired:
-                print(f"[{runner}] out of time ({timeout:.0f} s)", file=sys.stderr)
+            proc, failed = None, ""
+            for n, (flags, extra_env, why) in enumerate(attempts(runner, args.eager)):
+                if n:  # the previous attempt failed: say how, then try the next fallback for a figure
+                    print(f"[{runner}] failed ({failed}):\n{proc.stderr[-4000:]}\n[{runner}] retrying: {' '.join(flags)} "
+                          f"{extra_env}", file=sys.stderr)
+                    results.setdefault("fallbacks", []).append({"failed": failed, "stderr": proc.stderr[-2000:]})
+                    timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) / 2)
+                try:
+                    proc = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=timeout,
+                                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env if k == 0 else {}),
+                                               **extra_env})
+                except subprocess.TimeoutExpired:
+                    print(f"[{runner}] out of time ({timeout:.0f} s)", file=sys.stderr)
+                    proc = None
+                    break
+                if proc.returncode == 0:
+                    if n:
+                        results["ours_ran_as"] = why
+                    break
+                failed = why
+            if proc is None:
                 results[runner] = None
                 continue
-            if proc.returncode != 0 and runner == "ours" and not args.eager:
-                # graphs broke: say how, then measure the eager cuda backend so the session still gets a figure
-                print(f"[ours] failed with CUDA graphs:\n{proc.stderr[-4000:]}\n[ours] retrying eagerly",
-                      file=sys.stderr)
-                results["graphs_failure"] = proc.stderr[-2000:]
-                timeout = None if deadline is None else max(5.0, (deadline - time.monotonic()) / 2)
-                try:
-                    proc = subprocess.run([*cmd, "--eager"], capture_output=True, text=True, timeout=timeout,
-                                          env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
-                except subprocess.TimeoutExpired:
-                    print(f"[ours] eager retry out of time ({timeout:.0f} s)", file=sys.stderr)
-                    results[runner] = None
-                    continue
             if proc.returncode != 0:
                 print(f"[{runner}] failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}", file=sys.stderr)
                 results[runner] = None

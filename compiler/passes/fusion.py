@@ -45,13 +45,16 @@ ENABLED = True  # module switch: False keeps the unfused linear + add pair
 ADD_RMSNORM_ENABLED = True  # module switch: False keeps the add + rmsnorm pairs
 RMSNORM_ROPE_ENABLED = True  # module switch: False keeps the q/k rmsnorm + rope pairs
 OFF_ENV = "SUROGATE_FUSIONS_OFF"  # comma-separated pass names to skip (e.g. to A/B or bisect a fused kernel)
+OFF_ALL = "all"  # in $SUROGATE_FUSIONS_OFF: every fusion and stacking pass off (the plain op-per-layer program)
 
 
 def _on(name: str, module_default: bool, enabled: bool | None) -> bool:
-    """The pass runs: `enabled` when given, else the module switch, unless $SUROGATE_FUSIONS_OFF names it."""
+    """The pass runs: `enabled` when given, else the module switch, unless $SUROGATE_FUSIONS_OFF names it (or
+    says `all`)."""
     if enabled is not None:
         return enabled
-    return module_default and name not in {p.strip() for p in os.environ.get(OFF_ENV, "").split(",")}
+    off = {p.strip() for p in os.environ.get(OFF_ENV, "").split(",")}
+    return module_default and name not in off and OFF_ALL not in off
 
 
 def fuse_lora_merge(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:

@@ -184,3 +184,12 @@ def test_env_turns_named_fusions_off(monkeypatch):
     fusion.fuse_add_rmsnorm(graph, cfg)  # not named: still runs
     assert graph.meta["add_rmsnorm_fused"] > 0
     assert fusion.fuse_rmsnorm_rope(graph, cfg, enabled=True).meta["rmsnorm_rope_fused"] > 0  # an explicit call wins
+
+
+def test_env_all_turns_every_fusion_off(monkeypatch):
+    monkeypatch.setenv("SUROGATE_FUSIONS_OFF", fusion.OFF_ALL)
+    graph, cfg = _graph()
+    kinds = [op.kind for op in graph.ops()]
+    for fuse in (fusion.fuse_lora_merge, fusion.fuse_add_rmsnorm, fusion.fuse_rmsnorm_rope):
+        fuse(graph, cfg)
+    assert [op.kind for op in graph.ops()] == kinds

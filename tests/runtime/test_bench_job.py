@@ -112,3 +112,47 @@ def test_an_ours_only_extra_reuses_the_main_jobs_hf_figure(monkeypatch):
     throughput.compare(SimpleNamespace(**{**vars(args), **over}), None, main["hf"])
     assert calls[0][1][calls[0][1].index("--lmhead-chunks") + 1] == "16"
     assert not EXTRAS["0.6b-fp32"].get("ours_only") and not EXTRAS["0.6b-full"].get("ours_only")  # HF changes
+
+
+def test_ours_falls_back_to_eager_then_to_the_unfused_program(monkeypatch, tmp_path):
+    """A broken capture, then a broken fused kernel: the device call still measures ours (eager, every fusion
+    off), and the results and summary say how it ran and what failed before."""
+    import json
+    import subprocess
+
+    import throughput
+
+    from surogate.compiler.passes.fusion import OFF_ALL, OFF_ENV
+    from tests.scripts import load_script
+
+    calls = []
+    ours = {"tokens_per_s": 100.0, "peak_gib": 3.0, "losses": [1.0], "plan_peak_gib": 3.0, "peak_ratio": 1.0,
+            "allocations_after_warmup": 0, "segments_after_warmup": 0, "reserved_bytes_after_warmup": 0,
+            "warmup_step_s": [1.0], "ops_per_program": {}, "graphs": False, "eager_reason": "--eager", "captured": []}
+
+    def fake_run(cmd, **kw):
+        runner = cmd[cmd.index("--runner") + 1]
+        calls.append((runner, "--eager" in cmd, kw["env"].get(OFF_ENV)))
+        if runner == "ours" and kw["env"].get(OFF_ENV) != OFF_ALL:
+            return SimpleNamespace(returncode=1, stdout="", stderr=f"boom {len(calls)}")
+        out = ours if runner == "ours" else {"tokens_per_s": 50.0, "peak_gib": 8.0, "losses": [1.0]}
+        return SimpleNamespace(returncode=0, stdout=json.dumps(out), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(throughput, "save_preset_model", lambda size, out: out)
+    monkeypatch.setattr(throughput.torch.cuda, "get_device_name", lambda *a: "test", raising=False)
+    res = throughput.compare(parse([]), None)
+    assert calls == [("ours", False, None), ("ours", True, None), ("ours", True, OFF_ALL), ("hf", False, None)]
+    assert res["ratio"] == 2.0 and res["ours_ran_as"] == "eager, every fusion off"
+    assert [f["failed"] for f in res["fallbacks"]] == ["with CUDA graphs", "eager"]
+    assert res["fallbacks"][1]["stderr"] == "boom 2"
+    (tmp_path / "throughput.json").write_text(json.dumps({"ours": res["ours"], "hf": res["hf"], "ratio": res["ratio"],
+                                                          "runs": [res]}))
+    s = load_script("benchmarks/gpu_summary.py").summarise(tmp_path, " throughput=0:9", 9)
+    assert s["throughput"]["ran_as"] == "eager, every fusion off" and s["throughput"]["failures"] == [
+        "with CUDA graphs: boom 1", "eager: boom 2"]
+    calls.clear()  # an eager job (--eager) starts at the eager attempt; HF has one attempt only
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: (calls.append(cmd), SimpleNamespace(
+        returncode=1, stdout="", stderr="x"))[1])
+    res = throughput.compare(parse(["--eager"]), None)
+    assert len(calls) == 3 and res["ours"] is None and res["hf"] is None and res["ratio"] is None
