@@ -90,16 +90,25 @@ def view_parent(t: Tensor) -> str | None:
     return view["of"] if view else None
 
 
+def view_root(tensors: dict[str, Tensor], name: str) -> str:
+    """The tensor owning `name`'s memory: `name` itself, or the outermost parent of a (nested) column view."""
+    while (p := view_parent(tensors[name])) is not None:
+        name = p
+    return name
+
+
 def view_owners(tensors: dict[str, Tensor]) -> dict[str, str]:
-    """Column view -> its parent, over a tensor table (hazards and lifetimes go by the parent)."""
-    return {n: p for n, t in tensors.items() if (p := view_parent(t)) is not None}
+    """Column view -> the tensor owning its memory (its outermost parent: views nest, a view's parent may be a
+    view), over a tensor table (hazards and lifetimes go by the owner)."""
+    return {n: view_root(tensors, n) for n, t in tensors.items() if view_parent(t) is not None}
 
 
 def view_columns(tensors: dict[str, Tensor]) -> dict[str, list[str]]:
-    """Parent -> its column views, in column order."""
+    """Parent -> its direct column views, in column order."""
     out: dict[str, list[str]] = {}
-    for v, p in view_owners(tensors).items():
-        out.setdefault(p, []).append(v)
+    for v, t in tensors.items():
+        if (p := view_parent(t)) is not None:
+            out.setdefault(p, []).append(v)
     for views in out.values():
         views.sort(key=lambda v: tensors[v].attrs["view"]["col"])
     return out
@@ -235,16 +244,22 @@ class Graph:
                 Role.INPUT,
             )
         }
-        owner, views = view_owners(self.tensors), view_columns(self.tensors)
+        views = view_columns(self.tensors)
+
+        def write(t: str) -> None:  # writing a parent writes its column views (and theirs)
+            written.add(t)
+            for v in views.get(t, ()):
+                write(v)
+
         for op in self.ops():
             for t in op.inputs:
                 if t not in written:
                     raise GraphError(f"op {op.name!r} reads {t!r} before it is written")
             for t in op.outputs:
-                written.add(t)
-                written.update(views.get(t, ()))  # writing a parent writes its column views
-                p = owner.get(t)
-                if p is not None and all(v in written for v in views[p]):
-                    written.add(p)  # and writing every column writes the parent
+                write(t)
+                p = view_parent(self.tensors[t])
+                while p is not None and all(v in written for v in views[p]):
+                    written.add(p)  # and writing every column of a parent writes the parent
+                    p = view_parent(self.tensors[p])
         if not nx.is_directed_acyclic_graph(self.dag):
             raise GraphError("op graph has a cycle")

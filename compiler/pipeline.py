@@ -53,6 +53,7 @@ PASSES: list[tuple[str, Pass]] = [
     ("zero", apply_zero),
     ("optimizer", build_optimizer),
     ("group_lora", _lazy("surogate.compiler.passes.lora_group", "group_lora_projections")),
+    ("fold_lora", _lazy("surogate.compiler.passes.lora_fold", "fold_lora_up_projection")),
     ("schedule", schedule_ops),
     ("liveness", compute_liveness),
     ("buffers", assign_buffers),

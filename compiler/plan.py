@@ -127,8 +127,8 @@ def parameter_counts(tensors: dict[str, Tensor], used: set[str]) -> dict[str, in
     seen: set[str] = set()
     total = trainable = adapter = 0
     for t in tensors.values():
-        if t.name not in used or t.attrs.get("transient") or "staging_of" in t.attrs:
-            continue
+        if t.name not in used or t.attrs.get("transient") or "staging_of" in t.attrs or t.attrs.get("fold"):
+            continue  # (fold: a folded projection's [W | tail] weight and its tail hold no parameters of their own)
         if t.role is Role.TRAINABLE_WEIGHT:
             trainable += full_numel(t)
         if t.role in (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT, Role.QUANT_WEIGHT):

@@ -131,3 +131,55 @@ def lora_merge(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, out: torch.
     n_rt = -(-rows // ROW_TILE)
     groups = min(n_rt, max(1, grid_for(n_ct * n_rt, 1) // n_ct))
     launch(kernel, n_ct * groups, t, b2, h2, b, o2, float(scale))
+
+
+# -- the folded up-projection's weight columns (pass fold_lora_up_projection) -------------------------------------
+# A folded projection multiplies [x | h_1 .. h_n] by [W | tail] where the tail [out, n*r] holds scale * B in its
+# slot's r columns and zeros elsewhere: y = x @ W^T + scale * h_slot @ B^T in one GEMM. The tail is rewritten from
+# B before the projection runs (B changes every optimizer step).
+
+
+def lora_fold_tail_ref(b: torch.Tensor, tail: torch.Tensor, scale: float, slot: int) -> None:
+    """tail[:, slot*r:(slot+1)*r] = round(scale * b) (fp32 product, one rounding into tail's dtype), zeros elsewhere."""
+    r = b.shape[1]
+    tail.zero_()
+    tail[:, slot * r : (slot + 1) * r].copy_(b.float() * float(scale))
+
+
+@functools.cache
+def _fold_kernel(b_dt: torch.dtype, t_dt: torch.dtype):
+    global cuda
+    cuda = get_cuda()
+    from numba import float32
+
+    lb, _ = converters(b_dt)
+    _, so = converters(t_dt)
+
+    @jit_kernel
+    def kernel(b, tail, scale, slot):
+        rows, width = tail.shape
+        r = b.shape[1]
+        lo = slot * r
+        s = float32(scale)
+        zero = so(float32(0.0))
+        start = cuda.grid(1)
+        step = cuda.gridsize(1)
+        for i in range(start, rows * width, step):  # consecutive threads take consecutive columns of a row
+            o = i // width
+            j = i - o * width
+            tail[o, j] = so(lb(b[o, j - lo]) * s) if lo <= j < lo + r else zero
+
+    return kernel
+
+
+def lora_fold_tail(b: torch.Tensor, tail: torch.Tensor, scale: float, slot: int) -> None:
+    """The tail columns of a folded projection's weight from its adapter's B ([out, r], contiguous): tail
+    [out, n * r] (rows may be strided: a column view of the [W | tail] weight), one launch."""
+    check_contiguous("b", b)
+    if tail.dim() != 2 or tail.stride(-1) != 1:
+        raise ValueError(f"tail must be 2D with unit column stride (shape {tuple(tail.shape)}, strides {tail.stride()})")
+    r = b.shape[1]
+    if b.shape[0] != tail.shape[0] or not 0 <= slot or (slot + 1) * r > tail.shape[1]:
+        raise ValueError(f"lora_fold_tail: b {tuple(b.shape)} does not fit slot {slot} of tail {tuple(tail.shape)}")
+    t = threads()
+    launch(_fold_kernel(b.dtype, tail.dtype), grid_for(tail.numel(), t), t, b, tail, float(scale), int(slot))

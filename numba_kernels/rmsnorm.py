@@ -76,8 +76,9 @@ def row_threads(hidden: int) -> int:
 
 
 def _pairs(hidden: int, *ts: torch.Tensor) -> bool:
-    """All row tensors bf16 and 4-byte aligned, rows of even length: accessed as int32 pairs."""
-    return hidden % 2 == 0 and all(t.dtype == torch.bfloat16 and t.data_ptr() % 4 == 0 for t in ts)
+    """All row tensors bf16 and 4-byte aligned, rows of even length and even row strides: accessed as int32 pairs."""
+    return hidden % 2 == 0 and all(t.dtype == torch.bfloat16 and t.data_ptr() % 4 == 0 and t.stride(0) % 2 == 0
+                                   for t in ts)
 
 
 def _view(t: torch.Tensor, pair: bool) -> torch.Tensor:
@@ -101,13 +102,16 @@ def rmsnorm_forward(
 ) -> None:
     """out = RMSNorm(x [+ residual]) * weight; rstd[rows] (fp32) saved for backward; sum_out gets x + residual.
 
-    x, residual, out, sum_out: [..., hidden] contiguous, float32 or bfloat16. With `residual`, `sum_out`
+    x, residual, out, sum_out: [..., hidden] contiguous, float32 or bfloat16; out's rows may be strided (a
+    column view of a wider matrix: pass fold_lora_up_projection writes x into [x | h]). With `residual`, `sum_out`
     is required (it is the next residual stream and the input the backward needs).
     """
     hidden = x.shape[-1]
-    for name, t in (("x", x), ("out", out), ("residual", residual), ("sum_out", sum_out)):
+    for name, t in (("x", x), ("residual", residual), ("sum_out", sum_out)):
         if t is not None:
             check_contiguous(name, t)
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must have unit stride along its last dim (strides {out.stride()})")
     has_res = residual is not None
     if has_res and sum_out is None:
         raise ValueError("rmsnorm_forward with residual needs sum_out")
@@ -115,7 +119,7 @@ def rmsnorm_forward(
     rows = x2.shape[0]
     res2 = residual.reshape(-1, hidden) if has_res else x2
     sum2 = sum_out.reshape(-1, hidden) if has_res else x2
-    out2 = out.reshape(-1, hidden)
+    out2 = out.view(-1, hidden)  # (a view or an error: a strided out must not be written through a copy)
     pair = _pairs(hidden, x2, res2, sum2, out2)
     lay = K.layout(hidden, pair, row_threads(hidden))
     kernel = K.fwd_kernel(x.dtype, weight.dtype, out.dtype, has_res, lay)

@@ -110,6 +110,10 @@ register(OpDef("qlinear_quartet", ("x", "weight", "x_q", "x_scale", "x_gscale", 
 register(OpDef("lora_merge", ("base", "h", "b"), ("out",), ("scale",), _same(), None, (),
                doc="out = add(base, linear(h, b, scale)): a LoRA projection's merge without the [rows, out] "
                    "product tensor (pass fuse_lora_merge); the product is rounded to h/b's dtype, then to base's"))
+register(OpDef("lora_fold_tail", ("b",), ("tail",), ("scale", "slot", "slots"),
+               lambda s, a: [(s[0][0], s[0][1] * a["slots"])], None, (),
+               doc="tail = [0 .. scale * b .. 0]: the r columns of slot `slot` of a folded projection's [W | tail] "
+                   "weight hold scale * b, the other slots zeros (pass fold_lora_up_projection)"))
 for kind, ins, outs, doc in (
     ("linear_stacked", ("x", "weights*"), ("out",), "out = x @ [W_1; ...; W_n]^T, the n products side by side "
      "(pass group_lora_projections: LoRA down-projections sharing x; the weights adjacent in the arena)"),

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from surogate.compiler.ir import DTYPE_BITS, Graph, GraphError, Space, view_parent
+from surogate.compiler.ir import DTYPE_BITS, Graph, GraphError, Space, Tensor, view_parent
 from surogate.compiler.passes.liveness import is_persistent
 
 ALIGNMENT = 256
@@ -143,11 +143,16 @@ def assign_buffers(graph: Graph, cfg: Any = None) -> Graph:
             "peak_index": peak,
             "persistent_bytes": base,
         }
+    def view_offset(t: Tensor) -> int:  # a view's parent may itself be a view (nested column slices)
+        parent = graph.tensors[view_parent(t)]
+        base = view_offset(parent) if view_parent(parent) is not None else parent.offset
+        return base + t.attrs["view"]["col"] * DTYPE_BITS[t.dtype] // 8
+
     for n, t in graph.tensors.items():
         if live.get(n) is None:
             t.offset = 0  # never touched: no memory
-        elif (parent := view_parent(t)) is not None:
-            t.offset = graph.tensors[parent].offset + t.attrs["view"]["col"] * DTYPE_BITS[t.dtype] // 8
+        elif view_parent(t) is not None:
+            t.offset = view_offset(t)
     graph.meta["buffers"] = result
     return graph
 

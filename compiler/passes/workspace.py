@@ -30,7 +30,7 @@ GEMM_KINDS = frozenset({"linear", "linear_bwd_data", "linear_bwd_weight", "lm_he
 # reference math on the device (MoE, FP8/FP4 matmuls): its temporaries are not sized (reported as `not_sized`).
 # (the stacked GEMMs are formed only over one dtype, as views of planned tensors: no conversion, no scratch)
 NO_WORKSPACE = frozenset({"embedding", "identity", "copy_h2d", "copy_d2h", "all_reduce", "all_gather",
-                          "reduce_scatter", *STACKED_KINDS})
+                          "reduce_scatter", "lora_fold_tail", *STACKED_KINDS})
 
 
 def rounded(n: int) -> int:

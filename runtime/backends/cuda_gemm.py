@@ -129,15 +129,20 @@ def linear_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 
 
 def stacked_rows(ts: list[torch.Tensor]) -> torch.Tensor | None:
-    """The contiguous tensors `ts` ([rows_i, ...] each, one dtype and trailing shape) as one [sum rows_i, ...]
-    matrix when they lie back to back in memory (a planned stack), else None."""
+    """The tensors `ts` ([rows_i, ...] each, one dtype and trailing shape) as one [sum rows_i, ...] matrix when
+    they lie back to back in memory (a planned stack), else None. Each contiguous, or 2D with one common row
+    stride (column views of a stack of wider matrices: the [W | tail] weights of fold_lora_up_projection)."""
     first = ts[0]
+    strided = not first.is_contiguous()
+    if strided and (first.dim() != 2 or first.stride(1) != 1):
+        return None
     at = first.data_ptr()
     for t in ts:
-        if (t.data_ptr() != at or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+        if (t.data_ptr() != at or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or (t.stride() != first.stride() if strided else not t.is_contiguous())):
             return None
-        at += t.nbytes
+        at += t.shape[0] * t.stride(0) * t.element_size() if strided else t.nbytes
     return first.as_strided((sum(t.shape[0] for t in ts), *first.shape[1:]), first.stride())
 
 

@@ -52,4 +52,14 @@ def _unit_columns(t: torch.Tensor) -> bool:
     return True
 
 
-KERNELS = {"lora_merge": lora_merge}
+def lora_fold_tail(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
+    """The tail columns of a folded projection's [W | tail] weight from B (a column view: rows strided)."""
+    (b,) = ins
+    tail = st.bind(ins, attrs, ctx).views[0]
+    fold = NK["lora_fold_tail"]
+    (fold.cuda if b.dtype in KERNEL_DTYPES and tail.dtype in KERNEL_DTYPES and b.is_contiguous()
+     else fold.reference)(b, tail, float(attrs.get("scale", 1.0)), int(attrs["slot"]))
+    return [tail]
+
+
+KERNELS = {"lora_merge": lora_merge, "lora_fold_tail": lora_fold_tail}

@@ -50,7 +50,7 @@ def rmsnorm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     x2 = _groups(x, attrs)
     rstd = st.alloc(sz.rms_rstd(x2.shape[0]), x.device)
     buf = _into(st, out, bnd.accumulate[0], "rms_acc")
-    _k("rmsnorm_fwd")(x2, w, buf.reshape(x2.shape), rstd, float(attrs["eps"]))
+    _k("rmsnorm_fwd")(x2, w, buf.view(x2.shape), rstd, float(attrs["eps"]))  # (out may be a strided view)
     _flush(out, buf)
     return [out]
 
@@ -65,7 +65,7 @@ def add_rmsnorm(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
                          "never emits them)")
     h = a.shape[-1]
     rstd = st.alloc(sz.rms_rstd(a.numel() // h), a.device)
-    _k("rmsnorm_fwd")(a.reshape(-1, h), w, out.reshape(-1, h), rstd, float(attrs["eps"]),
+    _k("rmsnorm_fwd")(a.reshape(-1, h), w, out.view(-1, h), rstd, float(attrs["eps"]),
                       residual=b.reshape(-1, h), sum_out=summed.reshape(-1, h))
     return [out, summed]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from surogate.compiler.ir import Graph, GraphError, Role, view_columns
+from surogate.compiler.ir import Graph, GraphError, Role, view_columns, view_parent
 from surogate.runtime.reference.common import default_cu_seqlens
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 from surogate.runtime.reference.kernels_bwd import KERNELS as BWD
@@ -65,13 +65,25 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
               phases: Iterable[str] = ("forward", "backward")) -> dict[str, torch.Tensor]:
     """Execute the ops of `phases` in program order; `values` (weights, inputs, grads) is updated and returned."""
     wanted = set(phases)
-    columns = view_columns(graph.tensors)  # parent -> its column views, in column order
+    columns = view_columns(graph.tensors)  # parent -> its direct column views, in column order
+
+    def gather(t: str) -> torch.Tensor:  # a parent whose columns were written one by one: their concatenation
+        if t not in values:
+            values[t] = torch.cat([gather(v) if v in columns else values[v] for v in columns[t]], dim=-1)
+        return values[t]
+
+    def scatter(t: str) -> None:  # a parent written whole: its column views (and theirs) are its slices
+        for v in columns.get(t, ()):
+            col = graph.tensors[v].attrs["view"]["col"]
+            values[v] = values[t][..., col : col + graph.tensors[v].shape[-1]]
+            scatter(v)
+
     for op in graph.ops():
         if op.phase not in wanted:
             continue
-        for t in op.inputs:  # a parent whose columns were written one by one: read as their concatenation
-            if t in columns and t not in values:
-                values[t] = torch.cat([values[v] for v in columns[t]], dim=-1)
+        for t in op.inputs:
+            if t in columns:
+                gather(t)
         try:
             kernel = KERNELS[op.kind]
         except KeyError:
@@ -96,9 +108,11 @@ def run_graph(graph: Graph, values: dict[str, torch.Tensor], *, step: int = 0,
                 values[name] = values[name] + val
             else:
                 values[name] = val
-            for v in columns.get(name, ()):  # a parent written whole: its column views are its slices
-                col = graph.tensors[v].attrs["view"]["col"]
-                values[v] = values[name][..., col : col + graph.tensors[v].shape[-1]]
+            scatter(name)
+            parent = view_parent(graph.tensors[name])
+            while parent is not None:  # a column written: its parents' values are out of date (gathered again)
+                values.pop(parent, None)
+                parent = view_parent(graph.tensors[parent])
     return values
 
 

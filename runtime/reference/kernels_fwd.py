@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from surogate.numba_kernels.lora_merge import lora_fold_tail_ref
 from surogate.runtime.reference.common import (
     attention_mask,
     dropout_mask,
@@ -118,6 +119,14 @@ def lora_merge(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return add([base, linear([h, b], {"scale": a.get("scale", 1.0)}, ctx)[0]], {}, ctx)
 
 
+def lora_fold_tail(x: Tensors, a: dict, ctx: Any) -> Tensors:
+    """A folded projection's weight tail: scale * b in slot `slot` of `slots` (one rounding), zeros elsewhere."""
+    (b,) = x
+    tail = b.new_zeros(b.shape[0], b.shape[1] * int(a["slots"]))
+    lora_fold_tail_ref(b, tail, float(a.get("scale", 1.0)), int(a["slot"]))
+    return [tail]
+
+
 def add_rmsnorm(x: Tensors, a: dict, ctx: Any) -> Tensors:
     """(rmsnorm(add(a, b), w), add(a, b)): by definition the two kernels it fuses, bit for bit."""
     s = add([x[0], x[1]], {}, ctx)[0]
@@ -185,6 +194,7 @@ KERNELS = {
     "swiglu": swiglu,
     "add": add,
     "lora_merge": lora_merge,
+    "lora_fold_tail": lora_fold_tail,
     "add_rmsnorm": add_rmsnorm,
     "rmsnorm_rope": rmsnorm_rope,
     "identity": identity,

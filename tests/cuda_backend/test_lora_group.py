@@ -39,8 +39,15 @@ def _kinds(plan) -> dict[str, int]:
     return out
 
 
-def test_qkv_and_gate_up_are_stacked_per_layer(model_dir):
-    plan = compile_plan(sim_cfg(model_dir, **LORA))
+def _unfolded(cfg, monkeypatch):
+    """The stacking pass's own program: the up-projections not folded into the base GEMMs (lora_fold.py)."""
+    with monkeypatch.context() as m:
+        m.setenv(OFF_ENV, "fold_lora_up_projection")
+        return compile_plan(cfg)
+
+
+def test_qkv_and_gate_up_are_stacked_per_layer(model_dir, monkeypatch):
+    plan = _unfolded(sim_cfg(model_dir, **LORA), monkeypatch)
     kinds = _kinds(plan)
     # 2 layers x (q/k/v, gate/up), for the adapters' A weights and for the frozen base weights
     assert plan.meta["lora_groups"] == 4 and plan.meta["base_groups"] == 4
@@ -57,8 +64,8 @@ def test_qkv_and_gate_up_are_stacked_per_layer(model_dir):
     assert sorted({op.name.split(".")[1] for op in base}) == ["down", "o"]
 
 
-def test_stacks_are_back_to_back_and_views_sit_inside_their_parents(model_dir):
-    plan = compile_plan(sim_cfg(model_dir, **LORA))
+def test_stacks_are_back_to_back_and_views_sit_inside_their_parents(model_dir, monkeypatch):
+    plan = _unfolded(sim_cfg(model_dir, **LORA), monkeypatch)
     stacks = plan.meta["stacks"]
     assert len(stacks) == 4 * 2 + 4  # adapters: weights and gradients; base: frozen weights
     for members in stacks.values():
@@ -112,6 +119,12 @@ def test_stacked_rows_only_for_adjacent_tensors():
     assert stacked_rows([a, c]) is None  # a gap
     assert stacked_rows([b, a]) is None  # out of order
     assert stacked_rows([a, torch.arange(8.0).view(2, 4)]) is None  # another allocation
+    # column views of adjacent wider matrices ([W | tail] weights): one strided matrix over their rows
+    wa, wb = buf[:12].view(2, 6), buf[12:].view(2, 6)
+    whole = stacked_rows([wa[:, :4], wb[:, :4]])
+    assert whole is not None and whole.stride() == (6, 1) and torch.equal(whole, buf.view(4, 6)[:, :4])
+    assert stacked_rows([wa[:, :4], wb[:, 1:5]]) is None  # not the same columns
+    assert stacked_rows([wb[:, :4], wa[:, :4]]) is None
 
 
 def _unstacked_plan(cfg, monkeypatch):

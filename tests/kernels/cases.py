@@ -219,6 +219,12 @@ def lora_merge(dt):
     return (base, h, b, torch.empty_like(base), 2.0), {}, 1e-5 if dt == torch.float32 else 1e-2
 
 
+def lora_fold_tail(dt):
+    """tail: the last 12 columns (3 slots of rank 4) of a [40, 20] weight, rows strided; B in slot 1."""
+    w = _r(40, 20, dtype=dt, seed=5)
+    return (_r(40, 4, dtype=dt, seed=6), w[:, 8:], 0.75, 1), {}, 0
+
+
 def split3_bf16(dt):
     """dt unused (fp32 in, bf16 parts out); f a transposed view with an inf and a value past bf16's range (NaN:
     tests/kernels/test_split_bf16.py)."""

@@ -99,6 +99,12 @@ def main() -> int:
     KERNELS["lora_merge"].cuda(base, torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(40, 4, dtype=torch.bfloat16),
                                out, 2.0)
     KERNELS["lora_merge"].cuda(base, torch.zeros(3, 65), torch.zeros(40, 65), out, 2.0)
+    # RMSNorm writing into a column view ([x | h] of pass fold_lora_up_projection: rows strided), with and
+    # without the fused residual
+    xb, wb = torch.zeros(3, 64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16)
+    wide = torch.zeros(3, 112, dtype=torch.bfloat16)
+    KERNELS["rmsnorm_fwd"].cuda(xb, wb, wide[:, :64], torch.zeros(3), 1e-6)
+    KERNELS["rmsnorm_fwd"].cuda(xb, wb, wide[:, :64], torch.zeros(3), 1e-6, residual=xb, sum_out=xb.clone())
     print(f"PTX-OK {len(compiled)}")
     return 0
 

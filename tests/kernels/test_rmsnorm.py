@@ -259,3 +259,23 @@ def test_bf16_pair_rounding_matches_f32_to_bf16():
     launch(kernel, 2, 32, x, packed, ref_bits, back)
     assert torch.equal(packed.view(torch.int16), ref_bits)  # little-endian: element 2i in the low half
     assert torch.equal(back.view(torch.int32), (ref_bits.to(torch.int32) << 16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_res", [False, True])
+def test_forward_into_a_column_view(dtype, with_res):
+    """out as the first `hidden` columns of a wider matrix (pass fold_lora_up_projection's [x | h]): the same
+    values as a contiguous out, rows at the parent's stride, the other columns untouched."""
+    rows, hidden, extra = 6, 64, 48
+    x, res = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    w = (torch.rand(hidden) + 0.5).to(dtype)
+    wide = torch.full((rows, hidden + extra), 7.0).to(dtype)
+    kw = dict(residual=res, sum_out=torch.empty_like(x)) if with_res else {}
+    rmsnorm_forward(x, w, wide[:, :hidden], torch.empty(rows), 1e-6, **kw)
+    out = torch.empty_like(x)
+    kw2 = dict(residual=res, sum_out=torch.empty_like(x)) if with_res else {}
+    rmsnorm_forward(x, w, out, torch.empty(rows), 1e-6, **kw2)
+    assert torch.equal(wide[:, :hidden], out)
+    assert (wide[:, hidden:] == 7.0).all()
+    with pytest.raises(ValueError, match="unit stride"):
+        rmsnorm_forward(x, w, torch.empty(rows, 2 * hidden).to(dtype)[:, ::2], torch.empty(rows), 1e-6, **kw)
