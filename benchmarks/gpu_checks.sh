@@ -15,9 +15,11 @@
 #                        run fails, then eager with SUROGATE_FUSIONS_OFF=all; failures recorded)
 #                        vs transformers + peft (SDPA, gradient checkpointing) in the same run, warm-up excluded; measured peak vs plan, allocations
 #                        after warm-up; then the extras while time is left (EXTRA, default
-#                        "0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,
-#                        0.6b-full": ours without the stacked LoRA down-projections, with recompute off, with the mid-layer residual kept, with the attention outputs kept,
-#                        with 16 LM-head chunks (these five reuse the main job's HF figure), fp32 adapters on
+#                        "0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,
+#                        0.6b-full": ours with the LoRA up-projections merged after the base GEMMs (not folded),
+#                        without the stacked LoRA down-projections (nor the fold), with recompute off, with the
+#                        mid-layer residual kept, with the attention outputs kept,
+#                        with 16 LM-head chunks (these six reuse the main job's HF figure), fp32 adapters on
 #                        both sides, full fine-tune; EXTRA= for none)
 #   3. kernels    100 s  benchmarks/kernel_bandwidth.py (achieved GB/s per kernel at 0.6B sizes), then
 #                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels), then
@@ -88,7 +90,7 @@ if not (p.get("auto") or {}).get("ok", True) and (p.get("sdpa") or {}).get("ok")
 PYEOF
 )"
 want throughput && stage throughput 200 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
-  --extra "${EXTRA-0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-full}" --budget-s 192
+  --extra "${EXTRA-0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-full}" --budget-s 192
 want kernels && stage kernels 100 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py; \
   timeout 30 $PY benchmarks/launch_census.py"
 want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py

@@ -78,7 +78,9 @@ def op_cost(plan: Any, op: Any, pairs: float | None = None, read: frozenset | No
     micro-batch (None: causal whole rows); `read`: `read_set(plan)` when the caller has it."""
     acc = set(op.attrs.get("accumulate_into") or ())
     read = read_set(plan) if read is None else read
-    outs = [n for n in op.outputs if n in read]
+    from surogate.compiler.ir import view_root
+
+    outs = [n for n in op.outputs if n in read or view_root(plan.tensors, n) in read]  # (a column of a read parent)
     nbytes = float(sum(_t(plan, n).nbytes for n in op.inputs) + sum(_t(plan, n).nbytes for n in outs)
                    + sum(_t(plan, n).nbytes for n in outs if n in acc))
     if op.kind == "embedding":  # reads the looked-up rows, not the table
@@ -106,7 +108,10 @@ def read_set(plan: Any) -> frozenset:
     from surogate.compiler.ir import view_parent
 
     read = {n for op in plan.ops for n in op.inputs}
-    return frozenset(read | {p for n in read if (p := view_parent(plan.tensors[n])) is not None})
+    for n in list(read):  # (views nest: a read of h reads [x | h]'s memory, its parent's parent)
+        while (n := view_parent(plan.tensors[n])) is not None:
+            read.add(n)
+    return frozenset(read)
 
 
 def _flops_peak(plan: Any, op: Any, peak: Peak) -> float:

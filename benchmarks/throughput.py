@@ -244,6 +244,9 @@ EXTRAS = {
     # the A/B of the stacked LoRA down-projections (compiler/passes/lora_group.py): the unstacked program
     "0.6b-nostack": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
                      "env": {"SUROGATE_FUSIONS_OFF": "group_lora_projections"}, "ours_only": True},
+    # the A/B of the folded LoRA up-projections (compiler/passes/lora_fold.py): merges after stacked base GEMMs
+    "0.6b-nofold": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
+                    "env": {"SUROGATE_FUSIONS_OFF": "fold_lora_up_projection"}, "ours_only": True},
     "0.6b-norecompute": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": True,
                          "ours_only": True},  # HF keeps gradient checkpointing
     # the mid-layer residual kept as a checkpoint (compiler/passes/recompute.py): less recompute, more memory

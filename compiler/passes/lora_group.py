@@ -28,6 +28,8 @@ writes as column views of one [.., 2 * intermediate] tensor, `dx += [d_gate | d_
 intermediate). q/k/v's gradients come from attention and the q/k norm kernels, which write whole tensors: their
 data gradients stay three GEMMs. A full fine-tune is left alone (its projections' outputs feed kernels that
 take whole tensors). `SUROGATE_FUSIONS_OFF=group_lora_projections` keeps the unstacked program (to A/B the two).
+The next pass, `fold_lora_up_projection` (lora_fold.py), folds the stacked groups' merges into their base GEMMs
+(the base forward GEMMs stacked here then go again: one GEMM per projection over [x | h_G]).
 """
 
 from __future__ import annotations

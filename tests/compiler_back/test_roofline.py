@@ -36,11 +36,11 @@ def test_gemm_costs_are_2mnk_and_one_pass_over_each_tensor(rf, plan):
     nbytes, flops = rf.op_cost(plan, o)
     assert flops == 2 * rows * 1024 * 2048
     assert nbytes == 2 * (rows * 2048 + 1024 * 2048 + rows * 1024)
-    # the stacked q/k/v base projections (group_lora_projections): x @ [W_q; W_k; W_v]^T, N = 2048 + 1024 + 1024
-    qkv = _op(plan, "L3.q+3")
-    nbytes, flops = rf.op_cost(plan, qkv)
-    assert flops == 2 * rows * 4096 * 1024
-    assert nbytes == 2 * (rows * 1024 + 4096 * 1024 + rows * 4096)
+    # a folded q projection (fold_lora_up_projection): [x | h_q h_k h_v] [rows, 1024 + 48] @ [W_q | tail]^T
+    q = _op(plan, "L3.q.lora_add.fold")
+    nbytes, flops = rf.op_cost(plan, q)
+    assert flops == 2 * rows * 2048 * 1072
+    assert nbytes == 2 * (rows * 1072 + 2048 * 1072 + rows * 2048)
     dw = _op(plan, "L3.q.lora_a.bwd.linear_bwd_weight+3")  # [dA_q; dA_k; dA_v] = dh_G^T [48, rows] @ x [rows, 1024]
     assert rf.op_cost(plan, dw)[1] == 2 * rows * 48 * 1024
     dx = _op(plan, "L3.q.lora_a.bwd.linear_bwd_data+3")  # dx += dh_G [rows, 48] @ [A_q; A_k; A_v]

@@ -139,6 +139,24 @@ def test_folded_program_computes_what_the_unfolded_one_does(model_dir, monkeypat
     assert not folded_outputs & set(copies), "a folded GEMM or tail went through a temporary"
 
 
+def test_bf16_folded_step_is_within_bf16_rounding_of_the_unfolded_one(model_dir, monkeypatch):
+    """A bf16 model with bf16 adapters (the benchmark's job): the folded GEMM rounds base + LoRA once where the
+    merge rounds the LoRA product to bf16 first, so the two programs differ by bf16 rounding, not more."""
+    # rank 8: bf16 rows of [x | h] stay 16-byte multiples (32 + 3 * 8 columns; rank 4's 44 would not: not folded)
+    cfg = sim_cfg(model_dir, batch=2, torch_dtype="bfloat16", lora_dtype="bf16", **{**LORA, "lora_rank": 8})
+    assert compile_plan(sim_cfg(model_dir, torch_dtype="bfloat16", lora_dtype="bf16", **LORA)).meta["lora_folded"] == 2
+    folded, plain = compile_plan(cfg), _unfolded(cfg, monkeypatch)
+    assert folded.meta["lora_folded"] == 4 and plain.meta["lora_folded"] == 0
+    weights = {n: w.to(torch.bfloat16) for n, w in lora_b_weights(folded).items()}
+    runs = [Runner(cfg, "cpu", plan=p, weights=weights) for p in (folded, plain)]
+    ids, labels = batch(2, 8)
+    (l0, g0), (l1, g1) = (r.micro_step(ids, labels) for r in runs)
+    assert l0 != l1 or any(not torch.equal(g0[n], g1[n]) for n in g0)  # another rounding: not the same bits
+    assert abs(l0 - l1) <= 1e-2 * abs(l1)
+    for n in g1:
+        assert rel_err(g0[n].float(), g1[n].float()) < 5e-2, n
+
+
 def test_reference_interpreter_runs_the_folded_graph(model_dir):
     """The dict-based interpreter (no arena) gathers X and W+lora from their columns, and W+lora again after the
     tails are rewritten from an updated B: loss and gradients equal the cpu backend's on the arena, both steps."""

@@ -54,10 +54,11 @@ def test_micro_step_and_optimizer_step_match_cpu_backend(model_dir, case):
     loss1, g1 = cud.micro_step(ids, labels)
     assert abs(loss1 - loss0) <= TOL * abs(loss0), (loss1, loss0)
     assert_close_grads(g1, g0, TOL)
-    if over.get("lora"):  # the stacked LoRA GEMMs (group_lora_projections) and merges write the plan's views
-        assert "linear_stacked" in kinds and "linear_stacked_bwd_weight" in kinds
-        direct = {o for op in ref.plan.ops if op.kind.startswith("linear_stacked") or op.kind == "lora_merge"
-                  for o in op.outputs}
+    if over.get("lora"):  # the stacked LoRA GEMMs (group_lora_projections), merges, folded GEMMs and tails
+        # (fold_lora_up_projection) and the norms writing x into [x | h] write the plan's views
+        assert "linear_stacked" in kinds and "linear_stacked_bwd_weight" in kinds and "lora_fold_tail" in kinds
+        direct = {o for op in ref.plan.ops if op.kind.startswith("linear_stacked") or op.attrs.get("lora_fold")
+                  or op.kind in ("lora_merge", "lora_fold_tail", "rmsnorm", "add_rmsnorm") for o in op.outputs}
         assert direct and not direct & set(copies), sorted(direct & set(copies))
     if case == "full-b2":  # the cpu backend is the oracle here; check once against transformers directly
         _check_against_transformers(model_dir, ids, labels, loss1, g1)

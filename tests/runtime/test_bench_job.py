@@ -59,6 +59,21 @@ def test_the_keepmid_extra_sets_the_recompute_switch_the_pass_reads(monkeypatch)
     assert recompute.kept_op_kinds() == {"attention"} and recompute.kept_residuals() == {"layer_input"}
 
 
+def test_the_nofold_extra_turns_the_fold_pass_off(monkeypatch):
+    from surogate.compiler.ir import Graph
+    from surogate.compiler.passes import fusion, lora_fold
+
+    env = EXTRAS["0.6b-nofold"]["env"]
+    assert set(env) == {fusion.OFF_ENV} and EXTRAS["0.6b-nofold"]["ours_only"]
+    assert fusion._on("fold_lora_up_projection", lora_fold.ENABLED, None)
+    monkeypatch.setenv(fusion.OFF_ENV, env[fusion.OFF_ENV])
+    assert not fusion._on("fold_lora_up_projection", lora_fold.ENABLED, None)
+    assert fusion._on("group_lora_projections", True, None)  # the stacking stays: the A/B is the fold alone
+    graph = Graph()
+    graph.meta["lora"] = True
+    assert lora_fold.fold_lora_up_projection(graph, None).meta["lora_folded"] == 0
+
+
 def test_the_nostack_extra_turns_the_lora_stacking_pass_off(monkeypatch):
     from surogate.compiler.ir import Graph
     from surogate.compiler.passes import fusion, lora_group

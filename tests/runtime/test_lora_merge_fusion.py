@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surogate.compiler.passes import fusion
+from surogate.compiler.passes import fusion, lora_fold
 from tests.runtime.helpers import PlanRunner, make_cfg, random_batch, save_model
 
 
@@ -17,6 +17,9 @@ def model_dir(tmp_path_factory):
 
 def _run(model_dir, lora_dtype: str, fused: bool, monkeypatch):
     monkeypatch.setattr(fusion, "ENABLED", fused)
+    # the merges themselves: not folded into the base GEMMs (bf16 adapters would be; that is another rounding,
+    # checked in tests/cuda_backend/test_lora_fold.py)
+    monkeypatch.setattr(lora_fold, "ENABLED", False)
     cfg = make_cfg(model_dir, torch_dtype="bfloat16", lora=True, lora_rank=4, lora_alpha=12, lora_dtype=lora_dtype,
                    recompute=True)
     runner = PlanRunner(cfg)
