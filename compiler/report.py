@@ -299,7 +299,7 @@ def render_report(report: dict[str, Any], plan: Plan) -> Group:
     fused = {k: v for k, v in report.get("fusions", {}).items() if v}
     if fused:
         head.append("Fused ops: " + ", ".join(f"{k} {v}" for k, v in fused.items())
-                    + " (SUROGATE_FUSIONS_OFF=fuse_<op> plans without one)\n", style="dim")
+                    + " (SUROGATE_FUSIONS_OFF=<pass>, or all, plans without them)\n", style="dim")
     for note in report["notes"]:
         head.append(f"Note: {note}\n", style="dim")
     parts: list[Any] = [head, format_memory_table(plan)]

@@ -73,7 +73,11 @@ def fold_lora_up_projection(graph: Graph, cfg: Any, *, enabled: bool | None = No
         if folded:
             graph.rewire()
             _drop_untouched(graph, gone)
+    gemms = sum(op.attrs.get("lora_fold", False) for op in graph.ops())
     graph.meta["lora_folded"] = folded
+    graph.meta["lora_fold_fused"] = gemms  # (the plan report's fused ops: these merges became folded GEMMs)
+    if "lora_merge_fused" in graph.meta:
+        graph.meta["lora_merge_fused"] = int(graph.meta["lora_merge_fused"]) - gemms
     return graph
 
 

@@ -120,9 +120,14 @@ def test_report_says_what_the_fusion_passes_rewrote(monkeypatch):
     # per layer: 7 LoRA merges forward + 6 recomputed (down_proj's output is not needed again), 2 q/k norm + rope
     # pairs (forward and recompute) and their 2 backwards, and the residual adds read next by a norm (3); the loss
     # with its backward
-    assert report["fusions"] == {"lora_merge": 13 * 28, "add_rmsnorm": 3 * 28, "rmsnorm_rope": 6 * 28, "lm_head_ce": 1}
+    assert report["fusions"] == {"lora_merge": 13 * 28, "add_rmsnorm": 3 * 28, "rmsnorm_rope": 6 * 28, "lm_head_ce": 1,
+                                 "lora_fold": 0}
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(render_report(report, plan))
-    assert "Fused ops: lora_merge 364, add_rmsnorm 84, rmsnorm_rope 168, lm_head_ce 1" in console.export_text()
+    assert "Fused ops: lora_merge 364, add_rmsnorm 84, rmsnorm_rope 168, lm_head_ce 1 (" in console.export_text()
+    # bf16 adapters without dropout (what stacks the down-projections): q/k/v's and gate/up's merges are folded
+    # into their base GEMMs, forward and recompute (5 per layer each); o's and down's stay merges
+    bf16 = build_report(compile_plan(config_from_dict({**job, "lora_dtype": "bf16", "lora_dropout": 0.0})))["fusions"]
+    assert bf16["lora_fold"] == 10 * 28 and bf16["lora_merge"] == 3 * 28
     monkeypatch.setenv("SUROGATE_FUSIONS_OFF", "fuse_rmsnorm_rope")
     assert build_report(compile_plan(config_from_dict(job)))["fusions"]["rmsnorm_rope"] == 0

@@ -116,8 +116,8 @@ def test_not_folded_where_the_fold_would_not_be_one_gemm(model_dir, why, over):
 @pytest.mark.parametrize("backend,recompute", [("cpu", True), ("cpu", False),
                                                pytest.param("cuda", True, marks=pytest.mark.slow)])
 def test_folded_program_computes_what_the_unfolded_one_does(model_dir, monkeypatch, backend, recompute):
-    """Loss, every gradient and two optimizer steps (the second forward reads tails rewritten from the updated
-    B) of the folded plan against the unfolded one (fp32 model: equal to fp32 rounding)."""
+    """Loss and every gradient of two steps (the second forward reads tails rewritten from the optimizer's B) and
+    the first optimizer update of the folded plan against the unfolded one (fp32 model: equal to fp32 rounding)."""
     cfg = sim_cfg(model_dir, batch=2, **{**LORA, "recompute": recompute})
     folded, plain = compile_plan(cfg), _unfolded(cfg, monkeypatch)
     weights = lora_b_weights(folded)
@@ -131,9 +131,10 @@ def test_folded_program_computes_what_the_unfolded_one_does(model_dir, monkeypat
         before = runs[0].trainable()
         for r in runs:
             r.optimizer_step(step)
-        w0, w1 = runs[0].trainable(), runs[1].trainable()
-        for n in w1:
-            assert not torch.equal(w0[n], before[n]) and rel_err(w0[n] - before[n], w1[n] - before[n]) < 1e-4, n
+        if step == 0:  # (later steps: fp32-rounding differences in the moments can flip an 8-bit code)
+            w0, w1 = runs[0].trainable(), runs[1].trainable()
+            for n in w1:
+                assert not torch.equal(w0[n], before[n]) and rel_err(w0[n] - before[n], w1[n] - before[n]) < 1e-4, n
     folded_outputs = {o for op in folded.ops if op.attrs.get("lora_fold") or op.kind == "lora_fold_tail"
                       for o in op.outputs}
     assert not folded_outputs & set(copies), "a folded GEMM or tail went through a temporary"
