@@ -146,6 +146,15 @@ def at_size_cases() -> list[tuple[str, str, object]]:
         dout = _r(t, heads, d, dtype=dt, seed=4)
         return (dout, x, w, torch.empty_like(x), torch.empty_like(w), None, eps, pos, cos, sin), {}, 1e-4
 
+    def rms_fwd_into_columns(dt):  # x written into [x | h_q h_k h_v] (fold_lora_up_projection): rows strided
+        (x, w, _, rstd, eps), kw, tol = rms_fwd(t, h)(dt)
+        wide = torch.zeros(t, h + 3 * r, dtype=dt)
+        return (x, w, wide[:, :h], rstd, eps), {**kw, "sum_out": torch.empty_like(x)}, tol
+
+    def fold_tail(dt):  # q_proj's tail: s * B_q in slot 0 of 3, a column view of [W_q | tail]
+        w = torch.zeros(2 * h, h + 3 * r, dtype=dt)
+        return (_r(2 * h, r, dtype=dt, seed=5), w[:, h:], 2.0, 0), {}, 0
+
     def merge(dt):
         base = _r(t, 2 * h, dtype=dt)
         return (base, _r(t, r, seed=1), _r(2 * h, r, seed=2, scale=0.1), torch.empty_like(base), 2.0), {}, 1e-5
@@ -154,7 +163,9 @@ def at_size_cases() -> list[tuple[str, str, object]]:
             ("rmsnorm_fwd@qk", "rmsnorm_fwd", rms_fwd(t * 16, d)), ("rmsnorm_bwd@qk", "rmsnorm_bwd", rms_bwd(t * 16, d)),
             ("swiglu_fwd", "swiglu_fwd", swiglu_fwd), ("swiglu_bwd", "swiglu_bwd", swiglu_bwd),
             ("rope_fwd", "rope_fwd", rope), ("rope_bwd", "rope_bwd", rope), ("lora_merge", "lora_merge", merge),
-            ("rmsnorm_rope_fwd@qk", "rmsnorm_rope_fwd", rms_rope), ("rmsnorm_rope_bwd@qk", "rmsnorm_rope_bwd", rms_rope_bwd)]
+            ("rmsnorm_rope_fwd@qk", "rmsnorm_rope_fwd", rms_rope), ("rmsnorm_rope_bwd@qk", "rmsnorm_rope_bwd", rms_rope_bwd),
+            ("rmsnorm_fwd@hidden->[x|h]", "rmsnorm_fwd", rms_fwd_into_columns),
+            ("lora_fold_tail@q", "lora_fold_tail", fold_tail)]
 
 
 def kernels_at_size() -> dict:

@@ -72,6 +72,9 @@ def build_benches(sz: Sizes, device: str | torch.device) -> list[Bench]:
     out, s, rstd = e(t, h), e(t, h), e(t, dtype=f32)
     b.append(Bench("rmsnorm_fwd (+residual)", lambda: K["rmsnorm_fwd"](x, w, out, rstd, 1e-6, res, s),
                    [x, res, w], [out, s, rstd]))
+    wide = e(t, h + 48)  # x written into [x | h_q h_k h_v] (fold_lora_up_projection, rank 16): rows strided
+    b.append(Bench("rmsnorm_fwd (+residual, into [x | h])",
+                   lambda: K["rmsnorm_fwd"](x, w, wide[:, :h], rstd, 1e-6, res, s), [x, res, w], [out, s, rstd]))
     dy, ds, dw = r(t, h), e(t, h), e(h)  # s comes from the forward bench, which runs first
     # as the cuda backend calls it: no rstd input, the kernel recomputes it from s
     b.append(Bench("rmsnorm_bwd (+dresidual)", lambda: K["rmsnorm_bwd"](dy, s, w, None, ds, dw, dresidual=res,

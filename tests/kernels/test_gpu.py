@@ -22,6 +22,11 @@ from .cases import CASES
 
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
+        if not obj.is_contiguous() and obj.dim() and min(obj.stride()) > 0:
+            # a strided view (a column slice of a wider matrix) keeps its strides on the device: `.to` would
+            # hand the kernel a contiguous copy and leave the strided path untested
+            moved = torch.empty_strided(obj.shape, obj.stride(), dtype=obj.dtype, device=device)
+            return moved.copy_(obj)
         return obj.to(device)
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
