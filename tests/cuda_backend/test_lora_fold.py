@@ -140,6 +140,24 @@ def test_folded_program_computes_what_the_unfolded_one_does(model_dir, monkeypat
     assert not folded_outputs & set(copies), "a folded GEMM or tail went through a temporary"
 
 
+def test_adapters_on_some_projections_fold_beside_a_plain_one(model_dir, monkeypatch):
+    """LoRA on q and v only: X = [x | h_q h_v], k's plain base GEMM reads x as a column view of X."""
+    cfg = sim_cfg(model_dir, batch=2, lora_target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
+                  **LORA)
+    folded, plain = compile_plan(cfg), _unfolded(cfg, monkeypatch)
+    assert folded.meta["lora_folded"] == 4
+    k_proj = [op for op in folded.ops if op.inputs[1:2] == ["model.layers.0.self_attn.k_proj.weight"]
+              and op.kind == "linear"]
+    assert k_proj and all(view_parent(folded.tensors[op.inputs[0]]) for op in k_proj)
+    assert folded.tensors["model.layers.0.self_attn.q_proj.weight+lora.tail"].shape[-1] == 8
+    weights = lora_b_weights(folded)
+    runs = [Runner(cfg, "cpu", plan=p, weights=weights) for p in (folded, plain)]
+    ids, labels = batch(2, 8)
+    (l0, g0), (l1, g1) = (r.micro_step(ids, labels) for r in runs)
+    assert abs(l0 - l1) <= 1e-6 * abs(l1)
+    assert_close_grads(g0, g1, 1e-5)
+
+
 def test_bf16_folded_step_is_within_bf16_rounding_of_the_unfolded_one(model_dir, monkeypatch):
     """A bf16 model with bf16 adapters (the benchmark's job): the folded GEMM rounds base + LoRA once where the
     merge rounds the LoRA product to bf16 first, so the two programs differ by bf16 rounding, not more."""
