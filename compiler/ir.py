@@ -114,6 +114,35 @@ def view_columns(tensors: dict[str, Tensor]) -> dict[str, list[str]]:
     return out
 
 
+def view_descendants(tensors: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Parent -> every view inside it (its column views, theirs, ...): writing a parent writes all of them."""
+    children = view_columns(tensors)
+    out: dict[str, list[str]] = {}
+
+    def walk(p: str) -> list[str]:
+        if p not in out:
+            out[p] = [d for c in children.get(p, ()) for d in (c, *walk(c))]
+        return out[p]
+
+    for p in children:
+        walk(p)
+    return out
+
+
+def first_writers(ops: Iterable[Op], tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Tensor -> the schedule index of the first op writing it, or writing a parent it is a view of (an
+    accumulating write into a view of an already written parent adds, as into the tensor itself)."""
+    first: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for name in op.outputs:
+            first.setdefault(name, i)
+    inside = view_descendants(tensors)
+    for name in [n for n in first if n in inside]:
+        for d in inside[name]:
+            first[d] = min(first.get(d, first[name]), first[name])
+    return first
+
+
 @dataclass
 class Op:
     """One operation: reads `inputs`, writes `outputs` (tensor names), with static attributes."""

@@ -188,7 +188,8 @@ def rmsnorm_backward(
     workspace: torch.Tensor | None = None,
     eps: float | None = None,
 ) -> None:
-    """ds = d(loss)/d(s) (+ dresidual), dweight = sum over rows; `s` is the normalised input (x + residual).
+    """ds = d(loss)/d(s) (+ dresidual), dweight = sum over rows; `s` is the normalised input (x + residual);
+    dy's rows may be strided (a column view of a wider matrix).
 
     `rstd` None: the kernel recomputes it from s with `eps` in the same pass (a plan that keeps no rstd
     tensor needs no extra pass over s). `workspace` is fp32 [blocks, hidden] (see
@@ -198,14 +199,16 @@ def rmsnorm_backward(
     if rstd is None and eps is None:
         raise ValueError("rmsnorm_backward without rstd needs eps")
     hidden = s.shape[-1]
-    for name, t in (("dy", dy), ("s", s), ("ds", ds), ("dresidual", dresidual)):
+    for name, t in (("s", s), ("ds", ds), ("dresidual", dresidual)):
         if t is not None:
             check_contiguous(name, t)
+    if dy.stride(-1) != 1:  # dy's rows may be strided (dx of [dx | dh_G], pass fold_lora_up_projection)
+        raise ValueError(f"dy must have unit stride along its last dim (strides {dy.stride()})")
     s2 = s.reshape(-1, hidden)
     part = _partials(workspace, s2.shape[0], hidden, s.device)
     blocks = part.shape[0]
     has_dres = dresidual is not None
-    dy2, ds2 = dy.reshape(-1, hidden), ds.reshape(-1, hidden)
+    dy2, ds2 = dy.view(-1, hidden), ds.reshape(-1, hidden)
     dres2 = dresidual.reshape(-1, hidden) if has_dres else s2
     pair = _pairs(hidden, dy2, s2, ds2, dres2)
     lay = K.layout(hidden, pair, row_threads(hidden))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from surogate.compiler.ir import Op, Role, Space, Tensor, view_parent
+from surogate.compiler.ir import Op, Role, Space, Tensor, view_descendants, view_parent
 from surogate.compiler.plan import Plan
 from surogate.runtime.host_staging import PinnedStaging
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
@@ -133,6 +133,7 @@ class ArenaExecutor:
         self._inputs = {n for n, t in plan.tensors.items() if t.role is Role.INPUT and n in self.views}
         self.staging = PinnedStaging()
         self._written: set[str] = set()
+        self._inside = view_descendants(plan.tensors)  # parent -> the views inside it
 
     # -- state ---------------------------------------------------------------------------------------
     def tensors_of(self, roles: Iterable[Role]) -> dict[str, torch.Tensor]:
@@ -203,6 +204,7 @@ class ArenaExecutor:
                     value = pack_nibbles(value)
                 if value.data_ptr() == view.data_ptr() and value.shape == view.shape:
                     written.add(name)  # the kernel wrote in place
+                    written.update(self._inside.get(name, ()))
                     self._observe(name, view)
                     continue
                 # Gradients accumulate across micro-steps (zeroed once per step); other accumulated
@@ -215,6 +217,7 @@ class ArenaExecutor:
                 else:
                     view.copy_(value.reshape(view.shape))
                 written.add(name)
+                written.update(self._inside.get(name, ()))  # a parent written: its column views are too
                 self._observe(name, view)
             if clock:
                 phase = PHASE_NAMES.get(op.phase, op.phase)

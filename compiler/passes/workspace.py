@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surogate.compiler.ir import Graph
+from surogate.compiler.ir import Graph, first_writers
 from surogate.compiler.passes.workspace_kinds import KindSizes
 from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.backends.cuda_sizes import Spec, Target
@@ -44,10 +44,7 @@ class _Walk(KindSizes):
         self.g, self.target = graph, target
         self.tensors = graph.tensors
         self.ops = list(graph.ops() if callable(graph.ops) else graph.ops)
-        self.first: dict[str, int] = {}
-        for i, op in enumerate(self.ops):
-            for name in op.outputs:
-                self.first.setdefault(name, i)
+        self.first = first_writers(self.ops, self.tensors)
         self.upcast = sz.upcast_names(self.ops, self.tensors, lambda x, o: sz.promote(x, o) != x)
         self.scratch: dict[Spec, int] = {}
         self.constants: dict[tuple, int] = {}

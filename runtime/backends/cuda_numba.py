@@ -105,7 +105,7 @@ def _rms_backward(st: CudaState, dy: torch.Tensor, x: torch.Tensor, w: torch.Ten
     rows, h = x2.shape
     dw, ws = _rms_bwd_scratch(st, x2, w, attrs)
     # rstd=None: the kernel recomputes it from x in its own pass (the plan keeps no rstd tensor)
-    _k("rmsnorm_bwd")(dy.reshape(rows, h), x2, w, None, ds.reshape(rows, h), dw if want_dw else None,
+    _k("rmsnorm_bwd")(dy.view(rows, h), x2, w, None, ds.reshape(rows, h), dw if want_dw else None,
                       dres.reshape(rows, h) if dres is not None else None, ws, float(attrs["eps"]))
     return dw
 

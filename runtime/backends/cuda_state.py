@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from surogate.compiler.ir import first_writers
 from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.host_staging import PinnedStaging
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
@@ -71,13 +72,10 @@ def capturing() -> bool:
 
 def _op_index(graph: Any) -> tuple[dict[int, list], dict[str, int]]:
     ops = _plan_ops(graph)
-    first: dict[str, int] = {}
     by_attrs: dict[int, list] = {}
     for i, op in enumerate(ops):
-        for name in op.outputs:
-            first.setdefault(name, i)
         by_attrs.setdefault(id(op.attrs), []).append((i, op))
-    return by_attrs, first
+    return by_attrs, first_writers(ops, graph.tensors)
 
 
 def _plan_ops(graph: Any) -> list:

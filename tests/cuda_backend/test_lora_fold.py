@@ -61,7 +61,7 @@ def test_qkv_and_gate_up_fold_and_o_down_keep_their_merges(model_dir, monkeypatc
     # the base GEMMs of q/k/v and gate/up went (their stacked forward ops); with recompute the group's
     # down-projection runs again into the recomputed X (instead of h being kept)
     assert kinds["linear_stacked"] == before["linear_stacked"] - 4 * runs + 4 * (runs - 1)
-    fold_ins = {op.inputs[0] for op in plan.ops if op.attrs.get("lora_fold")}
+    fold_ins = {op.inputs[0] for op in plan.ops if op.attrs.get("lora_fold") and op.kind == "linear"}
     assert all(n.endswith("+lora") and view_parent(plan.tensors[n]) is None for n in fold_ins)
     # every B gradient of a folded adapter reads an h inside the X its run built
     for op in plan.ops:
@@ -70,6 +70,20 @@ def test_qkv_and_gate_up_fold_and_o_down_keep_their_merges(model_dir, monkeypatc
             h = op.inputs[1]
             assert view_root(plan.tensors, h) in fold_ins and h.endswith("@rc") == recompute, (op.name, h)
     assert parameter_counts(plan.tensors, set(plan.tensors)) == parameter_counts(plain.tensors, set(plain.tensors))
+    # the data gradient: [dx | dh_G] = sum_i dy_i @ [W_i | tail_i] where the input needs a gradient (not layer
+    # 0's q/k/v: the embedding is frozen): layer 0's gate/up, layer 1's q/k/v and gate/up
+    assert plan.meta["lora_folded_backward"] == 3
+    data = [op for op in plan.ops if op.attrs.get("lora_fold") and op.kind.endswith("_bwd_data")]
+    assert len(data) == 3 + 1 + 1  # q, k, v one each; gate/up one stacked GEMM each layer
+    assert all(op.outputs[0].endswith("+lora") and op.inputs[-1].endswith("+lora") for op in data)
+    # the adapters' dh = s * dy @ B GEMMs left: o's and down's, and layer 0's q/k/v (their dh still feeds dA)
+    dh = [op.inputs[1] for op in plan.ops if op.kind == "linear_bwd_data" and ".lora_B." in op.inputs[1]]
+    assert len(dh) == 2 * 2 + 3 and len([n for n in dh if "layers.0.self_attn" in n and "o_proj" not in n]) == 3
+    for op in data:  # dh_G's readers (the down-projection's gradients) come after every write of [dx | dh_G]
+        at = plan.ops.index(op)
+        readers = [i for i, o in enumerate(plan.ops) if any(view_root(plan.tensors, n) == op.outputs[0]
+                                                            for n in o.inputs)]
+        assert readers and min(readers) > at, op.name
 
 
 def test_layout_views_inside_owners_and_stacks_back_to_back(model_dir):

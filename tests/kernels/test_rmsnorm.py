@@ -279,3 +279,18 @@ def test_forward_into_a_column_view(dtype, with_res):
     assert (wide[:, hidden:] == 7.0).all()
     with pytest.raises(ValueError, match="unit stride"):
         rmsnorm_forward(x, w, torch.empty(rows, 2 * hidden).to(dtype)[:, ::2], torch.empty(rows), 1e-6, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_reads_a_column_view(dtype):
+    """dy as the first `hidden` columns of a wider matrix ([dx | dh_G] of fold_lora_up_projection)."""
+    rows, hidden = 6, 64
+    s, dy = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
+    w = (torch.rand(hidden) + 0.5).to(dtype)
+    wide = torch.randn(rows, hidden + 48).to(dtype)
+    wide[:, :hidden] = dy
+    got, want = torch.empty_like(s), torch.empty_like(s)
+    dw_got, dw_want = torch.empty(hidden).to(dtype), torch.empty(hidden).to(dtype)
+    rmsnorm_backward(wide[:, :hidden], s, w, None, got, dw_got, eps=1e-6)
+    rmsnorm_backward(dy, s, w, None, want, dw_want, eps=1e-6)
+    assert torch.equal(got, want) and torch.equal(dw_got, dw_want)
