@@ -151,6 +151,12 @@ def at_size_cases() -> list[tuple[str, str, object]]:
         wide = torch.zeros(t, h + 3 * r, dtype=dt)
         return (x, w, wide[:, :h], rstd, eps), {**kw, "sum_out": torch.empty_like(x)}, tol
 
+    def rms_bwd_from_columns(dt):  # dy read from [dx | dh_G] (the folded backward): rows strided
+        (dy, s, w, rstd, ds, dw), kw, tol = rms_bwd(t, h)(dt)
+        wide = _r(t, h + 3 * r, dtype=dt, seed=6)
+        wide[:, :h] = dy
+        return (wide[:, :h], s, w, rstd, ds, dw), kw, tol
+
     def fold_tail(dt):  # q_proj's tail: s * B_q in slot 0 of 3, a column view of [W_q | tail]
         w = torch.zeros(2 * h, h + 3 * r, dtype=dt)
         return (_r(2 * h, r, dtype=dt, seed=5), w[:, h:], 2.0, 0), {}, 0
@@ -165,6 +171,7 @@ def at_size_cases() -> list[tuple[str, str, object]]:
             ("rope_fwd", "rope_fwd", rope), ("rope_bwd", "rope_bwd", rope), ("lora_merge", "lora_merge", merge),
             ("rmsnorm_rope_fwd@qk", "rmsnorm_rope_fwd", rms_rope), ("rmsnorm_rope_bwd@qk", "rmsnorm_rope_bwd", rms_rope_bwd),
             ("rmsnorm_fwd@hidden->[x|h]", "rmsnorm_fwd", rms_fwd_into_columns),
+            ("rmsnorm_bwd@hidden<-[dx|dh]", "rmsnorm_bwd", rms_bwd_from_columns),
             ("lora_fold_tail@q", "lora_fold_tail", fold_tail)]
 
 

@@ -17,6 +17,14 @@ rebuilds X@rc: the norm's recompute writes x@rc into it and the group's down-pro
 tail (one stacked GEMM, instead of keeping h across the step: X's x part would have to be kept with it), and
 the B gradients read h@rc. The base output tensors (y_i) and the merges go.
 
+The backward uses the same weights: `[dx | dh_G] = sum_i dy_i @ [W_i | tail_i]` (one GEMM per projection, or
+gate/up's stacked one) writes the base data gradient and, in slot i of the tail columns, `dh_i = s * dy_i @ B_i`
+(the other members' slots add zeros), so the adapters' dh GEMMs, which each read a whole dy_i, go. dx and dh_G
+become column views of D; the down-projection's gradients (reading dh_G) run after the last GEMM writing D, and
+its data gradient then adds into dx (a view of the written D: the executor adds). Where the input needs no
+gradient (layer 0's q/k/v in a LoRA model) or dx has other writers or readers than the norm backward (whose kernel
+reads dy with strided rows), the backward keeps its GEMMs.
+
 Groups need: x written by a whole-row `rmsnorm` / `add_rmsnorm` (their kernel writes row-strided output) and read
 only by GEMMs (which take strided operands); every member's merge present (forward, and in each recompute copy
 when there is one); frozen base weights that are persistent device tensors read only by forward and data-gradient

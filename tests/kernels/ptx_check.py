@@ -105,6 +105,8 @@ def main() -> int:
     wide = torch.zeros(3, 112, dtype=torch.bfloat16)
     KERNELS["rmsnorm_fwd"].cuda(xb, wb, wide[:, :64], torch.zeros(3), 1e-6)
     KERNELS["rmsnorm_fwd"].cuda(xb, wb, wide[:, :64], torch.zeros(3), 1e-6, residual=xb, sum_out=xb.clone())
+    # RMSNorm backward reading dy from [dx | dh] (rows strided)
+    KERNELS["rmsnorm_bwd"].cuda(wide[:, :64], xb, wb, None, xb.clone(), None, eps=1e-6)
     print(f"PTX-OK {len(compiled)}")
     return 0
 
