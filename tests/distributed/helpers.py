@@ -55,3 +55,4 @@ def exported(out: Path, lora: bool) -> dict[str, torch.Tensor]:
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+

@@ -7,27 +7,23 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from surogate.compiler.passes.fusion import OFF_ENV
 from surogate.runtime.session import run_training
-from tests.distributed.helpers import STEPS, cfg_for, exported, log_steps, make_root, max_rel
+from tests.distributed.helpers import (
+    STEPS,
+    cfg_for,
+    exported,
+    log_steps,
+    make_root,
+    max_rel,
+)
+
+pytestmark = pytest.mark.usefixtures("same_program_at_every_world_size")  # (conftest.py: why)
 
 # Weights: an fp32-rounding-sized difference in a moment (the ranks add the gradients in another order) can
 # move its 8-bit code by one step (nearest-code rounding is discontinuous), so a few elements differ by about
 # one quantum of their update.
 TOL = 1e-5
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _same_program_at_every_world_size():
-    """The fold of the LoRA up-projections (fold_lora_up_projection) needs the stacked down-projections, which a
-    multi-rank plan does not get (collectives touch the A gradients): one process would run the folded GEMMs
-    (base + LoRA rounded once) and the ranks the merges, and 8-bit AdamW turns that fp32 rounding into code
-    flips. The comparison here is of the distribution, so both sides run the unfolded program; the fold is
-    checked against the unfolded program in tests/cuda_backend/test_lora_fold.py."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv(OFF_ENV, "fold_lora_up_projection")
-    yield
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

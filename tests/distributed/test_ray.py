@@ -8,23 +8,11 @@ import sys
 
 import pytest
 
-from surogate.compiler.passes.fusion import OFF_ENV
 from surogate.errors import NotAvailableError
 from surogate.runtime.session import run_training
 from tests.distributed.helpers import cfg_for, exported, make_root, max_rel
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _same_program_at_every_world_size():
-    """The fold of the LoRA up-projections (fold_lora_up_projection) needs the stacked down-projections, which a
-    multi-rank plan does not get (collectives touch the A gradients): one process would run the folded GEMMs
-    (base + LoRA rounded once) and the ranks the merges, and 8-bit AdamW turns that fp32 rounding into code
-    flips. The comparison here is of the distribution, so both sides run the unfolded program; the fold is
-    checked against the unfolded program in tests/cuda_backend/test_lora_fold.py."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv(OFF_ENV, "fold_lora_up_projection")
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("same_program_at_every_world_size")  # (conftest.py: why)
 
 
 def test_without_ray_num_nodes_2_names_the_extra(tmp_path, monkeypatch):
