@@ -17,13 +17,8 @@ rebuilds X@rc: the norm's recompute writes x@rc into it and the group's down-pro
 tail (one stacked GEMM, instead of keeping h across the step: X's x part would have to be kept with it), and
 the B gradients read h@rc. The base output tensors (y_i) and the merges go.
 
-The backward uses the same weights: `[dx | dh_G] = sum_i dy_i @ [W_i | tail_i]` (one GEMM per projection, or
-gate/up's stacked one) writes the base data gradient and, in slot i of the tail columns, `dh_i = s * dy_i @ B_i`
-(the other members' slots add zeros), so the adapters' dh GEMMs, which each read a whole dy_i, go. dx and dh_G
-become column views of D; the down-projection's gradients (reading dh_G) run after the last GEMM writing D, and
-its data gradient then adds into dx (a view of the written D: the executor adds). Where the input needs no
-gradient (layer 0's q/k/v in a LoRA model) or dx has other writers or readers than the norm backward (whose kernel
-reads dy with strided rows), the backward keeps its GEMMs.
+The backward reads the same weights (lora_fold_bwd.py): `[dx | dh_G] = sum_i dy_i @ [W_i | tail_i]` writes the
+base data gradient and the adapters' dh_i at once, where the input needs a gradient.
 
 Groups need: x written by a whole-row `rmsnorm` / `add_rmsnorm` (their kernel writes row-strided output) and read
 only by GEMMs (which take strided operands); every member's merge present (forward, and in each recompute copy
@@ -40,6 +35,7 @@ from typing import Any
 from surogate.compiler.ir import DTYPE_BITS, Graph, Op, Role, Space, Tensor, view_columns, view_parent
 from surogate.compiler.passes.fusion import _on
 from surogate.compiler.passes.liveness import is_persistent
+from surogate.compiler.passes.lora_fold_bwd import Backward, find_backward, fold_backward
 
 ENABLED = True
 ROW_ALIGN = 16  # bytes: X's and W+lora's rows, and x's width, keep the kernels' 16-byte row starts
@@ -59,16 +55,6 @@ class _Copy:
 
 
 @dataclass
-class _Backward:
-    """The group's data gradient: base GEMMs into dx, the adapters' dh_i = s * dy_i @ B_i into dh_G's columns."""
-
-    dx: str
-    data_ops: list[Op]  # per member, or one stacked op (gate/up)
-    dh_ops: list[Op]  # per member: dh_i = s * dy_i @ B_i
-    dh_readers: list[Op]  # the down-projection's data and weight gradients (read dh_G)
-
-
-@dataclass
 class _Group:
     down: Op  # linear_stacked(x, A_1..A_n) -> h_G
     hs: list[str]  # h_1..h_n (column views of h_G)
@@ -76,7 +62,7 @@ class _Group:
     forward: _Copy
     recompute: list[_Copy] = field(default_factory=list)
     h_readers: list[Op] = field(default_factory=list)  # backward B-gradient GEMMs reading h_i
-    backward: _Backward | None = None
+    backward: Backward | None = None
 
 
 def fold_lora_up_projection(graph: Graph, cfg: Any, *, enabled: bool | None = None) -> Graph:
@@ -136,7 +122,7 @@ def _find(graph: Graph, down: Op, columns: dict[str, list[str]]) -> _Group | Non
     group = _Group(down, hs, weights, copies[0], copies[1:], h_readers)  # type: ignore[arg-type]
     if not _fits(graph, group):
         return None
-    group.backward = _find_backward(graph, group, columns)
+    group.backward = find_backward(graph, group.weights, group.forward.merges, group.hs, columns)
     return group
 
 
@@ -223,73 +209,6 @@ def _fits(graph: Graph, g: _Group) -> bool:
     return not any(name in graph.tensors for name in new)
 
 
-def _find_backward(graph: Graph, g: _Group, columns: dict[str, list[str]]) -> _Backward | None:
-    """The base data-gradient GEMMs of the group's weights and the adapters' dh GEMMs, when one GEMM over the
-    [W | tail] weights can write both: [dx | dh_G] = sum_i dy_i @ [W_i | tail_i] (tail_i holds s_i * B_i in
-    slot i, zeros in the others' slots, so slot i receives dh_i alone). None when the shape differs (layer 0's
-    input needs no gradient, other writers or readers of dx, dh written otherwise)."""
-    data: list[Op] = []
-    for w in g.weights:
-        for name in graph.consumers(w):
-            op = graph.op(name)
-            if op.kind in ("linear_bwd_data", "linear_stacked_bwd_data") and op not in data:
-                data.append(op)
-    if not data or any(float(op.attrs.get("scale", 1.0)) != 1.0 for op in data):
-        return None
-    if len(data) == 1 and data[0].kind == "linear_stacked_bwd_data":
-        if data[0].inputs[1:] != g.weights:
-            return None
-        dys = columns.get(data[0].inputs[0], [])
-    elif len(data) == len(g.weights) and all(op.kind == "linear_bwd_data" for op in data):
-        by_w = {op.inputs[1]: op for op in data}
-        if set(by_w) != set(g.weights):
-            return None
-        data = [by_w[w] for w in g.weights]
-        dys = [op.inputs[0] for op in data]
-    else:
-        return None
-    dxs = {op.outputs[0] for op in data}
-    if len(dys) != len(g.weights) or len(dxs) != 1:
-        return None
-    dx = dxs.pop()
-    t = graph.tensors[dx]
-    if t.attrs.get("view") or t.dtype != graph.tensors[g.weights[0]].dtype or f"{dx}+lora" in graph.tensors:
-        return None
-    dh_ops: list[Op] = []
-    for m, dy in zip(g.forward.merges, dys, strict=True):
-        b = m.inputs[2]
-        found = [graph.op(o) for o in graph.consumers(b) if graph.op(o).kind == "linear_bwd_data"]
-        if len(found) != 1 or found[0].inputs != [dy, b] or len(found[0].outputs) != 1 \
-                or float(found[0].attrs.get("scale", 1.0)) != float(m.attrs.get("scale", 1.0)) \
-                or found[0].attrs.get("accumulate_into") or len(graph.producers(found[0].outputs[0])) != 1:
-            return None
-        dh_ops.append(found[0])
-    dhs = [op.outputs[0] for op in dh_ops]
-    dh_g = {view_parent(graph.tensors[d]) for d in dhs}
-    if len(dh_g) != 1 or None in dh_g:
-        return None
-    dh_g_name = dh_g.pop()
-    hs_cols = [graph.tensors[h].attrs["view"]["col"] for h in g.hs]
-    if columns.get(dh_g_name) != dhs or [graph.tensors[d].attrs["view"]["col"] for d in dhs] != hs_cols \
-            or graph.tensors[dh_g_name].attrs.get("view") or graph.producers(dh_g_name):
-        return None
-    if any(graph.consumers(d) for d in dhs):  # dh_i read on its own: not by the stacked GEMMs only
-        return None
-    readers = [graph.op(o) for o in graph.consumers(dh_g_name)]
-    if sorted(op.kind for op in readers) != ["linear_stacked_bwd_data", "linear_stacked_bwd_weight"] \
-            or any(op.inputs[0] != dh_g_name for op in readers):
-        return None
-    a_data = next(op for op in readers if op.kind == "linear_stacked_bwd_data")
-    if a_data.outputs != [dx] or dx not in (a_data.attrs.get("accumulate_into") or ()):
-        return None
-    if sorted(graph.producers(dx)) != sorted([op.name for op in data] + [a_data.name]):
-        return None
-    norms = [graph.op(o) for o in graph.consumers(dx)]
-    if len(norms) != 1 or norms[0].kind != "rmsnorm_bwd" or norms[0].inputs[0] != dx or norms[0].inputs.count(dx) != 1:
-        return None  # (the norm backward's kernel takes dy with strided rows)
-    return _Backward(dx, data, dh_ops, readers)
-
-
 # -- rewrite ------------------------------------------------------------------------------------------------
 def _fold(graph: Graph, g: _Group) -> list[str]:
     """Rewrite one group; returns the tensors only the removed ops touched (dropped after the rewire)."""
@@ -319,34 +238,8 @@ def _fold(graph: Graph, g: _Group) -> list[str]:
             for op in g.h_readers:  # the B gradients read the recomputed h
                 op.inputs = [f"{t}@rc" if t in g.hs else t for t in op.inputs]
     if g.backward is not None:
-        _fold_backward(graph, g.backward, g.weights, augmented, width)
+        fold_backward(graph, g.backward, g.weights, augmented, width)
     return gone
-
-
-def _fold_backward(graph: Graph, bw: _Backward, weights: list[str], augmented: list[str], width: int) -> None:
-    """[dx | dh_G] = sum_i dy_i @ [W_i | tail_i]: the base data GEMMs write D (dx and dh_G its column views), the
-    dh GEMMs go, and dh_G's readers move after the last write of D."""
-    dx = graph.tensors[bw.dx]
-    wide = graph.add_tensor(Tensor(f"{bw.dx}+lora", (*dx.shape[:-1], width), dx.dtype, dx.role, dx.space, dx.layer))
-    dh_g = view_parent(graph.tensors[bw.dh_ops[0].outputs[0]])
-    dx.attrs["view"] = {"of": wide.name, "col": 0}
-    graph.tensors[dh_g].attrs["view"] = {"of": wide.name, "col": dx.shape[-1]}  # type: ignore[index]
-    aug = dict(zip(weights, augmented, strict=True))
-    written = []
-    for op in bw.data_ops:
-        acc = [wide.name] if bw.dx in (op.attrs.get("accumulate_into") or ()) else []
-        new = Op(f"{op.name}.fold", op.kind, [op.inputs[0], *(aug[w] for w in op.inputs[1:])], [wide.name],
-                 {**op.attrs, "accumulate_into": acc, "lora_fold": True}, op.phase, op.layer)
-        graph.add_op(new, after=op.name)
-        graph.remove_op(op.name)
-        written.append(new.name)
-    last = max(written, key=graph.order.index)
-    for op in bw.dh_ops:
-        graph.remove_op(op.name)
-    for op in sorted(bw.dh_readers, key=lambda o: graph.order.index(o.name)):  # they read dh_G: after every
-        graph.remove_op(op.name)                                                # GEMM writing a slot of it
-        graph.add_op(op, after=last)
-        last = op.name
 
 
 def _augment(graph: Graph, w: str, n: int, slot: int, merge: Op, down: Op) -> str:
