@@ -79,7 +79,8 @@ def fold_lora_up_projection(graph: Graph, cfg: Any, *, enabled: bool | None = No
         if folded:
             graph.rewire()
             _drop_untouched(graph, gone)
-    gemms = sum(op.kind == "linear" and op.attrs.get("lora_fold", False) for op in graph.ops())
+    gemms = sum(int(op.attrs.get("stacked", 1)) for op in graph.ops()  # merges replaced by folded GEMMs
+                if op.kind in ("linear", "linear_stacked") and op.attrs.get("lora_fold"))
     graph.meta["lora_folded"] = folded
     graph.meta["lora_folded_backward"] = sum(g.backward is not None for g in groups)
     graph.meta["lora_fold_fused"] = gemms  # (the plan report's fused ops: these merges became folded GEMMs)
@@ -280,15 +281,49 @@ def _wide_input(graph: Graph, x: str, h_g: str, width: int) -> None:
 
 
 def _replace_merges(graph: Graph, c: _Copy, augmented: list[str], x: str) -> None:
-    """Each merge becomes out_i = X @ W_i+lora^T in its place; the base GEMMs go."""
+    """Each merge becomes out_i = X @ W_i+lora^T in its place, or, where every reader of the outputs takes
+    row-strided views (gate/up: swiglu and its backward), one stacked GEMM X @ [W_1+lora; ...]^T whose column
+    views they become; the base GEMMs go."""
     wide = f"{x}+lora"
-    for m, aug in zip(c.merges, augmented, strict=True):
-        graph.add_op(Op(f"{m.name}.fold", "linear", [wide, aug], list(m.outputs),
-                        {"scale": 1.0, "lora_fold": True, **({"recompute": True} if m.attrs.get("recompute") else {})},
-                        m.phase, m.layer), after=m.name)
-        graph.remove_op(m.name)
+    extra = {"recompute": True} if c.merges[0].attrs.get("recompute") else {}
+    outs = [m.outputs[0] for m in c.merges]
+    if len(outs) > 1 and all(_strided_readers_only(graph, o) for o in outs):
+        first = c.merges[0]
+        parent = graph.add_tensor(Tensor(f"{outs[0]}+{len(outs)}", (*graph.tensors[outs[0]].shape[:-1],
+                                                                     sum(graph.tensors[o].shape[-1] for o in outs)),
+                                         graph.tensors[outs[0]].dtype, graph.tensors[outs[0]].role,
+                                         layer=graph.tensors[outs[0]].layer))
+        col = 0
+        for o in outs:
+            graph.tensors[o].attrs["view"] = {"of": parent.name, "col": col}
+            col += graph.tensors[o].shape[-1]
+        graph.add_op(Op(f"{first.name}.fold+{len(outs)}", "linear_stacked", [wide, *augmented], [parent.name],
+                        {"scale": 1.0, "stacked": len(outs), "lora_fold": True, **extra}, first.phase, first.layer),
+                     after=first.name)
+        for m in c.merges:
+            graph.remove_op(m.name)
+    else:
+        for m, aug in zip(c.merges, augmented, strict=True):
+            graph.add_op(Op(f"{m.name}.fold", "linear", [wide, aug], list(m.outputs),
+                            {"scale": 1.0, "lora_fold": True, **extra}, m.phase, m.layer), after=m.name)
+            graph.remove_op(m.name)
     for b in c.base_ops:
         graph.remove_op(b.name)
+
+
+# (kind, input position) of the kernels that read a projection's output through a row-strided view
+_STRIDED_READERS = {("swiglu", 0), ("swiglu", 1), ("swiglu_bwd", 1), ("swiglu_bwd", 2)}
+
+
+def _strided_readers_only(graph: Graph, name: str) -> bool:
+    t = graph.tensors[name]
+    if t.attrs.get("view") or len(graph.producers(name)) != 1:
+        return False
+    for r in graph.consumers(name):
+        op = graph.op(r)
+        if op.inputs.count(name) != 1 or (op.kind, op.inputs.index(name)) not in _STRIDED_READERS:
+            return False
+    return bool(graph.consumers(name))
 
 
 def _drop_untouched(graph: Graph, names: list[str]) -> None:

@@ -53,15 +53,22 @@ def test_qkv_and_gate_up_fold_and_o_down_keep_their_merges(model_dir, monkeypatc
     assert plan.meta["lora_folded"] == 4 and plain.meta["lora_folded"] == 0  # 2 layers x (q/k/v, gate/up)
     runs = 2 if recompute else 1  # forward, and the recompute's copy
     kinds, before = _kinds(plan), _kinds(plain)
-    # folded GEMMs: 5 per layer per run, in the merges' place; merges left: o's and down's only; one tail write
-    # per adapter per forward
-    assert _kinds(plan, lora_fold=True)["linear"] == 2 * 5 * runs == before["lora_merge"] - kinds["lora_merge"]
+    # folded GEMMs in the merges' place, per layer per run: q, k, v one each; gate/up one stacked GEMM (swiglu and
+    # its backward read gate and up as column views of its output); merges left: o's and down's only; one tail
+    # write per adapter per forward
+    folded = _kinds(plan, lora_fold=True)
+    assert folded["linear"] == 2 * 3 * runs and folded["linear_stacked"] == 2 * runs
+    assert plan.meta["lora_fold_fused"] == 2 * 5 * runs == before["lora_merge"] - kinds["lora_merge"]
     assert {op.name.split(".")[1] for op in plan.ops if op.kind == "lora_merge"} == {"o", "down"}
     assert kinds["lora_fold_tail"] == 2 * 5
-    # the base GEMMs of q/k/v and gate/up went (their stacked forward ops); with recompute the group's
-    # down-projection runs again into the recomputed X (instead of h being kept)
-    assert kinds["linear_stacked"] == before["linear_stacked"] - 4 * runs + 4 * (runs - 1)
-    fold_ins = {op.inputs[0] for op in plan.ops if op.attrs.get("lora_fold") and op.kind == "linear"}
+    # the base GEMMs of q/k/v and gate/up went (their stacked forward ops) and gate/up's fold is stacked; with
+    # recompute the group's down-projection runs again into the recomputed X (instead of h being kept)
+    assert kinds["linear_stacked"] == before["linear_stacked"] - 4 * runs + 4 * (runs - 1) + 2 * runs
+    fold_ins = {op.inputs[0] for op in plan.ops if op.attrs.get("lora_fold") and op.kind.startswith("linear")
+                and not op.kind.endswith("_bwd_data")}
+    gate_up = [op for op in plan.ops if op.attrs.get("lora_fold") and op.kind == "linear_stacked"]
+    assert all(view_parent(plan.tensors[v]) == op.outputs[0] for op in gate_up
+               for v in (op.outputs[0].split("+")[0], op.outputs[0].split("+")[0].replace("gate", "up")))
     assert all(n.endswith("+lora") and view_parent(plan.tensors[n]) is None for n in fold_ins)
     # every B gradient of a folded adapter reads an h inside the X its run built
     for op in plan.ops:
