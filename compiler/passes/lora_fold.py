@@ -7,8 +7,10 @@ removes it:
 
     X = [x | h_1 .. h_n]                    ([tokens, in + n*r]: the norm writes x, the stacked GEMM writes h_G)
     W_i+lora = [W_i | tail_i]               (tail_i [out_i, n*r]: s * B_i in slot i's r columns, zeros elsewhere)
-    out_i = X @ W_i+lora^T                  (one GEMM per projection; the LoRA term accumulated in fp32 with the
-                                             base product, one rounding: PEFT rounds both terms to bf16 first)
+    out_i = X @ W_i+lora^T                  (one GEMM per projection, or one stacked GEMM whose column views the
+                                             outputs are where their readers take strided rows (gate/up: swiglu);
+                                             the LoRA term accumulated in fp32 with the base product, one
+                                             rounding: PEFT rounds both terms to bf16 first)
 
 `x`, `h_G` are column views of X; `W_i` is a column view of `W_i+lora` (the checkpoint's weight is loaded into
 it; the data gradient reads it with the wider row stride); `tail_i` is rewritten from B_i by `lora_fold_tail`
