@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from surogate.compiler.ir import Graph, Op, Tensor, view_parent
+from surogate.compiler.passes.lora_group import follow_all_reduces
 
 
 @dataclass
@@ -119,4 +120,4 @@ def fold_backward(graph: Graph, bw: Backward, weights: list[str], augmented: lis
     for op in sorted(bw.dh_readers, key=lambda o: graph.order.index(o.name)):  # they read dh_G: after every
         graph.remove_op(op.name)                                                # GEMM writing a slot of it
         graph.add_op(op, after=last)
-        last = op.name
+        last = follow_all_reduces(graph, op)  # (the dA gradients' all-reduces, in a data-parallel run)

@@ -16,8 +16,9 @@ rounded after each adapter's accumulation: bf16-level differences, not bits.
 
 Groups need what makes the stacking exact and cheap: no dropout (each adapter would read its own x'), adapters in
 x's dtype (bf16 LoRA: no mixed-dtype split routes), A weights and their gradients persistent device tensors that
-only these ops and the optimizer touch (no ZeRO shards, offload copies or collectives), and a byte size that is
-a multiple of `STACK_ALIGN` so adjacent members are exactly a stacked matrix. Whatever does not fit keeps its
+only these ops, the optimizer and ZeRO-1's in-place collectives touch (a gradient's all-reduce, moved after the
+stacked GEMM; the updated weight's all-gather), not ZeRO-2/3 shards or offload copies, and a byte size that is a
+multiple of `STACK_ALIGN` so adjacent members are exactly a stacked matrix. Whatever does not fit keeps its
 unstacked ops. The planner (`assign_buffers`) places each `graph.meta["stacks"]` entry contiguously; column views
 carry `attrs["view"] = {"of": parent, "col": first column}` and take no memory of their own.
 
@@ -172,7 +173,10 @@ def _stackable(graph: Graph, weights: list[str], grads: dict[str, str], ops: lis
         if t.attrs.get("view"):
             return False
     for w, g in zip(ws, gs, strict=True):
-        for name, allowed in ((w.name, ("linear", "linear_bwd_data")), (g.name, ("linear_bwd_weight",))):
+        # (a data-parallel run's gradient all-reduce and sharded-update all-gather work on each tensor in place:
+        # adjacency changes nothing for them)
+        for name, allowed in ((w.name, ("linear", "linear_bwd_data", "all_gather")),
+                              (g.name, ("linear_bwd_weight", "all_reduce"))):
             for o in graph.consumers(name) + graph.producers(name):
                 op = graph.op(o)
                 if op.phase != "optimizer" and op.kind not in allowed:
@@ -251,7 +255,8 @@ def _backward_pairs(graph: Graph, weights: list[str], grads: dict[str, str]) -> 
     pairs: list[tuple[Op | None, Op]] = []
     for w in weights:
         data = [graph.op(o) for o in graph.consumers(w) if graph.op(o).kind == "linear_bwd_data"]
-        wgrad = [graph.op(o) for o in graph.producers(grads[w])]
+        # (a data-parallel all-reduce also writes the gradient, in place, after it: not a GEMM of the pair)
+        wgrad = [graph.op(o) for o in graph.producers(grads[w]) if graph.op(o).kind != "all_reduce"]
         if len(data) > 1 or len(wgrad) != 1 or wgrad[0].kind != "linear_bwd_weight":
             return None
         d, g = (data[0] if data else None), wgrad[0]
@@ -314,11 +319,26 @@ def _stack_backward(graph: Graph, weights: list[str], grads: dict[str, str]) -> 
         _emit_stacked_data(graph, data_ops, parent, weights)
     last = max(grad_ops, key=lambda o: _index(graph, o))
     gnames = [grads[w] for w in weights]
-    graph.add_op(Op(f"{last.name}+{len(pairs)}", "linear_stacked_bwd_weight", [parent, grad_ops[0].inputs[1]],
-                    gnames, {"scale": 1.0, "stacked": len(weights), "accumulate_into": list(gnames)}, last.phase,
-                    last.layer), after=last.name)
+    stacked = graph.add_op(Op(f"{last.name}+{len(pairs)}", "linear_stacked_bwd_weight",
+                              [parent, grad_ops[0].inputs[1]], gnames,
+                              {"scale": 1.0, "stacked": len(weights), "accumulate_into": list(gnames)}, last.phase,
+                              last.layer), after=last.name)
     for op in grad_ops:
         graph.remove_op(op.name)
+    follow_all_reduces(graph, stacked)
+
+
+def follow_all_reduces(graph: Graph, op: Op) -> str:
+    """Move the all-reduces of `op`'s outputs (a data-parallel run reduces each gradient right after its GEMM)
+    right after `op`, in their order; returns the name of the last op of the run."""
+    after = op.name
+    for g in op.outputs:
+        for name in [n for n in graph.producers(g) if graph.op(n).kind == "all_reduce"]:
+            moved = graph.op(name)
+            graph.remove_op(name)
+            graph.add_op(moved, after=after)
+            after = name
+    return after
 
 
 def _emit_stacked_data(graph: Graph, data_ops: list[Op], parent: str, weights: list[str]) -> None:

@@ -161,6 +161,21 @@ def test_folded_program_computes_what_the_unfolded_one_does(model_dir, monkeypat
     assert not folded_outputs & set(copies), "a folded GEMM or tail went through a temporary"
 
 
+@pytest.mark.parametrize("zero_level,folds", [(1, True), (2, False), (3, False)])
+def test_data_parallel_plans_stack_and_fold_where_gradients_stay_whole(model_dir, zero_level, folds):
+    """Two ranks: ZeRO-1 keeps whole gradients and weights (an all-reduce per gradient, an all-gather per updated
+    weight slice, each in place): stacked and folded, the all-reduces after the one GEMM writing the gradients.
+    ZeRO-2 (transient gradients, reduce-scattered) and ZeRO-3 (weight shards) keep their per-adapter GEMMs."""
+    plan = compile_plan(sim_cfg(model_dir, gpus=2, zero_level=zero_level, **LORA))
+    assert (plan.meta["lora_groups"] > 0) == folds and (plan.meta["lora_folded"] > 0) == folds
+    at = {op.name: i for i, op in enumerate(plan.ops)}
+    for op in plan.ops:
+        if op.kind == "linear_stacked_bwd_weight":
+            for g in op.outputs:
+                reduces = [at[o.name] for o in plan.ops if o.kind == "all_reduce" and g in o.inputs]
+                assert reduces and min(reduces) > at[op.name], g
+
+
 def test_adapters_on_some_projections_fold_beside_a_plain_one(model_dir, monkeypatch):
     """LoRA on q and v only: X = [x | h_q h_v], k's plain base GEMM reads x as a column view of X."""
     cfg = sim_cfg(model_dir, batch=2, lora_target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
