@@ -181,6 +181,19 @@ class Graph:
         self.tensors[tensor.name] = tensor
         return tensor
 
+    def add_column_parent(self, name: str, members: list[str]) -> str:
+        """A new [.., sum of widths] tensor whose column slices `members` become (views of it, in order), with
+        the first member's dtype, role, space and layer."""
+        ts = [self.tensors[m] for m in members]
+        first = ts[0]
+        self.add_tensor(Tensor(name, (*first.shape[:-1], sum(t.shape[-1] for t in ts)), first.dtype, first.role,
+                               first.space, first.layer))
+        col = 0
+        for t in ts:
+            t.attrs["view"] = {"of": name, "col": col}
+            col += t.shape[-1]
+        return name
+
     def tensor(self, name: str) -> Tensor:
         try:
             return self.tensors[name]

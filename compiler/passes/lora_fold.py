@@ -54,6 +54,7 @@ class _Copy:
     merges: list[Op]  # per member, its lora_merge
     base_ops: list[Op]  # the base GEMMs producing the merges' y (one stacked op or one per member)
     norm: Op  # the op writing x
+    weights: list[str]  # per member, the frozen W its base GEMM reads
 
 
 @dataclass
@@ -76,7 +77,7 @@ def fold_lora_up_projection(graph: Graph, cfg: Any, *, enabled: bool | None = No
         downs = [op for op in graph.ops()
                  if op.kind == "linear_stacked" and op.attrs.get("lora") == "A" and op.phase == "forward"]
         groups = [g for op in downs if (g := _find(graph, op, columns)) is not None]
-        gone = [name for g in groups for name in _fold(graph, g)]
+        gone = [name for g in groups for name in _fold(graph, g, columns)]
         folded = len(groups)
         if folded:
             graph.rewire()
@@ -116,35 +117,45 @@ def _find(graph: Graph, down: Op, columns: dict[str, list[str]]) -> _Group | Non
     n_copies = len(merges[0])
     if any(len(ms) != n_copies for ms in merges) or n_copies > 2:
         return None
-    copies = [_copy(graph, [ms[k] for ms in merges]) for k in range(n_copies)]
+    copies = [_copy(graph, [ms[k] for ms in merges], columns) for k in range(n_copies)]
     if any(c is None for c in copies) or copies[0].x != x:  # type: ignore[union-attr]
         return None
-    weights = _base_weights(graph, copies[0])  # type: ignore[arg-type]
-    if weights is None or any(_base_weights(graph, c) != weights for c in copies[1:]):  # type: ignore[arg-type]
+    weights = copies[0].weights  # type: ignore[union-attr]
+    if any(c.weights != weights for c in copies[1:]):  # type: ignore[union-attr]
         return None
     group = _Group(down, hs, weights, copies[0], copies[1:], h_readers)  # type: ignore[arg-type]
-    if not _fits(graph, group):
+    if not _fits(graph, group, columns):
         return None
     group.backward = find_backward(graph, group.weights, group.forward.merges, group.hs, columns)
     return group
 
 
-def _copy(graph: Graph, merges: list[Op]) -> _Copy | None:
-    """The run of the group these merges belong to: one x, one norm writing it, base GEMMs over it."""
+def _copy(graph: Graph, merges: list[Op], columns: dict[str, list[str]]) -> _Copy | None:
+    """The run of the group these merges belong to: one x, one norm writing it, base GEMMs over it (a linear per
+    member writing its y, or one stacked GEMM whose column views the y are), and the W each member's reads."""
     base_ops: list[Op] = []
+    weights: list[str] = []
     for m in merges:
         if m.attrs.get("accumulate_into"):
             return None
         y = m.inputs[0]
-        writers = graph.producers(view_parent(graph.tensors[y]) or y)
+        parent = view_parent(graph.tensors[y])
+        writers = graph.producers(parent or y)
         if len(writers) != 1:
             return None
         writer = graph.op(writers[0])
         if writer.kind not in ("linear", "linear_stacked") or "lora" in writer.attrs \
                 or float(writer.attrs.get("scale", 1.0)) != 1.0 or writer.attrs.get("accumulate_into"):
             return None
-        if writer.kind == "linear" and len(writer.inputs) != 2:
-            return None
+        if writer.kind == "linear":
+            if len(writer.inputs) != 2 or parent is not None:
+                return None
+            weights.append(writer.inputs[1])
+        else:
+            views = columns.get(writer.outputs[0], [])
+            if parent != writer.outputs[0] or len(views) != len(writer.inputs) - 1:
+                return None
+            weights.append(writer.inputs[1 + views.index(y)])
         if writer not in base_ops:
             base_ops.append(writer)
     xs = {op.inputs[0] for op in base_ops}
@@ -158,29 +169,10 @@ def _copy(graph: Graph, merges: list[Op]) -> _Copy | None:
     if norm.kind not in _NORMS or norm.outputs[0] != x or norm.attrs.get("group") \
             or norm.attrs.get("accumulate_into"):
         return None
-    return _Copy(x, merges, base_ops, norm)
+    return _Copy(x, merges, base_ops, norm, weights)
 
 
-def _base_weights(graph: Graph, c: _Copy) -> list[str] | None:
-    """W_i per member, from the base GEMM writing its merge's y (or its column of the stacked output)."""
-    out = []
-    for m in c.merges:
-        y = m.inputs[0]
-        parent = view_parent(graph.tensors[y])
-        writer = graph.op(graph.producers(parent or y)[0])
-        if writer.kind == "linear":
-            if parent is not None:
-                return None
-            out.append(writer.inputs[1])
-        else:
-            views = view_columns(graph.tensors).get(writer.outputs[0], [])
-            if parent != writer.outputs[0] or len(views) != len(writer.inputs) - 1:
-                return None
-            out.append(writer.inputs[1 + views.index(y)])
-    return out
-
-
-def _fits(graph: Graph, g: _Group) -> bool:
+def _fits(graph: Graph, g: _Group, columns: dict[str, list[str]]) -> bool:
     x = graph.tensors[g.forward.x]
     isz = DTYPE_BITS[x.dtype] // 8
     n, r = len(g.hs), graph.tensors[g.hs[0]].shape[-1]
@@ -194,7 +186,7 @@ def _fits(graph: Graph, g: _Group) -> bool:
             if not any(op.kind == k and op.inputs[i] == c.x and op.inputs.count(c.x) == 1 for k, i in _GEMM_X):
                 return False
         for b in c.base_ops:
-            for y in (b.outputs[0], *view_columns(graph.tensors).get(b.outputs[0], [])):
+            for y in (b.outputs[0], *columns.get(b.outputs[0], [])):
                 if any(graph.op(r_) not in c.merges for r_ in graph.consumers(y)):
                     return False
         for m in c.merges:
@@ -213,35 +205,31 @@ def _fits(graph: Graph, g: _Group) -> bool:
 
 
 # -- rewrite ------------------------------------------------------------------------------------------------
-def _fold(graph: Graph, g: _Group) -> list[str]:
+def _fold(graph: Graph, g: _Group, columns: dict[str, list[str]]) -> list[str]:
     """Rewrite one group; returns the tensors only the removed ops touched (dropped after the rewire)."""
     gone = [y for c in (g.forward, *g.recompute) for b in c.base_ops
-            for y in (*view_columns(graph.tensors).get(b.outputs[0], []), b.outputs[0])]
-    x = graph.tensors[g.forward.x]
-    n, r = len(g.hs), graph.tensors[g.hs[0]].shape[-1]
-    width = x.shape[-1] + n * r
+            for y in (*columns.get(b.outputs[0], []), b.outputs[0])]  # (the base outputs' views: untouched so far)
+    n = len(g.hs)
     augmented = [_augment(graph, w, n, i, g.forward.merges[i], g.down) for i, w in enumerate(g.weights)]
     _restack(graph, g.weights, augmented)
     h_g = g.down.outputs[0]
-    _wide_input(graph, g.forward.x, h_g, width)
+    graph.add_column_parent(f"{g.forward.x}+lora", [g.forward.x, h_g])  # X = [x | h_G]
     _replace_merges(graph, g.forward, augmented, g.forward.x)
     for k, c in enumerate(g.recompute):
-        h_rc = graph.add_tensor(Tensor(f"{h_g}@rc", graph.tensors[h_g].shape, graph.tensors[h_g].dtype,
-                                       graph.tensors[h_g].role, layer=graph.tensors[h_g].layer))
         for h in g.hs:
             src = graph.tensors[h]
-            graph.add_tensor(Tensor(f"{h}@rc", src.shape, src.dtype, src.role, layer=src.layer,
-                                    attrs={"view": {"of": h_rc.name, "col": src.attrs["view"]["col"]}}))
-        _wide_input(graph, c.x, h_rc.name, width)
+            graph.add_tensor(Tensor(f"{h}@rc", src.shape, src.dtype, src.role, src.space, src.layer))
+        h_rc = graph.add_column_parent(f"{h_g}@rc", [f"{h}@rc" for h in g.hs])  # h_G's layout
+        graph.add_column_parent(f"{c.x}+lora", [c.x, h_rc])  # X@rc = [x@rc | h_G@rc]
         # the down-projection again, into the recomputed X's tail (instead of keeping h across the step)
-        graph.add_op(Op(f"rc:{g.down.name}", "linear_stacked", [c.x, *g.down.inputs[1:]], [h_rc.name],
+        graph.add_op(Op(f"rc:{g.down.name}", "linear_stacked", [c.x, *g.down.inputs[1:]], [h_rc],
                         {**g.down.attrs, "recompute": True}, c.norm.phase, c.norm.layer), after=c.norm.name)
         _replace_merges(graph, c, augmented, c.x)
         if k == 0:
             for op in g.h_readers:  # the B gradients read the recomputed h
                 op.inputs = [f"{t}@rc" if t in g.hs else t for t in op.inputs]
     if g.backward is not None:
-        fold_backward(graph, g.backward, g.weights, augmented, width)
+        fold_backward(graph, g.backward, g.weights, augmented)
     return gone
 
 
@@ -274,14 +262,6 @@ def _restack(graph: Graph, weights: list[str], augmented: list[str]) -> None:
         stacks[f"{augmented[0]}+{len(augmented)}"] = list(augmented)
 
 
-def _wide_input(graph: Graph, x: str, h_g: str, width: int) -> None:
-    """X = [x | h_G]: a new tensor whose column views x and h_G become."""
-    t = graph.tensors[x]
-    wide = graph.add_tensor(Tensor(f"{x}+lora", (*t.shape[:-1], width), t.dtype, t.role, t.space, t.layer))
-    t.attrs["view"] = {"of": wide.name, "col": 0}
-    graph.tensors[h_g].attrs["view"] = {"of": wide.name, "col": t.shape[-1]}
-
-
 def _replace_merges(graph: Graph, c: _Copy, augmented: list[str], x: str) -> None:
     """Each merge becomes out_i = X @ W_i+lora^T in its place, or, where every reader of the outputs takes
     row-strided views (gate/up: swiglu and its backward), one stacked GEMM X @ [W_1+lora; ...]^T whose column
@@ -291,15 +271,8 @@ def _replace_merges(graph: Graph, c: _Copy, augmented: list[str], x: str) -> Non
     outs = [m.outputs[0] for m in c.merges]
     if len(outs) > 1 and all(_strided_readers_only(graph, o) for o in outs):
         first = c.merges[0]
-        parent = graph.add_tensor(Tensor(f"{outs[0]}+{len(outs)}", (*graph.tensors[outs[0]].shape[:-1],
-                                                                     sum(graph.tensors[o].shape[-1] for o in outs)),
-                                         graph.tensors[outs[0]].dtype, graph.tensors[outs[0]].role,
-                                         layer=graph.tensors[outs[0]].layer))
-        col = 0
-        for o in outs:
-            graph.tensors[o].attrs["view"] = {"of": parent.name, "col": col}
-            col += graph.tensors[o].shape[-1]
-        graph.add_op(Op(f"{first.name}.fold+{len(outs)}", "linear_stacked", [wide, *augmented], [parent.name],
+        parent = graph.add_column_parent(f"{outs[0]}+{len(outs)}", outs)
+        graph.add_op(Op(f"{first.name}.fold+{len(outs)}", "linear_stacked", [wide, *augmented], [parent],
                         {"scale": 1.0, "stacked": len(outs), "lora_fold": True, **extra}, first.phase, first.layer),
                      after=first.name)
         for m in c.merges:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from surogate.compiler.ir import Graph, Op, Tensor, view_parent
+from surogate.compiler.ir import Graph, Op, view_parent
 from surogate.compiler.passes.lora_group import follow_all_reduces
 
 
@@ -97,19 +97,16 @@ def find_backward(graph: Graph, weights: list[str], merges: list[Op], hs: list[s
     return Backward(dx, data, dh_ops, readers)
 
 
-def fold_backward(graph: Graph, bw: Backward, weights: list[str], augmented: list[str], width: int) -> None:
+def fold_backward(graph: Graph, bw: Backward, weights: list[str], augmented: list[str]) -> None:
     """[dx | dh_G] = sum_i dy_i @ [W_i | tail_i]: the base data GEMMs write D (dx and dh_G its column views), the
     dh GEMMs go, and dh_G's readers move after the last write of D."""
-    dx = graph.tensors[bw.dx]
-    wide = graph.add_tensor(Tensor(f"{bw.dx}+lora", (*dx.shape[:-1], width), dx.dtype, dx.role, dx.space, dx.layer))
     dh_g = view_parent(graph.tensors[bw.dh_ops[0].outputs[0]])
-    dx.attrs["view"] = {"of": wide.name, "col": 0}
-    graph.tensors[dh_g].attrs["view"] = {"of": wide.name, "col": dx.shape[-1]}  # type: ignore[index]
+    wide = graph.add_column_parent(f"{bw.dx}+lora", [bw.dx, dh_g])  # type: ignore[list-item]
     aug = dict(zip(weights, augmented, strict=True))
     written = []
     for op in bw.data_ops:
-        acc = [wide.name] if bw.dx in (op.attrs.get("accumulate_into") or ()) else []
-        new = Op(f"{op.name}.fold", op.kind, [op.inputs[0], *(aug[w] for w in op.inputs[1:])], [wide.name],
+        acc = [wide] if bw.dx in (op.attrs.get("accumulate_into") or ()) else []
+        new = Op(f"{op.name}.fold", op.kind, [op.inputs[0], *(aug[w] for w in op.inputs[1:])], [wide],
                  {**op.attrs, "accumulate_into": acc, "lora_fold": True}, op.phase, op.layer)
         graph.add_op(new, after=op.name)
         graph.remove_op(op.name)

@@ -30,14 +30,15 @@ intermediate). q/k/v's gradients come from attention and the q/k norm kernels, w
 data gradients stay three GEMMs. A full fine-tune is left alone (its projections' outputs feed kernels that
 take whole tensors). `SUROGATE_FUSIONS_OFF=group_lora_projections` keeps the unstacked program (to A/B the two).
 The next pass, `fold_lora_up_projection` (lora_fold.py), folds the stacked groups' merges into their base GEMMs
-(the base forward GEMMs stacked here then go again: one GEMM per projection over [x | h_G]).
+(the base forward GEMMs stacked here are replaced by GEMMs over [x | h_G]: one per q/k/v projection, one stacked
+for gate/up).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from surogate.compiler.ir import Graph, Op, Role, Space, Tensor
+from surogate.compiler.ir import Graph, Op, Role, Space
 from surogate.compiler.passes.fusion import _on
 from surogate.compiler.passes.liveness import is_persistent
 
@@ -121,7 +122,7 @@ def _stack_base_projections(graph: Graph, stacks: dict[str, list[str]], position
         data_ops = _base_data_ops(graph, weights)
         if data_ops is not None:
             dys = [d.inputs[0] for d in data_ops]
-            parent = _parent(graph, dys, f"{dys[0]}+{len(dys)}", graph.tensors[dys[0]].role)
+            parent = graph.add_column_parent(f"{dys[0]}+{len(dys)}", dys)
             _emit_stacked_data(graph, data_ops, parent, weights)
         based += 1
     return based
@@ -281,23 +282,10 @@ def _backward_pairs(graph: Graph, weights: list[str], grads: dict[str, str]) -> 
     return pairs
 
 
-def _parent(graph: Graph, members: list[str], name: str, role: Role) -> str:
-    """A [.., sum of widths] tensor whose column slices are `members` (which become views of it)."""
-    ts = [graph.tensors[m] for m in members]
-    lead = ts[0].shape[:-1]
-    width = sum(t.shape[-1] for t in ts)
-    graph.add_tensor(Tensor(name, (*lead, width), ts[0].dtype, role, layer=ts[0].layer))
-    col = 0
-    for t in ts:
-        t.attrs["view"] = {"of": name, "col": col}
-        col += t.shape[-1]
-    return name
-
-
 def _stack_forward(graph: Graph, ops: list[Op], weights: list[str]) -> None:
     """Replace the group's `linear(x, W_i) -> y_i` by one `linear_stacked(x, W_1..W_n) -> y_G` (y_i its columns)."""
     hs = [op.outputs[0] for op in ops]
-    parent = _parent(graph, hs, f"{hs[0]}+{len(hs)}", graph.tensors[hs[0]].role)
+    parent = graph.add_column_parent(f"{hs[0]}+{len(hs)}", hs)
     first = min(ops, key=lambda o: _index(graph, o))  # where the first h_i was written: before any reader
     graph.add_op(Op(f"{first.name}+{len(ops)}", "linear_stacked", [first.inputs[0], *weights], [parent],
                     {"scale": 1.0, **({"lora": "A"} if "lora" in first.attrs else {}), "stacked": len(weights)},
@@ -314,7 +302,7 @@ def _stack_backward(graph: Graph, weights: list[str], grads: dict[str, str]) -> 
     grad_ops = [g for _, g in pairs]
     data_ops = [d for d, _ in pairs if d is not None]
     dhs = [g.inputs[0] for g in grad_ops]
-    parent = _parent(graph, dhs, f"{dhs[0]}+{len(dhs)}", graph.tensors[dhs[0]].role)
+    parent = graph.add_column_parent(f"{dhs[0]}+{len(dhs)}", dhs)
     if data_ops:
         _emit_stacked_data(graph, data_ops, parent, weights)
     last = max(grad_ops, key=lambda o: _index(graph, o))
