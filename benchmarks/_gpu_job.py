@@ -55,7 +55,7 @@ def our_config(model_dir: Path, args: Any, **over: Any):
 
     base = {"model": str(model_dir), "sequence_len": args.seq, "per_device_train_batch_size": args.batch,
             "gradient_accumulation_steps": args.accum, "torch_dtype": "bfloat16", "lora": not args.full,
-            "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_dtype": getattr(args, "lora_dtype", "bf16"),
+            "lora_rank": 16, "lora_alpha": 32, "lora_dropout": getattr(args, "lora_dropout", 0.0), "lora_dtype": getattr(args, "lora_dtype", "bf16"),
             "optimizer": "adamw_8bit", "recompute": not getattr(args, "no_recompute", False),
             "learning_rate": 1e-4, "use_cuda_graphs": not args.eager,
             "lmhead_chunks": getattr(args, "lmhead_chunks", 1)}

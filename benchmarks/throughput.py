@@ -98,7 +98,8 @@ def run_hf(work: Path, args: argparse.Namespace) -> dict:
         from peft import LoraConfig, get_peft_model
 
         # lora_dtype fp32 = PEFT's default (adapters upcast to fp32); bf16 keeps them in the model's dtype
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJ),
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout,
+                                                  target_modules=PROJ),
                                autocast_adapter_dtype=args.lora_dtype == "fp32")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -128,6 +129,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="ours without CUDA graphs")
     p.add_argument("--lora-dtype", choices=["fp32", "bf16"], default="bf16",
                    help="adapter dtype on both sides (bf16: the issue's BF16 LoRA; fp32: PEFT's default and ours)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="adapter dropout on both sides (0.0: the benchmark; the contract's default is 0.05)")
     p.add_argument("--no-recompute", action="store_true",
                    help="ours with recompute: false (HF keeps gradient checkpointing, as the issue sets it)")
     p.add_argument("--lmhead-chunks", type=int, default=1,
@@ -165,11 +168,13 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
 
     base = ["--model-size", args.model_size, "--steps", str(args.steps), "--seq", str(args.seq), "--batch",
             str(args.batch), "--accum", str(args.accum), "--lora-dtype", args.lora_dtype,
+            "--lora-dropout", str(getattr(args, "lora_dropout", 0.0)),
             *(["--full"] if args.full else []), *(["--no-recompute"] if args.no_recompute else []),
             *(["--eager"] if args.eager else []), "--lmhead-chunks", str(getattr(args, "lmhead_chunks", 1))]
     env = getattr(args, "env", None) or {}  # an extra's experiment switches, for our process only
     job = {"model_size": args.model_size, "full": args.full, "eager": args.eager, "lora_dtype": args.lora_dtype,
-           "recompute": not args.no_recompute, "lmhead_chunks": getattr(args, "lmhead_chunks", 1)}
+           "recompute": not args.no_recompute, "lmhead_chunks": getattr(args, "lmhead_chunks", 1),
+           "lora_dropout": getattr(args, "lora_dropout", 0.0)}
     results: dict = {"job": {**job, "env": env} if env else job}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
@@ -211,6 +216,7 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
     ours, hf = results["ours"], results["hf"]
     results["ratio"] = ours["tokens_per_s"] / hf["tokens_per_s"] if ours and hf else None
     mode = "full fine-tune" if args.full else f"LoRA r16 (7 projections, {args.lora_dtype} adapters)"
+    mode += f", lora_dropout {args.lora_dropout}" if getattr(args, "lora_dropout", 0.0) else ""
     mode += ", ours with recompute: false" if args.no_recompute else ""
     mode += f", ours with lmhead_chunks: {args.lmhead_chunks}" if getattr(args, "lmhead_chunks", 1) > 1 else ""
     mode += "".join(f", ours with {k}={v}" for k, v in env.items())
@@ -259,6 +265,10 @@ EXTRAS = {
     "0.6b-lmchunks16": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
                         "lmhead_chunks": 16, "ours_only": True},
     "0.6b-fp32": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "no_recompute": False},
+    # the contract's defaults (fp32 adapters, lora_dropout 0.05) on both sides: what a user who sets neither gets
+    # (no stacking or fold: those need dropout 0 and adapters in the model's dtype)
+    "0.6b-defaults": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "lora_dropout": 0.05,
+                      "no_recompute": False},
     "0.6b-full": {"model_size": "0.6b", "full": True, "no_recompute": False},
     **{f"{size}{suffix}": {"model_size": size, "full": bool(suffix), "lora_dtype": "bf16", "no_recompute": False}
        for size in ("1.7b", "4b") for suffix in ("", "-full")},

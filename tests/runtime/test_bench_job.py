@@ -45,6 +45,7 @@ def test_every_extra_job_names_settings_our_config_applies(tmp_path):
         if not over["full"]:
             assert cfg.lora_dtype == over["lora_dtype"], name
         assert cfg.lmhead_chunks == over.get("lmhead_chunks", 1), name
+        assert cfg.lora_dropout == over.get("lora_dropout", 0.0), name
     assert EXTRAS["0.6b-norecompute"]["no_recompute"] and EXTRAS["0.6b-fp32"]["lora_dtype"] == "fp32"
 
 
@@ -127,6 +128,12 @@ def test_an_ours_only_extra_reuses_the_main_jobs_hf_figure(monkeypatch):
     throughput.compare(SimpleNamespace(**{**vars(args), **over}), None, main["hf"])
     assert calls[0][1][calls[0][1].index("--lmhead-chunks") + 1] == "16"
     assert not EXTRAS["0.6b-fp32"].get("ours_only") and not EXTRAS["0.6b-full"].get("ours_only")  # HF changes
+    calls.clear()
+    over = dict(EXTRAS["0.6b-defaults"])  # the contract's defaults: both sides run with the same dropout
+    assert not over.get("ours_only") and over["lora_dtype"] == "fp32"
+    throughput.compare(SimpleNamespace(**{**vars(args), **over}), None)
+    assert [c[0] for c in calls] == ["ours", "hf"]
+    assert all(c[1][c[1].index("--lora-dropout") + 1] == "0.05" for c in calls)
 
 
 def test_ours_falls_back_to_eager_then_to_the_unfused_program(monkeypatch, tmp_path):
