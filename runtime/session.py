@@ -197,6 +197,8 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     # Every rank observes (the same all-reduced figures, so the same decisions); only rank 0 writes.
     with TrainingObserver(cfg, cfg.output_dir, info, is_main=rank == 0, console_file=console_file,
                           force_terminal=force_terminal) as obs:
+        obs.restore(trainer.restored_observer, trainer.lr_scale)  # a resumed run keeps its LR reductions
+        trainer.observer_state = obs.state
         obs.on_allocated(memory_table_text(plan))
         last_saved = None
         while trainer.step < trainer.total_steps:

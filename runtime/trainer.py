@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ class Trainer:
         self.step = 0  # optimizer steps taken (applied or skipped)
         self.applied = 0  # optimizer steps applied (bias correction counts these)
         self.lr_scale = 1.0  # permanent factor from automatic LR reductions
+        # the training observer's part of a checkpoint (set by the session): written with every save, and
+        # what the restored checkpoint held, for the observer to continue from
+        self.observer_state: Callable[[], dict] | None = None
+        self.restored_observer: dict = {}
         self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
         self._micro_losses: torch.Tensor | None = None  # the step's micro-losses, on the loss's device
@@ -234,7 +239,8 @@ class Trainer:
         pos = self.stream.position
         return {"step": self.step, "applied": self.applied, "lr_scale": self.lr_scale,
                 "data": {"epoch": pos.epoch, "index": pos.index}, "total_steps": self.total_steps,
-                "world": self.world, "layout": layout(self.plan)}
+                "world": self.world, "layout": layout(self.plan),
+                "observer": self.observer_state() if self.observer_state else {}}
 
     def save(self) -> Path | None:
         if self.checkpoints is None:
@@ -264,6 +270,7 @@ class Trainer:
             self.ex.write(name, tensors[name])
         s = checkpoint.state
         self.step, self.applied, self.lr_scale = int(s["step"]), int(s["applied"]), float(s["lr_scale"])
+        self.restored_observer = dict(s.get("observer") or {})
         self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed),
                                   Position(int(s["data"]["epoch"]), int(s["data"]["index"])))
         checkpoint.restore_rng()

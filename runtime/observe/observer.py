@@ -105,6 +105,22 @@ class TrainingObserver:
                             f"reporting to {t.name} disabled for the rest of the run", "warning",
                             step=step, tracker=t.name)
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the observer: the automatic LR reducer's history and scale (its
+        decisions change the training). Early stopping and the phase detector start afresh after a resume."""
+        return {"lr_reducer": self.lr_reducer.state()} if self.lr_reducer else {}
+
+    def restore(self, state: dict | None, lr_scale: float = 1.0) -> None:
+        """Continue from a checkpoint's `state()`; `lr_scale` is the trainer's restored scale (a checkpoint
+        written before the reducer's history was saved has only that)."""
+        if self.lr_reducer is None:
+            return
+        saved = (state or {}).get("lr_reducer")
+        if saved:
+            self.lr_reducer.load(saved)
+        else:
+            self.lr_reducer.scale = float(lr_scale)
+
     def _decisions(self, **kw: object) -> Decisions:
         scale = self.lr_reducer.scale if self.lr_reducer else 1.0
         return Decisions(lr_scale=scale, **kw)

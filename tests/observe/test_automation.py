@@ -66,6 +66,22 @@ def test_loss_spike_then_grad_explosion_halve_lr():
     assert red.scale == 0.25
 
 
+def test_state_round_trip_continues_like_the_uninterrupted_detector():
+    import json
+
+    spikes, grads = {100: 2.5, 101: 2.5}, {130: 25.0}
+    whole = AutoLRReducer()
+    expected = drive(whole, spikes, grads, 200)
+    first = AutoLRReducer()
+    for t in range(1, 121):  # stop in the middle: after one reduction, while the window is full
+        first.update(t, spikes.get(t, noisy(t)), grads.get(t, 1.0))
+    second = AutoLRReducer()
+    second.load(json.loads(json.dumps(first.state())))  # what a checkpoint stores
+    later = [ev for t in range(121, 201) if (ev := second.update(t, spikes.get(t, noisy(t)), grads.get(t, 1.0)))]
+    assert second.reductions == whole.reductions == expected and later == expected[1:]
+    assert second.scale == whole.scale == 0.25
+
+
 def test_small_bump_within_three_sigma_ignored():
     red = AutoLRReducer()
     assert drive(red, {100: 2.025, 101: 2.025}, {}, 150) == []  # 2.025 < 2.03

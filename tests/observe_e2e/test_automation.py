@@ -78,3 +78,32 @@ def test_auto_lr_reduction_halves_lr(source, tmp_path, monkeypatch, fault, fault
     # and the scale is part of the saved state (a resumed run keeps it)
     mgr = CheckpointManager.from_config(cfg)
     assert mgr.load(mgr.latest()).state["lr_scale"] == 0.5
+
+
+def test_auto_lr_reduction_survives_a_resume(source, tmp_path, monkeypatch):
+    """A run stopped after a reduction and resumed keeps the reduced LR and the detector's history: the same
+    LRs and reductions as the uninterrupted run (a fresh detector would need 20 new steps before it could see
+    the second explosion, and the restored 0.5 would have been undone after one step)."""
+    faults = {24: 1000.0, 47: 1000.0}  # gradient explosions at steps 25 and 48 (after the 20-step cooldown)
+    hit = inject_grad_fault(monkeypatch, faults.get)
+    used = record_optimizer_lr(monkeypatch)
+    common = dict(auto_lr_reduction=True, lr_scheduler_type="wsd", warmup_steps=0, save_steps=30)
+    whole = train_cfg(source, tmp_path / "whole", max_steps=50, log_file=str(tmp_path / "whole.jsonl"), **common)
+    train(whole)
+    lr_whole = dict(used)
+    assert sorted(hit) == [24, 47]
+    reductions = [(e["step"], e["scale"]) for e in _events(read_log(whole.log_file), "lr_reduction")]
+    assert reductions == [(25, 0.5), (48, 0.25)]
+
+    hit.clear()
+    used.clear()
+    first = train_cfg(source, tmp_path / "split", max_steps=30, log_file=str(tmp_path / "first.jsonl"), **common)
+    train(first)
+    resumed = train_cfg(source, tmp_path / "split", max_steps=50, resume_from_checkpoint=True,
+                        log_file=str(tmp_path / "resumed.jsonl"), **common)
+    result, _ = train(resumed)
+    assert result.steps == 50 and sorted(hit) == [24, 47]
+    assert [(e["step"], e["scale"]) for e in _events(read_log(resumed.log_file), "lr_reduction")] == [(48, 0.25)]
+    assert used == pytest.approx(lr_whole, rel=1e-12)
+    assert {s: lr for s, lr in used.items() if s > 30} == pytest.approx(
+        {s: (0.5 if s <= 48 else 0.25) * 1e-3 for s in range(31, 51)}, rel=1e-9)

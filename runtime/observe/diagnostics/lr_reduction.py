@@ -95,3 +95,20 @@ class AutoLRReducer:
         if grad_norm is not None:
             self._grads.append(float(grad_norm))
         return event
+
+    def state(self) -> dict:
+        """Everything `update` depends on, as JSON (saved in checkpoints: a resumed run decides as an
+        uninterrupted one would, and keeps its reduced scale)."""
+        return {"scale": self.scale, "losses": list(self._losses), "grads": list(self._grads),
+                "pending": list(self._pending), "reductions": [vars(r) for r in self.reductions]}
+
+    def load(self, state: dict) -> None:
+        """Continue from `state()` of an earlier run."""
+        self.scale = float(state["scale"])
+        self._losses.clear()
+        self._losses.extend(float(v) for v in state["losses"])
+        self._grads.clear()
+        self._grads.extend(float(v) for v in state["grads"])
+        self._pending = [float(v) for v in state["pending"]]
+        self.reductions = [LRReduction(int(r["step"]), float(r["scale"]), int(r["count"]), str(r["reason"]))
+                           for r in state["reductions"]]
