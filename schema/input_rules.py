@@ -13,9 +13,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from surogate.errors import ConfigIssue
+from surogate.schema.chat_templates import CHAT_TEMPLATE_NAMES, is_template_source, template_key
 from surogate.schema.source import dataset_properties, default_of
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+def chat_template_known(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
+    """`template` names a built-in or is Jinja source (checked here, not first when the data is prepared)."""
+    value = cfg.get("template")
+    if isinstance(value, str) and not is_template_source(value) and template_key(value) not in CHAT_TEMPLATE_NAMES:
+        yield ConfigIssue("template", f"unknown template {value!r}; built-ins are {', '.join(CHAT_TEMPLATE_NAMES)}, "
+                          "or give Jinja source, or leave it unset to use the tokenizer's", value)
 
 
 def parse_rope_scaling(value: str) -> dict[str, Any] | str:

@@ -20,6 +20,7 @@ from typing import Any
 from surogate.errors import ConfigIssue
 from surogate.schema.hardware import FP4_RECIPES, gpu_requirements
 from surogate.schema.input_rules import (  # parse_rope_scaling: public, re-exported
+    chat_template_known,
     dataset_rules,
     parse_rope_scaling,
     rope_scaling_valid,
@@ -99,6 +100,9 @@ def host_memory_flags_need_offloading(cfg, given):
     for key in ("use_zero_copy", "use_write_combined"):
         if cfg[key] and not offloading:
             yield _warn(key, "has no effect: nothing is offloaded (set one of the offload_* options)")
+    if cfg["use_write_combined"] and offloading:
+        yield _warn("use_write_combined", "write-combined allocation is not in this version: offloaded tensors "
+                    "are pinned as ordinary (cached) host memory")
 
 
 # -- precision ---------------------------------------------------------------------------------------
@@ -146,6 +150,9 @@ def recipe_specific_options(cfg, given):
             yield _warn(key, "only used with `qlora_bnb: true`")
     if "qlora_four_over_six" in given and not cfg["qlora_fp4"]:
         yield _warn("qlora_four_over_six", "only used with `qlora_fp4: true`")
+    for key in ("qlora_offload_experts", "qlora_selective_expert_dequant"):
+        if cfg[key] and not _qlora_modes(cfg):
+            yield _warn(key, "has no effect: only used with a qlora_* mode (on a MoE model)")
 
 
 # -- LoRA and training mode ------------------------------------------------------------------------
@@ -177,9 +184,8 @@ def from_scratch_rules(cfg, given):
             "from_scratch", "training from random initialization trains every weight: set `lora: false`", True
         )
     if cfg["init_projections_to_zero"] and not cfg["from_scratch"]:
-        yield ConfigIssue(
-            "init_projections_to_zero", "only applies when training from scratch: requires `from_scratch: true`", True
-        )
+        yield _warn("init_projections_to_zero", "has no effect: only used when training from scratch "
+                    "(`from_scratch: true`); the pre-trained projections are loaded as they are")
     if cfg["from_scratch"] and cfg["adapter_path"]:
         yield ConfigIssue("adapter_path", "cannot merge an adapter into randomly initialized weights", cfg["adapter_path"])
 
@@ -258,9 +264,17 @@ def parallel_sizes(cfg, given):
 # -- data ------------------------------------------------------------------------------------------
 
 rule(dataset_rules)
+rule(chat_template_known)
 
 
 # -- logging ---------------------------------------------------------------------------------------
+
+
+@rule
+def padding_free_needs_no_packing(cfg, given):
+    if cfg["padding_free"] and cfg["sample_packing"]:
+        yield _warn("padding_free", "has no effect with `sample_packing: true` (packing already fills rows without "
+                    "padding); set `sample_packing: false` to concatenate documents in dataset order instead")
 
 
 @rule

@@ -381,7 +381,11 @@ def apply_offload(graph: Graph, cfg: Any) -> Graph:
         quants = [t.name for t in graph.tensors.values() if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE)]
         offload_to_host(graph, quants, write_combined=wc)
     if getattr(cfg, "qlora_offload_experts", False):
-        offload_to_host(graph, expert_quants(graph), write_combined=wc)
+        experts = expert_quants(graph)
+        if not experts:
+            graph.meta.setdefault("notes", []).append(
+                "qlora_offload_experts: no quantized MoE expert weights in this model; nothing offloaded")
+        offload_to_host(graph, experts, write_combined=wc)
     if flags["offload_master"]:
         masters = [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT]
         offload_to_host(graph, masters, zero_copy=flags["use_zero_copy"], write_combined=wc)

@@ -182,8 +182,12 @@ def build_optimizer(graph: Graph, cfg: Any) -> Graph:
     if getattr(cfg, "offload_optimizer", False):
         move_to_host(graph, states_all, write_combined=wc)
     if getattr(cfg, "offload_master", False):
-        move_to_host(graph, [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT],
-                     write_combined=wc)
+        masters = [t.name for t in graph.tensors.values() if t.role is Role.MASTER_WEIGHT]
+        if not masters:
+            graph.meta.setdefault("notes", []).append(
+                "offload_master: this plan has no master weights (the trained weights are kept in their own "
+                "dtype); nothing offloaded")
+        move_to_host(graph, masters, write_combined=wc)
     # Host tensors the new ops touch: states and masters (moved here, or by the offload pass before any
     # op used them) are staged or, with use_zero_copy, accessed in place; offloaded gradients are staged.
     touched = dict.fromkeys(t for n in new_ops for t in (*graph.op(n).inputs, *graph.op(n).outputs))

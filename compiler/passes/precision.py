@@ -128,6 +128,9 @@ def _quantize_weights(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
             graph.remove_tensor(w)
     _insert_before(graph, before)
     graph.rewire()
+    if selective and not any(op.kind == "moe_experts" for op in graph.ops()):
+        graph.meta.setdefault("notes", []).append(
+            "qlora_selective_expert_dequant: the model has no MoE experts; every quantized weight is dequantized whole")
     graph.meta["qlora"] = {"format": fmt, "block_size": block, "double_quant": dq, "four_over_six": four_six,
                            "selective_expert_dequant": selective}
 

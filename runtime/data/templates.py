@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from surogate.errors import UserError
+from surogate.schema.chat_templates import is_template_source, template_key
 
 # Tool calls as the Hermes/Qwen format writes them; shared by the chatml-family templates.
 _HERMES_CALLS = (
@@ -210,18 +211,14 @@ class ChatTemplate:
         return "tools" in self.source
 
 
-def _normalize_name(name: str) -> str:
-    return name.strip().lower().replace("-", "_").replace(".", "_")
-
-
 def resolve_template(tokenizer, use_chat_template: bool, template: str | None) -> ChatTemplate:
     """Pick the chat template for a run (see module docstring); `UserError` if none can be found."""
     if not use_chat_template:
         return ChatTemplate("plain", PLAIN)
     if template is not None:
-        if "{%" in template or "{{" in template:
+        if is_template_source(template):
             return ChatTemplate("custom", template)
-        key = _normalize_name(template)
+        key = template_key(template)
         if key not in CHAT_TEMPLATE_MAPPING:
             raise UserError(f"template: unknown template {template!r}; built-ins are "
                             f"{', '.join(sorted(CHAT_TEMPLATE_MAPPING))} (or leave it unset to use the tokenizer's)")

@@ -75,6 +75,14 @@ def test_offload_master_moves_masters_to_host():
     assert persistent_bytes(off, Role.MASTER_WEIGHT, Space.HOST) == masters
 
 
+def test_offload_master_without_masters_says_so():
+    off = back_half(offload_master=True)  # bf16 weights trained in place: no master copies to move
+    assert persistent_bytes(off, Role.MASTER_WEIGHT, Space.HOST) == 0
+    assert any(n.startswith("offload_master: this plan has no master weights") for n in off.meta["notes"])
+    assert not any(n.startswith("offload_master") for n in back_half(master_dtype="fp32", offload_master=True)
+                   .meta.get("notes", []))
+
+
 def test_offload_grads_moves_gradients_to_host_with_accumulating_copies():
     dev = back_half(shard_gradients=True)
     off = back_half(shard_gradients=True, offload_grads=True)

@@ -216,3 +216,17 @@ def test_fp8_amax_history_advances_once_per_step_with_recompute(tmp_path):
         run_graph(graph, values, step=step)
     hists = [values[n] for n, t in graph.tensors.items() if t.attrs.get("amax_history")]
     assert hists and all(int((h != 0).sum()) == 2 for h in hists)  # two steps, two entries, not four
+
+
+def test_expert_options_on_a_dense_model_say_they_do_nothing():
+    from surogate.compiler.pipeline import compile_plan
+
+    plan = compile_plan(make_cfg("Qwen/Qwen3-0.6B", lora=True, qlora_bnb=True, sequence_len=64,
+                                 per_device_train_batch_size=1, qlora_selective_expert_dequant=True,
+                                 qlora_offload_experts=True))
+    notes = plan.meta["notes"]
+    assert any(n.startswith("qlora_selective_expert_dequant: the model has no MoE experts") for n in notes)
+    assert any(n.startswith("qlora_offload_experts: no quantized MoE expert weights") for n in notes)
+    moe = compile_front(make_cfg("Qwen/Qwen3-30B-A3B", lora=True, qlora_bnb=True, sequence_len=64,
+                                 per_device_train_batch_size=1, qlora_selective_expert_dequant=True))
+    assert not any("qlora_selective" in n for n in moe.meta.get("notes", []))

@@ -179,7 +179,7 @@ def test_config_errors(tmp_path, model_dir, conv_file):
         prepare(make_cfg(tmp_path, model, []))
     with pytest.raises(UserError, match=r"max_length: 128 is larger than sequence_len \(64\)"):
         data_options(SimpleNamespace(sequence_len=64, max_length=128))  # the schema rejects it too
-    with pytest.raises(UserError, match="agent_template: unknown agent template 'x'"):
+    with pytest.raises(UserError, match="agent_template: got 'x'; expected one of: 'hermes', 'react_en'"):  # the schema
         prepare(make_cfg(tmp_path, model, [{"path": conv_file, "type": "conversation"}], agent_template="x"))
     with pytest.raises(UserError, match=r"model: folder '/nonexistent/model' does not exist"):
         load_tokenizer(make_cfg(tmp_path, "/nonexistent/model", [{"path": conv_file, "type": "conversation"}]))

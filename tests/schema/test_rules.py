@@ -25,8 +25,8 @@ INSTR = {"path": "d.jsonl", "type": "instruction", "instruction_field": "q", "ou
         ({"qlora_bnb": True, "qlora_fp8": True}, {"qlora_bnb": True}, "qlora_bnb", "only one QLoRA mode"),
         ({"qlora_bnb": True, "lora": False}, {"qlora_bnb": True}, "qlora_bnb", "lora: true"),
         ({"from_scratch": True}, {"from_scratch": True, "lora": False}, "from_scratch", "lora: false"),
-        ({"init_projections_to_zero": True}, {"init_projections_to_zero": True, "from_scratch": True, "lora": False},
-         "init_projections_to_zero", "from_scratch"),
+        ({"template": "qwen-3x"}, {"template": "Qwen2.5"}, "template", "unknown template"),
+        ({"agent_template": "bogus"}, {"agent_template": "react_en"}, "agent_template", "expected one of"),
         ({"rope_scaling": "yarn"}, {"rope_scaling": "yarn", "max_model_len": 8192}, "max_model_len", "required"),
         ({"rope_scaling": "ntk"}, {"rope_scaling": "linear", "max_model_len": 4096}, "rope_scaling", "expected one of"),
         ({"rope_scaling": '{"factor": 2.0'}, {"rope_scaling": '{"factor": 2.0, "type": "yarn"}'}, "rope_scaling", "not valid JSON"),
@@ -111,12 +111,28 @@ def test_fp4_needs_blackwell_at_run_time_but_plans_anywhere(options, path):
         ({"use_zero_copy": True}, "use_zero_copy"),
         ({"lora_target_modules": ["all", "q_proj"]}, "lora_target_modules"),
         ({"lr_scheduler_type": "wsd"}, "cooldown_steps"),
+        ({"init_projections_to_zero": True}, "init_projections_to_zero"),
+        ({"qlora_offload_experts": True}, "qlora_offload_experts"),
+        ({"qlora_selective_expert_dequant": True}, "qlora_selective_expert_dequant"),
+        ({"padding_free": True}, "padding_free"),
+        ({"use_write_combined": True, "offload_optimizer": True}, "use_write_combined"),
     ],
 )
 def test_options_without_effect_are_never_silent(options, path):
     result = check(**options)
     assert result.ok, messages(result)
     assert path in _notices(result, "warning")
+
+
+def test_template_names_are_the_runtime_built_ins():
+    from surogate.runtime.data.agent import AGENT_TEMPLATES
+    from surogate.runtime.data.templates import CHAT_TEMPLATE_MAPPING
+    from surogate.schema.chat_templates import CHAT_TEMPLATE_NAMES
+    from surogate.schema.source import load_schema
+
+    assert set(CHAT_TEMPLATE_NAMES) == set(CHAT_TEMPLATE_MAPPING)
+    assert load_schema()["properties"]["agent_template"]["enum"] == [*AGENT_TEMPLATES, None]
+    assert check(template="{% for m in messages %}{{ m.content }}{% endfor %}").ok  # Jinja source: no name
 
 
 def test_all_errors_reported_at_once():
