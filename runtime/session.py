@@ -187,7 +187,10 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         model=str(cfg.model), total_params=total_params, trainable_params=int(params.get("trainable", 0)),
         total_steps=trainer.total_steps,
         tokens_per_step=trainer.batch_size * trainer.accumulation * world * int(cfg.sequence_len),
-        num_epochs=adjusted.num_epochs, warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
+        # max_steps decides the run's length when set: say how many passes over the data that is
+        num_epochs=(round(trainer.total_steps / trainer.steps_per_epoch, 2) if int(cfg.max_steps) > 0
+                    else adjusted.num_epochs),
+        warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
         packing_efficiency=train_stats.efficiency, plan_peak_bytes=device_total(plan.memory["device"]),
         device=backend, start_step=trainer.step,

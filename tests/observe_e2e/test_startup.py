@@ -50,6 +50,9 @@ def test_epoch_adjustment_yields_to_max_steps(small_source, tmp_path):
     result, console = train(cfg)
     assert "epoch_adjustment: ignored because max_steps=2 is set" in console
     assert result.steps == 2
+    info = read_log(cfg.log_file).events[0]["run_info"]
+    epochs = round(2 / math.ceil(info["dataset_rows"] / BATCH), 2)  # max_steps, not num_epochs, sets the length
+    assert info["num_epochs"] == epochs < 1 and f"2 steps x 2.05K tokens/step, {epochs:g} epoch(s)" in console
 
 
 def test_debug_memory_breakdown_prints_plan_table_and_measured_memory(small_source, tmp_path):
