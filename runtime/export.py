@@ -229,6 +229,21 @@ def export_hf_model(
     return Path(out_dir)
 
 
+def write_chat_template(folder: str | os.PathLike, source: str) -> None:
+    """Make `source` the chat template of an exported model folder: `chat_template.jinja` (what transformers
+    loads and saves), with any other copy of a template (tokenizer_config.json's `chat_template`, a legacy
+    chat_template.json) removed so that no loader picks the source model's instead."""
+    folder = Path(folder)
+    (folder / "chat_template.jinja").write_text(source, encoding="utf-8")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if "chat_template" in data:
+            del data["chat_template"]
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def export_merged_model(
     out_dir: str | os.PathLike,
     base: Mapping[str, torch.Tensor],

@@ -72,9 +72,17 @@ def _graphs_note(executor: Any, cfg: Any, backend: str) -> str | None:
 def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
     """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model. Multi-rank: every rank
     gathers the sharded weights (collective), rank 0 writes."""
+    from surogate.runtime.data.options import data_options
+    from surogate.runtime.data.templates import inference_template
     from surogate.runtime.distributed import comm
     from surogate.runtime.distributed.shards import full_views
-    from surogate.runtime.export import PEFT_PREFIX, export_hf_model, export_merged_model, export_peft_adapter
+    from surogate.runtime.export import (
+        PEFT_PREFIX,
+        export_hf_model,
+        export_merged_model,
+        export_peft_adapter,
+        write_chat_template,
+    )
     from surogate.runtime.weights import unquantized_base_weights
 
     plan, views = trainer.plan, trainer.ex.views
@@ -106,9 +114,12 @@ def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict
     else:
         weights = by_role((Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT))
         outputs["model"] = str(export_hf_model(out / "model", weights, hf_config, model_dir))
+    template = inference_template(tokenizer, data_options(cfg))
     for key in ("merged", "model"):
         if key in outputs and model_dir is None:
             tokenizer.save_pretrained(outputs[key])
+        if key in outputs and template is not None:  # the template training rendered with, for inference
+            write_chat_template(outputs[key], template)
     return outputs
 
 

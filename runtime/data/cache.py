@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the tokenized output of the same inputs changes (format or semantics).
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: response_prefix is added to responses that lack it
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:

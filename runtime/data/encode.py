@@ -34,6 +34,15 @@ from .truncate import Doc, truncate
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
+def _with_prefix(message: dict, prefix: str) -> dict:
+    """An assistant message whose text content starts with `prefix` (`response_prefix`)."""
+    content = message.get("content")
+    if message.get("role") != "assistant" or not isinstance(content, (str, type(None))):
+        return message
+    content = content or ""
+    return message if content.startswith(prefix) else {**message, "content": prefix + content}
+
+
 @dataclass
 class EncodeResult:
     """Documents produced from a batch of rows, where each came from, and what was counted on the way."""
@@ -116,6 +125,9 @@ class Encoder:
         opts = self.opts
         if opts.system is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": opts.system}, *messages]
+        prefix = opts.response_prefix
+        if prefix:  # what inference puts before the response is in front of every trained response too
+            messages = [_with_prefix(m, prefix) for m in messages]
         uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
         if opts.agent_template or (uses_tools and not self.template.supports_tools):
             messages = apply_agent_template(opts.agent_template or "hermes", messages, tools)
@@ -126,7 +138,6 @@ class Encoder:
             text = self._render(messages, tools or None)[0]
             spans = self._prefix_spans(messages, tools or None, text)
         spans = [tuple(s) for s in spans if s[1] > s[0]]
-        prefix = opts.response_prefix
         if prefix:  # at inference the prefix is given, not generated: it is prompt, not target
             spans = [(s + len(prefix), e) if text.startswith(prefix, s) else (s, e) for s, e in spans]
         if opts.loss_scale == "last_round":

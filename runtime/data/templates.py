@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from surogate.errors import UserError
 from surogate.schema.chat_templates import is_template_source, template_key
@@ -235,3 +236,27 @@ def resolve_template(tokenizer, use_chat_template: bool, template: str | None) -
     raise UserError("template: the tokenizer has no chat template and none of the built-in templates matches its "
                     f"special tokens; set template: to one of {', '.join(sorted(CHAT_TEMPLATE_MAPPING))}, "
                     "or use_chat_template: false")
+
+
+def with_response_prefix(source: str, prefix: str | None) -> str:
+    """`source` whose generation prompt ends with `prefix` (`response_prefix`: what inference puts before the
+    model's response, as training did), appended so that the template's own output is unchanged."""
+    if not prefix:
+        return source
+    import json
+
+    return source + "{% if add_generation_prompt %}{{ " + json.dumps(prefix, ensure_ascii=False) + " }}{% endif %}"
+
+
+def inference_template(tokenizer: Any, opts: Any) -> str | None:
+    """The chat template an exported model should carry: the one training rendered with (a `template` other
+    than the tokenizer's own) and the `response_prefix` after its generation prompt; None when the tokenizer's
+    own files already say it (no `template`, no prefix) or the run trained without a chat template."""
+    if not opts.use_chat_template or (opts.template is None and not opts.response_prefix):
+        return None
+    try:
+        template = resolve_template(tokenizer, True, opts.template)
+    except UserError:  # no template the run could have used (text-only data): nothing to carry
+        return None
+    return with_response_prefix(template.source, opts.response_prefix)
+

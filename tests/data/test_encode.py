@@ -93,6 +93,17 @@ def test_response_prefix_is_prompt_not_target(tokenizer_factory):
     assert trained_text(tok, tokens, mask) == "paris<|im_end|>"
 
 
+def test_response_prefix_is_added_where_a_response_lacks_it(tokenizer_factory):
+    tok = tokenizer_factory(CHATML_GEN)
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "paris"},
+                {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Answer:\nrome"}]
+    enc = encoder(tok, response_prefix="Answer:\\n")
+    text, _ = enc.render_chat(messages, None)
+    assert text.count("<|im_start|>assistant\nAnswer:\n") == 2  # inference gives it before every response
+    tokens, mask = encode_chat(enc, messages)
+    assert trained_text(tok, tokens, mask) == "paris<|im_end|>rome<|im_end|>"
+
+
 def test_system_override_only_when_the_row_has_none(tokenizer_factory):
     enc = encoder(tokenizer_factory(CHATML_GEN), system="be brief\\nalways")  # literal \n from YAML
     text, _ = enc.render_chat(MESSAGES[1:3], None)

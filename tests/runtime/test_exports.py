@@ -5,6 +5,8 @@ fine-tune's exported model gives our eval loss too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,6 +69,24 @@ def test_full_finetune_model_loads_and_matches(root):
     base_loss, _ = hf_eval(_load(root / "model"), batches)
     assert abs(base_loss - ours) > 1e-3
     assert abs(loss - ours) <= TOL * ours, (loss, ours)
+
+
+def test_exported_model_carries_the_training_template_and_response_prefix(root):
+    from transformers import AutoTokenizer
+
+    from surogate.runtime.data.templates import CHAT_TEMPLATE_MAPPING
+
+    cfg = _cfg(root, "template", lora=False, template="chatml", response_prefix="<think>\\n")  # YAML's literal \n
+    result = run_training(cfg)
+    folder = result.outputs["model"]
+    assert (Path(folder) / "chat_template.jinja").read_text().startswith(CHAT_TEMPLATE_MAPPING["chatml"])
+    tok = AutoTokenizer.from_pretrained(folder)
+    chat = [{"role": "user", "content": "hi"}]
+    prompt = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert tok.apply_chat_template(chat, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"  # as trained
+    plain = run_training(_cfg(root, "plain", lora=False))  # no template, no prefix: the source's files as they are
+    assert not (Path(plain.outputs["model"]) / "chat_template.jinja").exists()
 
 
 @pytest.fixture(scope="module")
