@@ -214,6 +214,14 @@ def wsd_needs_cooldown(cfg, given):
 
 
 @rule
+def cooldown_after_a_decay(cfg, given):
+    if cfg["cooldown_steps"] and cfg["lr_scheduler_type"] in ("linear", "cosine"):
+        yield _warn("cooldown_steps", f"with `lr_scheduler_type: {cfg['lr_scheduler_type']}` the cooldown starts from "
+                    "the LR the decay has reached by then, not from `learning_rate` (that is 'wsd', which holds "
+                    "`learning_rate` until the cooldown); the LR never jumps back up")
+
+
+@rule
 def max_steps_not_zero(cfg, given):
     if cfg["max_steps"] == 0:
         yield ConfigIssue("max_steps", "got 0; use -1 (derive from epochs) or a positive number of steps", 0)

@@ -112,6 +112,7 @@ def test_fp4_needs_blackwell_at_run_time_but_plans_anywhere(options, path):
         ({"lora_target_modules": ["all", "q_proj"]}, "lora_target_modules"),
         ({"lr_scheduler_type": "wsd"}, "cooldown_steps"),
         ({"init_projections_to_zero": True}, "init_projections_to_zero"),
+        ({"lr_scheduler_type": "cosine", "cooldown_steps": 10}, "cooldown_steps"),
         ({"qlora_offload_experts": True}, "qlora_offload_experts"),
         ({"qlora_selective_expert_dequant": True}, "qlora_selective_expert_dequant"),
         ({"padding_free": True}, "padding_free"),
