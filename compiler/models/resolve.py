@@ -37,6 +37,12 @@ def resolve_model(cfg: Any) -> ModelSpec:
     missing = [k for k in _REQUIRED if k not in hf_config]
     if missing:
         raise UserError(f"model: config.json of {model!r} lacks {', '.join(missing)}")
+    quant = hf_config.get("quantization_config")
+    if quant:  # its weights are packed codes + scales under other names: fail here, not at the first tensor
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise UserError(f"model: {model!r} is a pre-quantized checkpoint (quantization_config, quant_method "
+                        f"{method!r}), which this version does not load; point `model` at the unquantized "
+                        "model and quantize it at load time with qlora_bnb / qlora_fp8 / qlora_fp4")
     dtype = _resolve_dtype(getattr(cfg, "torch_dtype", None), hf_config)
     hf_config, max_len, rope = apply_rope_overrides(
         hf_config, getattr(cfg, "max_model_len", None), getattr(cfg, "rope_scaling", None)

@@ -73,6 +73,19 @@ def test_local_directory_resolves_with_dtype_and_family(tiny_models):
     assert resolve_model(make_cfg(tiny_models["qwen2"], torch_dtype="bfloat16")).dtype == "bf16"
 
 
+def test_prequantized_checkpoint_is_refused_by_name(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "fp8-model"
+    shutil.copytree(tiny_models["qwen2"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"model: .* is a pre-quantized checkpoint .*quant_method 'fp8'.*qlora_bnb"):
+        resolve_model(make_cfg(str(d)))
+
+
 def test_hf_cache_is_used_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
