@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from surogate.errors import ConfigError, ConfigIssue, UserError
-from surogate.schema.check import schema_issues, unknown_key_issues
+from surogate.schema.check import non_finite_issues, schema_issues, unknown_key_issues
 from surogate.schema.config import DatasetConfig, DistributedConfig, FrozenDict, TrainConfig, build_config
 from surogate.schema.hardware import Requirement, gpu_requirements, min_compute_capability, sm_of
 from surogate.schema.rules import Notice, parse_rope_scaling, run_rules
@@ -124,6 +124,7 @@ def validate_document(data: dict[str, Any], doc: YamlDocument | None = None, sou
     """Validate a parsed config: unknown keys, types/ranges, then cross-field rules (when the rest is sound)."""
     result = ValidationResult(source=doc.source if doc else source)
     errors = unknown_key_issues(data) + schema_issues(data)
+    errors += [e for e in non_finite_issues(data) if e.path not in {x.path for x in errors}]
     # Cross-field rules run even when some fields are malformed, so that one run reports everything;
     # a rule that trips over a malformed value is skipped (that value already has its own error).
     resolved = _with_defaults(data)

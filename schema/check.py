@@ -7,6 +7,7 @@ jsonschema finds the errors; this module turns each into a `ConfigIssue` that na
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import jsonschema
@@ -149,3 +150,16 @@ def schema_issues(data: dict[str, Any]) -> list[ConfigIssue]:
             seen.add((issue.path, issue.message))
             issues.append(issue)
     return issues
+
+
+def non_finite_issues(data: Any, path: tuple = ()) -> list[ConfigIssue]:
+    """NaN and infinities (YAML's `.nan`, `.inf`): every range check of the schema passes them (comparisons with
+    NaN are false), and no option means anything by them."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return [ConfigIssue(format_path(path), f"got {data}; must be a finite number", value=data)]
+    if isinstance(data, dict):
+        return [i for k, v in data.items() for i in non_finite_issues(v, (*path, k))]
+    if isinstance(data, list):
+        return [i for n, v in enumerate(data) for i in non_finite_issues(v, (*path, n))]
+    return []
+

@@ -115,3 +115,17 @@ def test_exponent_floats_are_numbers():
     assert result.ok, messages(result)
     assert result.config.learning_rate == pytest.approx(2e-4)
     assert result.config.adamw_epsilon == pytest.approx(1e-8)
+
+
+@pytest.mark.parametrize("option", ["learning_rate", "weight_decay", "max_grad_norm", "adamw_epsilon", "lora_dropout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_errors(option, value):
+    result = check(**{option: value})  # YAML's .nan / .inf pass every range check of the schema
+    assert not result.ok and error_paths(result) == [option]
+    assert "finite" in messages(result) or "must be" in messages(result)
+
+
+
+def test_non_finite_inside_datasets_names_the_entry():
+    result = check(datasets=[{"path": "d.jsonl", "type": "text", "samples": float("inf")}])
+    assert error_paths(result) == ["datasets[0].samples"], messages(result)
