@@ -83,8 +83,11 @@ def read_log(path: str | os.PathLike) -> LogData:
                 raise UserError(f"{p}:{lineno}: expected a JSON object with a \"type\" field")
             kind = rec["type"]
             if kind in ("step", "eval"):
-                if not isinstance(rec.get("step"), int) or "loss" not in rec:
+                step = rec.get("step")
+                if not isinstance(step, int) or isinstance(step, bool) or "loss" not in rec:
                     raise UserError(f"{p}:{lineno}: {kind} record needs an integer \"step\" and a \"loss\"")
+                if not 0 <= step < 2**63:
+                    raise UserError(f"{p}:{lineno}: {kind} record's step {step} is out of range")
                 (steps if kind == "step" else evals)[rec["step"]] = rec
             else:
                 events.append(rec)

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import IO
 
+from surogate.errors import UserError
 from surogate.runtime.observe import diagnostics as dg
 from surogate.runtime.observe.console import ConsoleReporter
 from surogate.runtime.observe.events import Decisions, EndSummary, EvalMetrics, RunInfo, StepMetrics
 from surogate.runtime.observe.gpu import gpu_line, sample_gpu
 from surogate.runtime.observe.history import LossHistory
-from surogate.runtime.observe.jsonl import JsonlWriter
+from surogate.runtime.observe.jsonl import JsonlWriter, read_log
 from surogate.runtime.observe.memory import format_memory_breakdown
 from surogate.runtime.observe.naming import config_dict, report_targets, resolve_run_name
 from surogate.runtime.observe.plot import plot_training_loss
@@ -140,12 +141,31 @@ class TrainingObserver:
             return
         log_file = getattr(self.cfg, "log_file", None)
         cfg_data = config_dict(self.cfg)
+        if log_file and self._first_step > 0:
+            self._continue_log(Path(log_file))
         if log_file:
             self.log = JsonlWriter(log_file)
             self.log.write("start", run_name=self.run_name, run_info=config_dict(self.info), config=cfg_data)
         self.trackers = make_trackers(self.cfg, self.run_name, str(self.output_dir), cfg_data)
         names = [f"{t.name} ({getattr(t, 'mode', 'local')})" if t.name == "wandb" else t.name for t in self.trackers]
         self.console.lines(start_lines(self.run_name, self.info, str(self.output_dir), log_file, names), "bold")
+
+    def _continue_log(self, path: Path) -> None:
+        """A resumed run continues the earlier one's loss curve (steps up to the resumed step, from its log) and,
+        when `run_name` is automatic, its name; a log that cannot be read only costs the early curve."""
+        if not path.is_file():
+            return
+        try:
+            earlier = read_log(path)
+        except UserError as exc:
+            self.console.message(f"resuming: the loss plot starts at step {self._first_step + 1} ({exc})", "warning")
+            return
+        upto = self._first_step
+        self.history = LossHistory.from_records([r for r in earlier.steps if r["step"] <= upto],
+                                                [r for r in earlier.evals if r["step"] <= upto])
+        names = [e.get("run_name") for e in earlier.events if e.get("type") == "start" and e.get("run_name")]
+        if names and not getattr(self.cfg, "run_name", None):
+            self.run_name = str(names[-1])
 
     def on_allocated(self, memory_table: object = None) -> None:
         """After arenas/weights are allocated: with `debug_memory_breakdown`, print the plan's table

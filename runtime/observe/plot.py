@@ -10,6 +10,7 @@ from pathlib import Path
 # headless and does not disturb a notebook's backend when the library is imported there.
 from matplotlib.figure import Figure
 
+from surogate.errors import UserError
 from surogate.runtime.observe.history import LossHistory
 
 MAX_POINTS = 10_000  # plotting cost stays flat however long the run: every k-th step beyond this
@@ -22,7 +23,8 @@ def _stride(n: int) -> int:
 def plot_training_loss(history: LossHistory, path: str | os.PathLike, title: str | None = None) -> Path:
     """Draw train loss, eval loss and the learning rate (second axis) from `history` into `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give the image's file name (e.g. {path / 'training_loss.png'})")
     k = _stride(len(history.steps))
     steps, loss, lr = history.steps[::k], history.loss[::k], history.lr[::k]
     fig = Figure(figsize=(9, 5), dpi=100)
@@ -48,6 +50,12 @@ def plot_training_loss(history: LossHistory, path: str | os.PathLike, title: str
         ax.set_title(title)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)  # atomic: a viewer never sees a half-written image
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp)
+        os.replace(tmp, path)  # atomic: a viewer never sees a half-written image
+    except OSError as exc:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,25 @@ def test_bad_log_names_file_and_line(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {log}{message}") and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "proc"])
+def test_unwritable_plot_output_is_a_clear_error(tmp_path, capsys, where):
+    log = tmp_path / "ok.jsonl"
+    log.write_text('{"type": "step", "step": 1, "loss": 1.0}\n')
+    (tmp_path / "somedir").mkdir()
+    out = {"folder": tmp_path / "somedir", "under_a_file": log / "x.png", "proc": Path("/proc/surogate-x/y.png")}[where]
+    assert main(["plot", str(log), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: ") and "Traceback" not in err
+    assert not list(tmp_path.glob("**/*.tmp.png"))
+
+
+def test_step_out_of_range_names_the_line(tmp_path, capsys):
+    log = tmp_path / "big.jsonl"
+    log.write_text('{"type": "step", "step": 99999999999999999999, "loss": 2}\n')
+    assert main(["plot", str(log), "-o", str(tmp_path / "x.png")]) == 2
+    assert f"{log}:1: step record's step 99999999999999999999 is out of range" in capsys.readouterr().err
 
 
 def test_missing_log_file(tmp_path, capsys):

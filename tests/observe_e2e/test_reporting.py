@@ -148,3 +148,24 @@ def test_surogate_plot_redraws_the_run_log(run, capsys):
     assert f"wrote {out} ({STEPS} steps, 3 evals)" in capsys.readouterr().out
     # the log holds everything the live plot was drawn from: same series, same title, same picture
     assert np.array_equal(imread(out), imread(run["tmp"] / "out" / "training_loss.png"))
+
+
+def test_resumed_run_continues_the_loss_plot_and_the_run_name(source, tmp_path, monkeypatch):
+    drawn = []
+    real = observer_module.plot_training_loss
+
+    def recording(history, path, title=None):
+        drawn.append((list(history.steps), title))
+        return real(history, path, title=title)
+
+    monkeypatch.setattr(observer_module, "plot_training_loss", recording)
+    common = dict(save_steps=4, log_file=str(tmp_path / "log.jsonl"))
+    train(train_cfg(source, tmp_path, max_steps=6, **common))
+    first_title = drawn[-1][1]
+    with open(tmp_path / "log.jsonl", "a") as fh:  # a step the checkpoint does not hold (killed after step 7)
+        fh.write(json.dumps({"type": "step", "step": 7, "loss": 99.0}) + "\n")
+    drawn.clear()
+    result, _ = train(train_cfg(source, tmp_path, max_steps=9, resume_from_checkpoint=True, **common))
+    assert result.steps == 9
+    steps, title = drawn[-1]
+    assert steps == list(range(1, 10)) and title == first_title  # 1-6 from the log, 7-9 from this run
