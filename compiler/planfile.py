@@ -194,7 +194,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
             "re-run `surogate plan` on the config to rebuild it"
         )
     payload = props.get(_PAYLOAD_KEY)
-    if payload is None or props.get(_CHECKSUM_KEY) != _checksum(model.graph, payload):
+    # a flipped byte can leave the payload invalid UTF-8: protobuf then hands back bytes, not str
+    if not isinstance(payload, str) or props.get(_CHECKSUM_KEY) != _checksum(model.graph, payload):
         raise UserError(f"{path} is corrupt (checksum mismatch); re-run `surogate plan` to rebuild it")
     try:
         return _plan_from_model(model, json.loads(payload), version)

@@ -19,10 +19,19 @@ from surogate.runtime.reference.dtypes import TORCH_DTYPES
 from surogate.runtime.reference.quant import quantize
 
 
+def _open(path: Path):
+    """A safetensors file for reading; a missing, truncated or corrupt one is a UserError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"model: cannot read weights file {path}: {str(exc).splitlines()[0]} (truncated or not a "
+                        "safetensors file? re-download the model)") from None
+
+
 class _Checkpoint:
     def __init__(self, model_dir: Path) -> None:
-        from safetensors import safe_open
-
         self.dir = model_dir
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
@@ -32,7 +41,7 @@ class _Checkpoint:
             files = sorted(p.name for p in model_dir.glob("*.safetensors"))
             if not files:
                 raise UserError(f"model: no safetensors weights in {model_dir}")
-        self.handles = {f: safe_open(str(model_dir / f), framework="pt") for f in files}
+        self.handles = {f: _open(model_dir / f) for f in files}
         self.where = {k: f for f, h in self.handles.items() for k in h.keys()}
 
     def has(self, name: str) -> bool:

@@ -59,6 +59,17 @@ def test_corrupt_file_is_rejected(plan, tmp_path, mangle):
         read_plan(path)
 
 
+@pytest.mark.parametrize("where", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_one_flipped_byte_is_rejected(plan, tmp_path, where):
+    path = tmp_path / "plan.bin"
+    write_plan(plan, path)
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0xFF  # inside the payload it can leave invalid UTF-8 (protobuf gives bytes)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="plan.bin"):
+        read_plan(path)
+
+
 def test_other_onnx_model_is_not_a_plan(tmp_path):
     path = tmp_path / "model.onnx"
     graph = onnx.helper.make_graph([], "g", [], [])

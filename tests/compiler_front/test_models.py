@@ -196,3 +196,18 @@ def test_moe_graph_has_router_and_stacked_experts():
     assert "moe_router" in kinds and "moe_experts" in kinds and "swiglu" not in kinds
     assert graph.tensors["model.layers.0.mlp.experts.gate_up_proj"].shape == (128, 2 * 768, 2048)
     assert graph.tensors["L0.router_indices"].shape == (16, 8)
+
+
+@pytest.mark.parametrize("size", [0, 7, 1000])
+def test_truncated_weights_file_is_a_user_error_naming_it(tiny_models, tmp_path, size):
+    import shutil
+
+    from surogate.runtime.reference.weights import checkpoint_reader
+
+    d = tmp_path / "cut"
+    shutil.copytree(tiny_models["qwen2"], d)
+    (weights,) = d.glob("*.safetensors")
+    with open(weights, "r+b") as fh:
+        fh.truncate(size)
+    with pytest.raises(UserError, match=rf"model: cannot read weights file {weights}"):
+        checkpoint_reader(d)
