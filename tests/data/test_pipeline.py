@@ -175,7 +175,7 @@ def test_packing_modes(tmp_path, model_dir, conv_file):
 
 def test_config_errors(tmp_path, model_dir, conv_file):
     model = model_dir()
-    with pytest.raises(UserError, match="datasets: at least one training dataset"):
+    with pytest.raises(UserError, match="datasets: must list at least 1 item"):  # the schema says it first
         prepare(make_cfg(tmp_path, model, []))
     with pytest.raises(UserError, match=r"max_length: 128 is larger than sequence_len \(64\)"):
         data_options(SimpleNamespace(sequence_len=64, max_length=128))  # the schema rejects it too

@@ -129,3 +129,8 @@ def test_non_finite_numbers_are_errors(option, value):
 def test_non_finite_inside_datasets_names_the_entry():
     result = check(datasets=[{"path": "d.jsonl", "type": "text", "samples": float("inf")}])
     assert error_paths(result) == ["datasets[0].samples"], messages(result)
+
+
+def test_empty_datasets_list_is_an_error():
+    result = check(datasets=[])  # absent (null) is fine for `surogate plan`; an empty list is a mistake
+    assert error_paths(result) == ["datasets"] and "at least 1" in messages(result)

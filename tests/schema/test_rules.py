@@ -53,6 +53,12 @@ INSTR = {"path": "d.jsonl", "type": "instruction", "instruction_field": "q", "ou
         ({"datasets": [{**INSTR, "prompt_format_no_input": "{instruction} {input} {output}"}]},
          {"datasets": [{**INSTR, "prompt_format_no_input": "{instruction} {output}"}]},
          "datasets[0].prompt_format_no_input", "{input}"),
+        ({"datasets": [{**INSTR, "prompt_format": "Q: {instruction}"}]},
+         {"datasets": [{**INSTR, "prompt_format": "Q: {instruction} A: {output}"}]},
+         "datasets[0].prompt_format", "{output} exactly once"),
+        ({"datasets": [{**INSTR, "prompt_format": "{output} {output}"}]},
+         {"datasets": [{**INSTR, "prompt_format": "{output}"}]},
+         "datasets[0].prompt_format", "{output} exactly once"),
         ({"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from"}}]},
          {"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from", "content": "value"}}]},
          "validation_datasets[0].message_property_mappings", "content"),
@@ -139,6 +145,12 @@ def test_template_names_are_the_runtime_built_ins():
 def test_all_errors_reported_at_once():
     result = check(lora_rnak=4, recipe="fp4", offload_grads=True, lora_alpha=0, sequence_len=0)
     assert set(error_paths(result)) == {"lora_rnak", "recipe", "offload_grads", "lora_alpha", "sequence_len"}
+
+
+def test_deeply_nested_rope_scaling_is_an_error_not_a_crash():
+    deep = '{"type": "yarn", "factor": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    result = check(rope_scaling=deep, max_model_len=4096)
+    assert error_paths(result) == ["rope_scaling"] and "nested too deeply" in messages(result)
 
 
 def test_every_rule_is_registered_once():
