@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the tokenized output of the same inputs changes (format or semantics).
-CACHE_VERSION = 2  # 2: response_prefix is added to responses that lack it
+CACHE_VERSION = 3  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a string)
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:

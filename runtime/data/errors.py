@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from surogate.errors import UserError
 
 
@@ -23,3 +25,12 @@ class DataError(UserError):
     def __reduce__(self):
         # Raised in worker processes: must pickle back to the parent with its attributes intact.
         return (DataError, (self.dataset, self.row, self.field, self.problem, self.reason))
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """Stands in for a row that could not even be read (invalid UTF-8 or JSON) when bad rows are skipped:
+    the encoder turns it into a `DataError` with `problem` (file and line) and `reason`, counted as skipped."""
+
+    problem: str
+    reason: str

@@ -1,9 +1,9 @@
 """`prepare_datasets`: sources -> rows -> documents -> packed splits, through the tokenized cache.
 
-Order of work: resolve and load every source (cheap: `datasets` keeps its own arrow cache), hash
-everything the tokens depend on, and reuse the cache entry with that key if it exists. Otherwise resolve
-each dataset's type, split train/eval, encode rows in chunks (in worker processes when
-`dataloader_num_workers` > 0), truncate, pack, and write the cache entry atomically.
+Order of work: resolve every source (and load hub datasets, whose fingerprint the key needs), hash
+everything the tokens depend on, and reuse the cache entry with that key if it exists. Otherwise load the
+file sources, resolve each dataset's type, split train/eval, encode rows in chunks (in worker processes
+when `dataloader_num_workers` > 0), truncate, pack, and write the cache entry atomically.
 
 Eval split: `validation_datasets` when given; else a `validation_split_ratio` share of all training rows
 (at least one, never all), chosen by a permutation seeded with `eval_seed`, before tokenization (so the
@@ -38,7 +38,9 @@ from surogate.errors import UserError
 from .agent import AGENT_TEMPLATES
 from .cache import cache_key, cache_root, entry_ready, tokenizer_fingerprint, write_atomic
 from .encode import Encoder, EncodeResult
+from .errors import BadRow
 from .formats import DatasetSpec, resolve_spec
+from .linefiles import FileRows
 from .options import DataOptions, data_options
 from .packing import one_per_row, pack_best_fit_decreasing, pack_sequential
 from .sources import Source, dataset_fingerprint, load_source, resolve_source
@@ -70,6 +72,9 @@ def _ds_dict(ds_cfg: Any) -> dict[str, Any]:
 
 
 def _rows(ds, start: int, stop: int) -> list[dict]:
+    """Rows start..stop-1 of a loaded source as dicts (`FileRows` may hold a `BadRow` in skip mode)."""
+    if isinstance(ds, FileRows):
+        return ds.rows(start, stop)
     columns = ds[start:stop]
     names = list(columns)
     return [dict(zip(names, values, strict=True)) for values in zip(*(columns[n] for n in names), strict=True)]
@@ -200,7 +205,9 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
                         f"choose one of {', '.join(AGENT_TEMPLATES)}")
     sources: list[Source] = [resolve_source(d, i, "datasets") for i, d in enumerate(train_cfgs)]
     sources += [resolve_source(d, i, "validation_datasets") for i, d in enumerate(val_cfgs)]
-    loaded = [load_source(s) for s in sources]
+    # Only hub datasets are loaded before the cache lookup: their cache key needs the loaded dataset's
+    # fingerprint. Files are identified by path/size/mtime, so a cache hit never reads (scans) them.
+    early = {i: load_source(s, on_bad_row) for i, s in enumerate(sources) if s.kind == "hub"}
     pad_id = pad_token_id(tokenizer)
     try:  # resolved up front so that the template's source is part of the cache key
         template, template_error = resolve_template(tokenizer, opts.use_chat_template, opts.template), None
@@ -210,7 +217,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         "options": opts.cache_fields(),
         "datasets": [_ds_dict(d) for d in train_cfgs],
         "validation_datasets": [_ds_dict(d) for d in val_cfgs],
-        "data": [dataset_fingerprint(s, ds) for s, ds in zip(sources, loaded, strict=True)],
+        "data": [dataset_fingerprint(s, early.get(i)) for i, s in enumerate(sources)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "pad_token_id": pad_id,
         "template": template.source,
@@ -220,12 +227,13 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
     if use_cache and entry_ready(folder):
         logger.info("reusing tokenized data from %s", folder)
         return _load_entry(folder, started)
+    loaded = [early[i] if i in early else load_source(s, on_bad_row) for i, s in enumerate(sources)]
 
     specs: list[DatasetSpec] = []
     detected: list[str] = []
     for source, ds, ds_cfg in zip(sources, loaded, train_cfgs + val_cfgs, strict=True):
-        spec, note = resolve_spec(ds_cfg, source.index, list(ds.column_names), _rows(ds, 0, min(5, len(ds))),
-                                  source.section)
+        head = [r for r in _rows(ds, 0, min(5, len(ds))) if not isinstance(r, BadRow)]
+        spec, note = resolve_spec(ds_cfg, source.index, list(ds.column_names), head, source.section)
         specs.append(spec)  # position in `specs` == position in `loaded`: the encoder's dataset index
         if note:
             logger.info("detected %s", note)

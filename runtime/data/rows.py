@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from .errors import DataError
+from .errors import BadRow, DataError
 from .formats import (
     CANONICAL_ROLES,
     DEFAULT_PROMPT_FORMAT,
@@ -39,6 +39,8 @@ def _text(spec: DatasetSpec, row: dict, index: int, column: str, *, optional: bo
 
 def row_to_sample(spec: DatasetSpec, row: dict, index: int, use_chat_template: bool) -> tuple:
     """Convert one row to a sample (see module docstring); `DataError` names the row and field at fault."""
+    if isinstance(row, BadRow):  # a line that could not be read (invalid UTF-8 / JSON): see linefiles.py
+        raise DataError(spec.label, index, None, row.problem, row.reason)
     if spec.type == "text":
         return ("text", _text(spec, row, index, spec.text_field))
     if spec.type == "instruction":

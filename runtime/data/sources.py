@@ -1,7 +1,8 @@
 """Where rows come from: local files and folders, fsspec URLs (s3://, gs://, ...) and Hugging Face hub ids.
 
-Local files and URLs are read by the `datasets` builder matching their extension (.json/.jsonl -> json,
-.parquet, .csv, .txt -> text (one row per line, column `text`), .arrow); a folder holds files of one kind
+Local files and URLs: .json/.jsonl and .txt (one row per line, column `text`) are read exactly by
+`linefiles.py` (the `datasets` JSON builder decodes strings of mixed-type columns: "48" -> 48); .parquet,
+.csv and .arrow by the matching `datasets` builder. A folder holds files of one kind
 (searched recursively) or is a `Dataset.save_to_disk` folder. When a folder's file names mark splits
 (`train.jsonl`, `test-00000.parquet`, `data/validation/...`), `split` picks those files; otherwise every
 file is used. Anything else is a hub id, loaded with `subset` and `split` (from the local cache when
@@ -163,8 +164,36 @@ def file_fingerprint(source: Source) -> list:
     return []
 
 
-def load_source(source: Source):
-    """Load the rows of `source` as a `datasets.Dataset` (first `samples` rows); `UserError` on failure."""
+def load_source(source: Source, on_bad_row: str = "error"):
+    """Load the rows of `source` (first `samples` rows); `UserError` naming the file, line and reason.
+
+    JSON, JSON Lines and text files (local or URL) are read exactly by `linefiles.scan_files` (a
+    `FileRows`); unreadable lines are errors, or rows the encoder skips when `on_bad_row` is "skip".
+    Everything else is a `datasets.Dataset`.
+    """
+    if source.kind in ("local", "url") and source.builder in ("json", "text"):
+        return _load_line_files(source, on_bad_row)
+    ds = _load_with_datasets(source)
+    if len(ds) == 0:
+        raise UserError(f"{source.where}: could not load {source.path!r}: "
+                        f"{'file is empty' if len(source.files) == 1 else 'its files are empty'} (no rows)")
+    _warn_json_columns(source, ds)
+    if source.samples is not None:
+        ds = ds.select(range(min(int(source.samples), len(ds))))
+    return ds
+
+
+def _load_line_files(source: Source, on_bad_row: str):
+    from .linefiles import LoadError, scan_files
+
+    limit = int(source.samples) if source.samples is not None else None
+    try:
+        return scan_files(list(source.files), source.builder, on_bad_row, limit)
+    except LoadError as exc:
+        raise UserError(f"{source.where}: could not load {source.path!r}: {exc}") from None
+
+
+def _load_with_datasets(source: Source):
     import datasets
 
     datasets.disable_progress_bars()
@@ -191,11 +220,46 @@ def load_source(source: Source):
             hint = (" (offline: the dataset is not in the local Hugging Face cache; download it first or point "
                     "path at local files)" if offline else
                     " (not a local file or folder either; check the hub id, subset and split)")
-        raise UserError(f"{source.where}: could not load {source.path!r}{hint}: {type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-    if source.samples is not None:
-        ds = ds.select(range(min(int(source.samples), len(ds))))
+        raise UserError(f"{source.where}: could not load {source.path!r}{hint}: {_root_cause(exc)}") from None
     return ds
+
+
+def _root_cause(exc: BaseException) -> str:
+    """'Type: first line' of the innermost cause: `datasets` wraps the real reason (e.g. a parse error)
+    in a generic DatasetGenerationError whose own message says nothing about the file."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    text = str(exc).strip()
+    if not text and isinstance(exc, StopIteration):
+        return "file is empty (no rows)"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _json_columns(feature, path: str = "") -> list[str]:
+    """Paths of the `datasets.Json` features inside `feature` (a Features dict, List, or leaf)."""
+    import datasets
+
+    if isinstance(feature, datasets.Json):
+        return [path or "<root>"]
+    if isinstance(feature, dict):
+        return [p for k, v in feature.items() for p in _json_columns(v, f"{path}.{k}" if path else k)]
+    inner = getattr(feature, "feature", None)
+    return _json_columns(inner, f"{path}[]") if inner is not None else []
+
+
+def _warn_json_columns(source: Source, ds) -> None:
+    """Say so when `datasets` stored a mixed-type column as JSON: it decodes strings that look like JSON
+    ("48" -> 48, "null" -> None), so such values may differ from the files (local files are read exactly)."""
+    columns = _json_columns(getattr(ds, "features", None) or {})
+    if columns:
+        import logging
+
+        logging.getLogger("surogate.data").warning(
+            "%s %r: the datasets library stored %s as JSON (mixed value types); strings in it that look like "
+            "JSON (e.g. \"48\", \"null\") come back decoded. Point path at the JSON/JSONL files to read them "
+            "exactly.", source.where, source.path, ", ".join(columns))
 
 
 def dataset_fingerprint(source: Source, ds) -> list:

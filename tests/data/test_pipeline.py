@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -220,3 +221,30 @@ def test_two_runs_give_identical_data_and_batches(tmp_path, model_dir, conv_file
         assert np.array_equal(getattr(runs[0].train, name), getattr(runs[1].train, name))
     first, second = (list(r.train.batches(2, epoch=1, seed=1234)) for r in runs)
     assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("answer", ["48", "null"])
+def test_strings_that_look_like_json_are_trained_on_as_written(tmp_path, model_dir, answer):
+    # One row with content parts makes `messages` a mixed-type column; its strings must not be decoded
+    # (the datasets JSON builder turned "48" into 48 -> an error on a valid row, and "null" into "").
+    rows = [*CONVS[:10], conv("what is six times eight", answer),
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
+                          {"role": "assistant", "content": "hey"}]}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": path, "type": "conversation"}])
+    docs = decoded_docs(load_tokenizer(cfg), prepare(cfg).train)
+    assert any(f"six times eight<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>" in d for d in docs)
+    assert any("user\nhello<|im_end|>" in d for d in docs)
+
+
+def test_unreadable_line_is_an_error_or_a_skipped_row(tmp_path, model_dir):
+    path = tmp_path / "bytes.jsonl"
+    good = [(json.dumps(r) + "\n").encode() for r in CONVS[:4]]
+    path.write_bytes(b"".join(good[:2]) + b'{"messages": [{"role": "user", "content": "h\xff\xfei"}]}\n' +
+                     b"".join(good[2:]))
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": str(path), "type": "conversation"}])
+    with pytest.raises(UserError, match=r"could not load '.*bytes\.jsonl': line 3: not valid UTF-8"):
+        prepare(cfg)
+    data = prepare(cfg, on_bad_row="skip")
+    assert data.stats.counts["skipped_invalid_utf8"] == 1 and data.stats.train.docs == 4
+    assert any("row 2" in s and "line 3" in s for s in data.stats.skipped_examples)

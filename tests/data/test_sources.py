@@ -181,3 +181,89 @@ def test_folder_file_names_select_the_split(tmp_path):
     assert texts(resolve_source(ds(tmp_path / "d", split="validation"), 0)) == ["row 5"]
     with pytest.raises(UserError, match=r"datasets\[0\]\.split: no 'holdout' files .* splits test, train, validation"):
         resolve_source(ds(tmp_path / "d", split="holdout"), 0)
+
+
+# --------------------------------------------------------------------------- exact JSON, unreadable lines
+
+MIXED = [*({"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]}
+           for _ in range(10)),
+         {"messages": [{"role": "user", "content": "what is 6*8?"}, {"role": "assistant", "content": "48"}]},
+         {"messages": [{"role": "user", "content": "null"}, {"role": "assistant", "content": '"quoted"'}]},
+         {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
+                       {"role": "assistant", "content": "hey"}]}]
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json"])
+def test_mixed_type_columns_keep_every_string_exactly(tmp_path, ext):
+    # The datasets JSON builder stores such a column as JSON and decodes "48" -> 48, "null" -> None.
+    path = tmp_path / f"mixed.{ext}"
+    path.write_text(json.dumps(MIXED) if ext == "json" else "".join(json.dumps(r) + "\n" for r in MIXED))
+    rows = load_source(resolve_source(ds(path), 0))
+    assert len(rows) == len(MIXED) and rows.column_names == ["messages"]
+    assert rows["messages"] == [r["messages"] for r in MIXED]
+    assert rows[10]["messages"][1]["content"] == "48" and rows[11]["messages"][0]["content"] == "null"
+
+
+def test_unreadable_lines_name_the_file_line_and_reason(tmp_path):
+    good = json.dumps({"text": "ok"}) + "\n"
+    cases = {
+        "utf8.jsonl": (good * 3).encode() + b'{"text": "h\xff\xfei"}\n',
+        "json.jsonl": (good * 10 + '{"text": "a" "b"}\n').encode(),
+        "list.jsonl": (good + "[1, 2]\n").encode(),
+        "bytes.txt": b"hello\n\xff\xfe world\n",
+        "array.json": b'[{"text": "a"},\n {"text": }]',
+    }
+    expected = {"utf8.jsonl": r"line 4: not valid UTF-8 text \(byte 0xff at column 12\)",
+                "json.jsonl": r"line 11: invalid JSON \(Expecting ',' delimiter at column 14\)",
+                "list.jsonl": "line 2: expected a JSON object, got list",
+                "bytes.txt": r"line 2: not valid UTF-8 text \(byte 0xff at column 1\)",
+                "array.json": r"line 2: invalid JSON \(Expecting value at column 11\)"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=rf"datasets\[0\]\.path: could not load '.*{name}': {expected[name]}"):
+            load_source(resolve_source(ds(tmp_path / name), 0))
+
+
+def test_unreadable_lines_are_bad_rows_when_skipping(tmp_path):
+    from surogate.runtime.data.errors import BadRow
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "a"}\n\n{"text": "h\xffi"}\n{"text": "c"}\n')
+    rows = load_source(resolve_source(ds(path), 0), on_bad_row="skip")
+    assert len(rows) == 3 and rows["text"] == ["a", None, "c"]  # the blank line is not a row
+    assert isinstance(rows[1], BadRow) and "line 3: not valid UTF-8" in rows[1].problem and "d.jsonl" in rows[1].problem
+    (tmp_path / "all_bad.jsonl").write_bytes(b"{oops\n")
+    with pytest.raises(UserError, match=r"no readable rows; the first: .*line 1: invalid JSON"):
+        load_source(resolve_source(ds(tmp_path / "all_bad.jsonl"), 0), on_bad_row="skip")
+
+
+@pytest.mark.parametrize("name, data", [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n"), ("empty.txt", b""),
+                                        ("empty.json", b"[]")])
+def test_empty_file_is_a_clear_error(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError, match=rf"could not load '.*{name}': file is empty \(no rows\)"):
+        load_source(resolve_source(ds(tmp_path / name), 0))
+
+
+def test_datasets_errors_keep_their_cause(tmp_path):
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3,4,5,6\n")
+    with pytest.raises(UserError, match=r"could not load '.*bad\.csv': ParserError: .*line 3"):
+        load_source(resolve_source(ds(tmp_path / "bad.csv"), 0))
+
+
+def test_text_files_keep_lines_exactly_and_samples_stop_the_scan(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst\r\n\nthird \n{\"not\": \"json\"}")
+    assert texts(resolve_source(ds(path), 0)) == ["first", "", "third ", '{"not": "json"}']
+    assert texts(resolve_source(ds(path, samples=2), 0)) == ["first", ""]
+
+
+def test_json_columns_from_the_datasets_library_are_reported(tmp_path, caplog):
+    import datasets
+
+    saved = datasets.Dataset.from_dict({"a": [[{"b": 0}, {"c": 0}]]}, features=datasets.Features(
+        {"a": datasets.List(datasets.Json())}))
+    saved.save_to_disk(str(tmp_path / "saved"))
+    with caplog.at_level("WARNING", logger="surogate.data"):
+        load_source(resolve_source(ds(tmp_path / "saved"), 0))
+    assert "stored a[] as JSON" in caplog.text
