@@ -26,12 +26,30 @@ def load_tokenizer(cfg: Any) -> Any:
     except Exception as exc:  # transformers raises OSError/ValueError/... for missing or broken tokenizers
         raise UserError(f"model: could not load a tokenizer from {model!r}: {type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    _check_not_empty(tokenizer, model, local)
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model: the tokenizer of {model!r} is not a fast (Rust) tokenizer; the data pipeline "
                         "needs token offsets, which only fast tokenizers provide")
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _check_not_empty(tokenizer: Any, model: Any, local: Path) -> None:
+    """`UserError` when the tokenizer tokenizes text to nothing. transformers quietly builds an empty
+    tokenizer for a folder without tokenizer files; every row would then render to zero tokens and the
+    error would blame the dataset instead of the model folder."""
+    if tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        return
+    where = f"{str(local)!r}" if local.is_dir() else repr(str(model))
+    found = [name for name in _TOKENIZER_FILES if (local / name).is_file()] if local.is_dir() else []
+    detail = (f"it has {', '.join(found)} but an empty vocabulary" if found else
+              f"none of {', '.join(_TOKENIZER_FILES)} is there")
+    raise UserError(f"model: no tokenizer in {where} ({detail}: text tokenizes to nothing); point model at a "
+                    "folder with the model's tokenizer files")
 
 
 def pad_token_id(tokenizer: Any) -> int:

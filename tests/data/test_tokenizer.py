@@ -31,3 +31,13 @@ def test_missing_model_folder_or_uncached_hub_id(monkeypatch, tmp_path):
         load_tokenizer(SimpleNamespace(model="nobody/no-such-model"))
     with pytest.raises(UserError, match="model: required"):
         load_tokenizer(SimpleNamespace(model=None))
+
+
+def test_model_folder_without_tokenizer_files_is_named(tmp_path):
+    # transformers builds an empty tokenizer here (everything tokenizes to []); the error must name the
+    # model folder, not blame the dataset for rendering to zero tokens.
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(UserError, match=r"model: no tokenizer in '.*weights-only' \(none of tokenizer\.json"):
+        load_tokenizer(SimpleNamespace(model=str(folder)))
