@@ -43,13 +43,27 @@ def plan_inputs(plan: Plan, batch: dict[str, Any], num_items: int | None = None)
     labels = shift_labels(torch.as_tensor(batch["labels"]))
     if num_items is None:
         num_items = int((labels != -100).sum())
-    return {
+    inputs = {
         "input_ids": ids.to(torch.int32),
         "num_items": torch.tensor(float(max(num_items, 1))),
         "labels": labels.to(torch.int32),
         "position_ids": torch.as_tensor(batch["position_ids"]).to(torch.int32),
         "cu_seqlens": padded,
     }
+    if "loss_weights" in plan.tensors:  # a custom loss_scale: per-token weights, shifted as the labels are
+        inputs["loss_weights"] = shift_weights(batch.get("loss_weights"), labels)
+    return inputs
+
+
+def shift_weights(weights: Any, shifted_labels: torch.Tensor) -> torch.Tensor:
+    """HF-aligned per-token loss weights -> the plan's pre-shifted ones (fp32); without any (rows from data
+    tokenized without a custom loss_scale), 1 for every target token."""
+    if weights is None:
+        return (shifted_labels != -100).float()
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    out = torch.zeros_like(w)
+    out[:, :-1] = w[:, 1:]
+    return out
 
 
 @dataclass

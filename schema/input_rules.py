@@ -14,9 +14,20 @@ from typing import Any
 
 from surogate.errors import ConfigIssue
 from surogate.schema.chat_templates import CHAT_TEMPLATE_NAMES, is_template_source, template_key
+from surogate.schema.loss_scale import LossScaleError, is_custom, parse_loss_scale
 from surogate.schema.source import dataset_properties, default_of
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+def loss_scale_valid(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
+    """`loss_scale`: a named strategy, or a custom configuration that parses (schema/loss_scale.py)."""
+    value = cfg.get("loss_scale")
+    if isinstance(value, str) and is_custom(value):
+        try:
+            parse_loss_scale(value)
+        except LossScaleError as exc:
+            yield ConfigIssue("loss_scale", str(exc), value)
+
+
 def chat_template_known(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
     """`template` names a built-in or is Jinja source (checked here, not first when the data is prepared)."""
     value = cfg.get("template")

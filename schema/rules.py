@@ -22,6 +22,7 @@ from surogate.schema.hardware import FP4_RECIPES, gpu_requirements
 from surogate.schema.input_rules import (  # parse_rope_scaling: public, re-exported
     chat_template_known,
     dataset_rules,
+    loss_scale_valid,
     parse_rope_scaling,
     rope_scaling_valid,
     sequence_lengths,
@@ -273,6 +274,7 @@ def parallel_sizes(cfg, given):
 
 rule(dataset_rules)
 rule(chat_template_known)
+rule(loss_scale_valid)
 
 
 # -- logging ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from surogate.compiler.ir import Graph, Op, Role, Tensor
 from surogate.compiler.models.rope import inv_freq
 from surogate.compiler.models.spec import ModelSpec
 from surogate.compiler.ops import infer_shapes
+from surogate.schema.loss_scale import is_custom
 
 
 class GraphBuilder:
@@ -109,6 +110,8 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     pos = bld.input("position_ids", (b, t))
     cu = bld.input("cu_seqlens", (b * t + 1,))
     n_items = bld.input("num_items", (), "fp32")
+    # a custom loss_scale weighs each target token (fp32, pre-shifted like the labels)
+    weights = [bld.input("loss_weights", (b, t), "fp32")] if is_custom(getattr(cfg, "loss_scale", None)) else []
 
     emb_w = bld.weight("model.embed_tokens.weight", (spec.vocab_size, h), None)
     pad = spec.hf_config.get("pad_token_id")
@@ -128,7 +131,7 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
                    {"eps": spec.rms_norm_eps, "group": None})
     head_w = emb_w if spec.tie_word_embeddings else bld.weight("lm_head.weight", (spec.vocab_size, h), None)
     lm_loss = "lm_loss" if bld.stats else "loss"
-    bld.op("lm_head", "lm_head_ce", [xn, head_w, labels, n_items], [lm_loss, "lm_head.lse", "lm_head.logits_ws"],
+    bld.op("lm_head", "lm_head_ce", [xn, head_w, labels, n_items, *weights], [lm_loss, "lm_head.lse", "lm_head.logits_ws"],
            None, {"chunks": 1, "ignore_index": -100},
            # the logits workspace holds the logits GEMM's output: the activation dtype (as HF's logits)
            dtypes=["fp32", "fp32", bld.act_dtype], roles=[Role.ACTIVATION, Role.ACTIVATION, Role.TEMPORARY])

@@ -73,10 +73,10 @@ register(OpDef("add", ("a", "b"), ("out",), (), _same(), V.add, (0, 1), doc="res
 register(OpDef("identity", ("x",), ("out",), (), _same(), V.identity, (0,), doc="copy"))
 register(OpDef("dropout", ("x",), ("out",), ("p", "seed"), _same(), V.dropout, (0,),
                doc="inverted dropout; the mask is regenerated from (seed, step) so backward/recompute need no mask"))
-register(OpDef("lm_head_ce", ("x", "weight", "labels", "num_items"), ("loss", "lse", "logits_ws"),
+register(OpDef("lm_head_ce", ("x", "weight", "labels", "num_items", "loss_weights?"), ("loss", "lse", "logits_ws"),
                ("chunks", "ignore_index"), _lm_head_ce_shape, V.lm_head_ce, (0, 1),
-               doc="sum of cross-entropy of x @ weight.T against pre-shifted labels / num_items, in N row chunks "
-                   "(full logits never exist)"))
+               doc="sum of cross-entropy of x @ weight.T against pre-shifted labels (times loss_weights per row, a "
+                   "custom loss_scale) / num_items, in N row chunks (full logits never exist)"))
 register(OpDef("moe_router", ("x", "weight"), ("logits", "weights", "indices"),
                ("num_experts", "top_k", "norm_topk_prob"), _moe_router_shape, V.moe_router, (0, 1),
                doc="router logits, top-k softmax weights (renormalised if norm_topk_prob) and expert indices"))
@@ -146,7 +146,7 @@ for kind, ins, outs in (
     ("qlinear_bwd_weight", ("dout", "x_q", "x_scale"), ("dweight", "dbias?")),
     ("qlinear_quartet_bwd_data", ("dout", "w_q", "w_scale", "w_gscale", "x_mask"), ("dx",)),
     ("qlinear_quartet_bwd_weight", ("dout", "x_q", "x_scale", "x_gscale", "w_mask"), ("dweight", "dbias?")),
-    ("lm_head_ce_bwd", ("x", "weight", "labels", "lse", "num_items"), ("dx?", "dweight?", "logits_ws")),
+    ("lm_head_ce_bwd", ("x", "weight", "labels", "lse", "num_items", "loss_weights?"), ("dx?", "dweight?", "logits_ws")),
     ("moe_router_bwd", ("dweights", "x", "weight", "logits", "indices", "dlogits?"), ("dx?", "dweight?")),
     ("moe_router_stats_bwd", ("dstats", "logits"), ("dlogits",)),
     ("moe_router_loss_bwd", ("stats*",), ("dstats*",)),
@@ -154,7 +154,7 @@ for kind, ins, outs in (
      ("dx?", "dweights?", "dgate_up?", "ddown?", "dequant_ws?")),
 ):
     register(OpDef(kind, ins, outs, ("wrt", "accumulate", "accumulate_into"), doc=f"backward of {kind[:-4]}"))
-register(OpDef("lm_head_ce_fwd_bwd", ("x", "weight", "labels", "num_items"), ("loss", "lse", "dx?", "dweight?", "logits_ws"),
+register(OpDef("lm_head_ce_fwd_bwd", ("x", "weight", "labels", "num_items", "loss_weights?"), ("loss", "lse", "dx?", "dweight?", "logits_ws"),
                ("chunks", "ignore_index", "wrt", "accumulate", "accumulate_into"),
                doc="lm_head_ce and its backward in one sweep (pass fuse_lm_head_ce): each row chunk's logits are "
                    "computed once and turned into their gradient in place; every output exactly the pair's"))

@@ -146,11 +146,12 @@ def lm_head_ce(ctx: Any) -> None:
     wrt, outs, acc = _grads(ctx, (0, 1))
     if not outs:
         return
-    x, w, labels, n_items = ctx.op.inputs
+    x, w, labels, n_items, *weights = ctx.op.inputs
     _, lse, ws_fwd = ctx.op.outputs
     attrs = {k: ctx.op.attrs.get(k) for k in ("chunks", "ignore_index")}
     ws = ctx.temp("logits_ws", ctx.shape(ws_fwd), ctx.dtype(ws_fwd))
-    ins = [ctx.saved(x), ctx.saved(w), ctx.saved(labels), ctx.saved(lse), ctx.saved(n_items)]
+    ins = [ctx.saved(x), ctx.saved(w), ctx.saved(labels), ctx.saved(lse), ctx.saved(n_items),
+           *(ctx.saved(t) for t in weights)]
     ctx.emit("lm_head_ce_bwd", ins, [*outs, ws],
              {**attrs, "wrt": tuple(wrt)}, acc)
 

@@ -53,9 +53,9 @@ def _fusable(graph: Graph, fwd: Any, bwd: Any) -> bool:
     both workspaces have one shape and dtype."""
     if bwd.kind != "lm_head_ce_bwd" or bwd.attrs.get("fwd_op") != fwd.name:
         return False
-    x, w, labels, n_items = fwd.inputs
+    x, w, labels, n_items, *weights = fwd.inputs
     _, lse, ws = fwd.outputs
-    if bwd.inputs != [x, w, labels, lse, n_items] or graph.consumers(lse) != [bwd.name]:
+    if bwd.inputs != [x, w, labels, lse, n_items, *weights] or graph.consumers(lse) != [bwd.name]:
         return False
     if any(fwd.attrs.get(k) != bwd.attrs.get(k) for k in ("chunks", "ignore_index")):
         return False

@@ -46,22 +46,22 @@ def _inv_items(st: CudaState, n_items: torch.Tensor) -> torch.Tensor:
 
 
 def lm_head_ce(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
-    h, w, labels, n_items = ins
+    h, w, labels, n_items, *weights = ins
     views = st.bind(ins, attrs, ctx).views
     # evaluation runs a fused loss op (`lm_head_ce_fwd_bwd`) as this forward: it binds to that op's outputs
     # (loss, lse, gradients, workspace), of which it writes the loss, the lse and the workspace
     loss, lse, logits_ws = views[0], views[1], views[-1]
-    ce = _CERun(st, h, w, labels, n_items, logits_ws, attrs)
+    ce = _CERun(st, h, w, labels, n_items, logits_ws, attrs, *weights)
     ce.forward(lse)
     ce.mean_loss(loss)
     return [loss, lse, logits_ws]
 
 
 def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
-    h, w, labels, lse, n_items = ins
+    h, w, labels, lse, n_items, *weights = ins
     bnd = st.bind(ins, attrs, ctx)
     wrt = list(attrs["wrt"])
-    ce = _CERun(st, h, w, labels, n_items, bnd.views[len(wrt)], attrs)
+    ce = _CERun(st, h, w, labels, n_items, bnd.views[len(wrt)], attrs, *weights)
     ce.backward(lse, dict(zip(wrt, bnd.views, strict=False)), dict(zip(wrt, bnd.accumulate, strict=False)))
     return bnd.views
 
@@ -69,13 +69,13 @@ def lm_head_ce_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
 def lm_head_ce_fwd_bwd(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     """lm_head_ce and its backward (pass fuse_lm_head_ce): per row chunk one logits GEMM, one kernel for the
     chunk's loss, lse and in-place logits gradient (`cross_entropy._fused_kernel`), then the dx / dW GEMMs."""
-    h, w, labels, n_items = ins
+    h, w, labels, n_items, *weights = ins
     bnd = st.bind(ins, attrs, ctx)
     wrt = list(attrs["wrt"])
     loss, lse, logits_ws = bnd.views[0], bnd.views[1], bnd.views[-1]
     grads = dict(zip(wrt, bnd.views[2:-1], strict=True))
     accs = dict(zip(wrt, bnd.accumulate[2:-1], strict=True))
-    ce = _CERun(st, h, w, labels, n_items, logits_ws, attrs)
+    ce = _CERun(st, h, w, labels, n_items, logits_ws, attrs, *weights)
     if ce.ws.vocab_tile < ce.vocab:  # a tiled vocabulary needs the whole lse before any gradient: the pair
         ce.forward(lse)
         ce.backward(lse, grads, accs)
@@ -89,7 +89,8 @@ class _CERun:
     """One call of an LM-head CE op: the rows, the workspace and 1 / num_items (on the device) it works with."""
 
     def __init__(self, st: CudaState, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
-                 n_items: torch.Tensor, logits_ws: torch.Tensor, attrs: dict) -> None:
+                 n_items: torch.Tensor, logits_ws: torch.Tensor, attrs: dict,
+                 weights: torch.Tensor | None = None) -> None:
         self.k, self.st, self.w = ce_kernels, st, w
         self.x = h.reshape(-1, h.shape[-1])
         self.lab = labels.reshape(-1)
@@ -98,6 +99,8 @@ class _CERun:
         self.inv = _inv_items(st, n_items)
         self.ignore = int(attrs.get("ignore_index", ce_kernels.IGNORE_INDEX))
         self.loss_rows: torch.Tensor | None = None
+        # a custom loss_scale's per-row weights (fp32): they scale each row's loss and its logits gradient
+        self.row_w = weights.reshape(-1) if weights is not None else None
 
     def _tiles(self):
         for r0, r1, v0, v1 in self.k._tiles(self.rows, self.vocab, self.ws):
@@ -120,6 +123,7 @@ class _CERun:
         rounding) -> dx (+)= dlogits @ W and dW (+)= dlogits^T @ x."""
         for r0, r1, v0, v1, buf in self._tiles():
             self.k.launch_grad(buf, self.lab[r0:r1], lse[r0:r1], v0, self.inv, self.ignore)
+            self._weigh_rows(buf, r0, r1)
             self._dlogits_gemms(buf, grads, accs, r0, r1, v0, v1)
 
     def forward_backward(self, lse: torch.Tensor, grads: dict, accs: dict) -> None:
@@ -127,7 +131,14 @@ class _CERun:
         loss_rows = self._loss_rows()
         for r0, r1, v0, v1, buf in self._tiles():
             self.k.launch_fused(buf, self.lab[r0:r1], self.inv, self.ignore, lse[r0:r1], loss_rows[r0:r1])
+            self._weigh_rows(buf, r0, r1)
             self._dlogits_gemms(buf, grads, accs, r0, r1, v0, v1)
+
+    def _weigh_rows(self, buf: torch.Tensor, r0: int, r1: int) -> None:
+        """A custom loss_scale: each row's logits gradient times its weight (in place; a second rounding of the
+        gradient in the logits dtype, only in this mode)."""
+        if self.row_w is not None:
+            buf.mul_(self.row_w[r0:r1, None])
 
     def _dlogits_gemms(self, buf, grads: dict, accs: dict, r0: int, r1: int, v0: int, v1: int) -> None:
         from surogate.runtime.backends.cuda_gemm import gemm_into
@@ -139,6 +150,8 @@ class _CERun:
             gemm_into(grads[1][v0:v1], buf.t(), self.x[r0:r1], accumulate=accs[1])
 
     def mean_loss(self, loss: torch.Tensor) -> None:
+        if self.row_w is not None:  # weighted rows (scratch: the per-row losses are read only here)
+            self.loss_rows.mul_(self.row_w)
         torch.sum(self.loss_rows, 0, out=loss)
         loss.mul_(self.inv)
 

@@ -6,7 +6,9 @@ Chat samples are rendered to text by the chat template together with the charact
 the template has them; otherwise each assistant turn is located by rendering prefixes of the conversation
 and diffing ("prefix diff"), and as a last resort by finding its content in the render.
 
-loss_scale: `default` trains every assistant turn, `last_round` only the last one, `all` every token.
+loss_scale: `default` trains every assistant turn, `last_round` only the last one, `all` every token; a custom
+configuration (schema/loss_scale.py) gives every token a weight (the documents' mask is then float32: weight 0 is
+not a target).
 Text samples train on every token; prompt samples (instruction + prompt_format) on the completion + EOS.
 The first token of every document is never trained (nothing in the document predicts it), so labels
 never cross a document boundary when documents are packed.
@@ -140,6 +142,8 @@ class Encoder:
         spans = [tuple(s) for s in spans if s[1] > s[0]]
         if prefix:  # at inference the prefix is given, not generated: it is prompt, not target
             spans = [(s + len(prefix), e) if text.startswith(prefix, s) else (s, e) for s, e in spans]
+        if opts.loss_weights is not None:  # custom weights: every assistant turn, weighed in _weigh
+            return text, spans
         if opts.loss_scale == "last_round":
             spans = spans[-1:]
         elif opts.loss_scale == "all":
@@ -162,6 +166,22 @@ class Encoder:
         for start, end in spans:
             mask |= (off[:, 0] < end) & (off[:, 1] > start)
         return mask.astype(np.uint8)
+
+    def _weigh(self, offsets: list[tuple[int, int]], text: str, spans: list[tuple[int, int]],
+               in_span: np.ndarray) -> np.ndarray:
+        """Per-token weights (float32) of a custom loss_scale: `prompt` outside the responses, `response` in
+        them, `last_round` in the last one, then each pattern's weight on the tokens its matches overlap."""
+        lw = self.opts.loss_weights
+        weights = np.where(in_span > 0, np.float32(lw.response), np.float32(lw.prompt)).astype(np.float32)
+        if not spans or not len(weights):
+            return weights
+        weights[self._span_mask(offsets, spans[-1:]) > 0] = lw.last_round
+        for regex, w in lw.compiled():
+            hits = [(s + m.start(), s + m.end()) for s, e in spans for m in regex.finditer(text[s:e])
+                    if m.end() > m.start()]
+            if hits:
+                weights[self._span_mask(offsets, hits) > 0] = w
+        return weights
 
     def _tokenize(self, texts: list[str], add_special_tokens: bool) -> list:
         # The Rust tokenizer directly: what `tokenizer(texts)` runs, without its per-row Python conversion
@@ -217,15 +237,19 @@ class Encoder:
                 texts = [s[2][1] for s in group]
                 spans = [s[2][2] for s in group]
             docs = []
-            for encoding, sp in zip(self._tokenize(texts, add_special_tokens=(kind == "prompt")), spans, strict=True):
+            encodings = self._tokenize(texts, add_special_tokens=(kind == "prompt"))
+            for encoding, text, sp in zip(encodings, texts, spans, strict=True):
                 mask = self._span_mask(encoding.offsets, sp)
+                if self.opts.loss_weights is not None:
+                    mask = self._weigh(encoding.offsets, text, sp, mask)
                 ids = encoding.ids
                 if kind == "prompt":  # the completion ends with EOS, and EOS is a target
+                    last = self.opts.loss_weights.last_round if self.opts.loss_weights is not None else 1
                     if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
                         ids.append(self.eos_id)
-                        mask = np.append(mask, 1).astype(np.uint8)
+                        mask = np.append(mask, last).astype(mask.dtype)
                     elif ids:
-                        mask[-1] = 1
+                        mask[-1] = last
                 docs.append((np.asarray(ids, dtype=np.int32), mask))
         for (ds_index, row_index, _), (tokens, mask) in zip(group, docs, strict=True):
             mask[:1] = 0  # see module docstring: the first token is never a target

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from surogate.errors import UserError
+from surogate.schema.loss_scale import NAMED, LossScaleError, LossWeights, is_custom, parse_loss_scale
 
 TRUNCATION_STRATEGIES = ("delete", "left", "right", "split")
-LOSS_SCALES = ("default", "all", "last_round")
+LOSS_SCALES = NAMED  # or a custom configuration (schema/loss_scale.py)
 PADDING_SIDES = ("left", "right")
 
 
@@ -38,6 +39,7 @@ class DataOptions:
     template: str | None
     system: str | None
     loss_scale: str
+    loss_weights: LossWeights | None  # a custom loss_scale, parsed (its weights, not its path, key the cache)
     response_prefix: str | None
     agent_template: str | None
     validation_split_ratio: float
@@ -68,9 +70,20 @@ def _choice(cfg: Any, name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _custom_loss_scale(value: str) -> LossWeights | None:
+    """The weights of a custom `loss_scale` (None for a named strategy); UserError naming the option."""
+    if not is_custom(value):
+        return None
+    try:
+        return parse_loss_scale(value)
+    except LossScaleError as exc:
+        raise UserError(f"loss_scale: {exc}") from None
+
+
 def data_options(cfg: Any) -> DataOptions:
     """Resolve the data options of `cfg`; raises `UserError` naming the field for inconsistent values."""
     sequence_len = int(getattr(cfg, "sequence_len", None) or 1024)
+    loss_scale = str(getattr(cfg, "loss_scale", None) or "default")
     max_length = getattr(cfg, "max_length", None)
     max_length = sequence_len if max_length is None else int(max_length)
     if max_length < 1:
@@ -105,7 +118,8 @@ def data_options(cfg: Any) -> DataOptions:
         use_chat_template=True if use_chat is None else bool(use_chat),
         template=getattr(cfg, "template", None),
         system=_unescape(getattr(cfg, "system", None)),
-        loss_scale=_choice(cfg, "loss_scale", "default", LOSS_SCALES),
+        loss_scale=loss_scale,
+        loss_weights=_custom_loss_scale(loss_scale),
         response_prefix=_unescape(getattr(cfg, "response_prefix", None)),
         agent_template=getattr(cfg, "agent_template", None),
         validation_split_ratio=ratio,

@@ -1,6 +1,7 @@
 """A tokenized, packed split and the batches the runtime trains on.
 
-Storage: all documents concatenated (`tokens` int32, `loss_mask` uint8), document boundaries
+Storage: all documents concatenated (`tokens` int32, `loss_mask` uint8, or float32 per-token weights under a
+custom loss_scale: then batches carry `loss_weights` float32 [B, S], aligned as labels), document boundaries
 (`doc_offsets`, [D+1]) and rows (`row_offsets` [R+1] into `row_docs`, the document indices of each row).
 Saved as .npy files and memory-mapped on load.
 
@@ -117,6 +118,8 @@ class TokenizedSplit:
         seg = np.zeros((batch_size, seq), dtype=np.int32)
         cu = np.full(self.cu_seqlens_size(batch_size), batch_size * seq, dtype=np.int32)
         cu[0] = 0
+        # float masks are a custom loss_scale's per-token weights: the batch carries them (HF-aligned, as labels)
+        weights = np.zeros((batch_size, seq), dtype=np.float32) if self.loss_mask.dtype.kind == "f" else None
         count, longest = 0, 0
         for b, row in enumerate(rows.tolist()):
             docs = self.row_docs[self.row_offsets[row]:self.row_offsets[row + 1]].tolist() if row >= 0 else []
@@ -132,15 +135,20 @@ class TokenizedSplit:
                     s, e = piece
                     ids[b, col:col + length] = self.tokens[s:e]
                     labels[b, col:col + length] = np.where(self.loss_mask[s:e] > 0, self.tokens[s:e], -100)
+                    if weights is not None:
+                        weights[b, col:col + length] = self.loss_mask[s:e]
                 pos[b, col:col + length] = np.arange(length)
                 seg[b, col:col + length] = count
                 col += length
                 count += 1
                 cu[count] = b * seq + col
                 longest = max(longest, length)
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": seg,
-                "cu_seqlens": cu, "num_docs": count, "max_seqlen": longest,
-                "num_loss_tokens": int(np.count_nonzero(labels != -100))}
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": seg,
+                 "cu_seqlens": cu, "num_docs": count, "max_seqlen": longest,
+                 "num_loss_tokens": int(np.count_nonzero(labels != -100))}
+        if weights is not None:
+            batch["loss_weights"] = weights
+        return batch
 
     # ------------------------------------------------------------------------------------- storage
 
@@ -168,5 +176,7 @@ class TokenizedSplit:
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         tokens = np.concatenate([t for t, _ in docs]).astype(np.int32) if docs else np.zeros(0, np.int32)
-        mask = np.concatenate([m for _, m in docs]).astype(np.uint8) if docs else np.zeros(0, np.uint8)
+        # uint8 0/1 masks, or float32 weights when any document has them (a custom loss_scale)
+        dtype = np.float32 if any(m.dtype.kind == "f" for _, m in docs) else np.uint8
+        mask = np.concatenate([m for _, m in docs]).astype(dtype) if docs else np.zeros(0, dtype)
         return cls(tokens, mask, offsets, rows[0], rows[1], seq_len, pad_token_id, padding_side)

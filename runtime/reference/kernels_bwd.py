@@ -153,8 +153,8 @@ class _CEGrads:
 
 def lm_head_ce_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     """d(mean CE)/d(x, W), recomputing each chunk's logits from the saved log-sum-exp."""
-    h, w, labels, lse, n_items = x
-    ce = CEChunks(h, w, labels, a)
+    h, w, labels, lse, n_items, *weights = x
+    ce = CEChunks(h, w, labels, a, *weights)
     grads = _CEGrads(ce, h, w, n_items, a["wrt"])
     for lo, hi, logits in ce:
         grads.add(logits, lo, hi, lse)
@@ -164,8 +164,8 @@ def lm_head_ce_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
 def lm_head_ce_fwd_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     """lm_head_ce and lm_head_ce_bwd from one logits computation per chunk (pass fuse_lm_head_ce), with the pair's
     math: (loss, lse, *grads in `wrt` order, None)."""
-    h, w, labels, n_items = x
-    ce = CEChunks(h, w, labels, a)
+    h, w, labels, n_items, *weights = x
+    ce = CEChunks(h, w, labels, a, *weights)
     grads = _CEGrads(ce, h, w, n_items, a["wrt"])
     lse = torch.empty(ce.n, dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32)

@@ -152,11 +152,15 @@ def dropout(x: Tensors, a: dict, ctx: Any) -> Tensors:
 class CEChunks:
     """The LM head's rows, labels and logits chunk by chunk (the `chunks` attr): full logits never exist at once."""
 
-    def __init__(self, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, a: dict) -> None:
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, a: dict,
+                 weights: torch.Tensor | None = None) -> None:
         self.rows = h.reshape(-1, h.shape[-1])
         self.w = w.to(self.rows.dtype)
         self.lab = labels.reshape(-1).long()
-        self.valid = self.lab != a.get("ignore_index", -100)
+        # each row's factor in the loss: 0 for ignored labels, else 1 or its `loss_weights` entry
+        self.valid = (self.lab != a.get("ignore_index", -100)).float()
+        if weights is not None:
+            self.valid = self.valid * weights.reshape(-1).float()
         self.n = self.rows.shape[0]
         self.step = -(-self.n // max(1, a.get("chunks", 1)))
 
@@ -174,9 +178,10 @@ class CEChunks:
 
 
 def lm_head_ce(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    """Sum of CE over non-ignored rows / num_items, row chunk by row chunk: full logits never exist at once."""
-    h, w, labels, n_items = x
-    ce = CEChunks(h, w, labels, a)
+    """Sum of CE over non-ignored rows (times their loss weights) / num_items, row chunk by row chunk: full logits
+    never exist at once."""
+    h, w, labels, n_items, *weights = x
+    ce = CEChunks(h, w, labels, a, *weights)
     lse = torch.empty(ce.n, dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32)
     for lo, hi, logits in ce:

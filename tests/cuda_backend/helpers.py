@@ -75,11 +75,13 @@ class Runner:
         self.device = device
 
     def write_batch(self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                    cu_seqlens: torch.Tensor | None = None) -> None:
+                    cu_seqlens: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None) -> None:
         b, t = ids.shape
         data = {"input_ids": ids, "labels": labels,
                 "position_ids": position_ids if position_ids is not None else torch.arange(t).expand(b, t),
                 "cu_seqlens": cu_seqlens if cu_seqlens is not None else torch.arange(0, b * t + 1, t)}
+        if loss_weights is not None:  # HF-aligned per-token weights (a custom loss_scale)
+            data["loss_weights"] = loss_weights
         for name, value in plan_inputs(self.plan, data).items():
             self.ex.write(name, value)  # host values: copied into the arena views (no device allocation)
 

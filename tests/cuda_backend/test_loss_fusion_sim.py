@@ -33,13 +33,13 @@ def _plans(cfg, monkeypatch):
     return fused, unfused
 
 
-def _through_the_loss(runner, kind, ids, labels):
+def _through_the_loss(runner, kind, ids, labels, loss_weights=None):
     """Run the plan's program up to and including its op `kind` (the loss's backward or the fused op): the
     loss and the gradient the loss sends into the model, without the rest of the backward."""
     ops = runner.plan.ops
     last = next(i for i, op in enumerate(ops) if op.kind == kind)
     runner.ex.programs["head"] = ops[: last + 1]
-    runner.write_batch(ids, labels)
+    runner.write_batch(ids, labels, loss_weights=loss_weights)
     runner.ex.run("head", StepContext(runner.plan, 0))
     dx = runner.ex.views[ops[last].outputs[2 if kind == "lm_head_ce_fwd_bwd" else 0]]
     return float(runner.ex.observed[runner.loss_name]), dx.clone()
@@ -96,3 +96,22 @@ def test_evaluation_runs_the_fused_loss_forward_only_on_the_cuda_table(model_dir
     assert torch.all(dx == 7.0)  # forward only: the gradient output is left alone
     assert abs(loss - _eval_loss(ref, ids, labels)) <= 1e-5 * loss
     assert abs(loss - train_loss) > 1e-4  # training dropped adapter inputs, evaluation did not
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "pair"])
+def test_weighted_loss_on_the_cuda_table_equals_the_cpu_table(model_dir, monkeypatch, fused):
+    """A custom loss_scale's per-token weights: the cuda table's CE kernels (weights applied to each row's loss
+    and logits gradient) against the reference, through the loss (two row chunks)."""
+    cfg = sim_cfg(model_dir, lora=True, lora_rank=4, lora_alpha=8, lmhead_chunks=2,
+                  loss_scale='{"prompt": 0.5, "last_round": 2.0}')
+    plan, pair = _plans(cfg, monkeypatch)
+    plan = plan if fused else pair
+    kind = "lm_head_ce_fwd_bwd" if fused else "lm_head_ce_bwd"
+    ids, labels = batch(1, 8, seed=4)
+    w = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2)) * 2.0
+    weights = lora_b_weights(plan)
+    l0, dx0 = _through_the_loss(Runner(cfg, "cpu", plan=plan, weights=weights), kind, ids, labels, w)
+    l1, dx1 = _through_the_loss(Runner(cfg, "cuda", plan=plan, weights=weights), kind, ids, labels, w)
+    lu, dxu = _through_the_loss(Runner(cfg, "cuda", plan=plan, weights=weights), kind, ids, labels, w * 0 + 1)
+    assert abs(l1 - l0) <= 1e-5 * abs(l0) and abs(lu - l0) > 1e-4  # the weights reached the loss
+    assert (dx1 - dx0).abs().max() <= 1e-4 * dx0.abs().max() and not torch.allclose(dxu, dx0)

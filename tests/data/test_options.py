@@ -35,7 +35,7 @@ def test_escaped_newlines_and_cache_fields():
 
 @pytest.mark.parametrize("attrs, message", [
     ({"truncation_strategy": "middle"}, "truncation_strategy: 'middle' is not one of"),
-    ({"loss_scale": "half"}, "loss_scale: 'half' is not one of"),
+    ({"loss_scale": "half"}, "loss_scale: not one of default, all, last_round, a JSON object, or an existing .json file: 'half'"),
     ({"padding_side": "up"}, "padding_side: 'up' is not one of"),
     ({"validation_split_ratio": 1.0}, r"validation_split_ratio: must be in \[0, 1\)"),
     ({"dataloader_num_workers": -1}, "dataloader_num_workers: must be >= 0"),

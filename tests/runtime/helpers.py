@@ -97,13 +97,15 @@ class PlanRunner:
 
     def micro_step(self, ids: torch.Tensor, labels_hf: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                    cu_seqlens: torch.Tensor | None = None, num_items: int | None = None,
-                   step: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+                   step: int = 0, loss_weights: torch.Tensor | None = None) -> tuple[float, dict[str, torch.Tensor]]:
         """One micro-step from zeroed gradients: (loss, {weight name: gradient}). Plan weight names are the HF
         names (LoRA: PEFT's without the `base_model.model.` prefix and the adapter name)."""
         b, t = ids.shape
         batch = {"input_ids": ids, "labels": labels_hf,
                  "position_ids": position_ids if position_ids is not None else torch.arange(t).expand(b, t),
                  "cu_seqlens": cu_seqlens if cu_seqlens is not None else torch.arange(0, b * t + 1, t)}
+        if loss_weights is not None:  # HF-aligned per-token weights (a custom loss_scale)
+            batch["loss_weights"] = loss_weights
         self.ex.zero_gradients()
         for name, value in plan_inputs(self.plan, batch, num_items=num_items).items():
             self.ex.write(name, value)
