@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from surogate.errors import UserError
+
 # Bump when the tokenized output of the same inputs changes (format or semantics).
 CACHE_VERSION = 3  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a string)
 
@@ -34,6 +36,32 @@ def cache_root(cfg: Any, rank: int = 0) -> Path:
     if worker_dir:
         return Path(worker_dir).expanduser() / f"node-{rank}" / "tokenized"
     return Path(getattr(cfg, "output_dir", None) or "output").expanduser() / "tokenized"
+
+
+def cache_root_origin(cfg: Any) -> str:
+    """The config field that chose `cache_root` (for errors about that folder)."""
+    dist = getattr(cfg, "distributed", None)
+    if dist is not None and getattr(dist, "worker_output_dir", None):
+        return "distributed.worker_output_dir"
+    if int(getattr(dist, "num_nodes", 1) or 1) > 1:
+        return "distributed.num_nodes (multi-node runs cache under /tmp/surogate-<run_name>; set " \
+            "distributed.worker_output_dir)"
+    return "output_dir"
+
+
+def ensure_cache_root(cfg: Any, rank: int = 0) -> Path:
+    """`cache_root`, created and writable; `UserError` naming the folder and its config field otherwise
+    (output_dir an existing file, a read-only or impossible place such as /proc/x)."""
+    root = cache_root(cfg, rank)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise UserError(f"{cache_root_origin(cfg)}: cannot create the tokenized-data folder {root} ({reason})") \
+            from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"{cache_root_origin(cfg)}: the tokenized-data folder {root} is not writable")
+    return root
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

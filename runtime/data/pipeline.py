@@ -36,7 +36,15 @@ import numpy as np
 from surogate.errors import UserError
 
 from .agent import AGENT_TEMPLATES
-from .cache import cache_key, cache_root, entry_ready, tokenizer_fingerprint, write_atomic
+from .cache import (
+    cache_key,
+    cache_root,
+    cache_root_origin,
+    ensure_cache_root,
+    entry_ready,
+    tokenizer_fingerprint,
+    write_atomic,
+)
 from .encode import Encoder, EncodeResult
 from .errors import BadRow
 from .formats import DatasetSpec, resolve_spec
@@ -167,6 +175,30 @@ def _load_entry(folder: Path, started: float) -> PreparedData:
     return PreparedData(train, evals, stats)
 
 
+def _load_entry_or_discard(folder: Path, started: float) -> PreparedData | None:
+    """The cache entry in `folder`, or None after moving it away when it is broken (truncated or edited
+    files): it is then rebuilt, never used and never a crash."""
+    import shutil
+    import uuid
+
+    try:
+        return _load_entry(folder, started)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # np.load / json / split.check on bad files
+        logger.warning("tokenized cache entry %s is broken (%s: %s); rebuilding it", folder, type(exc).__name__,
+                       exc)
+    # Renamed first (atomic), so that a concurrent reader never sees it half-deleted; then removed.
+    trash = folder.parent / f".{folder.name}.broken-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return None  # another process discarded it first
+    except OSError as exc:
+        raise UserError(f"tokenized cache entry {folder} is broken and cannot be removed ({exc.strerror}); "
+                        "delete it") from None
+    shutil.rmtree(trash, ignore_errors=True)
+    return None
+
+
 def _save_entry(folder: Path, data: PreparedData, key_parts: dict) -> None:
     import json
 
@@ -223,10 +255,12 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         "template": template.source,
         "on_bad_row": on_bad_row,  # a cache built skipping bad rows must not satisfy a strict run
     }
-    folder = cache_root(cfg, rank) / cache_key(key_parts)
+    folder = (ensure_cache_root(cfg, rank) if use_cache else cache_root(cfg, rank)) / cache_key(key_parts)
     if use_cache and entry_ready(folder):
-        logger.info("reusing tokenized data from %s", folder)
-        return _load_entry(folder, started)
+        cached = _load_entry_or_discard(folder, started)
+        if cached is not None:
+            logger.info("reusing tokenized data from %s", folder)
+            return cached
     loaded = [early[i] if i in early else load_source(s, on_bad_row) for i, s in enumerate(sources)]
 
     specs: list[DatasetSpec] = []
@@ -274,7 +308,11 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
     data = PreparedData(train, evals, stats)
     stats.seconds = time.perf_counter() - started
     if use_cache:
-        _save_entry(folder, data, key_parts)
+        try:
+            _save_entry(folder, data, key_parts)
+        except OSError as exc:  # disk full, permissions changed since ensure_cache_root, ...
+            raise UserError(f"{cache_root_origin(cfg)}: cannot write the tokenized cache entry {folder} "
+                            f"({exc.strerror or exc})") from None
         # Serve the memory-mapped copy, like a cache hit does, so both paths behave the same.
         data = PreparedData(TokenizedSplit.load(folder / "train"),
                             TokenizedSplit.load(folder / "eval") if evals is not None else None, stats)

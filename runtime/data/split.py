@@ -162,11 +162,34 @@ class TokenizedSplit:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, mmap: bool = True) -> TokenizedSplit:
-        """Read a split written by `save` (memory-mapped unless `mmap` is False)."""
+        """Read a split written by `save` (memory-mapped unless `mmap` is False).
+
+        Raises `ValueError` (or `OSError`) when the files are missing, truncated or inconsistent.
+        """
         folder = Path(folder)
         meta = json.loads((folder / "split.json").read_text())
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r" if mmap else None) for n in _ARRAYS}
-        return cls(**arrays, **meta)
+        split = cls(**arrays, **meta)
+        split.check()
+        return split
+
+    def check(self) -> None:
+        """`ValueError` unless the arrays fit together: a truncated or edited file can still load (an .npy
+        header that lies about nothing) yet hold too few tokens or offsets past the end."""
+        docs, rows = self.doc_offsets, self.row_offsets
+        problems = [
+            (len(self.loss_mask) != len(self.tokens), "loss_mask and tokens differ in length"),
+            (len(docs) == 0 or int(docs[0]) != 0 or int(docs[-1]) != len(self.tokens),
+             "doc_offsets do not span tokens"),
+            (len(rows) == 0 or int(rows[0]) != 0 or int(rows[-1]) != len(self.row_docs),
+             "row_offsets do not span row_docs"),
+            (bool(np.any(np.diff(docs) < 0)) or bool(np.any(np.diff(rows) < 0)), "offsets decrease"),
+            (len(self.row_docs) > 0 and not 0 <= int(np.min(self.row_docs)) <= int(np.max(self.row_docs)) <
+             len(docs) - 1, "row_docs name documents that do not exist"),
+        ]
+        bad = [text for failed, text in problems if failed]
+        if bad:
+            raise ValueError("; ".join(bad))
 
     @classmethod
     def from_docs(cls, docs: list[tuple[np.ndarray, np.ndarray]], rows: tuple[np.ndarray, np.ndarray],

@@ -248,3 +248,28 @@ def test_unreadable_line_is_an_error_or_a_skipped_row(tmp_path, model_dir):
     data = prepare(cfg, on_bad_row="skip")
     assert data.stats.counts["skipped_invalid_utf8"] == 1 and data.stats.train.docs == 4
     assert any("row 2" in s and "line 3" in s for s in data.stats.skipped_examples)
+
+
+@pytest.mark.parametrize("name, size", [("doc_offsets.npy", 50), ("tokens.npy", 200), ("split.json", 3)])
+def test_a_broken_cache_entry_is_rebuilt_with_a_warning(tmp_path, model_dir, conv_file, caplog, name, size):
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}])
+    first = prepare(cfg)
+    expected = all_tokens(first.train)  # read now: `first` maps the files about to be truncated
+    with open(f"{first.stats.cache_dir}/train/{name}", "r+b") as f:
+        f.truncate(size)
+    with caplog.at_level("WARNING", logger="surogate.data"):
+        again = prepare(cfg)
+    assert "is broken" in caplog.text and "rebuilding it" in caplog.text
+    assert not again.stats.from_cache and all_tokens(again.train) == expected
+    assert prepare(cfg).stats.from_cache  # the rebuilt entry is whole again
+
+
+def test_unusable_output_dir_is_a_user_error_naming_it(tmp_path, model_dir, conv_file):
+    (tmp_path / "a_file").write_text("x")
+    ds = [{"path": conv_file, "type": "conversation"}]
+    with pytest.raises(UserError, match=r"^output_dir: cannot create the tokenized-data folder .*a_file/tokenized "
+                                        r"\(a file is in the way\)"):
+        prepare(make_cfg(tmp_path, model_dir(), ds, output_dir=str(tmp_path / "a_file")))
+    with pytest.raises(UserError, match=r"^distributed\.worker_output_dir: cannot create the tokenized-data folder"):
+        prepare(make_cfg(tmp_path, model_dir(), ds, distributed={"worker_output_dir": "/proc/x"}))
+    assert prepare(make_cfg(tmp_path, model_dir(), ds, output_dir=str(tmp_path / "a_file")), use_cache=False)

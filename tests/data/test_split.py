@@ -130,3 +130,13 @@ def test_save_and_load_round_trip(tmp_path):
     a = next(split.batches(2, seed=1, as_numpy=True))
     b = next(loaded.batches(2, seed=1, as_numpy=True))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_load_rejects_arrays_that_do_not_fit_together(tmp_path):
+    docs = [(np.arange(1, 6, dtype=np.int32), np.ones(5, np.uint8)), (np.arange(1, 4, dtype=np.int32),
+                                                                      np.ones(3, np.uint8))]
+    TokenizedSplit.from_docs(docs, (np.array([0, 1, 2]), np.array([0, 1])), 8, 0, "right").save(tmp_path)
+    assert TokenizedSplit.load(tmp_path).num_docs == 2
+    np.save(tmp_path / "doc_offsets.npy", np.array([0, 5, 9]))  # a whole .npy file, but past the tokens
+    with pytest.raises(ValueError, match="doc_offsets do not span tokens"):
+        TokenizedSplit.load(tmp_path)
