@@ -7,7 +7,7 @@ parses as JSON unquoted, so decoding turns the string "48" into the int 48, "nul
 the bytes as written, so every value is kept exactly.
 
 Memory: JSON Lines and text files are scanned once (validating every line and collecting the column
-names) and only the byte offset of each row is kept (8 bytes a row); rows are re-read and parsed a chunk
+names) and only the byte offset and line number of each row are kept (16 bytes a row); rows are re-read and parsed a chunk
 at a time when the pipeline asks for them. A `.json` file holding one JSON array is parsed whole (as the
 `datasets` builder does). Text files give one row per line (column `text`, blank lines included, line
 break removed), like the `datasets` text builder.
