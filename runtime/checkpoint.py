@@ -4,12 +4,24 @@ Layout of one checkpoint (`<checkpoint_dir>/checkpoint-<step>/`):
     tensors.safetensors   weights, optimizer tensors, torch RNG states (`__rng__.*`, uint8)
     state.json            JSON-able training state (optimizer scalars, LR schedule, data position, ...),
                           the Python/NumPy RNG words and the step
-    manifest.json         written last: format version, step, size and sha256 of every other file
+    manifest.json         written last: format version, step, size and sha256 of every other file, a
+                          random `id`, and `previous`: the `id` of the checkpoint the `latest` pointer
+                          named when this save began (None without one)
 
 A save writes into `checkpoint-<step>.tmp-<pid>/`, fsyncs every file and the folder, renames it to
 `checkpoint-<step>/`, fsyncs the parent, then replaces the `latest` pointer file atomically, then
 rotates. A crash at any moment leaves either the previous state or the new one: a `.tmp-*` folder
 (ignored and later removed) or a complete, verifiable checkpoint. `latest()` trusts only manifests.
+
+One folder holds one run's line of checkpoints. A fresh run refuses a folder that already holds
+checkpoints (`refuse_foreign`), and rotation and `latest()` do not rely on that alone:
+- `latest()` follows the pointer; a newer checkpoint wins over it only when its manifest's `previous`
+  is the pointer target's `id` (the save that crashed between its rename and the pointer update), so
+  checkpoints of another line with higher step numbers are not taken for this run's.
+- rotation counts only this line's good checkpoints: none newer than the one just written (those are not
+  this run's), none that `latest()` found corrupt when the run resumed (a checkpoint known to be bad
+  must never be kept in place of a good one). Rotation deletes neither kind: they are reported, and are
+  the user's to inspect or remove (a corrupt one is replaced when the run saves that step again).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,19 +87,24 @@ class Checkpoint:
 class CheckpointManager:
     """Saves, rotates, finds and loads checkpoints in one folder."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, save_total_limit: int | None = None, config: Any = None):
-        """`config` (a TrainConfig): its fingerprint is saved with every checkpoint and checked on `load()`."""
+    def __init__(self, checkpoint_dir: str | os.PathLike, save_total_limit: int | None = None, config: Any = None,
+                 field: str = "checkpoint_dir"):
+        """`config` (a TrainConfig): its fingerprint is saved with every checkpoint and checked on `load()`.
+        `field`: the config option that chose the folder, for error messages."""
         self.dir = Path(checkpoint_dir)
+        self.field = field
         self.save_total_limit = save_total_limit if save_total_limit and save_total_limit > 0 else None
         self.fingerprint = config_fingerprint(config) if config is not None else None
         self._verified: set[Path] = set()  # hashed by latest(): load() need not hash them again
+        self.bad: dict[Path, str] = {}  # checkpoints latest() skipped, with the reason: never kept by rotation
         # Test seam: called with a stage name between the steps of a save (crash-injection tests).
         self._stage: Callable[[str], None] = lambda stage: None
 
     @classmethod
     def from_config(cls, cfg: Any) -> CheckpointManager:
         """`checkpoint_dir` (default `output_dir`), `save_total_limit` and the config fingerprint of a TrainConfig."""
-        return cls(cfg.checkpoint_dir or cfg.output_dir, cfg.save_total_limit, config=cfg)
+        field = "checkpoint_dir" if cfg.checkpoint_dir else "output_dir"
+        return cls(cfg.checkpoint_dir or cfg.output_dir, cfg.save_total_limit, config=cfg, field=field)
 
     # ---- saving -------------------------------------------------------------------------------
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
@@ -120,7 +138,8 @@ class CheckpointManager:
             self._stage("state_written")
             files = {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_of(tmp / n)}
                      for n in (TENSORS_FILE, STATE_FILE)}
-            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "files": files}
+            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "files": files,
+                        "id": uuid.uuid4().hex, "previous": self._pointer_id()}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
             fsync_file(tmp / MANIFEST_FILE)
             fsync_dir(tmp)
@@ -139,12 +158,18 @@ class CheckpointManager:
         publish_dir(tmp, final, self._stage)
 
     def _rotate(self, keep: Path) -> None:
-        """Delete the oldest complete checkpoints beyond `save_total_limit` (never `keep`)."""
+        """Delete this line's oldest good checkpoints beyond `save_total_limit` (never `keep`).
+
+        Counted are the complete checkpoints up to `keep`'s step that `latest()` did not find corrupt: a newer
+        one is not this run's (rotation by step number would delete this run's own, as if it were older), a
+        known-bad one must not take a good one's place. Neither kind is deleted (see the module docstring).
+        """
         if self.save_total_limit is None:
             return
-        complete = [p for p in self._candidates() if self._problem(p, hashes=False) is None]
-        excess = len(complete) - self.save_total_limit
-        for path in complete[:max(0, excess)]:
+        keep_step = _step_of(keep)
+        pool = [p for p in self.checkpoints() if _step_of(p) <= keep_step and p not in self.bad]
+        excess = len(pool) - self.save_total_limit
+        for path in pool[:max(0, excess)]:
             if path == keep:
                 continue
             # Rename first: a crash mid-delete leaves a `.del-*` folder, never a half-deleted checkpoint.
@@ -213,38 +238,144 @@ class CheckpointManager:
         return None
 
     def latest(self, verify_hashes: bool = True) -> Path | None:
-        """The newest complete checkpoint (stale temp folders are removed first), or None if there is none.
+        """The newest complete checkpoint of this folder's line (stale temp folders are removed first), or None.
 
-        The `latest` pointer is followed when it names a complete checkpoint; otherwise (missing, stale,
-        or corrupt target) the folders are scanned, newest first, skipping incomplete or corrupt ones.
+        The `latest` pointer is followed when it names a complete checkpoint, and then past it to a newer
+        checkpoint whose manifest says it was written right after it (a crash between a save's rename and
+        its pointer update). Otherwise (no pointer, stale or corrupt target) the folders are scanned, newest
+        first, skipping incomplete or corrupt ones (recorded in `bad`, with a warning).
         """
         self.clean_stale()
         candidates = self._candidates()
-        pointer = self.dir / LATEST_FILE
-        if pointer.is_file():
-            target = self.dir / pointer.read_text(encoding="utf-8").strip()
-            # The pointer is a hint: a newer complete checkpoint (crash between rename and pointer
-            # update) still wins.
-            if target in candidates and target == candidates[-1] and self._problem(target, verify_hashes) is None:
-                self._verified |= {target} if verify_hashes else set()
-                return target
+        target = self.dir / (self._pointer_name() or "-")
+        if target in candidates and self._good(target, verify_hashes):
+            return self._successor(target, candidates, verify_hashes)
         for path in reversed(candidates):
-            problem = self._problem(path, verify_hashes)
-            if problem is None:
-                self._verified |= {path} if verify_hashes else set()
+            if self._good(path, verify_hashes):
                 return path
-            log.warning("skipping checkpoint %s: %s", path, problem)
         return None
+
+    def _good(self, path: Path, verify_hashes: bool) -> bool:
+        """Whether `path` is complete and intact; a bad one is recorded in `bad` and warned about."""
+        problem = self._problem(path, verify_hashes)
+        if problem is None:
+            self._verified |= {path} if verify_hashes else set()
+            return True
+        if path not in self.bad:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+        self.bad[path] = problem
+        return False
+
+    def _successor(self, target: Path, candidates: list[Path], verify_hashes: bool) -> Path:
+        """`target`, or the newest good checkpoint saved after it in the same line (`previous` -> `id` chain).
+
+        Checkpoints written before manifests had `id` / `previous` keep the old rule: the newest complete wins.
+        """
+        newer = [p for p in candidates if _step_of(p) > _step_of(target)]
+        if "id" not in self._manifest(target) or any("previous" not in self._manifest(p) for p in newer):
+            return next((p for p in reversed(newer) if self._good(p, verify_hashes)), target)
+        current = target
+        for path in newer:
+            if (self._manifest(path)["previous"] == self._manifest(current)["id"]
+                    and self._good(path, verify_hashes)):
+                current = path
+        return current
+
+    def _manifest(self, path: Path) -> dict:
+        """A checkpoint's manifest, or {} when it is missing or unreadable."""
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return manifest if isinstance(manifest, dict) else {}
+
+    def _pointer_id(self) -> str | None:
+        """The manifest `id` of the checkpoint the `latest` pointer names, or None."""
+        name = self._pointer_name()
+        return self._manifest(self.dir / name).get("id") if name else None
+
+    def _pointer_name(self) -> str | None:
+        """The folder name the `latest` pointer holds, or None without a readable pointer."""
+        try:
+            return (self.dir / LATEST_FILE).read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints (sizes checked), oldest first."""
         return [p for p in self._candidates() if self._problem(p, hashes=False) is None]
+
+    def folders(self) -> list[Path]:
+        """Every `checkpoint-<step>` folder, complete or not, oldest first."""
+        return self._candidates()
+
+    # ---- guarding the folder before a run ------------------------------------------------------
+    def check_writable(self) -> None:
+        """UserError naming the folder's option unless the checkpoint folder exists (or can be made) and is writable.
+
+        Run before training: otherwise the first save, steps later, fails and those steps are lost.
+        """
+        probe = self.dir / f".surogate-write-check-{os.getpid()}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise UserError(f"{self.field}: {self.dir} cannot hold checkpoints: {_where_a_file_is(self.dir)} is a file, "
+                            f"not a folder ({exc.strerror}); choose another {self.field}") from None
+        except OSError as exc:
+            raise UserError(f"{self.field}: cannot write checkpoints into {self.dir} ({exc.strerror or exc}); choose a "
+                            f"writable {self.field} or fix its permissions") from None
+
+    def refuse_foreign(self) -> None:
+        """UserError when a run that does not resume would write into a folder holding checkpoints already.
+
+        Its saves would mix with them: rotation would count them, a later resume could pick theirs.
+        Nothing is deleted: the user resumes them, points the run elsewhere, or removes them.
+        """
+        self.clean_stale()
+        found = self.folders()
+        if not found:
+            return
+        names = ", ".join(p.name for p in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise UserError(
+            f"{self.field}: {self.dir} already holds checkpoints of an earlier run ({names}), and "
+            "resume_from_checkpoint is false: a fresh run would mix its checkpoints with them. Either resume them "
+            "(resume_from_checkpoint: true), choose another output_dir or checkpoint_dir, or remove them "
+            f"(rm -r {self.dir}/checkpoint-*)")
+
+    def refuse_unusable(self) -> None:
+        """UserError when resuming found checkpoint folders but none usable (after `latest()` returned None).
+
+        Starting from step 0 beside them would mix two runs, and the user asked to resume: say what is wrong.
+        """
+        found = self.folders()
+        if not found:
+            return
+        why = "; ".join(f"{p.name}: {self.bad.get(p) or self._problem(p) or 'unusable'}" for p in found[-4:])
+        raise UserError(
+            f"{self.field}: resume_from_checkpoint is true but none of the {len(found)} checkpoint(s) in {self.dir} is "
+            f"usable ({why}). Restore them from a copy, or start afresh elsewhere (another output_dir or "
+            f"checkpoint_dir) or after removing them (rm -r {self.dir}/checkpoint-*)")
 
     # ---- loading ------------------------------------------------------------------------------
     def load(self, path: str | os.PathLike) -> Checkpoint:
         """`load()` checked against this manager's config (if it has one); a folder `latest()` just
         hashed is not hashed again (sizes are still checked)."""
         return load(path, self.fingerprint, verify_hashes=Path(path) not in self._verified)
+
+
+def _step_of(path: Path) -> int:
+    """The step number of a `checkpoint-<step>` folder."""
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def _where_a_file_is(path: Path) -> Path:
+    """`path` or the first of its parents that exists as something other than a folder."""
+    for p in [*reversed(path.parents), path]:
+        if p.exists() and not p.is_dir():
+            return p
+    return path
 
 
 def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool = True) -> Checkpoint:

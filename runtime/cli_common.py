@@ -28,7 +28,17 @@ def load_with_overrides(path: str, max_steps: int | None) -> Any:
         raise ConfigError([i for i in exc.issues]) from None
 
 
-def print_result(result: Any) -> None:
+def print_result(result: Any) -> int:
+    """Print what the run did; returns the command's exit code (128 + the signal's number when a stop signal
+    ended it: SIGTERM 143, SIGINT 130; else 0)."""
+    from surogate.runtime.stop_signals import exit_code
+
     print(f"trained {result.steps} step(s)" + (f"; stopped: {result.stopped}" if result.stopped else ""))
     for kind, path in result.outputs.items():
         print(f"  {kind}: {path}")
+    signum = getattr(result, "signal", None)
+    if not signum:
+        return 0
+    print(f"interrupted at step {result.steps}, checkpoint saved; run the same command again to continue "
+          "(resume_from_checkpoint: true, the default)")
+    return exit_code(signum)

@@ -20,5 +20,4 @@ def run(args: argparse.Namespace) -> int:
         if ds.type not in ("text", "auto"):
             raise UserError(f"datasets[{i}].type: pre-training reads raw text (`type: text`), got {ds.type!r}; "
                             "use `surogate sft` for instruction or conversation data")
-    print_result(run_training(cfg))
-    return 0
+    return print_result(run_training(cfg))

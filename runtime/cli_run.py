@@ -17,5 +17,4 @@ def run(args: argparse.Namespace) -> int:
 
     plan = read_plan(args.plan)
     cfg = config_from_dict(plan.config, source=f"{args.plan} (embedded config)")
-    print_result(run_training(cfg, plan=plan))
-    return 0
+    return print_result(run_training(cfg, plan=plan))

@@ -14,5 +14,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from surogate.runtime.session import run_training
 
-    print_result(run_training(load_with_overrides(args.config, args.max_steps)))
-    return 0
+    return print_result(run_training(load_with_overrides(args.config, args.max_steps)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,8 +18,16 @@ from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
 from surogate.compiler.report import device_total
 from surogate.errors import NotAvailableError, UserError
+from surogate.runtime.stop_signals import StopSignals
 from surogate.runtime.trainer import Trainer, TrainResult
 from surogate.schema import gpu_requirements, min_compute_capability, sm_of
+
+
+@dataclass
+class SessionResult(TrainResult):
+    """A TrainResult that also says which stop signal (SIGTERM, SIGINT) ended the run early, if one did."""
+
+    signal: int | None = None
 
 
 def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
@@ -51,6 +60,93 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
         # soft needs (qlora_fp8 below SM89) run through a slower fallback: say so instead of refusing
         notes += [f"{r.field}: {r.what} (SM{sm} here: running the fallback)" for r in gpu_requirements(cfg)
                   if not r.hard and sm < r.min_sm]
+    return notes
+
+
+# ---- the checkpoint folder, checked before anything is trained ---------------------------------------------
+def _checkpoint_dir_problem(cfg: Any) -> str | None:
+    """Why the checkpoint folder cannot take this run, or None: not a writable folder, or (a run that does not
+    resume) it holds another run's checkpoints. Cheap: nothing is hashed."""
+    from surogate.runtime.checkpoint import CheckpointManager
+
+    manager = CheckpointManager.from_config(cfg)
+    try:
+        manager.check_writable()
+        if not cfg.resume_from_checkpoint:
+            manager.refuse_foreign()
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def _guard_checkpoint_dir(cfg: Any) -> None:
+    """UserError (every rank) when the checkpoint folder cannot take this run; rank 0 looks, the others agree."""
+    from surogate.runtime.distributed import comm
+
+    problem = comm.broadcast(_checkpoint_dir_problem(cfg) if comm.rank() == 0 else None)
+    if problem:
+        raise UserError(problem)
+
+
+def _resume(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | None, list[str]]:
+    """Restore the newest good checkpoint when `resume_from_checkpoint`; returns it and notes on the ones skipped.
+
+    Checkpoint folders none of which is usable stop the run (UserError): starting from step 0 beside them
+    would mix two runs, and the user asked to continue."""
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.distributed.state import find_latest
+
+    if not cfg.resume_from_checkpoint:
+        return None, []
+    latest = find_latest(checkpoints)
+    if latest is None:
+        problem = None
+        if comm.rank() == 0:
+            try:
+                checkpoints.refuse_unusable()
+            except UserError as exc:
+                problem = str(exc)
+        problem = comm.broadcast(problem)
+        if problem:
+            raise UserError(problem)
+        return None, []
+    trainer.restore(checkpoints.load(latest))
+    notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
+             "not counted by save_total_limit (saving that step again replaces it)"
+             for path, why in sorted(checkpoints.bad.items())]
+    return latest, notes
+
+
+# ---- what the data pipeline left out ---------------------------------------------------------------------
+_DATA_NOTES = {
+    "deleted_too_long": ("row", "deleted (longer than max_length {max_length}; truncation_strategy: delete)"),
+    "truncated_left": ("row", "truncated on the left to max_length {max_length}"),
+    "truncated_right": ("row", "truncated on the right to max_length {max_length}"),
+    "split_docs": ("row", "split into pieces of max_length {max_length}"),
+    "dropped_no_trainable_after_truncation": ("piece", "dropped (no trainable token left after truncation)"),
+}
+
+
+def _data_notes(data: Any, cfg: Any) -> list[str]:
+    """Start-summary notes on rows the data pipeline deleted, truncated, split or skipped (never silent)."""
+    from surogate.runtime.data.options import data_options
+
+    counts = dict(getattr(data.stats, "counts", None) or {})
+    max_length = data_options(cfg).max_length
+    notes = []
+    for key, n in sorted(counts.items()):
+        if not n:
+            continue
+        if key in _DATA_NOTES:
+            unit, what = _DATA_NOTES[key]
+            what = what.format(max_length=max_length)
+        elif key.startswith("skipped_"):
+            unit, what = "row", f"skipped ({key.removeprefix('skipped_').replace('_', ' ')})"
+        else:
+            continue
+        notes.append(f"data: {n:,} {unit}{'s' if n != 1 else ''} {what}")
+    examples = list(getattr(data.stats, "skipped_examples", None) or [])
+    notes += [f"data: e.g. {line}" for line in examples[:3]]
     return notes
 
 
@@ -126,7 +222,18 @@ def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict
 def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = None,
                  console_file: TextIO | None = None, force_terminal: bool | None = None) -> TrainResult:
     """Train `cfg` to the end (or an early stop); returns losses and output paths. `backend`: `cuda` or `cpu`
-    (default: `cuda` where a GPU is present)."""
+    (default: `cuda` where a GPU is present).
+
+    SIGTERM / SIGINT during the training loop stop it after the current step with a checkpoint and the log's
+    end record; the result's `signal` says which (the CLI exits 128 + its number). Elsewhere they raise
+    `stop_signals.Interrupted` (a KeyboardInterrupt)."""
+    with StopSignals(is_main=int(os.environ.get("RANK", "0") or 0) == 0) as stop:
+        return _run_training(cfg, plan, backend, console_file, force_terminal, stop)
+
+
+def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file: TextIO | None,
+                  force_terminal: bool | None, stop: StopSignals) -> TrainResult:
+    """`run_training` with the stop-signal handlers installed."""
     from surogate.compiler.models import resolve_model
     from surogate.compiler.pipeline import compile_plan
     from surogate.compiler.report import memory_table_text
@@ -136,29 +243,27 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     from surogate.runtime.distributed import comm
     from surogate.runtime.distributed.launch import launch_if_needed, rank_notes
     from surogate.runtime.distributed.shards import initialise_rank, unsharded
-    from surogate.runtime.distributed.state import find_latest
     from surogate.runtime.executor import ArenaExecutor
     from surogate.runtime.lr_schedule import warmup_steps_for
-    from surogate.runtime.observe import (
-        EndSummary,
-        EvalMetrics,
-        RunInfo,
-        StepMetrics,
-        TrainingObserver,
-        adjust_epochs,
-    )
+    from surogate.runtime.observe import EndSummary, RunInfo, TrainingObserver, adjust_epochs
     from surogate.runtime.weights import initial_weights, initialise
 
     if not cfg.datasets:
         raise UserError("datasets: training needs at least one dataset")
+    joined = comm.initialized()  # a rank our launcher started has joined its world already
+    _guard_checkpoint_dir(cfg)  # before anything is trained: a save that cannot happen loses the steps before it
     spec = resolve_model(cfg)
     plan = plan if plan is not None else compile_plan(cfg)
     backend = backend or default_backend()
-    launched = launch_if_needed(cfg, plan, backend)  # world > 1 and no process group: start the ranks
+    with stop.forwarding():  # a launcher passes signals on to its ranks, which stop at a safe point
+        launched = launch_if_needed(cfg, plan, backend)  # world > 1 and no process group: start the ranks
     if launched is not None:
         return launched
+    if not joined and comm.initialized():  # a world just joined (torchrun): rank 0 looks, every rank agrees
+        _guard_checkpoint_dir(cfg)
     hardware_notes = _check_runnable(plan, cfg, backend)
     rank, world = comm.rank(), comm.world()
+    stop.is_main = rank == 0
     torch.manual_seed(int(cfg.train_seed))
     tokenizer = load_tokenizer(cfg)
     # the node's first rank tokenizes (into the node's cache); the others then read that cache
@@ -188,12 +293,11 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
                              enabled=bool(cfg.epoch_adjustment))
     checkpoints = CheckpointManager.from_config(cfg)
     trainer = Trainer(cfg, plan, executor, data, checkpoints=checkpoints, num_epochs=adjusted.num_epochs)
-    if cfg.resume_from_checkpoint:
-        latest = find_latest(checkpoints)
-        if latest is not None:
-            trainer.restore(checkpoints.load(latest))
+    latest, resume_notes = _resume(trainer, checkpoints, cfg)
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)
+    notes = (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note, *hardware_notes,
+             *resume_notes, *_data_notes(data, cfg))
     info = RunInfo(
         model=str(cfg.model), total_params=total_params, trainable_params=int(params.get("trainable", 0)),
         total_steps=trainer.total_steps,
@@ -204,54 +308,77 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
         warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,
         packing_efficiency=train_stats.efficiency, plan_peak_bytes=device_total(plan.memory["device"]),
-        device=backend, start_step=trainer.step,
-        notes=tuple(n for n in (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note, *hardware_notes) if n),
+        device=backend, start_step=trainer.step, notes=tuple(n for n in notes if n),
     )
-    result = TrainResult(steps=0)
+    result = SessionResult(steps=0)
     # Every rank observes (the same all-reduced figures, so the same decisions); only rank 0 writes.
     with TrainingObserver(cfg, cfg.output_dir, info, is_main=rank == 0, console_file=console_file,
                           force_terminal=force_terminal) as obs:
         obs.restore(trainer.restored_observer, trainer.lr_scale)  # a resumed run keeps its LR reductions
         trainer.observer_state = obs.state
         obs.on_allocated(memory_table_text(plan))
-        last_saved = None
-        while trainer.step < trainer.total_steps:
-            executor.timing = obs.timer.enabled
-            loss, norm, tokens, bad_micro = trainer.train_step()
-            if obs.timer.enabled:
-                obs.timer.add("data", trainer.data_seconds)
-                trainer.data_seconds = 0.0
-                for phase, seconds in executor.take_phase_seconds().items():
-                    obs.timer.add(phase, seconds)
-            step = trainer.step
-            if bad_micro is not None or not math.isfinite(norm):
-                what = "loss" if bad_micro is not None else "gradients"
-                decision = obs.on_nonfinite(step, bad_micro, what)
-            else:
-                lr = float(cfg.learning_rate) * trainer.lr_factor(step - 1)
-                decision = obs.on_step(StepMetrics(step, loss, lr, norm, tokens, trainer.epoch))
-                result.losses.append(loss)
-            decision = comm.broadcast(decision)  # rank 0's word is final, should floats ever differ
-            trainer.lr_scale = decision.lr_scale
-            if step % int(cfg.eval_steps) == 0 or step == trainer.total_steps:
-                eval_loss = trainer.evaluate()
-                if eval_loss is not None:
-                    result.eval_losses.append((step, eval_loss))
-                    ev = comm.broadcast(obs.on_eval(EvalMetrics(step, eval_loss)))
-                    if ev.stop and not decision.stop:
-                        decision = ev
-            if step % int(cfg.save_steps) == 0 or (decision.stop and decision.save_checkpoint):
-                with obs.timer.phase("checkpoint"):
-                    last_saved = trainer.save()
-                obs.on_checkpoint(last_saved, step)
-            if decision.stop:
-                result.stopped = decision.stop_reason
-                break
-        if last_saved is None or not str(last_saved).endswith(f"-{trainer.step}"):
-            obs.on_checkpoint(trainer.save(), trainer.step)
-        result.outputs = _exports(trainer, cfg, spec.source_dir, spec.hf_config, tokenizer)
+        with stop.graceful():
+            last_saved = _train_loop(trainer, executor, obs, cfg, result, stop)
+            if last_saved is None or not str(last_saved).endswith(f"-{trainer.step}"):
+                last_saved = trainer.save()
+                obs.on_checkpoint(last_saved, trainer.step)
+        result.signal = stop.agreed() if result.signal is None else result.signal  # one after the last step
+        if result.signal is not None:  # the user wants the process gone: the run that finishes exports
+            result.stopped = result.stopped or stop.reason(result.signal)
+            obs.stop_reason = obs.stop_reason or result.stopped
+            result.outputs = {"checkpoint": str(last_saved)}
+        else:
+            result.outputs = _exports(trainer, cfg, spec.source_dir, spec.hf_config, tokenizer)
         final_eval = result.eval_losses[-1][1] if result.eval_losses else None
-        obs.on_end(EndSummary(outputs=result.outputs, final_eval_loss=final_eval,
-                              status="stopped" if result.stopped else "completed"))
+        status = "interrupted" if result.signal is not None else "stopped" if result.stopped else "completed"
+        obs.on_end(EndSummary(outputs=result.outputs, final_eval_loss=final_eval, status=status))
     result.steps = trainer.step
     return result
+
+
+def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: SessionResult,
+                stop: StopSignals) -> Path | None:
+    """Run optimizer steps until the end, an observer's stop or a stop signal; returns the last checkpoint saved.
+
+    Each step ends at a safe point where every rank agrees on what comes next: rank 0's decision (broadcast),
+    and whether any rank received SIGTERM / SIGINT (then: a checkpoint now, no evaluation, stop)."""
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.observe import EvalMetrics, StepMetrics
+
+    last_saved = None
+    while trainer.step < trainer.total_steps:
+        executor.timing = obs.timer.enabled
+        loss, norm, tokens, bad_micro = trainer.train_step()
+        if obs.timer.enabled:
+            obs.timer.add("data", trainer.data_seconds)
+            trainer.data_seconds = 0.0
+            for phase, seconds in executor.take_phase_seconds().items():
+                obs.timer.add(phase, seconds)
+        step = trainer.step
+        if bad_micro is not None or not math.isfinite(norm):
+            what = "loss" if bad_micro is not None else "gradients"
+            decision = obs.on_nonfinite(step, bad_micro, what)
+        else:
+            lr = float(cfg.learning_rate) * trainer.lr_factor(step - 1)
+            decision = obs.on_step(StepMetrics(step, loss, lr, norm, tokens, trainer.epoch))
+            result.losses.append(loss)
+        decision = comm.broadcast(decision)  # rank 0's word is final, should floats ever differ
+        trainer.lr_scale = decision.lr_scale
+        result.signal = stop.agreed()
+        if result.signal is not None and not decision.stop:
+            decision = replace(decision, stop=True, stop_reason=stop.reason(result.signal), save_checkpoint=True)
+        if result.signal is None and (step % int(cfg.eval_steps) == 0 or step == trainer.total_steps):
+            eval_loss = trainer.evaluate()
+            if eval_loss is not None:
+                result.eval_losses.append((step, eval_loss))
+                ev = comm.broadcast(obs.on_eval(EvalMetrics(step, eval_loss)))
+                if ev.stop and not decision.stop:
+                    decision = ev
+        if step % int(cfg.save_steps) == 0 or (decision.stop and decision.save_checkpoint):
+            with obs.timer.phase("checkpoint"):
+                last_saved = trainer.save()
+            obs.on_checkpoint(last_saved, step)
+        if decision.stop:
+            result.stopped = decision.stop_reason
+            break
+    return last_saved

@@ -1,0 +1,152 @@
+"""`surogate sft` as a user runs it, on what must never lose or mix their run:
+
+- SIGTERM / SIGINT mid-run: the step in progress finishes, a checkpoint is saved, the log gets its end record,
+  the command exits 143 / 130; the same command then continues from that step exactly as an uninterrupted run
+  (one rank, and two gloo ranks where the launcher passes the signal on);
+- an output folder holding another run's checkpoints with `resume_from_checkpoint: false`, and a
+  `checkpoint_dir` that is a file: exit 2 before training, the message naming the option, no traceback.
+
+Plus the signal handling itself (`runtime/stop_signals.py`), in process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from surogate.runtime.observe.jsonl import read_log
+from surogate.runtime.stop_signals import Interrupted, StopSignals
+from tests.runtime.helpers import (
+    cli_env,
+    run_cli,
+    save_model,
+    surogate_cmd,
+    write_text_data,
+    write_yaml,
+    yaml_cfg,
+)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("safety")
+    save_model(root / "model", "qwen3")
+    write_text_data(root / "train.jsonl", rows=48)
+    return root
+
+
+def _yaml(root, name, **over):
+    opts = dict(max_steps=5000, save_steps=1000, lr_scheduler_type="wsd", warmup_steps=0, learning_rate=2e-3)
+    return write_yaml(root / f"{name}.yaml", yaml_cfg(root / "model", root / "train.jsonl", root / name,
+                                                      **{**opts, **over}))
+
+
+def _steps_logged(log) -> int:
+    if not log.is_file():
+        return 0
+    return sum('"type": "step"' in line or '"type":"step"' in line for line in log.read_text().splitlines())
+
+
+def _signal_mid_run(yaml_file, out, signum, after_steps=3):
+    """Run `surogate sft yaml_file`, send `signum` to it once `after_steps` steps are logged; (rc, stdout, stderr)."""
+    proc = subprocess.Popen(surogate_cmd("sft", str(yaml_file)), env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and _steps_logged(out / "log.jsonl") < after_steps:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stderr.read()[-2000:]}"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+        return proc.returncode, stdout, stderr
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _losses(log):
+    return {r["step"]: r["loss"] for r in read_log(log).steps}
+
+
+def _end(log):
+    return [e for e in read_log(log).events if e["type"] == "end"][-1]
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_sigterm_saves_exits_143_and_the_same_command_continues(root, gpus):
+    out = root / f"term{gpus}"
+    rc, stdout, stderr = _signal_mid_run(_yaml(root, f"term{gpus}", gpus=gpus), out, signal.SIGTERM)
+    assert rc == 143, stderr[-3000:]
+    assert "SIGTERM received: stopping after the current step" in stderr and "Traceback" not in stderr
+    stopped_at = max(_losses(out / "log.jsonl"))
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
+    assert f"interrupted at step {stopped_at}, checkpoint saved" in stdout
+    end = _end(out / "log.jsonl")
+    assert end["status"] == "interrupted" and end["stop_reason"] == "SIGTERM received" and end["steps"] == stopped_at
+
+    until = stopped_at + 3
+    resumed = run_cli("sft", str(out.with_suffix(".yaml")), "--max-steps", str(until))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {stopped_at}" in resumed.stdout
+    straight = run_cli("sft", str(_yaml(root, f"straight{gpus}", gpus=gpus)), "--max-steps", str(until))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    after, expected = _losses(out / "log.jsonl"), _losses(root / f"straight{gpus}" / "log.jsonl")
+    assert sorted(after) == list(range(1, until + 1))
+    assert all(after[s] == expected[s] for s in range(1, until + 1)), (after, expected)
+
+
+def test_sigint_saves_and_exits_130(root):
+    out = root / "int"
+    rc, stdout, stderr = _signal_mid_run(_yaml(root, "int"), out, signal.SIGINT)
+    assert rc == 130, stderr[-3000:]
+    stopped_at = max(_losses(out / "log.jsonl"))
+    assert (out / f"checkpoint-{stopped_at}").is_dir() and _end(out / "log.jsonl")["status"] == "interrupted"
+
+
+def test_fresh_run_into_a_folder_with_checkpoints_exits_2(root):
+    first = run_cli("sft", str(_yaml(root, "mixed", max_steps=4, save_steps=2, save_total_limit=2)))
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli("sft", str(_yaml(root, "mixed", max_steps=2, save_steps=1, resume_from_checkpoint=False)))
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "error: output_dir:" in again.stderr and "checkpoint-2, checkpoint-4" in again.stderr
+    assert "Surogate run" not in again.stdout  # refused before anything started
+    assert sorted(p.name for p in (root / "mixed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_checkpoint_dir_that_is_a_file_exits_2(root):
+    (root / "a-file").write_text("")
+    done = run_cli("sft", str(_yaml(root, "filedir", max_steps=2, checkpoint_dir=str(root / "a-file"))))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"error: checkpoint_dir: {root / 'a-file'} cannot hold checkpoints" in done.stderr
+    assert "Surogate run" not in done.stdout
+
+
+def test_stop_signals_record_inside_the_loop_and_raise_outside():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals(is_main=False) as stop:
+        with pytest.raises(Interrupted) as err:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert isinstance(err.value, KeyboardInterrupt) and err.value.signum == signal.SIGTERM
+        with stop.graceful():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal while stopping: noted, nothing raised
+            time.sleep(0.05)
+        assert stop.received == signal.SIGINT and stop.agreed() == signal.SIGINT
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_result_of_an_interrupted_run_pickles_with_its_signal():
+    """Ranks hand rank 0's result to the launcher pickled: the signal must survive it."""
+    import pickle
+
+    from surogate.runtime.session import SessionResult
+
+    result = pickle.loads(pickle.dumps(SessionResult(steps=3, stopped="SIGTERM received", signal=15)))
+    assert result.signal == 15 and json.dumps(result.outputs) == "{}"
