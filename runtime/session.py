@@ -14,10 +14,11 @@ from typing import Any, TextIO
 
 import torch
 
-from surogate.compiler.ir import Role
 from surogate.compiler.plan import Plan
 from surogate.compiler.report import device_total
 from surogate.errors import NotAvailableError, UserError
+from surogate.runtime.resume import guard_checkpoint_dir, resume_latest
+from surogate.runtime.run_exports import export_outputs
 from surogate.runtime.stop_signals import StopSignals
 from surogate.runtime.trainer import Trainer, TrainResult
 from surogate.schema import gpu_requirements, min_compute_capability, sm_of
@@ -61,60 +62,6 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
         notes += [f"{r.field}: {r.what} (SM{sm} here: running the fallback)" for r in gpu_requirements(cfg)
                   if not r.hard and sm < r.min_sm]
     return notes
-
-
-# ---- the checkpoint folder, checked before anything is trained ---------------------------------------------
-def _checkpoint_dir_problem(cfg: Any) -> str | None:
-    """Why the checkpoint folder cannot take this run, or None: not a writable folder, or (a run that does not
-    resume) it holds another run's checkpoints. Cheap: nothing is hashed."""
-    from surogate.runtime.checkpoint import CheckpointManager
-
-    manager = CheckpointManager.from_config(cfg)
-    try:
-        manager.check_writable()
-        if not cfg.resume_from_checkpoint:
-            manager.refuse_foreign()
-    except UserError as exc:
-        return str(exc)
-    return None
-
-
-def _guard_checkpoint_dir(cfg: Any) -> None:
-    """UserError (every rank) when the checkpoint folder cannot take this run; rank 0 looks, the others agree."""
-    from surogate.runtime.distributed import comm
-
-    problem = comm.broadcast(_checkpoint_dir_problem(cfg) if comm.rank() == 0 else None)
-    if problem:
-        raise UserError(problem)
-
-
-def _resume(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | None, list[str]]:
-    """Restore the newest good checkpoint when `resume_from_checkpoint`; returns it and notes on the ones skipped.
-
-    Checkpoint folders none of which is usable stop the run (UserError): starting from step 0 beside them
-    would mix two runs, and the user asked to continue."""
-    from surogate.runtime.distributed import comm
-    from surogate.runtime.distributed.state import find_latest
-
-    if not cfg.resume_from_checkpoint:
-        return None, []
-    latest = find_latest(checkpoints)
-    if latest is None:
-        problem = None
-        if comm.rank() == 0:
-            try:
-                checkpoints.refuse_unusable()
-            except UserError as exc:
-                problem = str(exc)
-        problem = comm.broadcast(problem)
-        if problem:
-            raise UserError(problem)
-        return None, []
-    trainer.restore(checkpoints.load(latest))
-    notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
-             "not counted by save_total_limit (saving that step again replaces it)"
-             for path, why in sorted(checkpoints.bad.items())]
-    return latest, notes
 
 
 # ---- what the data pipeline left out ---------------------------------------------------------------------
@@ -165,60 +112,6 @@ def _graphs_note(executor: Any, cfg: Any, backend: str) -> str | None:
     return f"use_cuda_graphs: running eagerly ({runner.reason})" if cfg.use_cuda_graphs and runner.reason else None
 
 
-def _exports(trainer: Trainer, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
-    """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model. Multi-rank: every rank
-    gathers the sharded weights (collective), rank 0 writes."""
-    from surogate.runtime.data.options import data_options
-    from surogate.runtime.data.templates import inference_template
-    from surogate.runtime.distributed import comm
-    from surogate.runtime.distributed.shards import full_views
-    from surogate.runtime.export import (
-        PEFT_PREFIX,
-        export_hf_model,
-        export_merged_model,
-        export_peft_adapter,
-        write_chat_template,
-    )
-    from surogate.runtime.weights import unquantized_base_weights
-
-    plan, views = trainer.plan, trainer.ex.views
-    if comm.world() > 1:
-        views = full_views(plan, views)
-        if comm.rank() != 0:
-            return {}
-    out = Path(cfg.output_dir)
-    by_role = lambda roles: {  # noqa: E731 - tiny local selector
-        plan.tensors[n].source: v for n, v in views.items() if plan.tensors[n].role in roles and plan.tensors[n].source
-    }
-    outputs: dict[str, str] = {}
-    lora = {src.removeprefix(PEFT_PREFIX): v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items()
-            if ".lora_" in src}
-    if lora:
-        # weights trained in full beside the adapters (train_router) travel as PEFT `modules_to_save`
-        full = {src: v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items() if ".lora_" not in src}
-        outputs["adapter"] = str(export_peft_adapter(out / "adapter", lora, lora_alpha=float(cfg.lora_alpha),
-                                                     lora_dropout=float(cfg.lora_dropout),
-                                                     base_model_name_or_path=str(cfg.model),
-                                                     modules_to_save=full))
-        if cfg.merge_adapter:
-            # every non-LoRA weight: frozen ones and those trained in full beside the adapters (train_router)
-            base = {src: v for src, v in by_role((Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)).items()
-                    if ".lora_" not in src}
-            base |= unquantized_base_weights(plan, model_dir, cfg.adapter_path)
-            outputs["merged"] = str(export_merged_model(out / "merged", base, lora, hf_config, model_dir,
-                                                        lora_alpha=float(cfg.lora_alpha)))
-    else:
-        weights = by_role((Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT))
-        outputs["model"] = str(export_hf_model(out / "model", weights, hf_config, model_dir))
-    template = inference_template(tokenizer, data_options(cfg))
-    for key in ("merged", "model"):
-        if key in outputs and model_dir is None:
-            tokenizer.save_pretrained(outputs[key])
-        if key in outputs and template is not None:  # the template training rendered with, for inference
-            write_chat_template(outputs[key], template)
-    return outputs
-
-
 def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = None,
                  console_file: TextIO | None = None, force_terminal: bool | None = None) -> TrainResult:
     """Train `cfg` to the end (or an early stop); returns losses and output paths. `backend`: `cuda` or `cpu`
@@ -251,7 +144,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     if not cfg.datasets:
         raise UserError("datasets: training needs at least one dataset")
     joined = comm.initialized()  # a rank our launcher started has joined its world already
-    _guard_checkpoint_dir(cfg)  # before anything is trained: a save that cannot happen loses the steps before it
+    guard_checkpoint_dir(cfg)  # before anything is trained: a save that cannot happen loses the steps before it
     spec = resolve_model(cfg)
     plan = plan if plan is not None else compile_plan(cfg)
     backend = backend or default_backend()
@@ -260,7 +153,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     if launched is not None:
         return launched
     if not joined and comm.initialized():  # a world just joined (torchrun): rank 0 looks, every rank agrees
-        _guard_checkpoint_dir(cfg)
+        guard_checkpoint_dir(cfg)
     hardware_notes = _check_runnable(plan, cfg, backend)
     rank, world = comm.rank(), comm.world()
     stop.is_main = rank == 0
@@ -293,7 +186,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
                              enabled=bool(cfg.epoch_adjustment))
     checkpoints = CheckpointManager.from_config(cfg)
     trainer = Trainer(cfg, plan, executor, data, checkpoints=checkpoints, num_epochs=adjusted.num_epochs)
-    latest, resume_notes = _resume(trainer, checkpoints, cfg)
+    latest, resume_notes = resume_latest(trainer, checkpoints, cfg)
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)
     notes = (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note, *hardware_notes,
@@ -328,7 +221,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
             obs.stop_reason = obs.stop_reason or result.stopped
             result.outputs = {"checkpoint": str(last_saved)}
         else:
-            result.outputs = _exports(trainer, cfg, spec.source_dir, spec.hf_config, tokenizer)
+            result.outputs = export_outputs(trainer, cfg, spec.source_dir, spec.hf_config, tokenizer)
         final_eval = result.eval_losses[-1][1] if result.eval_losses else None
         status = "interrupted" if result.signal is not None else "stopped" if result.stopped else "completed"
         obs.on_end(EndSummary(outputs=result.outputs, final_eval_loss=final_eval, status=status))

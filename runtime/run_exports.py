@@ -1,0 +1,63 @@
+"""The end-of-run outputs of a session: the PEFT adapter (and the merged model), or the full model, in Hugging
+Face format under `output_dir`, with the chat template the run trained with (runtime/export.py writes them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from surogate.compiler.ir import Role
+
+
+def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
+    """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model. Multi-rank: every rank
+    gathers the sharded weights (collective), rank 0 writes."""
+    from surogate.runtime.data.options import data_options
+    from surogate.runtime.data.templates import inference_template
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.distributed.shards import full_views
+    from surogate.runtime.export import (
+        PEFT_PREFIX,
+        export_hf_model,
+        export_merged_model,
+        export_peft_adapter,
+        write_chat_template,
+    )
+    from surogate.runtime.weights import unquantized_base_weights
+
+    plan, views = trainer.plan, trainer.ex.views
+    if comm.world() > 1:
+        views = full_views(plan, views)
+        if comm.rank() != 0:
+            return {}
+    out = Path(cfg.output_dir)
+    by_role = lambda roles: {  # noqa: E731 - tiny local selector
+        plan.tensors[n].source: v for n, v in views.items() if plan.tensors[n].role in roles and plan.tensors[n].source
+    }
+    outputs: dict[str, str] = {}
+    lora = {src.removeprefix(PEFT_PREFIX): v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items()
+            if ".lora_" in src}
+    if lora:
+        # weights trained in full beside the adapters (train_router) travel as PEFT `modules_to_save`
+        full = {src: v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items() if ".lora_" not in src}
+        outputs["adapter"] = str(export_peft_adapter(out / "adapter", lora, lora_alpha=float(cfg.lora_alpha),
+                                                     lora_dropout=float(cfg.lora_dropout),
+                                                     base_model_name_or_path=str(cfg.model),
+                                                     modules_to_save=full))
+        if cfg.merge_adapter:
+            # every non-LoRA weight: frozen ones and those trained in full beside the adapters (train_router)
+            base = {src: v for src, v in by_role((Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)).items()
+                    if ".lora_" not in src}
+            base |= unquantized_base_weights(plan, model_dir, cfg.adapter_path)
+            outputs["merged"] = str(export_merged_model(out / "merged", base, lora, hf_config, model_dir,
+                                                        lora_alpha=float(cfg.lora_alpha)))
+    else:
+        weights = by_role((Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT))
+        outputs["model"] = str(export_hf_model(out / "model", weights, hf_config, model_dir))
+    template = inference_template(tokenizer, data_options(cfg))
+    for key in ("merged", "model"):
+        if key in outputs and model_dir is None:
+            tokenizer.save_pretrained(outputs[key])
+        if key in outputs and template is not None:  # the template training rendered with, for inference
+            write_chat_template(outputs[key], template)
+    return outputs
