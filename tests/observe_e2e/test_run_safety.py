@@ -102,6 +102,7 @@ def test_signal_saves_a_checkpoint_and_the_resumed_run_continues_exactly(source,
     over = dict(max_steps=8, save_steps=100, lr_scheduler_type="cosine", warmup_steps=2)
     straight, _ = train(_cfg(source, tmp_path / "straight", **over))
 
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # whatever the process had
     with monkeypatch.context() as patch:
         _signal_at(patch, 3, signum)
         stopped, console = train(_cfg(source, tmp_path, **over))
@@ -112,7 +113,7 @@ def test_signal_saves_a_checkpoint_and_the_resumed_run_continues_exactly(source,
     assert f"{name} received" in console
     end = [e for e in read_log(tmp_path / "out" / "log.jsonl").events if e["type"] == "end"][-1]
     assert end["status"] == "interrupted" and end["stop_reason"] == f"{name} received" and end["steps"] == 3
-    assert signal.getsignal(signum) is not None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the run put the process's handlers back
 
     resumed, console = train(_cfg(source, tmp_path, **over))
     assert "resuming at step 3" in console and resumed.signal is None and resumed.steps == 8

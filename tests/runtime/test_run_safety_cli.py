@@ -78,7 +78,8 @@ def _end(log):
     return [e for e in read_log(log).events if e["type"] == "end"][-1]
 
 
-@pytest.mark.parametrize("gpus", [1, 2])
+# two ranks (gloo processes forwarding the launcher's signal): 30 s, in the `-m slow` run
+@pytest.mark.parametrize("gpus", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_sigterm_saves_exits_143_and_the_same_command_continues(root, gpus):
     out = root / f"term{gpus}"
     rc, stdout, stderr = _signal_mid_run(_yaml(root, f"term{gpus}", gpus=gpus), out, signal.SIGTERM)
