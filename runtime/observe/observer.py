@@ -107,18 +107,23 @@ class TrainingObserver:
                             step=step, tracker=t.name)
 
     def state(self) -> dict:
-        """What a checkpoint keeps of the observer: the automatic LR reducer's history and scale (its
-        decisions change the training). Early stopping and the phase detector start afresh after a resume."""
-        return {"lr_reducer": self.lr_reducer.state()} if self.lr_reducer else {}
+        """What a checkpoint keeps of the observer: every detector's windows and counters, so that a resumed run
+        decides (LR reductions, early stops, phases, plateau warnings) as the uninterrupted run would."""
+        detectors = {"lr_reducer": self.lr_reducer, "early_stop": self.early, "phase": self.phase,
+                     "plateau": self.plateau}
+        return {name: d.state() for name, d in detectors.items() if d is not None}
 
     def restore(self, state: dict | None, lr_scale: float = 1.0) -> None:
         """Continue from a checkpoint's `state()`; `lr_scale` is the trainer's restored scale (a checkpoint
         written before the reducer's history was saved has only that)."""
+        state = state or {}
+        for name, detector in (("early_stop", self.early), ("phase", self.phase), ("plateau", self.plateau)):
+            if detector is not None and state.get(name):
+                detector.load(state[name])
         if self.lr_reducer is None:
             return
-        saved = (state or {}).get("lr_reducer")
-        if saved:
-            self.lr_reducer.load(saved)
+        if state.get("lr_reducer"):
+            self.lr_reducer.load(state["lr_reducer"])
         else:
             self.lr_reducer.scale = float(lr_scale)
 

@@ -310,3 +310,40 @@ def test_plot_failure_is_a_warning(observer_factory, tmp_path):
     obs.on_checkpoint(tmp_path / "ckpt", step=3)
     outputs = obs.on_end()
     assert "loss_plot" not in outputs and "WARNING: could not write" in out.getvalue()
+
+
+def test_detectors_continue_from_a_checkpoint_as_if_never_stopped(observer_factory):
+    """state() -> JSON (as a checkpoint stores it) -> restore(): phase, plateau, early-stop and LR-reduction
+    decisions of the resumed observer equal the uninterrupted one's, step for step."""
+    total, cut = 400, 230
+    info = {"total_steps": total, "total_params": 1_000}
+    cfg = {"early_stop": True, "auto_lr_reduction": True}
+
+    def loss(s):  # learning, a spike at 150, then a long plateau with noise (the detectors all have work)
+        base = 3.0 - 0.004 * min(s, 250) + 0.01 * math.sin(s * 1.7)
+        return base * (40.0 if s in (150, 151) else 1.0)
+
+    def run(obs, steps):
+        out = []
+        for s in steps:
+            d = obs.on_step(StepMetrics(step=s, loss=loss(s), lr=2e-4, grad_norm=1.0, tokens=1000, epoch=s / 50,
+                                        step_time=0.5))
+            if s % 25 == 0:
+                e = obs.on_eval(EvalMetrics(step=s, loss=loss(s) + 0.1))
+                d = e if e.stop else d
+            out.append((s, obs.phase.phase, obs.plateau.on_plateau, d.lr_scale, d.stop))
+            if d.stop:
+                break
+        return out
+
+    whole, _ = observer_factory(cfg, info)
+    expected = run(whole, range(1, total + 1))
+    first, _ = observer_factory(cfg, info)
+    head = run(first, range(1, cut + 1))
+    resumed, _ = observer_factory(cfg, info)
+    resumed.restore(json.loads(json.dumps(first.state())))
+    tail = run(resumed, range(cut + 1, total + 1))
+    assert head + tail == expected
+    assert any(r[3] < 1.0 for r in expected) and len({r[1] for r in expected}) > 1  # decisions happened
+    fresh, _ = observer_factory(cfg, info)  # without the state the tail differs (the test can fail)
+    assert run(fresh, range(cut + 1, total + 1)) != tail

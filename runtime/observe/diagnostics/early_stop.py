@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from surogate.runtime.observe.diagnostics._state import load_fields, save_fields
 from surogate.runtime.observe.diagnostics._stats import mean
 from surogate.runtime.observe.events import Phase
 
+_STATE = ("_last_eval", "convergence_streak", "last_score", "_interval_losses", "_interval_tokens",
+          "_prev_interval_mean", "efficiencies", "peak_efficiency")  # what `state()` saves
 
 class EarlyStopper:
     """Four independent criteria; the first to fire gives the stop reason.
@@ -105,3 +108,11 @@ class EarlyStopper:
                 f"({eff:.3g} vs {peak:.3g} loss reduction per FLOP, 6N FLOPs/token) at step {step}"
             )
         return None
+
+    def state(self) -> dict:
+        """The fields `update` reads and writes, as JSON (saved in checkpoints)."""
+        return save_fields(self, _STATE)
+
+    def load(self, state: dict) -> None:
+        """Continue from `state()` of an earlier run."""
+        load_fields(self, state, _STATE)

@@ -6,6 +6,7 @@ import math
 from collections import deque
 from itertools import islice
 
+from surogate.runtime.observe.diagnostics._state import load_fields, save_fields
 from surogate.runtime.observe.diagnostics._stats import mean, median, pstdev, rel_change
 from surogate.runtime.observe.events import Phase
 
@@ -14,6 +15,9 @@ def phase_window(total_steps: int) -> int:
     """Window for a run of `total_steps`: a tenth of the run, between 20 and 100 steps, so a short
     fine-tune does not sit in WARMUP for its whole length and a long one gets a noise-robust window."""
     return min(100, max(20, total_steps // 10))
+
+
+_STATE = ("_losses", "_grads", "phase", "steps_in_phase", "_candidate", "_candidate_steps")  # what `state()` saves
 
 
 class PhaseDetector:
@@ -110,3 +114,11 @@ class PhaseDetector:
         self.phase, self.steps_in_phase = phase, 1
         self._candidate, self._candidate_steps = None, 0
         return phase, True
+
+    def state(self) -> dict:
+        """The fields `update` reads and writes, as JSON (saved in checkpoints)."""
+        return save_fields(self, _STATE)
+
+    def load(self, state: dict) -> None:
+        """Continue from `state()` of an earlier run."""
+        load_fields(self, state, _STATE, {"phase": Phase, "_candidate": Phase})

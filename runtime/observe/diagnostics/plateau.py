@@ -6,8 +6,10 @@ import math
 from collections import deque
 from itertools import islice
 
+from surogate.runtime.observe.diagnostics._state import load_fields, save_fields
 from surogate.runtime.observe.diagnostics._stats import mean, pstdev
 
+_STATE = ("_losses", "on_plateau", "_clear_steps")  # what `state()` saves
 
 class PlateauDetector:
     """Warns when the mean of the last `window` losses is not clearly below the mean of the `window`
@@ -59,3 +61,11 @@ class PlateauDetector:
             f"{imp * 100:.2f}% on the {self.window} steps before (needs {threshold * 100:.2f}%: the larger "
             f"of {self.min_improvement * 100:g}% and 3 standard errors of the noise)"
         )
+
+    def state(self) -> dict:
+        """The fields `update` reads and writes, as JSON (saved in checkpoints)."""
+        return save_fields(self, _STATE)
+
+    def load(self, state: dict) -> None:
+        """Continue from `state()` of an earlier run."""
+        load_fields(self, state, _STATE)
