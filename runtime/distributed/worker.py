@@ -53,13 +53,29 @@ def main(argv: list[str]) -> int:
         comm.barrier()  # nobody leaves while another rank may still need it
         comm.shutdown()
         return 0
-    except UserError as exc:
-        _report(work, rank, str(exc), exc.exit_code)
-        return exc.exit_code
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
-        traceback.print_exc()
-        _report(work, rank, f"{type(exc).__name__}: {exc}", 1)
-        return 1
+        message, code = failure_report(exc)
+        if code == 1:
+            traceback.print_exc()
+        _report(work, rank, message, code)
+        return code
+
+
+def failure_report(exc: BaseException) -> tuple[str, int]:
+    """What a rank tells its launcher about `exc`: (message, exit code). A user error keeps its code; a stop
+    signal outside the training loop (setup, exports: stop_signals.Interrupted) is not a crash, it exits
+    128 + the signal's number as a one-process run would; anything else is a crash (1)."""
+    if isinstance(exc, UserError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        import signal
+
+        from surogate.runtime.stop_signals import exit_code
+
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        return (f"interrupted by {signal.Signals(signum).name} (the last saved checkpoint is kept; the same "
+                "command resumes from it)"), exit_code(signum)
+    return f"{type(exc).__name__}: {exc}", 1
 
 
 def _report(work: Path, rank: int, message: str, exit_code: int) -> None:

@@ -1,0 +1,27 @@
+"""What a rank reports to its launcher: a stop signal outside the training loop (exports, set-up) is an
+interruption with the shell's exit code, not a crash; the launcher passes that code on."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from surogate.errors import UserError
+from surogate.runtime.distributed.launch import failure
+from surogate.runtime.distributed.worker import _report, failure_report
+from surogate.runtime.stop_signals import Interrupted
+
+
+def test_stop_signal_is_an_interruption_with_the_shell_exit_code(tmp_path):
+    message, code = failure_report(Interrupted(signal.SIGTERM))
+    assert code == 143 and message.startswith("interrupted by SIGTERM") and "resumes" in message
+    assert failure_report(KeyboardInterrupt())[1] == 130
+    _report(tmp_path, 1, message, code)
+    err = failure(1, code, tmp_path)  # what the launcher raises from the rank's report
+    assert err.exit_code == 143 and str(err).startswith("rank 1: interrupted by SIGTERM")
+    assert json.loads((tmp_path / "error-1.json").read_text())["exit_code"] == 143
+
+
+def test_user_errors_keep_their_code_and_crashes_are_1():
+    assert failure_report(UserError("model: nope")) == ("model: nope", 2)
+    assert failure_report(RuntimeError("boom")) == ("RuntimeError: boom", 1)
