@@ -273,6 +273,46 @@ def _scan_array(path: str, scan: _Scan) -> _ListPart:
     return _ListPart(rows)
 
 
+def _scan_columns(path: str, scan: _Scan) -> _ListPart:
+    """Parse a file holding one JSON object of columns ({"col": [v0, v1, ...], ...}, as `json.dump` of a dict
+    of lists writes it, and as `datasets` reads such a file): row i takes element i of every column."""
+    with _open(path) as f:
+        data = _strip_bom(f.read())
+    try:
+        table = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise LoadError(_json_error_line(data, exc)) from None
+    lengths = {len(v) for v in table.values() if isinstance(v, list)} if isinstance(table, dict) else set()
+    if not isinstance(table, dict) or not table or len(lengths) != 1 or not all(
+            isinstance(v, list) for v in table.values()):
+        raise LoadError("expected JSON Lines (one object per line), a JSON array of objects, or one object whose "
+                        "values are equal-length lists (columns)")
+    rows: list = []
+    for i in range(lengths.pop()):
+        if scan.full():
+            break
+        row = {k: v[i] for k, v in table.items()}
+        bad = scan.add(row, path)
+        rows.append(bad if bad is not None else row)
+    return _ListPart(rows)
+
+
+def _is_json_document(path: str) -> bool:
+    """True when `path` (a `.json` file: `.jsonl` is always JSON Lines, whose broken lines are bad rows) is one
+    multi-line JSON object rather than JSON Lines: it starts with '{' and its first line is not a whole value."""
+    if not path.lower().endswith(".json"):
+        return False
+    with _open(path) as f:
+        first = _strip_bom(f.readline())
+    if not first.lstrip().startswith(b"{"):
+        return False
+    try:
+        json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return True
+    return False
+
+
 def _is_json_array(path: str) -> bool:
     """True when the first non-blank byte of `path` is '[' (a JSON array rather than JSON Lines)."""
     with _open(path) as f:
@@ -295,6 +335,8 @@ def scan_files(files: list[str], builder: str, on_bad_row: str, limit: int | Non
                 parts.append(_scan_lines(path, _text_row, False, scan))
             elif _is_json_array(path):
                 parts.append(_scan_array(path, scan))
+            elif _is_json_document(path):
+                parts.append(_scan_columns(path, scan))
             else:
                 parts.append(_scan_lines(path, _json_row, True, scan))
         except LoadError as exc:

@@ -193,6 +193,19 @@ MIXED = [*({"messages": [{"role": "user", "content": "say hi"}, {"role": "assist
                        {"role": "assistant", "content": "hey"}]}]
 
 
+def test_json_object_of_columns_is_read_by_rows(tmp_path):
+    path = tmp_path / "columns.json"  # json.dump(dict of lists, indent=2): what `datasets` reads as columns
+    path.write_text(json.dumps({"text": [r["text"] for r in ROWS], "n": [r["n"] for r in ROWS]}, indent=2))
+    assert texts(resolve_source(ds(path), 0)) == [r["text"] for r in ROWS]
+    one_line = tmp_path / "one.json"  # a single-line object is JSON Lines: one row
+    one_line.write_text(json.dumps({"text": "only"}) + "\n")
+    assert texts(resolve_source(ds(one_line), 0)) == ["only"]
+    ragged = tmp_path / "ragged.json"
+    ragged.write_text(json.dumps({"text": ["a", "b"], "n": [1]}, indent=2))
+    with pytest.raises(UserError, match="equal-length lists"):
+        load_source(resolve_source(ds(ragged), 0))
+
+
 @pytest.mark.parametrize("ext", ["jsonl", "json"])
 def test_mixed_type_columns_keep_every_string_exactly(tmp_path, ext):
     # The datasets JSON builder stores such a column as JSON and decodes "48" -> 48, "null" -> None.
