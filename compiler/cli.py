@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from surogate.schema import load_config
 
     gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, warn=True)
     gpu = detect_gpu()
     # With a GPU size to check against, the plan may not fit: record what each pass reads and keep copies
     # of the graph, so that the fit suggestions re-run only the passes their change affects.

@@ -17,7 +17,7 @@ def load_with_overrides(path: str, max_steps: int | None) -> Any:
     """Load a config; command-line overrides go through the same validation as the file."""
     from surogate.schema import config_from_dict, load_config
 
-    cfg = load_config(path)
+    cfg = load_config(path, warn=True)
     if max_steps is None:
         return cfg
     data = cfg.to_dict()

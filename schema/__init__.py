@@ -155,11 +155,19 @@ def validate_text(text: str, source: str = "<string>") -> ValidationResult:
     return validate_document(doc.data, doc)
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read, validate and resolve a YAML config; raises ConfigError with every problem found."""
+def load_config(path: str | Path, *, warn: bool = False) -> TrainConfig:
+    """Read, validate and resolve a YAML config; raises ConfigError with every problem found. `warn`: print the
+    config's warnings (options without effect here, overridden ones) on stderr, as `surogate validate` lists
+    them: a command that trains or plans never ignores an option silently."""
     result = validate_file(path)
     if not result.ok:
         raise ConfigError(result.errors)
+    if warn:
+        import sys
+
+        for notice in result.notices:
+            if notice.kind == "warning":
+                print(f"warning: {path}: {notice}", file=sys.stderr)
     return result.config
 
 

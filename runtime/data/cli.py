@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, warn=True)
     tokenizer = load_tokenizer(cfg)
     data = prepare_datasets(cfg, tokenizer, rank=args.rank, on_bad_row="skip" if args.skip_bad_rows else "error",
                             use_cache=not args.no_cache)

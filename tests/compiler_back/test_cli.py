@@ -90,3 +90,11 @@ def test_unknown_pass_and_bad_size_are_user_errors(config, capsys):
     with pytest.raises(UserError, match="--gpu-memory"):
         parse_size("eighty gigs")
     assert parse_size("80GiB") == 80 * 2**30 and parse_size("24GB") == 24 * 10**9
+
+
+def test_plan_prints_the_configs_warnings(synthetic_front, config, capsys):
+    """An option without effect is never silent, also for users who never run `surogate validate`."""
+    config.write_text(config.read_text() + "padding_free: true\n")  # sample_packing (the default) wins
+    assert main(["plan", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {config}: padding_free: has no effect with `sample_packing: true`" in err
