@@ -152,13 +152,16 @@ def build_optimizer(graph: Graph, cfg: Any) -> Graph:
         sliced = world > 1 and "shard" not in w.attrs
         shape = shard_shape(w.shape, world) if sliced else w.shape
         master = masters.get(w.name)
-        if master is not None and sliced:
+        if master is not None and tuple(graph.tensors[master].shape) != tuple(shape):
+            # the master covers what this rank updates: its slice (ZeRO-1/2) or its weight's shard (ZeRO-3)
             mt = graph.tensors[master]
             graph.update_tensor(master, shape=shape, attrs={**mt.attrs, "full_shape": list(mt.shape)})
         elif master is None and master_dtype and master_dtype != w.dtype:
             master = f"{w.name}@master"
+            whole = list(full_shape(w))
             graph.add_tensor(Tensor(master, shape, master_dtype, Role.MASTER_WEIGHT, Space.DEVICE, w.layer,
-                                    source=w.source, attrs={"master_of": w.name}))
+                                    source=w.source, attrs={"master_of": w.name, **(
+                                        {"full_shape": whole} if list(shape) != whole else {})}))
         kind = "normuon_step" if optimizer == "normuon" and uses_normuon(w) else "adamw8bit_step"
         states = _normuon_states(graph, w, shape) if kind == "normuon_step" else _adamw_states(graph, w, shape)
         states_all += states

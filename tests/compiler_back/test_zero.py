@@ -123,3 +123,17 @@ def test_sequence_parallel_plan_says_it_splits_no_sequence():
     plan = back_half(gpus=2, sequence_parallel_size=2)
     assert any(n.startswith("sequence_parallel_size > 1") for n in plan.meta["notes"])
     assert not any("sequence_parallel" in n for n in back_half(gpus=2).meta["notes"])
+
+
+def test_zero3_shards_master_weights_like_their_weights():
+    """fp32 masters under ZeRO-3 hold this rank's shard (the weight is one): full-size masters on every rank
+    were 8x the memory at 8 ranks, and the optimizer step could not pair them with the shards."""
+    one = back_half(master_dtype="fp32")
+    many = back_half(gpus=4, zero_level=3, master_dtype="fp32")
+    masters = [t for t in many.tensors.values() if t.role is Role.MASTER_WEIGHT]
+    assert masters
+    for m in masters:
+        w = many.tensors[m.attrs["master_of"]]
+        assert "shard" in w.attrs and m.shape == w.shape and m.attrs["full_shape"] == w.attrs["full_shape"]
+    ratio = persistent_bytes(many, Role.MASTER_WEIGHT) / persistent_bytes(one, Role.MASTER_WEIGHT)
+    assert 0.25 <= ratio < 0.26  # a quarter, plus the shards' row padding

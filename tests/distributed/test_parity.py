@@ -104,3 +104,17 @@ def test_full_finetune_zero1_normuon_two_ranks_equal_one_rank(root, one_rank):
     result = run_training(cfg_for(root, name, gpus=2, accumulation=1, lora=False, zero_level=1,
                                   optimizer="normuon"), backend="cpu")
     _check(root, name, one_rank, result, lora=False, optimizer="normuon")
+
+
+def test_full_finetune_zero3_with_fp32_masters_two_ranks_equal_one_rank(root):
+    """bf16 weights with fp32 masters under ZeRO-3: each rank's master is its weight's shard (a full-size master
+    on every rank made the first optimizer step fail). Losses equal one process's within bf16 rounding."""
+    common = dict(lora=False, torch_dtype="bfloat16", master_dtype="fp32")
+    one = run_training(cfg_for(root, "one-full-bf16-master", gpus=1, accumulation=2, **common), backend="cpu")
+    two = run_training(cfg_for(root, "two-full-z3-bf16-master", gpus=2, accumulation=1, zero_level=3, **common),
+                       backend="cpu")
+    assert two.steps == one.steps == STEPS
+    for a, b in zip(two.losses, one.losses, strict=True):
+        assert abs(a - b) <= 2e-3 * abs(b)
+    got, want = exported(root / "two-full-z3-bf16-master", False), exported(root / "one-full-bf16-master", False)
+    assert set(got) == set(want) and all(max_rel(got[k], want[k]) <= 1e-2 for k in want)
