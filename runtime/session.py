@@ -190,7 +190,9 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)
     notes = (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note, *hardware_notes,
-             *resume_notes, *_data_notes(data, cfg))
+             *resume_notes, *_data_notes(data, cfg),
+             f"resume: {latest.name} already completes the run ({trainer.total_steps} steps): nothing to train; "
+             "the outputs are written again" if latest is not None and trainer.step >= trainer.total_steps else None)
     info = RunInfo(
         model=str(cfg.model), total_params=total_params, trainable_params=int(params.get("trainable", 0)),
         total_steps=trainer.total_steps,
@@ -211,8 +213,11 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
         trainer.observer_state = obs.state
         obs.on_allocated(memory_table_text(plan))
         with stop.graceful():
+            start_step = trainer.step
             last_saved = _train_loop(trainer, executor, obs, cfg, result, stop)
-            if last_saved is None or not str(last_saved).endswith(f"-{trainer.step}"):
+            if latest is not None and trainer.step == start_step:
+                last_saved = latest  # nothing trained here: the checkpoint resumed from is the last state
+            elif last_saved is None or not str(last_saved).endswith(f"-{trainer.step}"):
                 last_saved = trainer.save()
                 obs.on_checkpoint(last_saved, trainer.step)
         result.signal = stop.agreed() if result.signal is None else result.signal  # one after the last step

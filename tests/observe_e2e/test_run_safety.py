@@ -130,3 +130,13 @@ def test_deleted_rows_are_reported_in_the_start_summary_and_log(source, tmp_path
     assert note in console
     start = [e for e in read_log(tmp_path / "out" / "log.jsonl").events if e["type"] == "start"][-1]
     assert note in start["run_info"]["notes"]
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_rewrites_no_checkpoint(source, tmp_path):
+    first, _ = train(_cfg(source, tmp_path, max_steps=3, save_steps=100))
+    (ckpt,) = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-")]
+    stamp = (ckpt / TENSORS_FILE).stat().st_mtime_ns
+    again, console = train(_cfg(source, tmp_path, max_steps=3, save_steps=100))
+    assert again.steps == first.steps == 3 and again.losses == []
+    assert "checkpoint-3 already completes the run (3 steps): nothing to train" in console
+    assert (ckpt / TENSORS_FILE).stat().st_mtime_ns == stamp and _folders(tmp_path) == ["checkpoint-3"]
