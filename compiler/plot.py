@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from surogate.compiler.plan import Plan, timeline
 from surogate.compiler.report import CATEGORY_LABELS
@@ -40,6 +41,23 @@ def phase_regions(plan: Plan) -> list[tuple[str, int, int]]:
     return regions
 
 
+def _peak_column(ax: Any, plan: Plan, lines: Any, keep: list[int], areas: list, peak: int) -> None:
+    """The peak op's stack drawn as a bar a few pixels wide, with its total: the peak is often one op's
+    temporary (the LM head's logits), a one-op spike an area plot of thousands of ops draws a pixel wide."""
+    if not keep or not 0 <= peak < lines.shape[1]:
+        return
+    gib = 2**30
+    width = max(1.0, lines.shape[1] / 150)
+    bottom = 0.0
+    for area, i in zip(areas, keep, strict=True):
+        height = float(lines[i, peak]) / gib
+        ax.bar(peak, height, width=width, bottom=bottom, color=area.get_facecolor()[0], edgecolor="none")
+        bottom += height
+    name = plan.ops[peak].name if peak < len(plan.ops) else str(peak)
+    ax.annotate(f"peak {bottom:.2f} GiB at op {peak} ({name})", (peak, bottom), xytext=(6, 4),
+                textcoords="offset points", fontsize=8, color="red")
+
+
 def plot_memory(plan: Plan, path: str | os.PathLike, space: str = "device") -> Path:
     """Write the timeline picture (PNG, or whatever the suffix says) and return its path."""
     import matplotlib
@@ -55,8 +73,10 @@ def plot_memory(plan: Plan, path: str | os.PathLike, space: str = "device") -> P
         ax.axvspan(a - 0.5, b + 0.5, color=_REGION_COLORS[phase], alpha=0.6, lw=0)
         ax.text((a + b) / 2, 1.0, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
     keep = [i for i in range(len(cats)) if lines[i].any()]
-    ax.stackplot(x, *(lines[i] / gib for i in keep), labels=[CATEGORY_LABELS[cats[i]] for i in keep], alpha=0.9)
+    areas = ax.stackplot(x, *(lines[i] / gib for i in keep), labels=[CATEGORY_LABELS[cats[i]] for i in keep],
+                         alpha=0.9)
     mem = plan.memory[space]
+    _peak_column(ax, plan, lines, keep, areas, int(mem["peak_index"]))
     ax.axhline(mem["arena_bytes"] / gib, color="black", ls="--", lw=1, label="arena")
     ax.axvline(mem["peak_index"], color="red", ls=":", lw=1, label="live peak")
     ax.set_xlabel("schedule position (op index)")

@@ -1,3 +1,5 @@
+import pytest
+
 from surogate.compiler.plot import phase_regions, plot_memory
 from surogate.compiler.report import (
     build_report,
@@ -78,6 +80,27 @@ def test_suggestions_combine_knobs_when_none_fits_alone():
     combined = result[-1]
     assert combined["combined"] and combined["fits"]
     assert set(combined["changes"]) >= {"offload_optimizer", "recompute"} and combined["saves_bytes"] == 500
+
+
+def test_plot_draws_the_peak_ops_column_with_its_total():
+    """A one-op peak (the LM head's logits) must be visible at any plan length, with its value."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from surogate.compiler.plot import _peak_column, timeline
+
+    plan = back_half()
+    cats, lines = timeline(plan, "device")
+    keep = [i for i in range(len(cats)) if lines[i].any()]
+    ax = Figure().add_subplot()
+    areas = ax.stackplot(np.arange(lines.shape[1]), *(lines[i] for i in keep))
+    peak = int(plan.memory["device"]["peak_index"])
+    _peak_column(ax, plan, lines, keep, areas, peak)
+    total = sum(float(lines[i, peak]) for i in keep) / 2**30
+    assert sum(p.get_height() for p in ax.patches) == pytest.approx(total)
+    assert min(p.get_width() for p in ax.patches) >= max(1.0, lines.shape[1] / 150)
+    (text,) = ax.texts
+    assert text.get_text().startswith(f"peak {total:.2f} GiB at op {peak} ({plan.ops[peak].name})")
 
 
 def test_plot_to_an_unknown_format_is_a_user_error(tmp_path):
