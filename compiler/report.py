@@ -43,7 +43,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise UserError(f"--gpu-memory: cannot read {text!r} as a size (examples: 80GiB, 24GB, 81920MiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size < 2**20:  # no GPU has less than a MiB: a bare "24" means 24GiB, which a byte count cannot say
+        raise UserError(f"--gpu-memory: {text!r} is {size} bytes; give a unit (e.g. {m.group(1)}GiB)")
+    return size
 
 
 def human(n: int | float | None) -> str:

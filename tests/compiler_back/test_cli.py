@@ -90,6 +90,9 @@ def test_unknown_pass_and_bad_size_are_user_errors(config, capsys):
     with pytest.raises(UserError, match="--gpu-memory"):
         parse_size("eighty gigs")
     assert parse_size("80GiB") == 80 * 2**30 and parse_size("24GB") == 24 * 10**9
+    assert parse_size("85899345920") == 80 * 2**30  # a byte count
+    with pytest.raises(UserError, match=r"'24' is 24 bytes; give a unit \(e.g. 24GiB\)"):
+        parse_size("24")
 
 
 def test_plan_prints_the_configs_warnings(synthetic_front, config, capsys):
