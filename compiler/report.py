@@ -44,7 +44,7 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise UserError(f"--gpu-memory: cannot read {text!r} as a size (examples: 80GiB, 24GB, 81920MiB)")
     size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if size < 2**20:  # no GPU has less than a MiB: a bare "24" means 24GiB, which a byte count cannot say
+    if not m.group(2) and size < 2**20:  # a bare "24" meant 24GiB; a byte count that small is no GPU
         raise UserError(f"--gpu-memory: {text!r} is {size} bytes; give a unit (e.g. {m.group(1)}GiB)")
     return size
 
