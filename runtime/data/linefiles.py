@@ -8,8 +8,8 @@ the bytes as written, so every value is kept exactly.
 
 Memory: JSON Lines and text files are scanned once (validating every line and collecting the column
 names) and only the byte offset and line number of each row are kept (16 bytes a row); rows are re-read and parsed a chunk
-at a time when the pipeline asks for them. A `.json` file holding one JSON array is parsed whole (as the
-`datasets` builder does). Text files give one row per line (column `text`, blank lines included, line
+at a time when the pipeline asks for them. A `.json` file holding one JSON array (or one object of
+equal-length columns) is parsed whole (as the `datasets` builder does). Text files give one row per line (column `text`, blank lines included, line
 break removed), like the `datasets` text builder.
 
 A line that is not valid UTF-8, not valid JSON or not a JSON object is an error naming the file and the
@@ -23,7 +23,7 @@ import codecs
 import json
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +123,7 @@ class _LinePart:
 
 @dataclass
 class _ListPart:
-    """One `.json` file holding a JSON array, parsed whole."""
+    """One `.json` file holding a JSON document (an array, or an object of columns), parsed whole."""
 
     items: list
 
@@ -251,58 +251,60 @@ def _json_error_line(data: bytes, exc: Exception) -> str:
     return f"line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
 
 
-def _scan_array(path: str, scan: _Scan) -> _ListPart:
-    """Parse a file holding one JSON array: objects are rows; strings become {"text": ...}."""
+def _read_document(path: str) -> Any:
+    """The whole file parsed as one JSON value; `LoadError` naming the line of a UTF-8 or JSON error."""
     with _open(path) as f:
         data = _strip_bom(f.read())
     try:
-        items = json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise LoadError(_json_error_line(data, exc)) from None
-    if not isinstance(items, list):
-        raise LoadError("expected JSON Lines (one object per line) or a JSON array of objects")
-    rows: list = []
-    for i, item in enumerate(items):
-        if scan.full():
-            break
-        row = {"text": item} if isinstance(item, str) else item
-        if not isinstance(row, dict):
-            row = BadRow(f"item {i}: expected a JSON object, got {type(item).__name__}", "invalid_json")
-        bad = scan.add(row, path)
-        rows.append(bad if bad is not None else row)
-    return _ListPart(rows)
 
 
-def _scan_columns(path: str, scan: _Scan) -> _ListPart:
-    """Parse a file holding one JSON object of columns ({"col": [v0, v1, ...], ...}, as `json.dump` of a dict
-    of lists writes it, and as `datasets` reads such a file): row i takes element i of every column."""
-    with _open(path) as f:
-        data = _strip_bom(f.read())
-    try:
-        table = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise LoadError(_json_error_line(data, exc)) from None
-    lengths = {len(v) for v in table.values() if isinstance(v, list)} if isinstance(table, dict) else set()
-    if not isinstance(table, dict) or not table or len(lengths) != 1 or not all(
-            isinstance(v, list) for v in table.values()):
+def _document_rows(value: Any) -> Iterator[dict | BadRow]:
+    """The rows of a whole-file JSON value: the items of an array (objects; strings become {"text": ...}), or
+    of one object of equal-length columns ({"col": [v0, v1, ...]}, as `json.dump` of a dict of lists writes it
+    and `datasets` reads it: row i takes element i of every column)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            row = {"text": item} if isinstance(item, str) else item
+            yield row if isinstance(row, dict) else BadRow(
+                f"item {i}: expected a JSON object, got {type(item).__name__}", "invalid_json")
+        return
+    columns = value if isinstance(value, dict) and value else {}
+    lengths = {len(v) for v in columns.values() if isinstance(v, list)}
+    if not columns or len(lengths) != 1 or not all(isinstance(v, list) for v in columns.values()):
         raise LoadError("expected JSON Lines (one object per line), a JSON array of objects, or one object whose "
                         "values are equal-length lists (columns)")
-    rows: list = []
     for i in range(lengths.pop()):
+        yield {k: v[i] for k, v in columns.items()}
+
+
+def _scan_document(path: str, scan: _Scan) -> _ListPart:
+    """Parse a file holding one JSON document (an array, or an object of columns) whole."""
+    rows: list = []
+    for row in _document_rows(_read_document(path)):
         if scan.full():
             break
-        row = {k: v[i] for k, v in table.items()}
         bad = scan.add(row, path)
         rows.append(bad if bad is not None else row)
     return _ListPart(rows)
 
 
-def _is_json_document(path: str) -> bool:
-    """True when `path` (a `.json` file: `.jsonl` is always JSON Lines, whose broken lines are bad rows) is one
-    multi-line JSON object rather than JSON Lines: it starts with '{' and its first line is not a whole value."""
-    if not path.lower().endswith(".json"):
-        return False
+def _is_document(path: str) -> bool:
+    """True when `path` is one JSON document rather than JSON Lines: its first non-blank byte is '[' (an array),
+    or it is a `.json` file (`.jsonl` is always JSON Lines, whose broken lines are bad rows) whose first line
+    starts with '{' and is not a whole value (a multi-line object)."""
     with _open(path) as f:
+        while chunk := f.read(_PEEK):
+            body = _strip_bom(chunk).lstrip()
+            if body:
+                if body.startswith(b"["):
+                    return True
+                break
+        if not path.lower().endswith(".json"):
+            return False
+        f.seek(0)
         first = _strip_bom(f.readline())
     if not first.lstrip().startswith(b"{"):
         return False
@@ -310,16 +312,6 @@ def _is_json_document(path: str) -> bool:
         json.loads(first.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return True
-    return False
-
-
-def _is_json_array(path: str) -> bool:
-    """True when the first non-blank byte of `path` is '[' (a JSON array rather than JSON Lines)."""
-    with _open(path) as f:
-        while chunk := f.read(_PEEK):
-            body = _strip_bom(chunk).lstrip()
-            if body:
-                return body.startswith(b"[")
     return False
 
 
@@ -333,10 +325,8 @@ def scan_files(files: list[str], builder: str, on_bad_row: str, limit: int | Non
         try:
             if builder == "text":
                 parts.append(_scan_lines(path, _text_row, False, scan))
-            elif _is_json_array(path):
-                parts.append(_scan_array(path, scan))
-            elif _is_json_document(path):
-                parts.append(_scan_columns(path, scan))
+            elif _is_document(path):
+                parts.append(_scan_document(path, scan))
             else:
                 parts.append(_scan_lines(path, _json_row, True, scan))
         except LoadError as exc:
