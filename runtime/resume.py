@@ -6,6 +6,7 @@ restores the newest good checkpoint and refuses folders none of whose checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,28 +16,36 @@ if TYPE_CHECKING:
     from surogate.runtime.trainer import Trainer
 
 
-def checkpoint_dir_problem(cfg: Any) -> str | None:
-    """Why the checkpoint folder cannot take this run, or None: not a writable folder, or (a run that does not
+def _agreed(check: Callable[[], None]) -> None:
+    """Run `check` (raises UserError) on rank 0 only; then every rank raises its message: rank 0 looks at the
+    shared folder, the others agree (one broadcast)."""
+    from surogate.runtime.distributed import comm
+
+    problem = None
+    if comm.rank() == 0:
+        try:
+            check()
+        except UserError as exc:
+            problem = str(exc)
+    problem = comm.broadcast(problem)
+    if problem:
+        raise UserError(problem)
+
+
+def _check_checkpoint_dir(cfg: Any) -> None:
+    """UserError when the checkpoint folder cannot take this run: not a writable folder, or (a run that does not
     resume) it holds another run's checkpoints. Cheap: nothing is hashed."""
     from surogate.runtime.checkpoint import CheckpointManager
 
     manager = CheckpointManager.from_config(cfg)
-    try:
-        manager.check_writable()
-        if not cfg.resume_from_checkpoint:
-            manager.refuse_foreign()
-    except UserError as exc:
-        return str(exc)
-    return None
+    manager.check_writable()
+    if not cfg.resume_from_checkpoint:
+        manager.refuse_foreign()
 
 
 def guard_checkpoint_dir(cfg: Any) -> None:
-    """UserError (every rank) when the checkpoint folder cannot take this run; rank 0 looks, the others agree."""
-    from surogate.runtime.distributed import comm
-
-    problem = comm.broadcast(checkpoint_dir_problem(cfg) if comm.rank() == 0 else None)
-    if problem:
-        raise UserError(problem)
+    """UserError (every rank) when the checkpoint folder cannot take this run."""
+    _agreed(lambda: _check_checkpoint_dir(cfg))
 
 
 def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | None, list[str]]:
@@ -44,22 +53,13 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
 
     Checkpoint folders none of which is usable stop the run (UserError): starting from step 0 beside them
     would mix two runs, and the user asked to continue."""
-    from surogate.runtime.distributed import comm
     from surogate.runtime.distributed.state import find_latest
 
     if not cfg.resume_from_checkpoint:
         return None, []
     latest = find_latest(checkpoints)
     if latest is None:
-        problem = None
-        if comm.rank() == 0:
-            try:
-                checkpoints.refuse_unusable()
-            except UserError as exc:
-                problem = str(exc)
-        problem = comm.broadcast(problem)
-        if problem:
-            raise UserError(problem)
+        _agreed(checkpoints.refuse_unusable)
         return None, []
     trainer.restore(checkpoints.load(latest))
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
