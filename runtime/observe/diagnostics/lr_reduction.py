@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from surogate.runtime.observe.diagnostics._state import load_fields, save_fields
 from surogate.runtime.observe.diagnostics._stats import mean, pstdev
+
+_STATE = ("scale", "_losses", "_grads", "_pending")  # what `state()` saves, with the reductions
 
 
 @dataclass(frozen=True)
@@ -99,16 +102,9 @@ class AutoLRReducer:
     def state(self) -> dict:
         """Everything `update` depends on, as JSON (saved in checkpoints: a resumed run decides as an
         uninterrupted one would, and keeps its reduced scale)."""
-        return {"scale": self.scale, "losses": list(self._losses), "grads": list(self._grads),
-                "pending": list(self._pending), "reductions": [vars(r) for r in self.reductions]}
+        return {**save_fields(self, _STATE), "reductions": [vars(r) for r in self.reductions]}
 
     def load(self, state: dict) -> None:
         """Continue from `state()` of an earlier run."""
-        self.scale = float(state["scale"])
-        self._losses.clear()
-        self._losses.extend(float(v) for v in state["losses"])
-        self._grads.clear()
-        self._grads.extend(float(v) for v in state["grads"])
-        self._pending = [float(v) for v in state["pending"]]
-        self.reductions = [LRReduction(int(r["step"]), float(r["scale"]), int(r["count"]), str(r["reason"]))
-                           for r in state["reductions"]]
+        load_fields(self, state, _STATE)
+        self.reductions = [LRReduction(**r) for r in state["reductions"]]
