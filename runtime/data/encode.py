@@ -69,6 +69,8 @@ class Encoder:
         self.tokenizer, self.template, self.opts, self.specs = tokenizer, template, opts, specs
         self.on_bad_row = on_bad_row
         self.eos_id = tokenizer.eos_token_id
+        # a custom loss_scale's regexes, compiled once (not per document)
+        self._patterns = opts.loss_weights.compiled() if opts.loss_weights is not None else []
         self.special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
         self.special.setdefault("bos_token", None)
         self.special.setdefault("eos_token", None)
@@ -176,7 +178,7 @@ class Encoder:
         if not spans or not len(weights):
             return weights
         weights[self._span_mask(offsets, spans[-1:]) > 0] = lw.last_round
-        for regex, w in lw.compiled():
+        for regex, w in self._patterns:
             hits = [(s + m.start(), s + m.end()) for s, e in spans for m in regex.finditer(text[s:e])
                     if m.end() > m.start()]
             if hits:
