@@ -208,10 +208,14 @@ def export_hf_model(
     source_dir: str | os.PathLike | None = None,
     *,
     max_shard_bytes: int = 5 * 1024**3,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a Hugging Face model folder: safetensors (sharded above `max_shard_bytes`, with index),
     `config.json`, and the tokenizer / generation-config files of `source_dir` (a generation config is
-    derived from `config` when the source has none)."""
+    derived from `config` when the source has none). Without a `source_dir`, `tokenizer` writes its own
+    files; `chat_template` (the one the run trained with) replaces the tokenizer's. All inside the folder's
+    atomic write."""
     weights = _drop_tied_head(owned_host_tensors(dict(tensors)), config)
     source = Path(source_dir) if source_dir is not None else None
     if source is not None and not source.is_dir():
@@ -223,13 +227,17 @@ def export_hf_model(
         for name in TOKENIZER_FILES:
             if source is not None and (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
+        if source is None and tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if chat_template is not None:
+            _write_chat_template(tmp, chat_template)
         if not (tmp / "generation_config.json").exists():
             (tmp / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n",
                                                         encoding="utf-8")
     return Path(out_dir)
 
 
-def write_chat_template(folder: str | os.PathLike, source: str) -> None:
+def _write_chat_template(folder: str | os.PathLike, source: str) -> None:
     """Make `source` the chat template of an exported model folder: `chat_template.jinja` (what transformers
     loads and saves), with any other copy of a template (tokenizer_config.json's `chat_template`, a legacy
     chat_template.json) removed so that no loader picks the source model's instead."""
@@ -252,11 +260,11 @@ def export_merged_model(
     source_dir: str | os.PathLike | None = None,
     *,
     lora_alpha: float,
-    max_shard_bytes: int = 5 * 1024**3,
+    **folder: Any,
 ) -> Path:
-    """Merge LoRA into the base weights and write the result as a Hugging Face model folder."""
-    return export_hf_model(out_dir, merge_lora(base, lora, lora_alpha=lora_alpha), config, source_dir,
-                           max_shard_bytes=max_shard_bytes)
+    """Merge LoRA into the base weights and write the result as a Hugging Face model folder (`folder`:
+    `export_hf_model`'s keyword options)."""
+    return export_hf_model(out_dir, merge_lora(base, lora, lora_alpha=lora_alpha), config, source_dir, **folder)
 
 
 def read_model_config(model_dir: str | os.PathLike) -> dict[str, Any]:

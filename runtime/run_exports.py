@@ -21,7 +21,6 @@ def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: di
         export_hf_model,
         export_merged_model,
         export_peft_adapter,
-        write_chat_template,
     )
     from surogate.runtime.weights import unquantized_base_weights
 
@@ -35,6 +34,8 @@ def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: di
         plan.tensors[n].source: v for n, v in views.items() if plan.tensors[n].role in roles and plan.tensors[n].source
     }
     outputs: dict[str, str] = {}
+    # the model folders carry the tokenizer (its own files without a source folder) and the training template
+    folder = {"tokenizer": tokenizer, "chat_template": inference_template(tokenizer, data_options(cfg))}
     lora = {src.removeprefix(PEFT_PREFIX): v for src, v in by_role((Role.TRAINABLE_WEIGHT,)).items()
             if ".lora_" in src}
     if lora:
@@ -50,14 +51,8 @@ def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: di
                     if ".lora_" not in src}
             base |= unquantized_base_weights(plan, model_dir, cfg.adapter_path)
             outputs["merged"] = str(export_merged_model(out / "merged", base, lora, hf_config, model_dir,
-                                                        lora_alpha=float(cfg.lora_alpha)))
+                                                        lora_alpha=float(cfg.lora_alpha), **folder))
     else:
         weights = by_role((Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT))
-        outputs["model"] = str(export_hf_model(out / "model", weights, hf_config, model_dir))
-    template = inference_template(tokenizer, data_options(cfg))
-    for key in ("merged", "model"):
-        if key in outputs and model_dir is None:
-            tokenizer.save_pretrained(outputs[key])
-        if key in outputs and template is not None:  # the template training rendered with, for inference
-            write_chat_template(outputs[key], template)
+        outputs["model"] = str(export_hf_model(out / "model", weights, hf_config, model_dir, **folder))
     return outputs

@@ -204,3 +204,22 @@ def test_export_for_config_layout(tmp_path):
     full_cfg = config_from_dict({"model": str(source), "output_dir": str(tmp_path / "full"), "lora": False})
     assert set(export_for_config(full_cfg, base, None, source)) == {"model"}
     assert (tmp_path / "full" / "model" / "tokenizer.json").is_file()
+
+
+def test_tokenizer_and_training_template_are_written_inside_the_atomic_folder(tmp_path):
+    """Without a source folder the tokenizer writes its own files; the run's chat template replaces the
+    tokenizer's. Both inside the folder's atomic write: a failed export leaves neither behind."""
+    model = tiny_model("llama", False)
+    tok = AutoTokenizer.from_pretrained(save_tiny_source(model, tmp_path / "src"))
+    tok.chat_template = "{{ 'theirs' }}"
+    ours = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    out = export_hf_model(tmp_path / "full", model.state_dict(), model.config.to_dict(), tokenizer=tok,
+                          chat_template=ours)
+    assert (out / "chat_template.jinja").read_text() == ours
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                  tokenize=False) == "hi"
+    broken = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(UserError, match="lm_head.weight"):
+        export_hf_model(tmp_path / "again", broken, model.config.to_dict(), tokenizer=tok, chat_template=ours)
+    assert not (tmp_path / "again").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["full", "src"]
