@@ -44,6 +44,11 @@ def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
+def signal_of(exc: KeyboardInterrupt) -> int:
+    """The signal that raised `exc`: an `Interrupted`'s, else SIGINT (Python's own KeyboardInterrupt)."""
+    return int(getattr(exc, "signum", signal.SIGINT))
+
+
 def _children() -> list[int]:
     """This process's child processes (Linux /proc; empty where that is not available)."""
     kids: list[int] = []

@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # stop_signals.Interrupted carries SIGTERM's number too
         import signal
 
-        signum = int(getattr(exc, "signum", signal.SIGINT))
+        from surogate.runtime.stop_signals import exit_code, signal_of
+
+        signum = signal_of(exc)
         print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
-        return 128 + signum
+        return exit_code(signum)
 
 
 if __name__ == "__main__":

@@ -70,9 +70,9 @@ def failure_report(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, KeyboardInterrupt):
         import signal
 
-        from surogate.runtime.stop_signals import exit_code
+        from surogate.runtime.stop_signals import exit_code, signal_of
 
-        signum = int(getattr(exc, "signum", signal.SIGINT))
+        signum = signal_of(exc)
         return (f"interrupted by {signal.Signals(signum).name} (the last saved checkpoint is kept; the same "
                 "command resumes from it)"), exit_code(signum)
     return f"{type(exc).__name__}: {exc}", 1
