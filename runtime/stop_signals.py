@@ -12,10 +12,20 @@ Outside `graceful()` (setup, exports) a signal raises `Interrupted`, so the obse
 log's end record and the CLI exits 128 + the signal number. Within `forwarding()` (a launcher waiting
 for the ranks it started) a signal is passed on to this process's children, the ranks, which stop
 gracefully; the launcher keeps waiting and returns their result (raising there would abandon them
-mid-save, and an exception raised inside `subprocess` bookkeeping can leave its locks held). Inside it the first signal is recorded and
-announced; later ones (a second Ctrl-C, the launcher's SIGTERM after the terminal's SIGINT) only say
-that the run is already stopping: the checkpoint being written must be finished, not abandoned (the
-atomic write would keep the folder intact anyway, but the steps since the last save would be lost).
+mid-save, and an exception raised inside `subprocess` bookkeeping can leave its locks held). Inside
+`graceful()` the first signal is recorded and announced; later ones (a second Ctrl-C, the launcher's
+SIGTERM after the terminal's SIGINT), there or after it (the log's end record), only say that the run is
+already stopping: the checkpoint being written must be finished, not abandoned (the atomic write would
+keep the folder intact anyway, but the steps since the last save would be lost).
+
+A launcher whose ranks are not its own children (`ray_launch`: the ranks are children of one Ray actor per
+node, and this process's children are Ray's own processes, or none) asks for the signals instead:
+
+    with relaying() as relay:            # inside forwarding(): signals are recorded, not sent to children
+        ...                              # the launcher reads relay.signals and passes each one on itself
+
+The handler only appends to `relay.signals` (signal-safe: no Ray call inside a handler); the launcher, polling,
+sends each new signal to its ranks (`NodeAgent.stop`), which stop gracefully as a local launch's do.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ def _children() -> list[int]:
     return kids
 
 
-def _forward(signum: int) -> bool:
+def forward_to_children(signum: int) -> bool:
     """Send `signum` to every child process; False when there is none to send it to."""
     sent = False
     for pid in _children():
@@ -71,6 +81,33 @@ def _forward(signum: int) -> bool:
         except ProcessLookupError:
             continue
     return sent
+
+
+class Relay:
+    """The stop signals a launcher passes on itself (`relaying`): the handler appends, the launcher reads."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []  # append-only: the launcher remembers how many it has passed on
+
+    @property
+    def first(self) -> int | None:
+        """The signal that stops the run (later ones only say it is already stopping), or None."""
+        return self.signals[0] if self.signals else None
+
+
+_relay: Relay | None = None  # set by `relaying`; read by the handler of a `StopSignals.forwarding()` scope
+
+
+@contextlib.contextmanager
+def relaying() -> Iterator[Relay]:
+    """Within (and inside `StopSignals.forwarding()`): a signal is recorded in the yielded Relay instead of being
+    sent to this process's children, for a launcher whose ranks are elsewhere (Ray's node actors) to pass on."""
+    global _relay
+    previous, _relay = _relay, Relay()
+    try:
+        yield _relay
+    finally:
+        _relay = previous
 
 
 class StopSignals:
@@ -113,11 +150,18 @@ class StopSignals:
             self._forwarding = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        """The signal handler: forward (inside `forwarding`), record (inside `graceful`) or raise `Interrupted`."""
-        if self._forwarding and _forward(signum):
+        """The signal handler: forward (inside `forwarding`; relay inside `relaying` too), record (inside
+        `graceful`, or once stopping) or raise `Interrupted`."""
+        if self._forwarding and _relay is not None:
+            _relay.signals.append(signum)  # the launcher passes it on, outside this handler
             self.received = self.received or signum
             return
-        if not self._graceful:
+        if self._forwarding and forward_to_children(signum):
+            self.received = self.received or signum
+            return
+        # once stopping, a later signal never raises, also after the loop (its log end record, the hand-over to
+        # the launcher): it would turn a run stopped with its checkpoint into a failure with the wrong code
+        if not self._graceful and self.received is None:
             raise Interrupted(signum)
         name = signal.Signals(signum).name
         if self.received is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -33,7 +34,15 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+def accept_stop_signals() -> None:
+    """Unblock SIGTERM and SIGINT in this rank. Ray starts its processes with SIGINT blocked, and a signal mask
+    survives fork and exec: a rank started by a Ray node agent (ray_launch) would otherwise keep a SIGINT passed
+    on to it pending for ever instead of stopping with a checkpoint."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
 def main(argv: list[str]) -> int:
+    accept_stop_signals()  # first, in the main thread: threads started later inherit its mask
     die_with_launcher()
     work = Path(argv[0])
     rank = int(os.environ["RANK"])
@@ -45,6 +54,10 @@ def main(argv: list[str]) -> int:
 
         comm.init_from_env(payload["backend"])
         result = run_training(payload["cfg"], plan=payload["plan"], backend=payload["backend"])
+        # the run is over (its handlers are gone): a late stop signal (a repeat the launcher passes on) must not
+        # kill the rank while it hands its result over; a rank stuck here still gets the launcher's SIGKILL
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         if rank == 0:
             tmp = work / f".result.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:

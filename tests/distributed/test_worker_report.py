@@ -1,5 +1,6 @@
 """What a rank reports to its launcher: a stop signal outside the training loop (exports, set-up) is an
-interruption with the shell's exit code, not a crash; the launcher passes that code on."""
+interruption with the shell's exit code, not a crash; the launcher passes that code on. And a rank can be
+stopped by SIGINT even when it was started with SIGINT blocked (as Ray's processes are)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import signal
 
 from surogate.errors import UserError
 from surogate.runtime.distributed.launch import failure
-from surogate.runtime.distributed.worker import _report, failure_report
+from surogate.runtime.distributed.worker import _report, accept_stop_signals, failure_report
 from surogate.runtime.stop_signals import Interrupted
 
 
@@ -25,3 +26,15 @@ def test_stop_signal_is_an_interruption_with_the_shell_exit_code(tmp_path):
 def test_user_errors_keep_their_code_and_crashes_are_1():
     assert failure_report(UserError("model: nope")) == ("model: nope", 2)
     assert failure_report(RuntimeError("boom")) == ("RuntimeError: boom", 1)
+
+
+def test_a_rank_started_with_sigint_blocked_accepts_it():
+    """Ray starts its processes with SIGINT blocked and a rank of a Ray node inherits that mask: a SIGINT passed
+    on to it would stay pending, and the rank would never stop and save."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        accept_stop_signals()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        assert signal.SIGINT not in blocked and signal.SIGTERM not in blocked
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

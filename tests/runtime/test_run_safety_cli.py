@@ -19,8 +19,9 @@ import time
 
 import pytest
 
+from surogate.runtime import stop_signals
 from surogate.runtime.observe.jsonl import read_log
-from surogate.runtime.stop_signals import Interrupted, StopSignals
+from surogate.runtime.stop_signals import Interrupted, StopSignals, relaying
 from tests.runtime.helpers import (
     cli_env,
     run_cli,
@@ -141,6 +142,60 @@ def test_stop_signals_record_inside_the_loop_and_raise_outside():
             time.sleep(0.05)
         assert stop.received == signal.SIGINT and stop.agreed() == signal.SIGINT
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_once_stopping_a_later_signal_after_the_loop_does_not_raise():
+    """After the loop stopped on a signal the rank writes the log's end record and hands its result over: a
+    repeat (Ctrl-C twice, a launcher passing on both) must not turn that into an Interrupted with another code."""
+    with StopSignals(is_main=False) as stop:
+        with stop.graceful():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.received == signal.SIGINT
+
+
+def test_a_relaying_launcher_gets_the_signals_and_its_children_do_not(monkeypatch):
+    """ray_launch: the ranks are not this process's children (with a local Ray cluster its children are Ray's
+    own processes); inside `relaying` the forwarding handler records every signal for the launcher to pass on."""
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # dies of a forwarded signal
+    try:
+        with StopSignals(is_main=False) as stop, stop.forwarding():
+            with relaying() as relay:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)  # a second one is relayed too (the ranks say: already stopping)
+                time.sleep(0.2)
+                assert relay.signals == [signal.SIGINT, signal.SIGTERM] and relay.first == signal.SIGINT
+                assert child.poll() is None and stop.received == signal.SIGINT
+            forwarded: list[int] = []  # not the real forwarding now: it would signal every child of pytest
+            monkeypatch.setattr(stop_signals, "forward_to_children", lambda signum: forwarded.append(signum) or True)
+            os.kill(os.getpid(), signal.SIGTERM)  # relaying is over: the children get it again
+            time.sleep(0.05)
+            assert forwarded == [signal.SIGTERM]
+        assert stop_signals._relay is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_ray_init_does_not_keep_its_sigterm_handler_in_the_launcher(monkeypatch):
+    """ray.init installs a SIGTERM handler that exits at once (with a local cluster: tearing it down, ranks and
+    all); the launcher's own handler must be the one a SIGTERM meets while the nodes train."""
+    from surogate.runtime.distributed.ray_launch import _connect
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kw):
+            signal.signal(signal.SIGTERM, lambda *a: None)
+
+    with StopSignals(is_main=False) as stop:
+        assert _connect(FakeRay(), "local") is True
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
 
 
 def test_result_of_an_interrupted_run_pickles_with_its_signal():
