@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from surogate.runtime.session import run_training
 from tests.distributed.helpers import (
+    LORA_RANK,
     STEPS,
     cfg_for,
     exported,
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.usefixtures("same_program_at_every_world_size")  # (con
 # move its 8-bit code by one step (nearest-code rounding is discontinuous), so a few elements differ by about
 # one quantum of their update.
 TOL = 1e-5
+LR = 1e-3  # text_cfg's learning rate
+FLIP = 0.05  # the most one code flip moves a weight, as a fraction of one lr-sized update
+LORA_SCALE = 32 / LORA_RANK  # cfg_for's lora_alpha / rank
 
 
 
@@ -61,15 +65,26 @@ def _check(root, name, one, result, lora, optimizer="adamw_8bit", accumulation=2
         assert got[k].shape == want[k].shape, k
         # all but a few elements (8-bit code flips: adapters too, they are 8-bit AdamW weights like any other)
         # equal to fp32 rounding; a flip is one quantum of one update (a LoRA A weight was seen 1.2e-5 off)
-        # (full fine-tune: at most 0.1% of a tensor, as before; adapters, small tensors: also up to 2 elements)
-        far = int(((got[k] - want[k]).abs() > TOL * want[k].abs().max()).sum())
+        # (full fine-tune: at most 0.1% of a tensor, as before; adapters, small tensors: also up to 2 elements).
+        # A flip moves an element by a few percent of one learning-rate-sized update at most (seen: 0.5%), so
+        # the bound is absolute: relative to a young LoRA B (max |B| ~ 2 lr after 3 steps) it can exceed 1e-3.
+        diff = (got[k] - want[k]).abs()
+        far = int((diff > TOL * want[k].abs().max()).sum())
         allowed = max(2, want[k].numel() // 1000) if lora else want[k].numel() // 1000
-        assert far <= allowed and max_rel(got[k], want[k]) <= 1e-3, (k, far)
+        assert far <= allowed and float(diff.max()) <= FLIP * LR, (k, far, float(diff.max()))
     # training moved the weights: the comparison is not between two untouched initialisations
     if lora:
         assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)  # B starts at zero
         merged, merged_ref = _merged(root / name), _merged(ref_out)  # base weights gathered (ZeRO-3 shards them)
-        assert set(merged) == set(merged_ref) and all(max_rel(merged[k], merged_ref[k]) <= TOL for k in merged_ref)
+        assert set(merged) == set(merged_ref)
+        for k in merged_ref:  # the same base plus each run's own adapter product (which may hold a code flip)
+            expected = merged_ref[k].double()
+            lora_a = f"base_model.model.{k.removesuffix('.weight')}.lora_A.weight"
+            if lora_a in got:
+                lora_b = lora_a.replace("lora_A", "lora_B")
+                expected = expected + LORA_SCALE * (got[lora_b].double() @ got[lora_a].double()
+                                                    - want[lora_b].double() @ want[lora_a].double())
+            assert max_rel(merged[k], expected) <= TOL, k
     else:
         initial = load_file(str(root / "model" / "model.safetensors"))
         assert max(max_rel(got[k], initial[k]) for k in got if k in initial) > 1e-4
