@@ -25,7 +25,7 @@
 #                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels), then
 #                        benchmarks/launch_census.py (launches and copies per op kind of the 0.6B micro-step, as
 #                        the GPU runs it: the varlen flash path's copies, which the CPU census cannot take)
-#   4. tests       60 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py
+#   4. tests       60 s  pytest -m gpu tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py tests/runtime/test_host_memory.py
 #                        (checks as asserts, plus fp32 == cpu backend and the measured peak within 3% of the plan at 4 layers)
 # STAGES_RUN="throughput kernels" runs only those stages (a rerun after the smoke stage passed once).
 # Files (8): gpu_checks.log (all of stdout), smoke.json, smoke.log, throughput.json, throughput.log, kernels.log,
@@ -93,7 +93,7 @@ want throughput && stage throughput 200 $PY benchmarks/throughput.py --steps 3 -
   --extra "${EXTRA-0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-defaults,0.6b-full}" --budget-s 192
 want kernels && stage kernels 100 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py; \
   timeout 30 $PY benchmarks/launch_census.py"
-want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py
+want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py tests/runtime/test_host_memory.py
 $PY benchmarks/gpu_summary.py "$OUT" --stages "$STAGES" --seconds $(( $(date +%s) - T0 ))
 }
 

@@ -13,7 +13,9 @@
    against fp64 and the promoted fp32 path, with both paths' ms per call, and whether torch's mm out_dtype
    probe passed (runtime/backends/cuda_split_gemm.py);
 4. the same model with CUDA graphs: 4 optimizer steps (2 micro-steps each, packed documents that vary) against
-   the eager losses; allocator calls after step 2 (both captures done) (must be 0) and the number of replays.
+   the eager losses; allocator calls after step 2 (both captures done) (must be 0) and the number of replays;
+5. offloading (residuals, gradients, optimizer states with and without zero copy, masters, write-combined host
+   memory) under CUDA graphs against the same job without it: the side-stream copies' ordering on a real device.
 Writes every figure to --json and exits 1 if a check fails (the rest of the checks still run).
 `--dry-run` runs the same code on CPU under the Numba simulator with a smaller model (no figures, catches
 script errors before a GPU session is spent on them).
@@ -268,45 +270,90 @@ def _packed(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     return ids, labels, pos, cu
 
 
+def _train(cfg, graphs_on: bool, steps: int, micro: int) -> dict:
+    """`steps` optimizer steps of `micro` packed micro-steps each through the cuda table; losses, seconds,
+    replays and the allocator calls after step 2 (both captures done)."""
+    from surogate.runtime.cuda_graphs import AllocationRecorder, install
+    from surogate.runtime.executor import MICRO_STEP, StepContext
+    from tests.cuda_backend.helpers import Runner
+
+    r = Runner(cfg, "cuda", device=DEVICE)
+    runner = install(r.ex, enabled=graphs_on)
+    rec, losses, seconds = AllocationRecorder(), [], []
+    if DEVICE != "cuda":  # dry run: no allocator statistics
+        rec.record = lambda rec=rec: rec.snapshots.append(dict.fromkeys(AllocationRecorder.KEYS, 0))
+    for step in range(steps):
+        t0 = time.perf_counter()
+        loss = 0.0
+        r.ex.zero_gradients()
+        for m in range(micro):
+            ids, labels, pos, cu = _packed(step * micro + m)
+            r.write_batch(ids, labels, position_ids=pos, cu_seqlens=cu)
+            r.ex.run(MICRO_STEP, StepContext(r.plan, step * micro + m))
+            loss += float(r.ex.observed[r.loss_name])
+        r.optimizer_step(step, lr_scale=1.0 - 0.1 * step)
+        rec.record()
+        seconds.append(round(time.perf_counter() - t0, 3))
+        losses.append(loss)
+    # step 1: micro-step warm-up + capture, optimizer warm-up; step 2: optimizer capture
+    return {"losses": losses, "step_seconds": seconds, "replays": runner.replays,
+            "graphs": sorted(map(str, runner.graphs)), "reason": runner.reason,
+            "allocations_after_step2": rec.allocations_after_first(), "deltas": rec.deltas(),
+            "host_mib": r.plan.arenas.get("host", 0) / 2**20}
+
+
 def graphs(model_dir: Path, steps: int = 4, micro: int = 2) -> dict:
     if DEVICE != "cuda":
         steps, micro = 2, 1
-    from surogate.runtime.cuda_graphs import AllocationRecorder, install
-    from tests.cuda_backend.helpers import Runner, sim_cfg
+    from tests.cuda_backend.helpers import sim_cfg
 
     cfg = sim_cfg(model_dir, seq=SEQ, batch=2, torch_dtype="bfloat16", lora=True, lora_rank=8, lora_alpha=16,
                   use_cuda_graphs=True)
-    res = {}
-    for mode in ("eager", "graphs"):
-        r = Runner(cfg, "cuda", device=DEVICE)
-        runner = install(r.ex, enabled=mode == "graphs")
-        rec, losses, seconds = AllocationRecorder(), [], []
-        if DEVICE != "cuda":  # dry run: no allocator statistics
-            rec.record = lambda rec=rec: rec.snapshots.append(dict.fromkeys(AllocationRecorder.KEYS, 0))
-        for step in range(steps):
-            t0 = time.perf_counter()
-            loss = 0.0
-            r.ex.zero_gradients()
-            for m in range(micro):
-                ids, labels, pos, cu = _packed(step * micro + m)
-                r.write_batch(ids, labels, position_ids=pos, cu_seqlens=cu)
-                from surogate.runtime.executor import MICRO_STEP, StepContext
-
-                r.ex.run(MICRO_STEP, StepContext(r.plan, step * micro + m))
-                loss += float(r.ex.observed[r.loss_name])
-            r.optimizer_step(step, lr_scale=1.0 - 0.1 * step)
-            rec.record()
-            seconds.append(round(time.perf_counter() - t0, 3))
-            losses.append(loss)
-        res[mode] = {"losses": losses, "step_seconds": seconds, "replays": runner.replays,
-                     "graphs": sorted(map(str, runner.graphs)), "reason": runner.reason,
-                     # step 1: micro-step warm-up + capture, optimizer warm-up; step 2: optimizer capture
-                     "allocations_after_step2": rec.allocations_after_first(), "deltas": rec.deltas()}
+    res = {mode: _train(cfg, mode == "graphs", steps, micro) for mode in ("eager", "graphs")}
     e, g = res["eager"]["losses"], res["graphs"]["losses"]
     res["max_rel_loss_diff"] = max(abs(a - b) / abs(a) for a, b in zip(e, g, strict=True))
     res["ok"] = ((res["graphs"]["reason"] is None and res["graphs"]["replays"] > 0 or DEVICE != "cuda")
                  and res["max_rel_loss_diff"] <= 1e-3 and res["graphs"]["allocations_after_step2"] == 0
                  and e[0] != e[-1])
+    return res
+
+
+# Offloading on the device: the copies run on a side stream (runtime/offload_copies.py); a missing wait reads a
+# staging buffer before its load lands or stores one after the arena reused it, which moves the losses.
+OFFLOAD_CASES = {
+    "offload_residual": dict(offload_residual=True),
+    "offload_grads": dict(offload_grads=True, zero_level=2),
+    "offload_optimizer": dict(offload_optimizer=True),
+    "offload_optimizer_zero_copy": dict(offload_optimizer=True, use_zero_copy=True),
+    "offload_master": dict(offload_master=True, master_dtype="fp32"),
+    "offload_write_combined": dict(offload_optimizer=True, offload_grads=True, zero_level=2,
+                                   use_write_combined=True),
+}
+
+
+def offload(model_dir: Path, steps: int = 3, micro: int = 2) -> dict:
+    """Each offload option trained with CUDA graphs against the same job without offloading (full bf16
+    fine-tune, so gradients, optimizer states and masters are all large enough to matter)."""
+    cases = OFFLOAD_CASES
+    if DEVICE != "cuda":  # dry run: the script's paths, not every case (the simulator takes minutes per case)
+        steps, micro = 2, 1
+        cases = {k: OFFLOAD_CASES[k] for k in ("offload_grads", "offload_write_combined")}
+    from tests.cuda_backend.helpers import sim_cfg
+
+    base = dict(seq=SEQ, batch=2, torch_dtype="bfloat16", use_cuda_graphs=True, gradient_accumulation_steps=micro)
+    plain = _train(sim_cfg(model_dir, **base), True, steps, micro)
+    res: dict = {"plain": {"losses": plain["losses"], "replays": plain["replays"]}}
+    for name, over in cases.items():
+        try:
+            got = _train(sim_cfg(model_dir, **base, **over), True, steps, micro)
+        except Exception:
+            res[name] = {"ok": False, "exception": traceback.format_exc()[-2000:]}
+            continue
+        diff = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], plain["losses"], strict=True))
+        got["max_rel_loss_diff"] = diff
+        got["ok"] = (diff <= 1e-3 and got["host_mib"] > 0
+                     and (DEVICE != "cuda" or (got["reason"] is None and got["allocations_after_step2"] == 0)))
+        res[name] = got
     return res
 
 
@@ -335,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="surogate-smoke-") as tmp:
         model_dir = save_qwen3(Path(tmp) / "qwen3", **MODEL)
         for name, fn in (("kernels", kernels), ("kernels_at_size", kernels_at_size), ("parity", lambda: parity(model_dir)),
-                         ("split_gemm", split_gemm), ("graphs", lambda: graphs(model_dir))):
+                         ("split_gemm", split_gemm), ("graphs", lambda: graphs(model_dir)),
+                         ("offload", lambda: offload(model_dir))):
             t0 = time.perf_counter()
             try:
                 report[name] = fn()
@@ -349,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[smoke] {name}: {'ok' if passed else 'FAILED'} in {report[name]['seconds']} s", flush=True)
             if not passed:
                 print(json.dumps(report[name], indent=1, default=str)[-3000:], flush=True)
+            if args.json:  # after every section: a stage cut off by its time limit keeps what it measured
+                Path(args.json).write_text(json.dumps({**report, "ok": ok}, indent=1, default=str))
     report["ok"] = ok
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))

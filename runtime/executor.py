@@ -19,7 +19,9 @@ import torch
 
 from surogate.compiler.ir import Op, Role, Space, Tensor, view_descendants, view_parent
 from surogate.compiler.plan import Plan
+from surogate.runtime.host_memory import device_alias, pinned_arena, read_back
 from surogate.runtime.host_staging import PinnedStaging
+from surogate.runtime.offload_copies import COPY_KINDS, InlineStreams, OffloadCopies, default_streams
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 
 Kernel = Callable[[list, dict, Any], list]
@@ -113,18 +115,31 @@ class ArenaExecutor:
         self.kernels = kernels
         self.device = torch.device(device)
         pin = self.device.type == "cuda"
+        # `use_write_combined`: the offload passes mark every host tensor; the host arena is one allocation
+        self.write_combined = pin and any(t.space is Space.HOST and t.attrs.get("write_combined")
+                                          for t in plan.tensors.values())
         self.arenas: dict[str, torch.Tensor] = {}
         for space, nbytes in plan.arenas.items():
-            dev = self.device if space == Space.DEVICE.value else torch.device("cpu")
-            arena = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
             if space == Space.HOST.value and pin:
-                arena = arena.pin_memory()
-            self.arenas[space] = arena
+                self.arenas[space] = pinned_arena(nbytes, self.device, self.write_combined)
+                continue
+            dev = self.device if space == Space.DEVICE.value else torch.device("cpu")
+            self.arenas[space] = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
         self.views: dict[str, torch.Tensor] = {
             name: arena_view(self.arenas[t.space.value], t, plan.tensors)
             for name, t in plan.tensors.items()
             if t.offset is not None and plan.lifetimes.get(name) is not None
         }
+        # What kernels get: on a CUDA device, host tensors as device aliases of their pinned memory (zero-copy
+        # ops, accumulating gradient stores); `views` keep the host tensors for the host's own reads and writes.
+        self.device_views = dict(self.views)
+        host = self.arenas.get(Space.HOST.value)
+        if pin and host is not None and host.numel() > 1:
+            alias = device_alias(host, self.device)
+            self.device_views.update({name: arena_view(alias, t, plan.tensors) for name, t in plan.tensors.items()
+                                      if name in self.views and t.space is Space.HOST})
+        has_copies = any(op.kind in COPY_KINDS for op in plan.ops)
+        self.copies = OffloadCopies(plan, default_streams(self.device) if has_copies else InlineStreams())
         self.programs = split_programs(plan.ops, plan.meta.get("optimizer_start"))
         missing = sorted({op.kind for op in plan.ops} - set(kernels))
         if missing:
@@ -151,14 +166,31 @@ class ArenaExecutor:
         if name in self._inputs:  # per-step data: queued through pinned buffers, no device sync
             self.staging.write(name, view, value)
         else:  # one-off writes (weights, a restored checkpoint): a plain copy, no pinned buffers kept for them
+            if self.plan.tensors[name].space is Space.HOST:
+                self.synchronize()  # the device may still be reading or writing this host memory
             view.copy_(value)
         self._written.add(name)
 
     def _kernel_view(self, name: str) -> torch.Tensor:
         t = self.plan.tensors[name]
         if self.unpack_sub_byte and t.dtype in SUB_BYTE:
-            return unpack_nibbles(self.views[name], t.shape)
-        return self.views[name]
+            return unpack_nibbles(self.device_views[name], t.shape)
+        return self.device_views[name]
+
+    def readable(self, name: str) -> torch.Tensor:
+        """Tensor `name` where the host reads it at memory speed: its view, or for write-combined host memory
+        (which the CPU reads uncached) a copy read back through the device (`runtime/host_memory.py`)."""
+        view = self.views[name]
+        if self.write_combined and self.plan.tensors[name].space is Space.HOST:
+            self.synchronize()
+            return read_back(view, self.device)
+        return view
+
+    def synchronize(self) -> None:
+        """Wait for the device before the host reads or writes host arena memory (checkpoints, exports, one-off
+        writes): offload copies into and out of it run asynchronously."""
+        if self.device.type == "cuda" and Space.HOST.value in self.arenas:
+            torch.cuda.synchronize(self.device)
 
     @property
     def gradient_names(self) -> list[str]:
@@ -170,7 +202,7 @@ class ArenaExecutor:
         # grouped here so offloaded (host) gradients never share a call with device ones
         groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for name in self._gradients:
-            view = self.views[name]
+            view = self.device_views[name]  # offloaded gradients zeroed in stream order, through their alias
             groups.setdefault((view.device, view.dtype), []).append(view)
         for grads in groups.values():
             torch._foreach_zero_(grads)
@@ -184,8 +216,16 @@ class ArenaExecutor:
         written: set[str] = set()
         tensors = self.plan.tensors
         clock = time.perf_counter if self.timing else None
+        self.copies.begin()
         for op in self.programs[program]:
             started = clock() if clock else 0.0
+            if op.kind in COPY_KINDS:
+                self._copy(op, written)
+                if clock:
+                    phase = PHASE_NAMES["copy"]
+                    self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + clock() - started
+                continue
+            self.copies.before(op)  # wait for the offload copies this op reads or overwrites
             kernel = self.kernels[op.kind]
             ins = [self._kernel_view(n) for n in op.inputs]
             ctx.out_shapes = [tensors[o].shape for o in op.outputs]
@@ -199,7 +239,7 @@ class ArenaExecutor:
             for name, value in zip(op.outputs, outs, strict=True):
                 if value is None:
                     continue
-                view = self.views[name]
+                view = self.device_views[name]
                 if tensors[name].dtype in SUB_BYTE and value.shape != view.shape:
                     value = pack_nibbles(value)
                 if value.data_ptr() == view.data_ptr() and value.shape == view.shape:
@@ -207,12 +247,7 @@ class ArenaExecutor:
                     written.update(self._inside.get(name, ()))
                     self._observe(name, view)
                     continue
-                # Gradients accumulate across micro-steps (zeroed once per step); other accumulated
-                # outputs (an activation gradient fed by several consumers) start fresh each micro-step.
-                # A transient full-size gradient (reduce-scattered into a persistent shard right after
-                # its last writer, ZeRO-2) holds one micro-step's gradient only: it starts fresh too.
-                if name in acc and ((tensors[name].role is Role.GRADIENT and not tensors[name].attrs.get("transient"))
-                                    or name in written):
+                if self._accumulates(name, acc, written):
                     view.add_(value.reshape(view.shape).to(view.dtype))
                 else:
                     view.copy_(value.reshape(view.shape))
@@ -222,6 +257,38 @@ class ArenaExecutor:
             if clock:
                 phase = PHASE_NAMES.get(op.phase, op.phase)
                 self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + clock() - started
+        self.copies.join()
+
+    def _accumulates(self, name: str, acc: Iterable[str], written: set[str]) -> bool:
+        """Whether output `name` of an op accumulating into `acc` is added into (not overwritten).
+
+        Gradients accumulate across micro-steps (zeroed once per step); other accumulated outputs (an
+        activation gradient fed by several consumers) start fresh each micro-step. A transient full-size
+        gradient (reduce-scattered into a persistent shard right after its last writer, ZeRO-2) holds one
+        micro-step's gradient only: it starts fresh too."""
+        t = self.plan.tensors[name]
+        return name in acc and ((t.role is Role.GRADIENT and not t.attrs.get("transient")) or name in written)
+
+    def _copy(self, op: Op, written: set[str]) -> None:
+        """A `copy_h2d` / `copy_d2h` op, issued on the copy stream (`runtime/offload_copies.py`).
+
+        Both sides are the planned bytes (4-bit codes stay packed). A gradient store that accumulates adds
+        into the host copy through its device alias; the others are DMA copies from or to pinned memory."""
+        src, dst = op.inputs[0], op.outputs[0]
+        source, target = self.views[src], self.views[dst]
+        if tuple(source.shape) != tuple(target.shape):
+            source = source.reshape(target.shape)
+        acc = op.outputs if op.attrs.get("accumulate") else ()
+        if self._accumulates(dst, acc, written):
+            alias = self.device_views[dst]
+            self.copies.issue(op, lambda: alias.add_(source))
+        else:
+            self.copies.issue(op, lambda: target.copy_(source, non_blocking=True))
+        written.add(dst)
+        written.update(self._inside.get(dst, ()))
+        if dst in self.watch:  # read right away: the copy must have landed
+            self.copies.join()
+            self._observe(dst, target)
 
     def take_phase_seconds(self) -> dict[str, float]:
         """Seconds per phase since the last call (then reset)."""

@@ -24,7 +24,9 @@ def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: di
     )
     from surogate.runtime.weights import unquantized_base_weights
 
-    plan, views = trainer.plan, trainer.ex.views
+    plan, ex = trainer.plan, trainer.ex
+    ex.synchronize()  # offloaded weights are read by the host
+    views = {n: ex.readable(n) for n in ex.views if plan.tensors[n].role in (Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT)}
     if comm.world() > 1:
         views = full_views(plan, views)
         if comm.rank() != 0:

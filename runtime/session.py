@@ -49,9 +49,9 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
         raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "
                                 "trains with recipe 'bf16' only")
     notes: list[str] = []
-    if getattr(cfg, "use_write_combined", False):
-        notes.append("use_write_combined: offloaded tensors are pinned as ordinary (cached) host memory; "
-                     "write-combined allocation is not in this version")
+    if getattr(cfg, "use_write_combined", False) and backend != "cuda":
+        notes.append("use_write_combined: no effect on the cpu backend (its host memory is neither pinned nor "
+                     "write-combined)")
     if backend == "cuda" and torch.cuda.is_available():
         sm = sm_of(torch.cuda.get_device_capability())
         needs, why = min_compute_capability(cfg)

@@ -200,7 +200,7 @@ class Trainer:
 
     def gradient_norm(self) -> float:
         """Global L2 norm of the step's gradients (sharded gradients: the ranks' sums of squares added)."""
-        grads = [self.ex.views[n] for n in self._norm_gradients]
+        grads = [self.ex.device_views[n] for n in self._norm_gradients]  # offloaded ones through their alias
         # fused per-gradient norms and one host read (a read per gradient was a device sync each, ~400 per step);
         # through the executor's CUDA-graph runner when it has one, so the step allocates nothing
         runner = getattr(self.ex, "graphs", None)
@@ -231,9 +231,13 @@ class Trainer:
         return total_loss / total_tokens if total_tokens else None
 
     # -- checkpoints -----------------------------------------------------------------------------------
+    def state_names(self) -> list[str]:
+        """The tensors a checkpoint holds (gathered ZeRO-3 copies are rebuilt, not saved)."""
+        return [n for n in self.ex.tensors_of(CHECKPOINT_ROLES) if not self.plan.tensors[n].attrs.get("transient")]
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: v for n, v in self.ex.tensors_of(CHECKPOINT_ROLES).items()
-                if not self.plan.tensors[n].attrs.get("transient")}  # gathered ZeRO-3 copies are rebuilt
+        self.ex.synchronize()  # offloaded state is read by the host: the copies into it must have landed
+        return {n: self.ex.readable(n) for n in self.state_names()}
 
     def state(self) -> dict[str, Any]:
         pos = self.stream.position
@@ -262,11 +266,11 @@ class Trainer:
         else:  # another rank count or ZeRO layout: cut the checkpoint's tensors for this rank
             tensors = reshard(checkpoint.tensors, int(saved["world"]), self.plan, self.rank)
             self.resharded_from = int(saved["world"])
-        missing = set(self.state_tensors()) - set(tensors)
+        missing = set(self.state_names()) - set(tensors)
         if missing:
             raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensor(s) of this plan, e.g. "
                             f"{sorted(missing)[0]!r}; it was written by a different configuration")
-        for name in self.state_tensors():
+        for name in self.state_names():
             self.ex.write(name, tensors[name])
         s = checkpoint.state
         self.step, self.applied, self.lr_scale = int(s["step"]), int(s["applied"]), float(s["lr_scale"])

@@ -101,9 +101,6 @@ def host_memory_flags_need_offloading(cfg, given):
     for key in ("use_zero_copy", "use_write_combined"):
         if cfg[key] and not offloading:
             yield _warn(key, "has no effect: nothing is offloaded (set one of the offload_* options)")
-    if cfg["use_write_combined"] and offloading:
-        yield _warn("use_write_combined", "write-combined allocation is not in this version: offloaded tensors "
-                    "are pinned as ordinary (cached) host memory")
 
 
 # -- precision ---------------------------------------------------------------------------------------

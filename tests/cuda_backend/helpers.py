@@ -95,6 +95,7 @@ class Runner:
         self.ex.run(OPTIMIZER_STEP, StepContext(self.plan, step, lr_scale=lr_scale, optimizer_step=step + 1))
 
     def gradients(self) -> dict[str, torch.Tensor]:
+        self.ex.synchronize()  # offloaded gradients: their stores run on the copy stream
         return {t.attrs["grad_of"]: self.ex.views[n].detach().cpu().clone()
                 for n, t in self.plan.tensors.items() if t.role is Role.GRADIENT and n in self.ex.views}
 

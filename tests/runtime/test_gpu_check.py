@@ -59,6 +59,8 @@ def test_sequence_parallelism_is_refused_not_ignored():
     assert _check_runnable(ONE_RANK, _cfg(sequence_parallel_size=1), "cpu") == []
 
 
-def test_write_combined_says_it_is_ordinary_pinned_memory():
+def test_write_combined_says_it_has_no_effect_on_the_cpu_backend_only(gpu):
     notes = _check_runnable(ONE_RANK, _cfg(use_write_combined=True), "cpu")
-    assert len(notes) == 1 and notes[0].startswith("use_write_combined:")
+    assert len(notes) == 1 and notes[0].startswith("use_write_combined:") and "cpu backend" in notes[0]
+    gpu(9, 0)
+    assert _check_runnable(ONE_RANK, _cfg(use_write_combined=True), "cuda") == []

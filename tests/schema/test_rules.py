@@ -125,7 +125,7 @@ def test_fp4_needs_blackwell_at_run_time_but_plans_anywhere(options, path):
         ({"qlora_offload_experts": True}, "qlora_offload_experts"),
         ({"qlora_selective_expert_dequant": True}, "qlora_selective_expert_dequant"),
         ({"padding_free": True}, "padding_free"),
-        ({"use_write_combined": True, "offload_optimizer": True}, "use_write_combined"),
+        ({"use_write_combined": True}, "use_write_combined"),
     ],
 )
 def test_options_without_effect_are_never_silent(options, path):
