@@ -50,6 +50,8 @@ class _HostMemory:
 def device_alias(arena: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CUDA tensor over pinned host arena `arena`'s memory (no copy): kernels given its views read and write
     host memory over the bus (`use_zero_copy`, accumulating gradient stores, zeroing offloaded gradients)."""
+    if device.index is None:  # "cuda": the current device (an alias on cuda:0 is not equal to "cuda")
+        device = torch.device("cuda", torch.cuda.current_device())
     alias = torch.as_tensor(_HostMemory(arena), device=device)
     if alias.data_ptr() != arena.data_ptr() or alias.device != device:
         raise RuntimeError(f"pinned host memory is not addressable from {device} at its host address (no unified "

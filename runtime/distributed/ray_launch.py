@@ -160,30 +160,39 @@ def launch_ray(cfg: Any, plan: Plan, backend: str, nodes: int) -> Any:
             # `local` emulates the nodes on this machine: the bundles need not be on distinct nodes
             strategy = "PACK" if address == "local" else "STRICT_SPREAD"
             group = placement_group([dict(bundle) for _ in range(nodes)], strategy=strategy)
-            if not _ready(ray, [group.ready()], READY_TIMEOUT_S, relay):
-                remove_placement_group(group)
-                raise NotAvailableError(f"the Ray cluster at {address!r} did not offer {nodes} node(s) with {bundle} "
-                                        f"each within {READY_TIMEOUT_S:.0f} s (ray status shows what it has)")
-            # max_concurrency=2: a threaded actor, so that `stop` runs while `run` waits for the ranks
-            agent_cls = ray.remote(num_cpus=1, num_gpus=per_node if backend == "cuda" else 0,
-                                   max_concurrency=2)(NodeAgent)
-            agents = [agent_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
-                      for i in range(nodes)]
-            where = agents[0].address.remote()
-            try:
-                _ready(ray, [where], None, relay)
-            except Interrupted:  # no rank started: the agents have nothing to finish
-                for agent in agents:
-                    ray.kill(agent)
-                raise
-            addr, port = ray.get(where)
-            pending = {agents[i].run.remote(cfg, plan, backend, nodes, i, addr, port): i for i in range(nodes)}
-            result = _collect(ray, agents, pending, relay)
-            remove_placement_group(group)
-            return result
+            try:  # the group reserves the nodes' resources: given back however the run ends
+                if not _ready(ray, [group.ready()], READY_TIMEOUT_S, relay):
+                    raise NotAvailableError(f"the Ray cluster at {address!r} did not offer {nodes} node(s) with {bundle} "
+                                            f"each within {READY_TIMEOUT_S:.0f} s (ray status shows what it has)")
+                # max_concurrency=2: a threaded actor, so that `stop` runs while `run` waits for the ranks
+                agent_cls = ray.remote(num_cpus=1, num_gpus=per_node if backend == "cuda" else 0,
+                                       max_concurrency=2)(NodeAgent)
+                agents = [agent_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
+                          for i in range(nodes)]
+                where = agents[0].address.remote()
+                try:
+                    _ready(ray, [where], None, relay)
+                except Interrupted:  # no rank started: the agents have nothing to finish
+                    for agent in agents:
+                        ray.kill(agent)
+                    raise
+                addr, port = ray.get(where)
+                pending = {agents[i].run.remote(cfg, plan, backend, nodes, i, addr, port): i for i in range(nodes)}
+                return _collect(ray, agents, pending, relay)
+            finally:
+                _release(remove_placement_group, group)
         finally:
             if started:
                 ray.shutdown()
+
+
+def _release(remove: Any, group: Any) -> None:
+    """Remove the placement group; a failure to do so must not hide how the run ended (Ray frees it at
+    shutdown of a local cluster, and `ray status` shows a leftover one on a remote cluster)."""
+    try:
+        remove(group)
+    except Exception:  # noqa: BLE001 - best effort, see the docstring
+        pass
 
 
 def _collect(ray: Any, agents: list, pending: dict, relay: Relay) -> Any:

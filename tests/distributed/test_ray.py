@@ -122,6 +122,41 @@ def test_the_driver_passes_a_stop_signal_on_until_each_nodes_ranks_have_it():
     assert agents[0].got == [signal.SIGTERM] and agents[1].got == [signal.SIGTERM] * 3 + [signal.SIGINT]
 
 
+def test_the_placement_group_is_released_however_the_launch_ends(tmp_path, monkeypatch):
+    """A cluster that never offers the nodes (and a launch interrupted before any rank ran) gives the reserved
+    resources back: on a remote cluster nothing else would (ray.shutdown only does for a local one)."""
+    import types
+
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.distributed import ray_launch
+
+    removed = []
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: True  # connected already: launch_ray neither starts nor stops Ray
+    fake.wait = lambda refs, num_returns=1, timeout=None: ([], refs)  # never ready
+    group = types.SimpleNamespace(ready=lambda: "ready-ref")
+    pg = types.ModuleType("ray.util.placement_group")
+    pg.placement_group = lambda bundles, strategy: group
+    pg.remove_placement_group = removed.append
+    strategies = types.ModuleType("ray.util.scheduling_strategies")
+    strategies.PlacementGroupSchedulingStrategy = object
+    for name, module in (("ray", fake), ("ray.util", types.ModuleType("ray.util")),
+                         ("ray.util.placement_group", pg), ("ray.util.scheduling_strategies", strategies)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(ray_launch, "READY_TIMEOUT_S", 0.05)
+    root = make_root(tmp_path)
+    cfg = cfg_for(root, "pg", gpus=1, accumulation=1,
+                  distributed={"num_nodes": 2, "gpus_per_node": 1, "ray_address": "auto"})
+    with pytest.raises(NotAvailableError, match="did not offer 2 node"):
+        ray_launch.launch_ray(cfg, compile_plan(cfg), "cpu", 2)
+    assert removed == [group]
+    monkeypatch.setattr(ray_launch, "READY_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(ray_launch, "_ready", lambda *a: (_ for _ in ()).throw(ray_launch.Interrupted(15)))
+    with pytest.raises(ray_launch.Interrupted):
+        ray_launch.launch_ray(cfg, compile_plan(cfg), "cpu", 2)
+    assert removed == [group, group]
+
+
 def _steps_logged(log) -> int:
     return len(read_log(log).steps) if log.is_file() else 0
 

@@ -107,7 +107,7 @@ def test_host_arena_is_pinned_and_the_device_reads_and_writes_it_in_place(write_
     arena = pinned_arena(4096 + 3, device, write_combined)
     assert arena.is_pinned()  # what makes non_blocking copies asynchronous
     arena[:] = 7
-    alias = device_alias(arena, device)
+    alias = device_alias(arena, torch.device("cuda"))  # the executors say "cuda": the current device
     assert alias.is_cuda and alias.data_ptr() == arena.data_ptr()
     alias[10:20].add_(torch.ones(10, dtype=torch.uint8, device=device))  # a kernel writing host memory
     torch.cuda.synchronize()
