@@ -44,7 +44,7 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    trainer = OurTrainer(our_config(work / "model", args))
+    trainer = OurTrainer(our_config(work / "model", args, **offload_options(args)))
     setup_s = time.perf_counter() - t0
     vocab = trainer.plan.tensors["model.embed_tokens.weight"].shape[0]
     steps = _batches(args, vocab)
@@ -88,6 +88,16 @@ def run_ours(work: Path, args: argparse.Namespace) -> dict:
             "segments_after_warmup": rec.deltas()[0]["segment.all.allocated"],
             "reserved_bytes_after_warmup": rec.deltas()[0]["reserved_bytes.all.current"],
             "ops_per_program": ops, "scratch_mib": trainer.ex.kernels.state.scratch_bytes / 2**20, "memory": memory}
+
+
+def offload_options(args: argparse.Namespace) -> dict:
+    """Ours: the `--offload` options (comma-separated offload_* names) as config settings; offloaded gradients
+    need ZeRO-2's gradient layout."""
+    names = [n for n in (getattr(args, "offload", "") or "").split(",") if n]
+    over: dict = dict.fromkeys(names, True)
+    if "offload_grads" in names:
+        over["zero_level"] = 2
+    return over
 
 
 def run_hf(work: Path, args: argparse.Namespace) -> dict:
@@ -135,6 +145,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ours with recompute: false (HF keeps gradient checkpointing, as the issue sets it)")
     p.add_argument("--lmhead-chunks", type=int, default=1,
                    help="ours: LM-head row chunks (the logits workspace holds rows / N rows: smaller, L2-resident)")
+    p.add_argument("--offload", default="", help="ours: offload_* options to set, comma-separated (the copies run "
+                   "on a side stream; compare with the same job without them)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
@@ -170,17 +182,18 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
             str(args.batch), "--accum", str(args.accum), "--lora-dtype", args.lora_dtype,
             "--lora-dropout", str(getattr(args, "lora_dropout", 0.0)),
             *(["--full"] if args.full else []), *(["--no-recompute"] if args.no_recompute else []),
-            *(["--eager"] if args.eager else []), "--lmhead-chunks", str(getattr(args, "lmhead_chunks", 1))]
+            *(["--eager"] if args.eager else []), "--lmhead-chunks", str(getattr(args, "lmhead_chunks", 1)),
+            "--offload", getattr(args, "offload", "") or ""]
     env = getattr(args, "env", None) or {}  # an extra's experiment switches, for our process only
     job = {"model_size": args.model_size, "full": args.full, "eager": args.eager, "lora_dtype": args.lora_dtype,
            "recompute": not args.no_recompute, "lmhead_chunks": getattr(args, "lmhead_chunks", 1),
-           "lora_dropout": getattr(args, "lora_dropout", 0.0)}
+           "lora_dropout": getattr(args, "lora_dropout", 0.0), "offload": getattr(args, "offload", "") or ""}
     results: dict = {"job": {**job, "env": env} if env else job}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
         save_preset_model(args.model_size, work / "model")
         if hf_result is not None:
-            results["hf"], results["hf_from_main_job"] = hf_result, True
+            results["hf"], results["hf_reused"] = hf_result, True  # an earlier job's: the same HF side
         for k, runner in enumerate(("ours",) if hf_result is not None else ("ours", "hf")):
             cmd = [sys.executable, __file__, *base, "--runner", runner, "--work", str(work)]
             # ours gets 3/5 of the time left (kernel compile or cache load, plan, warm-up and capture), HF the rest
@@ -220,10 +233,11 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
     mode += ", ours with recompute: false" if args.no_recompute else ""
     mode += f", ours with lmhead_chunks: {args.lmhead_chunks}" if getattr(args, "lmhead_chunks", 1) > 1 else ""
     mode += "".join(f", ours with {k}={v}" for k, v in env.items())
+    mode += f", ours with {args.offload}" if getattr(args, "offload", "") else ""
     print(f"job: {SIZES[args.model_size]}-shaped, bf16, {mode}, seq {args.seq} x batch {args.batch} x accum "
           f"{args.accum}, packed rows, {args.steps} timed steps, {torch.cuda.get_device_name()}")
     for name, r in (("surogate (cuda, graphs)" if not args.eager else "surogate (cuda, eager)", ours),
-                    ("transformers + peft" + (" (main job's)" if hf_result is not None else ""), hf)):
+                    ("transformers + peft" + (" (earlier job's)" if hf_result is not None else ""), hf)):
         if r is None:
             print(f"{name:<26} FAILED")
         else:
@@ -245,7 +259,8 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
 
 
 # name -> the job's settings over the main job's (model size, full fine-tune, adapter dtype, recompute; `env`:
-# experiment switches for our process; `ours_only`: HF's side is the main job's, its figure is reused)
+# experiment switches for our process; `ours_only`: HF's side is the main job's, its figure is reused; `hf_from`:
+# HF's side is that earlier extra's; `offload`: offload_* options for ours)
 EXTRAS = {
     # the A/B of the stacked LoRA down-projections (compiler/passes/lora_group.py): the unstacked program
     "0.6b-nostack": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
@@ -270,6 +285,10 @@ EXTRAS = {
     "0.6b-defaults": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "lora_dropout": 0.05,
                       "no_recompute": False},
     "0.6b-full": {"model_size": "0.6b", "full": True, "no_recompute": False},
+    # offloaded optimizer states and gradients (copies on a side stream, runtime/offload_copies.py): ours beside
+    # 0.6b-full's own figure (`hf_from`: that extra's HF side is this job's), the cost of the host round trips
+    "0.6b-full-offload": {"model_size": "0.6b", "full": True, "no_recompute": False,
+                          "offload": "offload_optimizer,offload_grads", "hf_from": "0.6b-full"},
     **{f"{size}{suffix}": {"model_size": size, "full": bool(suffix), "lora_dtype": "bf16", "no_recompute": False}
        for size in ("1.7b", "4b") for suffix in ("", "-full")},
 }
@@ -290,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.budget_s if args.budget_s > 0 else None
     main_job = compare(args, deadline)
     runs = [main_job]
+    hf_of: dict[str, dict] = {}  # extra -> its HF figure, for an extra naming it in `hf_from`
     for name in [e for e in args.extra.split(",") if e]:
         left = args.budget_s - (time.monotonic() - started)
         if name not in EXTRAS or left < 60:  # a job needs a model save and two processes: skip rather than cut
@@ -297,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         over = dict(EXTRAS[name])
         same_hf = over.pop("ours_only", False) and main_job["hf"] is not None
-        runs.append(compare(argparse.Namespace(**{**vars(args), **over}), deadline,
-                            main_job["hf"] if same_hf else None))
+        hf = main_job["hf"] if same_hf else hf_of.get(over.pop("hf_from", ""))
+        runs.append(compare(argparse.Namespace(**{**vars(args), **over}), deadline, hf))
+        if runs[-1].get("hf") is not None:
+            hf_of[name] = runs[-1]["hf"]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ours": main_job["ours"], "hf": main_job["hf"],
                                                "ratio": main_job["ratio"], "runs": runs}, indent=1))

@@ -121,7 +121,7 @@ def test_an_ours_only_extra_reuses_the_main_jobs_hf_figure(monkeypatch):
     extra = throughput.compare(SimpleNamespace(**{**vars(args), **over}), None, main["hf"])
     (runner, cmd, env), = calls
     assert runner == "ours" and env["SUROGATE_RECOMPUTE_KEEP"] == "ffn_input"
-    assert extra["hf_from_main_job"] and extra["ratio"] == 2.5 and extra["job"]["env"] == over["env"]
+    assert extra["hf_reused"] and extra["ratio"] == 2.5 and extra["job"]["env"] == over["env"]
     calls.clear()
     over = dict(EXTRAS["0.6b-lmchunks16"])
     over.pop("ours_only")
@@ -134,6 +134,15 @@ def test_an_ours_only_extra_reuses_the_main_jobs_hf_figure(monkeypatch):
     throughput.compare(SimpleNamespace(**{**vars(args), **over}), None)
     assert [c[0] for c in calls] == ["ours", "hf"]
     assert all(c[1][c[1].index("--lora-dropout") + 1] == "0.05" for c in calls)
+    calls.clear()
+    over = dict(EXTRAS["0.6b-full-offload"])  # ours offloads; HF's side is 0.6b-full's, reused
+    assert over.pop("hf_from") == "0.6b-full" and over["full"]
+    throughput.compare(SimpleNamespace(**{**vars(args), **over}), None, hf)
+    (runner, cmd, _), = calls
+    assert runner == "ours" and cmd[cmd.index("--offload") + 1] == "offload_optimizer,offload_grads"
+    assert throughput.offload_options(throughput.parse(["--offload", "offload_optimizer,offload_grads"])) == \
+        {"offload_optimizer": True, "offload_grads": True, "zero_level": 2}
+    assert throughput.offload_options(args) == {}
 
 
 def test_ours_falls_back_to_eager_then_to_the_unfused_program(monkeypatch, tmp_path):
