@@ -61,6 +61,13 @@ def inject_lora(graph: Graph, cfg: Any) -> Graph:
                         "(MoE layers have no dense MLP projections), so nothing would be trained")
     for op in targeted:
         _inject_one(graph, op, rank, scale, p, dtype)
+    mlp = {"gate_proj", "up_proj", "down_proj"} & set(targets)
+    if mlp and any(o.kind == "moe_experts" for o in graph.ops()):  # said, not silent: "all" covers less here
+        dense = sum(1 for o in targeted if o.attrs.get("module") in mlp)
+        graph.meta.setdefault("notes", []).append(
+            f"lora_target_modules: MoE experts get no adapters (their fused [experts, ...] weights are not linear "
+            f"modules; PEFT's all-linear leaves them too); {', '.join(sorted(mlp))} adapters go to dense MLP "
+            f"projections only ({dense} in this model). train_router: true trains the router in full")
     if getattr(cfg, "train_router", False):
         for t in graph.tensors.values():
             if t.attrs.get("module") == "router" and t.role == Role.FROZEN_WEIGHT:

@@ -67,6 +67,18 @@ def test_train_router_makes_moe_router_trainable():
     assert graph.tensors["model.layers.0.mlp.experts.gate_up_proj"].role == Role.FROZEN_WEIGHT
 
 
+def test_all_targets_on_a_moe_model_say_the_experts_get_no_adapters():
+    cfg = make_cfg("Qwen/Qwen3-30B-A3B", lora=True, sequence_len=8, per_device_train_batch_size=1)
+    graph = inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
+    note, = [n for n in graph.meta.get("notes", []) if n.startswith("lora_target_modules:")]
+    assert "MoE experts get no adapters" in note and "(0 in this model)" in note
+    assert {t.attrs["base"].split(".")[-2] for t in graph.tensors.values() if t.attrs.get("lora") == "A"} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj"}
+    dense = make_cfg(QWEN, lora=True, sequence_len=8)  # a dense model: nothing to say
+    assert not [n for n in inject_lora(build_forward_graph(resolve_model(dense), dense), dense).meta.get("notes", [])
+                if n.startswith("lora_target_modules:")]
+
+
 def test_frozen_weights_get_no_gradients_and_no_dead_backward_work():
     cfg = make_cfg(QWEN, lora=True, sequence_len=8)
     graph = compile_front(cfg)
