@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from surogate.runtime.offload_copies import DeferredStreams, OffloadCopies
 from tests.runtime.helpers import build_trainer, save_model, text_cfg, write_text_data
 
 OPTIONS = {
@@ -24,12 +25,15 @@ def setup(tmp_path_factory):
     return save_model(root / "model", "qwen3"), write_text_data(root / "train.jsonl", rows=40), root
 
 
-def _run(setup, name, **over):
+def _run(setup, name, streams=None, **over):
+    """Two steps of the offload job; `streams`: how the executor runs its copies (default inline)."""
     model, data, root = setup
     over.setdefault("lora", False)
     cfg = text_cfg(model, data, root / name, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                    max_steps=2, learning_rate=1e-2, **over)
     trainer = build_trainer(cfg)
+    if streams is not None:
+        trainer.ex.copies.streams = streams
     steps = [trainer.train_step()[:2] for _ in range(2)]
     return trainer, steps
 
@@ -53,26 +57,13 @@ def test_offloaded_plan_trains_like_the_plain_plan(setup, option):
 DEFERRED = ["offload_grads", "offload_optimizer", "offload_master", "offload_residual"]
 
 
-def _run_deferred(setup, name, **over):
-    from surogate.runtime.offload_copies import DeferredStreams
-
-    model, data, root = setup
-    over.setdefault("lora", False)
-    cfg = text_cfg(model, data, root / name, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                   max_steps=2, learning_rate=1e-2, **over)
-    trainer = build_trainer(cfg)
-    streams = DeferredStreams()
-    trainer.ex.copies.streams = streams
-    steps = [trainer.train_step()[:2] for _ in range(2)]
-    return trainer, steps, streams
-
-
 @pytest.mark.parametrize("option", DEFERRED)
 def test_deferred_copies_train_like_inline_copies(setup, option):
     """Every copy runs only when a compute op waits for it (or at the program's end): a missing wait would
     read a load's staging buffer before it is filled, or store a buffer after the arena reused it."""
     over = OPTIONS[option]
-    trainer, steps, streams = _run_deferred(setup, f"{option}-deferred", **over)
+    streams = DeferredStreams()
+    trainer, steps = _run(setup, f"{option}-deferred", streams, **over)
     inline, inline_steps = _run(setup, f"{option}-inline", **over)
     assert streams.deferred_runs == streams.issued > 0 and not streams.queue
     assert steps == inline_steps
@@ -83,10 +74,8 @@ def test_deferred_copies_train_like_inline_copies(setup, option):
 
 def test_deferred_copies_without_the_waits_go_wrong(setup, monkeypatch):
     """The emulation can fail: with compute never waiting for a copy, training reads unfilled staging memory."""
-    from surogate.runtime.offload_copies import OffloadCopies
-
     monkeypatch.setattr(OffloadCopies, "before", lambda self, op: None)
     over = OPTIONS["offload_residual"]
-    _, steps, _ = _run_deferred(setup, "no-waits", **over)
+    _, steps = _run(setup, "no-waits", DeferredStreams(), **over)
     _, inline_steps = _run(setup, "no-waits-inline", **over)
     assert steps != inline_steps
