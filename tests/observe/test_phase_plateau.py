@@ -138,3 +138,20 @@ def test_noisy_plateau_warns_once():
     det = PlateauDetector(window=100)
     fired = [s for s in range(1, 3001) if det.update(s, 2.0 + rng.gauss(0.0, 0.3))]
     assert fired == [200]
+
+
+def test_steady_noise_of_a_small_batch_is_plateau_not_unstable():
+    """30% batch-to-batch noise that neither grows nor oscillates (a small batch on varied data: the tiny
+    example's last hundred steps) is the data's spread, not an instability."""
+    rng = random.Random(2)
+    losses = [0.9 * (1 + rng.choice([-0.35, 0.0, 0.35]) + rng.gauss(0.0, 0.05)) for _ in range(400)]
+    _, phases = run_phases(losses, window=100)
+    assert Phase.UNSTABLE not in phases[99:]
+
+
+def test_noise_that_grows_is_unstable():
+    rng = random.Random(3)
+    calm = [2.0 + rng.gauss(0.0, 0.1) for _ in range(100)]
+    wild = [2.0 + rng.gauss(0.0, 0.8) for _ in range(60)]  # the spread grows eightfold, no oscillation needed
+    _, phases = run_phases(calm + wild, window=100)
+    assert Phase.UNSTABLE in phases[100:] and Phase.UNSTABLE not in phases[:100]

@@ -25,3 +25,18 @@ def median(xs: Sequence[float]) -> float:
 def rel_change(old: float, new: float) -> float:
     """(new - old) / |old|, guarded against a zero reference."""
     return (new - old) / max(abs(old), 1e-12)
+
+
+def lag1_autocorrelation(xs: Sequence[float]) -> float:
+    """Correlation of each value with the next (mean removed): about 0 for independent noise, -1 for a
+    sequence alternating around its mean, positive for a trend; 0 for a constant sequence."""
+    m = mean(xs)
+    var = math.fsum((x - m) ** 2 for x in xs)
+    if var == 0.0:
+        return 0.0
+    return math.fsum((a - m) * (b - m) for a, b in zip(xs[:-1], xs[1:], strict=True)) / var
+
+
+def step_spread(xs: Sequence[float]) -> float:
+    """Standard deviation of the successive differences: the step-to-step noise with a slow trend removed."""
+    return pstdev([b - a for a, b in zip(xs[:-1], xs[1:], strict=True)]) if len(xs) > 2 else 0.0

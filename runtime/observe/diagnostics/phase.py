@@ -7,7 +7,14 @@ from collections import deque
 from itertools import islice
 
 from surogate.runtime.observe.diagnostics._state import load_fields, save_fields
-from surogate.runtime.observe.diagnostics._stats import mean, median, pstdev, rel_change
+from surogate.runtime.observe.diagnostics._stats import (
+    lag1_autocorrelation,
+    mean,
+    median,
+    pstdev,
+    rel_change,
+    step_spread,
+)
 from surogate.runtime.observe.events import Phase
 
 
@@ -28,8 +35,11 @@ class PhaseDetector:
 
     - WARMUP: step <= `warmup_steps` (the LR warmup), or fewer than `window` losses seen yet.
     - DIVERGING: r > max(`diverge_tol`, 3 se): the loss rose by more than 5%, beyond its noise.
-    - UNSTABLE: std(B) / |mean(B)| > `unstable_cv` (loss noise above 25% of its level), or the largest
-      gradient norm in B exceeds `spike_ratio` x the window's median gradient norm.
+    - UNSTABLE: the loss noise is above `unstable_cv` (25%) of its level in B (std(B) / |mean(B)|) *and*
+      it is not the steady batch-to-batch noise of a small batch on varied data: the step-to-step spread
+      grew (in B more than `noise_growth` x that in A, trend removed by differencing) or the loss
+      oscillates (lag-1 autocorrelation in B below -0.5, as when each step overshoots the last); or the
+      largest gradient norm in B exceeds `spike_ratio` x the window's median gradient norm.
     - CONVERGING: r < -max(`converge_tol`, 3 se): the loss fell by more than 1%, beyond its noise.
     - PLATEAU: otherwise (no change distinguishable from noise, no instability).
 
@@ -50,6 +60,7 @@ class PhaseDetector:
         unstable_cv: float = 0.25,
         spike_ratio: float = 10.0,
         dwell: int = 5,
+        noise_growth: float = 2.0,
     ):
         if window < 4:
             raise ValueError("window must be >= 4")
@@ -59,6 +70,7 @@ class PhaseDetector:
         self.diverge_tol = diverge_tol
         self.unstable_cv = unstable_cv
         self.spike_ratio = spike_ratio
+        self.noise_growth = noise_growth
         self._losses: deque[float] = deque(maxlen=window)
         self._grads: deque[float] = deque(maxlen=window)
         self.dwell = dwell
@@ -79,11 +91,17 @@ class PhaseDetector:
         se = math.sqrt(pstdev(older) ** 2 / len(older) + pstdev(newer) ** 2 / len(newer)) / max(abs(m_old), 1e-12)
         if r > max(self.diverge_tol, 3 * se):
             return Phase.DIVERGING
-        if pstdev(newer) / max(abs(m_new), 1e-12) > self.unstable_cv or self._grad_spike(half):
+        if self._noisy(older, newer, m_new) or self._grad_spike(half):
             return Phase.UNSTABLE
         if r < -max(self.converge_tol, 3 * se):
             return Phase.CONVERGING
         return Phase.PLATEAU
+
+    def _noisy(self, older: list[float], newer: list[float], m_new: float) -> bool:
+        """Loss noise above `unstable_cv` of its level that grew or oscillates (see the class doc)."""
+        if pstdev(newer) / max(abs(m_new), 1e-12) <= self.unstable_cv:
+            return False
+        return step_spread(newer) > self.noise_growth * step_spread(older) or lag1_autocorrelation(newer) < -0.5
 
     def _grad_spike(self, half: int) -> bool:
         if len(self._grads) < self.window:
