@@ -4,23 +4,26 @@
 # Run it through the device tool with the wheels the image lacks (scripts/gpu_wheels.sh prints the call):
 #   carry [".whl"], timeout_s 480, command: bash benchmarks/gpu_checks.sh
 # Stages (limits sum to 460 s; every stage runs, whatever failed before it: one device call must give figures):
-#   1. smoke      100 s  benchmarks/gpu_smoke.py: every Numba kernel once per dtype vs reference (compile time),
+#   1. smoke      120 s  benchmarks/gpu_smoke.py: every Numba kernel once per dtype vs reference (compile time),
 #                        the shape-dependent kernels again at the 0.6B job's sizes,
 #                        tiny bf16 parity vs transformers (both attention paths), CUDA graphs vs eager with
-#                        varying packed documents, allocator calls after step 2 (both captures done).
+#                        varying packed documents, allocator calls after step 2 (both captures done),
+#                        offloading under CUDA graphs vs the same job without (side-stream copies; last section,
+#                        smoke.json is written after every section).
 #                        Its results pick the fallbacks of the later stages: most kernels failing -> no on-disk
 #                        Numba cache; varlen flash parity failing (sdpa passing) -> SUROGATE_CUDA_ATTENTION=sdpa
-#   2. throughput 200 s  benchmarks/throughput.py: Qwen3-0.6B-shaped random model, BF16 LoRA r16 x 7 projections,
+#   2. throughput 180 s  benchmarks/throughput.py: Qwen3-0.6B-shaped random model, BF16 LoRA r16 x 7 projections,
 #                        seq 2048, batch 2 x accum 4, packed; ours (cuda backend, graphs; eager if the graphs
 #                        run fails, then eager with SUROGATE_FUSIONS_OFF=all; failures recorded)
 #                        vs transformers + peft (SDPA, gradient checkpointing) in the same run, warm-up excluded; measured peak vs plan, allocations
 #                        after warm-up; then the extras while time is left (EXTRA, default
 #                        "0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,
-#                        0.6b-full": ours with the LoRA up-projections merged after the base GEMMs (not folded),
+#                        0.6b-defaults,0.6b-full,0.6b-full-offload": ours with the LoRA up-projections merged after the base GEMMs (not folded),
 #                        without the stacked LoRA down-projections (nor the fold), with recompute off, with the
 #                        mid-layer residual kept, with the attention outputs kept,
 #                        with 16 LM-head chunks (these six reuse the main job's HF figure), fp32 adapters on
-#                        both sides, full fine-tune; EXTRA= for none)
+#                        both sides, the contract's defaults, full fine-tune, full with offloaded optimizer states
+#                        and gradients (beside 0.6b-full's HF figure); EXTRA= for none)
 #   3. kernels    100 s  benchmarks/kernel_bandwidth.py (achieved GB/s per kernel at 0.6B sizes), then
 #                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels), then
 #                        benchmarks/launch_census.py (launches and copies per op kind of the 0.6B micro-step, as
@@ -74,7 +77,7 @@ $PY -c "import torch, surogate.runtime.backends.cuda as c, jsonschema; print('to
 'cuda', torch.cuda.is_available(), 'surogate from', c.__file__)" || { echo "setup failed"; exit 2; }
 
 want() { case " ${STAGES_RUN:-smoke throughput kernels tests} " in *" $1 "*) return 0;; esac; return 1; }
-want smoke && stage smoke 100 $PY benchmarks/gpu_smoke.py --json "$OUT/smoke.json"
+want smoke && stage smoke 120 $PY benchmarks/gpu_smoke.py --json "$OUT/smoke.json"
 # what the smoke stage found decides the fallbacks of the later stages (one device call has to give figures)
 eval "$($PY - "$OUT/smoke.json" <<'PYEOF'
 import json, sys
@@ -89,8 +92,8 @@ if not (p.get("auto") or {}).get("ok", True) and (p.get("sdpa") or {}).get("ok")
     print("export SUROGATE_CUDA_ATTENTION=sdpa; echo '== fallback: varlen flash parity failed, sdpa attention'")
 PYEOF
 )"
-want throughput && stage throughput 200 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
-  --extra "${EXTRA-0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-defaults,0.6b-full,0.6b-full-offload}" --budget-s 192
+want throughput && stage throughput 180 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
+  --extra "${EXTRA-0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-defaults,0.6b-full,0.6b-full-offload}" --budget-s 172
 want kernels && stage kernels 100 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py; \
   timeout 30 $PY benchmarks/launch_census.py"
 want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py tests/runtime/test_host_memory.py
