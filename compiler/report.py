@@ -236,7 +236,9 @@ def format_memory_table(plan: Plan) -> Table:
     dev, host = plan.memory["device"], plan.memory["host"]
     world = plan.meta.get("zero", {}).get("world", 1)
     t = Table(title=f"Memory per rank (world size {world})")
-    for col in ("category", "device: at peak", "device: max live", "host (pinned)"):
+    wc = any(t.space.value == "host" and t.attrs.get("write_combined") for t in plan.tensors.values())
+    for col in ("category", "device: at peak", "device: max live",
+                "host (pinned, write-combined)" if wc else "host (pinned)"):
         t.add_column(col, justify="left" if col == "category" else "right")
     for c in CATEGORIES:
         if not (dev["max_live"][c] or host["max_live"][c]):

@@ -39,6 +39,12 @@ def test_memory_table_lists_nonzero_categories_per_space():
     assert human(plan.memory["host"]["max_live"]["optimizer_states"]) in text
 
 
+def test_memory_table_says_when_the_host_memory_is_write_combined():
+    assert "host (pinned)" in memory_table_text(back_half(offload_optimizer=True), width=140)
+    text = memory_table_text(back_half(offload_optimizer=True, use_write_combined=True), width=140)
+    assert "host (pinned, write-combined)" in text
+
+
 def test_hardware_requirements():
     assert hardware_requirement({"recipe": "nvfp4"})["min_sm"] == [10, 0]
     assert hardware_requirement({"recipe": "bf16", "qlora_fp4": True})["min_sm"] == [10, 0]
