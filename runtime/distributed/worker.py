@@ -41,8 +41,22 @@ def accept_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
+def stop_signals_raise() -> None:
+    """Until run_training installs its own handlers (in its setup a stop signal raises `Interrupted` too), a
+    SIGTERM raises `Interrupted` rather than killing the rank: the launcher then hears "interrupted by SIGTERM"
+    and exit code 143, not "killed by signal SIGTERM" (a crash, exit 1). SIGINT raises KeyboardInterrupt
+    already (once unblocked), which reports the same way."""
+    from surogate.runtime.stop_signals import Interrupted
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def main(argv: list[str]) -> int:
     accept_stop_signals()  # first, in the main thread: threads started later inherit its mask
+    stop_signals_raise()
     die_with_launcher()
     work = Path(argv[0])
     rank = int(os.environ["RANK"])

@@ -5,11 +5,20 @@ stopped by SIGINT even when it was started with SIGINT blocked (as Ray's process
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
+
+import pytest
 
 from surogate.errors import UserError
 from surogate.runtime.distributed.launch import failure
-from surogate.runtime.distributed.worker import _report, accept_stop_signals, failure_report
+from surogate.runtime.distributed.worker import (
+    _report,
+    accept_stop_signals,
+    failure_report,
+    stop_signals_raise,
+)
 from surogate.runtime.stop_signals import Interrupted
 
 
@@ -38,3 +47,17 @@ def test_a_rank_started_with_sigint_blocked_accepts_it():
         assert signal.SIGINT not in blocked and signal.SIGTERM not in blocked
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def test_a_sigterm_before_the_run_is_an_interruption_not_a_kill():
+    """Between the rank's start and run_training's own handlers a SIGTERM raises (the launcher hears exit 143 and
+    "interrupted"), where the default action would kill the rank (reported as a crash, exit 1)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_signals_raise()
+        with pytest.raises(Interrupted) as err:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode boundary, well before this ends
+        assert err.value.signum == signal.SIGTERM and failure_report(err.value)[1] == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
