@@ -161,8 +161,10 @@ def _first_cause(procs: dict[int, subprocess.Popen], work: Path) -> RankFailedEr
         time.sleep(0.05)
     _terminate(procs)
     failed = {r: p.returncode for r, p in procs.items() if p.returncode not in (0, None)}
-    # SIGTERM is ours (_terminate); SIGABRT is how a peer's collective library dies when it loses a rank
-    consequences = (-signal.SIGTERM, -signal.SIGABRT)
+    # SIGTERM is ours (_terminate): a rank dies of it, or stops on it (exit 143, "interrupted"; when every rank
+    # exited so, a stop signal reached them all and rank 0's report is the cause); SIGABRT is how a peer's
+    # collective library dies when it loses a rank
+    consequences = (-signal.SIGTERM, -signal.SIGABRT, 128 + signal.SIGTERM)
     killed = [r for r, c in sorted(failed.items()) if c < 0 and c not in consequences]
     errors = {r: failure(r, c, work) for r, c in failed.items()}
     user = [r for r, e in sorted(errors.items()) if e.exit_code in (2, 3)]

@@ -101,6 +101,8 @@ class _Exited:
     ({0: -15, 1: -9}, "rank 1 was killed by signal SIGKILL"),  # rank 0 was stopped by the launcher
     ({0: 1, 1: 2}, "rank 1 exited with status 2"),  # a user error outranks the crash it caused
     ({0: -6, 1: 1}, "rank 1 exited with status 1"),
+    ({0: 143, 1: 1}, "rank 1 exited with status 1"),  # rank 0 stopped on the launcher's SIGTERM (interrupted)
+    ({0: 143, 1: 143}, "rank 0 exited with status 143"),  # a stop signal reached every rank
 ])
 def test_first_cause_names_the_rank_that_failed_first(tmp_path, codes, named):
     from surogate.runtime.distributed.launch import _first_cause
