@@ -19,6 +19,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from surogate.compiler.passes.offload import write_combined_host
 from surogate.compiler.plan import CATEGORIES, Plan
 from surogate.errors import UserError
 from surogate.schema.hardware import gpu_requirements, min_compute_capability, sm_of
@@ -236,9 +237,8 @@ def format_memory_table(plan: Plan) -> Table:
     dev, host = plan.memory["device"], plan.memory["host"]
     world = plan.meta.get("zero", {}).get("world", 1)
     t = Table(title=f"Memory per rank (world size {world})")
-    wc = any(t.space.value == "host" and t.attrs.get("write_combined") for t in plan.tensors.values())
     for col in ("category", "device: at peak", "device: max live",
-                "host (pinned, write-combined)" if wc else "host (pinned)"):
+                "host (pinned, write-combined)" if write_combined_host(plan.tensors) else "host (pinned)"):
         t.add_column(col, justify="left" if col == "category" else "right")
     for c in CATEGORIES:
         if not (dev["max_live"][c] or host["max_live"][c]):

@@ -92,13 +92,13 @@ def _device_array(t: torch.Tensor):
             _ARRAYS.clear()
         # sync=False: torch's interface (version 2) names no stream, and a stream sync must never happen
         # inside a CUDA-graph capture; ordering comes from launching on torch's current stream.
-        cai = t.__cuda_array_interface__ if t.is_cuda else _pinned_interface(t)
+        cai = t.__cuda_array_interface__ if t.is_cuda else pinned_interface(t)
         arr = get_cuda().from_cuda_array_interface(cai, owner=None, sync=False)
         _ARRAYS[key] = arr
     return arr
 
 
-def _pinned_interface(t: torch.Tensor) -> dict:
+def pinned_interface(t: torch.Tensor) -> dict:
     """`__cuda_array_interface__` of a pinned host tensor (`use_zero_copy`): torch pins with cudaHostAlloc,
     which under unified virtual addressing (every 64-bit CUDA platform) maps the memory into the device's
     address space at the same pointer, so a kernel reads and writes it in place over PCIe/NVLink."""

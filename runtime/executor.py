@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from surogate.compiler.ir import Op, Role, Space, Tensor, view_descendants, view_parent
+from surogate.compiler.passes.offload import write_combined_host
 from surogate.compiler.plan import Plan
 from surogate.runtime.host_memory import device_alias, pinned_arena, read_back
 from surogate.runtime.host_staging import PinnedStaging
@@ -115,9 +116,7 @@ class ArenaExecutor:
         self.kernels = kernels
         self.device = torch.device(device)
         pin = self.device.type == "cuda"
-        # `use_write_combined`: the offload passes mark every host tensor; the host arena is one allocation
-        self.write_combined = pin and any(t.space is Space.HOST and t.attrs.get("write_combined")
-                                          for t in plan.tensors.values())
+        self.write_combined = pin and write_combined_host(plan.tensors)
         self.arenas: dict[str, torch.Tensor] = {}
         for space, nbytes in plan.arenas.items():
             if space == Space.HOST.value and pin:
@@ -178,11 +177,11 @@ class ArenaExecutor:
         return self.device_views[name]
 
     def readable(self, name: str) -> torch.Tensor:
-        """Tensor `name` where the host reads it at memory speed: its view, or for write-combined host memory
-        (which the CPU reads uncached) a copy read back through the device (`runtime/host_memory.py`)."""
+        """Tensor `name` where the host reads it at memory speed, after `synchronize`: its view, or for
+        write-combined host memory (which the CPU reads uncached) a copy read back through the device
+        (`runtime/host_memory.py`)."""
         view = self.views[name]
         if self.write_combined and self.plan.tensors[name].space is Space.HOST:
-            self.synchronize()
             return read_back(view, self.device)
         return view
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from surogate.numba_kernels._device import pinned_interface
+
 READ_BACK_CHUNK = 16 * 2**20  # bytes per device round trip when reading write-combined memory back
 
 
@@ -38,13 +40,11 @@ def _write_combined(nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 class _HostMemory:
-    """`__cuda_array_interface__` of a flat pinned host byte tensor (pinned memory is mapped into the device's
-    address space at its host address on every 64-bit CUDA platform)."""
+    """A pinned host tensor seen through `__cuda_array_interface__` (numba_kernels' `pinned_interface`)."""
 
     def __init__(self, arena: torch.Tensor) -> None:
         self.arena = arena  # keeps the memory alive as long as the alias
-        self.__cuda_array_interface__ = {"shape": (arena.numel(),), "strides": None, "typestr": "|u1",
-                                         "data": (arena.data_ptr(), False), "version": 2}
+        self.__cuda_array_interface__ = pinned_interface(arena)
 
 
 def device_alias(arena: torch.Tensor, device: torch.device) -> torch.Tensor:

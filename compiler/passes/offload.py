@@ -196,6 +196,12 @@ def move_to_host(graph: Graph, names: Iterable[str], *, write_combined: bool = F
     return moved
 
 
+def write_combined_host(tensors: dict[str, Tensor]) -> bool:
+    """Whether the host arena is write-combined: `use_write_combined` marks every tensor the offload helpers move
+    to the host (the arena is one allocation, so the mark is the arena's)."""
+    return any(t.space is Space.HOST and t.attrs.get("write_combined") for t in tensors.values())
+
+
 def stage_host_accesses(
     graph: Graph, names: Iterable[str], *, ops: Iterable[str] | None = None, zero_copy: bool = False
 ) -> None:
