@@ -28,7 +28,8 @@ from tests.runtime.helpers import (
     yaml_cfg,
 )
 
-pytestmark = pytest.mark.usefixtures("same_program_at_every_world_size")  # (conftest.py: why)
+# same program at every world size: conftest.py says why; Ray clusters: one test at a time (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("same_program_at_every_world_size", "ray_to_itself")
 
 
 def test_without_ray_num_nodes_2_names_the_extra(tmp_path, monkeypatch):
