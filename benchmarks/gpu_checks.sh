@@ -18,12 +18,13 @@
 #                        vs transformers + peft (SDPA, gradient checkpointing) in the same run, warm-up excluded; measured peak vs plan, allocations
 #                        after warm-up; then the extras while time is left (EXTRA, default
 #                        "0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,
-#                        0.6b-defaults,0.6b-full,0.6b-full-offload": ours with the LoRA up-projections merged after the base GEMMs (not folded),
+#                        0.6b-defaults,0.6b-full,0.6b-full-offload,0.6b-fp32-nocache": ours with the LoRA up-projections merged after the base GEMMs (not folded),
 #                        without the stacked LoRA down-projections (nor the fold), with recompute off, with the
 #                        mid-layer residual kept, with the attention outputs kept,
 #                        with 16 LM-head chunks (these six reuse the main job's HF figure), fp32 adapters on
 #                        both sides, the contract's defaults, full fine-tune, full with offloaded optimizer states
-#                        and gradients (beside 0.6b-full's HF figure); EXTRA= for none)
+#                        and gradients (beside 0.6b-full's HF figure), fp32 adapters split at every GEMM
+#                        (beside 0.6b-fp32's HF figure); EXTRA= for none)
 #   3. kernels    100 s  benchmarks/kernel_bandwidth.py (achieved GB/s per kernel at 0.6B sizes), then
 #                        benchmarks/op_profile.py (device ms per op kind per step, eager, and the top kernels), then
 #                        benchmarks/launch_census.py (launches and copies per op kind of the 0.6B micro-step, as
@@ -93,7 +94,7 @@ if not (p.get("auto") or {}).get("ok", True) and (p.get("sdpa") or {}).get("ok")
 PYEOF
 )"
 want throughput && stage throughput 180 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
-  --extra "${EXTRA-0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-defaults,0.6b-full,0.6b-full-offload}" --budget-s 172
+  --extra "${EXTRA-0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-defaults,0.6b-full,0.6b-full-offload,0.6b-fp32-nocache}" --budget-s 172
 want kernels && stage kernels 100 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py; \
   timeout 30 $PY benchmarks/launch_census.py"
 want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py tests/runtime/test_host_memory.py

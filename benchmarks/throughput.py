@@ -280,6 +280,9 @@ EXTRAS = {
     "0.6b-lmchunks16": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
                         "lmhead_chunks": 16, "ours_only": True},
     "0.6b-fp32": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "no_recompute": False},
+    # the A/B of the fp32 adapters' parts split once per run (cuda_sizes.gemm_route `weight`): a split per GEMM
+    "0.6b-fp32-nocache": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "no_recompute": False,
+                          "env": {"SUROGATE_SPLIT_CACHE": "0"}, "hf_from": "0.6b-fp32"},
     # the contract's defaults (fp32 adapters, lora_dropout 0.05) on both sides: what a user who sets neither gets
     # (no stacking or fold: those need dropout 0 and adapters in the model's dtype)
     "0.6b-defaults": {"model_size": "0.6b", "full": False, "lora_dtype": "fp32", "lora_dropout": 0.05,

@@ -9,6 +9,7 @@ added into) the planned views.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +43,9 @@ class StepContext:
     lr_scale: float = 1.0  # schedule(step) / learning_rate; read by optimizer kernels
     optimizer_step: int = 1  # 1-based count of applied optimizer steps (bias correction)
     last_micro_step: bool = True  # gradient all-reduces marked `when: last_micro_step` run only then
+    # stamped afresh by every ArenaExecutor.run: work a kernel does once per run (a shared conversion, a weight's
+    # split) keys on it, so a context passed to two runs still makes two runs
+    run: int = 0
 
     def shape_of_output(self, i: int) -> tuple[int, ...]:
         return self.out_shapes[i]
@@ -56,6 +60,8 @@ def split_programs(ops: list[Op], optimizer_start: int | None = None) -> dict[st
         optimizer_start = next((i for i, op in enumerate(ops) if op.phase == "optimizer"), len(ops))
     return {MICRO_STEP: ops[:optimizer_start], OPTIMIZER_STEP: ops[optimizer_start:]}
 
+
+_RUN_NUMBERS = itertools.count(1)  # StepContext.run
 
 # Op phase -> the name the time breakdown reports it under.
 PHASE_NAMES = {"comm": "communication", "copy": "offload copies"}
@@ -215,6 +221,7 @@ class ArenaExecutor:
         written: set[str] = set()
         tensors = self.plan.tensors
         clock = time.perf_counter if self.timing else None
+        ctx.run = next(_RUN_NUMBERS)
         self.copies.begin()
         for op in self.programs[program]:
             started = clock() if clock else 0.0

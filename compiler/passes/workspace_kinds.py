@@ -45,9 +45,11 @@ class KindSizes:
         return dt, rows * x.shape[-1] * _isz(dt)
 
     # -- GEMM kinds ----------------------------------------------------------------------------------------
-    def _route(self, m: int, k: int, n: int, a: str, b: str, out: str, acc: bool) -> sz.GemmRoute:
-        """cuda_gemm.gemm_into's route; a split route's scratch buffers are recorded here."""
-        route = sz.gemm_route(m, k, n, a, b, out, acc, self.target.split_gemm)
+    def _route(self, m: int, k: int, n: int, a: str, b: str, out: str, acc: bool,
+               weight: str | None = None) -> sz.GemmRoute:
+        """cuda_gemm.gemm_into's route; a split route's scratch buffers are recorded here (a weight's cached
+        parts, `weight` its name, are one buffer per weight and shape)."""
+        route = sz.gemm_route(m, k, n, a, b, out, acc, self.target.split_gemm, weight)
         self.add(*route.scratch)
         return route
 
@@ -55,7 +57,8 @@ class KindSizes:
         x, w, out = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.outputs[0])
         rows = math.prod(x.shape[:-1])
         cols = out.shape[-1]
-        route = self._route(rows, x.shape[-1], cols, x.dtype, w.dtype, out.dtype, acc[0] and len(op.inputs) < 3)
+        route = self._route(rows, x.shape[-1], cols, x.dtype, w.dtype, out.dtype, acc[0] and len(op.inputs) < 3,
+                            op.inputs[1])
         extra = 0
         if route.kind == "promote":
             xd, conv = self._x_in(op.inputs[0], op.inputs[1], rows)
@@ -70,7 +73,8 @@ class KindSizes:
     def k_linear_bwd_data(self, op: Any, acc: list[bool]) -> int:
         dy, w, dx = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.outputs[0])
         rows = math.prod(dy.shape[:-1])
-        if self._route(rows, dy.shape[-1], w.shape[1], dy.dtype, w.dtype, dx.dtype, acc[0]).kind != "promote":
+        if self._route(rows, dy.shape[-1], w.shape[1], dy.dtype, w.dtype, dx.dtype, acc[0],
+                       op.inputs[1]).kind != "promote":
             return 0
         return sz.gemm_transient((rows, dy.shape[-1]), dy.dtype, tuple(w.shape), w.dtype, dx.dtype)
 

@@ -31,24 +31,31 @@ _mm = csg.mm_into
 
 
 def route_of(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
-             st: CudaState | None) -> sz.GemmRoute:
+             st: CudaState | None, weight: str | None = None) -> sz.GemmRoute:
     """The route `gemm_into` takes (without a CudaState for its scratch: never a split one)."""
     split = st is not None and csg.split_enabled(out.device)
     return sz.gemm_route(a.shape[0], a.shape[1], b.shape[1], dn(a.dtype), dn(b.dtype), dn(out.dtype), accumulate,
-                         split)
+                         split, weight)
 
 
 def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, alpha: float = 1.0,
-              st: CudaState | None = None, route: sz.GemmRoute | None = None) -> None:
+              st: CudaState | None = None, route: sz.GemmRoute | None = None, weight: str | None = None,
+              ctx: Any = None) -> None:
     """out (=|+=) alpha * a @ b, written into `out` without a temporary when the output has the compute dtype.
-    With `st`, mixed bf16/fp32 GEMMs on a GPU take a split route (`cuda_split_gemm`) with scratch from `st`."""
+    With `st`, mixed bf16/fp32 GEMMs on a GPU take a split route (`cuda_split_gemm`) with scratch from `st`;
+    `weight` (b's plan name, with the run's `ctx`): b's parts are split once per program run and kept."""
     if a.dtype == b.dtype == out.dtype:
         _mm(out, a, b, accumulate, alpha)
         return
-    route = route if route is not None else route_of(out, a, b, accumulate, st)
+    if ctx is None:
+        weight = None
+    route = route if route is not None else route_of(out, a, b, accumulate, st, weight)
     if route.kind != "promote":
         bufs = [st.alloc(spec, out.device) for spec in route.scratch]
-        csg.split_gemm(out, a, b, route, bufs, accumulate, alpha)
+        # a weight is constant through a run: its first GEMM of the run splits it, the later ones (recompute,
+        # backward) read the parts (a CUDA-graph replay repeats the same first split every run)
+        split = not route.cached or st.first_in_run(route.scratch[0], ctx)
+        csg.split_gemm(out, a, b, route, bufs, accumulate, alpha, split=split)
         return
     # Mixed dtypes (bf16 activations with fp32 LoRA adapters, as PEFT computes them in fp32): the operands in the
     # promoted dtype, a block of output rows at a time so the temporaries stay small (an LM-head weight gradient
@@ -81,16 +88,17 @@ def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     o2 = _rows(out)
     x2 = _rows(x)
     acc_gemm = acc and bias is None  # (with a bias the GEMM writes a buffer the bias is added to)
-    route = route_of(o2, x2, w.t(), acc_gemm, st)
+    weight = bnd.inputs[1]
+    route = route_of(o2, x2, w.t(), acc_gemm, st, weight)
     if route.kind == "promote" and x.dtype != w.dtype and common(x, w) != x.dtype:
         # bf16 activations into fp32 adapters: one conversion per run for q/k/v's (gate/up's) shared input
         x2 = st.upcast(bnd.inputs[0], x2, common(x, w), ctx)
         route = None
     if bias is None:
-        gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale, st=st, route=route)
+        gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale, st=st, route=route, weight=weight, ctx=ctx)
     else:  # (x @ W^T + b) * scale
         tmp = st.alloc(sz.linear_bias(*o2.shape, dn(o2.dtype)), o2.device) if acc else o2
-        gemm_into(tmp, x2, w.t(), accumulate=False, st=st, route=route)
+        gemm_into(tmp, x2, w.t(), accumulate=False, st=st, route=route, weight=weight, ctx=ctx)
         tmp.add_(bias.to(tmp.dtype))
         if scale != 1.0:
             tmp.mul_(scale)
@@ -103,7 +111,8 @@ def linear_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dy, w = ins
     bnd = st.bind(ins, attrs, ctx)
     dx = bnd.views[0]
-    gemm_into(_rows(dx), _rows(dy), w, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)), st=st)
+    gemm_into(_rows(dx), _rows(dy), w, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)), st=st,
+              weight=bnd.inputs[1], ctx=ctx)
     return [dx]
 
 

@@ -233,9 +233,18 @@ SPLIT_MAX_DIM = 256  # the small dim (a LoRA rank) split 3x; larger ones keep th
 SPLIT_MAX_ELEMENTS = TILE_ELEMENTS  # the largest split scratch buffer (bigger GEMMs keep the promoted path)
 
 
+SPLIT_CACHE_TAG = "split_cache"  # a weight's bf16x3 parts, kept for the rest of the program run
+
+
 def split_gemm_enabled() -> bool:
     """SUROGATE_SPLIT_GEMM=0 turns the split GEMMs off (the promoted fp32 path, for comparisons)."""
     return os.environ.get("SUROGATE_SPLIT_GEMM", "auto").lower() not in ("0", "off", "false", "no")
+
+
+def split_cache_enabled() -> bool:
+    """SUROGATE_SPLIT_CACHE=0 splits an fp32 weight at every GEMM again (one scratch for all weights of a shape)
+    instead of once per program run into a buffer of its own (to A/B the two)."""
+    return os.environ.get("SUROGATE_SPLIT_CACHE", "auto").lower() not in ("0", "off", "false", "no")
 
 
 class GemmRoute(NamedTuple):
@@ -251,11 +260,22 @@ class GemmRoute(NamedTuple):
     wide: str = ""  # which operand ("a" / "b") is fp32 (split routes)
     scratch: tuple[Spec, ...] = ()
 
+    @property
+    def cached(self) -> bool:
+        """Whether the fp32 operand's parts (scratch[0]) are a weight's own buffer, split once per program run."""
+        return bool(self.scratch) and self.scratch[0].tag.startswith(SPLIT_CACHE_TAG)
+
 
 def gemm_route(m: int, k: int, n: int, a_dtype: str, b_dtype: str, out_dtype: str, accumulate: bool,
-               split: bool) -> GemmRoute:
+               split: bool, weight: str | None = None) -> GemmRoute:
     """The route of a [m, k] @ [k, n] GEMM (shared by the backend and the workspace pass). `split`: whether the
-    device runs bf16 GEMMs with an fp32 output (Target.split_gemm; the backend's probe)."""
+    device runs bf16 GEMMs with an fp32 output (Target.split_gemm; the backend's probe). `weight`: the plan name
+    of b when it is a weight (constant through a program run): its parts get a buffer of their own
+    (`split_cache:<name>`), split at its first GEMM of a run and read by the others, unless SUROGATE_SPLIT_CACHE=0.
+
+    A weight's parts have one layout whichever split route reads it: [lo; mid; hi] of the weight with its small
+    (rank) dim first, i.e. of A [r, in] for a LoRA down-projection (x @ A^T is split_n, dh @ A split_k) and of
+    B^T [r, out] for an up-projection (h @ B^T is split_k, dy @ B split_n)."""
     if a_dtype == b_dtype == out_dtype:
         return GemmRoute("same")
     if not split or out_dtype not in ("bf16", "fp32"):
@@ -270,14 +290,14 @@ def gemm_route(m: int, k: int, n: int, a_dtype: str, b_dtype: str, out_dtype: st
         return GemmRoute("promote")
     wide = "a" if a_dtype == "fp32" else "b"
     small, big = (m, n) if wide == "a" else (n, m)
+    parts = f"{SPLIT_CACHE_TAG}:{weight}" if weight and wide == "b" and split_cache_enabled() else "split_parts"
     if small <= SPLIT_MAX_DIM and max(3 * small * k, 3 * small * big) <= SPLIT_MAX_ELEMENTS:
         prod = (3 * m, n) if wide == "a" else (m, 3 * n)
-        return GemmRoute("split_n", wide, (Spec("split_parts", (3 * small, k), "bf16"),
-                                           Spec("split_prod", prod, "fp32")))
+        return GemmRoute("split_n", wide, (Spec(parts, (3 * small, k), "bf16"), Spec("split_prod", prod, "fp32")))
     if k <= SPLIT_MAX_DIM and out_dtype == "bf16" and 3 * k * max(m, n) <= SPLIT_MAX_ELEMENTS:
         rows, cols = (k, m) if wide == "a" else (k, n)  # the fp32 operand, reduction dim first
         other = n if wide == "a" else m
-        return GemmRoute("split_k", wide, (Spec("split_parts", (3 * rows, cols), "bf16"),
+        return GemmRoute("split_k", wide, (Spec(parts, (3 * rows, cols), "bf16"),
                                            Spec("split_rep", (3 * k, other) if wide == "a" else (other, 3 * k),
                                                 "bf16")))
     return GemmRoute("promote")

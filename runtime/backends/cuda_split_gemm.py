@@ -99,9 +99,10 @@ def sum3(out: torch.Tensor, lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tenso
 
 
 def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.GemmRoute, bufs: list[torch.Tensor],
-               accumulate: bool, alpha: float) -> None:
+               accumulate: bool, alpha: float, split: bool = True) -> None:
     """out (=|+=) alpha * a @ b by `route` (split_n, split_k or out_fp32) with its scratch buffers `bufs` (the
-    route's specs, allocated)."""
+    route's specs, allocated). `split=False`: bufs[0] already holds the fp32 operand's parts (a weight's cached
+    split, `GemmRoute.cached`)."""
     if route.kind == "out_fp32":
         if accumulate:  # the product in fp32, added once (no GEMM accumulating into an fp32 C from bf16 here)
             mm_fp32(a, b, bufs[0])
@@ -115,13 +116,15 @@ def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.Ge
     if route.kind == "split_n":
         if route.wide == "b":  # b [k, n] fp32: parts of b^T [n, k] -> b' = [k, 3n]
             n = b.shape[1]
-            split3(b.t(), parts.view(3, n, -1))
+            if split:
+                split3(b.t(), parts.view(3, n, -1))
             prod = bufs[1]
             mm_fp32(a, parts.t(), prod)  # [m, 3n]
             sum3(out, prod[:, :n], prod[:, n : 2 * n], prod[:, 2 * n :], accumulate, alpha)
         else:  # a [m, k] fp32: parts of a -> a' = [3m, k]
             m = a.shape[0]
-            split3(a, parts.view(3, m, -1))
+            if split:
+                split3(a, parts.view(3, m, -1))
             prod = bufs[1]
             mm_fp32(parts, b, prod)  # [3m, n]
             sum3(out, prod[:m], prod[m : 2 * m], prod[2 * m :], accumulate, alpha)
@@ -131,11 +134,13 @@ def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.Ge
     rep = bufs[1]
     k = a.shape[1]
     if route.wide == "b":  # b [k, n] fp32 -> [3k, n] parts; a [m, k] bf16 -> [m, 3k] repeated
-        split3(b, parts.view(3, k, -1))
+        if split:
+            split3(b, parts.view(3, k, -1))
         rep.view(-1, 3, k).copy_(a.unsqueeze(1).expand(-1, 3, k))
         lhs, rhs = rep, parts
     else:  # a [m, k] fp32 -> parts of a^T [3k, m], used as [m, 3k]; b [k, n] bf16 -> [3k, n] repeated
-        split3(a.t(), parts.view(3, k, -1))
+        if split:
+            split3(a.t(), parts.view(3, k, -1))
         rep.view(3, k, -1).copy_(b.unsqueeze(0).expand(3, k, -1))
         lhs, rhs = parts.t(), rep
     if out.dtype == torch.bfloat16 and native_out_dtype(out.device):

@@ -48,7 +48,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def run_token(ctx: Any) -> int:
-    """A number unique to this program run (its StepContext), never reused (ids of dead contexts are)."""
+    """A number unique to this program run, never reused (ids of dead contexts are): the executor's stamp
+    (`StepContext.run`), or for a context no executor ran (kernels called directly) one of its own."""
+    stamped = getattr(ctx, "run", 0)
+    if stamped:
+        return -stamped  # (negative: never equal to a token of the counter below)
     tok = ctx.__dict__.get("_cuda_run_token")
     if tok is None:
         tok = ctx.__dict__["_cuda_run_token"] = next(_RUN_TOKENS)

@@ -47,8 +47,15 @@ def test_benchmark_job_figures(plan):
     # fp32 adapters on a GPU: bf16x3 split GEMMs, no fp32 copy of the shared bf16 input (its upcast slot)
     assert "upcast" not in ws["by_tag"]
     r = 16
-    # bf16 parts of the fp32 operand, [3r, reduction]: A over each input width, lora_a's output over the tokens
-    assert ws["by_tag"]["split_parts"] == sum(3 * r * k * 2 for k in {1024, 2048, 3072, rows})
+    # bf16 parts of an fp32 weight, split once per program run: one buffer per adapter weight (A [r, in], B^T
+    # [r, out]), 3 x 2 bytes per fp32 element; the shared split scratch only for the fp32 activation lora_a's
+    # output, [3r, tokens], in the B weight gradients
+    adapters = [t for t in plan.tensors.values() if t.role.value == "trainable_weight"]
+    assert len(adapters) == 28 * 7 * 2 and all(t.dtype == "fp32" for t in adapters)
+    cached = [s for s in estimate_scratch(plan) if s.tag.startswith(f"{sz.SPLIT_CACHE_TAG}:")]
+    assert sorted(s.tag.split(":", 1)[1] for s in cached) == sorted(t.name for t in adapters)
+    assert ws["by_tag"][sz.SPLIT_CACHE_TAG] == 6 * sum(t.numel for t in adapters)  # 60.6 MB at 0.6B
+    assert ws["by_tag"]["split_parts"] == 3 * r * rows * 2
     # the largest fp32 product: [tokens, 3r] (lora_a's forward, lora_b's data gradient)
     assert max(s.nbytes for s in estimate_scratch(plan) if s.tag == "split_prod") == rows * 3 * r * 4
     # without them (SUROGATE_SPLIT_GEMM=0, or a device without mm out_dtype) q/k/v and gate/up read the same

@@ -232,6 +232,67 @@ def test_linear_kernels_skip_the_upcast_on_the_split_route(monkeypatch):
     assert (out.reshape(-1, 4).double() - ref).abs().max() < 1e-6
 
 
+# -- a weight's parts, split once per program run ----------------------------------------------------------
+def _splits(monkeypatch) -> list:
+    """Record the destination of every split (the parts buffer's address)."""
+    calls: list = []
+    real = csg.split3
+    monkeypatch.setattr(csg, "split3", lambda f, parts: (calls.append(parts.data_ptr()), real(f, parts)))
+    return calls
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_a_weight_is_split_once_per_run_and_its_parts_serve_every_route(which, split_on, monkeypatch):
+    """A LoRA weight read by its forward GEMM, its data gradient and the recompute's forward in one run: A [r, K]
+    (x @ A^T split_n, dh @ A split_k) or B [K, r] (h @ B^T split_k, dy @ B split_n). One split, into the weight's
+    own buffer, and every product as without the cache (bitwise); a new run splits again, so a weight updated
+    between runs is read new."""
+    from types import SimpleNamespace
+
+    calls = _splits(monkeypatch)
+    t, k, r = 40, 300, 6
+    w = _r(r, k, seed=3, scale=0.05) if which == "A" else _r(k, r, seed=3, scale=0.05)
+    fwd_in = _r(t, k, seed=1, dtype=BF) if which == "A" else _r(t, r, seed=1, dtype=BF)  # x or h
+    bwd_in = _r(t, r, seed=2, dtype=BF) if which == "A" else _r(t, k, seed=2, dtype=BF)  # dh or dy
+    fwd_out = (t, r) if which == "A" else (t, k)
+
+    def run(st, ctx, weight):
+        y, dx = torch.empty(*fwd_out, dtype=BF if which == "B" else F32), torch.empty(t, w.shape[1], dtype=BF)
+        routes = [cuda_gemm.route_of(y, fwd_in, w.t(), False, st, weight).kind,
+                  cuda_gemm.route_of(dx, bwd_in, w, False, st, weight).kind]
+        assert routes == (["split_n", "split_k"] if which == "A" else ["split_k", "split_n"])
+        cuda_gemm.gemm_into(y, fwd_in, w.t(), accumulate=False, st=st, weight=weight, ctx=ctx)
+        cuda_gemm.gemm_into(dx, bwd_in, w, accumulate=False, st=st, weight=weight, ctx=ctx)
+        cuda_gemm.gemm_into(y, fwd_in, w.t(), accumulate=True, st=st, weight=weight, ctx=ctx)  # the recompute's
+        return y, dx
+
+    st = CudaState()
+    y0, dx0 = run(CudaState(), SimpleNamespace(), None)  # no weight name: a split per GEMM
+    assert len(calls) == 3
+    calls.clear()
+    y1, dx1 = run(st, SimpleNamespace(), "lora")
+    cached = [buf for (tag, *_), buf in st._scratch.items() if tag == f"{sz.SPLIT_CACHE_TAG}:lora"]
+    assert len(cached) == 1 and calls == [cached[0].data_ptr()]  # one split, into the weight's buffer
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0)
+    assert not any(tag == "split_parts" for tag, *_ in st._scratch)  # the shared scratch is not used
+    w.mul_(-2.0)  # the optimizer step, between runs
+    calls.clear()
+    y2, dx2 = run(st, SimpleNamespace(), "lora")
+    assert calls == [cached[0].data_ptr()]
+    y3, dx3 = run(CudaState(), SimpleNamespace(), None)
+    assert torch.equal(y2, y3) and torch.equal(dx2, dx3) and not torch.equal(y2, y1)
+
+
+def test_split_cache_env_switch(monkeypatch):
+    on = sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True, "w")
+    assert on.cached and on.scratch[0] == sz.Spec(f"{sz.SPLIT_CACHE_TAG}:w", (48, 300), "bf16")
+    assert not sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True).cached  # no weight name
+    assert not sz.gemm_route(16, 64, 300, "fp32", "bf16", "fp32", False, True, "w").cached  # w is not b
+    monkeypatch.setenv("SUROGATE_SPLIT_CACHE", "0")
+    off = sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True, "w")
+    assert not off.cached and off.scratch[0].tag == "split_parts"
+
+
 # -- a whole micro-step ------------------------------------------------------------------------------------
 @pytest.mark.slow  # ~40 s under the simulator; the five GEMM cases above are checked one by one in the default run
 def test_fp32_lora_micro_step_with_split_gemms_matches_the_promoted_path(tmp_path, monkeypatch):

@@ -166,17 +166,48 @@ def test_scratch_and_temporaries_match_the_plan(model_dir, case, monkeypatch):
 
 def test_split_gemm_scratch_matches_the_plan(model_dir, monkeypatch):
     """fp32 adapters with the bf16x3 split GEMMs forced on (a GPU's route; the fp32-output GEMM emulated on CPU):
-    the backend holds exactly the split buffers the plan's GPU-style walk records, and no upcast slot. (The
+    the backend holds exactly the split buffers the plan's GPU-style walk records, and no upcast slot; each adapter
+    weight is split once per run into its own buffer, with the same results as a split at every GEMM. (The
     emulation's fp32 copies are CPU-only temporaries: transients are not compared here.)"""
+    from surogate.numba_kernels import KERNELS, KernelPair
     from surogate.runtime.backends import cuda_split_gemm as csg
+    from surogate.runtime.backends.cuda_sizes import SPLIT_CACHE_TAG
+    from tests.cuda_backend.helpers import lora_b_weights
 
     monkeypatch.setattr(csg, "split_enabled", lambda device: True)
-    r = Runner(sim_cfg(model_dir, batch=1, seq=8, **CASES[0]), "cuda")
+    for name in ("split3_bf16", "sum3_f32"):  # their references (equal bitwise: tests/kernels/test_split_bf16.py);
+        ref = KERNELS[name].reference  # under the simulator the kernels cost seconds per GEMM
+        monkeypatch.setitem(KERNELS, name, KernelPair(reference=ref, cuda=ref))
+    cfg = sim_cfg(model_dir, batch=1, seq=8, **CASES[0])
+    r = Runner(cfg, "cuda")
+    weights = lora_b_weights(r.plan)  # random LoRA B: the A gradients are not zero
+    r = Runner(cfg, "cuda", plan=r.plan, weights=weights)
     walk = _Walk(r.plan, Target(cuda=False, simulator=True, bf16x3=True))
     walk.run()
     tags = {s.tag for s in walk.scratch}
     assert {"split_parts", "split_prod"} <= tags and "upcast" not in tags
+    # every adapter weight a mixed GEMM reads keeps its parts in a buffer of its own, split once per run (the
+    # forward, the recompute and the data gradient read them)
+    tensors = r.plan.tensors
+    adapters = {op.inputs[1] for op in r.plan.ops if op.kind in ("linear", "linear_bwd_data")
+                and tensors[op.inputs[1]].role.value == "trainable_weight" and tensors[op.inputs[1]].dtype == "fp32"
+                and tensors[op.inputs[0]].dtype == "bf16"}  # (layer 0's dropped-out input is fp32: one dtype)
+    cached = {s.tag.split(":", 1)[1] for s in walk.scratch if s.tag.startswith(SPLIT_CACHE_TAG)}
+    assert adapters and cached == adapters
+    splits: list = []
+    real = csg.split3
+    monkeypatch.setattr(csg, "split3", lambda f, parts: (splits.append(parts.data_ptr()), real(f, parts)))
     ids, labels = batch(1, 8, seed=3)
-    r.micro_step(ids, labels)
+    loss, grads = r.micro_step(ids, labels)
+    held = {tag: buf.data_ptr() for (tag, *_), buf in r.kernels.state._scratch.items()}
+    for name in adapters:
+        assert splits.count(held[f"{SPLIT_CACHE_TAG}:{name}"]) == 1, name
+    # the same arithmetic as splitting at every GEMM (SUROGATE_SPLIT_CACHE=0), bit for bit
+    monkeypatch.setenv("SUROGATE_SPLIT_CACHE", "0")
+    loss_off, grads_off = Runner(cfg, "cuda", plan=r.plan, weights=weights).micro_step(ids, labels)
+    monkeypatch.delenv("SUROGATE_SPLIT_CACHE")
+    assert loss == loss_off and set(grads) == set(grads_off)
+    assert all(torch.equal(grads[n], grads_off[n]) for n in grads)
+    assert all(grads[n].abs().sum() > 0 for n in adapters)
     r.optimizer_step(0)
     assert _held_specs(r) == walk.scratch

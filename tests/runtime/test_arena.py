@@ -105,3 +105,21 @@ def test_only_per_step_inputs_go_through_the_staging_buffers(trainer, monkeypatc
         ex.write(name, ex.views[name].clone())
     assert staged == inputs and inputs
     assert torch.equal(ex.views[weight], before)
+
+
+def test_every_run_is_stamped_afresh_even_with_a_reused_context(trainer):
+    """Kernels do some work once per program run (a shared conversion, an fp32 weight's split: keyed on
+    `run_token`); a context handed to two runs, with the weights changed between them, must make two runs."""
+    from surogate.runtime.backends.cuda_state import run_token
+    from surogate.runtime.batches import plan_inputs
+    from surogate.runtime.executor import MICRO_STEP, StepContext
+
+    batch = trainer._micro_batches()[0]
+    ctx = StepContext(trainer.plan, 0)
+    seen = []
+    for _ in range(2):
+        for name, value in plan_inputs(trainer.plan, batch, num_items=1).items():
+            trainer.ex.write(name, value)
+        trainer.ex.run(MICRO_STEP, ctx)
+        seen.append(run_token(ctx))
+    assert ctx.run > 0 and seen[0] != seen[1]
