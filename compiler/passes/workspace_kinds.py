@@ -58,7 +58,7 @@ class KindSizes:
         rows = math.prod(x.shape[:-1])
         cols = out.shape[-1]
         route = self._route(rows, x.shape[-1], cols, x.dtype, w.dtype, out.dtype, acc[0] and len(op.inputs) < 3,
-                            op.inputs[1])
+                            sz.split_weight(self.tensors, op.inputs[1]))
         extra = 0
         if route.kind == "promote":
             xd, conv = self._x_in(op.inputs[0], op.inputs[1], rows)
@@ -74,7 +74,7 @@ class KindSizes:
         dy, w, dx = self.t(op.inputs[0]), self.t(op.inputs[1]), self.t(op.outputs[0])
         rows = math.prod(dy.shape[:-1])
         if self._route(rows, dy.shape[-1], w.shape[1], dy.dtype, w.dtype, dx.dtype, acc[0],
-                       op.inputs[1]).kind != "promote":
+                       sz.split_weight(self.tensors, op.inputs[1])).kind != "promote":
             return 0
         return sz.gemm_transient((rows, dy.shape[-1]), dy.dtype, tuple(w.shape), w.dtype, dx.dtype)
 

@@ -266,6 +266,20 @@ class GemmRoute(NamedTuple):
         return bool(self.scratch) and self.scratch[0].tag.startswith(SPLIT_CACHE_TAG)
 
 
+def split_weight(tensors: Any, name: str) -> str:
+    """The weight whose split parts tensor `name` reads: itself, or for a ZeRO-3 gathered copy or an offload
+    staging copy the tensor it copies (equal within a run), so that every copy of one weight shares one buffer."""
+    seen = set()
+    while name not in seen:
+        seen.add(name)
+        attrs = tensors[name].attrs
+        source = attrs.get("gathered_of") or attrs.get("staging_of")
+        if not source or source not in tensors:
+            break
+        name = source
+    return name
+
+
 def gemm_route(m: int, k: int, n: int, a_dtype: str, b_dtype: str, out_dtype: str, accumulate: bool,
                split: bool, weight: str | None = None) -> GemmRoute:
     """The route of a [m, k] @ [k, n] GEMM (shared by the backend and the workspace pass). `split`: whether the

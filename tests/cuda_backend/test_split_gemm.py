@@ -377,3 +377,15 @@ def device_check(device: torch.device, t: int = 4096, k: int = 1024, r: int = 16
 def test_device_check_runs_on_cpu():
     res = device_check(torch.device("cpu"), t=64, k=300, r=4)
     assert res["ok"] and len(res["cases"]) == 10, res
+
+
+def test_copies_of_a_weight_share_its_split():
+    """A ZeRO-3 gathered copy or an offload staging copy of a weight holds its values within a run: its GEMMs use the
+    weight's own parts buffer (one per weight, not one per copy)."""
+    from types import SimpleNamespace as T
+
+    tensors = {"w": T(attrs={}), "w@gather0": T(attrs={"gathered_of": "w", "transient": True}),
+               "w@gather1": T(attrs={"gathered_of": "w"}), "stage": T(attrs={"staging_of": "w@host"}),
+               "w@host": T(attrs={}), "x": T(attrs={"staging_of": "missing"})}
+    assert [sz.split_weight(tensors, n) for n in ("w", "w@gather0", "w@gather1", "stage", "x")] == \
+        ["w", "w", "w", "w@host", "x"]
