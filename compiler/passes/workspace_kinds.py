@@ -47,8 +47,8 @@ class KindSizes:
     # -- GEMM kinds ----------------------------------------------------------------------------------------
     def _route(self, m: int, k: int, n: int, a: str, b: str, out: str, acc: bool,
                weight: str | None = None) -> sz.GemmRoute:
-        """cuda_gemm.gemm_into's route; a split route's scratch buffers are recorded here (a weight's cached
-        parts, `weight` its name, are one buffer per weight and shape)."""
+        """cuda_gemm.gemm_into's route; a split route's scratch buffers are recorded here (`weight`: what b is, a
+        weight `W` or `W^T`, whose parts are a buffer of their own)."""
         route = sz.gemm_route(m, k, n, a, b, out, acc, self.target.split_gemm, weight)
         self.add(*route.scratch)
         return route
@@ -58,7 +58,7 @@ class KindSizes:
         rows = math.prod(x.shape[:-1])
         cols = out.shape[-1]
         route = self._route(rows, x.shape[-1], cols, x.dtype, w.dtype, out.dtype, acc[0] and len(op.inputs) < 3,
-                            sz.split_weight(self.tensors, op.inputs[1]))
+                            f"{sz.split_weight(self.tensors, op.inputs[1])}^T")  # b = W^T
         extra = 0
         if route.kind == "promote":
             xd, conv = self._x_in(op.inputs[0], op.inputs[1], rows)

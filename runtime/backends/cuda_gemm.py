@@ -79,10 +79,14 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate
             out[r0:r1].copy_(prod)
 
 
-def _split_weight(ctx: Any, name: str) -> str | None:
-    """The weight whose cached split a GEMM reading weight tensor `name` uses (`cuda_sizes.split_weight`)."""
+def _split_weight(ctx: Any, name: str, transposed: bool) -> str | None:
+    """What a GEMM's b is when it reads weight tensor `name` (transposed: b = W^T), for `gemm_route`'s cache: the
+    weight the tensor copies (`cuda_sizes.split_weight`), `^T` appended for its transpose."""
     graph = getattr(ctx, "graph", None)
-    return None if graph is None else sz.split_weight(graph.tensors, name)
+    if graph is None:
+        return None
+    weight = sz.split_weight(graph.tensors, name)
+    return f"{weight}^T" if transposed else weight
 
 
 def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
@@ -94,7 +98,7 @@ def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     o2 = _rows(out)
     x2 = _rows(x)
     acc_gemm = acc and bias is None  # (with a bias the GEMM writes a buffer the bias is added to)
-    weight = _split_weight(ctx, bnd.inputs[1])
+    weight = _split_weight(ctx, bnd.inputs[1], transposed=True)  # b = W^T
     route = route_of(o2, x2, w.t(), acc_gemm, st, weight)
     if route.kind == "promote" and x.dtype != w.dtype and common(x, w) != x.dtype:
         # bf16 activations into fp32 adapters: one conversion per run for q/k/v's (gate/up's) shared input
@@ -118,7 +122,7 @@ def linear_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bnd = st.bind(ins, attrs, ctx)
     dx = bnd.views[0]
     gemm_into(_rows(dx), _rows(dy), w, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)), st=st,
-              weight=_split_weight(ctx, bnd.inputs[1]), ctx=ctx)
+              weight=_split_weight(ctx, bnd.inputs[1], transposed=False), ctx=ctx)
     return [dx]
 
 

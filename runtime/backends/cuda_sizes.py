@@ -280,16 +280,20 @@ def split_weight(tensors: Any, name: str) -> str:
     return name
 
 
+def _transposed(label: str) -> str:
+    return label[:-2] if label.endswith("^T") else f"{label}^T"
+
+
 def gemm_route(m: int, k: int, n: int, a_dtype: str, b_dtype: str, out_dtype: str, accumulate: bool,
                split: bool, weight: str | None = None) -> GemmRoute:
     """The route of a [m, k] @ [k, n] GEMM (shared by the backend and the workspace pass). `split`: whether the
-    device runs bf16 GEMMs with an fp32 output (Target.split_gemm; the backend's probe). `weight`: the plan name
-    of b when it is a weight (constant through a program run): its parts get a buffer of their own
-    (`split_cache:<name>`), split at its first GEMM of a run and read by the others, unless SUROGATE_SPLIT_CACHE=0.
+    device runs bf16 GEMMs with an fp32 output (Target.split_gemm; the backend's probe). `weight`: what b is when
+    it is a weight (constant through a program run), its plan name `W` or `W^T` for its transpose: the parts get
+    a buffer of their own (`split_cache:W` holding W's parts, `split_cache:W^T` its transpose's), split at the
+    first GEMM of a run that reads them and read by the others, unless SUROGATE_SPLIT_CACHE=0.
 
-    A weight's parts have one layout whichever split route reads it: [lo; mid; hi] of the weight with its small
-    (rank) dim first, i.e. of A [r, in] for a LoRA down-projection (x @ A^T is split_n, dh @ A split_k) and of
-    B^T [r, out] for an up-projection (h @ B^T is split_k, dy @ B split_n)."""
+    A split_n route splits b^T, a split_k route b: a LoRA A [r, in] is split as itself by x @ A^T (split_n) and by
+    dh @ A (split_k), a B [out, r] as B^T by h @ B^T (split_k) and by dy @ B (split_n): one buffer per weight."""
     if a_dtype == b_dtype == out_dtype:
         return GemmRoute("same")
     if not split or out_dtype not in ("bf16", "fp32"):
@@ -304,10 +308,12 @@ def gemm_route(m: int, k: int, n: int, a_dtype: str, b_dtype: str, out_dtype: st
         return GemmRoute("promote")
     wide = "a" if a_dtype == "fp32" else "b"
     small, big = (m, n) if wide == "a" else (n, m)
-    parts = f"{SPLIT_CACHE_TAG}:{weight}" if weight and wide == "b" and split_cache_enabled() else "split_parts"
+    cache = bool(weight) and wide == "b" and split_cache_enabled()
     if small <= SPLIT_MAX_DIM and max(3 * small * k, 3 * small * big) <= SPLIT_MAX_ELEMENTS:
         prod = (3 * m, n) if wide == "a" else (m, 3 * n)
+        parts = f"{SPLIT_CACHE_TAG}:{_transposed(weight)}" if cache else "split_parts"  # b^T's parts
         return GemmRoute("split_n", wide, (Spec(parts, (3 * small, k), "bf16"), Spec("split_prod", prod, "fp32")))
+    parts = f"{SPLIT_CACHE_TAG}:{weight}" if cache else "split_parts"  # b's parts
     if k <= SPLIT_MAX_DIM and out_dtype == "bf16" and 3 * k * max(m, n) <= SPLIT_MAX_ELEMENTS:
         rows, cols = (k, m) if wide == "a" else (k, n)  # the fp32 operand, reduction dim first
         other = n if wide == "a" else m

@@ -258,12 +258,12 @@ def test_a_weight_is_split_once_per_run_and_its_parts_serve_every_route(which, s
 
     def run(st, ctx, weight):
         y, dx = torch.empty(*fwd_out, dtype=BF if which == "B" else F32), torch.empty(t, w.shape[1], dtype=BF)
-        routes = [cuda_gemm.route_of(y, fwd_in, w.t(), False, st, weight).kind,
-                  cuda_gemm.route_of(dx, bwd_in, w, False, st, weight).kind]
+        routes = [cuda_gemm.route_of(y, fwd_in, w.t(), False, st).kind, cuda_gemm.route_of(dx, bwd_in, w, False, st).kind]
         assert routes == (["split_n", "split_k"] if which == "A" else ["split_k", "split_n"])
-        cuda_gemm.gemm_into(y, fwd_in, w.t(), accumulate=False, st=st, weight=weight, ctx=ctx)
+        wt = weight and f"{weight}^T"  # the forward's b is W^T
+        cuda_gemm.gemm_into(y, fwd_in, w.t(), accumulate=False, st=st, weight=wt, ctx=ctx)
         cuda_gemm.gemm_into(dx, bwd_in, w, accumulate=False, st=st, weight=weight, ctx=ctx)
-        cuda_gemm.gemm_into(y, fwd_in, w.t(), accumulate=True, st=st, weight=weight, ctx=ctx)  # the recompute's
+        cuda_gemm.gemm_into(y, fwd_in, w.t(), accumulate=True, st=st, weight=wt, ctx=ctx)  # the recompute's
         return y, dx
 
     st = CudaState()
@@ -271,7 +271,9 @@ def test_a_weight_is_split_once_per_run_and_its_parts_serve_every_route(which, s
     assert len(calls) == 3
     calls.clear()
     y1, dx1 = run(st, SimpleNamespace(), "lora")
-    cached = [buf for (tag, *_), buf in st._scratch.items() if tag == f"{sz.SPLIT_CACHE_TAG}:lora"]
+    # A's parts are A's, B's are B^T's (both routes split the rank-first orientation)
+    tag = f"{sz.SPLIT_CACHE_TAG}:lora" + ("" if which == "A" else "^T")
+    cached = [buf for (t_, *_), buf in st._scratch.items() if t_ == tag]
     assert len(cached) == 1 and calls == [cached[0].data_ptr()]  # one split, into the weight's buffer
     assert torch.equal(y1, y0) and torch.equal(dx1, dx0)
     assert not any(tag == "split_parts" for tag, *_ in st._scratch)  # the shared scratch is not used
@@ -284,13 +286,32 @@ def test_a_weight_is_split_once_per_run_and_its_parts_serve_every_route(which, s
 
 
 def test_split_cache_env_switch(monkeypatch):
-    on = sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True, "w")
+    on = sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True, "w^T")  # x @ W^T, split_n: W's parts
     assert on.cached and on.scratch[0] == sz.Spec(f"{sz.SPLIT_CACHE_TAG}:w", (48, 300), "bf16")
     assert not sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True).cached  # no weight name
     assert not sz.gemm_route(16, 64, 300, "fp32", "bf16", "fp32", False, True, "w").cached  # w is not b
     monkeypatch.setenv("SUROGATE_SPLIT_CACHE", "0")
-    off = sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True, "w")
+    off = sz.gemm_route(64, 300, 16, "bf16", "fp32", "fp32", False, True, "w^T")
     assert not off.cached and off.scratch[0].tag == "split_parts"
+
+
+def test_a_square_weight_keeps_both_orientations_apart(split_on, monkeypatch):
+    """W [r, r]: x @ W^T and d @ W are both split_n, splitting W and W^T into parts of one shape: two buffers
+    (W's and W^T's), never one read as the other."""
+    from types import SimpleNamespace
+
+    r = 8
+    x, d, w = _r(30, r, seed=1, dtype=BF), _r(30, r, seed=2, dtype=BF), _r(r, r, seed=3)
+    st, ctx = CudaState(), SimpleNamespace()
+    y, dx = torch.empty(30, r, dtype=BF), torch.empty(30, r, dtype=BF)
+    cuda_gemm.gemm_into(y, x, w.t(), accumulate=False, st=st, weight="w^T", ctx=ctx)
+    cuda_gemm.gemm_into(dx, d, w, accumulate=False, st=st, weight="w", ctx=ctx)
+    assert {t for t, *_ in st._scratch if t.startswith(sz.SPLIT_CACHE_TAG)} == \
+        {f"{sz.SPLIT_CACHE_TAG}:w", f"{sz.SPLIT_CACHE_TAG}:w^T"}
+    y0, dx0 = torch.empty_like(y), torch.empty_like(dx)
+    cuda_gemm.gemm_into(y0, x, w.t(), accumulate=False, st=CudaState())
+    cuda_gemm.gemm_into(dx0, d, w, accumulate=False, st=CudaState())
+    assert torch.equal(y, y0) and torch.equal(dx, dx0)
 
 
 # -- a whole micro-step ------------------------------------------------------------------------------------
