@@ -8,6 +8,8 @@ Hash: four rounds of the murmur3 32-bit finaliser (fmix32) over the 32-bit halve
 u = (h >> 8) * 2^-24 is uniform on [0, 1) with 24 bits; keep iff u >= p. Every product is of two
 values below 2^32, so it is exact in uint64 (kernel) and correct modulo 2^64 in int64 (torch).
     out = x * keep / (1 - p)        (fp32 math, one rounding to the output dtype)
+or, with `scale=1.0` (the mask alone; a LoRA forward whose GEMM applies 1 / (1 - p), compiler/passes/lora.py),
+    out = x * keep                  (exact in x's dtype)
 """
 
 from __future__ import annotations
@@ -49,12 +51,12 @@ def dropout_mask_ref(seed: int, offset: int, n: int, p: float) -> torch.Tensor:
     return u >= torch.tensor(p, dtype=torch.float32)
 
 
-def dropout_ref(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
-    """x * keep / (1 - p) (for backward pass dout: the same call gives dx)."""
+def dropout_ref(x: torch.Tensor, p: float, seed: int, offset: int = 0, scale: float | None = None) -> torch.Tensor:
+    """x * keep * scale, scale 1 / (1 - p) unless given (for backward pass dout: the same call gives dx)."""
     if p <= 0.0:
         return x.clone()
     keep = dropout_mask_ref(seed, offset, x.numel(), p).reshape(x.shape)
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    scale = torch.tensor(1.0 / (1.0 - p) if scale is None else scale, dtype=torch.float32)
     return (x.float() * keep * scale).to(x.dtype)
 
 
@@ -113,8 +115,9 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
 
 
 def dropout_apply(x: torch.Tensor, out: torch.Tensor, p: float, seed: int, offset: int = 0,
-                  step: torch.Tensor | None = None) -> None:
-    """out = x * keep(seed, offset [+ step[0] * numel] + i) / (1 - p). Backward: (dout, dx), the same seed/offset.
+                  step: torch.Tensor | None = None, scale: float | None = None) -> None:
+    """out = x * keep(seed, offset [+ step[0] * numel] + i) * scale, scale 1 / (1 - p) unless given (1.0: the
+    mask alone). Backward: (dout, dx), the same seed/offset/scale.
 
     `step`: int64 tensor [1] on x's device, read by the kernel (graph-capturable step-dependent masks)."""
     check_contiguous("x", x)
@@ -130,7 +133,7 @@ def dropout_apply(x: torch.Tensor, out: torch.Tensor, p: float, seed: int, offse
         x.view(-1),
         out.view(-1),
         float(p),
-        1.0 / (1.0 - p),
+        1.0 / (1.0 - p) if scale is None else float(scale),
         int(seed) & _M32,
         (int(seed) >> 32) & _M32,
         int(offset),

@@ -46,6 +46,7 @@ class StepContext:
     # stamped afresh by every ArenaExecutor.run: work a kernel does once per run (a shared conversion, a weight's
     # split) keys on it, so a context passed to two runs still makes two runs
     run: int = 0
+    training: bool = True  # False for evaluation (dropout is the identity there)
 
     def shape_of_output(self, i: int) -> tuple[int, ...]:
         return self.out_shapes[i]

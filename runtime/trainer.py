@@ -223,7 +223,7 @@ class Trainer:
                 continue
             for name, value in plan_inputs(self.plan, batch).items():
                 self.ex.write(name, value)
-            self.ex.run("eval", StepContext(self.plan, 0))
+            self.ex.run("eval", StepContext(self.plan, 0, training=False))
             total_loss += float(self.ex.observed[self.loss_name]) * n
             total_tokens += n
         if self.world > 1:

@@ -46,7 +46,8 @@ def rmsnorm(ctx: Any) -> None:
 
 def linear(ctx: Any) -> None:
     x, w = ctx.op.inputs[:2]
-    scale = ctx.op.attrs.get("scale", 1.0)
+    # (`dropout_scale`: the forward's factor in training programs, which the backward belongs to)
+    scale = ctx.op.attrs.get("scale", 1.0) * ctx.op.attrs.get("dropout_scale", 1.0)
     _, outs, acc = _grads(ctx, (0,))
     if outs:
         ctx.emit("linear_bwd_data", [ctx.dout(0), ctx.saved(w)], outs, {"scale": scale}, acc)
@@ -139,7 +140,8 @@ def identity(ctx: Any) -> None:
 def dropout(ctx: Any) -> None:
     _, outs, acc = _grads(ctx, (0,))
     if outs:
-        ctx.emit("dropout_bwd", [ctx.dout(0)], outs, {"p": ctx.op.attrs["p"], "seed": ctx.op.attrs["seed"]}, acc)
+        attrs = {k: ctx.op.attrs[k] for k in ("p", "seed", "scaled") if k in ctx.op.attrs}
+        ctx.emit("dropout_bwd", [ctx.dout(0)], outs, attrs, acc)
 
 
 def lm_head_ce(ctx: Any) -> None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from surogate.compiler.ir import Graph, Op, Role, Tensor
+from surogate.compiler.ir import DTYPE_BITS, Graph, Op, Role, Tensor
 from surogate.compiler.models.spec import ALL_PROJ
+from surogate.compiler.passes.fusion import _on
 from surogate.errors import UserError
 
 _DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
@@ -78,6 +79,10 @@ def inject_lora(graph: Graph, cfg: Any) -> Graph:
     return graph
 
 
+# SUROGATE_FUSIONS_OFF=mask_only_lora_dropout: the dropout scales its fp32 output as PEFT's does (to A/B the two)
+MASK_ONLY_DROPOUT = "mask_only_lora_dropout"
+
+
 def _inject_one(graph: Graph, op: Op, rank: int, scale: float, p: float, dtype: str) -> None:
     x, w = op.inputs[0], op.inputs[1]
     y = op.outputs[0]
@@ -94,16 +99,27 @@ def _inject_one(graph: Graph, op: Op, rank: int, scale: float, p: float, dtype: 
     lead = yt.shape[:-1]
     last = op.name
     inp = x
+    a_attrs: dict[str, Any] = {"scale": 1.0, "lora": "A"}
     if p > 0:
-        drop = graph.add_tensor(Tensor(f"{y}.lora_x", graph.tensors[x].shape, dtype, Role.ACTIVATION, layer=op.layer))
-        seed = zlib.crc32(op.name.encode())  # stable per adapter, so recompute regenerates the same mask
-        graph.add_op(Op(f"{op.name}.lora_dropout", "dropout", [x], [drop.name], {"p": p, "seed": seed},
-                        "forward", op.layer), after=last)
+        xt = graph.tensors[x]
+        drop_attrs: dict[str, Any] = {"p": p, "seed": zlib.crc32(op.name.encode())}  # stable per adapter: recompute
+        drop_dtype = dtype  # regenerates the same mask
+        if DTYPE_BITS[dtype] > DTYPE_BITS[xt.dtype] and _on(MASK_ONLY_DROPOUT, True, None):
+            # adapters wider than x (fp32 on bf16): PEFT's dropout(x.float()) [tokens, in] in fp32 is x * keep (exact
+            # in x's dtype) times 1 / (1 - p); the mask alone in x's dtype (half the bytes) and the factor applied by
+            # the GEMM (`dropout_scale`, training programs only: evaluation's dropout is the identity) give the same
+            # product to fp32 rounding, and on a GPU a bf16 x fp32 GEMM takes the split route, not fp32 SIMT
+            drop_attrs["scaled"] = False
+            drop_dtype = xt.dtype
+            a_attrs["dropout_scale"] = 1.0 / (1.0 - p)
+        drop = graph.add_tensor(Tensor(f"{y}.lora_x", xt.shape, drop_dtype, Role.ACTIVATION, layer=op.layer))
+        graph.add_op(Op(f"{op.name}.lora_dropout", "dropout", [x], [drop.name], drop_attrs, "forward", op.layer),
+                     after=last)
         last, inp = f"{op.name}.lora_dropout", drop.name
     ha = graph.add_tensor(Tensor(f"{y}.lora_a", (*lead, rank), dtype, Role.ACTIVATION, layer=op.layer))
     hb = graph.add_tensor(Tensor(f"{y}.lora_b", yt.shape, dtype, Role.ACTIVATION, layer=op.layer))
-    graph.add_op(Op(f"{op.name}.lora_a", "linear", [inp, a.name], [ha.name], {"scale": 1.0, "lora": "A"},
-                    "forward", op.layer), after=last)
+    graph.add_op(Op(f"{op.name}.lora_a", "linear", [inp, a.name], [ha.name], a_attrs, "forward", op.layer),
+                 after=last)
     graph.add_op(Op(f"{op.name}.lora_b", "linear", [ha.name, b.name], [hb.name], {"scale": scale, "lora": "B"},
                     "forward", op.layer), after=f"{op.name}.lora_a")
     graph.add_op(Op(f"{op.name}.lora_add", "add", [base.name, hb.name], [y], {"lora": "merge"}, "forward", op.layer),

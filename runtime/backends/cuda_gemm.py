@@ -18,6 +18,7 @@ from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.backends import cuda_split_gemm as csg
 from surogate.runtime.backends.cuda_state import CudaState
 from surogate.runtime.backends.cuda_state import dtype_name as dn
+from surogate.runtime.reference.common import linear_scale
 from surogate.runtime.reference.dtypes import common
 
 TILE_ELEMENTS = sz.TILE_ELEMENTS  # output elements per block of a mixed-dtype GEMM (16 MiB of bf16)
@@ -94,7 +95,7 @@ def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     bias = ins[2] if len(ins) > 2 else None
     bnd = st.bind(ins, attrs, ctx)
     out, acc = bnd.views[0], bnd.accumulate[0]
-    scale = float(attrs.get("scale", 1.0))
+    scale = linear_scale(attrs, ctx)
     o2 = _rows(out)
     x2 = _rows(x)
     acc_gemm = acc and bias is None  # (with a bias the GEMM writes a buffer the bias is added to)

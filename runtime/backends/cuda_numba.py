@@ -245,7 +245,9 @@ def _dropout(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
         buf.copy_(x)
     else:  # counter-based mask from (seed, step): forward, recompute and backward regenerate the same one; the
         # step is read on the device (st.step_index), so a captured micro-step replays with each step's mask
-        _k("lora_dropout")(x, buf, p, int(attrs["seed"]), 0, step=st.step_index(ctx, x.device))
+        # `scaled: False`: the mask alone (the LoRA GEMM reading the output applies 1 / (1 - p))
+        _k("lora_dropout")(x, buf, p, int(attrs["seed"]), 0, step=st.step_index(ctx, x.device),
+                           scale=None if attrs.get("scaled", True) else 1.0)
     _flush(out, buf)
     return [out]
 

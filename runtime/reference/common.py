@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -63,3 +65,12 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, step: int) -> torch.Ten
     """Deterministic keep-mask for (seed, step): forward, backward and recompute regenerate the same one."""
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
     return torch.rand(shape, generator=gen) >= p
+
+
+def linear_scale(attrs: dict, ctx: Any) -> float:
+    """A `linear` op's output factor: `scale`, times `dropout_scale` (1 / (1 - p) for a LoRA A reading the mask-only
+    dropout, compiler/passes/lora.py) in training programs; evaluation's dropout is the identity."""
+    scale = float(attrs.get("scale", 1.0))
+    if "dropout_scale" in attrs and getattr(ctx, "training", True):
+        scale *= float(attrs["dropout_scale"])
+    return scale

@@ -123,7 +123,8 @@ def swiglu_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 def dropout_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
     p = a["p"]
-    return [x[0] * dropout_mask(x[0].shape, p, a["seed"], ctx.step) / (1.0 - p)]
+    keep = dropout_mask(x[0].shape, p, a["seed"], ctx.step)
+    return [x[0] * keep] if not a.get("scaled", True) else [x[0].float() * keep / (1.0 - p)]
 
 
 class _CEGrads:

@@ -17,6 +17,7 @@ from surogate.runtime.reference.common import (
     attention_mask,
     dropout_mask,
     heads,
+    linear_scale,
     merge_heads,
     rope_tables,
     rotate_half,
@@ -55,7 +56,7 @@ def linear(x: Tensors, a: dict, ctx: Any) -> Tensors:
     y = inp.to(dt) @ w.to(dt).t()
     if len(x) > 2 and x[2] is not None:
         y = y + x[2].to(dt)
-    scale = a.get("scale", 1.0)
+    scale = linear_scale(a, ctx)
     return [y * scale if scale != 1.0 else y]
 
 
@@ -146,7 +147,10 @@ def identity(x: Tensors, a: dict, ctx: Any) -> Tensors:
 def dropout(x: Tensors, a: dict, ctx: Any) -> Tensors:
     p = a["p"]
     keep = dropout_mask(x[0].shape, p, a["seed"], ctx.step)
-    return [x[0] * keep / (1.0 - p)]
+    if not a.get("scaled", True):  # the mask alone: the LoRA GEMM reading it applies 1 / (1 - p)
+        return [x[0] * keep]
+    # in fp32, rounded once into the output (PEFT's dropout(x.float()) for fp32 adapters on a bf16 x)
+    return [x[0].float() * keep / (1.0 - p)]
 
 
 class CEChunks:

@@ -64,3 +64,17 @@ def test_step_read_from_a_device_tensor_equals_the_host_offset():
     step.fill_(6)  # a new step through the same tensor: a different mask
     dropout_apply(x, got, 0.4, 11, 3, step=step)
     assert not torch.equal(got == 0, host == 0)
+
+
+def test_mask_only_bf16_to_bf16_is_exact_and_equals_the_reference():
+    """`scale=1.0` (the mask-only LoRA dropout of fp32 adapters on bf16 activations): x * keep in x's dtype, bitwise
+    the reference, and the scaled output divided by its factor."""
+    x = torch.randn(3, 37, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    dropout_apply(x, out, 0.3, 9, 4, scale=1.0)
+    keep = dropout_mask_ref(9, 4, x.numel(), 0.3).reshape(x.shape)
+    assert torch.equal(out, x * keep) and torch.equal(out, dropout_ref(x, 0.3, 9, 4, scale=1.0))
+    assert 0 < int(keep.sum()) < x.numel()
+    scaled = torch.empty(3, 37)
+    dropout_apply(x, scaled, 0.3, 9, 4)  # PEFT's dropout(x.float()): fp32 output
+    assert torch.allclose(scaled * 0.7, out.float(), rtol=1e-6, atol=0)
