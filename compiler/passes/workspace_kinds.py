@@ -58,7 +58,7 @@ class KindSizes:
         rows = math.prod(x.shape[:-1])
         cols = out.shape[-1]
         route = self._route(rows, x.shape[-1], cols, x.dtype, w.dtype, out.dtype, acc[0] and len(op.inputs) < 3,
-                            f"{sz.split_weight(self.tensors, op.inputs[1])}^T")  # b = W^T
+                            sz.split_weight(self.tensors, op.inputs[1], transposed=True))  # b = W^T
         extra = 0
         if route.kind == "promote":
             xd, conv = self._x_in(op.inputs[0], op.inputs[1], rows)

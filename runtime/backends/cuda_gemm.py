@@ -81,13 +81,9 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate
 
 
 def _split_weight(ctx: Any, name: str, transposed: bool) -> str | None:
-    """What a GEMM's b is when it reads weight tensor `name` (transposed: b = W^T), for `gemm_route`'s cache: the
-    weight the tensor copies (`cuda_sizes.split_weight`), `^T` appended for its transpose."""
+    """`cuda_sizes.split_weight` in the run's plan (None for a kernel called without one)."""
     graph = getattr(ctx, "graph", None)
-    if graph is None:
-        return None
-    weight = sz.split_weight(graph.tensors, name)
-    return f"{weight}^T" if transposed else weight
+    return None if graph is None else sz.split_weight(graph.tensors, name, transposed)
 
 
 def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:

@@ -266,9 +266,10 @@ class GemmRoute(NamedTuple):
         return bool(self.scratch) and self.scratch[0].tag.startswith(SPLIT_CACHE_TAG)
 
 
-def split_weight(tensors: Any, name: str) -> str:
-    """The weight whose split parts tensor `name` reads: itself, or for a ZeRO-3 gathered copy or an offload
-    staging copy the tensor it copies (equal within a run), so that every copy of one weight shares one buffer."""
+def split_weight(tensors: Any, name: str, transposed: bool = False) -> str:
+    """`gemm_route`'s `weight` for a GEMM whose b is weight tensor `name` (`transposed`: b = name^T): the weight it
+    reads, i.e. itself or, for a ZeRO-3 gathered copy or an offload staging copy, the tensor it copies (equal
+    within a run, so that every copy of one weight shares one buffer), `^T` appended for the transpose."""
     seen = set()
     while name not in seen:
         seen.add(name)
@@ -277,7 +278,7 @@ def split_weight(tensors: Any, name: str) -> str:
         if not source or source not in tensors:
             break
         name = source
-    return name
+    return f"{name}^T" if transposed else name
 
 
 def _transposed(label: str) -> str:

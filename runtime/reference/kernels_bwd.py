@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from surogate.runtime.reference.common import dropout_mask, heads, merge_heads, rotate_half_t
+from surogate.runtime.reference.common import heads, merge_heads, rotate_half_t
 from surogate.runtime.reference.dtypes import common
-from surogate.runtime.reference.kernels_fwd import CEChunks, attention_probs, cos_sin, rms_normalize
+from surogate.runtime.reference.kernels_fwd import CEChunks, attention_probs, cos_sin, dropout, rms_normalize
 
 Tensors = list[torch.Tensor | None]
 
@@ -122,9 +122,7 @@ def swiglu_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 
 def dropout_bwd(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    p = a["p"]
-    keep = dropout_mask(x[0].shape, p, a["seed"], ctx.step)
-    return [x[0] * keep] if not a.get("scaled", True) else [x[0].float() * keep / (1.0 - p)]
+    return dropout(x, a, ctx)  # the same mask (seed, step) and factor applied to the output gradient
 
 
 class _CEGrads:
