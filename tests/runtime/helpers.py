@@ -32,16 +32,17 @@ def hf_config(family: str, tie: bool = False, **over: Any):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     kw = {**TINY, "tie_word_embeddings": tie, **over}
+    head_dim = {"head_dim": kw.pop("head_dim", 8)}
     if family == "llama":
-        return LlamaConfig(**kw, head_dim=8)
+        return LlamaConfig(**kw, **head_dim)
     if family == "qwen2":
         return Qwen2Config(**kw)
     if family == "qwen3":
-        return Qwen3Config(**kw, head_dim=8)
+        return Qwen3Config(**kw, **head_dim)
     if family == "qwen3_moe":
         from transformers import Qwen3MoeConfig
 
-        return Qwen3MoeConfig(**kw, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        return Qwen3MoeConfig(**kw, **head_dim, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                               norm_topk_prob=True)
     raise ValueError(family)
 
