@@ -132,6 +132,19 @@ def hardware_requirements(cfg, given):
 
 
 @rule
+def fp8_gradient_dtype_needs_fp8_matmuls(cfg, given):
+    """gradient_dtype fp8_e4m3 / fp8_e5m2 is a backward-matmul policy: the format dY is rounded through in the fp8
+    projections' backward GEMMs. Activation gradients are not stored in fp8 (unscaled, they would underflow)."""
+    if str(cfg["gradient_dtype"]).startswith("fp8") and cfg["recipe"] != "fp8_hybrid":
+        yield ConfigIssue(
+            "gradient_dtype",
+            f"{cfg['gradient_dtype']!r} sets the fp8 format of the backward matmuls of recipe 'fp8_hybrid' (default "
+            f"fp8_e5m2); recipe {cfg['recipe']!r} has no fp8 matmuls. Use `recipe: fp8_hybrid`, or fp32 / bf16 / fp16",
+            True,
+        )
+
+
+@rule
 def recipe_specific_options(cfg, given):
     if "fp8_amax_history" in given and cfg["recipe"] != "fp8_hybrid":
         yield _warn("fp8_amax_history", "only used by recipe 'fp8_hybrid'")

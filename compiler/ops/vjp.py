@@ -62,8 +62,9 @@ def qlinear(ctx: Any) -> None:
     """Like `linear`, but backward reads the quantized copies (fp8 x_q is what stays saved)."""
     _, _, xq, xs, wq, ws = ctx.op.inputs[:6]
     fmt = ctx.op.attrs.get("format")
-    # fp8_hybrid: E4M3 forward, E5M2 (wider range) for the output gradient in both backward matmuls
-    grad_fmt = "fp8_e5m2" if fmt == "fp8_tensor" else None
+    # fp8_hybrid: E4M3 forward, E5M2 (wider range, or gradient_dtype's fp8 format) for the output gradient in both
+    # backward matmuls (compiler/passes/precision.py)
+    grad_fmt = ctx.op.attrs.get("grad_format", "fp8_e5m2") if fmt == "fp8_tensor" else None
     _, outs, acc = _grads(ctx, (0,))
     if outs:
         ctx.emit("qlinear_bwd_data", [ctx.dout(0), ctx.saved(wq), ctx.saved(ws)], outs,

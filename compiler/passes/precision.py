@@ -35,6 +35,7 @@ RECIPES = {"bf16": None, "fp8_hybrid": "fp8_tensor", "nvfp4": "fp4_block", "nvfp
 # produces, with the trust mask), here per NVFP4 16-element block. Measured on a tiny Llama (one step), mean
 # gradient cosine to fp32: 0.917; block-amax scales instead: 0.886 with the mask, 0.926 without it.
 QUARTET_FORWARD = "quest"
+FP8_GRADIENT_FORMATS = ("fp8_e4m3", "fp8_e5m2")  # gradient_dtype values that name a backward-matmul format
 _DT = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2",
        "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -50,7 +51,12 @@ def annotate_precision(graph: Graph, cfg: Any) -> Graph:
     grad = getattr(cfg, "gradient_dtype", None)
     if grad is not None and grad not in _DT:
         raise UserError(f"gradient_dtype: unknown dtype {grad!r}")
-    graph.meta["grad_dtype"] = _DT[grad] if grad else model_dtype
+    if grad in FP8_GRADIENT_FORMATS:  # a backward-matmul policy (schema/rules.py: fp8_hybrid only): the
+        # quantized projections' backward GEMMs round dY through it; unscaled fp8 storage would underflow
+        graph.meta["grad_dtype"] = model_dtype
+        graph.meta["grad_matmul_format"] = _DT[grad]
+    else:
+        graph.meta["grad_dtype"] = _DT[grad] if grad else model_dtype
     graph.meta["recipe"] = recipe
     if recipe in ("nvfp4", "nvfp4_quartet") or getattr(cfg, "qlora_fp4", False):
         graph.meta.setdefault("notes", []).append(
@@ -179,6 +185,8 @@ def _quantize_matmuls(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
             continue
         op.kind = "qlinear"
         op.inputs[:] = [x, w, xq, xs[0], wq, ws[0], *bias]
+        if fmt == "fp8_tensor":  # dY's format in both backward GEMMs: E5M2 (wider range) unless gradient_dtype says
+            op.attrs["grad_format"] = graph.meta.get("grad_matmul_format", "fp8_e5m2")
     if skipped:
         graph.meta.setdefault("notes", []).append(
             f"nvfp4_quartet: {len(skipped)} projection(s) whose in_features is not a multiple of "

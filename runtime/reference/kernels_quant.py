@@ -46,14 +46,17 @@ def qlinear(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 
 E5M2_MAX = 57344.0
+GRAD_FORMATS = {"fp8_e5m2": (torch.float8_e5m2, E5M2_MAX), "fp8_e4m3": (torch.float8_e4m3fn, 448.0)}
 
 
 def _grad_quant(dy: torch.Tensor, a: dict) -> torch.Tensor:
-    """Round the output gradient through fp8 e5m2 with a just-in-time per-tensor scale (fp8_hybrid)."""
-    if a.get("grad_format") != "fp8_e5m2":
+    """Round the output gradient through its fp8 format (fp8_hybrid: e5m2, or gradient_dtype's) with a just-in-time
+    per-tensor scale."""
+    if a.get("grad_format") not in GRAD_FORMATS:
         return dy.float()
-    scale = dy.abs().amax().float().clamp(min=1e-30) / E5M2_MAX
-    return (dy.float() / scale).to(torch.float8_e5m2).float() * scale
+    dtype, top = GRAD_FORMATS[a["grad_format"]]
+    scale = dy.abs().amax().float().clamp(min=1e-30) / top
+    return (dy.float() / scale).to(dtype).float() * scale
 
 
 def qlinear_bwd_data(x: Tensors, a: dict, ctx: Any) -> Tensors:

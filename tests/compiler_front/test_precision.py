@@ -167,6 +167,27 @@ def test_quantized_recipes_run_close_to_bf16_reference(tmp_path, recipe):
     assert losses[1] != losses[0] and losses[1] == pytest.approx(losses[0], rel=0.02)
 
 
+def test_fp8_gradient_dtype_is_the_backward_matmul_format(tmp_path):
+    """gradient_dtype fp8_e4m3 with fp8_hybrid: dY is rounded through E4M3 (not the default E5M2) in both backward
+    GEMMs of each fp8 projection; activation gradients stay in the model dtype (unscaled fp8 would underflow)."""
+    d = save_tiny(tmp_path, "llama")
+    ids, labels = random_batch(101, 2, 16)
+    _, exact = run_ours(compile_front(make_cfg(d)), d, ids, labels)
+    runs = {}
+    for grad in (None, "fp8_e4m3"):
+        graph = compile_front(make_cfg(d, recipe="fp8_hybrid", gradient_dtype=grad))
+        formats = {op.attrs["grad_format"] for op in graph.ops() if op.kind.startswith("qlinear_bwd")}
+        assert formats == {grad or "fp8_e5m2"}
+        assert {t.dtype for t in graph.tensors.values() if t.role == Role.ACTIVATION_GRAD} == {"fp32"}  # model's
+        runs[grad] = run_ours(graph, d, ids, labels)
+    (l0, g0), (l1, g1) = runs[None], runs["fp8_e4m3"]
+    assert l1 == l0  # the forward is the same
+    assert [n for n in g0 if not torch.equal(g0[n], g1[n])]
+    # one mantissa bit more: E4M3's gradients are the closer to the unquantized recipe's
+    err = {grad: sum(rel_err(g[n], exact[n]) for n in exact) for grad, (_, g) in runs.items()}
+    assert err["fp8_e4m3"] < err[None], err
+
+
 def test_selective_expert_dequant_drops_the_full_expert_buffer():
     def graph(selective):
         return compile_front(make_cfg("Qwen/Qwen3-30B-A3B", lora=True, qlora_bnb=True, sequence_len=64,

@@ -18,6 +18,8 @@ INSTR = {"path": "d.jsonl", "type": "instruction", "instruction_field": "q", "ou
          "persistent_quants", "shard_weights"),
         ({"persistent_quants": True, "shard_weights": True}, {"persistent_quants": True, "shard_weights": True, "recipe": "fp8_hybrid"},
          "persistent_quants", "nothing to keep"),
+        ({"gradient_dtype": "fp8_e4m3"}, {"gradient_dtype": "fp8_e4m3", "recipe": "fp8_hybrid"}, "gradient_dtype",
+         "recipe: fp8_hybrid"),
         ({"offload_grads": True}, {"offload_grads": True, "zero_level": 2}, "offload_grads", "zero_level >= 2"),
         ({"offload_grads": True, "zero_level": 1}, {"offload_grads": True, "shard_gradients": True}, "offload_grads", "shard_gradients"),
         ({"adapter_path": "a", "lora": False}, {"adapter_path": "a"}, "adapter_path", "lora: true"),
