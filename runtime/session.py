@@ -189,7 +189,8 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     latest, resume_notes = resume_latest(trainer, checkpoints, cfg)
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)
-    notes = (adjusted.message, graphs_note, *rank_notes(plan, backend), reshard_note, *hardware_notes,
+    notes = (adjusted.message, graphs_note, *plan.meta.get("notes", ()), *rank_notes(plan, backend), reshard_note,
+             *hardware_notes,
              *resume_notes, *_data_notes(data, cfg),
              f"resume: {latest.name} already completes the run ({trainer.total_steps} steps): nothing to train; "
              "the outputs are written again" if latest is not None and trainer.step >= trainer.total_steps else None)

@@ -96,3 +96,15 @@ def test_use_cuda_graphs_is_never_silently_ignored(small_source, tmp_path):
     assert "use_cuda_graphs: no effect on the cpu backend" in console
     _, quiet = train(small_cfg(small_source, tmp_path / "off", max_steps=1, use_cuda_graphs=False))
     assert "use_cuda_graphs: no effect" not in quiet
+
+
+def test_the_plans_notes_are_printed_at_the_start(small_source, tmp_path):
+    """What `surogate plan` notes about options without effect (here ZeRO sharding on one rank) a training run says
+    too, before its first step."""
+    cfg = small_cfg(small_source, tmp_path, max_steps=1, zero_level=3)
+    _, console = train(cfg)
+    note = "ZeRO sharding has no effect with a single rank"
+    assert note in console and console.index(note) < console.index("step 1/")
+    assert note in read_log(cfg.log_file).events[0]["run_info"]["notes"]
+    _, quiet = train(small_cfg(small_source, tmp_path / "unsharded", max_steps=1))
+    assert note not in quiet
