@@ -94,7 +94,7 @@ def _data_notes(data: Any, cfg: Any) -> list[str]:
         notes.append(f"data: {n:,} {unit}{'s' if n != 1 else ''} {what}")
     examples = list(getattr(data.stats, "skipped_examples", None) or [])
     notes += [f"data: e.g. {line}" for line in examples[:3]]
-    return notes
+    return notes + [f"data: {line}" for line in getattr(data.stats, "source_notes", None) or []]
 
 
 def default_backend() -> str:

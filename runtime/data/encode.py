@@ -10,6 +10,7 @@ loss_scale: `default` trains every assistant turn, `last_round` only the last on
 configuration (schema/loss_scale.py) gives every token a weight (the documents' mask is then float32: weight 0 is
 not a target).
 Text samples train on every token; prompt samples (instruction + prompt_format) on the completion + EOS.
+Over-long documents: `length_strategy` (text samples are truncated, not deleted, under the default strategy).
 The first token of every document is never trained (nothing in the document predicts it), so labels
 never cross a document boundary when documents are packed.
 """
@@ -266,10 +267,21 @@ class Encoder:
                 result.skipped.append(str(err))
                 continue
             result.counts["rows_encoded"] += 1
-            for piece in truncate((tokens, mask), self.opts.max_length, self.opts.truncation_strategy,
+            for piece in truncate((tokens, mask), self.opts.max_length,
+                                  length_strategy(self.specs[ds_index].type, self.opts.truncation_strategy),
                                   result.counts):
                 result.docs.append(piece)
                 result.origins.append((ds_index, row_index))
+
+
+def length_strategy(sample_type: str, truncation_strategy: str) -> str:
+    """How an over-long document of `sample_type` is handled. truncation_strategy is the contract's rule for
+    conversations (and instruction samples, whose trained answer a cut would lose): `delete` by default. Text
+    samples follow `sequence_len`'s rule, "samples exceeding this length are truncated": never deleted, cut on the
+    right unless truncation_strategy asks for left, right or split (split keeps every token: pre-training)."""
+    if sample_type == "text" and truncation_strategy == "delete":
+        return "right"
+    return truncation_strategy
 
 
 def _main_field(spec: DatasetSpec) -> str | None:

@@ -237,6 +237,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
                         f"choose one of {', '.join(AGENT_TEMPLATES)}")
     sources: list[Source] = [resolve_source(d, i, "datasets") for i, d in enumerate(train_cfgs)]
     sources += [resolve_source(d, i, "validation_datasets") for i, d in enumerate(val_cfgs)]
+    source_notes = [note for s in sources for note in s.notes]  # shown in the start summary / data report
     # Only hub datasets are loaded before the cache lookup: their cache key needs the loaded dataset's
     # fingerprint. Files are identified by path/size/mtime, so a cache hit never reads (scans) them.
     early = {i: load_source(s, on_bad_row) for i, s in enumerate(sources) if s.kind == "hub"}
@@ -260,6 +261,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         cached = _load_entry_or_discard(folder, started)
         if cached is not None:
             logger.info("reusing tokenized data from %s", folder)
+            cached.stats.source_notes = source_notes
             return cached
     loaded = [early[i] if i in early else load_source(s, on_bad_row) for i, s in enumerate(sources)]
 
@@ -303,7 +305,8 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         eval=SplitStats.of(evals, rows_in["eval"]) if evals is not None else None,
         counts=dict(counts),
         skipped_examples=(merged["train"].skipped + merged["eval"].skipped)[:_MAX_SKIPPED_SHOWN],
-        detected=detected, template=template.name, cache_dir=str(folder) if use_cache else None,
+        detected=detected, source_notes=source_notes, template=template.name,
+        cache_dir=str(folder) if use_cache else None,
         rows_tokenized=rows_in["train"] + rows_in["eval"], num_workers=workers)
     data = PreparedData(train, evals, stats)
     stats.seconds = time.perf_counter() - started

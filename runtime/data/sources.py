@@ -4,9 +4,11 @@ Local files and URLs: .json/.jsonl and .txt (one row per line, column `text`) ar
 `linefiles.py` (the `datasets` JSON builder decodes strings of mixed-type columns: "48" -> 48); .parquet,
 .csv and .arrow by the matching `datasets` builder. A folder holds files of one kind
 (searched recursively) or is a `Dataset.save_to_disk` folder. When a folder's file names mark splits
-(`train.jsonl`, `test-00000.parquet`, `data/validation/...`), `split` picks those files; otherwise every
-file is used. Anything else is a hub id, loaded with `subset` and `split` (from the local cache when
-offline). `subset` applies to hub ids only; a single file ignores `split`.
+(`train.jsonl`, `test-00000.parquet`, `data/validation/...`), `split` picks those files: the ones naming it
+exactly (`train_sft` -> `train_sft-0000.parquet`, not `train_gen-...`), else the ones of its kind (`val` ->
+`validation.jsonl`); otherwise every file is used. Anything else is a hub id, loaded with `subset` and `split`
+(from the local cache when offline). `subset` applies to hub ids only, `split` to nothing in a single file or a
+folder without split names: each such case is a note in the run's start summary (`Source.notes`), not a silence.
 `samples` keeps the first N rows. Each source has a fingerprint for the tokenized cache: path, size and
 mtime of every local file; size and ETag/mtime of every remote file; the `datasets` fingerprint of a hub
 dataset (which is derived from its cached files).
@@ -40,6 +42,7 @@ class Source:
     split: str = "train"
     samples: int | None = None
     section: str = "datasets"
+    notes: tuple[str, ...] = ()  # options of this dataset that had no effect on this kind of source
 
     @property
     def where(self) -> str:
@@ -67,18 +70,42 @@ def _split_of(relative: str) -> str | None:
     return next((split for split, names in _SPLIT_WORDS.items() if words & set(names)), None)
 
 
-def _select_split(files: list[str], root: str, split: str, where: str, path: str) -> list[str]:
-    """Files of `split` when the folder's file names mark splits (train.jsonl, test-0001.parquet, ...)."""
+def _names_split(relative: str, split: str) -> bool:
+    """The path names `split` as a whole word (underscores kept: `train_sft` is not `train`)."""
+    return split.lower() in re.split(r"[^a-z0-9_]+", relative.lower())
+
+
+def _select_split(files: list[str], root: str, split: str, where: str, path: str) -> tuple[list[str], str | None]:
+    """(files of `split`, note) when the folder's file names mark splits (train.jsonl, test-0001.parquet, ...):
+    those naming `split` exactly, else those of its kind. Otherwise every file, and a note unless `split` is
+    the default."""
+    exact = [f for f in files if _names_split(f[len(root):], split)]
+    if exact:
+        return exact, None
     marked = {f: _split_of(f[len(root):]) for f in files}
     if not any(marked.values()):
-        return files
+        return files, _unused_split(where, split, f"the file names in {path!r} mark no splits (every file is read)")
     wanted = _split_of(split) or split
     chosen = [f for f in files if marked[f] == wanted]
     if not chosen:
         found = ", ".join(sorted({m for m in marked.values() if m}))
         raise UserError(f"{where.rsplit('.', 1)[0]}.split: no {split!r} files in {path!r} (its files mark the "
                         f"splits {found})")
-    return chosen
+    return chosen, None
+
+
+def _unused_split(where: str, split: str, why: str) -> str | None:
+    """The note for a `split` that selects nothing (none for the default, `train`)."""
+    return None if split == "train" else f"{where.rsplit('.', 1)[0]}.split: {split!r} has no effect: {why}"
+
+
+def _unused_options(common: dict, where: str, kind: str, split_note: str | None) -> tuple[str, ...]:
+    """Notes for the options that do nothing on this kind of source (a hub id uses both)."""
+    notes = [split_note] if split_note else []
+    if common["subset"] is not None and kind != "hub":
+        notes.append(f"{where.rsplit('.', 1)[0]}.subset: {common['subset']!r} has no effect: subsets are "
+                     "configurations of Hugging Face hub datasets, and this path is not one")
+    return tuple(notes)
 
 
 def _looks_local(path: str) -> bool:
@@ -100,16 +127,24 @@ def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source
     if local.is_file():
         if not _supported(local.name):
             raise UserError(f"{where}: unsupported file type {local.suffix!r}; use one of {', '.join(BUILDERS)}")
+        notes = _unused_options(common, where, "local", _unused_split(where, common["split"], "a single file has "
+                                                                      "no splits (every row is read)"))
         return Source(kind="local", files=(str(local.resolve()),), builder=_builder_for([local.name], where, path),
-                      **common)
+                      notes=notes, **common)
     if local.is_dir():
         if (local / "state.json").is_file() and (local / "dataset_info.json").is_file():
-            return Source(kind="disk", files=(str(local.resolve()),), **common)
+            notes = _unused_options(common, where, "disk", _unused_split(where, common["split"], "a saved Dataset "
+                                                                         "(not a DatasetDict) has no splits"))
+            return Source(kind="disk", files=(str(local.resolve()),), notes=notes, **common)
+        if (local / "dataset_dict.json").is_file():  # a saved DatasetDict: `split` picks one (see load_source)
+            return Source(kind="disk", files=(str(local.resolve()),), notes=_unused_options(common, where, "disk", None),
+                          **common)
         files = sorted(str(p.resolve()) for p in local.rglob("*") if p.is_file() and _supported(p.name))
         if not files:
             raise UserError(f"{where}: folder {path!r} has no data files ({', '.join(BUILDERS)})")
-        files = _select_split(files, str(local.resolve()), common["split"], where, path)
-        return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, path), **common)
+        files, split_note = _select_split(files, str(local.resolve()), common["split"], where, path)
+        return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, path),
+                      notes=_unused_options(common, where, "local", split_note), **common)
     if _looks_local(path):
         raise UserError(f"{where}: file or folder {path!r} does not exist")
     return Source(kind="hub", **common)
@@ -120,13 +155,16 @@ def _resolve_url(url: str, where: str, common: dict) -> Source:
 
     try:
         fs, root = fsspec.core.url_to_fs(url)
+        split_note = None
         if fs.isdir(root):
             found = sorted(p for p in fs.find(root) if _supported(p))
-            found = _select_split(found, root, common["split"], where, url) if found else found
+            if found:
+                found, split_note = _select_split(found, root, common["split"], where, url)
             protocol = url.split("://", 1)[0]
             files = [f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}" for p in found]
         elif fs.exists(root):
             files = [url]
+            split_note = _unused_split(where, common["split"], "a single file has no splits (every row is read)")
         else:
             raise UserError(f"{where}: {url!r} does not exist")
     except UserError:
@@ -141,7 +179,8 @@ def _resolve_url(url: str, where: str, common: dict) -> Source:
     for f in files:
         if not _supported(f):
             raise UserError(f"{where}: unsupported file type in {f!r}; use one of {', '.join(BUILDERS)}")
-    return Source(kind="url", files=tuple(files), builder=_builder_for(files, where, url), **common)
+    return Source(kind="url", files=tuple(files), builder=_builder_for(files, where, url),
+                  notes=_unused_options(common, where, "url", split_note), **common)
 
 
 def file_fingerprint(source: Source) -> list:

@@ -52,6 +52,7 @@ class DataStats:
     counts: dict[str, int] = field(default_factory=dict)
     skipped_examples: list[str] = field(default_factory=list)
     detected: list[str] = field(default_factory=list)
+    source_notes: list[str] = field(default_factory=list)  # dataset options without effect (data/sources.py)
     template: str | None = None
     cache_dir: str | None = None
     from_cache: bool = False
@@ -99,6 +100,8 @@ def render_stats(stats: DataStats, console: Any = None) -> None:
         console.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
     for line in stats.detected:
         console.print(f"detected: {line}", highlight=False)
+    for line in stats.source_notes:
+        console.print(f"[yellow]note:[/yellow] {line}", highlight=False)
     source = "reused from cache" if stats.from_cache else f"tokenized {stats.rows_tokenized:,} rows"
     console.print(f"template: {stats.template}; {source} in {stats.seconds:.2f}s "
                   f"({stats.num_workers} workers); cache: {stats.cache_dir}", highlight=False)

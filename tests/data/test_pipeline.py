@@ -155,6 +155,23 @@ def test_truncation_strategies_through_the_pipeline(tmp_path, model_dir, strateg
             data.stats.counts.get("dropped_no_trainable_after_truncation", 0)
 
 
+def test_long_text_rows_are_truncated_where_conversations_are_deleted(tmp_path, model_dir):
+    """The default truncation_strategy (delete) is the contract's rule for conversations; text samples follow
+    sequence_len's "truncated": cut on the right, the first max_length tokens kept."""
+    long_text = {"text": " ".join(f"w{i % 50}" for i in range(200))}
+    text = write_jsonl(tmp_path / "text.jsonl", [long_text, {"text": "w1 w2 w3"}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [conv("hello world", "how are you today " * 10), conv("hi", "yo")])
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": text, "type": "text"}, {"path": chat, "type": "conversation"}],
+                   max_length=32, validation_split_ratio=0.0)
+    data = prepare(cfg, use_cache=False)
+    assert data.stats.counts["truncated_right"] == 1 and data.stats.counts["deleted_too_long"] == 1
+    assert data.stats.train.docs == 3 and int(data.train.doc_lengths().max()) == 32
+    tok = load_tokenizer(cfg)
+    kept = [doc for doc in decoded_docs(tok, data.train) if "w0 w1 w2" in doc]
+    assert len(kept) == 1 and 20 < len(kept[0]) < len(long_text["text"])
+    assert long_text["text"].startswith(kept[0].strip())  # the head kept
+
+
 def test_every_row_deleted_is_an_error(tmp_path, model_dir):
     path = write_jsonl(tmp_path / "long.jsonl", [conv("hello world " * 20, "how are you " * 20)])
     with pytest.raises(UserError, match="no training documents left"):

@@ -183,6 +183,43 @@ def test_folder_file_names_select_the_split(tmp_path):
         resolve_source(ds(tmp_path / "d", split="holdout"), 0)
 
 
+def test_a_split_named_exactly_wins_over_its_kind(tmp_path):
+    """`train_sft` reads train_sft's files, not every train-like file (train_gen too)."""
+    write_jsonl(tmp_path / "d" / "train_sft-00000.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "d" / "train_gen-00000.jsonl", ROWS[2:4])
+    write_jsonl(tmp_path / "d" / "test_sft.jsonl", ROWS[4:])
+    assert texts(resolve_source(ds(tmp_path / "d", split="train_sft"), 0)) == ["row 0", "row 1"]
+    assert texts(resolve_source(ds(tmp_path / "d", split="train_gen"), 0)) == ["row 2", "row 3"]
+    assert texts(resolve_source(ds(tmp_path / "d", split="test"), 0)) == ["row 4", "row 5"]  # by kind
+
+
+def test_options_without_effect_on_a_source_are_notes(tmp_path):
+    """subset on anything but a hub id, split on a single file or a folder without split names: each a note
+    naming the option (shown in the run's start summary), never silently dropped; the defaults give none."""
+    write_jsonl(tmp_path / "one.jsonl", ROWS)
+    write_jsonl(tmp_path / "plain" / "part-a.jsonl", ROWS)
+    for path in (tmp_path / "one.jsonl", tmp_path / "plain", f"file://{tmp_path / 'one.jsonl'}"):
+        assert resolve_source(ds(path), 0).notes == ()
+        notes = resolve_source(ds(path, split="test", subset="en"), 3, "validation_datasets").notes
+        assert len(notes) == 2, notes
+        assert notes[0].startswith("validation_datasets[3].split: 'test' has no effect")
+        assert notes[1].startswith("validation_datasets[3].subset: 'en' has no effect")
+    assert "a single file has no splits" in resolve_source(ds(tmp_path / "one.jsonl", split="test"), 0).notes[0]
+    assert "mark no splits" in resolve_source(ds(tmp_path / "plain", split="test"), 0).notes[0]
+
+
+def test_saved_dataset_dict_folder_picks_its_split(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]),
+                          "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(str(tmp_path / "dd"))
+    source = resolve_source(ds(tmp_path / "dd", split="test"), 0)
+    assert source.kind == "disk" and source.notes == () and texts(source) == ["row 4", "row 5"]
+    assert texts(resolve_source(ds(tmp_path / "dd"), 0)) == [r["text"] for r in ROWS[:4]]
+    with pytest.raises(UserError, match=r"datasets\[0\]\.split: 'dev' not in"):
+        load_source(resolve_source(ds(tmp_path / "dd", split="dev"), 0))
+
+
 # --------------------------------------------------------------------------- exact JSON, unreadable lines
 
 MIXED = [*({"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]}

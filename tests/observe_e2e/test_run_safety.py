@@ -121,13 +121,16 @@ def test_signal_saves_a_checkpoint_and_the_resumed_run_continues_exactly(source,
     assert (tmp_path / "out" / "model").is_dir()
 
 
-def test_deleted_rows_are_reported_in_the_start_summary_and_log(source, tmp_path):
+@pytest.mark.parametrize("strategy, note", [
+    (None, "data: 1 row truncated on the right to max_length 64"),  # text: sequence_len's rule, not deleted
+    ("split", "data: 1 row split into pieces of max_length 64")])
+def test_long_text_rows_are_reported_in_the_start_summary_and_log(source, tmp_path, strategy, note):
     data = write_text_data(tmp_path / "data.jsonl", rows=32)
     with open(data, "a", encoding="utf-8") as f:  # one row far longer than sequence_len 64
         f.write(json.dumps({"text": " ".join(f"w{i % 92}" for i in range(300))}) + "\n")
-    _, console = train(_cfg((source[0], data), tmp_path, max_steps=1))
-    note = "data: 1 row deleted (longer than max_length 64; truncation_strategy: delete)"
-    assert note in console
+    over = {"truncation_strategy": strategy} if strategy else {}
+    _, console = train(_cfg((source[0], data), tmp_path, max_steps=1, **over))
+    assert note in console and "deleted" not in console
     start = [e for e in read_log(tmp_path / "out" / "log.jsonl").events if e["type"] == "start"][-1]
     assert note in start["run_info"]["notes"]
 
