@@ -20,7 +20,8 @@ from typing import Any
 from surogate.errors import UserError
 
 # Bump when the tokenized output of the same inputs changes (format or semantics).
-CACHE_VERSION = 3  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a string)
+CACHE_VERSION = 4  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
+# string); 4: long text samples truncated (were deleted), exact split names pick their files
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:
