@@ -34,7 +34,7 @@ def test_adamw8bit_layout_per_trainable_tensor():
 
 
 def test_normuon_layout_hidden_matrices_vs_rest():
-    plan = back_half(optimizer="normuon", normuon_momentum=0.9)
+    plan = back_half(optimizer="normuon", normuon_momentum=0.9, normuon_beta2=0.8, normuon_cautious_wd=False)
     st = _states(plan, "L1.w2")
     assert set(st) == {"momentum", "row_variance"}
     w = plan.tensors["L1.w2"]
@@ -45,6 +45,7 @@ def test_normuon_layout_hidden_matrices_vs_rest():
         assert "m" in _states(plan, other)
     kinds = {op.outputs[0]: op for op in plan.ops if op.phase == "optimizer" and op.kind.endswith("_step")}
     assert kinds["L1.w2"].kind == "normuon_step" and kinds["L1.w2"].attrs["momentum"] == 0.9
+    assert kinds["L1.w2"].attrs["beta2"] == 0.8 and kinds["L1.w2"].attrs["cautious_wd"] is False
     assert kinds["embed.weight"].kind == "adamw8bit_step"
 
 

@@ -125,11 +125,13 @@ class RefNorMuon:
 
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48)], ids=["tall", "wide"])
 @pytest.mark.parametrize("cautious", [True, False])
-def test_normuon_matches_reference(shape, cautious):
-    attrs = dict(lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0.1, cautious_wd=cautious)
+@pytest.mark.parametrize("momentum, beta2", [(0.95, 0.95), (0.9, 0.8)], ids=["defaults", "normuon_options"])
+def test_normuon_matches_reference(shape, cautious, momentum, beta2):
+    attrs = dict(lr=0.02, momentum=momentum, beta2=beta2, weight_decay=0.1, cautious_wd=cautious)
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(shape, generator=g) * 0.2
-    ref = RefNorMuon(w0.clone(), lr=attrs["lr"], wd=attrs["weight_decay"], cautious=cautious)
+    ref = RefNorMuon(w0.clone(), momentum=momentum, beta2=beta2, lr=attrs["lr"], wd=attrs["weight_decay"],
+                     cautious=cautious)
     w, momentum, row_var = w0.clone(), torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape[0])
     clip = torch.tensor(0.5)
     for step in range(1, 5):
