@@ -170,6 +170,13 @@ def recipe_specific_options(cfg, given):
 
 
 @rule
+def template_needs_the_chat_template(cfg, given):
+    if "template" in given and cfg["template"] is not None and cfg["use_chat_template"] is False:
+        yield _warn("template", "has no effect with `use_chat_template: false` (samples are rendered without a "
+                    "chat template)")
+
+
+@rule
 def lora_options_need_lora(cfg, given):
     if cfg["adapter_path"] and not cfg["lora"]:
         yield ConfigIssue("adapter_path", "requires `lora: true`", cfg["adapter_path"])

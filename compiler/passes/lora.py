@@ -70,9 +70,13 @@ def inject_lora(graph: Graph, cfg: Any) -> Graph:
             f"modules; PEFT's all-linear leaves them too); {', '.join(sorted(mlp))} adapters go to dense MLP "
             f"projections only ({dense} in this model). train_router: true trains the router in full")
     if getattr(cfg, "train_router", False):
-        for t in graph.tensors.values():
-            if t.attrs.get("module") == "router" and t.role == Role.FROZEN_WEIGHT:
+        routers = [t for t in graph.tensors.values() if t.attrs.get("module") == "router"]
+        for t in routers:
+            if t.role == Role.FROZEN_WEIGHT:
                 t.role = Role.TRAINABLE_WEIGHT
+        if not routers:  # said, not silent (the plan's notes reach `surogate plan` and the run's start summary)
+            graph.meta.setdefault("notes", []).append("train_router: this model has no MoE router; nothing more "
+                                                      "is trained")
     graph.rewire()
     graph.meta.update(lora=True, lora_rank=rank, lora_alpha=alpha, lora_scale=scale, lora_dropout=p,
                       lora_dtype=dtype, lora_targets=targets)

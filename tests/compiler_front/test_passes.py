@@ -65,6 +65,10 @@ def test_train_router_makes_moe_router_trainable():
     graph = inject_lora(build_forward_graph(resolve_model(cfg), cfg), cfg)
     assert graph.tensors["model.layers.0.mlp.gate.weight"].role == Role.TRAINABLE_WEIGHT
     assert graph.tensors["model.layers.0.mlp.experts.gate_up_proj"].role == Role.FROZEN_WEIGHT
+    assert not [n for n in graph.meta.get("notes", []) if n.startswith("train_router")]
+    dense = make_cfg(QWEN, lora=True, train_router=True, sequence_len=8)
+    notes = inject_lora(build_forward_graph(resolve_model(dense), dense), dense).meta.get("notes", [])
+    assert "train_router: this model has no MoE router; nothing more is trained" in notes
 
 
 def test_all_targets_on_a_moe_model_say_the_experts_get_no_adapters():

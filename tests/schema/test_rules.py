@@ -128,6 +128,7 @@ def test_fp4_needs_blackwell_at_run_time_but_plans_anywhere(options, path):
         ({"qlora_selective_expert_dequant": True}, "qlora_selective_expert_dequant"),
         ({"padding_free": True}, "padding_free"),
         ({"use_write_combined": True}, "use_write_combined"),
+        ({"template": "chatml", "use_chat_template": False}, "template"),
     ],
 )
 def test_options_without_effect_are_never_silent(options, path):
@@ -176,3 +177,7 @@ def test_collective_options_say_when_they_have_no_effect():
                     "warning")
     assert "threads backend only" in many["memcpy_all_gather"] and "threads backend only" in many["memcpy_send_recv"]
     assert "use_all_to_all_reduce" not in many  # with ranks it picks the reduction algorithm (tests/distributed)
+
+
+def test_template_with_the_chat_template_on_is_no_warning():
+    assert "template" not in _notices(check(template="chatml"), "warning")
