@@ -83,6 +83,78 @@ def unpack_nibbles(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
     return codes[: math.prod(shape)].reshape(shape)
 
 
+class QuantCache:
+    """`persistent_quants` at run time: a `cached` op runs only when its weight changed since it last ran.
+
+    The compiler marks each weight's forward quantization `cached` with `attrs["cache_key"]` = the weight (and the
+    gathers / copies that only serve it, with the same key). Every weight has a version, bumped when the
+    executor writes it (`ArenaExecutor.write`: load, resume) or an op writes it (the optimizer step; ZeRO-1's
+    re-replicating all-gather; a stacked parent or column view of it counts); a cached op runs when the version
+    of its key differs from the one it last ran at. So a frozen base weight (LoRA) is quantized once, a trained
+    one once per applied optimizer step: in the first micro-step (or evaluation) after it. Versions are counted
+    per executor, not per `StepContext`: any write of the weight invalidates, whoever makes it. Every rank bumps
+    the same versions (the same programs and loads), so cached collectives are skipped by all ranks together.
+
+    A cached op's amax history advances only when it runs: once per change of its weight (its amax is the same
+    until then). While a CUDA graph is being captured, every cached op runs and nothing is recorded: a skip
+    decided at capture time would be frozen into every replay (so replays re-quantize; correct, not cached).
+    """
+
+    def __init__(self, ops: Iterable[Op], tensors: dict[str, Tensor], inside: dict[str, list[str]]) -> None:
+        keys = {op.attrs["cache_key"] for op in ops if op.attrs.get("cached")}
+        self.version: dict[str, int] = dict.fromkeys(keys, 0)
+        self.seen: dict[str, int] = {}  # cached op name -> version of its key when it last ran
+        self.ran = 0  # cached ops executed / skipped (what tests and benchmarks read)
+        self.skipped = 0
+        self.capturing = False
+        self._rules: dict[str, tuple[tuple[str, ...], str | None]] = {}
+        # tensor name -> keys its write changes: the weight itself, its column views, the parent it is a view of
+        self.changes: dict[str, list[str]] = {}
+        for key in keys:
+            for name in (key, *inside.get(key, ()), *_view_ancestors(key, tensors)):
+                self.changes.setdefault(name, []).append(key)
+
+    def changed(self, name: str) -> None:
+        """Tensor `name` was written: every key it holds (or is part of) has a new value."""
+        for key in self.changes.get(name, ()):
+            self.version[key] += 1
+
+    def admit(self, op: Op) -> bool:
+        """Whether to run `op` now (always, unless it is cached and its key is unchanged); notes the op's writes."""
+        rule = self._rules.get(op.name)
+        if rule is None:  # derived once per op (the run loop calls this for every op)
+            rule = self._rules[op.name] = self._rule(op)
+        writes, key = rule
+        for k in writes:
+            self.version[k] += 1
+        if key is None:
+            return True
+        if self.capturing:
+            self.ran += 1
+            return True
+        if self.seen.get(op.name) == self.version[key]:
+            self.skipped += 1
+            return False
+        self.seen[op.name] = self.version[key]
+        self.ran += 1
+        return True
+
+    def _rule(self, op: Op) -> tuple[tuple[str, ...], str | None]:
+        """(keys `op` writes, its own cache key or None)."""
+        writes = tuple(k for name in op.outputs for k in self.changes.get(name, ()))
+        return writes, (op.attrs["cache_key"] if op.attrs.get("cached") else None)
+
+
+def _view_ancestors(name: str, tensors: dict[str, Tensor]) -> list[str]:
+    """The column-view parents of tensor `name`, innermost first."""
+    out = []
+    parent = view_parent(tensors[name]) if name in tensors else None
+    while parent is not None:
+        out.append(parent)
+        parent = view_parent(tensors[parent])
+    return out
+
+
 def arena_view(arena: torch.Tensor, t: Tensor, tensors: dict[str, Tensor]) -> torch.Tensor:
     """Tensor `t` at its planned offset in `arena` (a flat uint8 tensor); a column view (`attrs["view"]`) is the
     slice of its parent's view (strided: rows keep the parent's width)."""
@@ -155,6 +227,10 @@ class ArenaExecutor:
         self.staging = PinnedStaging()
         self._written: set[str] = set()
         self._inside = view_descendants(plan.tensors)  # parent -> the views inside it
+        # `persistent_quants`: None when the plan caches nothing (the run loop then pays one `is None` per op)
+        self.quant_cache: QuantCache | None = None
+        if any(op.attrs.get("cached") for op in plan.ops):
+            self.quant_cache = QuantCache(plan.ops, plan.tensors, self._inside)
 
     # -- state ---------------------------------------------------------------------------------------
     def tensors_of(self, roles: Iterable[Role]) -> dict[str, torch.Tensor]:
@@ -176,6 +252,8 @@ class ArenaExecutor:
                 self.synchronize()  # the device may still be reading or writing this host memory
             view.copy_(value)
         self._written.add(name)
+        if self.quant_cache is not None:
+            self.quant_cache.changed(name)
 
     def _kernel_view(self, name: str) -> torch.Tensor:
         t = self.plan.tensors[name]
@@ -223,8 +301,13 @@ class ArenaExecutor:
         tensors = self.plan.tensors
         clock = time.perf_counter if self.timing else None
         ctx.run = next(_RUN_NUMBERS)
+        cache = self.quant_cache
+        if cache is not None:
+            cache.capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         self.copies.begin()
         for op in self.programs[program]:
+            if cache is not None and not cache.admit(op):
+                continue  # a cached quantization whose weight did not change: its persistent copy is current
             started = clock() if clock else 0.0
             if op.kind in COPY_KINDS:
                 self._copy(op, written)

@@ -12,6 +12,11 @@ Two ways a tensor goes to the host:
   loaded just before them. With recompute (only per-layer checkpoints saved), this makes device
   activation memory independent of the number of layers.
 
+`persistent_quants` (`mark_persistent_quants`) keeps one persistent quantized copy per weight, made by the
+weight's forward quantize op, which the runtime runs only when the weight changed (`attrs["cached"]`); with
+`offload_quants` that copy is a host tensor like the other quantized weights (amax histories stay on the
+device: their quantize op updates them in place), and the store after a cached quantization is cached with it.
+
 This pass handles the categories that exist when it runs (saved residuals, quantized weights, master
 weights made by the precision pass) and records every offload flag in `graph.meta["offload"]`; the
 ZeRO pass offloads the gradients it shards, and the optimizer pass the states and masters it creates,
@@ -27,6 +32,7 @@ from typing import Any
 import networkx as nx
 
 from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
+from surogate.compiler.passes.precision import is_amax_history
 
 OFFLOAD_FLAGS = (
     "offload_residual",
@@ -156,12 +162,19 @@ def _staging(graph: Graph, of: str, layer: int | None) -> str:
     return name
 
 
-def _layer_runs(graph: Graph) -> dict[str, int]:
-    """Op name -> index of its run of consecutive same-layer ops (to keep staging copies layer-local)."""
+def _layer_runs(graph: Graph, transfers_split: bool = True) -> dict[str, int]:
+    """Op name -> index of its run of consecutive same-layer ops (to keep staging copies layer-local).
+
+    `transfers_split=False`: copies and collectives do not end a run (a load prefetched into the previous layer's
+    ops belongs to the next layer; counted as a break, it would split that layer's readers in two groups)."""
     runs: dict[str, int] = {}
     run, prev = 0, object()
     for n in graph.order:
-        layer = graph.op(n).layer
+        op = graph.op(n)
+        layer = op.layer
+        if not transfers_split and op.phase in ("copy", "comm"):
+            runs[n] = run
+            continue
         if layer != prev:
             run += 1
             prev = layer
@@ -340,20 +353,26 @@ def residual_tensors(graph: Graph) -> list[str]:
     return saved
 
 
-def mark_persistent_quants(graph: Graph) -> list[str]:
-    """`persistent_quants`: keep weight quantizations across steps instead of re-quantizing each time.
+WEIGHT_SOURCE_ROLES = (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)
+TRANSFER_KINDS = frozenset({"copy_h2d", "copy_d2h", "all_gather"})
 
-    Outputs of quantize ops whose input is a weight become persistent (role QUANT_WEIGHT / QUANT_SCALE)
-    and the op is marked `cached` (the runtime re-runs it only when the weight changes).
+
+def mark_persistent_quants(graph: Graph) -> list[str]:
+    """`persistent_quants`: keep one quantized copy of each weight instead of re-quantizing it every micro-step.
+
+    The forward quantize op of each weight becomes `cached` (`attrs["cache_key"]`: the weight; the runtime runs it
+    only when that weight changed since it last ran) and its outputs persistent (role QUANT_WEIGHT /
+    QUANT_SCALE). Its recompute (`rc:`) and backward re-emitted (`redo_of`) copies are dropped: their readers read
+    the forward's copy, so the plan holds one copy per weight, not three. The copies never advanced the amax
+    history (`update_history: False`), so dropping them changes no value. A QLoRA weight under a quantized recipe
+    is quantized from its dequantized copy: see `_cache_frozen_dequant`. Returns the persistent tensors.
     """
-    weights = (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT)
+    primaries = _weight_quantizations(graph)
     kept = []
-    for op in graph.ops():
-        if not op.kind.startswith("quant"):
-            continue
-        if not any(graph.tensors[i].role in weights for i in op.inputs):
-            continue
+    for name, weight in primaries.items():
+        op = graph.op(name)
         op.attrs["cached"] = True
+        op.attrs["cache_key"] = weight
         for o in op.outputs:
             t = graph.tensors[o]
             role = Role.QUANT_SCALE if (t.dtype == "fp32" or "scale" in t.attrs) else Role.QUANT_WEIGHT
@@ -361,7 +380,140 @@ def mark_persistent_quants(graph: Graph) -> list[str]:
                 role = t.role
             graph.update_tensor(o, role=role, attrs={**t.attrs, "persistent": True})
             kept.append(o)
+    _drop_copies(graph, set(primaries))
+    for name, weight in primaries.items():
+        if graph.tensors[weight].role is Role.QUANT_WEIGHT:
+            _cache_frozen_dequant(graph, graph.op(name))
     return kept
+
+
+def _weight_quantizations(graph: Graph) -> dict[str, str]:
+    """Forward quantize op name -> the weight it quantizes (re-emitted copies excluded): a weight it reads, or the
+    stored quantized weight (QLoRA) whose forward dequantization it reads."""
+    found: dict[str, str] = {}
+    for op in graph.ops():
+        if not op.kind.startswith("quant") or _is_copy(op):
+            continue
+        weight = next((i for i in op.inputs if graph.tensors[i].role in WEIGHT_SOURCE_ROLES), None)
+        if weight is None and (dequant := _dequant_of(graph, op.inputs[0])) is not None:
+            weight = dequant.inputs[0]
+        if weight is not None:
+            found[op.name] = weight
+    return found
+
+
+def _is_copy(op: Op) -> bool:
+    """A recompute (`rc:`) or backward re-emitted copy of a forward op."""
+    return bool(op.attrs.get("recompute") or op.attrs.get("redo"))
+
+
+def _copy_of(op: Op) -> str | None:
+    """The forward op `op` re-emits, if it is a recompute or backward copy."""
+    if op.attrs.get("redo_of"):
+        return op.attrs["redo_of"]
+    return op.name.removeprefix("rc:") if op.attrs.get("recompute") and op.name.startswith("rc:") else None
+
+
+def _dequant_of(graph: Graph, name: str) -> Op | None:
+    """The forward `dequant` op that alone writes `name` from a stored quantized weight (QLoRA), if there is one."""
+    writers = graph.producers(name)
+    if len(writers) != 1:
+        return None
+    op = graph.op(writers[0])
+    if op.kind != "dequant" or op.phase != "forward" or _is_copy(op):
+        return None
+    return op if graph.tensors[op.inputs[0]].role is Role.QUANT_WEIGHT else None
+
+
+def _drop_copies(graph: Graph, originals: set[str]) -> None:
+    """Remove the recompute / backward copies of the `originals` ops; their readers read the originals' outputs."""
+    rename: dict[str, str] = {}
+    dropped: set[str] = set()
+    for op in graph.ops():
+        original = _copy_of(op)
+        if original not in originals:
+            continue
+        if op.attrs.get("redo_of"):  # autodiff's re-emission: outputs in the original's order
+            rename.update(zip(op.outputs, graph.op(original).outputs, strict=True))
+        else:
+            rename.update((o, graph.tensors[o].attrs["recomputed_from"]) for o in op.outputs)
+        dropped.add(op.name)
+    if dropped:
+        for op in graph.ops():
+            op.inputs[:] = [rename.get(i, i) for i in op.inputs]
+        _remove_ops(graph, dropped)
+
+
+def _remove_ops(graph: Graph, names: set[str]) -> None:
+    """Remove ops and their outputs (nothing reads them any more) in one pass."""
+    for name in names:
+        for t in graph.op(name).outputs:
+            graph.remove_tensor(t)
+        graph.dag.remove_node(name)
+    graph.order = [n for n in graph.order if n not in names]
+    rebuild_edges(graph, edges=False)  # the schedule pass rebuilds the DAG's edges
+
+
+def _cache_frozen_dequant(graph: Graph, quant: Op) -> None:
+    """QLoRA under a quantized recipe: a cached quantization reads the dequantization of a frozen stored weight.
+
+    The GEMMs that read that dequantized weight (or a recompute / backward copy of it) only for its shape
+    (`shape_only_inputs`) read the persistent quantized copy instead; the dequant copies nothing reads any more
+    are dropped; the forward dequant is then cached with the quantization (same key) when only cached ops read
+    its output, so neither runs again while the stored weight is unchanged.
+    """
+    dequant = _dequant_of(graph, quant.inputs[0])
+    if dequant is None:
+        return
+    copies = [op for op in graph.ops() if _copy_of(op) == dequant.name]
+    dequantized = {dequant.outputs[0], *(o for op in copies for o in op.outputs)}
+    for op in graph.ops():
+        for i in op.attrs.get("shape_only_inputs") or ():
+            if i < len(op.inputs) and op.inputs[i] in dequantized:
+                op.inputs[i] = quant.outputs[0]  # a tensor of the weight's shape the kernel does not read
+    rebuild_edges(graph, edges=False)
+    _remove_ops(graph, {op.name for op in copies if not any(graph.consumers(o) for o in op.outputs)})
+    if all(graph.op(c).attrs.get("cached") for c in graph.consumers(dequant.outputs[0])):
+        dequant.attrs["cached"] = True
+        dequant.attrs["cache_key"] = quant.attrs["cache_key"]
+
+
+def cache_transfers(graph: Graph) -> int:
+    """Mark the copies and gathers that only serve cached ops (`mark_persistent_quants`) as cached with them.
+
+    A load or gather whose transient output only cached ops of one key read (the all-gather of a sharded weight
+    that feeds its quantization), and a store whose transient input only such ops write (the device -> host copy
+    of an offloaded quantization), run when those ops run and are skipped with them. Returns how many were marked.
+    """
+    marked, changed = 0, True
+    while changed:  # a chain (load -> gather -> quantize) is marked from the quantize back
+        changed = False
+        for op in graph.ops():
+            if op.kind not in TRANSFER_KINDS or op.attrs.get("cached"):
+                continue
+            key = _served_key(graph, op)
+            if key is not None:
+                op.attrs["cached"] = True
+                op.attrs["cache_key"] = key
+                marked += 1
+                changed = True
+    return marked
+
+
+def _served_key(graph: Graph, op: Op) -> str | None:
+    """The cache key of the cached ops that alone read `op`'s outputs or alone write its inputs, if any."""
+    def key_of(names: list[str], neighbours: Any) -> str | None:
+        keys = set()
+        for t in names:
+            if graph.tensors[t].role is not Role.TEMPORARY and not graph.tensors[t].attrs.get("transient"):
+                return None  # a persistent end (the host copy, the shard) stays valid on its own
+            ops = [graph.op(n) for n in neighbours(t) if n != op.name]
+            if not ops or not all(o.attrs.get("cached") for o in ops):
+                return None
+            keys.update(o.attrs["cache_key"] for o in ops)
+        return keys.pop() if len(keys) == 1 else None
+
+    return key_of(op.outputs, graph.consumers) or key_of(op.inputs, graph.producers)
 
 
 def expert_quants(graph: Graph) -> list[str]:
@@ -379,13 +531,19 @@ def apply_offload(graph: Graph, cfg: Any) -> Graph:
     flags = {f: bool(getattr(cfg, f, False)) for f in OFFLOAD_FLAGS}
     graph.meta["offload"] = flags
     wc = flags["use_write_combined"]
-    if flags["persistent_quants"]:
-        mark_persistent_quants(graph)
+    if flags["persistent_quants"] and not mark_persistent_quants(graph):
+        graph.meta.setdefault("notes", []).append(
+            "persistent_quants: no weight is quantized per step in this plan (QLoRA base weights are stored "
+            "quantized already; only a quantized `recipe` quantizes weights every step): nothing to keep")
     if flags["offload_residual"]:
         offload_activation(graph, residual_tensors(graph), write_combined=wc)
     if flags["offload_quants"]:
-        quants = [t.name for t in graph.tensors.values() if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE)]
+        # amax histories stay on the device: their quantize op advances them in place (see is_amax_history)
+        quants = [t.name for t in graph.tensors.values()
+                  if t.role in (Role.QUANT_WEIGHT, Role.QUANT_SCALE) and not is_amax_history(t)]
         offload_to_host(graph, quants, write_combined=wc)
+        if flags["persistent_quants"]:
+            cache_transfers(graph)
     if getattr(cfg, "qlora_offload_experts", False):
         experts = expert_quants(graph)
         if not experts:

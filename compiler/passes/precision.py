@@ -185,6 +185,7 @@ def _quantize_matmuls(graph: Graph, cfg: Any, fmt: str, skip: set[int]) -> None:
             continue
         op.kind = "qlinear"
         op.inputs[:] = [x, w, xq, xs[0], wq, ws[0], *bias]
+        op.attrs["shape_only_inputs"] = [1]  # the kernel reads w_q; w is an input for autodiff (dW) only
         if fmt == "fp8_tensor":  # dY's format in both backward GEMMs: E5M2 (wider range) unless gradient_dtype says
             op.attrs["grad_format"] = graph.meta.get("grad_matmul_format", "fp8_e5m2")
     if skipped:
@@ -216,6 +217,11 @@ def _quantize_op(graph: Graph, cfg: Any, op: Op, src: str, tag: str, fmt: str, h
         attrs["quartet"] = _quartet_attrs(cfg, op.name)
     before.setdefault(op.name, []).append(Op(f"{name}.quantize", "quantize", ins, outs, attrs, "forward", op.layer))
     return outs
+
+
+def is_amax_history(t: Tensor) -> bool:
+    """An fp8 amax history: a small per-rank state its quantize op updates in place (never sharded or offloaded)."""
+    return bool(t.attrs.get("amax_history"))
 
 
 def _quartet_attrs(cfg: Any, op_name: str) -> dict[str, Any]:

@@ -9,6 +9,12 @@
 * Level 3 or `shard_weights`: weights (base, trainable, quantized) are stored as 1/world shards; an
   `all_gather` into a transient full buffer precedes each run of same-layer uses in each phase,
   issued one group early (prefetch, as for host loads) unless its source is written in between.
+  An input an op reads only for its shape (`attrs["shape_only_inputs"]`: a `qlinear`'s weight) is not
+  gathered. fp8 amax histories stay whole on every rank (their quantize op updates them in place).
+  `persistent_quants`: a cached quantization reads the gathered full weight (every rank computes the same
+  scale and amax history) and keeps its rank's rows of the result (`attrs["keep_rank_rows"]`) in the
+  persistent quantized shard, which the GEMMs gather like any weight; the gather of the full weight serves
+  only the cached quantization, so it is cached with it (`offload.cache_transfers`).
 
 Shards split dimension 0 (rounded up), so per-rank bytes are exactly 1/world when it divides.
 `offload_grads` is applied here, to the gradients this pass leaves persistent. The collective options
@@ -19,8 +25,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from surogate.compiler.ir import Graph, Op, Role, Space, Tensor
-from surogate.compiler.passes.offload import OpInserter, _layer_runs, _place_loads, _replace, offload_to_host
+from surogate.compiler.ir import Graph, GraphError, Op, Role, Space, Tensor
+from surogate.compiler.passes.offload import (
+    OpInserter,
+    _layer_runs,
+    _place_loads,
+    _replace,
+    cache_transfers,
+    offload_to_host,
+)
+from surogate.compiler.passes.precision import is_amax_history
 
 WEIGHT_ROLES = (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT, Role.QUANT_WEIGHT, Role.QUANT_SCALE)
 
@@ -107,13 +121,14 @@ def all_reduce_gradients(graph: Graph, world: int) -> int:
 
 def shard_weights(graph: Graph, world: int) -> list[str]:
     """Store weights as 1/world shards, all-gathered into transient full buffers before use."""
-    weights = [t.name for t in graph.tensors.values() if t.role in WEIGHT_ROLES and graph.consumers(t.name)]
+    weights = [t.name for t in graph.tensors.values()
+               if t.role in WEIGHT_ROLES and graph.consumers(t.name) and not is_amax_history(t)]
     # Staging copies of offloaded weights hold the shard too; gathering happens after the h2d copy.
     staged: dict[str, list[str]] = {}
     for t in graph.tensors.values():
         if t.attrs.get("staging_of") in weights:
             staged.setdefault(t.attrs["staging_of"], []).append(t.name)
-    runs = _layer_runs(graph)
+    runs = _layer_runs(graph, transfers_split=False)  # host loads placed one group early split no gather group
     pos = {n: i for i, n in enumerate(graph.order)}
     ins = OpInserter(graph)
     loads: list[tuple[str, Op, int]] = []
@@ -125,7 +140,7 @@ def shard_weights(graph: Graph, world: int) -> list[str]:
             current, key = None, None
             for c in graph.consumers(src):
                 op = graph.op(c)
-                if op.phase in ("copy", "optimizer", "comm"):
+                if op.phase in ("copy", "optimizer", "comm") or _reads_shape_only(op, src):
                     continue
                 k = (op.phase, runs[c])
                 if current is None or k != key:
@@ -136,7 +151,27 @@ def shard_weights(graph: Graph, world: int) -> list[str]:
                 _replace(op.inputs, src, current)
     _place_loads(graph, ins, loads, pos)  # prefetch each gather one group early, like host loads
     ins.commit()
+    _keep_rank_rows(graph, set(weights) | {s for names in staged.values() for s in names})
     return weights
+
+
+def _reads_shape_only(op: Op, name: str) -> bool:
+    """Whether `op` reads tensor `name` only for its shape (then it needs no gathered copy)."""
+    shape_only = op.attrs.get("shape_only_inputs") or ()
+    places = [i for i, n in enumerate(op.inputs) if n == name]
+    return bool(places) and all(i in shape_only for i in places)
+
+
+def _keep_rank_rows(graph: Graph, sharded: set[str]) -> None:
+    """Mark the compute ops that write a sharded weight (a cached quantization writing its persistent shard):
+    they compute the full tensor from gathered inputs and keep this rank's rows. Only the quantize kernel can."""
+    for op in graph.ops():
+        if op.phase in ("copy", "optimizer", "comm") or not sharded.intersection(op.outputs):
+            continue
+        if op.kind != "quantize":
+            raise GraphError(f"op {op.name!r} ({op.kind}) writes a sharded weight; no kernel of that kind keeps "
+                             "its rank's rows")
+        op.attrs["keep_rank_rows"] = graph.meta["zero"]["world"]
 
 
 def _gathered(graph: Graph, ins: OpInserter, full: Tensor, src: str, op: Op) -> tuple[str, Op]:
@@ -186,6 +221,8 @@ def apply_zero(graph: Graph, cfg: Any) -> Graph:
         graph.meta["notes"].append("ZeRO sharding has no effect with a single rank")
     if info["weights"]:
         shard_weights(graph, world)
+        if graph.meta.get("offload", {}).get("persistent_quants"):
+            cache_transfers(graph)  # the gathers that only feed a cached quantization
     if info["gradients"]:
         shard_gradients(graph, world)
     elif world > 1:

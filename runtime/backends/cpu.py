@@ -15,6 +15,8 @@ from surogate.runtime.distributed.optim_slices import gathered_normuon, sliced_a
 from surogate.runtime.distributed.shards import rank_slice, shard_rows
 from surogate.runtime.reference import KERNELS as REFERENCE
 
+BYTE_GATHERED = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
+
 
 def copy(ins: list, attrs: dict, ctx: Any) -> list:
     """Host <-> device copies: on the CPU both spaces are host memory, the copy is still made."""
@@ -83,9 +85,12 @@ def all_gather(ins: list, attrs: dict, ctx: Any) -> list:
         shard = rank_slice(ins[0], shard_rows(full_rows, world), dist.get_rank()).contiguous()
     else:
         shard = ins[0].contiguous()
+    dtype = shard.dtype
+    if dtype in BYTE_GATHERED:  # a gather only moves bytes: fp8 shards travel as uint8 (gloo has no fp8 type)
+        shard = shard.view(torch.uint8)
     parts = [torch.empty_like(shard) for _ in range(world)]
     dist.all_gather(parts, shard)
-    return [torch.cat(parts, 0)[:full_rows]]
+    return [torch.cat(parts, 0)[:full_rows].view(dtype)]
 
 
 def reduce_scatter(ins: list, attrs: dict, ctx: Any) -> list:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from surogate.runtime.distributed import comm
+from surogate.runtime.distributed.shards import rank_slice
 from surogate.runtime.reference.kernels_quartet import KERNELS as QUARTET
 from surogate.runtime.reference.kernels_quartet import quartet_quantize
 from surogate.runtime.reference.quant import FP8_MAX, dequantize, quantize
@@ -19,7 +21,25 @@ def dequant(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 
 def quantize_kernel(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    """fp8: delayed scaling from max(amax history, current amax); the history is advanced in place."""
+    """fp8: delayed scaling from max(amax history, current amax); the history is advanced in place.
+
+    `keep_rank_rows` (a cached weight quantization under ZeRO-3 / `shard_weights`): the input is the gathered
+    full weight, the outputs are this rank's persistent shards, so each full result keeps the rank's rows."""
+    outs = _quantize(x, a, ctx)
+    if a.get("keep_rank_rows"):
+        outs = [_rank_rows(v, shape) for v, shape in zip(outs, ctx.out_shapes, strict=True)]
+    return outs
+
+
+def _rank_rows(full: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """This rank's rows of `full` (zero-padded) when the planned output `shape` is a shard of it; else `full` (a
+    one-row scale is whole on every rank: its shard is itself)."""
+    if full.dim() == 0 or tuple(full.shape) == tuple(shape):
+        return full
+    return rank_slice(full, shape[0], comm.rank())
+
+
+def _quantize(x: Tensors, a: dict, ctx: Any) -> Tensors:
     src = x[0]
     if a["format"] == "fp4_quartet":
         return quartet_quantize(x, a, ctx)
@@ -38,8 +58,10 @@ def _deq(q: torch.Tensor, s: torch.Tensor, fmt: str, shape: torch.Size) -> torch
 
 
 def qlinear(x: Tensors, a: dict, ctx: Any) -> Tensors:
-    inp, w, xq, xs, wq, ws = x[:6]
-    y = _deq(xq, xs, a["format"], inp.shape) @ _deq(wq, ws, a["format"], w.shape).t()
+    """x @ W^T from the quantized copies. W itself (x[1]) is not read (`shape_only_inputs`: under ZeRO-3 it is the
+    rank's shard); w_q has W's shape (4-bit codes reach kernels unpacked)."""
+    inp, _, xq, xs, wq, ws = x[:6]
+    y = _deq(xq, xs, a["format"], inp.shape) @ _deq(wq, ws, a["format"], wq.shape).t()
     if len(x) > 6 and x[6] is not None:
         y = y + x[6].float()
     return [y]

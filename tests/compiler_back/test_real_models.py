@@ -177,7 +177,8 @@ def test_persistent_quants_keep_recipe_weight_quants_and_offload_quants_hosts_th
                                      if t.role is Role.TRAINABLE_WEIGHT and t.layer is not None and t.numel > 64)
     assert any(op.attrs.get("cached") for op in kept_plan.ops if op.kind == "quantize")
     _, on_device, on_host = quants(persistent_quants=True, shard_weights=True, offload_quants=True)
-    assert on_device == 0 and on_host == kept
+    # what stays on the device is the fp8 amax histories (resident: their quantize ops update them in place)
+    assert on_device == requantized > 0 and on_host == kept - requantized
 
 
 def test_master_weights_from_precision_pass_are_sharded_with_optimizer_states(tiny_dir):
