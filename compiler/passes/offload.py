@@ -365,7 +365,7 @@ def mark_persistent_quants(graph: Graph) -> list[str]:
     QUANT_SCALE). Its recompute (`rc:`) and backward re-emitted (`redo_of`) copies are dropped: their readers read
     the forward's copy, so the plan holds one copy per weight, not three. The copies never advanced the amax
     history (`update_history: False`), so dropping them changes no value. A QLoRA weight under a quantized recipe
-    is quantized from its dequantized copy: see `_cache_frozen_dequant`. Returns the persistent tensors.
+    is quantized from its dequantized copy: see `_cache_frozen_dequants`. Returns the persistent tensors.
     """
     primaries = _weight_quantizations(graph)
     kept = []
@@ -381,9 +381,7 @@ def mark_persistent_quants(graph: Graph) -> list[str]:
             graph.update_tensor(o, role=role, attrs={**t.attrs, "persistent": True})
             kept.append(o)
     _drop_copies(graph, set(primaries))
-    for name, weight in primaries.items():
-        if graph.tensors[weight].role is Role.QUANT_WEIGHT:
-            _cache_frozen_dequant(graph, graph.op(name))
+    _cache_frozen_dequants(graph, [graph.op(n) for n, w in primaries.items() if graph.tensors[w].role is Role.QUANT_WEIGHT])
     return kept
 
 
@@ -454,28 +452,30 @@ def _remove_ops(graph: Graph, names: set[str]) -> None:
     rebuild_edges(graph, edges=False)  # the schedule pass rebuilds the DAG's edges
 
 
-def _cache_frozen_dequant(graph: Graph, quant: Op) -> None:
-    """QLoRA under a quantized recipe: a cached quantization reads the dequantization of a frozen stored weight.
+def _cache_frozen_dequants(graph: Graph, quants: list[Op]) -> None:
+    """QLoRA under a quantized recipe: each of the cached `quants` reads the dequantization of a frozen stored weight.
 
     The GEMMs that read that dequantized weight (or a recompute / backward copy of it) only for its shape
     (`shape_only_inputs`) read the persistent quantized copy instead; the dequant copies nothing reads any more
-    are dropped; the forward dequant is then cached with the quantization (same key) when only cached ops read
-    its output, so neither runs again while the stored weight is unchanged.
+    are dropped; each forward dequant is then cached with its quantization (same key) when only cached ops read
+    its output, so neither runs again while the stored weight is unchanged. (One pass over the program for all.)
     """
-    dequant = _dequant_of(graph, quant.inputs[0])
-    if dequant is None:
+    by_dequant = {d.name: (d, q) for q in quants if (d := _dequant_of(graph, q.inputs[0])) is not None}
+    if not by_dequant:
         return
-    copies = [op for op in graph.ops() if _copy_of(op) == dequant.name]
-    dequantized = {dequant.outputs[0], *(o for op in copies for o in op.outputs)}
+    copies = [op for op in graph.ops() if _copy_of(op) in by_dequant]
+    stand_in = {d.outputs[0]: q.outputs[0] for d, q in by_dequant.values()}  # dequantized -> its fp8 copy
+    stand_in.update((o, stand_in[by_dequant[_copy_of(op)][0].outputs[0]]) for op in copies for o in op.outputs)
     for op in graph.ops():
         for i in op.attrs.get("shape_only_inputs") or ():
-            if i < len(op.inputs) and op.inputs[i] in dequantized:
-                op.inputs[i] = quant.outputs[0]  # a tensor of the weight's shape the kernel does not read
+            if i < len(op.inputs) and op.inputs[i] in stand_in:
+                op.inputs[i] = stand_in[op.inputs[i]]  # a tensor of the weight's shape the kernel does not read
     rebuild_edges(graph, edges=False)
     _remove_ops(graph, {op.name for op in copies if not any(graph.consumers(o) for o in op.outputs)})
-    if all(graph.op(c).attrs.get("cached") for c in graph.consumers(dequant.outputs[0])):
-        dequant.attrs["cached"] = True
-        dequant.attrs["cache_key"] = quant.attrs["cache_key"]
+    for dequant, quant in by_dequant.values():
+        if all(graph.op(c).attrs.get("cached") for c in graph.consumers(dequant.outputs[0])):
+            dequant.attrs["cached"] = True
+            dequant.attrs["cache_key"] = quant.attrs["cache_key"]
 
 
 def cache_transfers(graph: Graph) -> int:
