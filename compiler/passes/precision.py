@@ -203,7 +203,10 @@ def _quantize_op(graph: Graph, cfg: Any, op: Op, src: str, tag: str, fmt: str, h
     name = f"{op.name}.{tag}"
     ins = [src]
     if fmt == "fp8_tensor":
-        hist = graph.add_tensor(Tensor(f"{name}.amax_history", (hist_len,), "fp32", Role.QUANT_SCALE, layer=op.layer,
+        # one slot more than the window: a recompute (or backward redo) reads the forward's window one slot further,
+        # after the forward pushed its amax, and so gets the forward's scale (runtime/reference/kernels_quant.py)
+        hist = graph.add_tensor(Tensor(f"{name}.amax_history", (hist_len + 1,), "fp32", Role.QUANT_SCALE,
+                                       layer=op.layer,
                                        attrs={"amax_history": True, "scale": True}))
         ins.append(hist.name)
     outs = [graph.add_tensor(Tensor(f"{name}_q", st.shape, data_dtype(fmt), Role.ACTIVATION, layer=op.layer,

@@ -45,12 +45,22 @@ def _quantize(x: Tensors, a: dict, ctx: Any) -> Tensors:
         return quartet_quantize(x, a, ctx)
     if a["format"] != "fp8_tensor":
         return quantize(a["format"], src, 16)
-    hist = x[1]
+    window, update = amax_window(x[1], a, ctx)
     amax = src.abs().amax().float()
-    scale = torch.maximum(hist.max(), amax).clamp(min=1e-12) / FP8_MAX
-    if a.get("update_history", True):
-        hist.copy_(torch.cat([amax[None], hist[:-1]]))
+    scale = torch.maximum(window.max(), amax).clamp(min=1e-12) / FP8_MAX
+    if update:
+        x[1].copy_(torch.cat([amax[None], x[1][:-1]]))
     return [(src.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.reshape(1)]
+
+
+def amax_window(hist: torch.Tensor, a: dict, ctx: Any) -> tuple[torch.Tensor, bool]:
+    """(the `fp8_amax_history` values this quantize scales by, whether it pushes its amax). The history holds one
+    value more than the window (newest first). A forward reads the newest values and pushes; a recompute or a
+    backward redo (`update_history: False`) reads one slot further, the window its forward read, so it gets the
+    forward's scale even when the value the push dropped was the largest; evaluation reads and never pushes."""
+    if not a.get("update_history", True):
+        return hist[1:], False
+    return hist[:-1], bool(getattr(ctx, "training", True))
 
 
 def _deq(q: torch.Tensor, s: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:

@@ -148,7 +148,7 @@ def test_amax_histories_stay_resident_whole_and_are_updated_in_place(tiny_dir, l
     assert len(histories) == 2 * (PROJECTIONS + 4)  # one per weight and one per distinct activation input
     for name in histories:
         t = plan.tensors[name]
-        assert t.space is Space.DEVICE and t.shape == (8,) and "shard" not in t.attrs and plan.lifetimes[name]
+        assert t.space is Space.DEVICE and t.shape == (8 + 1,) and "shard" not in t.attrs and plan.lifetimes[name]
         users = [op for op in plan.ops if name in op.inputs or name in op.outputs]
         # the quantize ops read the history itself: no gathered or staged copy whose update would be lost
         assert users and all(op.kind == "quantize" for op in users)
