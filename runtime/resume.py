@@ -65,4 +65,4 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
              "not counted by save_total_limit (saving that step again replaces it)"
              for path, why in sorted(checkpoints.bad.items())]
-    return latest, notes
+    return latest, notes + trainer.restore_notes

@@ -128,6 +128,7 @@ class Trainer:
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
         self._micro_losses: torch.Tensor | None = None  # the step's micro-losses, on the loss's device
         self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
+        self.restore_notes: list[str] = []  # what a resumed checkpoint could not give back (said at the start)
         self._norm_gradients = norm_gradient_names(plan, self.ex)
 
     # -- one step --------------------------------------------------------------------------------------
@@ -232,8 +233,14 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_names(self) -> list[str]:
-        """The tensors a checkpoint holds (gathered ZeRO-3 copies are rebuilt, not saved)."""
-        return [n for n in self.ex.tensors_of(CHECKPOINT_ROLES) if not self.plan.tensors[n].attrs.get("transient")]
+        """The tensors a checkpoint holds (gathered ZeRO-3 copies are rebuilt, not saved), with the fp8 amax
+        histories: a resumed run scales as the uninterrupted one would."""
+        names = [n for n in self.ex.tensors_of(CHECKPOINT_ROLES) if not self.plan.tensors[n].attrs.get("transient")]
+        return names + self.history_names()
+
+    def history_names(self) -> list[str]:
+        """The fp8 amax histories (recipe fp8_hybrid): per-rank state their quantize ops advance in place."""
+        return [n for n, t in self.plan.tensors.items() if t.attrs.get("amax_history") and n in self.ex.views]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self.ex.synchronize()  # offloaded state is read by the host: the copies into it must have landed
@@ -255,6 +262,20 @@ class Trainer:
             return save_all_ranks(self.checkpoints, self.plan, self.step, self.state_tensors(), self.state())
         return self.checkpoints.save(self.step, self.state_tensors(), self.state())
 
+    def _restore_histories(self, tensors: dict[str, torch.Tensor], names: set[str]) -> list[str]:
+        """Write the checkpoint's fp8 amax histories; those it lacks (an older checkpoint, another
+        fp8_amax_history) start empty, which the returned note says."""
+        fresh = sorted(n for n in names if n not in tensors or tuple(tensors[n].shape) != tuple(self.ex.views[n].shape))
+        for name in sorted(names - set(fresh)):
+            self.ex.write(name, tensors[name])
+        for name in fresh:
+            self.ex.write(name, torch.zeros(self.plan.tensors[name].shape))
+        if not fresh:
+            return []
+        return [f"resume: {len(fresh)} fp8 amax histor{'y' if len(fresh) == 1 else 'ies'} not in the checkpoint (written "
+                "before they were saved, or with another fp8_amax_history) start empty: the first steps scale by "
+                "their own amax"]
+
     def restore(self, checkpoint: Any) -> None:
         """Continue from a loaded checkpoint (tensors, counters, data position, RNG)."""
         from surogate.runtime.distributed.reshard import reshard
@@ -266,12 +287,15 @@ class Trainer:
         else:  # another rank count or ZeRO layout: cut the checkpoint's tensors for this rank
             tensors = reshard(checkpoint.tensors, int(saved["world"]), self.plan, self.rank)
             self.resharded_from = int(saved["world"])
-        missing = set(self.state_names()) - set(tensors)
+        histories = set(self.history_names())
+        missing = set(self.state_names()) - set(tensors) - histories
         if missing:
             raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensor(s) of this plan, e.g. "
                             f"{sorted(missing)[0]!r}; it was written by a different configuration")
         for name in self.state_names():
-            self.ex.write(name, tensors[name])
+            if name not in histories:
+                self.ex.write(name, tensors[name])
+        self.restore_notes = self._restore_histories(tensors, histories)
         s = checkpoint.state
         self.step, self.applied, self.lr_scale = int(s["step"]), int(s["applied"]), float(s["lr_scale"])
         self.restored_observer = dict(s.get("observer") or {})

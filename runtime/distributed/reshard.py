@@ -92,6 +92,11 @@ def reshard(tensors: dict[str, torch.Tensor], old_world: int, plan: Plan, rank: 
     zero = plan.meta.get("zero", {})
     out: dict[str, torch.Tensor] = {}
     for name, t in plan.tensors.items():
+        if t.attrs.get("amax_history"):  # per-rank fp8 state: the same rank's, else rank 0's (a scale to start from)
+            pieces = _pieces(tensors, name, old_world)
+            if pieces is not None:
+                out[name] = pieces[rank if rank < len(pieces) else 0]
+            continue
         if t.role not in (Role.TRAINABLE_WEIGHT, Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE) or t.attrs.get("transient"):
             continue
         kind = t.attrs.get("state", "")

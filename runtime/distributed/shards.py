@@ -47,6 +47,8 @@ def per_rank(t: Tensor, zero: dict[str, Any]) -> bool:
     """Does every rank hold a different value of this tensor (a shard, or sharded optimizer state)?"""
     if "shard" in t.attrs:
         return True
+    if t.attrs.get("amax_history"):  # an activation's follows the rank's own data
+        return int(zero.get("world", 1)) > 1
     return bool(zero.get("optimizer")) and t.role in (Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
 
 
