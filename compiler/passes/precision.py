@@ -61,7 +61,12 @@ def annotate_precision(graph: Graph, cfg: Any) -> Graph:
     if recipe in ("nvfp4", "nvfp4_quartet") or getattr(cfg, "qlora_fp4", False):
         graph.meta.setdefault("notes", []).append(
             f"fp4_backend: {getattr(cfg, 'fp4_backend', 'cutlass')!r} is recorded, but no FP4 GEMM kernel "
-            "(cutlass or cudnn) has landed yet: FP4 matmuls run as dequantize + BF16 GEMM (same memory plan)")
+            "(cutlass or cudnn) has landed yet: FP4 matmuls run as dequantize + fp32 GEMM (the recipe's numerics "
+            "and memory plan, not its speed)")
+    if recipe == "fp8_hybrid":
+        graph.meta.setdefault("notes", []).append(
+            "fp8_hybrid: no FP8 tensor-core GEMM has landed yet: the FP8 matmuls run as dequantize + fp32 GEMM (the "
+            "recipe's numerics and memory plan, not its speed; recipe bf16 trains faster today)")
     layers = graph.meta["num_layers"]
     skip = _skipped_layers(cfg, layers)
     qfmt = _qlora_format(cfg)
