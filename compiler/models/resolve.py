@@ -37,6 +37,7 @@ def resolve_model(cfg: Any) -> ModelSpec:
     missing = [k for k in _REQUIRED if k not in hf_config]
     if missing:
         raise UserError(f"model: config.json of {model!r} lacks {', '.join(missing)}")
+    check_architecture(hf_config, model)
     quant = hf_config.get("quantization_config")
     if quant:  # its weights are packed codes + scales under other names: fail here, not at the first tensor
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
@@ -55,6 +56,31 @@ def resolve_model(cfg: Any) -> ModelSpec:
         )
     return ModelSpec(name=model, family=family, hf_config=hf_config, source_dir=source_dir, dtype=dtype,
                      max_model_len=max_len, rope=rope, preset=preset)
+
+
+_POSITIVE_INTS = (*_REQUIRED, "num_key_value_heads", "head_dim")
+
+
+def check_architecture(hf_config: dict[str, Any], model: str) -> None:
+    """The architecture fields the graph is built from: whole positive numbers that fit together (else a
+    UserError naming the field, not a failure deep in the graph builder)."""
+    where = f"model: config.json of {model!r}"
+    for key in _POSITIVE_INTS:
+        value = hf_config.get(key)
+        if value is None and key not in _REQUIRED:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+    heads, kv = hf_config["num_attention_heads"], hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
+    if heads % kv:
+        raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if hf_config.get("head_dim") is None and hf_config["hidden_size"] % heads:
+        raise UserError(f"{where}: hidden_size {hf_config['hidden_size']} is not a multiple of num_attention_heads "
+                        f"{heads} (and head_dim is not given)")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = hf_config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise UserError(f"{where}: {key} must be a positive number, got {value!r}")
 
 
 def _load_config(model: str) -> tuple[dict[str, Any], Path | None, str | None]:

@@ -113,7 +113,15 @@ def inv_freq(hf_config: dict[str, Any], head_dim: int, seq_len: int) -> tuple[li
     kwargs: dict[str, Any] = {}
     if rtype == "dynamic" and seq_len > native:
         kwargs["seq_len"] = seq_len  # HF grows dynamic NTK frequencies once the sequence passes the native length
-    freqs, scale = ROPE_INIT_FUNCTIONS[rtype](conf, torch.device("cpu"), **kwargs)
+    if rtype not in ROPE_INIT_FUNCTIONS:
+        raise UserError(f"model: config.json rope_parameters: unknown rope_type {rtype!r} (transformers knows "
+                        f"{', '.join(sorted(ROPE_INIT_FUNCTIONS))})")
+    try:
+        freqs, scale = ROPE_INIT_FUNCTIONS[rtype](conf, torch.device("cpu"), **kwargs)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a parameter missing or of the wrong type
+        what = f"lacks {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise UserError(f"model: config.json rope_parameters ({rtype}) {what}; rope parameters: {dict(params)}") \
+            from None
     if rtype == "dynamic" and seq_len <= native:
         base = float(params["rope_theta"])
         return [1.0 / (base ** (i / head_dim)) for i in range(0, head_dim, 2)], 1.0

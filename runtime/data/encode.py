@@ -33,6 +33,11 @@ from .rows import row_to_sample
 from .templates import ChatTemplate
 from .truncate import Doc, truncate
 
+# What a chat template (user code, run in jinja2's sandbox) raises on a row it cannot render: a data error naming
+# the row, never a traceback (OverflowError: the sandbox's range limit; RecursionError: a macro calling itself).
+TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError,
+                   ZeroDivisionError, RecursionError)
+
 # Strings that end a turn in common templates: the prefix-diff fallback extends a span over them.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -96,7 +101,7 @@ class Encoder:
                 upto = self._render(messages[:i + 1], tools)[0]
                 if full.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
                     span = (len(before), max(len(before), len(upto.rstrip())))
-            except jinja2.TemplateError:
+            except TEMPLATE_ERRORS:
                 span = None  # some templates cannot render a partial conversation; fall back below
             if span is None:
                 span = self._find_content(full, message.get("content") or "", cursor)
@@ -196,7 +201,7 @@ class Encoder:
         if sample[0] == "chat":
             try:
                 text, spans = self.render_chat(sample[1], sample[2])
-            except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            except TEMPLATE_ERRORS as exc:
                 raise DataError(spec.label, index, spec.messages_field if spec.type == "conversation" else None,
                                 f"the chat template could not render this row: {exc}", "template_error") from None
             return ("chat", text, spans)

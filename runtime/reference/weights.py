@@ -35,8 +35,12 @@ class _Checkpoint:
         self.dir = model_dir
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # bad JSON, no weight_map, not a map
+                raise UserError(f"model: {index} is not a safetensors index ({type(exc).__name__}: {exc}); "
+                                "re-download the model") from None
         else:
             files = sorted(p.name for p in model_dir.glob("*.safetensors"))
             if not files:

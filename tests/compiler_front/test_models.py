@@ -211,3 +211,50 @@ def test_truncated_weights_file_is_a_user_error_naming_it(tiny_models, tmp_path,
         fh.truncate(size)
     with pytest.raises(UserError, match=rf"model: cannot read weights file {weights}"):
         checkpoint_reader(d)
+
+
+def _edited_config(src, dst, **changes):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"hidden_size": -64}, r"hidden_size must be a positive integer, got -64"),
+    ({"num_hidden_layers": "2"}, r"num_hidden_layers must be a positive integer, got '2'"),
+    ({"num_attention_heads": 3}, r"num_attention_heads 3 is not a multiple of num_key_value_heads 2"),
+    ({"num_key_value_heads": 3}, r"num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"head_dim": 0}, r"head_dim must be a positive integer, got 0"),
+    ({"rms_norm_eps": "x"}, r"rms_norm_eps must be a positive number, got 'x'"),
+])
+def test_bad_architecture_fields_are_user_errors_naming_them(tiny_models, tmp_path, changes, match):
+    """Found by feeding broken config.json files to `surogate sft`: each was a traceback from deep in the graph
+    builder or the weight loader."""
+    d = _edited_config(tiny_models["qwen3"], tmp_path / "m", **changes)
+    with pytest.raises(UserError, match=rf"model: config.json of .*: {match}"):
+        resolve_model(make_cfg(str(d)))
+
+
+def test_rope_parameters_missing_a_field_are_a_user_error(tiny_models, tmp_path):
+    from surogate.compiler.pipeline import compile_plan
+
+    d = _edited_config(tiny_models["qwen3"], tmp_path / "m", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4})
+    with pytest.raises(UserError, match=r"config.json rope_parameters \(yarn\) lacks 'factor'"):
+        compile_plan(make_cfg(str(d)))
+
+
+def test_unreadable_safetensors_index_is_a_user_error(tiny_models, tmp_path):
+    import shutil
+
+    from surogate.runtime.reference.weights import checkpoint_reader
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_models["qwen2"], d)
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(UserError, match=r"model: .*model.safetensors.index.json is not a safetensors index"):
+        checkpoint_reader(d)

@@ -172,6 +172,15 @@ def test_long_text_rows_are_truncated_where_conversations_are_deleted(tmp_path, 
     assert long_text["text"].startswith(kept[0].strip())  # the head kept
 
 
+@pytest.mark.parametrize("template", ["{% for i in range(10**9) %}x{% endfor %}",  # the sandbox's range limit
+                                      "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",  # endless recursion
+                                      "{{ messages[99].content }}"])  # no such message
+def test_a_chat_template_failing_on_a_row_is_a_data_error_naming_it(tmp_path, model_dir, conv_file, template):
+    with pytest.raises(DataError, match=r"row 0, field 'messages': the chat template could not render this row"):
+        prepare(make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}], template=template),
+                use_cache=False)
+
+
 def test_every_row_deleted_is_an_error(tmp_path, model_dir):
     path = write_jsonl(tmp_path / "long.jsonl", [conv("hello world " * 20, "how are you " * 20)])
     with pytest.raises(UserError, match="no training documents left"):
