@@ -86,7 +86,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+CPU_RANKS_PER_CORE = 4  # emulated (gloo) ranks per core at most: each is a process with its own model and arena
+
+
 def check_devices(backend: str, per_node: int) -> None:
+    """Refuse a rank count this node cannot hold, before any process starts (NotAvailableError, exit 3)."""
+    cores = os.cpu_count() or 1
+    if backend == "cpu" and per_node > CPU_RANKS_PER_CORE * cores:
+        # every emulated rank is a full process: 64 of them took a 2-core machine's memory and its responsiveness
+        raise NotAvailableError(f"this plan runs {per_node} rank(s) per node on the cpu backend (gloo emulation), "
+                                f"more than {CPU_RANKS_PER_CORE} per core of this {cores}-core machine; lower `gpus` "
+                                "(or distributed.gpus_per_node), or run it on GPUs")
     if backend == "cuda":
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if have < per_node:

@@ -27,7 +27,19 @@ def test_cuda_with_fewer_gpus_than_ranks_names_both_numbers(monkeypatch):
     with pytest.raises(NotAvailableError, match=r"runs 2 rank\(s\) per node on the cuda backend but 1 GPU\(s\)"):
         check_devices("cuda", 2)
     check_devices("cuda", 1)
-    check_devices("cpu", 8)  # cpu ranks are processes: any number
+
+
+def test_cpu_ranks_are_capped_by_the_cores(monkeypatch):
+    """Emulated ranks are full processes: `gpus: 64` on a 2-core machine started 64 of them and took its memory;
+    now refused before any starts."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    check_devices("cpu", 8)  # 4 per core
+    with pytest.raises(NotAvailableError, match=r"runs 9 rank\(s\) per node on the cpu backend .* 2-core machine"):
+        check_devices("cpu", 9)
+    with pytest.raises(NotAvailableError, match="lower `gpus`"):
+        check_devices("cpu", 10**20)
 
 
 def test_failure_reports_the_ranks_own_error_and_exit_code(tmp_path):
