@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 
 from surogate.compiler.plan import Plan
@@ -97,6 +98,18 @@ def _data_notes(data: Any, cfg: Any) -> list[str]:
     return notes + [f"data: {line}" for line in getattr(data.stats, "source_notes", None) or []]
 
 
+def check_token_ids(data: Any, vocab_size: int) -> None:
+    """Every token id the data holds has a row in the model's embedding (a tokenizer with added tokens the model
+    was not resized for failed at the first embedding lookup, mid-run, with an IndexError)."""
+    for name, split in (("train", data.train), ("eval", data.eval)):
+        if split is not None and len(split.tokens):
+            top = int(np.asarray(split.tokens).max())
+            if top >= vocab_size:
+                raise UserError(f"model: the tokenized {name} data holds token id {top}, but the model's vocab_size is "
+                                f"{vocab_size}: the tokenizer has tokens the model has no embedding rows for (added "
+                                "tokens? resize the model's embeddings, or use its own tokenizer)")
+
+
 def default_backend() -> str:
     """`cuda` where a CUDA GPU is present, else `cpu`."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -161,6 +174,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     tokenizer = load_tokenizer(cfg)
     # the node's first rank tokenizes (into the node's cache); the others then read that cache
     data = comm.node_first(lambda: prepare_datasets(cfg, tokenizer, comm.node_rank()))
+    check_token_ids(data, int(spec.hf_config["vocab_size"]))
     device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{comm.local_rank()}"
