@@ -39,6 +39,7 @@ INSTR = {"path": "d.jsonl", "type": "instruction", "instruction_field": "q", "ou
         ({"rope_scaling": '{"type": "weird", "factor": 2}'}, {"rope_scaling": '{"type": "llama3", "factor": 8}'}, "rope_scaling", "type"),
         ({"max_length": 4096, "sequence_len": 1024}, {"max_length": 512, "sequence_len": 1024}, "max_length", "sequence_len"),
         ({"max_steps": 0}, {"max_steps": 10}, "max_steps", "-1"),
+        ({"output_dir": ""}, {"output_dir": "out"}, "output_dir", "must not be empty"),  # wrote into the cwd
         ({"sequence_parallel_size": 3, "gpus": 4}, {"sequence_parallel_size": 2, "gpus": 4}, "sequence_parallel_size", "divide"),
         ({"distributed": {"num_nodes": 2}, "gpus": 0}, {"distributed": {"num_nodes": 2, "gpus_per_node": 8}, "gpus": 0},
          "distributed.gpus_per_node", "GPU count"),
