@@ -85,6 +85,8 @@ def plot_memory(plan: Plan, path: str | os.PathLike, space: str = "device") -> P
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: keep the peak visible
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib appends .png itself: return (and print) the file it writes
+        path = path.with_name(path.name + ".png")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)

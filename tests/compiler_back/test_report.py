@@ -160,3 +160,8 @@ def test_report_says_what_the_fusion_passes_rewrote(monkeypatch):
     assert bf16["lora_fold"] == 10 * 28 and bf16["lora_merge"] == 3 * 28
     monkeypatch.setenv("SUROGATE_FUSIONS_OFF", "fuse_rmsnorm_rope")
     assert build_report(compile_plan(config_from_dict(job)))["fusions"]["rmsnorm_rope"] == 0
+
+
+def test_plot_without_a_suffix_returns_the_png_it_writes(tmp_path):
+    path = plot_memory(back_half(), tmp_path / "memplot")
+    assert path == tmp_path / "memplot.png" and path.is_file() and not (tmp_path / "memplot").exists()
