@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from surogate.compiler.ir import Role
+from surogate.compiler.passes.precision import is_amax_history
 from surogate.compiler.plan import Plan
 from surogate.errors import UserError
 from surogate.runtime.batches import BatchStream, Position, plan_inputs
@@ -240,7 +241,7 @@ class Trainer:
 
     def history_names(self) -> list[str]:
         """The fp8 amax histories (recipe fp8_hybrid): per-rank state their quantize ops advance in place."""
-        return [n for n, t in self.plan.tensors.items() if t.attrs.get("amax_history") and n in self.ex.views]
+        return [n for n, t in self.plan.tensors.items() if is_amax_history(t) and n in self.ex.views]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self.ex.synchronize()  # offloaded state is read by the host: the copies into it must have landed

@@ -99,10 +99,13 @@ def _unused_split(where: str, split: str, why: str) -> str | None:
     return None if split == "train" else f"{where.rsplit('.', 1)[0]}.split: {split!r} has no effect: {why}"
 
 
-def _unused_options(common: dict, where: str, kind: str, split_note: str | None) -> tuple[str, ...]:
-    """Notes for the options that do nothing on this kind of source (a hub id uses both)."""
+SINGLE_FILE = "a single file has no splits (every row is read)"
+
+
+def _unused_options(common: dict, where: str, split_note: str | None) -> tuple[str, ...]:
+    """Notes for the options that do nothing on a source that is not a hub id (which uses both)."""
     notes = [split_note] if split_note else []
-    if common["subset"] is not None and kind != "hub":
+    if common["subset"] is not None:
         notes.append(f"{where.rsplit('.', 1)[0]}.subset: {common['subset']!r} has no effect: subsets are "
                      "configurations of Hugging Face hub datasets, and this path is not one")
     return tuple(notes)
@@ -127,24 +130,23 @@ def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source
     if local.is_file():
         if not _supported(local.name):
             raise UserError(f"{where}: unsupported file type {local.suffix!r}; use one of {', '.join(BUILDERS)}")
-        notes = _unused_options(common, where, "local", _unused_split(where, common["split"], "a single file has "
-                                                                      "no splits (every row is read)"))
+        notes = _unused_options(common, where, _unused_split(where, common["split"], SINGLE_FILE))
         return Source(kind="local", files=(str(local.resolve()),), builder=_builder_for([local.name], where, path),
                       notes=notes, **common)
     if local.is_dir():
         if (local / "state.json").is_file() and (local / "dataset_info.json").is_file():
-            notes = _unused_options(common, where, "disk", _unused_split(where, common["split"], "a saved Dataset "
-                                                                         "(not a DatasetDict) has no splits"))
+            notes = _unused_options(common, where, _unused_split(where, common["split"], "a saved Dataset (not a "
+                                                                 "DatasetDict) has no splits"))
             return Source(kind="disk", files=(str(local.resolve()),), notes=notes, **common)
         if (local / "dataset_dict.json").is_file():  # a saved DatasetDict: `split` picks one (see load_source)
-            return Source(kind="disk", files=(str(local.resolve()),), notes=_unused_options(common, where, "disk", None),
+            return Source(kind="disk", files=(str(local.resolve()),), notes=_unused_options(common, where, None),
                           **common)
         files = sorted(str(p.resolve()) for p in local.rglob("*") if p.is_file() and _supported(p.name))
         if not files:
             raise UserError(f"{where}: folder {path!r} has no data files ({', '.join(BUILDERS)})")
         files, split_note = _select_split(files, str(local.resolve()), common["split"], where, path)
         return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, path),
-                      notes=_unused_options(common, where, "local", split_note), **common)
+                      notes=_unused_options(common, where, split_note), **common)
     if _looks_local(path):
         raise UserError(f"{where}: file or folder {path!r} does not exist")
     return Source(kind="hub", **common)
@@ -164,7 +166,7 @@ def _resolve_url(url: str, where: str, common: dict) -> Source:
             files = [f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}" for p in found]
         elif fs.exists(root):
             files = [url]
-            split_note = _unused_split(where, common["split"], "a single file has no splits (every row is read)")
+            split_note = _unused_split(where, common["split"], SINGLE_FILE)
         else:
             raise UserError(f"{where}: {url!r} does not exist")
     except UserError:
@@ -180,7 +182,7 @@ def _resolve_url(url: str, where: str, common: dict) -> Source:
         if not _supported(f):
             raise UserError(f"{where}: unsupported file type in {f!r}; use one of {', '.join(BUILDERS)}")
     return Source(kind="url", files=tuple(files), builder=_builder_for(files, where, url),
-                  notes=_unused_options(common, where, "url", split_note), **common)
+                  notes=_unused_options(common, where, split_note), **common)
 
 
 def file_fingerprint(source: Source) -> list:

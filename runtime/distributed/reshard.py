@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from surogate.compiler.ir import Role, Tensor
+from surogate.compiler.passes.precision import is_amax_history
 from surogate.compiler.plan import Plan
 from surogate.errors import UserError
 from surogate.numba_kernels.quant8 import dequantize_blockwise_ref, dynamic_map, quantize_blockwise_ref
@@ -92,7 +93,7 @@ def reshard(tensors: dict[str, torch.Tensor], old_world: int, plan: Plan, rank: 
     zero = plan.meta.get("zero", {})
     out: dict[str, torch.Tensor] = {}
     for name, t in plan.tensors.items():
-        if t.attrs.get("amax_history"):  # per-rank fp8 state: the same rank's, else rank 0's (a scale to start from)
+        if is_amax_history(t):  # per-rank fp8 state: the same rank's, else rank 0's (a scale to start from)
             pieces = _pieces(tensors, name, old_world)
             if pieces is not None:
                 out[name] = pieces[rank if rank < len(pieces) else 0]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from surogate.compiler.ir import Role, Tensor
+from surogate.compiler.passes.precision import is_amax_history
 from surogate.compiler.passes.zero import shard_shape
 from surogate.compiler.plan import Plan
 from surogate.runtime.distributed import comm
@@ -47,7 +48,7 @@ def per_rank(t: Tensor, zero: dict[str, Any]) -> bool:
     """Does every rank hold a different value of this tensor (a shard, or sharded optimizer state)?"""
     if "shard" in t.attrs:
         return True
-    if t.attrs.get("amax_history"):  # an activation's follows the rank's own data
+    if is_amax_history(t):  # an activation's follows the rank's own data
         return int(zero.get("world", 1)) > 1
     return bool(zero.get("optimizer")) and t.role in (Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
 

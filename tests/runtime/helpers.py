@@ -113,6 +113,19 @@ class PlanRunner:
         self.ex.run(MICRO_STEP, StepContext(self.plan, step))
         return float(self.ex.observed[self.loss_name]), self.gradients()
 
+    def evaluate(self, ids: torch.Tensor, labels_hf: torch.Tensor) -> float:
+        """The loss of the plan's evaluation program on whole rows (no dropout, `StepContext.training` False)."""
+        from surogate.runtime.trainer import eval_program
+
+        b, t = ids.shape
+        self.ex.programs.setdefault("eval", eval_program(self.plan))
+        batch = {"input_ids": ids, "labels": labels_hf, "position_ids": torch.arange(t).expand(b, t),
+                 "cu_seqlens": torch.arange(0, b * t + 1, t)}
+        for name, value in plan_inputs(self.plan, batch).items():
+            self.ex.write(name, value)
+        self.ex.run("eval", StepContext(self.plan, 0, training=False))
+        return float(self.ex.observed[self.loss_name])
+
     def gradients(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in self.plan.tensors.items():

@@ -9,9 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surogate.runtime.batches import plan_inputs
-from surogate.runtime.executor import StepContext
-from surogate.runtime.trainer import eval_program
 from tests.runtime.helpers import PlanRunner, make_cfg, random_batch, save_model
 
 
@@ -64,11 +61,6 @@ def test_evaluation_does_not_advance_the_history(model):
     runner.micro_step(ids, labels)
     before = _histories(runner)
     assert all(int((h != 0).sum()) == 1 for h in before.values())
-    runner.ex.programs["eval"] = eval_program(runner.plan)
-    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(16).expand(2, 16),
-             "cu_seqlens": torch.arange(0, 33, 16)}
-    for name, value in plan_inputs(runner.plan, batch).items():
-        runner.ex.write(name, value)
-    runner.ex.run("eval", StepContext(runner.plan, 0, training=False))
+    runner.evaluate(ids, labels)
     after = _histories(runner)
     assert all(torch.equal(before[n], after[n]) for n in before)

@@ -202,9 +202,6 @@ def test_mask_only_dropout_of_fp32_adapters_on_bf16_activations(models, monkeypa
     gradients at bf16 level, half the dropout bytes, and evaluation (dropout the identity) without the factor."""
     from surogate.compiler.passes.fusion import OFF_ENV
     from surogate.compiler.passes.lora import MASK_ONLY_DROPOUT
-    from surogate.runtime.batches import plan_inputs
-    from surogate.runtime.executor import StepContext
-    from surogate.runtime.trainer import eval_program
 
     d = models["qwen3"]
     ids, labels = random_batch(2, 16, seed=4)
@@ -221,13 +218,7 @@ def test_mask_only_dropout_of_fp32_adapters_on_bf16_activations(models, monkeypa
             if ".lora_B." in name and name in runner.ex.views:
                 runner.ex.write(name, torch.full(t.shape, 0.05))
         loss, grads = runner.micro_step(ids, labels, step=3)
-        runner.ex.programs["eval"] = eval_program(runner.plan)
-        batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(16).expand(2, 16),
-                 "cu_seqlens": torch.arange(0, 33, 16)}
-        for name, value in plan_inputs(runner.plan, batch).items():
-            runner.ex.write(name, value)
-        runner.ex.run("eval", StepContext(runner.plan, 0, training=False))
-        runs[mask_only] = loss, grads, float(runner.ex.observed[runner.loss_name])
+        runs[mask_only] = loss, grads, runner.evaluate(ids, labels)
     assert drops[True] and set(drops[True]) == {("bf16", False)} and set(drops[False]) == {("fp32", True)}
     (l1, g1, e1), (l0, g0, e0) = runs[True], runs[False]
     assert l1 == pytest.approx(l0, rel=1e-5) and e1 == pytest.approx(e0, rel=1e-5) and abs(e1 - l1) > 1e-4
