@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 
 from surogate.compiler.plan import Plan
@@ -100,10 +99,11 @@ def _data_notes(data: Any, cfg: Any) -> list[str]:
 
 def check_token_ids(data: Any, vocab_size: int) -> None:
     """Every token id the data holds has a row in the model's embedding (a tokenizer with added tokens the model
-    was not resized for failed at the first embedding lookup, mid-run, with an IndexError)."""
-    for name, split in (("train", data.train), ("eval", data.eval)):
-        if split is not None and len(split.tokens):
-            top = int(np.asarray(split.tokens).max())
+    was not resized for failed at the first embedding lookup, mid-run, with an IndexError). The largest id of each
+    split is in the data's statistics (computed when tokenized, kept in the cache): no pass over the tokens here."""
+    for name, split in (("train", data.stats.train), ("eval", data.stats.eval)):
+        if split is not None:
+            top = split.max_token_id
             if top >= vocab_size:
                 raise UserError(f"model: the tokenized {name} data holds token id {top}, but the model's vocab_size is "
                                 f"{vocab_size}: the tokenizer has tokens the model has no embedding rows for (added "

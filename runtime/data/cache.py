@@ -20,8 +20,9 @@ from typing import Any
 from surogate.errors import UserError
 
 # Bump when the tokenized output of the same inputs changes (format or semantics).
-CACHE_VERSION = 4  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
-# string); 4: long text samples truncated (were deleted), exact split names pick their files
+CACHE_VERSION = 5  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
+# string); 4: long text samples truncated (were deleted), exact split names pick their files; 5: stats hold
+# max_token_id
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:

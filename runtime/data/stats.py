@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .packing import packing_efficiency
 from .split import TokenizedSplit
 
@@ -32,6 +34,7 @@ class SplitStats:
     packed_rows: int
     seq_len: int
     max_docs_per_row: int
+    max_token_id: int = -1  # the largest id in the split (-1: empty), for the check against the model's vocab
 
     @property
     def efficiency(self) -> float:
@@ -39,8 +42,9 @@ class SplitStats:
 
     @classmethod
     def of(cls, split: TokenizedSplit, rows_in: int) -> SplitStats:
+        top = int(np.asarray(split.tokens).max()) if len(split.tokens) else -1  # once, when tokenized (cached)
         return cls(rows_in, split.num_docs, split.num_tokens, split.num_trained_tokens, split.num_rows,
-                   split.seq_len, split.max_docs_per_row)
+                   split.seq_len, split.max_docs_per_row, top)
 
 
 @dataclass
