@@ -69,6 +69,20 @@ def test_validate_bad_files_exit_2_without_traceback(tmp_path, content, words):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_validate_reports_pathological_files_and_goes_on_with_the_others(tmp_path):
+    rec, deep, good = tmp_path / "rec.yaml", tmp_path / "deep.yaml", tmp_path / "good.yaml"
+    rec.write_text("model: m\na: &x [*x]\n")
+    deep.write_text("model: m\na: " + "[" * 1500 + "]" * 1500 + "\n")
+    good.write_text("model: Qwen/Qwen3-0.6B\n")
+    proc = surogate("validate", str(rec), "/dev/zero", str(deep), str(good))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert f"{rec}:2:4: a[0]: recursive alias" in proc.stderr
+    assert "/dev/zero: <config>: not a regular file" in proc.stderr
+    assert f"{deep}:2:" in proc.stderr and "nested more than 64 levels deep" in proc.stderr
+    assert f"{good}: valid" in proc.stdout
+
+
 def test_schema_prints_the_json_schema():
     proc = surogate("schema")
     assert proc.returncode == 0

@@ -134,3 +134,44 @@ def test_non_finite_inside_datasets_names_the_entry():
 def test_empty_datasets_list_is_an_error():
     result = check(datasets=[])  # absent (null) is fine for `surogate plan`; an empty list is a mistake
     assert error_paths(result) == ["datasets"] and "at least 1" in messages(result)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("model: m\na: &x [*x]\n", "a[0]: recursive alias: the value contains itself"),
+        ("model: m\na: &x {b: *x}\n", "a.b: recursive alias"),
+        ("model: m\na: " + "[" * 1500 + "]" * 1500 + "\n", "nested more than 64 levels deep"),
+        ("model: m\na: " + "[" * 200 + "]" * 200 + "\n", "nested more than 64 levels deep"),
+        ("model: m\n" + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)).replace(
+            "*l0", "1"
+        ), "more than 1000000 values"),
+    ],
+)
+def test_pathological_yaml_is_a_config_error_naming_the_file(tmp_path, text, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    result = validate_file(path)  # was a RecursionError (or ran out of memory) before any issue was reported
+    assert not result.ok
+    assert words in messages(result)
+    assert result.errors[0].source == str(path)
+
+
+def test_plain_aliases_still_work():
+    result = validate_text("model: m\nlora_target_modules: &t [q_proj, v_proj]\nx_unused: *t\n")
+    assert "recursive" not in messages(result) and error_paths(result) == ["x_unused"]
+
+
+def test_non_regular_files_are_refused():
+    with pytest.raises(UserError, match="/dev/zero: not a regular file"):
+        validate_file("/dev/zero")  # read forever before
+
+
+def test_oversized_files_are_refused(tmp_path, monkeypatch):
+    from surogate.schema import yaml_source
+
+    monkeypatch.setattr(yaml_source, "MAX_CONFIG_BYTES", 64)
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\n" + "# padding\n" * 10)
+    with pytest.raises(UserError, match="c.yaml: larger than"):
+        validate_file(path)
