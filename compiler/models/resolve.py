@@ -3,7 +3,9 @@ into a `ModelSpec`. Order: local directory -> local Hugging Face cache (offline)
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,8 @@ def resolve_model(cfg: Any) -> ModelSpec:
             "lower sequence_len or raise max_model_len (with rope_scaling)"
         )
     return ModelSpec(name=model, family=family, hf_config=hf_config, source_dir=source_dir, dtype=dtype,
-                     max_model_len=max_len, rope=rope, preset=preset)
+                     max_model_len=max_len, rope=rope, preset=preset,
+                     weights_fingerprint=weights_fingerprint(source_dir) if source_dir is not None else None)
 
 
 _POSITIVE_INTS = (*_REQUIRED, "num_key_value_heads", "head_dim")
@@ -173,3 +176,92 @@ def _resolve_dtype(option: str | None, hf_config: dict[str, Any]) -> str:
         return TORCH_DTYPES[option]
     raw = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
     return TORCH_DTYPES.get(str(raw).replace("torch.", ""), "bf16")
+
+
+# ------------------------------------------------------------------------------ plan vs model folder
+# config.json keys that do not change the model a plan was compiled for (written by whichever transformers
+# saved the folder; the dtype is compared as the resolved `ModelSpec.dtype`).
+_NOT_ARCHITECTURE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
+                               "architectures", "output_attentions", "output_hidden_states", "return_dict"})
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on a header
+
+
+def _safetensors_header(path: Path) -> dict[str, Any] | None:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets), read without its data; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            if size > _HEADER_LIMIT:
+                return None
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def weight_files(model_dir: Path) -> list[str] | None:
+    """The safetensors files of a model folder (the index's, else every `*.safetensors`); None if the index is
+    unreadable."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            return None
+    return sorted(p.name for p in model_dir.glob("*.safetensors"))
+
+
+def weights_fingerprint(model_dir: Path) -> str | None:
+    """SHA-256 over (name, dtype, shape) of every weight tensor of the folder, from the safetensors headers
+    (cheap: no tensor data is read). None when the folder has no weights or one cannot be read (the loader
+    then says what is wrong with it)."""
+    files = weight_files(model_dir)
+    if not files:
+        return None
+    rows = []
+    for name in files:
+        header = _safetensors_header(model_dir / name)
+        if header is None:
+            return None
+        rows += [(k, v.get("dtype"), v.get("shape")) for k, v in header.items()
+                 if k != "__metadata__" and isinstance(v, dict)]
+    return hashlib.sha256(json.dumps(sorted(rows, key=lambda r: r[0])).encode()).hexdigest()
+
+
+_ABSENT = object()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if value is not _ABSENT else "absent"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def plan_model_changes(planned: dict[str, Any], spec: ModelSpec, *, weights: bool = True) -> list[str]:
+    """What differs between the model a plan was compiled for (`planned`: its `meta["spec"]`) and `spec`, the
+    model folder as it is now: config.json fields (`name old -> new`), the dtype, and (`weights`) the weight
+    tensors' names, shapes or dtypes. Plans without a weights fingerprint (older ones, or made when the folder
+    had no weights) are compared by config only."""
+    changes = []
+    for key in ("family", "dtype"):
+        if key in planned and planned[key] != getattr(spec, key):
+            changes.append(f"{key} {_short(planned[key])} -> {_short(getattr(spec, key))}")
+    old = planned.get("hf_config") or {}
+    new = json.loads(json.dumps(spec.hf_config, default=str))
+    for key in sorted((set(old) | set(new)) - _NOT_ARCHITECTURE):
+        if old.get(key, _ABSENT) != new.get(key, _ABSENT):
+            changes.append(f"config.json {key} {_short(old.get(key, _ABSENT))} -> {_short(new.get(key, _ABSENT))}")
+    before, now = planned.get("weights_fingerprint"), spec.weights_fingerprint
+    if weights and before and now and before != now:
+        changes.append("the weight tensors' names, shapes or dtypes")
+    return changes
+
+
+def check_plan_model(planned: dict[str, Any] | None, spec: ModelSpec, plan_file: str, *, weights: bool = True) -> None:
+    """UserError when the model folder changed since the plan in `plan_file` was compiled for it (a plan's graph,
+    tensor shapes and memory are the old model's: it would train and export a model that is neither)."""
+    changes = plan_model_changes(planned or {}, spec, weights=weights)
+    if changes:
+        shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+        where = spec.source_dir or spec.name
+        raise UserError(f"model: the model folder {where} changed since the plan {plan_file} was made ({shown}); "
+                        "re-run `surogate plan` on the config to rebuild it")

@@ -28,6 +28,9 @@ class ModelSpec:
     max_model_len: int
     rope: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
+    # SHA-256 of the folder's weight tensor names, dtypes and shapes (safetensors headers); None without weights.
+    # A plan keeps it (meta["spec"]) so that `surogate run` notices a model folder changed since the plan.
+    weights_fingerprint: str | None = None
 
     # -- architecture ------------------------------------------------------------------------------
     def _get(self, key: str, default: Any = None) -> Any:
