@@ -185,7 +185,9 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
         kernels = wrap_step_kernels(kernels)
     executor = ArenaExecutor(plan, kernels, device=device)
     graphs_note = _graphs_note(executor, cfg, backend)
-    weights = initial_weights(unsharded(plan) if world > 1 else plan, cfg, spec.source_dir, spec.hf_config)
+    weight_notes: list[str] = []
+    weights = initial_weights(unsharded(plan) if world > 1 else plan, cfg, spec.source_dir, spec.hf_config,
+                              notes=weight_notes)
     if world > 1:
         initialise_rank(executor, weights, rank)
     else:
@@ -203,7 +205,8 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     latest, resume_notes = resume_latest(trainer, checkpoints, cfg)
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)
-    notes = (adjusted.message, graphs_note, *plan.meta.get("notes", ()), *rank_notes(plan, backend), reshard_note,
+    notes = (adjusted.message, graphs_note, *plan.meta.get("notes", ()), *weight_notes, *rank_notes(plan, backend),
+             reshard_note,
              *hardware_notes,
              *resume_notes, *_data_notes(data, cfg),
              f"resume: {latest.name} already completes the run ({trainer.total_steps} steps): nothing to train; "

@@ -42,8 +42,10 @@ def _from_scratch(plan: Plan, hf_config: dict[str, Any], cfg: Any) -> dict[str, 
     return out
 
 
-def initial_weights(plan: Plan, cfg: Any, model_dir: Path | None, hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Plan tensor name -> initial value for every weight the plan loads."""
+def initial_weights(plan: Plan, cfg: Any, model_dir: Path | None, hf_config: dict[str, Any],
+                    notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Plan tensor name -> initial value for every weight the plan loads (`notes`: what the user should know
+    about the checkpoint, e.g. tensors it holds that the model does not use)."""
     from surogate.runtime.reference import load_weights
 
     if cfg.from_scratch:
@@ -53,7 +55,7 @@ def initial_weights(plan: Plan, cfg: Any, model_dir: Path | None, hf_config: dic
                         "needs the weights: download the model and point `model:` at its folder (or set "
                         "`from_scratch: true` to train from random initialisation)")
     # The adapter is merged into the checkpoint's weights before any QLoRA quantization.
-    return load_weights(plan, model_dir, lora_seed=int(cfg.train_seed), adapter_path=cfg.adapter_path)
+    return load_weights(plan, model_dir, lora_seed=int(cfg.train_seed), adapter_path=cfg.adapter_path, notes=notes)
 
 
 def unquantized_base_weights(plan: Plan, model_dir: Path | None, adapter_path: str | None) -> dict[str, torch.Tensor]:

@@ -84,6 +84,44 @@ def check_architecture(hf_config: dict[str, Any], model: str) -> None:
         value = hf_config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
             raise UserError(f"{where}: {key} must be a positive number, got {value!r}")
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    if head_dim % 2:  # (transformers refuses it too, in a message the tokenizer loader used to cut off)
+        what = "head_dim" if hf_config.get("head_dim") else "the head size hidden_size / num_attention_heads"
+        raise UserError(f"{where}: {what} is {head_dim}, which must be even: rotary position embeddings rotate "
+                        "pairs of values")
+    _check_semantics(hf_config, where)
+
+
+# `hidden_act` values that are SiLU (transformers' ACT2FN), the only MLP activation the builders emit.
+SUPPORTED_ACTS = ("silu", "swish")
+
+
+def _check_semantics(hf_config: dict[str, Any], where: str) -> None:
+    """Fields that change what the model computes: a value the builders do not implement is an error, never a
+    model trained as something else."""
+    act = hf_config.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTS:
+        raise UserError(f"{where}: hidden_act {act!r} is not supported (supported: {', '.join(SUPPORTED_ACTS)}); "
+                        "the MLP would be trained with another activation than the model's")
+    value = hf_config.get("max_position_embeddings")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise UserError(f"{where}: max_position_embeddings must be a positive integer, got {value!r}")
+    for key in ("torch_dtype", "dtype"):
+        value = hf_config.get(key)
+        if value is not None and str(value).replace("torch.", "") not in TORCH_DTYPES:
+            raise UserError(f"{where}: {key} {value!r} is not a floating-point dtype Surogate loads "
+                            "(expected bfloat16, float16 or float32)")
+    rope = hf_config.get("rope_parameters")
+    rotary = hf_config.get("partial_rotary_factor", rope.get("partial_rotary_factor") if isinstance(rope, dict) else None)
+    if rotary is not None and rotary != 1:
+        raise UserError(f"{where}: partial_rotary_factor {rotary!r} is not supported (rotary embeddings over the "
+                        "whole head only)")
+    kinds = hf_config.get("layer_types")
+    sliding = hf_config.get("use_sliding_window") is True or (
+        isinstance(kinds, list) and any(k != "full_attention" for k in kinds))
+    if sliding:
+        raise UserError(f"{where}: sliding-window attention (use_sliding_window / layer_types) is not supported; "
+                        "set use_sliding_window: false if the model was trained with full attention")
 
 
 def _load_config(model: str) -> tuple[dict[str, Any], Path | None, str | None]:
@@ -175,7 +213,7 @@ def _resolve_dtype(option: str | None, hf_config: dict[str, Any]) -> str:
             raise UserError(f"torch_dtype: unknown dtype {option!r} (expected bfloat16, float16 or float32)")
         return TORCH_DTYPES[option]
     raw = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
-    return TORCH_DTYPES.get(str(raw).replace("torch.", ""), "bf16")
+    return TORCH_DTYPES[str(raw).replace("torch.", "")]  # (check_architecture refused other values)
 
 
 # ------------------------------------------------------------------------------ plan vs model folder

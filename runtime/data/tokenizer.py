@@ -24,8 +24,10 @@ def load_tokenizer(cfg: Any) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else str(model))
     except Exception as exc:  # transformers raises OSError/ValueError/... for missing or broken tokenizers
+        # the whole reason on one line: transformers' config validation puts it after a headline
+        reason = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
         raise UserError(f"model: could not load a tokenizer from {model!r}: {type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+                        f"{reason[:600]}") from None
     _check_not_empty(tokenizer, model, local)
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model: the tokenizer of {model!r} is not a fast (Rust) tokenizer; the data pipeline "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -54,15 +55,22 @@ class _Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         return self.handles[self.where[name]].get_tensor(name)
 
+    def names(self) -> list[str]:
+        return list(self.where)
+
 
 def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0,
-                 adapter_path: str | Path | None = None) -> dict[str, torch.Tensor]:
+                 adapter_path: str | Path | None = None, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
     """name -> tensor (cast to its IR dtype) for every base and LoRA weight of `graph`.
 
     `adapter_path` (a PEFT adapter directory) is merged into the base weights first (W += scale * B @ A),
-    before any QLoRA quantization; the graph's own LoRA adapters then start fresh.
+    before any QLoRA quantization; the graph's own LoRA adapters then start fresh. Checkpoint tensors the graph
+    does not use: layers beyond its `num_hidden_layers` are a UserError, others a note appended to `notes`.
     """
     ckpt = checkpoint_reader(model_dir, adapter_path)
+    note = check_unused(graph, ckpt)
+    if note and notes is not None:
+        notes.append(note)
     out: dict[str, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(lora_seed)
     for name, t in graph.tensors.items():
@@ -121,6 +129,9 @@ class _Merged:
     def has(self, name: str) -> bool:
         return self.base.has(name)
 
+    def names(self) -> list[str]:
+        return self.base.names()
+
     def get(self, name: str) -> torch.Tensor:
         w = self.base.get(name)
         if name not in self.deltas:
@@ -131,6 +142,45 @@ class _Merged:
             raise UserError(f"adapter_path: the adapter's update of {name!r} has shape {tuple(delta.shape)}, "
                             f"the model's weight {tuple(w.shape)}: it was trained for another model")
         return (w.float() + delta).to(w.dtype)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# Checkpoint tensors that are no weights of the model: rotary buffers older transformers saved; with tied
+# embeddings the head is the embedding (transformers ignores a saved lm_head.weight then, as the graph does).
+_NOT_WEIGHTS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^lm_head\.weight$")
+
+
+def used_sources(graph: Graph) -> set[str]:
+    """Every checkpoint tensor name the graph's weights load from (per-expert names of stacked experts included)."""
+    used = set()
+    for t in graph.tensors.values():
+        if t.source is not None:
+            used.add(t.source)
+        for pattern in t.attrs.get("expert_sources", ()):
+            used.update(pattern.format(e=e) for e in range(t.shape[0]))
+    return used
+
+
+def check_unused(graph: Graph, ckpt: _Checkpoint | _Merged) -> str | None:
+    """Checkpoint tensors the graph does not use. Whole layers beyond the config's `num_hidden_layers` mean the
+    config.json does not describe the weights: a UserError. Other unused tensors: a note naming the first few (as
+    transformers warns about them)."""
+    used = used_sources(graph)
+    unused = sorted(n for n in ckpt.names() if n not in used and not _NOT_WEIGHTS.search(n))
+    if not unused:
+        return None
+    layers = [int(m.group(1)) for n in used if (m := _LAYER.match(n))]
+    count = max(layers) + 1 if layers else 0
+    extra = sorted({int(m.group(1)) for n in unused if (m := _LAYER.match(n)) and int(m.group(1)) >= count})
+    if extra:
+        first = next(n for n in unused if (m := _LAYER.match(n)) and int(m.group(1)) == extra[0])
+        shown = ", ".join(map(str, extra[:8])) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        raise UserError(f"model: {ckpt.dir} holds weights of layer(s) {shown} (e.g. {first!r}), but its config.json "
+                        f"says num_hidden_layers {count}: the config does not describe these weights; fix "
+                        "num_hidden_layers (or point `model:` at the folder the config belongs to)")
+    shown = ", ".join(repr(n) for n in unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+    return (f"model: {len(unused)} tensor(s) in {ckpt.dir} are not weights of the model its config.json describes "
+            f"and were not loaded: {shown}")
 
 
 def _base_value(ckpt: _Checkpoint, t) -> torch.Tensor:

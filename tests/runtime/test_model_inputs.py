@@ -80,3 +80,117 @@ def test_plan_without_weights_is_checked_by_config(root, tmp_path):
     assert plan_model_changes(planned, resolve_model(make_cfg(model))) == []
     _edit_config(model, intermediate_size=64)
     assert plan_model_changes(planned, resolve_model(make_cfg(model))) == ["config.json intermediate_size 48 -> 64"]
+
+
+# ------------------------------------------------------------------------------------ config.json fields
+
+@pytest.mark.parametrize("changes, match", [
+    ({"hidden_act": "foo"}, r"hidden_act 'foo' is not supported \(supported: silu, swish\)"),
+    ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
+    ({"max_position_embeddings": 0}, r"max_position_embeddings must be a positive integer, got 0"),
+    ({"max_position_embeddings": -5}, r"max_position_embeddings must be a positive integer, got -5"),
+    ({"dtype": "int8"}, r"dtype 'int8' is not a floating-point dtype Surogate loads"),
+    ({"torch_dtype": "junk"}, r"torch_dtype 'junk' is not a floating-point dtype Surogate loads"),
+    ({"head_dim": 15}, r"head_dim is 15, which must be even: rotary position embeddings rotate pairs"),
+    ({"head_dim": None, "hidden_size": 36}, r"the head size hidden_size / num_attention_heads is 9, which must be even"),
+    ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor 0.5 is not supported"),
+    ({"use_sliding_window": True, "sliding_window": 8}, r"sliding-window attention .* is not supported"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, r"sliding-window attention"),
+])
+def test_config_fields_the_builder_cannot_honour_are_errors(root, tmp_path, changes, match):
+    """Found by fuzzing: `hidden_act: foo` trained as SiLU, a zero max_position_embeddings and an int8 / junk dtype
+    were accepted (the dtype silently became bf16), head_dim 15 failed in the tokenizer loader with its reason cut
+    off."""
+    from surogate.errors import UserError
+
+    model = tmp_path / "m"
+    shutil.copytree(root / "model", model)
+    _edit_config(model, **changes)
+    with pytest.raises(UserError, match=rf"model: config.json of .*: {match}"):
+        resolve_model(make_cfg(model))
+
+
+def test_torch_dtype_spellings_still_resolve(root, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(root / "model", model)
+    for value, dtype in (("torch.float16", "fp16"), ("bfloat16", "bf16"), ("float32", "fp32")):
+        _edit_config(model, dtype=value)
+        assert resolve_model(make_cfg(model, torch_dtype=None)).dtype == dtype
+
+
+def test_tokenizer_error_keeps_its_reason(monkeypatch, tmp_path):
+    """The tokenizer loader printed only the first line of transformers' message ("Class validation error for
+    validator 'validate_rope':"), cutting off the reason on the next line."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from surogate.errors import UserError
+    from surogate.runtime.data import load_tokenizer
+
+    def broken(*_a, **_k):
+        raise ValueError("Class validation error for validator 'validate_rope':\n    ValueError: RoPE requires an "
+                         "even rotary dimension")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(UserError, match=r"validate_rope': ValueError: RoPE requires an even rotary dimension"):
+        load_tokenizer(SimpleNamespace(model=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------ weights the model does not use
+
+def _with_extra_tensors(src, dst, extra):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (weights,) = dst.glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors.update(extra)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return dst
+
+
+def test_weights_of_layers_beyond_the_config_are_an_error(root, tmp_path):
+    """Found by fuzzing: a 3-layer folder whose config.json says 2 layers trained (and exported) 2 layers, silently."""
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.errors import UserError
+    from surogate.runtime.reference import load_weights
+
+    model = tmp_path / "m"
+    shutil.copytree(root / "model3", model)
+    _edit_config(model, num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    cfg = make_cfg(model)
+    with pytest.raises(UserError, match=r"model: .* holds weights of layer\(s\) 2 \(e.g. 'model.layers.2\..*'\), but "
+                                        r"its config.json says num_hidden_layers 2"):
+        load_weights(compile_plan(cfg), model)
+
+
+def test_other_unused_tensors_are_a_note(root, tmp_path):
+    import torch
+
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.reference import load_weights
+
+    model = _with_extra_tensors(root / "model", tmp_path / "m", {
+        "model.layers.0.mlp.gate_proj.bias": torch.zeros(48), "vision_tower.proj.weight": torch.zeros(2, 2),
+        "model.layers.1.self_attn.rotary_emb.inv_freq": torch.zeros(4)})  # a buffer old checkpoints carry: no note
+    plan = compile_plan(make_cfg(model))
+    notes: list[str] = []
+    weights = load_weights(plan, model, notes=notes)
+    assert weights and notes == [f"model: 2 tensor(s) in {model} are not weights of the model its config.json "
+                                 "describes and were not loaded: 'model.layers.0.mlp.gate_proj.bias', "
+                                 "'vision_tower.proj.weight'"]
+    notes.clear()
+    load_weights(plan, root / "model", notes=notes)
+    assert notes == []  # a folder that matches its config: nothing to say
+
+
+def test_unused_tensor_note_reaches_the_run(root, tmp_path, capsys):
+    import torch
+
+    model = _with_extra_tensors(root / "model", tmp_path / "m", {"extra.weight": torch.zeros(3)})
+    cfg_yaml = write_yaml(tmp_path / "cfg.yaml", yaml_cfg(model, root / "train.jsonl", tmp_path / "out", max_steps=1))
+    assert main(["sft", str(cfg_yaml)]) == 0
+    out = capsys.readouterr()
+    assert "are not weights of the model its config.json describes and were not loaded: 'extra.weight'" in \
+        " ".join((out.out + out.err).split()), out.out
