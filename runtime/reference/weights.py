@@ -58,6 +58,10 @@ class _Checkpoint:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from its file's header (no data read)."""
+        return tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+
 
 def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0,
                  adapter_path: str | Path | None = None, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -68,7 +72,10 @@ def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0,
     does not use: layers beyond its `num_hidden_layers` are a UserError, others a note appended to `notes`.
     """
     ckpt = checkpoint_reader(model_dir, adapter_path)
-    note = check_unused(graph, ckpt)
+    used = used_sources(graph)
+    if isinstance(ckpt, _Merged):
+        ckpt.check_used(used)
+    note = check_unused(used, ckpt)
     if note and notes is not None:
         notes.append(note)
     out: dict[str, torch.Tensor] = {}
@@ -94,37 +101,43 @@ def load_weights(graph: Graph, model_dir: str | Path, *, lora_seed: int = 0,
 
 
 class _Merged:
-    """A checkpoint view whose base weights have a PEFT adapter merged in."""
+    """A checkpoint view whose base weights have a PEFT adapter merged in, as PEFT's `merge_and_unload` does:
+    `W + scale * B @ A` for each LoRA module, and the adapter's whole tensors (`modules_to_save`, trained
+    biases) in place of the base's."""
 
     def __init__(self, base: _Checkpoint, adapter_dir: Path) -> None:
-        from safetensors.torch import load_file
+        from surogate.runtime.export import ADAPTER_WEIGHTS, load_peft_adapter
 
-        conf_file, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-        if not conf_file.is_file() or not weights.is_file():
-            raise UserError(f"adapter_path: {adapter_dir} is not a PEFT adapter (adapter_config.json and "
-                            "adapter_model.safetensors expected)")
-        try:
-            conf = json.loads(conf_file.read_text())
-            state = load_file(weights)
-        except Exception as exc:  # malformed JSON or safetensors
-            raise UserError(f"adapter_path: cannot read the adapter in {adapter_dir}: {exc}") from None
-        for key, what in (("use_dora", "DoRA"), ("alpha_pattern", "per-module lora_alpha (alpha_pattern)")):
-            if conf.get(key):
-                raise UserError(f"adapter_path: the adapter in {adapter_dir} uses {what}, which cannot be merged; "
-                                "merge it with PEFT (`merge_and_unload`) and point `model:` at the result")
-        alpha, rslora = float(conf.get("lora_alpha", conf.get("r", 8))), bool(conf.get("use_rslora"))
+        adapter = load_peft_adapter(adapter_dir)
         self.base, self.dir = base, base.dir
-        # module weight -> (A, B, scale); each module's rank is its A's (rank_pattern allows several).
-        self.deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for key, a in state.items():
-            if key.endswith(".lora_A.weight"):
-                target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-                rank = a.shape[0]
-                scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-                self.deltas[target] = (a, state[key.replace(".lora_A.", ".lora_B.")], scale)
-        missing = [t for t in self.deltas if not base.has(t)]
-        if missing:
-            raise UserError(f"adapter_path: adapter targets {missing[0]!r}, which the model does not have")
+        self.deltas = adapter.deltas()
+        self.replaced = adapter.replaced
+        weights = adapter_dir / ADAPTER_WEIGHTS
+        # everything the adapter changes is a weight of the model, of its shape: checked now (headers only),
+        # not at the first tensor loaded
+        for name, (a, b, _) in self.deltas.items():
+            self._check_target(name, (b.shape[0], a.shape[1]), f"LoRA update (B @ A) of {name!r}", weights)
+        for name, value in self.replaced.items():
+            self._check_target(name, tuple(value.shape), f"tensor {name!r} (modules_to_save)", weights)
+
+    def _check_target(self, name: str, shape: tuple[int, ...], what: str, weights: Path) -> None:
+        if not self.base.has(name):
+            tied = " (the model ties it to the embedding)" if name == "lm_head.weight" else ""
+            raise UserError(f"adapter_path: {weights}: the adapter changes {name!r}, which the model in {self.dir} "
+                            f"does not have{tied}: it was trained for another model")
+        expected = self.base.shape(name)
+        if tuple(shape) != expected:
+            raise UserError(f"adapter_path: {weights}: the {what} has shape {tuple(shape)}, the model's weight "
+                            f"{expected}: it was trained for another model")
+
+    def check_used(self, used: set[str]) -> None:
+        """UserError when the adapter changes a checkpoint tensor the model does not load (a merge that would be
+        dropped: e.g. lm_head of a model with tied embeddings)."""
+        unused = sorted(n for n in (*self.deltas, *self.replaced) if n not in used)
+        if unused:
+            tied = " (with tied embeddings the head is the embedding)" if unused[0] == "lm_head.weight" else ""
+            raise UserError(f"adapter_path: the adapter changes {unused[0]!r}, which the model in {self.dir} does "
+                            f"not use{tied}; its update cannot be merged")
 
     def has(self, name: str) -> bool:
         return self.base.has(name)
@@ -134,14 +147,12 @@ class _Merged:
 
     def get(self, name: str) -> torch.Tensor:
         w = self.base.get(name)
+        if name in self.replaced:
+            return self.replaced[name].to(w.dtype)
         if name not in self.deltas:
             return w
         a, b, scale = self.deltas[name]
-        delta = scale * (b.float() @ a.float())
-        if delta.shape != w.shape:
-            raise UserError(f"adapter_path: the adapter's update of {name!r} has shape {tuple(delta.shape)}, "
-                            f"the model's weight {tuple(w.shape)}: it was trained for another model")
-        return (w.float() + delta).to(w.dtype)
+        return (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -161,11 +172,10 @@ def used_sources(graph: Graph) -> set[str]:
     return used
 
 
-def check_unused(graph: Graph, ckpt: _Checkpoint | _Merged) -> str | None:
-    """Checkpoint tensors the graph does not use. Whole layers beyond the config's `num_hidden_layers` mean the
-    config.json does not describe the weights: a UserError. Other unused tensors: a note naming the first few (as
-    transformers warns about them)."""
-    used = used_sources(graph)
+def check_unused(used: set[str], ckpt: _Checkpoint | _Merged) -> str | None:
+    """Checkpoint tensors the graph does not use (`used`: `used_sources(graph)`). Whole layers beyond the config's
+    `num_hidden_layers` mean the config.json does not describe the weights: a UserError. Other unused tensors: a
+    note naming the first few (as transformers warns about them)."""
     unused = sorted(n for n in ckpt.names() if n not in used and not _NOT_WEIGHTS.search(n))
     if not unused:
         return None

@@ -194,3 +194,134 @@ def test_unused_tensor_note_reaches_the_run(root, tmp_path, capsys):
     out = capsys.readouterr()
     assert "are not weights of the model its config.json describes and were not loaded: 'extra.weight'" in \
         " ".join((out.out + out.err).split()), out.out
+
+
+# ------------------------------------------------------------------------------------------------ adapter_path
+
+def _peft_adapter(model_dir, out, **lora_kw):
+    """A PEFT adapter of `model_dir` with every trainable tensor perturbed (LoRA B non-zero, modules_to_save and
+    trained biases differing from the base), and PEFT's own `merge_and_unload` state dict."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora_kw))
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(out)
+    return {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("family, lora_kw", [
+    ("qwen3", {"modules_to_save": ["lm_head", "embed_tokens"]}),
+    ("qwen2", {"bias": "all"}),  # PEFT saves every trained bias (q/k/v), the targets' as `.base_layer.bias`
+])
+def test_adapter_whole_tensors_merge_as_peft_does(root, tmp_path, family, lora_kw):
+    """Found by fuzzing: `modules_to_save` tensors of an adapter were dropped from the merge without a word."""
+    import torch
+
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.runtime.reference import load_weights
+    from surogate.runtime.reference.weights import checkpoint_reader
+
+    model = root / "model" if family == "qwen3" else save_model(tmp_path / "m", family)
+    merged = _peft_adapter(model, tmp_path / "adapter", **lora_kw)
+    assert checkpoint_reader(model, tmp_path / "adapter").replaced  # the adapter holds whole tensors
+    plan = compile_plan(make_cfg(model, lora=True, lora_rank=4, adapter_path=str(tmp_path / "adapter")))
+    ours = load_weights(plan, model, adapter_path=tmp_path / "adapter")
+    compared = 0
+    for name, t in plan.tensors.items():
+        if name in ours and t.source in merged and "lora" not in t.attrs:
+            torch.testing.assert_close(ours[name], merged[t.source], rtol=1e-6, atol=1e-6, msg=name)
+            compared += 1
+    assert compared == len(merged)
+
+
+def _write_adapter(folder, tensors, **config):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"base_model.model.{k}": v for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    conf = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
+    conf.update(config)
+    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in conf.items() if v is not _DROP}))
+    return folder
+
+
+_DROP = object()
+Q = "model.layers.0.self_attn.q_proj"  # weight (32, 32) in the tiny models
+
+
+def _lora(module=Q, a=(4, 32), b=(32, 4)):
+    import torch
+
+    return {f"{module}.lora_A.weight": torch.ones(a), f"{module}.lora_B.weight": torch.ones(b)}
+
+
+@pytest.mark.parametrize("tensors, config, match", [
+    ({}, {}, r"adapter_model.safetensors holds no tensors: there is nothing to merge"),
+    (None, {"r": "8"}, r"adapter_config.json: r must be a positive integer, got '8'"),
+    (None, {"r": 0}, r"adapter_config.json: r must be a positive integer, got 0"),
+    (None, {"lora_alpha": _DROP}, r"adapter_config.json lacks lora_alpha"),
+    (None, {"lora_alpha": "16"}, r"adapter_config.json: lora_alpha must be a positive number, got '16'"),
+    (None, {"target_modules": 5}, r"adapter_config.json: target_modules must be a list of module names .*, got 5"),
+    (None, {"target_modules": ["q_proj", 3]}, r"target_modules must be a list of module names"),
+    (None, {"modules_to_save": "lm_head"}, r"modules_to_save must be a list of module names or null, got 'lm_head'"),
+    (None, {"use_rslora": "yes"}, r"use_rslora must be true or false, got 'yes'"),
+    (None, {"bias": "some"}, r"bias must be one of none, all, lora_only, got 'some'"),
+    (None, {"peft_type": "IA3"}, r"has peft_type 'IA3'; only LORA can be merged"),
+    (None, {"lora_bias": True}, r"uses LoRA biases \(lora_bias\), which merging does not support"),
+    ({f"{Q}.lora_A.weight": "A"}, {}, rf"LoRA module '{Q}' has lora_A but no lora_B"),
+    ({f"{Q}.lora_B.weight": "B"}, {}, rf"LoRA module '{Q}' has lora_B but no lora_A"),
+    (_lora(b=(32, 3)), {}, rf"LoRA module '{Q}': A \(4, 32\) and B \(32, 3\) do not form B @ A"),
+    (_lora(a=(2, 32), b=(32, 2)), {}, rf"LoRA module '{Q}' has rank 2, but .*adapter_config.json says r 4"),
+    (_lora(a=(4, 31)), {}, rf"the LoRA update \(B @ A\) of '{Q}.weight' has shape \(32, 31\), the model's weight "
+                           r"\(32, 32\)"),
+    (_lora("model.layers.9.self_attn.q_proj"), {}, r"changes 'model.layers.9.self_attn.q_proj.weight', which the "
+                                                   r"model in .* does not have"),
+    ({"model.norm.weight": "norm"}, {}, r"holds 'base_model.model.model.norm.weight', which is neither a LoRA A/B "
+                                        r"tensor nor a module of modules_to_save"),
+    ({"model.norm.weight": "wide"}, {"modules_to_save": ["norm"]}, r"the tensor 'model.norm.weight' "
+                                                                   r"\(modules_to_save\) has shape \(33,\)"),
+])
+def test_malformed_adapters_are_user_errors(root, tmp_path, tensors, config, match):
+    """Found by fuzzing: wrong types in adapter_config.json, a lora_A without its lora_B and wrong shapes were
+    tracebacks; an adapter without tensors merged as a silent no-op."""
+    import torch
+
+    from surogate.errors import UserError
+    from surogate.runtime.reference.weights import checkpoint_reader
+
+    stand_in = {"A": torch.ones(4, 32), "B": torch.ones(32, 4), "norm": torch.ones(32), "wide": torch.ones(33)}
+    tensors = _lora() if tensors is None else {k: stand_in.get(v, v) if isinstance(v, str) else v
+                                               for k, v in tensors.items()}
+    adapter = _write_adapter(tmp_path / "adapter", tensors, **config)
+    with pytest.raises(UserError, match=rf"adapter_path: .*{match}"):
+        checkpoint_reader(root / "model", adapter)
+
+
+def test_adapter_change_the_model_does_not_use_is_an_error(tmp_path):
+    """A tied model's checkpoint may still hold lm_head.weight: an adapter's lm_head (modules_to_save) would be
+    merged into a tensor the model never reads."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from surogate.compiler.pipeline import compile_plan
+    from surogate.errors import UserError
+    from surogate.runtime.reference import load_weights
+
+    model = save_model(tmp_path / "tied", "qwen3", tie=True)
+    (weights,) = model.glob("*.safetensors")
+    tensors = load_file(weights)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, weights,
+              metadata={"format": "pt"})
+    adapter = _write_adapter(tmp_path / "adapter", {**_lora(), "lm_head.weight": torch.ones(96, 32)},
+                             modules_to_save=["lm_head"])
+    plan = compile_plan(make_cfg(model, lora=True, adapter_path=str(adapter)))
+    with pytest.raises(UserError, match=r"adapter_path: the adapter changes 'lm_head.weight', which the model in .* "
+                                        r"does not use \(with tied embeddings the head is the embedding\)"):
+        load_weights(plan, model, adapter_path=adapter)

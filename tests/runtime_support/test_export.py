@@ -157,9 +157,10 @@ def test_peft_adapter_read_back_and_merged(tmp_path):
     """`adapter_path`: an adapter written by peft itself is read and merged to the peft model's logits."""
     base, _, ref = _reference("qwen3", True, ["q_proj", "up_proj"])
     ref.save_pretrained(tmp_path / "peft_written")
-    lora, config = load_peft_adapter(tmp_path / "peft_written")
-    assert "model.layers.1.mlp.up_proj.lora_B.weight" in lora and config["lora_alpha"] == ALPHA
-    merged = merge_lora(base, lora, lora_alpha=config["lora_alpha"], use_rslora=config["use_rslora"])
+    adapter = load_peft_adapter(tmp_path / "peft_written")
+    assert "model.layers.1.mlp.up_proj.lora_B.weight" in adapter.lora and adapter.lora_alpha == ALPHA
+    assert not adapter.replaced
+    merged = merge_lora(base, adapter.lora, lora_alpha=adapter.lora_alpha, use_rslora=adapter.use_rslora)
     model = tiny_model("qwen3", True)
     model.load_state_dict(merged)
     torch.testing.assert_close(_logits(model, batch()), _logits(ref, batch()), rtol=1e-5, atol=1e-5)
@@ -174,9 +175,9 @@ def test_rslora_scale_matches_peft(tmp_path):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.3)
     ref.save_pretrained(tmp_path / "rs")
-    lora, config = load_peft_adapter(tmp_path / "rs")
+    adapter = load_peft_adapter(tmp_path / "rs")
     model = tiny_model("llama", False)
-    model.load_state_dict(merge_lora(base, lora, lora_alpha=ALPHA, use_rslora=config["use_rslora"]))
+    model.load_state_dict(merge_lora(base, adapter.lora, lora_alpha=ALPHA, use_rslora=adapter.use_rslora))
     torch.testing.assert_close(_logits(model, batch()), _logits(ref, batch()), rtol=1e-5, atol=1e-5)
 
 
