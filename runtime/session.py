@@ -231,37 +231,98 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
         trainer.observer_state = obs.state
         obs.on_allocated(memory_table_text(plan))
         with stop.graceful():
-            start_step = trainer.step
-            last_saved = _train_loop(trainer, executor, obs, cfg, result, stop)
-            if latest is not None and trainer.step == start_step:
+            start_step, start_applied = trainer.step, trainer.applied
+            result.first_step = start_step
+            last_saved, good_state_saved = _train_loop(trainer, executor, obs, cfg, result, stop, latest)
+            if result.failed is None:
+                result.failed = _end_failure(trainer, cfg, result, latest, start_applied)
+            if result.failed is not None:  # nothing more is saved: the weights are not worth it
+                result.failed += _failure_checkpoints(trainer, last_saved if good_state_saved else None)
+                obs.on_failure(trainer.step, result.failed)
+            elif latest is not None and trainer.step == start_step:
                 last_saved = latest  # nothing trained here: the checkpoint resumed from is the last state
             elif last_saved is None or not str(last_saved).endswith(f"-{trainer.step}"):
                 last_saved = trainer.save()
                 obs.on_checkpoint(last_saved, trainer.step)
         result.signal = stop.agreed() if result.signal is None else result.signal  # one after the last step
-        if result.signal is not None:  # the user wants the process gone: the run that finishes exports
+        if result.failed is not None:  # a failed run exports nothing: its model is not a trained one
+            result.outputs = {"checkpoint": str(last_saved)} if "holds the last good state" in result.failed else {}
+        elif result.signal is not None:  # the user wants the process gone: the run that finishes exports
             result.stopped = result.stopped or stop.reason(result.signal)
             obs.stop_reason = obs.stop_reason or result.stopped
             result.outputs = {"checkpoint": str(last_saved)}
         else:
             result.outputs = export_outputs(trainer, cfg, spec.source_dir, spec.hf_config, tokenizer)
         final_eval = result.eval_losses[-1][1] if result.eval_losses else None
-        status = "interrupted" if result.signal is not None else "stopped" if result.stopped else "completed"
+        status = ("failed" if result.failed is not None else "interrupted" if result.signal is not None
+                  else "stopped" if result.stopped else "completed")
         obs.on_end(EndSummary(outputs=result.outputs, final_eval_loss=final_eval, status=status))
     result.steps = trainer.step
     return result
 
 
+def _steps_text(steps: list[int]) -> str:
+    shown = ", ".join(str(s) for s in steps[:8])
+    return f"step{'s' if len(steps) > 1 else ''} {shown}" + (f" and {len(steps) - 8} more" if len(steps) > 8 else "")
+
+
+def _broken_weights(trainer: Trainer, cfg: Any, latest: Path | None) -> str:
+    """Why the weights hold NaN/Inf: the last applied update, the checkpoint resumed from, or the starting weights."""
+    if trainer.last_applied is not None:
+        return (f"the update of step {trainer.last_applied} (the last one applied) left them so: learning_rate "
+                f"{float(cfg.learning_rate):g} is likely too high")
+    if latest is not None:
+        return f"they were so in the checkpoint resumed from, {latest}"
+    adapter = f" or adapter_path {cfg.adapter_path}" if getattr(cfg, "adapter_path", None) else ""
+    return f"the starting weights loaded from model {cfg.model}{adapter} hold NaN/Inf values: fix or replace them"
+
+
+def _failure_checkpoints(trainer: Trainer, good_state: Path | None) -> str:
+    """What a failed run leaves to resume from: the last good state saved at the stop (`good_state`), or the
+    checkpoints of this run that hold weights it found broken, or none (a run saves nothing before it applies a
+    step)."""
+    if good_state is not None:
+        return f"; {good_state} holds the last good state (after step {trainer.last_applied})"
+    broken = [p for p in trainer.saved if trainer.last_applied is not None
+              and int(p.name.rsplit("-", 1)[1]) >= trainer.last_applied]
+    if broken:
+        names = ", ".join(str(p) for p in broken)
+        return (f"; {names} hold{'s' if len(broken) == 1 else ''} these broken weights: a resume would start from "
+                f"{'it' if len(broken) == 1 else 'the last'}; remove {'it' if len(broken) == 1 else 'them'}")
+    return "; no checkpoint was written" if not trainer.saved else "; no checkpoint holds these weights"
+
+
+def _end_failure(trainer: Trainer, cfg: Any, result: SessionResult, latest: Path | None,
+                 start_applied: int) -> str | None:
+    """Why a run that reached its end (or a stop) failed: no step of it was applied, or its weights are not finite;
+    None when it did not fail. A run stopped by a signal keeps its state for the resume: it is not judged."""
+    if result.signal is not None:
+        return None
+    if result.skipped and trainer.applied == start_applied:
+        return (f"none of the {len(result.skipped)} step(s) of this run was applied: each had a non-finite loss or "
+                f"gradients ({_steps_text(result.skipped)}); the model is not trained")
+    if not trainer.weights_finite():
+        return (f"at step {trainer.step} the model's weights hold NaN/Inf values: {_broken_weights(trainer, cfg, latest)}; "
+                "the model is not exported")
+    return None
+
+
 def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: SessionResult,
-                stop: StopSignals) -> Path | None:
-    """Run optimizer steps until the end, an observer's stop or a stop signal; returns the last checkpoint saved.
+                stop: StopSignals, latest: Path | None = None) -> tuple[Path | None, bool]:
+    """Run optimizer steps until the end, an observer's stop or a stop signal; returns the last checkpoint saved and
+    whether it is the last good state of a failed run (saved at the stop).
 
     Each step ends at a safe point where every rank agrees on what comes next: rank 0's decision (broadcast),
-    and whether any rank received SIGTERM / SIGINT (then: a checkpoint now, no evaluation, stop)."""
+    and whether any rank received SIGTERM / SIGINT (then: a checkpoint now, no evaluation, stop).
+
+    A step with a non-finite loss or gradients is skipped; the run fails (`result.failed`) at once when the weights
+    themselves are NaN/Inf (no later step can be finite: nothing is saved), or when the observer's guard stops it
+    (too many skipped steps: the last good state is saved when this run applied a step)."""
     from surogate.runtime.distributed import comm
     from surogate.runtime.observe import EvalMetrics, StepMetrics
 
     last_saved = None
+    start_applied = trainer.applied
     while trainer.step < trainer.total_steps:
         executor.timing = obs.timer.enabled
         loss, norm, tokens, bad_micro = trainer.train_step()
@@ -274,6 +335,14 @@ def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: Ses
         if bad_micro is not None or not math.isfinite(norm):
             what = "loss" if bad_micro is not None else "gradients"
             decision = obs.on_nonfinite(step, bad_micro, what)
+            result.skipped.append(step)
+            if not trainer.weights_finite():  # every rank agrees (all-reduced)
+                result.failed = (f"step {step}: non-finite {what}, and the model's weights are themselves NaN/Inf: "
+                                 f"{_broken_weights(trainer, cfg, latest)}; training cannot recover from them")
+                break
+            if decision.stop:  # the guard: too many steps skipped
+                result.failed = decision.stop_reason
+                decision = replace(decision, save_checkpoint=trainer.applied > start_applied)
         else:
             lr = float(cfg.learning_rate) * trainer.lr_factor(step - 1)
             decision = obs.on_step(StepMetrics(step, loss, lr, norm, tokens, trainer.epoch))
@@ -283,18 +352,21 @@ def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: Ses
         result.signal = stop.agreed()
         if result.signal is not None and not decision.stop:
             decision = replace(decision, stop=True, stop_reason=stop.reason(result.signal), save_checkpoint=True)
-        if result.signal is None and (step % int(cfg.eval_steps) == 0 or step == trainer.total_steps):
+        if result.signal is None and result.failed is None and (step % int(cfg.eval_steps) == 0 or step == trainer.total_steps):
             eval_loss = trainer.evaluate()
             if eval_loss is not None:
                 result.eval_losses.append((step, eval_loss))
                 ev = comm.broadcast(obs.on_eval(EvalMetrics(step, eval_loss)))
                 if ev.stop and not decision.stop:
                     decision = ev
-        if step % int(cfg.save_steps) == 0 or (decision.stop and decision.save_checkpoint):
+        # nothing is saved before this run applies a step: that state is the one it started from (and, when
+        # broken, a resume would only find it again); a stop signal's checkpoint is always written
+        periodic = step % int(cfg.save_steps) == 0 and result.failed is None and trainer.applied > start_applied
+        if periodic or (decision.stop and decision.save_checkpoint):
             with obs.timer.phase("checkpoint"):
                 last_saved = trainer.save()
             obs.on_checkpoint(last_saved, step)
         if decision.stop:
             result.stopped = decision.stop_reason
-            break
-    return last_saved
+            return last_saved, result.failed is not None and decision.save_checkpoint
+    return last_saved, False

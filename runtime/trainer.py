@@ -34,17 +34,27 @@ from surogate.runtime.distributed.reshard import layout
 from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, ArenaExecutor, StepContext
 
 CHECKPOINT_ROLES = (Role.TRAINABLE_WEIGHT, Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
+WEIGHT_ROLES = (Role.TRAINABLE_WEIGHT, Role.MASTER_WEIGHT, Role.FROZEN_WEIGHT)
+_CHECK_CHUNK = 1 << 24  # elements per isfinite pass of `weights_finite`
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `isfinite` reads (not fp8, not packed)
 
 
 @dataclass
 class TrainResult:
-    """What a run did: per-step losses, eval losses, where its outputs are."""
+    """What a run did: per-step losses, eval losses, where its outputs are.
+
+    `steps` is the step count reached (a resumed run's includes the steps before `first_step`, where it resumed);
+    `skipped` the steps of this run whose update was not applied (non-finite loss or gradients); `failed` why the
+    run failed (its model was not exported), or None."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     stopped: str | None = None
+    first_step: int = 0
+    skipped: list[int] = field(default_factory=list)
+    failed: str | None = None
 
 
 LOSS_KINDS = ("lm_head_ce", "lm_head_ce_fwd_bwd")  # the loss op, alone or with its backward (fuse_lm_head_ce)
@@ -120,6 +130,8 @@ class Trainer:
         self.total_steps = int(cfg.max_steps) if cfg.max_steps > 0 else self.steps_per_epoch * epochs
         self.step = 0  # optimizer steps taken (applied or skipped)
         self.applied = 0  # optimizer steps applied (bias correction counts these)
+        self.last_applied: int | None = None  # the step whose update was applied last by this process
+        self.saved: list[Path] = []  # the checkpoints this process saved, in order
         self.lr_scale = 1.0  # permanent factor from automatic LR reductions
         # the training observer's part of a checkpoint (set by the session): written with every save, and
         # what the restored checkpoint held, for the observer to continue from
@@ -189,6 +201,7 @@ class Trainer:
                               optimizer_step=self.applied + 1)
             self.ex.run(OPTIMIZER_STEP, ctx)
             self.applied += 1
+            self.last_applied = self.step + 1
         self.step += 1
         return loss, norm, tokens, bad_micro
 
@@ -210,6 +223,22 @@ class Trainer:
         if self.world > 1 and self.plan.meta.get("zero", {}).get("gradients"):
             total = comm.all_reduce([total])[0]
         return math.sqrt(total)
+
+    def weights_finite(self) -> bool:
+        """Whether every weight (trainable, master, frozen; this rank's shards, all ranks agreeing) is finite. A full
+        pass over the weights: read after a step with a non-finite loss, to tell a bad batch from broken weights."""
+        self.ex.synchronize()
+        flags: dict[torch.device, list[torch.Tensor]] = {}  # per device: one host read each
+        for name in self.ex.tensors_of(WEIGHT_ROLES):
+            view = self.ex.device_views[name]
+            if view.dtype in _FLOATS and not self.plan.tensors[name].attrs.get("transient"):
+                # in chunks: the check's temporaries stay small beside arenas planned to fill the device
+                flags.setdefault(view.device, []).extend(
+                    (~torch.isfinite(chunk)).any() for chunk in view.reshape(-1).split(_CHECK_CHUNK))
+        found = float(any(bool(torch.stack(group).any()) for group in flags.values()))
+        if self.world > 1:
+            found = comm.all_reduce([found], "max")[0]
+        return found == 0.0
 
     def evaluate(self) -> float | None:
         split = self.data.eval
@@ -260,8 +289,11 @@ class Trainer:
         if self.world > 1:  # every rank's shards, written by rank 0 into one atomic checkpoint
             from surogate.runtime.distributed.state import save_all_ranks
 
-            return save_all_ranks(self.checkpoints, self.plan, self.step, self.state_tensors(), self.state())
-        return self.checkpoints.save(self.step, self.state_tensors(), self.state())
+            path = save_all_ranks(self.checkpoints, self.plan, self.step, self.state_tensors(), self.state())
+        else:
+            path = self.checkpoints.save(self.step, self.state_tensors(), self.state())
+        self.saved.append(path)
+        return path
 
     def _restore_histories(self, tensors: dict[str, torch.Tensor], names: set[str]) -> list[str]:
         """Write the checkpoint's fp8 amax histories; those it lacks (an older checkpoint, another

@@ -131,10 +131,9 @@ class TrainingObserver:
         scale = self.lr_reducer.scale if self.lr_reducer else 1.0
         return Decisions(lr_scale=scale, **kw)
 
-    def _stop(self, reason: str, step: int, kind: str) -> Decisions:
+    def _stop(self, reason: str, step: int, kind: str, then: str = "; save a final checkpoint") -> Decisions:
         self.stop_reason = reason
-        self._event(kind, f"stopping at step {step}: {reason}; save a final checkpoint", "warning",
-                    step=step, reason=reason)
+        self._event(kind, f"stopping at step {step}: {reason}{then}", "warning", step=step, reason=reason)
         return self._decisions(stop=True, stop_reason=reason, save_checkpoint=True)
 
     # -- events ---------------------------------------------------------------------------------------
@@ -272,14 +271,20 @@ class TrainingObserver:
 
     def on_nonfinite(self, step: int, micro_batch: int | None = None, what: str = "loss") -> Decisions:
         """A step whose loss or gradients are NaN/Inf: the loop must not apply it (zero the grads).
-        Call once per skipped step; after 3 in a row or 10 in total the decision is to stop."""
+        Call once per skipped step; after 3 in a row or 10 in total the decision is to stop: the run failed (the
+        loop saves the last good state when it has one, see `on_failure`)."""
         message, reason = self.nonfinite.record(step, micro_batch, what)
         self._event("nonfinite", message, "warning", step=step, micro_batch=micro_batch, what=what)
         if reason and self.stop_reason is None:
-            stop = self._stop(reason + "; the last applied step is the last good state", step, "nonfinite_stop")
+            stop = self._stop(reason, step, "nonfinite_stop", then="; the run failed")
             stop.skip_step = True
             return stop
         return self._decisions(skip_step=True)
+
+    def on_failure(self, step: int, reason: str) -> None:
+        """The run failed (its weights are not worth exporting): say why, once; `on_end` then reports it."""
+        self.stop_reason = reason
+        self._event("run_failed", f"the run failed: {reason}", "error", step=step, reason=reason)
 
     def on_checkpoint(self, path: str | os.PathLike, step: int | None = None) -> None:
         """After a checkpoint was written: log it and refresh the loss plot."""

@@ -64,6 +64,6 @@ def end_lines(
     rate = tokens / elapsed if elapsed > 0 else 0.0
     lines.append(f"  tokens: {human(tokens)} ({human(rate)} tokens/s average)")
     if stop_reason:
-        lines.append(f"  stopped early: {stop_reason}")
+        lines.append(f"  {'failed' if status == 'failed' else 'stopped early'}: {stop_reason}")
     lines += [f"  {k}: {v}" for k, v in outputs.items() if v]
     return lines
