@@ -246,7 +246,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
                 obs.on_checkpoint(last_saved, trainer.step)
         result.signal = stop.agreed() if result.signal is None else result.signal  # one after the last step
         if result.failed is not None:  # a failed run exports nothing: its model is not a trained one
-            result.outputs = {"checkpoint": str(last_saved)} if "holds the last good state" in result.failed else {}
+            result.outputs = {"checkpoint": str(last_saved)} if good_state_saved else {}
         elif result.signal is not None:  # the user wants the process gone: the run that finishes exports
             result.stopped = result.stopped or stop.reason(result.signal)
             obs.stop_reason = obs.stop_reason or result.stopped
