@@ -147,8 +147,11 @@ def fp8_amax(x, amax) -> None:
     amax.copy_(x.float().abs().max().reshape(1))
 
 
-def fp8_quantize(x, codes, scale, fmt="e4m3") -> None:
-    codes.copy_(fp8.fp8_quantize_ref(x, scale, fmt))
+def fp8_quantize(x, codes, scale, fmt="e4m3", divide=False) -> None:
+    codes.copy_(fp8.fp8_quantize_ref(x, scale, fmt, divide))
+
+
+fp8_delayed_scale = fp8.fp8_delayed_scale_ref
 
 
 def fp8_dequantize(codes, scale_inv, out, fmt="e4m3") -> None:

@@ -47,11 +47,27 @@ def _fmt(fmt: str) -> tuple[torch.dtype, float]:
 # ---------------------------------------------------------------- reference
 
 
-def fp8_quantize_ref(x: torch.Tensor, scale: torch.Tensor | float, fmt: str = "e4m3") -> torch.Tensor:
-    """uint8 codes of clamp(x * scale) cast to the fp8 format (scale broadcastable to x, fp32)."""
+def fp8_quantize_ref(x: torch.Tensor, scale: torch.Tensor | float, fmt: str = "e4m3",
+                     divide: bool = False) -> torch.Tensor:
+    """uint8 codes of clamp(x * scale) (or clamp(x / scale) with `divide`: a dequantization scale, as the fp8
+    recipe keeps it) cast to the fp8 format (scale broadcastable to x, fp32)."""
     dt, mx = _fmt(fmt)
-    v = x.float() * torch.as_tensor(scale, dtype=torch.float32)
+    s = torch.as_tensor(scale, dtype=torch.float32)
+    v = x.float() / s if divide else x.float() * s
     return torch.clamp(v, -mx, mx).to(dt).view(torch.uint8)
+
+
+def fp8_delayed_scale_ref(amax: torch.Tensor, hist: torch.Tensor, scale: torch.Tensor, window: tuple[int, int],
+                          floor: float, fmax: float, push: bool) -> None:
+    """scale[0] = max(amax[0], hist[lo:hi].max(), floor) / fmax: the dequantization scale of delayed scaling (an
+    empty window: just-in-time scaling); with `push`, amax[0] enters hist at slot 0 (newest first), read before."""
+    lo, hi = window
+    m = amax.float().reshape(1)
+    if hi > lo:
+        m = torch.maximum(m, hist[lo:hi].max().reshape(1))
+    scale.copy_(m.clamp(min=floor) / fmax)
+    if push:
+        hist.copy_(torch.cat([amax.float().reshape(1), hist[:-1]]))
 
 
 def fp8_dequantize_ref(
@@ -181,7 +197,7 @@ def _amax_kernel(x_dt: torch.dtype):
 
 
 @functools.cache
-def _quant_tensor_kernel(x_dt: torch.dtype, fmt: str):
+def _quant_tensor_kernel(x_dt: torch.dtype, fmt: str, divide: bool = False):
     global cuda
     cuda = get_cuda()
     from numba import uint8
@@ -189,11 +205,40 @@ def _quant_tensor_kernel(x_dt: torch.dtype, fmt: str):
     lx, _ = converters(x_dt)
     encode, _ = _codec(fmt)
 
+    if divide:  # (IEEE division, as torch's x / scale: codes bit for bit equal to the reference's)
+        @jit_kernel
+        def kernel(x, codes, scale):
+            s = scale[0]
+            for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+                codes[i] = uint8(encode(lx(x[i]) / s))
+    else:
+        @jit_kernel
+        def kernel(x, codes, scale):
+            s = scale[0]
+            for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+                codes[i] = uint8(encode(lx(x[i]) * s))
+
+    return kernel
+
+
+@functools.cache
+def _delayed_scale_kernel():
+    global cuda
+    cuda = get_cuda()
+    from numba import float32
+
     @jit_kernel
-    def kernel(x, codes, scale):
-        s = scale[0]
-        for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
-            codes[i] = uint8(encode(lx(x[i]) * s))
+    def kernel(amax, hist, scale, lo, hi, floor, fmax, push):
+        if cuda.grid(1) != 0:  # a handful of values: one thread (what matters is that no host sync is needed)
+            return
+        m = amax[0]
+        for i in range(lo, hi):
+            m = max(m, hist[i])
+        scale[0] = max(m, float32(floor)) / float32(fmax)
+        if push:
+            for i in range(hist.shape[0] - 1, 0, -1):
+                hist[i] = hist[i - 1]
+            hist[0] = amax[0]
 
     return kernel
 
@@ -287,13 +332,25 @@ def fp8_amax(x: torch.Tensor, amax: torch.Tensor) -> None:
     launch(_amax_kernel(x.dtype), grid_for(flat.numel(), threads()), threads(), flat, amax)
 
 
-def fp8_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fmt: str = "e4m3") -> None:
-    """codes (uint8, like x) = fp8(clamp(x * scale[0])); `scale` is a one-element fp32 device tensor."""
+def fp8_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, fmt: str = "e4m3",
+                 divide: bool = False) -> None:
+    """codes (uint8, like x) = fp8(clamp(x * scale[0])) (x / scale[0] with `divide`); `scale` is a one-element
+    fp32 device tensor."""
     _fmt(fmt)
     check_contiguous("x", x)
     check_contiguous("codes", codes)
     n = x.numel()
-    launch(_quant_tensor_kernel(x.dtype, fmt), grid_for(n, threads()), threads(), x.view(-1), codes.view(-1), scale)
+    launch(_quant_tensor_kernel(x.dtype, fmt, bool(divide)), grid_for(n, threads()), threads(), x.view(-1),
+           codes.view(-1), scale)
+
+
+def fp8_delayed_scale(amax: torch.Tensor, hist: torch.Tensor, scale: torch.Tensor, window: tuple[int, int],
+                      floor: float, fmax: float, push: bool) -> None:
+    """See `fp8_delayed_scale_ref` (fp32 device tensors; one launch, no host synchronisation)."""
+    lo, hi = int(window[0]), int(window[1])
+    if not 0 <= lo <= hi <= hist.numel():
+        raise ValueError(f"window {window} outside a history of {hist.numel()} values")
+    launch(_delayed_scale_kernel(), 1, 1, amax, hist, scale, lo, hi, float(floor), float(fmax), bool(push))
 
 
 def fp8_dequantize(codes: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor, fmt: str = "e4m3") -> None:

@@ -40,10 +40,11 @@ def eager_reason(executor: ArenaExecutor, enabled: bool) -> str | None:
     if int(executor.plan.meta.get("zero", {}).get("world", 1)) > 1:
         # a captured micro-step would freeze whether the last-micro-step gradient all-reduce runs
         return "multi-rank runs keep collectives outside CUDA graphs"
-    from surogate.runtime.backends.cuda import fallback_kinds
+    from surogate.runtime.backends.cuda import reference_kinds
 
     # the reference math may read host values (the step, data-dependent shapes) that a replay would freeze
-    slow = sorted({op.kind for p in CAPTURED_PROGRAMS for op in executor.programs.get(p, ())} & set(fallback_kinds()))
+    slow = reference_kinds([op for p in CAPTURED_PROGRAMS for op in executor.programs.get(p, ())],
+                           executor.plan.tensors, executor.device)
     if slow:
         return f"op kinds {', '.join(slow)} run through the reference math, which CUDA graphs cannot capture"
     if executor.device.type != "cuda" or not torch.cuda.is_available():

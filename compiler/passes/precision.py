@@ -65,8 +65,10 @@ def annotate_precision(graph: Graph, cfg: Any) -> Graph:
             "and memory plan, not its speed)")
     if recipe == "fp8_hybrid":
         graph.meta.setdefault("notes", []).append(
-            "fp8_hybrid: no FP8 tensor-core GEMM has landed yet: the FP8 matmuls run as dequantize + fp32 GEMM (the "
-            "recipe's numerics and memory plan, not its speed; recipe bf16 trains faster today)")
+            "fp8_hybrid: the FP8 matmuls run on FP8 tensor cores (torch._scaled_mm) with the cuda backend on GPUs of "
+            "compute capability 8.9+ where every GEMM dim is a multiple of 16; the cpu backend, older GPUs and other "
+            "sizes run them as dequantize + fp32 GEMM (the same numerics, not the speed); SUROGATE_FP8_GEMM=0 forces "
+            "the latter. Its throughput against recipe bf16 is not benchmarked in this version")
     layers = graph.meta["num_layers"]
     skip = _skipped_layers(cfg, layers)
     qfmt = _qlora_format(cfg)

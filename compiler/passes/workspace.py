@@ -25,9 +25,11 @@ from surogate.runtime.backends.cuda_sizes import Spec, Target
 BLOCK = 512  # torch's caching allocator rounds every block up to a multiple of 512 bytes
 STACKED_KINDS = frozenset({"linear_stacked", "linear_stacked_bwd_data", "linear_stacked_bwd_weight"})
 GEMM_KINDS = frozenset({"linear", "linear_bwd_data", "linear_bwd_weight", "lm_head_ce", "lm_head_ce_bwd",
-                        "lm_head_ce_fwd_bwd", "normuon_step", *STACKED_KINDS})
+                        "lm_head_ce_fwd_bwd", "normuon_step", "qlinear", "qlinear_bwd_data", "qlinear_bwd_weight",
+                        *STACKED_KINDS})
 # Kinds whose kernels allocate nothing beside the arena; any other kind without a sizing method below runs the
-# reference math on the device (MoE, FP8/FP4 matmuls): its temporaries are not sized (reported as `not_sized`).
+# reference math on the device (MoE, FP4 matmuls, FP8 ones cuda_fp8 cannot take): its temporaries are not sized
+# (reported as `not_sized`).
 # (the stacked GEMMs are formed only over one dtype, as views of planned tensors: no conversion, no scratch)
 NO_WORKSPACE = frozenset({"embedding", "identity", "copy_h2d", "copy_d2h", "all_reduce", "all_gather",
                           "reduce_scatter", "lora_fold_tail", *STACKED_KINDS})

@@ -203,6 +203,53 @@ class KindSizes:
             return sum(self.t(n).numel * 4 for n in op.inputs[1:3]) if fmt != "nf4" else 0
         return math.prod(out.shape) * (8 + _isz(out.dtype))  # reference math: fp32 values and their cast
 
+    # -- FP8 recipe (cuda_fp8) -----------------------------------------------------------------------------
+    def _fp8_native(self, op: Any) -> bool:
+        from surogate.runtime.backends.cuda_fp8 import op_is_native
+
+        ins = [self.t(n) for n in op.inputs]
+        return op_is_native(op.kind, op.attrs, [tuple(t.shape) for t in ins],
+                            [t.dtype for t in ins] + [self.t(op.outputs[0]).dtype], self.target.cuda,
+                            self.target.capability)
+
+    def k_quantize(self, op: Any, acc: list[bool]) -> int:
+        if not self._fp8_native(op):
+            self.unsized.add(op.kind)  # the reference math (fp4 formats, ZeRO-3 shard writes)
+            return 0
+        self.add(sz.fp8_amax_slot())
+        return 0
+
+    def k_qlinear(self, op: Any, acc: list[bool]) -> int:
+        if not self._fp8_native(op):
+            self.unsized.add(op.kind)
+            return 0
+        self._acc_out(op, acc, 0, "fp8_gemm_acc")
+        return 0
+
+    def _fp8_grad(self, op: Any) -> tuple[int, int]:
+        dy = self.t(op.inputs[0])
+        rows, cols = math.prod(dy.shape[:-1]), dy.shape[-1]
+        self.add(*sz.fp8_grad_codes(rows, cols), sz.fp8_amax_slot())
+        return rows, cols
+
+    def k_qlinear_bwd_data(self, op: Any, acc: list[bool]) -> int:
+        if not self._fp8_native(op):
+            self.unsized.add(op.kind)
+            return 0
+        rows, n = self._fp8_grad(op)
+        self.add(sz.fp8_transposed("fp8_w_t", n, self.t(op.inputs[1]).numel // n))
+        self._acc_out(op, acc, 0, "fp8_gemm_acc")
+        return 0
+
+    def k_qlinear_bwd_weight(self, op: Any, acc: list[bool]) -> int:
+        if not self._fp8_native(op):
+            self.unsized.add(op.kind)
+            return 0
+        rows, n = self._fp8_grad(op)
+        self.add(sz.fp8_transposed("fp8_dy_t", rows, n), sz.fp8_transposed("fp8_x_t", rows, self.t(op.inputs[1]).shape[-1]))
+        self._acc_out(op, acc, 0, "fp8_gemm_acc")
+        return rows * n * 4 if op.attrs.get("has_bias") else 0  # the bias gradient's fp32 temporary
+
     # -- fused LM head + cross-entropy ---------------------------------------------------------------------
     def _ce(self, op: Any, ws_name: str, with_loss: bool) -> tuple[int, int]:
         h, ws = self.t(op.inputs[0]), self.t(ws_name)

@@ -9,7 +9,9 @@ tensors, which is how it is tested without one).
   and Numba-CUDA kernels (`cuda_ce`);
 - the fused LoRA merge (`lora_merge`): a Numba-CUDA kernel (`cuda_lora`);
 - 8-bit AdamW, NorMuon, gradient norm / clipping, copies and collectives (`cuda_optim`);
-- MoE and FP8/FP4 matmul kinds: the reference math, run on the device (torch ops; see `_on_device`).
+- FP8 quantize and matmuls (recipe fp8_hybrid): Numba quantize kernels and FP8 tensor-core GEMMs through
+  torch._scaled_mm (`cuda_fp8`; the reference math where `cuda_fp8` says it cannot);
+- MoE and FP4 matmul kinds: the reference math, run on the device (torch ops; see `_on_device`).
 
 Every kernel writes into the planned arena views and returns them (see `cuda_state`). `make_kernel_table()`
 returns a fresh table with its own caches: one per executor.
@@ -23,13 +25,21 @@ from typing import Any
 
 import torch
 
-from surogate.runtime.backends import cuda_attention, cuda_ce, cuda_gemm, cuda_lora, cuda_numba, cuda_optim
+from surogate.runtime.backends import (
+    cuda_attention,
+    cuda_ce,
+    cuda_fp8,
+    cuda_gemm,
+    cuda_lora,
+    cuda_numba,
+    cuda_optim,
+)
 from surogate.runtime.backends.cuda_state import CudaKernels, CudaState
 from surogate.runtime.reference.kernels_moe import KERNELS as MOE
 from surogate.runtime.reference.kernels_quant import KERNELS as QUANT
 
 OWN = {**cuda_gemm.KERNELS, **cuda_lora.KERNELS, **cuda_numba.KERNELS, **cuda_ce.KERNELS, **cuda_attention.KERNELS,
-       **cuda_optim.KERNELS}
+       **cuda_optim.KERNELS, **cuda_fp8.KERNELS}
 
 
 def _on_device(fn: Callable) -> Callable:
@@ -53,5 +63,24 @@ def make_kernel_table() -> CudaKernels:
 
 
 def fallback_kinds() -> list[str]:
-    """Op kinds this backend runs through the reference math instead of a dedicated kernel."""
+    """Op kinds this backend always runs through the reference math instead of a dedicated kernel."""
     return sorted(k for k in {**MOE, **QUANT} if k not in OWN)
+
+
+def reference_kinds(ops: Any, tensors: dict, device: torch.device) -> list[str]:
+    """Kinds of `ops` (plan ops) that run the reference math on `device`: the fallback kinds, and fp8 kinds whose
+    op `cuda_fp8` cannot take (another format, unaligned dims, a GPU below compute capability 8.9)."""
+    cuda = device.type == "cuda"
+    cap = torch.cuda.get_device_capability(device) if cuda else (0, 0)
+    always = set(fallback_kinds())
+    kinds = set()
+    for op in ops:
+        if op.kind in always:
+            kinds.add(op.kind)
+        elif op.kind in cuda_fp8.KERNELS:
+            ins = [tensors[n] for n in op.inputs]
+            out = tensors[op.outputs[0]]
+            if not cuda_fp8.op_is_native(op.kind, op.attrs, [tuple(t.shape) for t in ins],
+                                         [t.dtype for t in ins] + [out.dtype], cuda, cap):
+                kinds.add(op.kind)
+    return sorted(kinds)

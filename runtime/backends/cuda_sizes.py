@@ -386,3 +386,42 @@ def flash_fwd_bytes(total: int, nh: int, hd: int, itemsize: int, inplace: bool |
     written in place (`flash_inplace`, the default when None)."""
     inplace = flash_inplace() if inplace is None else inplace
     return (0 if inplace else total * nh * hd * itemsize) + nh * total * 4 + 16
+
+
+# -- FP8 tensor-core GEMMs (recipe fp8_hybrid; runtime/backends/cuda_fp8.py) -------------------------------
+FP8_CAPABILITY = (8, 9)  # cuBLASLt FP8 GEMMs: Ada and newer
+FP8_ALIGN = 16  # torch._scaled_mm on a GPU: every dim of both operands a multiple of 16
+FP8_FORMATS = {"fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2"}  # grad_format -> numba_kernels.fp8 format
+
+
+def fp8_gemm_enabled() -> bool:
+    """SUROGATE_FP8_GEMM=0 runs the fp8 recipe's matmuls as the reference math (dequantize + fp32 GEMM): the A/B."""
+    return os.environ.get("SUROGATE_FP8_GEMM", "1") != "0"
+
+
+def fp8_native(fmt: str | None, dims: Iterable[int], dtypes: Iterable[str], cuda: bool,
+               capability: tuple[int, int]) -> bool:
+    """Whether an fp8_tensor quantize / qlinear op runs the backend's own kernels (FP8 tensor-core GEMMs through
+    torch._scaled_mm): per-tensor fp8, operand dims `FP8_ALIGN`-aligned, kernel dtypes (fp32 / bf16), and on a GPU
+    compute capability 8.9+. CPU tensors (the simulator) take the same path. Anything else: the reference math."""
+    if fmt != "fp8_tensor" or not fp8_gemm_enabled():
+        return False
+    if any(d not in ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2") for d in dtypes):
+        return False
+    if cuda and (tuple(capability) < FP8_CAPABILITY or any(int(d) % FP8_ALIGN for d in dims)):
+        return False
+    return True
+
+
+def fp8_amax_slot() -> Spec:
+    return Spec("fp8_amax", (1,), "fp32")
+
+
+def fp8_grad_codes(rows: int, cols: int) -> list[Spec]:
+    """The output gradient rounded through its fp8 format (codes) and its just-in-time scale."""
+    return [Spec("fp8_dy_codes", (rows, cols), "uint8"), Spec("fp8_dy_scale", (1,), "fp32")]
+
+
+def fp8_transposed(tag: str, rows: int, cols: int) -> Spec:
+    """A transposed copy of [rows, cols] fp8 codes (cuBLASLt FP8 wants A row-major and B column-major)."""
+    return Spec(tag, (cols, rows), "uint8")

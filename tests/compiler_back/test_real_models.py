@@ -333,14 +333,15 @@ def test_fp4_plans_say_the_fp4_backend_has_no_kernel_yet(tmp_path, capsys):
     assert any(n.startswith("fp4_backend: 'cudnn'") and "no FP4 GEMM kernel" in n for n in notes), notes
 
 
-def test_fp8_plans_say_the_fp8_matmuls_have_no_tensor_core_kernel_yet(tmp_path, capsys):
+def test_fp8_plans_say_where_the_fp8_matmuls_run_on_tensor_cores(tmp_path, capsys):
     from surogate.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 128\nrecipe: fp8_hybrid\n")
     assert main(["plan", str(cfg), "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
-    assert any(n.startswith("fp8_hybrid: no FP8 tensor-core GEMM") for n in notes), notes
+    assert any(n.startswith("fp8_hybrid: the FP8 matmuls run on FP8 tensor cores") and "8.9+" in n
+               and "dequantize + fp32 GEMM" in n for n in notes), notes
     cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 128\n")
     assert main(["plan", str(cfg), "--json"]) == 0
     assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if n.startswith("fp8_hybrid")]

@@ -155,6 +155,11 @@ def fp8_quantize(dt):
     return (_r(50, dtype=dt, scale=30), torch.empty(50, dtype=torch.uint8), torch.tensor([2.0]), "e4m3"), {}, 0
 
 
+def fp8_delayed_scale(dt):
+    hist = torch.rand(9, generator=_g()) * 4
+    return (torch.tensor([2.5]), hist, torch.empty(1), (0, 8), 1e-12, 448.0, True), {}, 0
+
+
 def fp8_dequantize(dt):
     codes = torch.randint(0, 256, (50,), generator=_g(), dtype=torch.uint8)
     codes[codes == 0x7F] = 0  # skip NaN codes: NaN != NaN in comparisons

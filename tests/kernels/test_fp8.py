@@ -8,6 +8,8 @@ import torch
 from surogate.numba_kernels.fp8 import (
     FORMATS,
     fp8_amax,
+    fp8_delayed_scale,
+    fp8_delayed_scale_ref,
     fp8_dequantize,
     fp8_dequantize_blocks,
     fp8_dequantize_blocks_ref,
@@ -92,3 +94,40 @@ def test_shape_checks():
         fp8_quantize_blocks(torch.zeros(4, 4), torch.zeros(4, 4, dtype=torch.uint8), torch.zeros(2, 2), (4, 4))
     with pytest.raises(ValueError, match="format"):
         fp8_quantize(torch.zeros(4), torch.zeros(4, dtype=torch.uint8), torch.ones(1), "e3m4")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_by_division_is_bit_exact_with_the_recipes_math(fmt, dtype):
+    # the fp8 recipe keeps a dequantization scale s and encodes x / s (runtime/reference/kernels_quant.py);
+    # x * (1 / s) would differ in the last fp32 bit, and so in a code now and then
+    x = (torch.randn(5, 97) * 3).to(dtype)
+    s = torch.tensor([x.float().abs().max().item() / FORMATS[fmt][1] * 1.37])  # not a power of two
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    fp8_quantize(x, codes, s, fmt, divide=True)
+    truth = (x.float() / s).clamp(-FORMATS[fmt][1], FORMATS[fmt][1]).to(FORMATS[fmt][0]).view(torch.uint8)
+    assert torch.equal(codes, truth)
+    assert torch.equal(fp8_quantize_ref(x, s, fmt, divide=True), truth)
+
+
+@pytest.mark.parametrize("window,push", [((0, 4), True), ((1, 5), False), ((0, 0), False), ((2, 2), True)])
+def test_delayed_scale_reads_its_window_then_pushes(window, push):
+    hist = torch.tensor([3.0, 9.0, 1.0, 2.0, 40.0])
+    amax = torch.tensor([5.0])
+    scale, h = torch.zeros(1), hist.clone()
+    fp8_delayed_scale(amax, h, scale, window, 1e-12, 448.0, push)
+    lo, hi = window
+    want = max([5.0, *hist[lo:hi].tolist()]) / 448.0
+    assert scale.item() == pytest.approx(want, rel=1e-7)
+    assert torch.equal(h, torch.tensor([5.0, 3.0, 9.0, 1.0, 2.0]) if push else hist)
+    ref_scale, ref_h = torch.zeros(1), hist.clone()
+    fp8_delayed_scale_ref(amax, ref_h, ref_scale, window, 1e-12, 448.0, push)
+    assert torch.equal(scale, ref_scale) and torch.equal(h, ref_h)
+
+
+def test_delayed_scale_floor_and_window_check():
+    scale = torch.zeros(1)
+    fp8_delayed_scale(torch.zeros(1), torch.zeros(3), scale, (0, 3), 1e-30, 57344.0, False)
+    assert scale.item() == pytest.approx(1e-30 / 57344.0, rel=1e-6)  # an all-zero tensor: the floor, never 0
+    with pytest.raises(ValueError, match="window"):
+        fp8_delayed_scale(torch.zeros(1), torch.zeros(3), scale, (2, 4), 1e-12, 448.0, False)
