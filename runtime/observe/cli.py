@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from surogate.errors import UserError
 from surogate.runtime.observe.history import LossHistory
 from surogate.runtime.observe.jsonl import read_log
 from surogate.runtime.observe.plot import plot_training_loss
+
+SHOWN = 10  # unreadable lines named one by one; the rest are counted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,10 +19,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = read_log(args.log_file)
+    """Plot every good record; each line that is not one (a torn write, a hand edit) is named on stderr and left
+    out. Exit 2 when nothing is left to plot."""
+    data = read_log(args.log_file, skip_bad=True)
+    for problem in data.skipped[:SHOWN]:
+        print(f"warning: {problem}; line skipped", file=sys.stderr)
+    if len(data.skipped) > SHOWN:
+        print(f"warning: {len(data.skipped) - SHOWN} more unreadable line(s) skipped", file=sys.stderr)
     if not data.steps and not data.evals:
-        raise UserError(f"{args.log_file}: no step or eval records to plot")
+        skipped = f" ({len(data.skipped)} unreadable line(s) skipped)" if data.skipped else ""
+        raise UserError(f"{args.log_file}: no step or eval records to plot{skipped}")
     run_name = next((e.get("run_name") for e in data.events if e.get("type") == "start"), None)
-    out = plot_training_loss(LossHistory.from_records(data.steps, data.evals), args.output, title=run_name)
-    print(f"wrote {out} ({len(data.steps)} steps, {len(data.evals)} evals)")
+    title = None if run_name is None else str(run_name)
+    out = plot_training_loss(LossHistory.from_records(data.steps, data.evals), args.output, title=title)
+    skipped = f"; {len(data.skipped)} unreadable line(s) skipped" if data.skipped else ""
+    print(f"wrote {out} ({len(data.steps)} steps, {len(data.evals)} evals{skipped})")
     return 0

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 def _num(v: object) -> float:
     try:
         return float(v)
-    except (TypeError, ValueError):  # "nan" strings from the log, missing values
+    except (TypeError, ValueError, OverflowError):  # missing or non-numeric values; an integer beyond a float
         return math.nan
 
 

@@ -145,11 +145,14 @@ class TrainingObserver:
             return
         log_file = getattr(self.cfg, "log_file", None)
         cfg_data = config_dict(self.cfg)
+        if log_file:
+            self.log = JsonlWriter(log_file)  # first: it repairs a torn last line the resume would read
         if log_file and self._first_step > 0:
             self._continue_log(Path(log_file))
-        if log_file:
-            self.log = JsonlWriter(log_file)
+        if self.log:
             self.log.write("start", run_name=self.run_name, run_info=config_dict(self.info), config=cfg_data)
+            if self.log.repaired:
+                self._event("log_repaired", f"log_file: {self.log.repaired}", "warning")
         self.trackers = make_trackers(self.cfg, self.run_name, str(self.output_dir), cfg_data)
         names = [f"{t.name} ({getattr(t, 'mode', 'local')})" if t.name == "wandb" else t.name for t in self.trackers]
         self.console.lines(start_lines(self.run_name, self.info, str(self.output_dir), log_file, names), "bold")
@@ -160,10 +163,14 @@ class TrainingObserver:
         if not path.is_file():
             return
         try:
-            earlier = read_log(path)
+            earlier = read_log(path, skip_bad=True)
         except UserError as exc:
             self.console.message(f"resuming: the loss plot starts at step {self._first_step + 1} ({exc})", "warning")
             return
+        if earlier.skipped:
+            more = f" and {len(earlier.skipped) - 1} more" if len(earlier.skipped) > 1 else ""
+            self.console.message(f"resuming: unreadable log lines left out of the loss plot: {earlier.skipped[0]}{more}",
+                                 "warning")
         upto = self._first_step
         self.history = LossHistory.from_records([r for r in earlier.steps if r["step"] <= upto],
                                                 [r for r in earlier.evals if r["step"] <= upto])

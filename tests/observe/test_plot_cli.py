@@ -60,17 +60,66 @@ def test_default_output_name(tmp_path, monkeypatch):
         ('{"type": "step", "step": 1, "loss": 2.0}\n\n{"type": "step", "step": 2, "loss": 1.9\n',
          ":3: not valid JSON"),
         ('{"type": "step", "step": 1, "loss": 2.0}\n[1, 2]\n', ':2: expected a JSON object with a "type" field'),
-        ('{"type": "eval", "step": "x", "loss": 2.0}\n', ':1: eval record needs an integer "step" and a "loss"'),
-        ('{"type": "start", "run_name": "r"}\n', ": no step or eval records to plot"),
+        ('{"type": "step", "step": 1, "loss": 2.0}\n{"type": "eval", "step": "x", "loss": 2.0}\n',
+         ':2: eval record needs an integer "step" and a "loss"'),
+        ('{"type": "step", "step": 1, "loss": 2.0}\n{"type": "step", "step": 99999999999999999999, "loss": 2}\n',
+         ":2: step record's step 99999999999999999999 is out of range"),
+        ('{"type": "step", "step": 1, "loss": 2.0}\n{"type": "step", "st', ":2: not valid JSON"),  # a torn last line
     ],
 )
-def test_bad_log_names_file_and_line(tmp_path, capsys, content, message):
+def test_bad_log_lines_are_named_and_skipped(tmp_path, capsys, content, message):
+    """A line that is no record (a torn write, a hand edit) is named, file and line, and left out: the good
+    records still plot (a log that once went bad must not stay unplottable)."""
+    log = tmp_path / "bad.jsonl"
+    log.write_text(content)
+    assert main(["plot", str(log), "-o", str(tmp_path / "x.png")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"warning: {log}{message}") and err.rstrip().endswith("; line skipped")
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert f"wrote {tmp_path / 'x.png'} (1 steps, 0 evals; 1 unreadable line(s) skipped)" in out
+    assert (tmp_path / "x.png").is_file()
+    with pytest.raises(UserError, match=f"{log}{message}"):  # read strictly (the tests' own reads), it is an error
+        read_log(log)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"type": "start", "run_name": "r"}\n', ": no step or eval records to plot"),
+        ('{"type": "eval", "step": "x", "loss": 2.0}\n', ": no step or eval records to plot (1 unreadable line(s) skipped)"),
+    ],
+)
+def test_a_log_with_nothing_to_plot_is_an_error(tmp_path, capsys, content, message):
     log = tmp_path / "bad.jsonl"
     log.write_text(content)
     assert main(["plot", str(log), "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {log}{message}") and "Traceback" not in err
+    assert f"error: {log}{message}" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_many_bad_lines_are_counted_past_the_first_ten(tmp_path, capsys):
+    log = tmp_path / "bad.jsonl"
+    log.write_text('{"type": "step", "step": 1, "loss": 2.0}\n' + "garbage\n" * 25)
+    assert main(["plot", str(log), "-o", str(tmp_path / "x.png")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 11 and err[0].startswith(f"warning: {log}:2: not valid JSON")
+    assert err[-1] == "warning: 15 more unreadable line(s) skipped"
+
+
+@pytest.mark.parametrize("values", [
+    '"loss": 1e308, "lr": 1e308', '"loss": Infinity, "lr": -Infinity', '"loss": "inf", "lr": "nan"',
+    '"loss": 1e400, "lr": 1' + "0" * 400,  # beyond a float: parsed as inf, and an int float() cannot take
+])
+def test_infinite_and_huge_values_plot_with_a_note(tmp_path, capsys, values):
+    """A diverged run's log: the off-scale points are left out (and counted on the image), the rest is drawn."""
+    log = tmp_path / "big.jsonl"
+    log.write_text('{"type": "step", "step": 1, "loss": 2.0, "lr": 1e-4}\n'
+                   f'{{"type": "step", "step": 2, {values}}}\n'
+                   '{"type": "eval", "step": 2, "loss": 1e308}\n')
+    assert main(["plot", str(log), "-o", str(tmp_path / "x.png")]) == 0
+    assert "(2 steps, 1 evals)" in capsys.readouterr().out
+    assert imread(tmp_path / "x.png").shape == (500, 900, 4)
 
 
 @pytest.mark.parametrize("where", ["folder", "under_a_file", "proc"])
@@ -83,13 +132,6 @@ def test_unwritable_plot_output_is_a_clear_error(tmp_path, capsys, where):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out}: ") and "Traceback" not in err
     assert not list(tmp_path.glob("**/*.tmp.png"))
-
-
-def test_step_out_of_range_names_the_line(tmp_path, capsys):
-    log = tmp_path / "big.jsonl"
-    log.write_text('{"type": "step", "step": 99999999999999999999, "loss": 2}\n')
-    assert main(["plot", str(log), "-o", str(tmp_path / "x.png")]) == 2
-    assert f"{log}:1: step record's step 99999999999999999999 is out of range" in capsys.readouterr().err
 
 
 def test_missing_log_file(tmp_path, capsys):
@@ -131,3 +173,45 @@ def test_long_history_is_thinned_for_plotting(tmp_path):
     assert len(h.steps) == 100_000 and h.steps.itemsize + h.loss.itemsize + h.lr.itemsize == 24
     out = plot_training_loss(h, tmp_path / "long.png")
     assert imread(out).shape == (500, 900, 4)
+
+
+def test_off_scale_values_become_gaps_and_are_counted():
+    from surogate.runtime.observe.plot import _drawable
+
+    values, off = _drawable([1.0, float("inf"), 1e308, float("nan"), -1e301, 1e299])
+    assert off == 3 and values[0] == 1.0 and values[5] == 1e299 and np.isnan(values[1:5]).all()
+
+
+def _lines(path):
+    return path.read_text().splitlines()
+
+
+def test_writer_cuts_a_torn_last_line_before_appending(tmp_path):
+    log = tmp_path / "l.jsonl"
+    log.write_text('{"type":"step","step":1,"loss":2.0}\n{"type":"step","step":2,"lo')
+    w = JsonlWriter(log)
+    assert w.repaired == (f"{log}:2: removed a torn last line (27 bytes, an interrupted write) before appending: "
+                          "'{\"type\":\"step\",\"step\":2,\"lo'")
+    w.write("step", step=2, loss=1.5)
+    w.close()
+    assert [r["loss"] for r in read_log(log).steps] == [2.0, 1.5]  # strict: every line is a record
+    assert len(_lines(log)) == 2
+
+
+def test_writer_ends_a_whole_record_missing_its_newline(tmp_path):
+    log = tmp_path / "l.jsonl"
+    log.write_text('{"type":"step","step":1,"loss":2.0}')
+    w = JsonlWriter(log)
+    assert w.repaired == f"{log}:1: the last record had no newline (an interrupted run); one was added before appending"
+    w.write("step", step=2, loss=1.5)
+    w.close()
+    assert [r["step"] for r in read_log(log).steps] == [1, 2]
+
+
+@pytest.mark.parametrize("content", ["", '{"type":"step","step":1,"loss":2.0}\n'])
+def test_writer_leaves_a_sound_log_alone(tmp_path, content):
+    log = tmp_path / "l.jsonl"
+    log.write_text(content)
+    w = JsonlWriter(log)
+    w.close()
+    assert w.repaired is None and log.read_text() == content

@@ -169,3 +169,21 @@ def test_resumed_run_continues_the_loss_plot_and_the_run_name(source, tmp_path, 
     assert result.steps == 9
     steps, title = drawn[-1]
     assert steps == list(range(1, 10)) and title == first_title  # 1-6 from the log, 7-9 from this run
+
+
+def test_a_torn_log_line_is_cut_before_the_resumed_run_appends(source, tmp_path, capsys):
+    """A run killed mid-write leaves half a line; the resumed run cuts it (saying so) and its records start on
+    lines of their own: the log reads back whole and `surogate plot` draws it without a warning."""
+    log = tmp_path / "log.jsonl"
+    common = dict(save_steps=2, log_file=str(log))
+    train(train_cfg(source, tmp_path, max_steps=2, **common))
+    with open(log, "a") as fh:
+        fh.write('{"type":"step","step":3,"loss":4.1,"lr":0.0')  # killed while writing step 3
+    result, console = train(train_cfg(source, tmp_path, max_steps=4, resume_from_checkpoint=True, **common))
+    assert result.steps == 4 and "log_file: " in console and "removed a torn last line" in console
+    data = read_log(log)  # strict: raises on any bad line
+    assert [r["step"] for r in data.steps] == [1, 2, 3, 4] and data.steps[2]["loss"] != 4.1
+    assert [e["event"] for e in data.events if e.get("event") == "log_repaired"] == ["log_repaired"]
+    assert main(["plot", str(log), "-o", str(tmp_path / "p.png")]) == 0
+    captured = capsys.readouterr()
+    assert "(4 steps, 2 evals)" in captured.out and "warning" not in captured.err
