@@ -58,7 +58,7 @@ def our_config(model_dir: Path, args: Any, **over: Any):
             "lora_rank": 16, "lora_alpha": 32, "lora_dropout": getattr(args, "lora_dropout", 0.0), "lora_dtype": getattr(args, "lora_dtype", "bf16"),
             "optimizer": "adamw_8bit", "recompute": not getattr(args, "no_recompute", False),
             "learning_rate": 1e-4, "use_cuda_graphs": not args.eager,
-            "lmhead_chunks": getattr(args, "lmhead_chunks", 1)}
+            "lmhead_chunks": getattr(args, "lmhead_chunks", 1), "recipe": getattr(args, "recipe", "bf16") or "bf16"}
     base.update(over)
     return config_from_dict(base)
 

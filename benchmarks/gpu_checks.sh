@@ -94,7 +94,7 @@ if not (p.get("auto") or {}).get("ok", True) and (p.get("sdpa") or {}).get("ok")
 PYEOF
 )"
 want throughput && stage throughput 180 $PY benchmarks/throughput.py --steps 3 --json "$OUT/throughput.json" \
-  --extra "${EXTRA-0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-defaults,0.6b-full,0.6b-full-offload,0.6b-fp32-nocache}" --budget-s 172
+  --extra "${EXTRA-0.6b-fp8,0.6b-nofold,0.6b-nostack,0.6b-norecompute,0.6b-keepmid,0.6b-keepattn,0.6b-lmchunks16,0.6b-fp32,0.6b-defaults,0.6b-full,0.6b-full-fp8,0.6b-full-offload,0.6b-fp32-nocache}" --budget-s 172
 want kernels && stage kernels 100 bash -c "timeout 20 $PY benchmarks/kernel_bandwidth.py; timeout 45 $PY benchmarks/op_profile.py; \
   timeout 30 $PY benchmarks/launch_census.py"
 want tests && stage tests 60 $PY -m pytest -m gpu -q -p no:cacheprovider -rs tests/cuda_backend tests/kernels/test_gpu.py tests/runtime/test_host_staging.py tests/runtime/test_host_memory.py

@@ -318,6 +318,47 @@ def graphs(model_dir: Path, steps: int = 4, micro: int = 2) -> dict:
     return res
 
 
+def fp8(model_dir: Path) -> dict:
+    """Recipe fp8_hybrid (runtime/backends/cuda_fp8.py): a full bf16 fine-tune micro-step with the FP8 tensor-core
+    GEMMs against the same plan with SUROGATE_FP8_GEMM=0 (the reference math on the device: same codes and scales,
+    fp32 GEMMs), then trained eager vs CUDA graphs (captured, nothing allocated after step 2)."""
+    from tests.cuda_backend.helpers import Runner, rel_err, sim_cfg
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, MODEL["vocab_size"], (2, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    cfg = sim_cfg(model_dir, seq=SEQ, batch=2, torch_dtype="bfloat16", recipe="fp8_hybrid")
+    calls = []
+    real = torch._scaled_mm
+    torch._scaled_mm = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        loss, grads = Runner(cfg, "cuda", device=DEVICE).micro_step(ids, labels)
+    finally:
+        torch._scaled_mm = real
+    os.environ["SUROGATE_FP8_GEMM"] = "0"
+    try:
+        ref_loss, ref = Runner(cfg, "cuda", device=DEVICE).micro_step(ids, labels)
+    finally:
+        os.environ.pop("SUROGATE_FP8_GEMM", None)
+    errs = {n: rel_err(grads[n], r) for n, r in ref.items()}
+    worst = max(errs, key=errs.get)
+    res = {"scaled_mm_calls": len(calls), "loss": loss, "ref_loss": ref_loss,
+           "loss_err": abs(loss - ref_loss) / abs(ref_loss), "max_grad_err": errs[worst], "worst_grad": worst}
+    res["ok"] = len(calls) > 0 and res["loss_err"] <= 1e-2 and errs[worst] <= 5e-2
+    steps, micro = (4, 2) if DEVICE == "cuda" else (2, 1)
+    trained = {mode: _train(sim_cfg(model_dir, seq=SEQ, batch=2, torch_dtype="bfloat16", recipe="fp8_hybrid",
+                                    use_cuda_graphs=True), mode == "graphs", steps, micro) for mode in ("eager", "graphs")}
+    e, gr = trained["eager"]["losses"], trained["graphs"]["losses"]
+    res["graphs"] = {k: trained["graphs"][k] for k in ("losses", "replays", "reason", "allocations_after_step2")}
+    res["eager_losses"] = e
+    res["graphs_max_rel_loss_diff"] = max(abs(a - b) / abs(a) for a, b in zip(e, gr, strict=True))
+    res["ok"] = res["ok"] and res["graphs_max_rel_loss_diff"] <= 1e-3 and (
+        DEVICE != "cuda" or (trained["graphs"]["reason"] is None and trained["graphs"]["replays"] > 0
+                             and trained["graphs"]["allocations_after_step2"] == 0))
+    return res
+
+
 # Offloading on the device: the copies run on a side stream (runtime/offload_copies.py); a missing wait reads a
 # staging buffer before its load lands or stores one after the arena reused it, which moves the losses.
 OFFLOAD_CASES = {
@@ -383,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = save_qwen3(Path(tmp) / "qwen3", **MODEL)
         for name, fn in (("kernels", kernels), ("kernels_at_size", kernels_at_size), ("parity", lambda: parity(model_dir)),
                          ("split_gemm", split_gemm), ("graphs", lambda: graphs(model_dir)),
+                         ("fp8", lambda: fp8(model_dir)),
                          ("offload", lambda: offload(model_dir))):
             t0 = time.perf_counter()
             try:

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--offload", default="", help="offload_* options to set, comma-separated (as throughput.py)")
+    ap.add_argument("--recipe", default="bf16", choices=["bf16", "fp8_hybrid"], help="precision recipe (as throughput.py)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -147,6 +147,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ours: LM-head row chunks (the logits workspace holds rows / N rows: smaller, L2-resident)")
     p.add_argument("--offload", default="", help="ours: offload_* options to set, comma-separated (the copies run "
                    "on a side stream; compare with the same job without them)")
+    p.add_argument("--recipe", default="bf16", choices=["bf16", "fp8_hybrid"],
+                   help="ours: the precision recipe (HF stays bf16: the baseline a user switches from)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2)
@@ -183,11 +185,12 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
             "--lora-dropout", str(getattr(args, "lora_dropout", 0.0)),
             *(["--full"] if args.full else []), *(["--no-recompute"] if args.no_recompute else []),
             *(["--eager"] if args.eager else []), "--lmhead-chunks", str(getattr(args, "lmhead_chunks", 1)),
-            "--offload", getattr(args, "offload", "") or ""]
+            "--offload", getattr(args, "offload", "") or "", "--recipe", getattr(args, "recipe", "bf16")]
     env = getattr(args, "env", None) or {}  # an extra's experiment switches, for our process only
     job = {"model_size": args.model_size, "full": args.full, "eager": args.eager, "lora_dtype": args.lora_dtype,
            "recompute": not args.no_recompute, "lmhead_chunks": getattr(args, "lmhead_chunks", 1),
-           "lora_dropout": getattr(args, "lora_dropout", 0.0), "offload": getattr(args, "offload", "") or ""}
+           "lora_dropout": getattr(args, "lora_dropout", 0.0), "offload": getattr(args, "offload", "") or "",
+           "recipe": getattr(args, "recipe", "bf16")}
     results: dict = {"job": {**job, "env": env} if env else job}
     with tempfile.TemporaryDirectory(prefix="surogate-gpu-bench-") as tmp:
         work = Path(tmp)
@@ -234,6 +237,7 @@ def compare(args: argparse.Namespace, deadline: float | None, hf_result: dict | 
     mode += f", ours with lmhead_chunks: {args.lmhead_chunks}" if getattr(args, "lmhead_chunks", 1) > 1 else ""
     mode += "".join(f", ours with {k}={v}" for k, v in env.items())
     mode += f", ours with {args.offload}" if getattr(args, "offload", "") else ""
+    mode += f", ours in recipe {args.recipe}" if getattr(args, "recipe", "bf16") != "bf16" else ""
     print(f"job: {SIZES[args.model_size]}-shaped, bf16, {mode}, seq {args.seq} x batch {args.batch} x accum "
           f"{args.accum}, packed rows, {args.steps} timed steps, {torch.cuda.get_device_name()}")
     for name, r in (("surogate (cuda, graphs)" if not args.eager else "surogate (cuda, eager)", ours),
@@ -292,6 +296,12 @@ EXTRAS = {
     # 0.6b-full's own figure (`hf_from`: that extra's HF side is this job's), the cost of the host round trips
     "0.6b-full-offload": {"model_size": "0.6b", "full": True, "no_recompute": False,
                           "offload": "offload_optimizer,offload_grads", "hf_from": "0.6b-full"},
+    # recipe fp8_hybrid on ours (FP8 tensor-core GEMMs, runtime/backends/cuda_fp8.py) beside HF bf16: the contract
+    # says "2x throughput" over bf16; compare with the main job's (LoRA) and 0.6b-full's (full) own figures
+    "0.6b-fp8": {"model_size": "0.6b", "full": False, "lora_dtype": "bf16", "no_recompute": False,
+                 "recipe": "fp8_hybrid", "ours_only": True},
+    "0.6b-full-fp8": {"model_size": "0.6b", "full": True, "no_recompute": False, "recipe": "fp8_hybrid",
+                      "hf_from": "0.6b-full"},
     **{f"{size}{suffix}": {"model_size": size, "full": bool(suffix), "lora_dtype": "bf16", "no_recompute": False}
        for size in ("1.7b", "4b") for suffix in ("", "-full")},
 }
