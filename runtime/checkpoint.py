@@ -327,11 +327,17 @@ class CheckpointManager:
             raise UserError(f"{self.field}: cannot write checkpoints into {self.dir} ({exc.strerror or exc}); choose a "
                             f"writable {self.field} or fix its permissions") from None
 
-    def refuse_foreign(self) -> None:
+    def _fresh_start(self) -> str:
+        """How to start a new run beside this folder's checkpoints, knowing only the folder (the session's guard
+        passes advice that also counts the run's other outputs, `runtime.resume.fresh_start_advice`)."""
+        return f"choose another {self.field}, or remove them (rm -r {self.dir}/checkpoint-*)"
+
+    def refuse_foreign(self, fresh_start: str | None = None) -> None:
         """UserError when a run that does not resume would write into a folder holding checkpoints already.
 
         Its saves would mix with them: rotation would count them, a later resume could pick theirs.
-        Nothing is deleted: the user resumes them, points the run elsewhere, or removes them.
+        Nothing is deleted: the user resumes them, points the run elsewhere, or removes them. `fresh_start`: how
+        to start the new run instead (every way it names must work).
         """
         self.clean_stale()
         found = self.folders()
@@ -341,10 +347,10 @@ class CheckpointManager:
         raise UserError(
             f"{self.field}: {self.dir} already holds checkpoints of an earlier run ({names}), and "
             "resume_from_checkpoint is false: a fresh run would mix its checkpoints with them. Either resume them "
-            "(resume_from_checkpoint: true), choose another output_dir or checkpoint_dir, or remove them "
-            f"(rm -r {self.dir}/checkpoint-*)")
+            f"(resume_from_checkpoint: true, with that run's config), or, to start a new run, "
+            f"{fresh_start or self._fresh_start()}")
 
-    def refuse_unusable(self) -> None:
+    def refuse_unusable(self, fresh_start: str | None = None) -> None:
         """UserError when resuming found checkpoint folders but none usable (after `latest()` returned None).
 
         Starting from step 0 beside them would mix two runs, and the user asked to resume: say what is wrong.
@@ -355,8 +361,7 @@ class CheckpointManager:
         why = "; ".join(f"{p.name}: {self.bad.get(p) or self._problem(p) or 'unusable'}" for p in found[-4:])
         raise UserError(
             f"{self.field}: resume_from_checkpoint is true but none of the {len(found)} checkpoint(s) in {self.dir} is "
-            f"usable ({why}). Restore them from a copy, or start afresh elsewhere (another output_dir or "
-            f"checkpoint_dir) or after removing them (rm -r {self.dir}/checkpoint-*)")
+            f"usable ({why}). Restore them from a copy, or, to start afresh, {fresh_start or self._fresh_start()}")
 
     # ---- loading ------------------------------------------------------------------------------
     def load(self, path: str | os.PathLike) -> Checkpoint:

@@ -40,14 +40,18 @@ def is_fingerprint(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"hash", "options"}
 
 
+class ConfigMismatchError(UserError):
+    """A checkpoint written with other options than this run's: the resume adds how to proceed."""
+
+
 def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
-    """UserError naming each option whose value differs between the saved and the current fingerprint."""
+    """ConfigMismatchError naming each option whose value differs between the saved and the current fingerprint."""
     if saved.get("hash") == current.get("hash"):
         return
     old, new = saved.get("options", {}), current.get("options", {})
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    raise UserError(
+    raise ConfigMismatchError(
         f"checkpoint {where} was written with a different config; cannot resume. Differences: "
         + ("; ".join(diffs) if diffs else "(config hash differs)")
-        + ". Set `resume_from_checkpoint: false` or point `checkpoint_dir` elsewhere to start fresh."
+        + ". To resume it, put those options back"
     )

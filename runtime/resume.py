@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surogate.errors import UserError
+from surogate.runtime.checkpoint_config import ConfigMismatchError
 
 if TYPE_CHECKING:
     from surogate.runtime.trainer import Trainer
@@ -32,15 +33,67 @@ def _agreed(check: Callable[[], None]) -> None:
         raise UserError(problem)
 
 
+def earlier_exports(cfg: Any) -> list[Path]:
+    """The exported models (adapter/, merged/, model/) an earlier run left in `output_dir` (empty folders aside)."""
+    from surogate.runtime.run_exports import EXPORT_FOLDERS
+
+    out = Path(cfg.output_dir)
+    found = []
+    for name in EXPORT_FOLDERS:
+        folder = out / name
+        if folder.is_dir():
+            if any(folder.iterdir()):
+                found.append(folder)
+        elif folder.exists():
+            found.append(folder)
+    return found
+
+
+def fresh_start_advice(cfg: Any, manager: Any) -> str:
+    """How to start a new run where an earlier run's checkpoints or exported models are in the way; each way
+    works: the guards below accept it."""
+    # a checkpoint_dir set apart from output_dir must change too when it holds the earlier run's checkpoints
+    other = ("another output_dir and another checkpoint_dir" if cfg.checkpoint_dir and manager.folders()
+             else "another output_dir")
+    doomed = ([f"{manager.dir}/checkpoint-*"] if manager.folders() else []) + [str(p) for p in earlier_exports(cfg)]
+    remove = f", or remove the earlier run's {' and '.join(_kinds(manager, cfg))} (rm -r {' '.join(doomed)})" if doomed \
+        else ""
+    return f"give it {other}{remove}"
+
+
+def _kinds(manager: Any, cfg: Any) -> list[str]:
+    return [k for k, there in (("checkpoints", manager.folders()), ("exported models", earlier_exports(cfg))) if there]
+
+
+def _refuse_replacing_exports(cfg: Any, manager: Any) -> None:
+    """UserError when a run that starts fresh (it does not resume, or there is nothing to resume) would replace
+    the models an earlier run exported into output_dir when it ends: refused now, not found lost then. A run
+    that resumes rewrites its own line's exports."""
+    found = earlier_exports(cfg)
+    if not found or (cfg.resume_from_checkpoint and manager.folders()):
+        return
+    why = ("resume_from_checkpoint is false" if not cfg.resume_from_checkpoint
+           else f"there is no checkpoint in {manager.dir} to resume")
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+    raise UserError(
+        f"output_dir: {Path(cfg.output_dir)} already holds {names} exported by an earlier run, and this run starts "
+        f"fresh ({why}): it would replace {'them' if len(found) > 1 else 'it'} when it ends. To keep "
+        f"{'them' if len(found) > 1 else 'it'}, {fresh_start_advice(cfg, manager)}; or resume the run that "
+        "exported them, with its config and checkpoint_dir")
+
+
 def _check_checkpoint_dir(cfg: Any) -> None:
     """UserError when the checkpoint folder cannot take this run: not a writable folder, or (a run that does not
-    resume) it holds another run's checkpoints. Cheap: nothing is hashed."""
+    resume) it holds another run's checkpoints, or a run that starts fresh would replace an earlier run's exported
+    model. Cheap: nothing is hashed."""
     from surogate.runtime.checkpoint import CheckpointManager
 
     manager = CheckpointManager.from_config(cfg)
     manager.check_writable()
     if not cfg.resume_from_checkpoint:
-        manager.refuse_foreign()
+        manager.refuse_foreign(fresh_start_advice(cfg, manager))
+    manager.clean_stale()
+    _refuse_replacing_exports(cfg, manager)
 
 
 def guard_checkpoint_dir(cfg: Any) -> None:
@@ -59,9 +112,14 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
         return None, []
     latest = find_latest(checkpoints)
     if latest is None:
-        _agreed(checkpoints.refuse_unusable)
+        _agreed(lambda: checkpoints.refuse_unusable(fresh_start_advice(cfg, checkpoints)))
         return None, []
-    trainer.restore(checkpoints.load(latest))
+    try:
+        loaded = checkpoints.load(latest)
+    except ConfigMismatchError as exc:
+        raise UserError(f"{exc}; to start a new run with this config instead, {fresh_start_advice(cfg, checkpoints)}"
+                        ) from None
+    trainer.restore(loaded)
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
              "not counted by save_total_limit (saving that step again replaces it)"
              for path, why in sorted(checkpoints.bad.items())]

@@ -8,6 +8,8 @@ from typing import Any
 
 from surogate.compiler.ir import Role
 
+EXPORT_FOLDERS = ("adapter", "merged", "model")  # what a run writes under output_dir at its end (atomically)
+
 
 def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
     """HF-compatible outputs under `output_dir`: adapter (+ merged), or the full model. Multi-rank: every rank

@@ -5,14 +5,18 @@
 - F17a: a checkpoint found corrupt at resume is reported, and rotation keeps the good ones;
 - F6: SIGTERM / SIGINT stop after the current step with a checkpoint and the log's end record; resuming from
   it continues the run exactly;
-- F4: rows the data pipeline deleted are in the start summary and the log's start record.
+- F4: rows the data pipeline deleted are in the start summary and the log's start record;
+- a run that starts fresh refuses, before training, an output_dir holding an earlier run's exported model (it
+  would replace it at its end), and every way a refusal advises to proceed works.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 
 import pytest
 
@@ -50,7 +54,8 @@ def test_fresh_run_refuses_a_folder_with_another_runs_checkpoints(source, tmp_pa
         train(_cfg(source, tmp_path, max_steps=4, resume_from_checkpoint=False))
     msg = str(err.value)
     assert msg.startswith(f"output_dir: {tmp_path / 'out'} already holds checkpoints") and "checkpoint-6, checkpoint-8" in msg
-    assert "resume_from_checkpoint: true" in msg and "another output_dir or checkpoint_dir" in msg and "rm -r" in msg
+    assert "resume_from_checkpoint: true" in msg and "give it another output_dir" in msg
+    assert f"remove the earlier run's checkpoints and exported models (rm -r {tmp_path / 'out'}/checkpoint-* " in msg
     assert _folders(tmp_path) == ["checkpoint-6", "checkpoint-8"]  # nothing deleted
 
 
@@ -143,3 +148,67 @@ def test_rerunning_a_finished_run_trains_nothing_and_rewrites_no_checkpoint(sour
     assert again.steps == first.steps == 3 and again.losses == []
     assert "checkpoint-3 already completes the run (3 steps): nothing to train" in console
     assert (ckpt / TENSORS_FILE).stat().st_mtime_ns == stamp and _folders(tmp_path) == ["checkpoint-3"]
+
+
+def _digest(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _rm_advised(message):
+    """Run the `rm -r ...` a refusal advises (as a user pastes it into a shell)."""
+    (command,) = re.findall(r"\((rm -r [^)]*)\)", message)
+    subprocess.run(["bash", "-c", command], check=True)
+
+
+def test_a_refused_resume_advises_only_what_works(source, tmp_path, monkeypatch):
+    """A resume refused for a changed option names it and the ways on: another output_dir, or removing the earlier
+    run's checkpoints and model; not `resume_from_checkpoint: false` (refused too) nor another checkpoint_dir alone
+    (the model in output_dir would be replaced at the end). Each way it names is taken here and works."""
+    train(_cfg(source, tmp_path, max_steps=2))
+    model = tmp_path / "out" / "model"
+    kept = _digest(model)
+    with pytest.raises(UserError) as err:
+        train(_cfg(source, tmp_path, max_steps=2, learning_rate=5e-4))
+    msg = str(err.value)
+    assert "cannot resume. Differences: learning_rate: 0.001 -> 0.0005. To resume it, put those options back" in msg
+    assert "give it another output_dir, or remove the earlier run's checkpoints and exported models" in msg
+    assert "resume_from_checkpoint: false" not in msg and "checkpoint_dir" not in msg
+    # what the message no longer advises is refused before training, and loses nothing
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained before refusing"))
+    with pytest.raises(UserError, match="already holds checkpoints of an earlier run"):
+        train(_cfg(source, tmp_path, max_steps=2, learning_rate=5e-4, resume_from_checkpoint=False))
+    with pytest.raises(UserError) as err2:
+        train(_cfg(source, tmp_path, max_steps=2, learning_rate=5e-4, checkpoint_dir=str(tmp_path / "elsewhere")))
+    elsewhere = str(err2.value)
+    assert elsewhere.startswith(f"output_dir: {tmp_path / 'out'} already holds model/ exported by an earlier run, and "
+                                f"this run starts fresh (there is no checkpoint in {tmp_path / 'elsewhere'} to resume)")
+    assert f"remove the earlier run's exported models (rm -r {model})" in elsewhere
+    assert _digest(model) == kept
+    monkeypatch.undo()
+    # way 1: another output_dir
+    other, _ = train(_cfg(source, tmp_path, max_steps=2, learning_rate=5e-4, output_dir=str(tmp_path / "other"),
+                          log_file=str(tmp_path / "other" / "log.jsonl")))
+    assert other.failed is None and (tmp_path / "other" / "model").is_dir() and _digest(model) == kept
+    # way 2: remove what the message names, then the same command
+    _rm_advised(msg)
+    assert not model.exists() and not _folders(tmp_path)
+    fresh, _ = train(_cfg(source, tmp_path, max_steps=2, learning_rate=5e-4))
+    assert fresh.first_step == 0 and fresh.steps == 2 and model.is_dir()
+
+
+def test_a_fresh_run_refuses_to_replace_an_exported_adapter(source, tmp_path, monkeypatch):
+    """The earlier run's checkpoints are gone, its exported adapter is not: a fresh run is refused up front; once
+    the adapter is removed as advised, it runs."""
+    lora = dict(lora=True, lora_rank=4, lora_alpha=8, max_steps=1)
+    train(_cfg(source, tmp_path, **lora))
+    subprocess.run(["bash", "-c", f"rm -r {tmp_path / 'out'}/checkpoint-*"], check=True)
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained before refusing"))
+    with pytest.raises(UserError) as err:
+        train(_cfg(source, tmp_path, **lora))
+    msg = str(err.value)
+    assert msg.startswith(f"output_dir: {tmp_path / 'out'} already holds adapter/ exported by an earlier run")
+    assert "give it another output_dir, or remove the earlier run's exported models" in msg
+    monkeypatch.undo()
+    _rm_advised(msg)
+    result, _ = train(_cfg(source, tmp_path, **lora))
+    assert result.failed is None and (tmp_path / "out" / "adapter").is_dir()

@@ -3,8 +3,9 @@
 - SIGTERM / SIGINT mid-run: the step in progress finishes, a checkpoint is saved, the log gets its end record,
   the command exits 143 / 130; the same command then continues from that step exactly as an uninterrupted run
   (one rank, and two gloo ranks where the launcher passes the signal on);
-- an output folder holding another run's checkpoints with `resume_from_checkpoint: false`, and a
-  `checkpoint_dir` that is a file: exit 2 before training, the message naming the option, no traceback.
+- an output folder holding another run's checkpoints with `resume_from_checkpoint: false` (or its exported adapter,
+  checkpoints elsewhere), and a `checkpoint_dir` that is a file: exit 2 before training, the message naming the
+  option, no traceback.
 
 Plus the signal handling itself (`runtime/stop_signals.py`), in process.
 """
@@ -119,6 +120,12 @@ def test_fresh_run_into_a_folder_with_checkpoints_exits_2(root):
     assert "error: output_dir:" in again.stderr and "checkpoint-2, checkpoint-4" in again.stderr
     assert "Surogate run" not in again.stdout  # refused before anything started
     assert sorted(p.name for p in (root / "mixed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # checkpoints elsewhere, same output_dir: the earlier run's adapter would be replaced at the end; refused now
+    adapter = (root / "mixed" / "adapter" / "adapter_model.safetensors").read_bytes()
+    elsewhere = run_cli("sft", str(_yaml(root, "mixed", max_steps=2, checkpoint_dir=str(root / "mixed-ckpt"))))
+    assert elsewhere.returncode == 2 and "Traceback" not in elsewhere.stderr and "Surogate run" not in elsewhere.stdout
+    assert f"error: output_dir: {root / 'mixed'} already holds adapter/ exported by an earlier run" in elsewhere.stderr
+    assert (root / "mixed" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
 
 def test_checkpoint_dir_that_is_a_file_exits_2(root):
