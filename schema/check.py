@@ -123,13 +123,21 @@ def _expected_text(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+_RANGE_KEYWORDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+
+
 def schema_issues(data: dict[str, Any]) -> list[ConfigIssue]:
     """Type, enum, range and required-field errors (unknown keys are reported by `unknown_key_issues`)."""
     validator = jsonschema.Draft202012Validator(_schema())
     issues: list[ConfigIssue] = []
     seen: set[tuple[str, str]] = set()
-    for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    # A value of the wrong type (`inf` for an integer) has that one error, not also a range error beside it.
+    mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+    for error in errors:
         if error.validator == "additionalProperties":
+            continue
+        if error.validator in _RANGE_KEYWORDS and tuple(error.absolute_path) in mistyped:
             continue
         path = tuple(error.absolute_path)
         if error.validator == "required":

@@ -79,7 +79,19 @@ def rope_scaling_valid(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigI
         yield ConfigIssue("rope_scaling", "JSON object needs a positive number \"factor\"", value)
 
 
+MAX_TOKENS_PER_MICRO_STEP = 2**31 - 1  # token positions and cu_seqlens over the flattened [B, T] batch are int32
+
+
 def sequence_lengths(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
+    batch, seq = cfg["per_device_train_batch_size"], cfg["sequence_len"]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (batch, seq))
+    if numbers and batch * seq > MAX_TOKENS_PER_MICRO_STEP:
+        yield ConfigIssue(
+            "per_device_train_batch_size",
+            f"got {batch}; with `sequence_len: {seq}` a micro-step holds {batch * seq} tokens, more than "
+            f"{MAX_TOKENS_PER_MICRO_STEP} (token offsets are 32-bit): lower per_device_train_batch_size or sequence_len",
+            batch,
+        )
     if cfg["max_length"] is not None and cfg["max_length"] > cfg["sequence_len"]:
         yield ConfigIssue(
             "max_length",

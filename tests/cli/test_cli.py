@@ -93,7 +93,7 @@ def test_schema_prints_the_json_schema():
 def test_schema_markdown_documents_every_option():
     proc = surogate("schema", "--markdown")
     assert proc.returncode == 0
-    assert "| `lora_rank` | integer | `16` | >= 1 |" in proc.stdout
+    assert "| `lora_rank` | integer | `16` | >= 1, <= 2147483647 |" in proc.stdout
     assert "`datasets[].instruction_field`" in proc.stdout
     assert "`distributed.num_nodes`" in proc.stdout
 

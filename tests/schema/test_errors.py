@@ -48,6 +48,57 @@ def test_value_errors_name_field_value_and_expectation(options, path, words):
     assert words in messages(result)
 
 
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+
+
+def _integer_options() -> list[tuple[str, str]]:
+    """(path, option) of every integer option with a range (enums have their own list)."""
+    from surogate.schema.source import dataset_properties, distributed_properties, properties
+
+    out = []
+    for prefix, props in (("", properties()), ("distributed.", distributed_properties()), ("ds.", dataset_properties())):
+        for name, prop in props.items():
+            types = prop.get("type")
+            if "integer" in ([types] if isinstance(types, str) else types or []) and "enum" not in prop:
+                out.append((prefix, name))
+    return out
+
+
+@pytest.mark.parametrize("prefix, name", _integer_options())
+def test_every_integer_option_has_a_maximum(prefix, name):
+    # 1e20 / 2**64 passed the schema and overflowed later (OverflowError in the planner's int64 buffer sizes,
+    # torch.manual_seed, the worker pool's semaphore): each is now a range error naming the option.
+    options = {"distributed": {name: 10**20}} if prefix == "distributed." else {name: 10**20}
+    if prefix == "ds.":
+        options = {"datasets": [{"path": "a.jsonl", "type": "text", name: 10**20}]}
+    path = {"": name, "distributed.": f"distributed.{name}", "ds.": f"datasets[0].{name}"}[prefix]
+    result = check(**options)
+    assert path in error_paths(result) and "must be <=" in messages(result), messages(result)
+
+
+@pytest.mark.parametrize(
+    "option, top",
+    [("train_seed", INT64_MAX), ("eval_seed", INT64_MAX), ("dataloader_num_workers", 1024),
+     ("per_device_train_batch_size", INT32_MAX), ("lora_rank", INT32_MAX), ("gradient_accumulation_steps", INT32_MAX)],
+)
+def test_integer_maxima_are_inclusive(option, top):
+    assert check(**{option: top, "sequence_len": 1}).ok
+    result = check(**{option: top + 1, "sequence_len": 1})
+    assert error_paths(result) == [option] and f"must be <= {top}" in messages(result)
+
+
+def test_huge_float_written_for_an_integer_option_is_a_range_error():
+    result = validate_text("model: m\nper_device_train_batch_size: 1e20\n")  # an integral float is an integer
+    assert error_paths(result) == ["per_device_train_batch_size"] and "must be <= 2147483647" in messages(result)
+
+
+def test_tokens_per_micro_step_fit_32_bit_offsets():
+    result = check(per_device_train_batch_size=65536, sequence_len=32768)
+    assert error_paths(result) == ["per_device_train_batch_size"]
+    assert "2147483648 tokens" in messages(result) and "sequence_len: 32768" in messages(result)
+    assert check(per_device_train_batch_size=65536, sequence_len=32767).ok
+
+
 def test_missing_model_is_required():
     result = validate_text("lora: true\n", "c.yaml")
     assert error_paths(result) == ["model"]
