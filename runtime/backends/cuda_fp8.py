@@ -26,7 +26,7 @@ import torch
 
 from surogate.numba_kernels import KERNELS as NK
 from surogate.runtime.backends import cuda_sizes as sz
-from surogate.runtime.backends.cuda_state import CudaState
+from surogate.runtime.backends.cuda_state import CudaState, run_token
 from surogate.runtime.backends.cuda_state import dtype_name as dn
 from surogate.runtime.reference import kernels_quant as ref
 from surogate.runtime.reference.quant import FP8_MAX
@@ -54,6 +54,11 @@ def _reference(kind: str, ins: list, attrs: dict, ctx: Any) -> list:
     dev = next(t.device for t in ins if isinstance(t, torch.Tensor))
     with torch.device(dev):
         return ref.KERNELS[kind](ins, attrs, ctx)
+
+
+def _ops(graph: Any) -> list:
+    ops = graph.ops
+    return list(ops() if callable(ops) else ops)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -113,11 +118,43 @@ def qlinear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     return [out]
 
 
-def _grad_codes(st: CudaState, dy: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """dY [rows, cols] rounded through its fp8 format with a just-in-time scale: (codes uint8, scale, format)."""
+BACKWARD_KINDS = ("qlinear_bwd_data", "qlinear_bwd_weight")
+
+
+def dy_reuse(ops: Any, tensors: dict) -> frozenset[str]:
+    """Backward ops that may read the dY codes an earlier backward op made: the same dY and format, and no op in
+    between writes dY's memory (a residual gradient is accumulated in place: the down and o projections read one
+    tensor at two different values)."""
+    from surogate.compiler.ir import view_root
+
+    last: dict[str, str] = {}  # dY's memory (view root) -> grad format of the codes made from it
+    ok = set()
+    for op in ops:
+        if op.kind in BACKWARD_KINDS and op.attrs.get("grad_format") in sz.FP8_FORMATS:
+            root = view_root(tensors, op.inputs[0])
+            if last.get(root) == op.attrs["grad_format"]:
+                ok.add(op.name)
+            last[root] = op.attrs["grad_format"]
+        for out in op.outputs:
+            last.pop(view_root(tensors, out), None)
+    return frozenset(ok)
+
+
+def _grad_codes(st: CudaState, dy: torch.Tensor, bnd: Any, attrs: dict,
+                ctx: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """dY [rows, cols] (the first input of the op bound in `bnd`) rounded through its fp8 format with a just-in-time
+    scale: (codes uint8, scale, format)."""
     fmt = sz.FP8_FORMATS[attrs["grad_format"]]
     codes_spec, scale_spec = sz.fp8_grad_codes(*dy.shape)
     codes, scale = st.alloc(codes_spec, dy.device), st.alloc(scale_spec, dy.device)
+    # a projection's two backward GEMMs read one dY: the second reuses the first one's codes when the plan says dY
+    # was not written in between (`dy_reuse`) and the slot still holds them (same tensor, same run); under capture
+    # the decision is recorded with the replay's ops
+    owner = (bnd.inputs[0], fmt, run_token(ctx))
+    reusable = st._per_plan("fp8_dy_reuse", ctx.graph, lambda g: dy_reuse(_ops(g), g.tensors))
+    if bnd.op in reusable and st.fp8_grad_owner.get(codes_spec) == owner:
+        return codes, scale, fmt
+    st.fp8_grad_owner[codes_spec] = owner
     amax = st.alloc(sz.fp8_amax_slot(), dy.device)
     NK["fp8_amax"].cuda(dy, amax)
     NK["fp8_delayed_scale"].cuda(amax, amax, scale, (0, 0), GRAD_FLOOR, _FMAX[fmt], False)
@@ -147,7 +184,7 @@ def qlinear_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     if not (_grad_ok(attrs, dy) and out.is_contiguous()
             and _native(attrs.get("format"), (m, k, n), dy, wq, out)):
         return _reference("qlinear_bwd_data", ins, attrs, ctx)
-    codes, gs, fmt = _grad_codes(st, _rows(dy), attrs)
+    codes, gs, fmt = _grad_codes(st, _rows(dy), bnd, attrs, ctx)
     w_t = _transposed(st, "fp8_w_t", wq.view(torch.uint8).reshape(n, k))  # [k, n]: W as a column-major [n, k]
     _scaled_mm_into(st, out, acc, codes.view(_TORCH_FP8[fmt]), w_t.view(E4M3).t(), gs, ws)
     return [out]
@@ -163,7 +200,7 @@ def qlinear_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     if not (_grad_ok(attrs, dy) and dw.is_contiguous() and xq.is_contiguous()
             and _native(attrs.get("format"), (m, k, n), dy, xq, dw)):
         return _reference("qlinear_bwd_weight", ins, attrs, ctx)
-    codes, gs, fmt = _grad_codes(st, _rows(dy), attrs)
+    codes, gs, fmt = _grad_codes(st, _rows(dy), bnd, attrs, ctx)
     dy_t = _transposed(st, "fp8_dy_t", codes)  # [n, m]: dY^T row-major
     x_t = _transposed(st, "fp8_x_t", xq.view(torch.uint8).reshape(m, k))  # [k, m]: x as a column-major [m, k]
     _scaled_mm_into(st, dw, acc, dy_t.view(_TORCH_FP8[fmt]), x_t.view(E4M3).t(), gs, xs)

@@ -418,8 +418,9 @@ def fp8_amax_slot() -> Spec:
 
 
 def fp8_grad_codes(rows: int, cols: int) -> list[Spec]:
-    """The output gradient rounded through its fp8 format (codes) and its just-in-time scale."""
-    return [Spec("fp8_dy_codes", (rows, cols), "uint8"), Spec("fp8_dy_scale", (1,), "fp32")]
+    """The output gradient rounded through its fp8 format (codes) and its just-in-time scale (one per codes slot:
+    a slot's codes are reused by the projection's second backward GEMM with their own scale)."""
+    return [Spec("fp8_dy_codes", (rows, cols), "uint8"), Spec(f"fp8_dy_scale:{rows}x{cols}", (1,), "fp32")]
 
 
 def fp8_transposed(tag: str, rows: int, cols: int) -> Spec:

@@ -36,6 +36,7 @@ class Binding:
     views: list[torch.Tensor]
     accumulate: list[bool]
     inputs: tuple[str, ...] = ()  # the op's input tensor names
+    op: str = ""  # the op's name
 
 
 _RUN_TOKENS = itertools.count(1)
@@ -123,6 +124,7 @@ class CudaState:
         # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
         self.cu_slots: int | None = None
         self._upcast_owner: dict[tuple, tuple[str, int]] = {}  # slot -> (tensor name, run token) it holds
+        self.fp8_grad_owner: dict[Any, tuple] = {}  # fp8 dY codes slot -> (dY address, format, run token) it holds
         self._step: torch.Tensor | None = None  # int64 [1]: ctx.step on the device (dropout masks)
         self.staging = PinnedStaging()  # refresh_scalars' host -> device copies
 
@@ -178,7 +180,7 @@ class CudaState:
                 continue
             views.append(_arena_view(src.untyped_storage(), src.device, t, tensors))
             modes.append(acc)
-        binding = Binding(views, modes, tuple(op.inputs))
+        binding = Binding(views, modes, tuple(op.inputs), op.name)
         self._bindings[key] = binding
         return binding
 

@@ -35,6 +35,22 @@ def _count_scaled_mm(monkeypatch) -> list:
     return calls
 
 
+def _count_grad_quantizes(monkeypatch) -> list:
+    """Just-in-time scales computed for dY (an empty history window; quantize's forward windows are not)."""
+    from surogate.numba_kernels import KERNELS, KernelPair
+
+    calls: list = []
+    pair = KERNELS["fp8_delayed_scale"]
+
+    def counted(amax, hist, scale, window, *rest):
+        if tuple(window) == (0, 0):
+            calls.append(float(scale[0]))
+        return pair.cuda(amax, hist, scale, window, *rest)
+
+    monkeypatch.setitem(KERNELS, "fp8_delayed_scale", KernelPair(reference=pair.reference, cuda=counted))
+    return calls
+
+
 def _histories(runner) -> dict[str, torch.Tensor]:
     return {n: runner.ex.views[n].detach().cpu().clone() for n, t in runner.plan.tensors.items()
             if t.attrs.get("amax_history")}
@@ -50,6 +66,7 @@ def test_fp8_micro_steps_match_the_reference_math(model_dir, case, monkeypatch):
     kinds = {op.kind for op in ref.plan.ops}
     assert set(FP8_KINDS) - ({"qlinear_bwd_weight"} if case.get("lora") else set()) <= kinds
     calls = _count_scaled_mm(monkeypatch)
+    grad_quants = _count_grad_quantizes(monkeypatch)
     copies = record_copies(cud)
     weights = {n for n, t in ref.plan.tensors.items() if t.attrs.get("amax_history") and ".w." in n}
     assert weights
@@ -66,6 +83,15 @@ def test_fp8_micro_steps_match_the_reference_math(model_dir, case, monkeypatch):
         assert all(torch.allclose(h0[n], h1[n], rtol=1e-5, atol=0) for n in h0)
         assert all(float(h[0]) > 0 for h in h1.values())  # every history was pushed this step
     n_gemms = sum(1 for op in cud.plan.ops if op.kind.startswith("qlinear") and op.attrs.get("format"))
+    # each dY value is rounded once: a projection's second backward GEMM reads the first one's codes, except where
+    # dY was written in between (the residual gradient, accumulated in place, read by the down and o projections)
+    bwd = [op for op in cud.plan.ops if op.kind in cuda_fp8.BACKWARD_KINDS]
+    reused = cuda_fp8.dy_reuse(cud.plan.ops, cud.plan.tensors)
+    assert len(grad_quants) == steps * (len(bwd) - len(reused))
+    if not case.get("lora"):  # (LoRA: frozen bases have no dW GEMM) the o projection's dY is the down projection's,
+        # accumulated into since
+        assert {"L0.down.bwd.qlinear_bwd_weight", "L0.o.bwd.qlinear_bwd_weight"} <= reused
+        assert "L0.o.bwd.qlinear_bwd_data" not in reused
     assert len(calls) == steps * n_gemms  # every fp8 GEMM of both steps ran on the FP8 path, none fell back
     grad_dt = torch.float8_e4m3fn if case.get("gradient_dtype") else torch.float8_e5m2
     assert {c[0] for c in calls} == {torch.float8_e4m3fn, grad_dt}  # x_q (forward) and dY_q (backward)
@@ -136,7 +162,8 @@ def test_workspace_sizes_the_fp8_kernels_and_reports_fallbacks(model_dir):
     hopper.run()
     assert not {k for k in hopper.unsized if k in FP8_KINDS}
     tags = {s.tag for s in hopper.scratch}
-    assert {"fp8_amax", "fp8_dy_codes", "fp8_dy_scale", "fp8_w_t", "fp8_dy_t", "fp8_x_t"} <= tags
+    assert {"fp8_amax", "fp8_dy_codes", "fp8_w_t", "fp8_dy_t", "fp8_x_t"} <= tags
+    assert any(t.startswith("fp8_dy_scale:") for t in tags)
     ampere = _Walk(plan, Target(cuda=True, capability=(8, 0)))
     ampere.run()
     assert set(FP8_KINDS) <= ampere.unsized  # the reference math there: said, not sized
