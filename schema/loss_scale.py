@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 NAMED = ("default", "all", "last_round")
 KEYS = ("response", "last_round", "prompt", "patterns")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class LossScaleError(ValueError):
@@ -51,9 +53,21 @@ def is_custom(value: str | None) -> bool:
 
 
 def _weight(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise LossScaleError(f"{where}: expected a finite number >= 0, got {value!r}")
-    return float(value)
+    """A weight as a float; the batches carry weights as float32, so it must be one there too (1e300 was inf)."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    expected = f"{where}: expected a finite number >= 0 (at most {FLOAT32_MAX:.4g}, weights are float32), got {shown}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LossScaleError(expected)
+    try:
+        weight = float(value)  # a 400-digit integer overflows here
+        stored = struct.unpack("f", struct.pack("f", weight))[0]  # inf beyond float32 (older Pythons raise)
+    except OverflowError:
+        raise LossScaleError(expected) from None
+    if not math.isfinite(stored) or weight < 0:
+        raise LossScaleError(expected)
+    if weight > 0 and stored == 0:
+        raise LossScaleError(f"{where}: {shown} is 0 in float32 (the weights' type); use 0 or a larger weight")
+    return weight
 
 
 def parse_loss_scale(value: str) -> LossWeights:
@@ -69,7 +83,7 @@ def parse_loss_scale(value: str) -> LossWeights:
             raise LossScaleError(f"cannot read {path}: {exc}") from None
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer of more than 4300 digits
         raise LossScaleError(f"not valid JSON: {getattr(exc, 'msg', exc)}") from None
     if not isinstance(data, dict):
         raise LossScaleError("a custom loss_scale must be a JSON object")
@@ -87,5 +101,9 @@ def parse_loss_scale(value: str) -> LossWeights:
         except re.error as exc:
             raise LossScaleError(f"patterns: {pattern!r} is not a valid regex ({exc})") from None
         compiled.append((pattern, _weight(weight, f"patterns[{pattern!r}]")))
-    return LossWeights(response=response, last_round=_weight(data.get("last_round", response), "last_round"),
-                       prompt=_weight(data.get("prompt", 0.0), "prompt"), patterns=tuple(compiled))
+    weights = LossWeights(response=response, last_round=_weight(data.get("last_round", response), "last_round"),
+                          prompt=_weight(data.get("prompt", 0.0), "prompt"), patterns=tuple(compiled))
+    if not any((weights.response, weights.last_round, weights.prompt, *(w for _, w in weights.patterns))):
+        # every row would be rejected by the data step as having no trained token
+        raise LossScaleError("every weight is 0 (response, last_round, prompt and patterns): no token would be trained")
+    return weights

@@ -182,3 +182,28 @@ def test_collective_options_say_when_they_have_no_effect():
 
 def test_template_with_the_chat_template_on_is_no_warning():
     assert "template" not in _notices(check(template="chatml"), "warning")
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ('{"prompt": 1' + "0" * 400 + "}", "prompt: expected a finite number >= 0"),  # OverflowError before
+        ('{"patterns": {"a": 1' + "0" * 400 + "}}", "patterns['a']: expected a finite number"),
+        ('{"prompt": 1' + "0" * 5000 + "}", "not valid JSON: Exceeds the limit"),  # ValueError before
+        ('{"response": 1e300}', "at most 3.403e+38, weights are float32"),  # inf in the batches: no step applied
+        ('{"response": 1e-50}', "is 0 in float32"),
+        ('{"response": 0, "last_round": 0}', "every weight is 0"),  # blamed row 0 of the data before
+        ('{"response": 0, "patterns": {"x": 0}}', "every weight is 0"),
+    ],
+)
+def test_unusable_loss_scale_is_a_config_error(value, words):
+    result = check(loss_scale=value)
+    assert error_paths(result) == ["loss_scale"] and words in messages(result), messages(result)
+    assert len(messages(result)) < 300  # a 400-digit weight is shown shortened
+
+
+@pytest.mark.parametrize("value", ['{"response": 0, "patterns": {"Action:": 1}}', '{"response": 0, "prompt": 0.5}',
+                                   '{"response": 3e38}'])
+def test_loss_scale_with_some_positive_weight_is_valid(value):
+    result = check(loss_scale=value)
+    assert result.ok, messages(result)
