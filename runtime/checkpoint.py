@@ -67,6 +67,9 @@ _TMP = re.compile(r"^checkpoint-(\d+)\.(tmp|old|del)-(\d+)$")
 _LATEST_TMP = re.compile(r"^\.latest\.tmp-(\d+)$")
 
 
+_MISSING = object()  # a state.json field that is not there
+
+
 @dataclass
 class Checkpoint:
     """What `load()` returns."""
@@ -81,7 +84,54 @@ class Checkpoint:
         """Put the Python/NumPy/torch generators back to their state at save time."""
         if self.rng is None:
             raise UserError(f"{self.path}: this checkpoint was saved without random-generator state")
-        rng_mod.restore(self.rng)
+        try:
+            rng_mod.restore(self.rng)
+        except (TypeError, ValueError, IndexError, OverflowError, RuntimeError) as exc:
+            raise StateFields(self.path).error("rng", "the generator states the save wrote", None,
+                                               found=f"one that does not restore ({exc})") from None
+
+    def fields(self, prefix: str = "state") -> StateFields:
+        """Checked reads of this checkpoint's training state (`state` of its state.json)."""
+        return StateFields(self.path, self.state, prefix)
+
+
+class StateFields:
+    """Reads fields of a checkpoint's state.json, each checked: a value of the wrong type or range (a hand edit whose
+    manifest hashes were made to match) is a UserError naming the file and the field, never a traceback later."""
+
+    def __init__(self, path: Path, doc: Any = None, prefix: str = "") -> None:
+        self.path, self.doc, self.prefix = Path(path), doc, prefix
+
+    def error(self, key: str, expected: str, value: Any, found: str | None = None) -> UserError:
+        field = f"{self.prefix}.{key}" if self.prefix else key
+        found = found or ("nothing (missing)" if value is _MISSING else repr(value)[:80])
+        return UserError(f"{self.path / STATE_FILE}: {field}: expected {expected}, found {found}. The file was edited or "
+                         f"damaged after the save: restore it from a copy, or remove this checkpoint (rm -r {self.path}) "
+                         "to resume from an earlier one")
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.doc.get(key, _MISSING) if isinstance(self.doc, dict) else _MISSING
+        return default if value is _MISSING and default is not _MISSING else value
+
+    def integer(self, key: str, low: int = 0, high: int | None = None, default: Any = _MISSING) -> int:
+        value = self._get(key, default)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+        if not ok:
+            raise self.error(key, f"an integer from {low}" + (f" to {high}" if high is not None else ""), value)
+        return value
+
+    def positive(self, key: str, default: Any = _MISSING) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise self.error(key, "a positive number", value)
+        return float(value)
+
+    def mapping(self, key: str, default: Any = _MISSING) -> StateFields:
+        value = self._get(key, default)
+        if not isinstance(value, dict):
+            raise self.error(key, "an object", value)
+        return StateFields(self.path, value, f"{self.prefix}.{key}" if self.prefix else key)
+
 
 
 class CheckpointManager:
@@ -149,7 +199,14 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._stage("renamed")
-        write_atomic_text(self.dir / LATEST_FILE, final.name + "\n")
+        try:
+            write_atomic_text(self.dir / LATEST_FILE, final.name + "\n")
+        except OSError as exc:  # changed under a running run (`check_pointer` refuses it up front)
+            for tmp_pointer in self.dir.glob(f".{LATEST_FILE}.tmp-{os.getpid()}"):
+                tmp_pointer.unlink(missing_ok=True)
+            raise UserError(f"{self.field}: {final} was saved, but its pointer {self.dir / LATEST_FILE} could not be "
+                            f"updated ({exc.strerror or exc}): move that away and run the same command again, which "
+                            f"resumes from {final.name}") from None
         self._stage("latest_updated")
         self._rotate(keep=final)
         return final
@@ -225,7 +282,10 @@ class CheckpointManager:
         if manifest.get("version") != FORMAT_VERSION:
             return (f"checkpoint format version {manifest.get('version')!r} is not supported by this Surogate "
                     f"(it reads version {FORMAT_VERSION})")
-        for name, info in (manifest.get("files") or {}).items():
+        listed = manifest.get("files")
+        if not isinstance(listed, dict) or not all(isinstance(info, dict) for info in listed.values()):
+            return f"{MANIFEST_FILE}: files is not an object of {{name: {{size, sha256}}}} (edited or damaged)"
+        for name, info in listed.items():
             f = path / name
             if not f.is_file():
                 return f"{name} is missing"
@@ -233,7 +293,7 @@ class CheckpointManager:
                 return f"{name} has {f.stat().st_size} bytes, the manifest says {info.get('size')} (truncated or modified)"
             if hashes and sha256_of(f) != info.get("sha256"):
                 return f"{name} does not match its sha256 in {MANIFEST_FILE} (corrupted)"
-        if set(manifest.get("files") or {}) != {TENSORS_FILE, STATE_FILE}:
+        if set(listed) != {TENSORS_FILE, STATE_FILE}:
             return f"{MANIFEST_FILE} does not list {TENSORS_FILE} and {STATE_FILE}"
         return None
 
@@ -326,6 +386,18 @@ class CheckpointManager:
         except OSError as exc:
             raise UserError(f"{self.field}: cannot write checkpoints into {self.dir} ({exc.strerror or exc}); choose a "
                             f"writable {self.field} or fix its permissions") from None
+        self.check_pointer()
+
+    def check_pointer(self) -> None:
+        """UserError when `latest` is there but not a file (a folder, a FIFO, a link to one): every save would fail
+        to update it, and reading a FIFO blocks. A dangling link or unreadable contents are fine (a save replaces
+        it; `latest()` then scans the folders)."""
+        pointer = self.dir / LATEST_FILE
+        if pointer.exists() and not pointer.is_file():
+            kind = "a folder" if pointer.is_dir() else "not a regular file"
+            raise UserError(f"{self.field}: {pointer} is {kind}, but Surogate keeps its pointer to the newest checkpoint "
+                            f"in a file of that name: saves could not update it. Move it away or remove it "
+                            f"(rm -r {pointer}); no checkpoint is lost (resuming finds the newest without it)")
 
     def _fresh_start(self) -> str:
         """How to start a new run beside this folder's checkpoints, knowing only the folder (the session's guard
@@ -400,11 +472,20 @@ def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool
         tensors = load_file(str(path / TENSORS_FILE))
     except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"checkpoint {path} is unusable: cannot read it ({exc})") from exc
+    top = StateFields(path, full)
+    if not isinstance(full, dict):
+        raise top.error("(the document)", "a JSON object", full)
+    step = top.integer("step")
+    state = top.mapping("state").doc
     rng_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(rng_mod.TENSOR_PREFIX)]}
-    rng_state = (rng_mod.RngState.from_parts(full["rng"], rng_tensors, where=f"checkpoint {path}")
+    rng_state = (rng_mod.RngState.from_parts(top.mapping("rng").doc, rng_tensors, where=f"{path / STATE_FILE}: rng")
                  if "rng" in full else None)
-    state = full.get("state", {})
     if expect_config is not None and "config" in full:
+        saved = top.mapping("config")
+        if not is_fingerprint(saved.doc) or not isinstance(saved.doc["hash"], str) \
+                or not isinstance(saved.doc["options"], dict):
+            raise top.error("config", "the config fingerprint the save wrote ({\"hash\": ..., \"options\": {...}})",
+                            saved.doc)
         current = expect_config if is_fingerprint(expect_config) else config_fingerprint(expect_config)
-        check_config_compatible(full["config"], current, path)
-    return Checkpoint(path, int(full["step"]), tensors, state, rng_state)
+        check_config_compatible(saved.doc, current, path)
+    return Checkpoint(path, step, tensors, state, rng_state)

@@ -17,6 +17,8 @@ import torch
 from surogate.compiler.plan import Plan
 from surogate.compiler.report import device_total
 from surogate.errors import NotAvailableError, UserError
+from surogate.runtime.checkpoint import StateFields
+from surogate.runtime.observe.diagnostics import StateValueError
 from surogate.runtime.resume import guard_checkpoint_dir, resume_latest
 from surogate.runtime.run_exports import export_outputs
 from surogate.runtime.stop_signals import StopSignals
@@ -227,7 +229,10 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     # Every rank observes (the same all-reduced figures, so the same decisions); only rank 0 writes.
     with TrainingObserver(cfg, cfg.output_dir, info, is_main=rank == 0, console_file=console_file,
                           force_terminal=force_terminal) as obs:
-        obs.restore(trainer.restored_observer, trainer.lr_scale)  # a resumed run keeps its LR reductions
+        try:
+            obs.restore(trainer.restored_observer, trainer.lr_scale)  # a resumed run keeps its LR reductions
+        except StateValueError as exc:  # a hand-edited checkpoint: name the file and the field
+            raise StateFields(latest, prefix="state.observer").error(exc.field, exc.expected, exc.found) from None
         trainer.observer_state = obs.state
         obs.on_allocated(memory_table_text(plan))
         with stop.graceful():

@@ -314,7 +314,20 @@ class Trainer:
         from surogate.runtime.distributed.reshard import reshard
         from surogate.runtime.distributed.state import rank_tensors
 
-        saved = checkpoint.state.get("layout") or {"world": int(checkpoint.state.get("world", 1))}
+        s = checkpoint.fields()  # every field checked: a hand-edited state.json is a UserError naming the field
+        step = s.integer("step")
+        applied, lr_scale = s.integer("applied", high=step), s.positive("lr_scale")
+        data = s.mapping("data")
+        position = Position(data.integer("epoch"), data.integer("index", high=self.stream.batches_per_epoch))
+        observer = s.mapping("observer", default={}).doc
+        if "layout" in s.doc:
+            shape = s.mapping("layout")
+            saved = {**shape.doc, "world": shape.integer("world", low=1)}
+            for key in ("optimizer", "gradients", "weights"):
+                if not isinstance(saved.get(key, False), bool):
+                    raise shape.error(key, "true or false", saved[key])
+        else:
+            saved = {"world": s.integer("world", low=1, default=1)}
         if all(saved.get(k) == v for k, v in layout(self.plan).items() if k in saved):
             tensors = rank_tensors(checkpoint, self.plan, self.rank, self.world)
         else:  # another rank count or ZeRO layout: cut the checkpoint's tensors for this rank
@@ -329,9 +342,7 @@ class Trainer:
             if name not in histories:
                 self.ex.write(name, tensors[name])
         self.restore_notes = self._restore_histories(tensors, histories)
-        s = checkpoint.state
-        self.step, self.applied, self.lr_scale = int(s["step"]), int(s["applied"]), float(s["lr_scale"])
-        self.restored_observer = dict(s.get("observer") or {})
-        self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed),
-                                  Position(int(s["data"]["epoch"]), int(s["data"]["index"])))
+        self.step, self.applied, self.lr_scale = step, applied, lr_scale
+        self.restored_observer = dict(observer)
+        self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed), position)
         checkpoint.restore_rng()

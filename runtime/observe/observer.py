@@ -115,16 +115,20 @@ class TrainingObserver:
 
     def restore(self, state: dict | None, lr_scale: float = 1.0) -> None:
         """Continue from a checkpoint's `state()`; `lr_scale` is the trainer's restored scale (a checkpoint
-        written before the reducer's history was saved has only that)."""
+        written before the reducer's history was saved has only that). A field of the wrong kind raises
+        `diagnostics.StateValueError` naming it (`phase._losses`): the run cannot continue from it."""
         state = state or {}
-        for name, detector in (("early_stop", self.early), ("phase", self.phase), ("plateau", self.plateau)):
-            if detector is not None and state.get(name):
-                detector.load(state[name])
-        if self.lr_reducer is None:
-            return
-        if state.get("lr_reducer"):
-            self.lr_reducer.load(state["lr_reducer"])
-        else:
+        if not isinstance(state, dict):
+            raise dg.StateValueError("", "an object", state)
+        for name, detector in (("early_stop", self.early), ("phase", self.phase), ("plateau", self.plateau),
+                               ("lr_reducer", self.lr_reducer)):
+            if detector is not None and state.get(name, {}) != {}:  # an empty state: nothing saved yet
+                try:
+                    detector.load(state[name])
+                except dg.StateValueError as exc:  # a hand-edited checkpoint: say which field
+                    raise dg.StateValueError(".".join(p for p in (name, exc.field) if p), exc.expected,
+                                             exc.found) from None
+        if self.lr_reducer is not None and not state.get("lr_reducer"):
             self.lr_reducer.scale = float(lr_scale)
 
     def _decisions(self, **kw: object) -> Decisions:

@@ -4,6 +4,7 @@ Each detector is deterministic, holds only bounded history, and knows nothing ab
 observer turns its outputs into log records, console lines and `Decisions`.
 """
 
+from surogate.runtime.observe.diagnostics._state import StateValueError
 from surogate.runtime.observe.diagnostics.budget import (
     EpochAdjustment,
     adjust_epochs,
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteGuard",
     "PhaseDetector",
     "PlateauDetector",
+    "StateValueError",
     "adjust_epochs",
     "budget_line",
     "chinchilla_tokens",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from surogate.runtime.observe.diagnostics._state import load_fields, save_fields
+from surogate.runtime.observe.diagnostics._state import StateValueError, load_fields, save_fields
 from surogate.runtime.observe.diagnostics._stats import mean, pstdev
 
 _STATE = ("scale", "_losses", "_grads", "_pending")  # what `state()` saves, with the reductions
@@ -107,4 +107,12 @@ class AutoLRReducer:
     def load(self, state: dict) -> None:
         """Continue from `state()` of an earlier run."""
         load_fields(self, state, _STATE)
-        self.reductions = [LRReduction(**r) for r in state["reductions"]]
+        if not 0 < self.scale <= 1:
+            raise StateValueError("scale", "a number in (0, 1]", self.scale)
+        reductions = state.get("reductions")
+        kinds = {"step": int, "scale": (int, float), "count": int, "reason": str}
+        if not isinstance(reductions, list) or not all(
+                isinstance(r, dict) and set(r) == set(kinds) and all(isinstance(r[k], t) and not isinstance(r[k], bool)
+                                                                     for k, t in kinds.items()) for r in reductions):
+            raise StateValueError("reductions", "a list of {step, scale, count, reason} objects", reductions)
+        self.reductions = [LRReduction(**r) for r in reductions]
