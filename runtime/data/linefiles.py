@@ -56,19 +56,53 @@ def _decode(raw: bytes, line_no: int) -> str | BadRow:
                       f"{exc.start + 1})", "invalid_utf8")
 
 
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in `value` that is not text: it holds a lone UTF-16 surrogate, which
+    JSON's `\\ud800` escape can write but no tokenizer can read (it has no UTF-8 form). Iterative: rows nest."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"\\u{ord(item[exc.start]):04x}"
+    return None
+
+
+def _parsed_row(text: str, where: str) -> dict | BadRow:
+    """A JSON object parsed from `text` exactly, or a `BadRow` (problem prefixed by `where`, e.g. 'line 3')."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return BadRow(f"{where}: invalid JSON ({getattr(exc, 'msg', exc)} at column "
+                      f"{getattr(exc, 'colno', '?')})", "invalid_json")
+    except RecursionError:
+        return BadRow(f"{where}: invalid JSON (nested too deeply to read)", "invalid_json")
+    if not isinstance(value, dict):
+        return BadRow(f"{where}: expected a JSON object, got {type(value).__name__}", "invalid_json")
+    return _text_only(value, where) if "\\u" in text else value
+
+
+def _text_only(row: dict, where: str) -> dict | BadRow:
+    bad = _lone_surrogate(row)
+    if bad is None:
+        return row
+    return BadRow(f"{where}: a string holds the escape {bad}, a lone UTF-16 surrogate: not text (no UTF-8 form)",
+                  "invalid_text")
+
+
 def _json_row(raw: bytes, line_no: int) -> dict | BadRow:
     """One JSON Lines row: a JSON object parsed exactly, or a `BadRow`."""
     text = _decode(raw, line_no)
     if isinstance(text, BadRow):
         return text
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        return BadRow(f"line {line_no}: invalid JSON ({getattr(exc, 'msg', exc)} at column "
-                      f"{getattr(exc, 'colno', '?')})", "invalid_json")
-    if not isinstance(value, dict):
-        return BadRow(f"line {line_no}: expected a JSON object, got {type(value).__name__}", "invalid_json")
-    return value
+    return _parsed_row(text, f"line {line_no}")
 
 
 def _text_row(raw: bytes, line_no: int) -> dict | BadRow:
@@ -251,24 +285,29 @@ def _json_error_line(data: bytes, exc: Exception) -> str:
     return f"line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
 
 
-def _read_document(path: str) -> Any:
-    """The whole file parsed as one JSON value; `LoadError` naming the line of a UTF-8 or JSON error."""
+def _read_document(path: str) -> tuple[Any, bool]:
+    """The whole file parsed as one JSON value, and whether it has `\\u` escapes (lone surrogates are possible);
+    `LoadError` naming the line of a UTF-8 or JSON error."""
     with _open(path) as f:
         data = _strip_bom(f.read())
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8")), b"\\u" in data
     except (UnicodeDecodeError, ValueError) as exc:
         raise LoadError(_json_error_line(data, exc)) from None
+    except RecursionError:
+        raise LoadError("invalid JSON (nested too deeply to read)") from None
 
 
-def _document_rows(value: Any) -> Iterator[dict | BadRow]:
+def _document_rows(value: Any, escapes: bool = True) -> Iterator[dict | BadRow]:
     """The rows of a whole-file JSON value: the items of an array (objects; strings become {"text": ...}), or
     of one object of equal-length columns ({"col": [v0, v1, ...]}, as `json.dump` of a dict of lists writes it
-    and `datasets` reads it: row i takes element i of every column)."""
+    and `datasets` reads it: row i takes element i of every column). `escapes`: check strings for lone
+    surrogates (only a `\\u` escape writes one)."""
+    check = _text_only if escapes else (lambda row, where: row)
     if isinstance(value, list):
         for i, item in enumerate(value):
             row = {"text": item} if isinstance(item, str) else item
-            yield row if isinstance(row, dict) else BadRow(
+            yield check(row, f"item {i}") if isinstance(row, dict) else BadRow(
                 f"item {i}: expected a JSON object, got {type(item).__name__}", "invalid_json")
         return
     columns = value if isinstance(value, dict) and value else {}
@@ -277,13 +316,13 @@ def _document_rows(value: Any) -> Iterator[dict | BadRow]:
         raise LoadError("expected JSON Lines (one object per line), a JSON array of objects, or one object whose "
                         "values are equal-length lists (columns)")
     for i in range(lengths.pop()):
-        yield {k: v[i] for k, v in columns.items()}
+        yield check({k: v[i] for k, v in columns.items()}, f"item {i}")
 
 
 def _scan_document(path: str, scan: _Scan) -> _ListPart:
     """Parse a file holding one JSON document (an array, or an object of columns) whole."""
     rows: list = []
-    for row in _document_rows(_read_document(path)):
+    for row in _document_rows(*_read_document(path)):
         if scan.full():
             break
         bad = scan.add(row, path)
@@ -310,7 +349,7 @@ def _is_document(path: str) -> bool:
         return False
     try:
         json.loads(first.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return True
     return False
 

@@ -276,6 +276,50 @@ def test_unreadable_line_is_an_error_or_a_skipped_row(tmp_path, model_dir):
     assert any("row 2" in s and "line 3" in s for s in data.stats.skipped_examples)
 
 
+LONE_SURROGATE = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}, {"role": "assistant", "content": "ok"}]}'
+TOO_DEEP = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize("line, words, reason", [
+    (LONE_SURROGATE, r"a string holds the escape \\ud800, a lone UTF-16 surrogate", "invalid_text"),  # TypeError
+    (TOO_DEEP, r"invalid JSON \(nested too deeply to read\)", "invalid_json"),  # RecursionError
+])
+def test_rows_no_tokenizer_can_read_are_an_error_or_a_skipped_row(tmp_path, model_dir, line, words, reason):
+    path = tmp_path / "rows.jsonl"
+    good = [(json.dumps(r) + "\n").encode() for r in CONVS[:4]]
+    path.write_bytes(b"".join(good[:2]) + line + b"\n" + b"".join(good[2:]))
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": str(path), "type": "conversation"}])
+    with pytest.raises(UserError, match=r"could not load '.*rows\.jsonl': line 3: " + words):
+        prepare(cfg)
+    data = prepare(cfg, on_bad_row="skip")  # the tokenizer's TypeError was raised with --skip-bad-rows too
+    assert data.stats.counts[f"skipped_{reason}"] == 1 and data.stats.train.docs == 4
+    assert any("row 2" in s and "line 3" in s for s in data.stats.skipped_examples)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"[" + LONE_SURROGATE + b"]", r"item 0: a string holds the escape \\ud800"),
+    (b'{"messages":\n [[{"role": "user", "content": "\\udfff"}]]}', r"item 0: a string holds the escape \\udfff"),
+    (b"[" + TOO_DEEP + b"]", r"invalid JSON \(nested too deeply to read\)"),
+    (TOO_DEEP, r"invalid JSON \(nested too deeply to read\)"),  # its first line was parsed to tell the layout
+])
+def test_json_documents_with_unreadable_rows_name_the_file(tmp_path, model_dir, body, words):
+    path = tmp_path / "doc.json"
+    path.write_bytes(body)
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": str(path), "type": "conversation"}])
+    with pytest.raises(UserError, match=r"could not load '.*doc\.json': " + words):
+        prepare(cfg)
+
+
+def test_escaped_surrogate_pairs_are_text(tmp_path, model_dir):
+    rows = b"".join((json.dumps(r) + "\n").encode() for r in CONVS[:4])
+    pair = b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}, {"role": "assistant", "content": "ok"}]}'
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(rows + pair + b"\n")
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": str(path), "type": "conversation"}])
+    data = prepare(cfg)
+    assert data.stats.train.docs + (data.stats.eval.docs if data.stats.eval else 0) == 5
+
+
 @pytest.mark.parametrize("name, size", [("doc_offsets.npy", 50), ("tokens.npy", 200), ("split.json", 3)])
 def test_a_broken_cache_entry_is_rebuilt_with_a_warning(tmp_path, model_dir, conv_file, caplog, name, size):
     cfg = make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}])
