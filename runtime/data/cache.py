@@ -1,6 +1,6 @@
 """The tokenized cache: where it lives, its key, and atomic write / read.
 
-Layout: `<root>/tokenized/<key>/{train/, eval/, stats.json, key.json}` where root is
+Layout: `<root>/tokenized/<key>/{train/, eval/, stats.json, key.json, files.json}` where root is
 `distributed.worker_output_dir/node-{rank}` when set (see `cache_root`), else `output_dir`. The key hashes everything the
 tokens depend on (see `cache_key`). A cache entry is written into a temporary sibling folder and renamed
 into place, so a reader never sees a half-written entry; if two processes race, the first rename wins
@@ -20,9 +20,9 @@ from typing import Any
 from surogate.errors import UserError
 
 # Bump when the tokenized output of the same inputs changes (format or semantics).
-CACHE_VERSION = 5  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
+CACHE_VERSION = 6  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
 # string); 4: long text samples truncated (were deleted), exact split names pick their files; 5: stats hold
-# max_token_id
+# max_token_id; 6: files.json holds the size and mtime of the splits' files (an edited entry is rebuilt)
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:

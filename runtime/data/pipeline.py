@@ -164,9 +164,35 @@ def _pack(docs: list, opts: DataOptions, pad_id: int) -> TokenizedSplit:
     return TokenizedSplit.from_docs(docs, rows, opts.sequence_len, pad_id, opts.padding_side)
 
 
+_FILES = "files.json"  # size and mtime of every file of the entry's splits, as written
+
+
+def _file_signatures(folder: Path) -> dict[str, list[int]]:
+    """{path relative to the entry: [size, mtime_ns]} of the files of its splits (train/, eval/)."""
+    out = {}
+    for path in sorted(p for split in ("train", "eval") if (folder / split).is_dir() for p in (folder / split).iterdir()):
+        st = path.stat()
+        out[path.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _check_unchanged(folder: Path) -> None:
+    """`ValueError` when a split's file was changed after the entry was written: the statistics (the largest
+    token id, checked against the model's vocab before training) describe the tokens as written, so an edited
+    tokens.npy could hold ids the model has no embedding row for (an IndexError mid-run)."""
+    import json
+
+    written = json.loads((folder / _FILES).read_text())
+    now = _file_signatures(folder)
+    changed = sorted(name for name in written.keys() | now.keys() if written.get(name) != now.get(name))
+    if changed:
+        raise ValueError(f"{', '.join(changed)} changed since the entry was written")
+
+
 def _load_entry(folder: Path, started: float) -> PreparedData:
     import json
 
+    _check_unchanged(folder)
     stats = DataStats.from_json(json.loads((folder / "stats.json").read_text()))
     stats.from_cache, stats.rows_tokenized = True, 0
     stats.seconds = time.perf_counter() - started
@@ -209,6 +235,7 @@ def _save_entry(folder: Path, data: PreparedData, key_parts: dict) -> None:
             (tmp / "eval").mkdir()
             data.eval.save(tmp / "eval")
         (tmp / "key.json").write_text(json.dumps(key_parts, default=str, indent=1))
+        (tmp / _FILES).write_text(json.dumps(_file_signatures(tmp), indent=1))
         (tmp / "stats.json").write_text(json.dumps(data.stats.to_json()))  # written last: marks "complete"
 
     write_atomic(folder, write)

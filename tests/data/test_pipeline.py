@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -332,6 +333,25 @@ def test_a_broken_cache_entry_is_rebuilt_with_a_warning(tmp_path, model_dir, con
     assert "is broken" in caplog.text and "rebuilding it" in caplog.text
     assert not again.stats.from_cache and all_tokens(again.train) == expected
     assert prepare(cfg).stats.from_cache  # the rebuilt entry is whole again
+
+
+def test_an_edited_cache_entry_is_rebuilt_not_trusted(tmp_path, model_dir, conv_file, caplog):
+    # The statistics' largest token id (checked against the model's vocab before training) describes the tokens as
+    # written: an out-of-vocabulary id written into tokens.npy by hand passed that check and crashed the first
+    # micro-step with an IndexError. Same length, valid structure: only the file's signature tells.
+    cfg = make_cfg(tmp_path, model_dir(), [{"path": conv_file, "type": "conversation"}])
+    first = prepare(cfg)
+    expected, top = all_tokens(first.train), first.stats.train.max_token_id
+    time.sleep(0.05)  # file times are kept at the kernel's clock tick (a few ms); a hand edit comes later than that
+    tokens = np.load(f"{first.stats.cache_dir}/train/tokens.npy", mmap_mode="r+")
+    tokens[::3] = 10**6
+    tokens.flush()
+    del tokens
+    with caplog.at_level("WARNING", logger="surogate.data"):
+        again = prepare(cfg)
+    assert "train/tokens.npy changed since the entry was written" in caplog.text and "rebuilding it" in caplog.text
+    assert not again.stats.from_cache and all_tokens(again.train) == expected and again.stats.train.max_token_id == top
+    assert prepare(cfg).stats.from_cache  # the rebuilt entry is trusted again
 
 
 def test_unusable_output_dir_is_a_user_error_naming_it(tmp_path, model_dir, conv_file):
