@@ -106,7 +106,8 @@ class _Merged:
     biases) in place of the base's."""
 
     def __init__(self, base: _Checkpoint, adapter_dir: Path) -> None:
-        from surogate.runtime.export import ADAPTER_WEIGHTS, load_peft_adapter
+        from surogate.runtime.export import ADAPTER_WEIGHTS
+        from surogate.runtime.peft_adapter import load_peft_adapter
 
         adapter = load_peft_adapter(adapter_dir)
         self.base, self.dir = base, base.dir

@@ -16,11 +16,11 @@ from surogate.runtime.export import (
     export_hf_model,
     export_merged_model,
     export_peft_adapter,
-    load_peft_adapter,
     lora_modules,
     merge_lora,
     read_model_config,
 )
+from surogate.runtime.peft_adapter import load_peft_adapter
 from surogate.schema import config_from_dict
 from tests.runtime_support.helpers import batch, save_tiny_source, tiny_model
 
