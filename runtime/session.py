@@ -17,7 +17,7 @@ import torch
 from surogate.compiler.plan import Plan
 from surogate.compiler.report import device_total
 from surogate.errors import NotAvailableError, UserError
-from surogate.runtime.checkpoint import StateFields
+from surogate.runtime.checkpoint_fields import StateFields
 from surogate.runtime.observe.diagnostics import StateValueError
 from surogate.runtime.resume import guard_checkpoint_dir, resume_latest
 from surogate.runtime.run_exports import export_outputs
