@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,11 +37,11 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
     world = int(plan.meta.get("zero", {}).get("world", 1))
     from surogate.runtime.distributed import comm
 
-    started = comm.world() if comm.initialized() else int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if started != world:  # run_training launches the ranks; a world started elsewhere must match
-        raise NotAvailableError(f"this plan is for {world} rank(s) (gpus x distributed.num_nodes) but it was "
-                                f"started in a world of {started} processes (torchrun --nproc-per-node / "
-                                "WORLD_SIZE); start it with one process per rank, or re-plan")
+    started = comm.world() if comm.initialized() else comm.env_int("WORLD_SIZE", 1, minimum=1)
+    if started != world:  # run_training launches the ranks; a world started elsewhere must match: a user error
+        raise UserError(f"this plan is for {world} rank(s) (gpus x distributed.num_nodes) but it was "
+                        f"started in a world of {started} processes (torchrun --nproc-per-node / "
+                        "WORLD_SIZE); start it with one process per rank, or re-plan")
     if int(getattr(cfg, "sequence_parallel_size", 1) or 1) > 1:
         raise NotAvailableError("sequence_parallel_size: sequence parallelism is not in this version (its plan "
                                 "would be that of sequence_parallel_size 1); train with sequence_parallel_size: 1, "
@@ -135,7 +134,9 @@ def run_training(cfg: Any, plan: Plan | None = None, *, backend: str | None = No
     SIGTERM / SIGINT during the training loop stop it after the current step with a checkpoint and the log's
     end record; the result's `signal` says which (the CLI exits 128 + its number). Elsewhere they raise
     `stop_signals.Interrupted` (a KeyboardInterrupt)."""
-    with StopSignals(is_main=int(os.environ.get("RANK", "0") or 0) == 0) as stop:
+    from surogate.runtime.distributed.comm import env_rank
+
+    with StopSignals(is_main=env_rank() == 0) as stop:
         return _run_training(cfg, plan, backend, console_file, force_terminal, stop)
 
 

@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 # A collective that waits longer than this means a peer died or hangs: fail instead of waiting forever.
 DEFAULT_TIMEOUT_S = 600.0
+MAX_TIMEOUT_S = 1e9  # ~31 years: "never"; beyond ~1e14 s a timedelta overflows
 
 
 def initialized() -> bool:
@@ -37,13 +38,58 @@ def world() -> int:
     return dist.get_world_size() if initialized() else 1
 
 
+def env_int(name: str, default: int, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+    """The integer in environment variable `name` (`default` when unset or empty); a `UserError` naming the
+    variable and its value otherwise (WORLD_SIZE=abc was a ValueError traceback)."""
+    from surogate.errors import UserError
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not minimum <= value <= maximum:
+        raise UserError(f"environment variable {name}={os.environ[name]!r}: expected an integer from {minimum} to "
+                        f"{maximum}")
+    return value
+
+
+def env_rank() -> int:
+    """This process's RANK from the environment (0 when unset), checked against WORLD_SIZE."""
+    from surogate.errors import UserError
+
+    rank_, world_ = env_int("RANK", 0), env_int("WORLD_SIZE", 1, minimum=1)
+    if rank_ >= world_:
+        raise UserError(f"environment variables RANK={rank_} and WORLD_SIZE={world_}: RANK must be below WORLD_SIZE")
+    return rank_
+
+
+def env_timeout_s() -> float:
+    """SUROGATE_DIST_TIMEOUT (seconds a collective may wait; DEFAULT_TIMEOUT_S when unset): a positive number."""
+    from surogate.errors import UserError
+
+    text = os.environ.get("SUROGATE_DIST_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_TIMEOUT_S:  # also NaN
+        raise UserError(f"environment variable SUROGATE_DIST_TIMEOUT={os.environ['SUROGATE_DIST_TIMEOUT']!r}: "
+                        f"expected a positive number of seconds, at most {MAX_TIMEOUT_S:.0e}")
+    return value
+
+
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if initialized() else 0
+    return env_int("LOCAL_RANK", 0) if initialized() else 0
 
 
 def node_rank() -> int:
     """Which node this rank runs on (picks the node-local data folder)."""
-    return int(os.environ.get("GROUP_RANK", os.environ.get("SUROGATE_NODE_RANK", "0"))) if initialized() else 0
+    return env_int("GROUP_RANK", env_int("SUROGATE_NODE_RANK", 0)) if initialized() else 0
 
 
 def init_from_env(backend: str, timeout_s: float | None = None) -> None:
@@ -55,9 +101,11 @@ def init_from_env(backend: str, timeout_s: float | None = None) -> None:
 
     if initialized():
         return
-    timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("SUROGATE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    timeout = datetime.timedelta(seconds=timeout_s or env_timeout_s())
+    env_rank()  # RANK and WORLD_SIZE are numbers, RANK below WORLD_SIZE (torch's own errors are tracebacks)
+    env_int("MASTER_PORT", 0, minimum=1, maximum=65535)
     if backend == "cuda":
-        local, have = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        local, have = env_int("LOCAL_RANK", 0), torch.cuda.device_count()
         if local >= have:
             from surogate.errors import NotAvailableError
 

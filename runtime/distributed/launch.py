@@ -69,6 +69,7 @@ def launch_if_needed(cfg: Any, plan: Plan, backend: str) -> Any | None:
     world = plan_world(plan)
     if world <= 1 or comm.initialized():
         return None
+    comm.env_timeout_s()  # a bad SUROGATE_DIST_TIMEOUT is a user error here, before any rank starts
     if all(k in os.environ for k in ENV_KEYS):  # torchrun (or our own worker): join that world
         comm.init_from_env(backend)
         return None

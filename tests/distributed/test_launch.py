@@ -92,10 +92,60 @@ def test_a_world_started_elsewhere_must_match_the_plan(monkeypatch):
     cfg = SimpleNamespace(recipe="bf16", qlora_fp4=False)
     one_rank = SimpleNamespace(meta={"zero": {"world": 1}})
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun --nproc-per-node 2 with a `gpus: 1` config
-    with pytest.raises(NotAvailableError, match=r"plan is for 1 rank\(s\).*world of 2 processes"):
+    with pytest.raises(UserError, match=r"plan is for 1 rank\(s\).*world of 2 processes") as err:
         _check_runnable(one_rank, cfg, "cpu")
+    assert err.value.exit_code == 2  # the command line's mistake, not missing hardware (exit 3)
     monkeypatch.setenv("WORLD_SIZE", "1")
     _check_runnable(one_rank, cfg, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "abc")  # was a ValueError traceback
+    with pytest.raises(UserError, match=r"environment variable WORLD_SIZE='abc': expected an integer from 1"):
+        _check_runnable(one_rank, cfg, "cpu")
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"RANK": "x"}, "environment variable RANK='x': expected an integer from 0"),
+    ({"RANK": "-1"}, "environment variable RANK='-1'"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE='0'"),
+    ({"WORLD_SIZE": "1e3"}, "environment variable WORLD_SIZE='1e3'"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 and WORLD_SIZE=2: RANK must be below WORLD_SIZE"),
+])
+def test_bad_rank_environment_is_a_user_error_naming_the_variable(monkeypatch, env, words):
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.session import run_training
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=words):
+        comm.env_rank()
+    with pytest.raises(UserError, match=words):  # the first thing a run reads (is this the main rank?)
+        run_training(None)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf", "1e300"])
+def test_bad_dist_timeout_is_refused_before_any_rank_starts(monkeypatch, value):
+    from types import SimpleNamespace
+
+    from surogate.runtime.distributed import comm
+    from surogate.runtime.distributed.launch import launch_if_needed
+
+    monkeypatch.setenv("SUROGATE_DIST_TIMEOUT", value)
+    two_ranks = SimpleNamespace(meta={"zero": {"world": 2}})
+    with pytest.raises(UserError, match=rf"SUROGATE_DIST_TIMEOUT='{value}': expected a positive number of seconds"):
+        launch_if_needed(SimpleNamespace(), two_ranks, "cpu")  # was a traceback in every rank (or -5000 ms waits)
+    with pytest.raises(UserError, match="SUROGATE_DIST_TIMEOUT"):
+        comm.init_from_env("cpu")  # a world torchrun started reads it here
+
+
+def test_dist_timeout_and_ranks_from_the_environment(monkeypatch):
+    from surogate.runtime.distributed import comm
+
+    for name in ("SUROGATE_DIST_TIMEOUT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert comm.env_timeout_s() == comm.DEFAULT_TIMEOUT_S and comm.env_rank() == 0
+    monkeypatch.setenv("SUROGATE_DIST_TIMEOUT", "120")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", " 4 ")
+    assert comm.env_timeout_s() == 120.0 and comm.env_rank() == 1
 
 
 class _Exited:
