@@ -64,6 +64,11 @@ def resolve_model(cfg: Any) -> ModelSpec:
 _POSITIVE_INTS = (*_REQUIRED, "num_key_value_heads", "head_dim")
 
 
+MAX_DIM = 2**31 - 1
+MAX_HEAD_DIM = 512  # numba_kernels/rope.py MAX_HALF: a token's cos/sin in shared memory
+MAX_PARAMS = 2**48  # ~281T parameters: beyond any machine; the planner's byte offsets are int64
+
+
 def check_architecture(hf_config: dict[str, Any], model: str) -> None:
     """The architecture fields the graph is built from: whole positive numbers that fit together (else a
     UserError naming the field, not a failure deep in the graph builder)."""
@@ -74,6 +79,9 @@ def check_architecture(hf_config: dict[str, Any], model: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise UserError(f"{where}: {key} must be a positive integer, got {value!r}")
+        if value > MAX_DIM:  # (tensor dims and token ids are int32 in the kernels; 1e20 overflowed the planner)
+            raise UserError(f"{where}: {key} is {value}, larger than any model dimension Surogate supports "
+                            f"({MAX_DIM})")
     heads, kv = hf_config["num_attention_heads"], hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
     if heads % kv:
         raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
@@ -85,10 +93,22 @@ def check_architecture(hf_config: dict[str, Any], model: str) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
             raise UserError(f"{where}: {key} must be a positive number, got {value!r}")
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    if head_dim > MAX_HEAD_DIM:  # (rope tables travel in the plan's attrs; the attention kernels take <= 256)
+        what = "head_dim" if hf_config.get("head_dim") else "the head size hidden_size / num_attention_heads"
+        raise UserError(f"{where}: {what} is {head_dim}, larger than Surogate supports ({MAX_HEAD_DIM})")
     if head_dim % 2:  # (transformers refuses it too, in a message the tokenizer loader used to cut off)
         what = "head_dim" if hf_config.get("head_dim") else "the head size hidden_size / num_attention_heads"
         raise UserError(f"{where}: {what} is {head_dim}, which must be even: rotary position embeddings rotate "
                         "pairs of values")
+    layers = hf_config["num_hidden_layers"]
+    hidden, inter = hf_config["hidden_size"], hf_config.get("intermediate_size") or 4 * hf_config["hidden_size"]
+    experts = hf_config.get("num_experts")
+    experts = experts if isinstance(experts, int) and not isinstance(experts, bool) and experts > 0 else 1
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter * experts
+    params = layers * per_layer + 2 * hf_config["vocab_size"] * hidden
+    if params > MAX_PARAMS:
+        raise UserError(f"{where}: the architecture describes a model of about {params:.3g} parameters, beyond what "
+                        f"Surogate plans ({MAX_PARAMS:.3g}); check the size fields")
     _check_semantics(hf_config, where)
 
 

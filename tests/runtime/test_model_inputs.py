@@ -96,6 +96,12 @@ def test_plan_without_weights_is_checked_by_config(root, tmp_path):
     ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor 0.5 is not supported"),
     ({"use_sliding_window": True, "sliding_window": 8}, r"sliding-window attention .* is not supported"),
     ({"layer_types": ["sliding_attention", "full_attention"]}, r"sliding-window attention"),
+    # sizes no machine holds: 1e20 overflowed the planner, head_dim 2**23 made a plan with an 8M-entry rope table
+    # in its attrs, 2**30 x 2**31 sizes overflowed the arena offsets (int64)
+    ({"hidden_size": 10**20}, r"hidden_size is 100000000000000000000, larger than any model dimension"),
+    ({"head_dim": 2**23}, r"head_dim is 8388608, larger than Surogate supports \(512\)"),
+    ({"hidden_size": 2**30, "intermediate_size": 2**31 - 1, "num_attention_heads": 2**21, "num_key_value_heads": 2**21,
+      "head_dim": None}, r"the architecture describes a model of about 2.31e\+19 parameters, beyond what Surogate plans"),
 ])
 def test_config_fields_the_builder_cannot_honour_are_errors(root, tmp_path, changes, match):
     """Found by fuzzing: `hidden_act: foo` trained as SiLU, a zero max_position_embeddings and an int8 / junk dtype
