@@ -240,9 +240,30 @@ def cooldown_after_a_decay(cfg, given):
 
 
 @rule
+def schedule_phases_fit_the_run(cfg, given):
+    steps = cfg["max_steps"]
+    if steps is None or steps <= 0:  # (derived from the data: the run's start summary checks it then)
+        return
+    warm, cool = cfg["warmup_steps"] or 0, cfg["cooldown_steps"] or 0
+    if warm >= steps:
+        yield _warn("warmup_steps", f"{warm} is not below max_steps ({steps}): the LR never reaches "
+                    "`learning_rate`")
+    elif cfg["lr_scheduler_type"] == "wsd" and cool and warm + cool > steps:
+        yield _warn("cooldown_steps", f"warmup_steps + cooldown_steps ({warm} + {cool}) exceed max_steps ({steps}): "
+                    "the cooldown is cut short")
+
+
+@rule
 def max_steps_not_zero(cfg, given):
     if cfg["max_steps"] == 0:
         yield ConfigIssue("max_steps", "got 0; use -1 (derive from epochs) or a positive number of steps", 0)
+
+
+@rule
+def validation_split_unused_with_validation_datasets(cfg, given):
+    if cfg.get("validation_datasets") and "validation_split_ratio" in given and cfg["validation_split_ratio"]:
+        yield _warn("validation_split_ratio", "ignored: `validation_datasets` is set, so nothing is split off the "
+                    "training data")
 
 
 # -- model -----------------------------------------------------------------------------------------

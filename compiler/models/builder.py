@@ -151,6 +151,11 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
         full_finetune=trainable, lora=False, from_scratch=from_scratch,
         initializer_range=float(spec.hf_config.get("initializer_range", 0.02)),
     )
+    if not spec.num_experts:  # said, not silent (the plan's notes reach `surogate plan` and the run's start)
+        unused = [k for k in ("router_aux_loss_coef", "router_z_loss_coef") if getattr(cfg, k, None) is not None]
+        if unused:
+            g.meta.setdefault("notes", []).append(
+                f"{', '.join(unused)}: this model has no MoE router; there is no router loss to weigh")
     return g
 
 

@@ -32,6 +32,12 @@ def apply_chunking(graph: Graph, cfg: Any) -> Graph:
     lm = _option(cfg, "lmhead_chunks")
     att = _option(cfg, "attn_bwd_chunks")
     rows = graph.meta["micro_batch"] * graph.meta["seq_len"]
+    notes = graph.meta.setdefault("notes", [])
+    if lm > rows:  # (said, not silent: a chunk holds at least one row)
+        notes.append(f"lmhead_chunks: {lm} is more than the {rows} token rows of a micro-batch; {rows} chunks are used")
+    if att > graph.meta["seq_len"]:
+        notes.append(f"attn_bwd_chunks: {att} is more than sequence_len {graph.meta['seq_len']}; "
+                     f"{graph.meta['seq_len']} chunks are used")
     lm = min(lm, rows)
     att = min(att, graph.meta["seq_len"])
     for op in graph.ops():

@@ -71,6 +71,11 @@ def annotate_precision(graph: Graph, cfg: Any) -> Graph:
             "the latter. Its throughput against recipe bf16 is not benchmarked in this version")
     layers = graph.meta["num_layers"]
     skip = _skipped_layers(cfg, layers)
+    if len(skip) == layers and (RECIPES[recipe] or _qlora_format(cfg)):  # said, not silent
+        what = f"recipe {recipe}" if RECIPES[recipe] else "QLoRA"
+        graph.meta.setdefault("notes", []).append(
+            f"skip_quant_first_layers / skip_quant_last_layers: they cover all {layers} layers; {what} quantizes "
+            "nothing in this plan")
     qfmt = _qlora_format(cfg)
     if qfmt:
         _quantize_weights(graph, cfg, qfmt, skip)

@@ -31,6 +31,9 @@ def start_lines(run_name: str, info: RunInfo, output_dir: str, log_file: str | N
         f"{info.num_epochs:g} epoch(s), warmup {info.warmup_steps} steps"
         + (f", resuming at step {info.start_step}" if info.start_step else "")
     )
+    if info.total_steps and info.warmup_steps >= info.total_steps:  # (max_steps from the data: validate cannot know)
+        lines.append(f"  note: warmup ({info.warmup_steps} steps) is not shorter than the run ({info.total_steps} "
+                     "steps): the LR never reaches learning_rate")
     lines.append("  " + budget_line(info.total_params, info.planned_tokens))
     lines += [f"  {n}" for n in info.notes if n]
     outs = [f"output dir {output_dir}"]

@@ -345,3 +345,28 @@ def test_fp8_plans_say_where_the_fp8_matmuls_run_on_tensor_cores(tmp_path, capsy
     cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 128\n")
     assert main(["plan", str(cfg), "--json"]) == 0
     assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if n.startswith("fp8_hybrid")]
+
+
+@pytest.mark.parametrize("options, starts, words", [
+    # found by fuzzing: accepted without effect and without a word
+    ("router_aux_loss_coef: 0.1\nrouter_z_loss_coef: 0.01\n", "router_aux_loss_coef, router_z_loss_coef",
+     "no MoE router"),
+    ("lmhead_chunks: 100000\n", "lmhead_chunks: 100000", "256 chunks are used"),
+    ("attn_bwd_chunks: 1000\n", "attn_bwd_chunks: 1000", "128 chunks are used"),
+    ("recipe: fp8_hybrid\nskip_quant_first_layers: 1000\n", "skip_quant_first_layers", "quantizes nothing"),
+    ("lora: true\nqlora_bnb: true\nskip_quant_first_layers: 20\nskip_quant_last_layers: 20\n",
+     "skip_quant_first_layers", "QLoRA quantizes nothing"),
+])
+def test_plan_notes_options_that_do_nothing_in_this_plan(tmp_path, capsys, options, starts, words):
+    from surogate.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 128\nper_device_train_batch_size: 2\n" + options)
+    assert main(["plan", str(cfg), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith(starts) and words in n for n in notes), notes
+    cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 128\nper_device_train_batch_size: 2\nlmhead_chunks: 4\n"
+                   "recipe: fp8_hybrid\nskip_quant_first_layers: 2\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert not [n for n in notes if n.startswith(("router_", "lmhead_chunks", "attn_bwd", "skip_quant"))], notes

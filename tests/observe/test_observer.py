@@ -347,3 +347,15 @@ def test_detectors_continue_from_a_checkpoint_as_if_never_stopped(observer_facto
     assert any(r[3] < 1.0 for r in expected) and len({r[1] for r in expected}) > 1  # decisions happened
     fresh, _ = observer_factory(cfg, info)  # without the state the tail differs (the test can fail)
     assert run(fresh, range(cut + 1, total + 1)) != tail
+
+
+@pytest.mark.parametrize("warmup, total, said", [(100, 20, True), (20, 20, True), (19, 20, False), (0, 20, False)])
+def test_start_summary_says_when_warmup_is_not_shorter_than_the_run(warmup, total, said):
+    """max_steps derived from the data: validate cannot compare warmup_steps with it; the start summary does."""
+    from surogate.runtime.observe.summary import start_lines
+
+    lines = start_lines("r", make_info(warmup_steps=warmup, total_steps=total), "out", None, [])
+    notes = [ln for ln in lines if "never reaches learning_rate" in ln]
+    assert bool(notes) == said, lines
+    if said:
+        assert f"warmup ({warmup} steps)" in notes[0] and f"the run ({total} steps)" in notes[0]

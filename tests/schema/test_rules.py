@@ -130,6 +130,12 @@ def test_fp4_needs_blackwell_at_run_time_but_plans_anywhere(options, path):
         ({"padding_free": True}, "padding_free"),
         ({"use_write_combined": True}, "use_write_combined"),
         ({"template": "chatml", "use_chat_template": False}, "template"),
+        # found by fuzzing: a warmup as long as the run never reaches learning_rate; a wsd cooldown cut short; a
+        # split ratio beside validation_datasets (the pipeline splits nothing off then)
+        ({"max_steps": 2, "warmup_steps": 100}, "warmup_steps"),
+        ({"max_steps": 10, "lr_scheduler_type": "wsd", "warmup_steps": 5, "cooldown_steps": 100}, "cooldown_steps"),
+        ({"validation_datasets": [{"path": "v.jsonl", "type": "text"}], "validation_split_ratio": 0.2},
+         "validation_split_ratio"),
     ],
 )
 def test_options_without_effect_are_never_silent(options, path):
@@ -207,3 +213,15 @@ def test_unusable_loss_scale_is_a_config_error(value, words):
 def test_loss_scale_with_some_positive_weight_is_valid(value):
     result = check(loss_scale=value)
     assert result.ok, messages(result)
+
+
+@pytest.mark.parametrize("options", [
+    {"max_steps": 3, "warmup_steps": 2},  # shorter than the run
+    {"max_steps": -1, "warmup_steps": 100},  # steps from the data: the run's start summary says it
+    {"max_steps": 20, "lr_scheduler_type": "wsd", "warmup_steps": 5, "cooldown_steps": 15},
+    {"validation_datasets": [{"path": "v.jsonl", "type": "text"}]},  # the default ratio: nothing given
+])
+def test_schedules_that_fit_and_default_split_ratio_are_not_warned(options):
+    result = check(**options)
+    assert result.ok and not {"warmup_steps", "cooldown_steps", "validation_split_ratio"} & set(
+        _notices(result, "warning")), _notices(result, "warning")
