@@ -534,7 +534,9 @@ def apply_offload(graph: Graph, cfg: Any) -> Graph:
     if flags["persistent_quants"] and not mark_persistent_quants(graph):
         graph.meta.setdefault("notes", []).append(
             "persistent_quants: no weight is quantized per step in this plan (QLoRA base weights are stored "
-            "quantized already; only a quantized `recipe` quantizes weights every step): nothing to keep")
+            "quantized already; only a quantized `recipe` quantizes weights every step): nothing to keep"
+            + ("; offload_quants (which requires it) still places the stored quantized weights in pinned host "
+               "memory" if flags["offload_quants"] else ""))
     if flags["offload_residual"]:
         offload_activation(graph, residual_tensors(graph), write_combined=wc)
     if flags["offload_quants"]:

@@ -58,7 +58,7 @@ def annotate_precision(graph: Graph, cfg: Any) -> Graph:
     else:
         graph.meta["grad_dtype"] = _DT[grad] if grad else model_dtype
     graph.meta["recipe"] = recipe
-    if recipe in ("nvfp4", "nvfp4_quartet") or getattr(cfg, "qlora_fp4", False):
+    if recipe in ("nvfp4", "nvfp4_quartet"):  # (QLoRA FP4 dequantizes into the model dtype: no FP4 GEMM to name)
         graph.meta.setdefault("notes", []).append(
             f"fp4_backend: {getattr(cfg, 'fp4_backend', 'cutlass')!r} is recorded, but no FP4 GEMM kernel "
             "(cutlass or cudnn) has landed yet: FP4 matmuls run as dequantize + fp32 GEMM (the recipe's numerics "

@@ -356,6 +356,8 @@ def test_fp8_plans_say_where_the_fp8_matmuls_run_on_tensor_cores(tmp_path, capsy
     ("recipe: fp8_hybrid\nskip_quant_first_layers: 1000\n", "skip_quant_first_layers", "quantizes nothing"),
     ("lora: true\nqlora_bnb: true\nskip_quant_first_layers: 20\nskip_quant_last_layers: 20\n",
      "skip_quant_first_layers", "QLoRA quantizes nothing"),
+    ("lora: true\nqlora_fp8: true\npersistent_quants: true\noffload_quants: true\nshard_weights: true\n",
+     "persistent_quants", "offload_quants (which requires it) still places the stored quantized weights in pinned"),
 ])
 def test_plan_notes_options_that_do_nothing_in_this_plan(tmp_path, capsys, options, starts, words):
     from surogate.cli import main
@@ -370,3 +372,14 @@ def test_plan_notes_options_that_do_nothing_in_this_plan(tmp_path, capsys, optio
     assert main(["plan", str(cfg), "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert not [n for n in notes if n.startswith(("router_", "lmhead_chunks", "attn_bwd", "skip_quant"))], notes
+
+
+def test_qlora_fp4_plans_name_no_fp4_gemm_backend(tmp_path, capsys):
+    """Found by fuzzing: QLoRA FP4 (dequantized into the model dtype, no FP4 GEMM) printed a note about
+    fp4_backend, an option the user had not set and that only the nvfp4 recipes read."""
+    from surogate.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: Qwen/Qwen3-0.6B\nsequence_len: 128\nlora: true\nqlora_fp4: true\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    assert not [n for n in json.loads(capsys.readouterr().out)["notes"] if n.startswith("fp4_backend")]
