@@ -260,6 +260,15 @@ def max_steps_not_zero(cfg, given):
 
 
 @rule
+def evaluation_options_need_an_evaluation_set(cfg, given):
+    if not cfg.get("validation_datasets") and not cfg["validation_split_ratio"]:
+        for key in ("eval_steps", "eval_seed"):
+            if key in given:
+                yield _warn(key, "no evaluation runs: `validation_split_ratio` is 0 and no `validation_datasets` "
+                            "are given")
+
+
+@rule
 def validation_split_unused_with_validation_datasets(cfg, given):
     if cfg.get("validation_datasets") and "validation_split_ratio" in given and cfg["validation_split_ratio"]:
         yield _warn("validation_split_ratio", "ignored: `validation_datasets` is set, so nothing is split off the "

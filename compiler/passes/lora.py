@@ -57,6 +57,11 @@ def inject_lora(graph: Graph, cfg: Any) -> Graph:
     scale = alpha / rank
 
     targeted = [o for o in graph.ops() if o.kind == "linear" and o.attrs.get("module") in targets]
+    narrow = min((min(graph.tensors[o.inputs[1]].shape) for o in targeted), default=rank)
+    if rank > narrow:  # said, not silent: the update B @ A has rank <= min(out, in) whatever lora_rank says
+        graph.meta.setdefault("notes", []).append(
+            f"lora_rank: {rank} is larger than the smallest targeted projection's dimension ({narrow}); an "
+            f"adapter's update has rank at most {narrow} there, the extra rank only adds trained parameters")
     if not targeted and not getattr(cfg, "train_router", False):
         raise UserError(f"lora_target_modules: none of {', '.join(targets)} exists in this model "
                         "(MoE layers have no dense MLP projections), so nothing would be trained")

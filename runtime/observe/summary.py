@@ -9,10 +9,11 @@ from surogate.runtime.observe.events import RunInfo
 
 def start_lines(run_name: str, info: RunInfo, output_dir: str, log_file: str | None, trackers: list[str]) -> list[str]:
     pct = 100.0 * info.trainable_params / info.total_params if info.total_params else 0.0
+    share = f"{pct:.3g}%" if pct < 1000 else f"{pct:,.0f}% of the model: adapters larger than it"
     lines = [
         f"Surogate run {run_name}",
         f"  model: {info.model}",
-        f"  parameters: {human(info.total_params)} total, {human(info.trainable_params)} trainable ({pct:.3g}%)",
+        f"  parameters: {human(info.total_params)} total, {human(info.trainable_params)} trainable ({share})",
     ]
     data = []
     if info.dataset_rows is not None:

@@ -356,6 +356,7 @@ def test_fp8_plans_say_where_the_fp8_matmuls_run_on_tensor_cores(tmp_path, capsy
     ("recipe: fp8_hybrid\nskip_quant_first_layers: 1000\n", "skip_quant_first_layers", "quantizes nothing"),
     ("lora: true\nqlora_bnb: true\nskip_quant_first_layers: 20\nskip_quant_last_layers: 20\n",
      "skip_quant_first_layers", "QLoRA quantizes nothing"),
+    ("lora: true\nlora_rank: 2000\n", "lora_rank: 2000", "smallest targeted projection's dimension (1024)"),
     ("lora: true\nqlora_fp8: true\npersistent_quants: true\noffload_quants: true\nshard_weights: true\n",
      "persistent_quants", "offload_quants (which requires it) still places the stored quantized weights in pinned"),
 ])
@@ -371,7 +372,7 @@ def test_plan_notes_options_that_do_nothing_in_this_plan(tmp_path, capsys, optio
                    "recipe: fp8_hybrid\nskip_quant_first_layers: 2\n")
     assert main(["plan", str(cfg), "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
-    assert not [n for n in notes if n.startswith(("router_", "lmhead_chunks", "attn_bwd", "skip_quant"))], notes
+    assert not [n for n in notes if n.startswith(("router_", "lmhead_chunks", "attn_bwd", "skip_quant", "lora_rank"))], notes
 
 
 def test_qlora_fp4_plans_name_no_fp4_gemm_backend(tmp_path, capsys):

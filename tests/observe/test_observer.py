@@ -359,3 +359,12 @@ def test_start_summary_says_when_warmup_is_not_shorter_than_the_run(warmup, tota
     assert bool(notes) == said, lines
     if said:
         assert f"warmup ({warmup} steps)" in notes[0] and f"the run ({total} steps)" in notes[0]
+
+
+def test_start_summary_share_of_adapters_larger_than_the_model():
+    from surogate.runtime.observe.summary import start_lines
+
+    small = start_lines("r", make_info(trainable_params=10_000), "out", None, [])
+    assert any("trainable (1%)" in ln for ln in small), small
+    big = start_lines("r", make_info(trainable_params=16_500_000), "out", None, [])
+    assert any("trainable (1,650% of the model: adapters larger than it)" in ln for ln in big), big

@@ -136,6 +136,8 @@ def test_fp4_needs_blackwell_at_run_time_but_plans_anywhere(options, path):
         ({"max_steps": 10, "lr_scheduler_type": "wsd", "warmup_steps": 5, "cooldown_steps": 100}, "cooldown_steps"),
         ({"validation_datasets": [{"path": "v.jsonl", "type": "text"}], "validation_split_ratio": 0.2},
          "validation_split_ratio"),
+        ({"validation_split_ratio": 0, "eval_steps": 1}, "eval_steps"),
+        ({"validation_split_ratio": 0, "eval_seed": 5}, "eval_seed"),
     ],
 )
 def test_options_without_effect_are_never_silent(options, path):
@@ -220,8 +222,10 @@ def test_loss_scale_with_some_positive_weight_is_valid(value):
     {"max_steps": -1, "warmup_steps": 100},  # steps from the data: the run's start summary says it
     {"max_steps": 20, "lr_scheduler_type": "wsd", "warmup_steps": 5, "cooldown_steps": 15},
     {"validation_datasets": [{"path": "v.jsonl", "type": "text"}]},  # the default ratio: nothing given
+    {"validation_split_ratio": 0.1, "eval_steps": 5},
+    {"validation_split_ratio": 0, "validation_datasets": [{"path": "v.jsonl", "type": "text"}], "eval_steps": 5},
 ])
 def test_schedules_that_fit_and_default_split_ratio_are_not_warned(options):
     result = check(**options)
-    assert result.ok and not {"warmup_steps", "cooldown_steps", "validation_split_ratio"} & set(
+    assert result.ok and not {"warmup_steps", "cooldown_steps", "validation_split_ratio", "eval_steps"} & set(
         _notices(result, "warning")), _notices(result, "warning")
