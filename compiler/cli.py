@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +35,13 @@ def run(args: argparse.Namespace) -> int:
         render_report,
         suggest_fixes,
     )
+    from surogate.errors import UserError
     from surogate.schema import load_config
 
+    if args.gpu_memory is not None and not args.gpu_memory.strip():
+        raise UserError("--gpu-memory: empty; give a size such as 80GiB, or leave the option out")
+    if args.plot is not None and Path(args.plot).is_dir():
+        raise UserError(f"--plot: {args.plot} is a folder; give the image file to write (e.g. {Path(args.plot) / 'memory.png'})")
     gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
     cfg = load_config(args.config, warn=True)
     gpu = detect_gpu()

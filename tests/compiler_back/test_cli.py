@@ -101,3 +101,12 @@ def test_plan_prints_the_configs_warnings(synthetic_front, config, capsys):
     assert main(["plan", str(config)]) == 0
     err = capsys.readouterr().err
     assert f"warning: {config}: padding_free: has no effect with `sample_packing: true`" in err
+
+
+def test_empty_size_and_a_plot_folder_are_user_errors(config, capsys, tmp_path):
+    """Found by fuzzing: `--gpu-memory ''` planned as if no size were given; `--plot DIR` wrote DIR.png beside it."""
+    assert main(["plan", str(config), "--gpu-memory", ""]) == 2
+    assert "--gpu-memory: empty" in capsys.readouterr().err
+    assert main(["plan", str(config), "--plot", str(tmp_path)]) == 2
+    assert f"--plot: {tmp_path} is a folder" in capsys.readouterr().err
+    assert not (tmp_path.parent / f"{tmp_path.name}.png").exists()
