@@ -20,6 +20,7 @@ from surogate.runtime.checkpoint_fields import StateFields
 from surogate.runtime.observe.diagnostics import StateValueError
 from surogate.runtime.resume import guard_checkpoint_dir, resume_latest
 from surogate.runtime.run_exports import export_outputs
+from surogate.runtime.run_failure import broken_weights, end_failure, failure_checkpoints
 from surogate.runtime.stop_signals import StopSignals
 from surogate.runtime.trainer import Trainer, TrainResult
 from surogate.schema import gpu_requirements, min_compute_capability, sm_of
@@ -241,9 +242,9 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
             result.first_step = start_step
             last_saved, good_state_saved = _train_loop(trainer, executor, obs, cfg, result, stop, latest)
             if result.failed is None:
-                result.failed = _end_failure(trainer, cfg, result, latest, start_applied)
+                result.failed = end_failure(trainer, cfg, result, latest, start_applied)
             if result.failed is not None:  # nothing more is saved: the weights are not worth it
-                result.failed += _failure_checkpoints(trainer, last_saved if good_state_saved else None)
+                result.failed += failure_checkpoints(trainer, last_saved if good_state_saved else None)
                 obs.on_failure(trainer.step, result.failed)
             elif latest is not None and trainer.step == start_step:
                 last_saved = latest  # nothing trained here: the checkpoint resumed from is the last state
@@ -265,52 +266,6 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
         obs.on_end(EndSummary(outputs=result.outputs, final_eval_loss=final_eval, status=status))
     result.steps = trainer.step
     return result
-
-
-def _steps_text(steps: list[int]) -> str:
-    shown = ", ".join(str(s) for s in steps[:8])
-    return f"step{'s' if len(steps) > 1 else ''} {shown}" + (f" and {len(steps) - 8} more" if len(steps) > 8 else "")
-
-
-def _broken_weights(trainer: Trainer, cfg: Any, latest: Path | None) -> str:
-    """Why the weights hold NaN/Inf: the last applied update, the checkpoint resumed from, or the starting weights."""
-    if trainer.last_applied is not None:
-        return (f"the update of step {trainer.last_applied} (the last one applied) left them so: learning_rate "
-                f"{float(cfg.learning_rate):g} is likely too high")
-    if latest is not None:
-        return f"they were so in the checkpoint resumed from, {latest}"
-    adapter = f" or adapter_path {cfg.adapter_path}" if getattr(cfg, "adapter_path", None) else ""
-    return f"the starting weights loaded from model {cfg.model}{adapter} hold NaN/Inf values: fix or replace them"
-
-
-def _failure_checkpoints(trainer: Trainer, good_state: Path | None) -> str:
-    """What a failed run leaves to resume from: the last good state saved at the stop (`good_state`), or the
-    checkpoints of this run that hold weights it found broken, or none (a run saves nothing before it applies a
-    step)."""
-    if good_state is not None:
-        return f"; {good_state} holds the last good state (after step {trainer.last_applied})"
-    broken = [p for p in trainer.saved if trainer.last_applied is not None
-              and int(p.name.rsplit("-", 1)[1]) >= trainer.last_applied]
-    if broken:
-        names = ", ".join(str(p) for p in broken)
-        return (f"; {names} hold{'s' if len(broken) == 1 else ''} these broken weights: a resume would start from "
-                f"{'it' if len(broken) == 1 else 'the last'}; remove {'it' if len(broken) == 1 else 'them'}")
-    return "; no checkpoint was written" if not trainer.saved else "; no checkpoint holds these weights"
-
-
-def _end_failure(trainer: Trainer, cfg: Any, result: SessionResult, latest: Path | None,
-                 start_applied: int) -> str | None:
-    """Why a run that reached its end (or a stop) failed: no step of it was applied, or its weights are not finite;
-    None when it did not fail. A run stopped by a signal keeps its state for the resume: it is not judged."""
-    if result.signal is not None:
-        return None
-    if result.skipped and trainer.applied == start_applied:
-        return (f"none of the {len(result.skipped)} step(s) of this run was applied: each had a non-finite loss or "
-                f"gradients ({_steps_text(result.skipped)}); the model is not trained")
-    if not trainer.weights_finite():
-        return (f"at step {trainer.step} the model's weights hold NaN/Inf values: {_broken_weights(trainer, cfg, latest)}; "
-                "the model is not exported")
-    return None
 
 
 def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: SessionResult,
@@ -344,7 +299,7 @@ def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: Ses
             result.skipped.append(step)
             if not trainer.weights_finite():  # every rank agrees (all-reduced)
                 result.failed = (f"step {step}: non-finite {what}, and the model's weights are themselves NaN/Inf: "
-                                 f"{_broken_weights(trainer, cfg, latest)}; training cannot recover from them")
+                                 f"{broken_weights(trainer, cfg, latest)}; training cannot recover from them")
                 break
             if decision.stop:  # the guard: too many steps skipped
                 result.failed = decision.stop_reason
