@@ -209,8 +209,12 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     latest, resume_notes = resume_latest(trainer, checkpoints, cfg)
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)
+    batches = data.train.num_batches(trainer.batch_size)
+    wrap_note = (f"one optimizer step reads {trainer.accumulation * trainer.world} micro-batches (accumulation x ranks), "
+                 f"more than the {batches} an epoch of the data holds: each step wraps into the next pass over it"
+                 if 0 < batches < trainer.accumulation * trainer.world else None)
     notes = (adjusted.message, graphs_note, *plan.meta.get("notes", ()), *weight_notes, *rank_notes(plan, backend),
-             reshard_note,
+             reshard_note, wrap_note,
              *hardware_notes,
              *resume_notes, *_data_notes(data, cfg),
              f"resume: {latest.name} already completes the run ({trainer.total_steps} steps): nothing to train; "
@@ -220,7 +224,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
         total_steps=trainer.total_steps,
         tokens_per_step=trainer.batch_size * trainer.accumulation * world * int(cfg.sequence_len),
         # max_steps decides the run's length when set: say how many passes over the data that is
-        num_epochs=(round(trainer.total_steps / trainer.steps_per_epoch, 2) if int(cfg.max_steps) > 0
+        num_epochs=(float(f"{trainer.total_steps / trainer.steps_per_epoch:.3g}") if int(cfg.max_steps) > 0
                     else adjusted.num_epochs),
         warmup_steps=warmup_steps_for(trainer.total_steps, cfg),
         dataset_rows=train_stats.packed_rows, dataset_tokens=train_stats.tokens,

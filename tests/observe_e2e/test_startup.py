@@ -51,8 +51,26 @@ def test_epoch_adjustment_yields_to_max_steps(small_source, tmp_path):
     assert "epoch_adjustment: ignored because max_steps=2 is set" in console
     assert result.steps == 2
     info = read_log(cfg.log_file).events[0]["run_info"]
-    epochs = round(2 / math.ceil(info["dataset_rows"] / BATCH), 2)  # max_steps, not num_epochs, sets the length
+    epochs = float(f"{2 / math.ceil(info['dataset_rows'] / BATCH):.3g}")  # max_steps, not num_epochs, sets the length
     assert info["num_epochs"] == epochs < 1 and f"2 steps x 2.05K tokens/step, {epochs:g} epoch(s)" in console
+
+
+def test_a_step_longer_than_an_epoch_is_said_and_short_runs_show_their_epochs(small_source, tmp_path):
+    """Found by fuzzing: accumulation over more micro-batches than the data holds ran 'epoch 1.08' without a word,
+    and max_steps 1 over many batches said '0 epoch(s)'."""
+    cfg = small_cfg(small_source, tmp_path, max_steps=1, gradient_accumulation_steps=1000)
+    result, console = train(cfg)
+    assert result.steps == 1
+    info = read_log(cfg.log_file).events[0]["run_info"]
+    batches = math.ceil(info["dataset_rows"] / BATCH)
+    assert batches < 1000
+    note = (f"one optimizer step reads 1000 micro-batches (accumulation x ranks), more than the {batches} an epoch "
+            "of the data holds")
+    assert note in console and any(n.startswith(note) for n in info["notes"])
+    cfg = small_cfg(small_source, tmp_path / "b", max_steps=1)
+    _, console = train(cfg)
+    epochs = read_log(cfg.log_file).events[0]["run_info"]["num_epochs"]
+    assert 0 < epochs < 1 and f"{epochs:g} epoch(s)" in console
 
 
 def test_debug_memory_breakdown_prints_plan_table_and_measured_memory(small_source, tmp_path):
