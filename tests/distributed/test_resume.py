@@ -15,7 +15,7 @@ from surogate.runtime.checkpoint import TENSORS_FILE
 from surogate.runtime.session import run_training
 from tests.distributed.helpers import cfg_for, exported, log_steps, make_root, max_rel
 
-OPTS = dict(zero_level=3, max_steps=4, save_steps=2, eval_steps=1000, validation_split_ratio=0.0, lora_dropout=0.1,
+OPTS = dict(zero_level=3, max_steps=4, save_steps=2, validation_split_ratio=0.0, lora_dropout=0.1,
             resume_from_checkpoint=True)
 
 

@@ -172,7 +172,7 @@ def build_trainer(cfg: Any, plan: Plan | None = None):
 def text_cfg(model_dir: Path, data_file: Path, out: Path, **over: Any):
     """A training config on a text dataset (no validation split unless asked)."""
     base = dict(datasets=[{"path": str(data_file), "type": "text"}], output_dir=str(out),
-                validation_split_ratio=0.0, max_steps=2, save_steps=1000, eval_steps=1000, learning_rate=1e-3,
+                validation_split_ratio=0.0, max_steps=2, save_steps=1000, learning_rate=1e-3,
                 log_file=str(out / "log.jsonl"))
     base.update(over)
     return make_cfg(model_dir, **base)
@@ -230,7 +230,7 @@ def yaml_cfg(model_dir: Path, data_file: Path, out: Path, **over: Any) -> dict[s
                 torch_dtype="float32", lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.0, recompute=False,
                 use_cuda_graphs=False, datasets=[{"path": str(data_file), "type": "text"}],
                 validation_split_ratio=0.0, output_dir=str(out), log_file=str(out / "log.jsonl"), max_steps=4,
-                save_steps=1000, eval_steps=1000, learning_rate=1e-3)
+                save_steps=1000, learning_rate=1e-3)
     base.update(over)
     return base
 
