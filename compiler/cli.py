@@ -44,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--plot: {args.plot} is a folder; give the image file to write (e.g. {Path(args.plot) / 'memory.png'})")
     gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
     cfg = load_config(args.config, warn=True)
+    adapter = getattr(cfg, "adapter_path", None)
+    # a malformed adapter is said now, not after the GPU hour is booked (one not here may be meant for another machine)
+    if adapter and Path(adapter).is_dir():
+        from surogate.runtime.peft_adapter import load_peft_adapter
+
+        load_peft_adapter(adapter)
     gpu = detect_gpu()
     # With a GPU size to check against, the plan may not fit: record what each pass reads and keep copies
     # of the graph, so that the fit suggestions re-run only the passes their change affects.

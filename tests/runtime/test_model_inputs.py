@@ -331,3 +331,17 @@ def test_adapter_change_the_model_does_not_use_is_an_error(tmp_path):
     with pytest.raises(UserError, match=r"adapter_path: the adapter changes 'lm_head.weight', which the model in .* "
                                         r"does not use \(with tied embeddings the head is the embedding\)"):
         load_weights(plan, model, adapter_path=adapter)
+
+
+def test_plan_checks_an_adapter_it_can_read(root, tmp_path, capsys):
+    """Found by a helper: a malformed adapter was found only when a run loaded the weights; `plan` reads it when the
+    folder is there (an adapter folder not here may be meant for the machine that runs the plan)."""
+    from surogate.cli import main
+
+    bad = _write_adapter(tmp_path / "bad", _lora(), r="four")
+    cfg = tmp_path / "c.yaml"
+    for adapter, code in ((bad, 2), (tmp_path / "elsewhere", 0)):
+        cfg.write_text(f"model: {root / 'model'}\nsequence_len: 16\nlora: true\nadapter_path: {adapter}\n")
+        assert main(["plan", str(cfg)]) == code
+        err = capsys.readouterr().err
+        assert ("adapter_path" in err and "r must be a positive integer" in err) == (code == 2), err
