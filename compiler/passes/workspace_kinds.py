@@ -205,12 +205,9 @@ class KindSizes:
 
     # -- FP8 recipe (cuda_fp8) -----------------------------------------------------------------------------
     def _fp8_native(self, op: Any) -> bool:
-        from surogate.runtime.backends.cuda_fp8 import op_is_native
+        from surogate.runtime.backends.cuda_fp8 import plan_op_is_native
 
-        ins = [self.t(n) for n in op.inputs]
-        return op_is_native(op.kind, op.attrs, [tuple(t.shape) for t in ins],
-                            [t.dtype for t in ins] + [self.t(op.outputs[0]).dtype], self.target.cuda,
-                            self.target.capability)
+        return plan_op_is_native(op, self.tensors, self.target.cuda, self.target.capability)
 
     def k_quantize(self, op: Any, acc: list[bool]) -> int:
         if not self._fp8_native(op):

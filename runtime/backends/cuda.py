@@ -77,10 +77,6 @@ def reference_kinds(ops: Any, tensors: dict, device: torch.device) -> list[str]:
     for op in ops:
         if op.kind in always:
             kinds.add(op.kind)
-        elif op.kind in cuda_fp8.KERNELS:
-            ins = [tensors[n] for n in op.inputs]
-            out = tensors[op.outputs[0]]
-            if not cuda_fp8.op_is_native(op.kind, op.attrs, [tuple(t.shape) for t in ins],
-                                         [t.dtype for t in ins] + [out.dtype], cuda, cap):
-                kinds.add(op.kind)
+        elif op.kind in cuda_fp8.KERNELS and not cuda_fp8.plan_op_is_native(op, tensors, cuda, cap):
+            kinds.add(op.kind)
     return sorted(kinds)

@@ -14,7 +14,7 @@ GEMMs on FP8 tensor cores.
 The reference (runtime/reference/kernels_quant.py) dequantizes and multiplies in fp32; the codes and scales here
 are the same bits, the GEMMs differ only in accumulation order. Other formats (fp4), operand dims that are not
 multiples of 16 on a GPU, GPUs below compute capability 8.9, ZeRO-3 shard writes (`keep_rank_rows`) and
-SUROGATE_FP8_GEMM=0 run the reference math on the device (`native` says which; CUDA graphs stay off for those).
+SUROGATE_FP8_GEMM=0 run the reference math on the device (`op_is_native` says which; CUDA graphs stay off for those).
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ from typing import Any
 import torch
 
 from surogate.numba_kernels import KERNELS as NK
+from surogate.numba_kernels.fp8 import FORMATS as FP8_CODES  # format -> (torch dtype, largest value)
 from surogate.runtime.backends import cuda_sizes as sz
-from surogate.runtime.backends.cuda_state import CudaState, run_token
+from surogate.runtime.backends.cuda_state import CudaState, _plan_ops, run_token
 from surogate.runtime.backends.cuda_state import dtype_name as dn
 from surogate.runtime.reference import kernels_quant as ref
 from surogate.runtime.reference.quant import FP8_MAX
 
 E4M3 = torch.float8_e4m3fn
-_TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-_FMAX = {"e4m3": 448.0, "e5m2": ref.E5M2_MAX}
 AMAX_FLOOR = 1e-12  # the reference's delayed-scaling floor (activations, weights)
 GRAD_FLOOR = 1e-30  # and its just-in-time floor for output gradients
 
@@ -56,21 +55,8 @@ def _reference(kind: str, ins: list, attrs: dict, ctx: Any) -> list:
         return ref.KERNELS[kind](ins, attrs, ctx)
 
 
-def _ops(graph: Any) -> list:
-    ops = graph.ops
-    return list(ops() if callable(ops) else ops)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
-
-
-def _history_window(hist: torch.Tensor, attrs: dict, ctx: Any) -> tuple[tuple[int, int], bool]:
-    """`kernels_quant.amax_window` as slot indices: (lo, hi) of the window and whether the amax is pushed."""
-    n = hist.numel()
-    if not attrs.get("update_history", True):
-        return (1, n), False
-    return (0, n - 1), bool(getattr(ctx, "training", True))
 
 
 def quantize(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
@@ -84,7 +70,7 @@ def quantize(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     codes, scale = bnd.views[0], bnd.views[1]
     amax = st.alloc(sz.fp8_amax_slot(), src.device)
     NK["fp8_amax"].cuda(src, amax)
-    window, push = _history_window(hist, attrs, ctx)
+    window, push = ref.amax_window_slots(hist.numel(), attrs, ctx)
     NK["fp8_delayed_scale"].cuda(amax, hist, scale, window, AMAX_FLOOR, FP8_MAX, push)
     NK["fp8_quantize"].cuda(src, codes.view(torch.uint8), scale, "e4m3", divide=True)
     return [codes, scale]
@@ -151,13 +137,13 @@ def _grad_codes(st: CudaState, dy: torch.Tensor, bnd: Any, attrs: dict,
     # was not written in between (`dy_reuse`) and the slot still holds them (same tensor, same run); under capture
     # the decision is recorded with the replay's ops
     owner = (bnd.inputs[0], fmt, run_token(ctx))
-    reusable = st._per_plan("fp8_dy_reuse", ctx.graph, lambda g: dy_reuse(_ops(g), g.tensors))
+    reusable = st._per_plan("fp8_dy_reuse", ctx.graph, lambda g: dy_reuse(_plan_ops(g), g.tensors))
     if bnd.op in reusable and st.fp8_grad_owner.get(codes_spec) == owner:
         return codes, scale, fmt
     st.fp8_grad_owner[codes_spec] = owner
     amax = st.alloc(sz.fp8_amax_slot(), dy.device)
     NK["fp8_amax"].cuda(dy, amax)
-    NK["fp8_delayed_scale"].cuda(amax, amax, scale, (0, 0), GRAD_FLOOR, _FMAX[fmt], False)
+    NK["fp8_delayed_scale"].cuda(amax, amax, scale, (0, 0), GRAD_FLOOR, FP8_CODES[fmt][1], False)
     NK["fp8_quantize"].cuda(dy, codes, scale, fmt, divide=True)
     return codes, scale, fmt
 
@@ -186,7 +172,7 @@ def qlinear_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
         return _reference("qlinear_bwd_data", ins, attrs, ctx)
     codes, gs, fmt = _grad_codes(st, _rows(dy), bnd, attrs, ctx)
     w_t = _transposed(st, "fp8_w_t", wq.view(torch.uint8).reshape(n, k))  # [k, n]: W as a column-major [n, k]
-    _scaled_mm_into(st, out, acc, codes.view(_TORCH_FP8[fmt]), w_t.view(E4M3).t(), gs, ws)
+    _scaled_mm_into(st, out, acc, codes.view(FP8_CODES[fmt][0]), w_t.view(E4M3).t(), gs, ws)
     return [out]
 
 
@@ -203,11 +189,11 @@ def qlinear_bwd_weight(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     codes, gs, fmt = _grad_codes(st, _rows(dy), bnd, attrs, ctx)
     dy_t = _transposed(st, "fp8_dy_t", codes)  # [n, m]: dY^T row-major
     x_t = _transposed(st, "fp8_x_t", xq.view(torch.uint8).reshape(m, k))  # [k, m]: x as a column-major [m, k]
-    _scaled_mm_into(st, dw, acc, dy_t.view(_TORCH_FP8[fmt]), x_t.view(E4M3).t(), gs, xs)
+    _scaled_mm_into(st, dw, acc, dy_t.view(FP8_CODES[fmt][0]), x_t.view(E4M3).t(), gs, xs)
     outs = [dw]
     if attrs.get("has_bias"):
         db, acc_b = bnd.views[1], bnd.accumulate[1]
-        col = (codes.view(_TORCH_FP8[fmt]).float() * gs).sum(0)  # (a [rows, out] fp32 temporary: biases are rare)
+        col = (codes.view(FP8_CODES[fmt][0]).float() * gs).sum(0)  # (a [rows, out] fp32 temporary: biases are rare)
         db.add_(col.to(db.dtype)) if acc_b else db.copy_(col)
         outs.append(db)
     return outs
@@ -233,6 +219,13 @@ def op_is_native(kind: str, attrs: dict, shapes: list[tuple[int, ...]], dtypes: 
         return False
     use = {"qlinear": (2, 4), "qlinear_bwd_data": (0, 1), "qlinear_bwd_weight": (0, 1)}[kind]
     return sz.fp8_native(fmt, dims, [dtypes[i] for i in use] + dtypes[-1:], cuda, capability)
+
+
+def plan_op_is_native(op: Any, tensors: dict, cuda: bool, capability: tuple[int, int]) -> bool:
+    """`op_is_native` for a plan op (its inputs' and first output's shapes and dtypes from `tensors`)."""
+    ins = [tensors[n] for n in op.inputs]
+    return op_is_native(op.kind, op.attrs, [tuple(t.shape) for t in ins],
+                        [t.dtype for t in ins] + [tensors[op.outputs[0]].dtype], cuda, capability)
 
 
 def gemm_dims(kind: str, shapes: list[tuple[int, ...]]) -> tuple[int, int, int] | None:

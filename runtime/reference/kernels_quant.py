@@ -53,14 +53,21 @@ def _quantize(x: Tensors, a: dict, ctx: Any) -> Tensors:
     return [(src.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.reshape(1)]
 
 
-def amax_window(hist: torch.Tensor, a: dict, ctx: Any) -> tuple[torch.Tensor, bool]:
-    """(the `fp8_amax_history` values this quantize scales by, whether it pushes its amax). The history holds one
-    value more than the window (newest first). A forward reads the newest values and pushes; a recompute or a
-    backward redo (`update_history: False`) reads one slot further, the window its forward read, so it gets the
-    forward's scale even when the value the push dropped was the largest; evaluation reads and never pushes."""
+def amax_window_slots(length: int, a: dict, ctx: Any) -> tuple[tuple[int, int], bool]:
+    """((lo, hi): the slots of a `length`-value amax history this quantize scales by, whether it pushes its amax).
+    The history holds one value more than the window (newest first). A forward reads the newest values and pushes;
+    a recompute or a backward redo (`update_history: False`) reads one slot further, the window its forward read, so
+    it gets the forward's scale even when the value the push dropped was the largest; evaluation reads and never
+    pushes."""
     if not a.get("update_history", True):
-        return hist[1:], False
-    return hist[:-1], bool(getattr(ctx, "training", True))
+        return (1, length), False
+    return (0, length - 1), bool(getattr(ctx, "training", True))
+
+
+def amax_window(hist: torch.Tensor, a: dict, ctx: Any) -> tuple[torch.Tensor, bool]:
+    """(the history values this quantize scales by, whether it pushes its amax): see `amax_window_slots`."""
+    (lo, hi), push = amax_window_slots(hist.numel(), a, ctx)
+    return hist[lo:hi], push
 
 
 def _deq(q: torch.Tensor, s: torch.Tensor, fmt: str, shape: torch.Size) -> torch.Tensor:
