@@ -93,11 +93,10 @@ def check_architecture(hf_config: dict[str, Any], model: str) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
             raise UserError(f"{where}: {key} must be a positive number, got {value!r}")
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    what = "head_dim" if hf_config.get("head_dim") else "the head size hidden_size / num_attention_heads"
     if head_dim > MAX_HEAD_DIM:  # (rope tables travel in the plan's attrs; the attention kernels take <= 256)
-        what = "head_dim" if hf_config.get("head_dim") else "the head size hidden_size / num_attention_heads"
         raise UserError(f"{where}: {what} is {head_dim}, larger than Surogate supports ({MAX_HEAD_DIM})")
     if head_dim % 2:  # (transformers refuses it too, in a message the tokenizer loader used to cut off)
-        what = "head_dim" if hf_config.get("head_dim") else "the head size hidden_size / num_attention_heads"
         raise UserError(f"{where}: {what} is {head_dim}, which must be even: rotary position embeddings rotate "
                         "pairs of values")
     layers = hf_config["num_hidden_layers"]
@@ -257,14 +256,24 @@ def _safetensors_header(path: Path) -> dict[str, Any] | None:
     return header if isinstance(header, dict) else None
 
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# what reading a malformed index raises: bad JSON, no weight_map, not a map
+INDEX_ERRORS = (ValueError, KeyError, TypeError, AttributeError)
+
+
+def indexed_weight_files(index: Path) -> list[str]:
+    """The safetensors files a sharded checkpoint's index names (one of INDEX_ERRORS, or OSError, if malformed)."""
+    return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+
+
 def weight_files(model_dir: Path) -> list[str] | None:
     """The safetensors files of a model folder (the index's, else every `*.safetensors`); None if the index is
     unreadable."""
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / WEIGHTS_INDEX
     if index.is_file():
         try:
-            return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            return indexed_weight_files(index)
+        except (*INDEX_ERRORS, OSError):
             return None
     return sorted(p.name for p in model_dir.glob("*.safetensors"))
 

@@ -7,7 +7,6 @@ tensors, or the already-stacked transformers-5 layout) and LoRA adapters (PEFT i
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from surogate.compiler.ir import Graph, Role
+from surogate.compiler.models.resolve import INDEX_ERRORS, WEIGHTS_INDEX, indexed_weight_files, weight_files
 from surogate.errors import UserError
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 from surogate.runtime.reference.quant import quantize
@@ -34,16 +34,15 @@ def _open(path: Path):
 class _Checkpoint:
     def __init__(self, model_dir: Path) -> None:
         self.dir = model_dir
-        index = model_dir / "model.safetensors.index.json"
+        index = model_dir / WEIGHTS_INDEX
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # bad JSON, no weight_map, not a map
+                files = indexed_weight_files(index)
+            except INDEX_ERRORS as exc:
                 raise UserError(f"model: {index} is not a safetensors index ({type(exc).__name__}: {exc}); "
                                 "re-download the model") from None
         else:
-            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            files = weight_files(model_dir)
             if not files:
                 raise UserError(f"model: no safetensors weights in {model_dir}")
         self.handles = {f: _open(model_dir / f) for f in files}
