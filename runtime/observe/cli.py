@@ -29,9 +29,12 @@ def run(args: argparse.Namespace) -> int:
     if not data.steps and not data.evals:
         skipped = f" ({len(data.skipped)} unreadable line(s) skipped)" if data.skipped else ""
         raise UserError(f"{args.log_file}: no step or eval records to plot{skipped}")
-    run_name = next((e.get("run_name") for e in data.events if e.get("type") == "start"), None)
+    # the last run's name: a restarted or resumed run's records replace the earlier ones (read_log)
+    run_name = next((e.get("run_name") for e in reversed(data.events) if e.get("type") == "start"), None)
     title = None if run_name is None else str(run_name)
     out = plot_training_loss(LossHistory.from_records(data.steps, data.evals), args.output, title=title)
     skipped = f"; {len(data.skipped)} unreadable line(s) skipped" if data.skipped else ""
+    if data.superseded:
+        skipped += f"; {data.superseded} record(s) of an earlier run replaced by a later run's start"
     print(f"wrote {out} ({len(data.steps)} steps, {len(data.evals)} evals{skipped})")
     return 0

@@ -98,6 +98,7 @@ class LogData:
     evals: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # `file:line: why` of each line left out (skip_bad)
+    superseded: int = 0  # step/eval records a later run's start went back over (see `read_log`)
 
 
 def _problem(rec: object) -> str | None:
@@ -118,7 +119,10 @@ def read_log(path: str | os.PathLike, skip_bad: bool = False) -> LogData:
     """Parse a JSONL training log; UserError naming the file and line for anything malformed, or with `skip_bad`
     such lines are left out and listed in `skipped` (`file:line: why`) for the caller to warn about.
 
-    When a step appears twice (a resumed run appends to the same file) the later record wins.
+    When a step appears twice (a resumed run appends to the same file) the later record wins, and a run's
+    `start` record with `first_step` S (0 for a fresh start, the checkpoint's step for a resume) supersedes
+    every earlier record past S: the steps a resumed or restarted run goes back over are that run's, even
+    where it stops before reaching them again. The lines stay in the file; `superseded` counts them.
     """
     p = Path(path)
     if not p.is_file():
@@ -127,6 +131,7 @@ def read_log(path: str | os.PathLike, skip_bad: bool = False) -> LogData:
     evals: dict[int, dict] = {}
     events: list[dict] = []
     skipped: list[str] = []
+    superseded = 0
     with open(p, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -144,11 +149,17 @@ def read_log(path: str | os.PathLike, skip_bad: bool = False) -> LogData:
                 skipped.append(f"{p}:{lineno}: {problem}")
                 continue
             kind = rec["type"]
+            first = rec.get("first_step") if kind == "start" else None
+            if isinstance(first, int) and not isinstance(first, bool):
+                for series in (steps, evals):
+                    for step in [k for k in series if k > first]:
+                        del series[step]
+                        superseded += 1
             if kind in ("step", "eval"):
                 (steps if kind == "step" else evals)[rec["step"]] = rec
             else:
                 events.append(rec)
     return LogData(
         steps=[steps[k] for k in sorted(steps)], evals=[evals[k] for k in sorted(evals)], events=events,
-        skipped=skipped,
+        skipped=skipped, superseded=superseded,
     )

@@ -20,7 +20,7 @@ from surogate.runtime.observe.console import ConsoleReporter
 from surogate.runtime.observe.events import Decisions, EndSummary, EvalMetrics, RunInfo, StepMetrics
 from surogate.runtime.observe.gpu import gpu_line, sample_gpu
 from surogate.runtime.observe.history import LossHistory
-from surogate.runtime.observe.jsonl import JsonlWriter, read_log
+from surogate.runtime.observe.jsonl import JsonlWriter, LogData, read_log
 from surogate.runtime.observe.memory import format_memory_breakdown
 from surogate.runtime.observe.naming import config_dict, report_targets, resolve_run_name
 from surogate.runtime.observe.plot import plot_training_loss
@@ -151,26 +151,34 @@ class TrainingObserver:
         cfg_data = config_dict(self.cfg)
         if log_file:
             self.log = JsonlWriter(log_file)  # first: it repairs a torn last line the resume would read
-        if log_file and self._first_step > 0:
-            self._continue_log(Path(log_file))
+        earlier = None
+        if log_file:
+            earlier = self._continue_log(Path(log_file))
         if self.log:
-            self.log.write("start", run_name=self.run_name, run_info=config_dict(self.info), config=cfg_data)
+            self.log.write("start", run_name=self.run_name, first_step=self._first_step,
+                           run_info=config_dict(self.info), config=cfg_data)
             if self.log.repaired:
                 self._event("log_repaired", f"log_file: {self.log.repaired}", "warning")
+            self._note_superseded(earlier)
         self.trackers = make_trackers(self.cfg, self.run_name, str(self.output_dir), cfg_data)
         names = [f"{t.name} ({getattr(t, 'mode', 'local')})" if t.name == "wandb" else t.name for t in self.trackers]
         self.console.lines(start_lines(self.run_name, self.info, str(self.output_dir), log_file, names), "bold")
 
-    def _continue_log(self, path: Path) -> None:
+    def _continue_log(self, path: Path) -> LogData | None:
         """A resumed run continues the earlier one's loss curve (steps up to the resumed step, from its log) and,
-        when `run_name` is automatic, its name; a log that cannot be read only costs the early curve."""
+        when `run_name` is automatic, its name; a log that cannot be read only costs the early curve. Returns
+        what the log held before this run (None: no log, or unreadable)."""
         if not path.is_file():
-            return
+            return None
         try:
             earlier = read_log(path, skip_bad=True)
         except UserError as exc:
-            self.console.message(f"resuming: the loss plot starts at step {self._first_step + 1} ({exc})", "warning")
-            return
+            if self._first_step > 0:
+                self.console.message(f"resuming: the loss plot starts at step {self._first_step + 1} ({exc})",
+                                     "warning")
+            return None
+        if self._first_step == 0:
+            return earlier
         if earlier.skipped:
             more = f" and {len(earlier.skipped) - 1} more" if len(earlier.skipped) > 1 else ""
             self.console.message(f"resuming: unreadable log lines left out of the loss plot: {earlier.skipped[0]}{more}",
@@ -181,6 +189,26 @@ class TrainingObserver:
         names = [e.get("run_name") for e in earlier.events if e.get("type") == "start" and e.get("run_name")]
         if names and not getattr(self.cfg, "run_name", None):
             self.run_name = str(names[-1])
+        return earlier
+
+    def _note_superseded(self, earlier: LogData | None) -> None:
+        """Say so when the log file holds step records past this run's first step: a fresh run appending to an
+        earlier run's log, or a resume going back over steps the earlier run logged. They stay in the file;
+        `surogate plot` and a later resume read this run's records for those steps (see `read_log`)."""
+        if earlier is None:
+            return
+        past = sorted(r["step"] for r in earlier.steps if r["step"] > self._first_step)
+        if not past:
+            return
+        span = f"step {past[0]}" if len(past) == 1 else f"steps {past[0]}-{past[-1]}"
+        if self._first_step == 0:
+            what = (f"log_file: {self.log.path} already holds {len(past)} step record(s) of an earlier run "
+                    f"({span}); this run starts at step 0 and appends after them")
+        else:
+            what = (f"log_file: {self.log.path} holds {len(past)} step record(s) past the resumed step "
+                    f"{self._first_step} ({span}), from a run that went further than its last checkpoint")
+        self._event("log_superseded", f"{what}: they stay in the file, and `surogate plot` draws this run's "
+                    "records in their place", "warning", records=len(past))
 
     def on_allocated(self, memory_table: object = None) -> None:
         """After arenas/weights are allocated: with `debug_memory_breakdown`, print the plan's table

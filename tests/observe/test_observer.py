@@ -368,3 +368,57 @@ def test_start_summary_share_of_adapters_larger_than_the_model():
     assert any("trainable (1%)" in ln for ln in small), small
     big = start_lines("r", make_info(trainable_params=16_500_000), "out", None, [])
     assert any("trainable (1,650% of the model: adapters larger than it)" in ln for ln in big), big
+
+
+def test_fresh_run_onto_an_earlier_log_says_so_and_the_reader_keeps_the_new_run(observer_factory, tmp_path):
+    """A fresh run whose log_file holds an earlier run's steps appends after them (nothing is lost) with a
+    warning, and the reader (plot, resume) takes the new run's records from its start on: the earlier run's
+    steps 4..12 do not reappear beside a new run that stopped at step 3."""
+    log = tmp_path / "train.jsonl"
+    first, _ = observer_factory({"log_file": str(log), "run_name": "first"})
+    first.on_start()
+    feed(first, 12, loss=lambda s: 9.0)
+    first.on_end()
+    second, out = observer_factory({"log_file": str(log), "run_name": "second"})
+    second.on_start()
+    feed(second, 3, loss=lambda s: 1.0)
+    second.on_end()
+
+    recs = records(log)
+    assert sum(r["type"] == "step" for r in recs) == 15  # every line kept
+    (warn,) = [r for r in recs if r.get("event") == "log_superseded"]
+    assert warn["records"] == 12 and "steps 1-12" in warn["message"]
+    assert "already holds 12 step record(s) of an earlier run" in out.getvalue()
+    data = read_log(log)
+    assert [(r["step"], r["loss"]) for r in data.steps] == [(1, 1.0), (2, 1.0), (3, 1.0)]
+    assert data.superseded == 12
+
+
+def test_resume_going_back_over_logged_steps_supersedes_them(observer_factory, tmp_path):
+    """The earlier run logged steps 1..9 but checkpointed at 5: the resumed run (first_step 5) says that steps
+    6..9 are replaced, and a reader after it stopped at step 7 sees 1..5 of the first run and 6..7 of the
+    second, not the first run's 8 and 9."""
+    log = tmp_path / "train.jsonl"
+    first, _ = observer_factory({"log_file": str(log)})
+    first.on_start()
+    feed(first, 9, loss=lambda s: 9.0)
+    first.on_end()
+    resumed, out = observer_factory({"log_file": str(log)}, {"start_step": 5})
+    resumed.on_start()
+    feed(resumed, 2, loss=lambda s: 1.0, start=6)
+    resumed.on_end()
+    assert "4 step record(s) past the resumed step 5 (steps 6-9)" in out.getvalue()
+    data = read_log(log)
+    assert [(r["step"], r["loss"]) for r in data.steps] == [(s, 9.0) for s in range(1, 6)] + [(6, 1.0), (7, 1.0)]
+
+
+def test_reader_without_first_step_keeps_the_latest_record_per_step(tmp_path):
+    """Logs written before `first_step` existed read as before: the later record per step wins, nothing is
+    superseded."""
+    log = tmp_path / "old.jsonl"
+    lines = [{"type": "start", "run_name": "a"}] + [{"type": "step", "step": s, "loss": 2.0} for s in (1, 2, 3)]
+    lines += [{"type": "start", "run_name": "b"}, {"type": "step", "step": 1, "loss": 1.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = read_log(log)
+    assert [(r["step"], r["loss"]) for r in data.steps] == [(1, 1.0), (2, 2.0), (3, 2.0)]
+    assert data.superseded == 0
