@@ -20,9 +20,10 @@ from typing import Any
 from surogate.errors import UserError
 
 # Bump when the tokenized output of the same inputs changes (format or semantics).
-CACHE_VERSION = 6  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
+CACHE_VERSION = 7  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
 # string); 4: long text samples truncated (were deleted), exact split names pick their files; 5: stats hold
-# max_token_id; 6: files.json holds the size and mtime of the splits' files (an edited entry is rebuilt)
+# max_token_id; 6: files.json holds the size and mtime of the splits' files (an edited entry is rebuilt); 7: CSV
+# cells read as the text written ("007" was 7.0, "null" / empty cells null)
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:

@@ -2,7 +2,7 @@
 
 Local files and URLs: .json/.jsonl and .txt (one row per line, column `text`) are read exactly by
 `linefiles.py` (the `datasets` JSON builder decodes strings of mixed-type columns: "48" -> 48); .parquet,
-.csv and .arrow by the matching `datasets` builder. A folder holds files of one kind
+.csv and .arrow by the matching `datasets` builder (CSV cells as the text written, not type-inferred). A folder holds files of one kind
 (searched recursively) or is a `Dataset.save_to_disk` folder. When a folder's file names mark splits
 (`train.jsonl`, `test-00000.parquet`, `data/validation/...`), `split` picks those files: the ones naming it
 exactly (`train_sft` -> `train_sft-0000.parquet`, not `train_gen-...`), else the ones of its kind (`val` ->
@@ -248,7 +248,8 @@ def _load_with_datasets(source: Source):
                                     f"{source.path!r} (splits: {', '.join(ds)})")
                 ds = ds[source.split]
         elif source.kind in ("local", "url"):
-            ds = datasets.load_dataset(source.builder, data_files=list(source.files), split="train")
+            extra = _csv_as_text(source.files) if source.builder == "csv" else {}
+            ds = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", **extra)
         else:
             ds = datasets.load_dataset(source.path, name=source.subset, split=source.split)
     except UserError:
@@ -263,6 +264,24 @@ def _load_with_datasets(source: Source):
                     " (not a local file or folder either; check the hub id, subset and split)")
         raise UserError(f"{source.where}: could not load {source.path!r}{hint}: {_root_cause(exc)}") from None
     return ds
+
+
+def _csv_as_text(files: tuple[str, ...]) -> dict[str, Any]:
+    """`load_dataset("csv")` options that keep every cell as the text written: CSV has no types, but pandas
+    infers them ("007" -> 7.0, "48" -> 48, "null" / "NA" / an empty cell -> null), which changed the training
+    data (or made a text column of numbers a "wrong type" error). Every column named in a header is read as a
+    string; an empty cell is the empty string."""
+    import csv
+    import io
+
+    from .linefiles import _open
+
+    names: dict[str, None] = {}
+    for path in files:
+        with _open(path) as f:
+            header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
+        names.update(dict.fromkeys(header))
+    return {"converters": dict.fromkeys(names, str), "na_filter": False}
 
 
 def _root_cause(exc: BaseException) -> str:

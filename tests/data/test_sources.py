@@ -301,6 +301,19 @@ def test_datasets_errors_keep_their_cause(tmp_path):
         load_source(resolve_source(ds(tmp_path / "bad.csv"), 0))
 
 
+def test_csv_cells_are_read_as_the_text_written(tmp_path):
+    # pandas' type inference turned "007" into 7.0 and "null"/"NA"/"" into null (found by fuzzing)
+    cells = [["007", "48"], ["null", "NA"], ["", "1.50"], ["a,b", "true"]]
+    path = tmp_path / "exact.csv"
+    with path.open("w", newline="", encoding="utf-8-sig") as f:  # with a byte-order mark, as Excel writes
+        import csv
+
+        csv.writer(f).writerows([["text", "output"], *cells])
+    loaded = load_source(resolve_source(ds(path), 0))
+    assert loaded["text"] == [c[0] for c in cells]
+    assert loaded["output"] == [c[1] for c in cells]
+
+
 def test_text_files_keep_lines_exactly_and_samples_stop_the_scan(tmp_path):
     path = tmp_path / "c.txt"
     path.write_bytes(b"\xef\xbb\xbffirst\r\n\nthird \n{\"not\": \"json\"}")
