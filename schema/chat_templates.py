@@ -16,3 +16,26 @@ def template_key(name: str) -> str:
 def is_template_source(value: str) -> bool:
     """Whether a `template` value is Jinja source rather than a built-in's name."""
     return "{%" in value or "{{" in value
+
+
+def template_syntax_error(source: str) -> str | None:
+    """Why a chat template's Jinja source does not parse ('line N: reason'), or None when it does. Parsed with
+    the extensions `transformers` renders chat templates with (`{% generation %}`, `break` / `continue`): a
+    malformed template is the config's (or the tokenizer's) error, not one of every row it would render."""
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):  # the body is all that matters for parsing
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(extensions=[_Generation, "jinja2.ext.loopcontrols"])
+    try:
+        env.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"line {exc.lineno}: {exc.message}"
+    return None

@@ -13,7 +13,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from surogate.errors import ConfigIssue
-from surogate.schema.chat_templates import CHAT_TEMPLATE_NAMES, is_template_source, template_key
+from surogate.schema.chat_templates import (
+    CHAT_TEMPLATE_NAMES,
+    is_template_source,
+    template_key,
+    template_syntax_error,
+)
 from surogate.schema.loss_scale import LossScaleError, is_custom, parse_loss_scale
 from surogate.schema.source import dataset_properties, default_of
 
@@ -31,9 +36,18 @@ def loss_scale_valid(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIss
 def chat_template_known(cfg: dict[str, Any], given: set[str]) -> Iterator[ConfigIssue]:
     """`template` names a built-in or is Jinja source (checked here, not first when the data is prepared)."""
     value = cfg.get("template")
-    if isinstance(value, str) and not is_template_source(value) and template_key(value) not in CHAT_TEMPLATE_NAMES:
+    if not isinstance(value, str):
+        return
+    if is_template_source(value):
+        if (problem := template_syntax_error(value)) is not None:
+            yield ConfigIssue("template", f"the Jinja source does not parse: {problem}", _shortened(value))
+    elif template_key(value) not in CHAT_TEMPLATE_NAMES:
         yield ConfigIssue("template", f"unknown template {value!r}; built-ins are {', '.join(CHAT_TEMPLATE_NAMES)}, "
                           "or give Jinja source, or leave it unset to use the tokenizer's", value)
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_rope_scaling(value: str) -> dict[str, Any] | str:

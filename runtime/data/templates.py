@@ -4,6 +4,8 @@ Every built-in template wraps each assistant turn in `{% generation %}...{% endg
 loss mask comes straight from the render. The tokenizer's own template is used when `template` is unset;
 a named built-in (`CHAT_TEMPLATE_MAPPING`) replaces it; a value containing `{%` is taken as Jinja source.
 Templates that reference `tools` render tool definitions natively; `supports_tools()` says which do.
+A template whose Jinja source does not parse is an error naming `template` (or the model's tokenizer), not
+one of every row it would render.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surogate.errors import UserError
-from surogate.schema.chat_templates import is_template_source, template_key
+from surogate.schema.chat_templates import is_template_source, template_key, template_syntax_error
 
 # Tool calls as the Hermes/Qwen format writes them; shared by the chatml-family templates.
 _HERMES_CALLS = (
@@ -218,6 +220,8 @@ def resolve_template(tokenizer, use_chat_template: bool, template: str | None) -
         return ChatTemplate("plain", PLAIN)
     if template is not None:
         if is_template_source(template):
+            if (problem := template_syntax_error(template)) is not None:
+                raise UserError(f"template: the Jinja source does not parse: {problem}")
             return ChatTemplate("custom", template)
         key = template_key(template)
         if key not in CHAT_TEMPLATE_MAPPING:
@@ -228,6 +232,9 @@ def resolve_template(tokenizer, use_chat_template: bool, template: str | None) -
     if isinstance(own, dict):  # several named templates: the default one is what apply_chat_template uses
         own = own.get("default") or next(iter(own.values()), None)
     if own:
+        if (problem := template_syntax_error(own)) is not None:
+            raise UserError(f"model: the tokenizer's chat template ({getattr(tokenizer, 'name_or_path', '')}) does "
+                            f"not parse: {problem}; fix it, or set template: to a built-in or Jinja source")
         return ChatTemplate("tokenizer", own)
     vocab = tokenizer.get_vocab()
     for marker, name in _VOCAB_MARKERS:

@@ -144,6 +144,16 @@ def test_template_resolution(tokenizer_factory):
         resolve_template(nothing, True, None)
 
 
+def test_a_template_that_does_not_parse_is_named_not_blamed_on_every_row(tokenizer_factory):
+    # it was "row 0: the chat template could not render this row" (or every row skipped with --skip-bad-rows)
+    with pytest.raises(UserError, match=r"^template: the Jinja source does not parse: line 2: unexpected '}'"):
+        resolve_template(tokenizer_factory(CHATML_PLAIN), True, "{% for m in messages %}\n{{ m.content }{% endfor %}")
+    broken = tokenizer_factory("{% for m in messages %}{% generation %}{{ m.content }}{% endfor %}")
+    with pytest.raises(UserError, match=r"^model: the tokenizer's chat template .* does not parse: .*endgeneration"):
+        resolve_template(broken, True, None)
+    assert resolve_template(broken, True, "chatml").name == "chatml"  # a template: set replaces the broken one
+
+
 # ------------------------------------------------------------------------------------------ tools
 
 

@@ -28,6 +28,8 @@ INSTR = {"path": "d.jsonl", "type": "instruction", "instruction_field": "q", "ou
         ({"qlora_bnb": True, "lora": False}, {"qlora_bnb": True}, "qlora_bnb", "lora: true"),
         ({"from_scratch": True}, {"from_scratch": True, "lora": False}, "from_scratch", "lora: false"),
         ({"template": "qwen-3x"}, {"template": "Qwen2.5"}, "template", "unknown template"),
+        ({"template": "{% for m in messages %}{{ m.content }"}, {"template": "{% for m in messages %}{{ m.content }}"
+                                                                  "{% endfor %}"}, "template", "does not parse: line 1"),
         ({"loss_scale": '{"promt": 1}'}, {"loss_scale": '{"prompt": 0.1, "patterns": {"Action:": 2}}'}, "loss_scale",
          "unknown key"),
         ({"loss_scale": "last_turn"}, {"loss_scale": "last_round"}, "loss_scale", "existing .json file"),
