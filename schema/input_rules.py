@@ -8,7 +8,6 @@ over the config with defaults applied (`cfg`) and the options the user wrote (`g
 from __future__ import annotations
 
 import json
-import string
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from surogate.schema.chat_templates import (
     template_syntax_error,
 )
 from surogate.schema.loss_scale import LossScaleError, is_custom, parse_loss_scale
+from surogate.schema.prompt_format import prompt_format_problems
 from surogate.schema.source import dataset_properties, default_of
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
@@ -173,13 +173,5 @@ def _dataset_rules(ds: dict[str, Any], where: str, given: set[str]) -> Iterator[
 
 
 def _check_placeholders(fmt: str, allowed: tuple[str, ...], path: str) -> Iterator[ConfigIssue]:
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None]
-    except ValueError as exc:
-        yield ConfigIssue(path, f"not a valid format string: {exc}", fmt)
-        return
-    for name in names:
-        if "{" + name + "}" not in allowed:
-            yield ConfigIssue(path, f"unknown placeholder {{{name}}}; allowed: {' '.join(allowed)}", fmt)
-    if names.count("output") != 1:  # the data step's rule (runtime/data/formats.py): said here, not first there
-        yield ConfigIssue(path, "must contain {output} exactly once (the text the model is trained to write)", fmt)
+    for problem in prompt_format_problems(fmt, allowed):
+        yield ConfigIssue(path, problem, fmt)

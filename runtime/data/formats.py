@@ -10,11 +10,11 @@ gpt, model, bot, function, observation, ...) are mapped without being listed.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from surogate.errors import UserError
+from surogate.schema.prompt_format import prompt_format_problems
 
 CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {
@@ -68,15 +68,13 @@ def _opt(ds_cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def _check_format(fmt: str | None, where: str, allowed: tuple[str, ...]) -> None:
+    """The rule `surogate validate` applies (a Python format string of plain placeholder names, `{{` a literal
+    brace, `{output}` once): the first problem as a `UserError` naming the option."""
     if fmt is None:
         return
-    names = re.findall(r"\{(\w+)\}", fmt)
-    unknown = sorted(set(names) - set(allowed))
-    if unknown:
-        raise UserError(f"{where}: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
-                        f"use {', '.join('{' + a + '}' for a in allowed)}")
-    if names.count("output") != 1:
-        raise UserError(f"{where}: must contain {{output}} exactly once (the text the model is trained to write)")
+    problems = prompt_format_problems(fmt, tuple("{" + a + "}" for a in allowed))
+    if problems:
+        raise UserError(f"{where}: {problems[0]}")
 
 
 def _split_mappings(mappings: dict[str, str], where: str) -> tuple[dict[str, str], dict[str, str]]:

@@ -12,7 +12,7 @@ Conversation messages are mapped as described in `formats.py` (properties and ro
 from __future__ import annotations
 
 import json
-import re
+import string
 from typing import Any
 
 from .errors import BadRow, DataError
@@ -66,15 +66,27 @@ def _instruction(spec: DatasetSpec, row: dict, index: int, use_chat_template: bo
         fmt = spec.prompt_format or DEFAULT_PROMPT_FORMAT
     else:
         fmt = spec.prompt_format_no_input or spec.prompt_format or DEFAULT_PROMPT_FORMAT_NO_INPUT
-    if system and "{system}" not in fmt:
-        fmt = system + "\n\n" + fmt  # a configured system prompt is never dropped silently
-    head, tail = fmt.split("{output}")
-    values = {"system": system or "", "instruction": instruction, "input": inp or ""}
+    values = {"system": system or "", "instruction": instruction, "input": inp or "", "output": output}
+    head, tail, names = _fill(fmt, values)
+    if system and "system" not in names:
+        head = system + "\n\n" + head  # a configured system prompt is never dropped silently
+    return ("prompt", head, output + tail)
 
-    def fill(text: str) -> str:
-        return re.sub(r"\{(system|instruction|input)\}", lambda m: values[m.group(1)], text)
 
-    return ("prompt", fill(head), output + fill(tail))
+def _fill(fmt: str, values: dict[str, str]) -> tuple[str, str, set[str]]:
+    """The text of a prompt format (checked: see formats._check_format) before and after `{output}`, with the
+    other placeholders filled (`{{` / `}}` are literal braces, as in Python's str.format), and the names used."""
+    parts: tuple[list[str], list[str]] = ([], [])
+    side, names = 0, set()
+    for literal, name, _, _ in string.Formatter().parse(fmt):
+        parts[side].append(literal)
+        if name == "output":
+            side = 1
+        elif name is not None:
+            parts[side].append(values[name])
+        if name is not None:
+            names.add(name)
+    return "".join(parts[0]), "".join(parts[1]), names
 
 
 def _json_list(spec: DatasetSpec, value: Any, index: int, column: str) -> list:

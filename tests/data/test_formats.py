@@ -10,6 +10,7 @@ from surogate.errors import UserError
 from surogate.runtime.data.errors import DataError
 from surogate.runtime.data.formats import resolve_spec
 from surogate.runtime.data.rows import row_to_sample
+from surogate.schema.prompt_format import prompt_format_problems
 
 
 def ds(**kw):
@@ -52,7 +53,7 @@ def test_explicit_type_checks_columns_and_required_options():
     with pytest.raises(UserError, match=r"system_prompt: required when system_prompt_type is fixed"):
         spec_for([{"q": "a", "a": "b"}], type="instruction", instruction_field="q", output_field="a",
                  system_prompt_type="fixed")
-    with pytest.raises(UserError, match=r"prompt_format: unknown placeholder\(s\) \{answer\}"):
+    with pytest.raises(UserError, match=r"prompt_format: unknown placeholder \{answer\}"):
         spec_for([{"q": "a", "a": "b"}], type="instruction", instruction_field="q", output_field="a",
                  prompt_format="{instruction} {answer}")
     with pytest.raises(UserError, match=r"must contain \{output\} exactly once"):
@@ -89,6 +90,22 @@ def test_instruction_prompt_formats_split_prompt_from_completion():
                        prompt_format_no_input="{system}|{instruction}|{output}!")
     assert row_to_sample(spec, rows[0], 0, True) == ("prompt", "SYS|add|1 2|", "3.")
     assert row_to_sample(spec, rows[1], 1, True) == ("prompt", "SYS|hi|", "hello!")
+
+
+def test_prompt_formats_are_format_strings_as_validate_reads_them():
+    # validate accepted {{...}} (a literal brace in str.format) and the data step refused it as a placeholder
+    rows = [{"q": "say {x}", "a": "{}", "sys": "Reply in JSON: {\"k\": 1}"}]
+    fmt = "{{\"q\": \"{instruction}\"}}\n{output}}}"
+    spec, _ = spec_for(rows, type="instruction", instruction_field="q", output_field="a", prompt_format=fmt)
+    assert row_to_sample(spec, rows[0], 0, True) == ("prompt", '{"q": "say {x}"}\n', "{}}")
+    spec, _ = spec_for(rows, type="instruction", instruction_field="q", output_field="a", prompt_format=fmt,
+                       system_prompt_type="field", system_prompt_field="sys")  # braces in a prepended system prompt
+    assert row_to_sample(spec, rows[0], 0, True)[1] == 'Reply in JSON: {"k": 1}\n\n{"q": "say {x}"}\n'
+    for bad, problem in (("{instruction} {output", "not a valid format string"),
+                         ("{instruction!r} {output}", "plain names")):
+        assert any(problem in p for p in prompt_format_problems(bad, ("{instruction}", "{output}")))
+        with pytest.raises(UserError, match=rf"datasets\[0\]\.prompt_format: .*{problem}"):
+            spec_for(rows, type="instruction", instruction_field="q", output_field="a", prompt_format=bad)
 
 
 def test_instruction_without_chat_template_uses_default_format_and_keeps_system():
