@@ -142,7 +142,13 @@ def _conversation(spec: DatasetSpec, row: dict, index: int) -> tuple:
         for prop in MESSAGE_PROPERTIES[2:]:
             value = msg.get(props.get(prop, prop))
             if value is not None:
-                message[prop] = _structured(spec, value, index, f"{where}.{prop}") if prop == "tool_calls" else value
+                message[prop] = _tool_calls(spec, value, index, f"{where}.{prop}") if prop == "tool_calls" else value
+        if props["content"] not in msg and not message.get("tool_calls"):
+            # null content is a choice; no content key at all is an unmapped property (it trained as "")
+            raise DataError(spec.label, index, f"{where}.{props['content']}",
+                            f"message has no {props['content']!r} key (keys: {', '.join(map(str, msg))}); map it "
+                            "with message_property_mappings (content: <key>), or write null for an empty message",
+                            "missing_field")
         if str(role_value).strip().lower() == "function_call" and "tool_calls" not in message:
             message = _sharegpt_call(spec, message, index, where)
         messages.append(message)
@@ -159,6 +165,21 @@ def _conversation(spec: DatasetSpec, row: dict, index: int) -> tuple:
             if not all(isinstance(t, dict) for t in tools):
                 raise DataError(spec.label, index, spec.tools_field, "each tool must be an object", "wrong_type")
     return ("chat", messages, tools)
+
+
+def _tool_calls(spec: DatasetSpec, value: Any, index: int, where: str) -> list:
+    """A message's tool calls: objects naming the function they call (`{"function": {"name": ...}}` or
+    `{"name": ...}`); anything else rendered as an empty name or failed inside the template."""
+    calls = _structured(spec, value, index, where)
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise DataError(spec.label, index, f"{where}[{j}]", f"expected a tool call object, got "
+                            f"{type(call if fn is None else fn).__name__}", "wrong_type")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(spec.label, index, f"{where}[{j}]", "a tool call needs the function's name "
+                            '({"function": {"name": ..., "arguments": ...}})', "missing_field")
+    return calls
 
 
 def _structured(spec: DatasetSpec, value: Any, index: int, column: str) -> list:

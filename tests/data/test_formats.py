@@ -134,6 +134,9 @@ def test_conversation_accepts_json_string_content_parts_and_tool_calls():
     _, messages, _ = row_to_sample(spec, row, 3, True)
     assert messages[0]["content"] == "ab"
     assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}
+    calls = [{"name": "g", "arguments": "{}"}]  # a call without the "function" wrapper, and no content key
+    assert row_to_sample(spec, {"messages": [{"role": "assistant", "tool_calls": calls}]}, 0, True)[1] == [
+        {"role": "assistant", "content": "", "tool_calls": calls}]
 
 
 def test_bad_mapping_key_is_a_config_error():
@@ -155,6 +158,14 @@ def test_bad_mapping_key_is_a_config_error():
     ({"messages": [{"content": "x"}]}, "messages[0].role", "missing_field", "no 'role' key"),
     ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "wrong_type", "expected a string"),
     ({"messages": ["hi"]}, "messages[0]", "wrong_type", "expected a message object"),
+    # found by fuzzing: trained as an empty message / an empty function name, or a template's AttributeError
+    ({"messages": [{"role": "user", "text": "x"}]}, "messages[0].content", "missing_field", "no 'content' key (keys: role, text)"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": ["f"]}]}, "messages[0].tool_calls[0]",
+     "wrong_type", "expected a tool call object, got str"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": "f"}]}]}, "messages[0].tool_calls[0]",
+     "wrong_type", "expected a tool call object, got str"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]},
+     "messages[0].tool_calls[0]", "missing_field", "needs the function's name"),
 ])
 def test_bad_conversation_rows_name_dataset_row_and_field(row, field, reason, text):
     spec, _ = spec_for([{"messages": []}], type="conversation")
