@@ -9,6 +9,7 @@ exactly (`train_sft` -> `train_sft-0000.parquet`, not `train_gen-...`), else the
 `validation.jsonl`); otherwise every file is used. Anything else is a hub id, loaded with `subset` and `split`
 (from the local cache when offline). `subset` applies to hub ids only, `split` to nothing in a single file or a
 folder without split names: each such case is a note in the run's start summary (`Source.notes`), not a silence.
+A path with glob characters (`data/*.jsonl`, `**/*.parquet`) reads every data file it matches.
 `samples` keeps the first N rows. Each source has a fingerprint for the tokenized cache: path, size and
 mtime of every local file; size and ETag/mtime of every remote file; the `datasets` fingerprint of a hub
 dataset (which is derived from its cached files).
@@ -16,6 +17,7 @@ dataset (which is derived from its cached files).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -147,9 +149,25 @@ def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source
         files, split_note = _select_split(files, str(local.resolve()), common["split"], where, path)
         return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, path),
                       notes=_unused_options(common, where, split_note), **common)
+    if local.exists():  # /dev/null, a socket, ...: rows are read from files and folders only
+        raise UserError(f"{where}: {path!r} is not a regular file or a folder")
+    if glob.has_magic(path):  # never a hub id: those have no * ? [
+        return _resolve_glob(path, where, common)
     if _looks_local(path):
         raise UserError(f"{where}: file or folder {path!r} does not exist")
     return Source(kind="hub", **common)
+
+
+def _resolve_glob(pattern: str, where: str, common: dict) -> Source:
+    """A glob pattern (`data/*.jsonl`, `shards/**/*.parquet`): every data file it matches, sorted, one kind."""
+    matched = sorted({str(Path(p).resolve()) for p in glob.glob(os.path.expanduser(pattern), recursive=True)})
+    files = [p for p in matched if os.path.isfile(p) and _supported(p)]
+    if not files:
+        found = f" (it matches {len(matched)} path(s), none a data file)" if matched else ""
+        raise UserError(f"{where}: the pattern {pattern!r} matches no data files ({', '.join(BUILDERS)}){found}")
+    split_note = _unused_split(where, common["split"], "a glob pattern's files are all read")
+    return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, pattern),
+                  notes=_unused_options(common, where, split_note), **common)
 
 
 def _resolve_url(url: str, where: str, common: dict) -> Source:

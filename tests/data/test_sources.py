@@ -301,6 +301,27 @@ def test_datasets_errors_keep_their_cause(tmp_path):
         load_source(resolve_source(ds(tmp_path / "bad.csv"), 0))
 
 
+def test_glob_patterns_read_every_data_file_they_match(tmp_path):
+    # a pattern was "file or folder ... does not exist" even when it matched files (found by fuzzing)
+    write_jsonl(tmp_path / "a" / "one.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "a" / "deep" / "two.jsonl", ROWS[2:5])
+    (tmp_path / "a" / "notes.md").write_text("not data")
+    source = resolve_source(ds(tmp_path / "a" / "**" / "*"), 0)
+    assert source.kind == "local" and [p.rsplit("/", 1)[1] for p in source.files] == ["two.jsonl", "one.jsonl"]
+    assert texts(source) == [r["text"] for r in ROWS[2:5] + ROWS[:2]]
+    assert resolve_source(ds(tmp_path / "a" / "*.jsonl", split="test"), 0).notes == (
+        "datasets[0].split: 'test' has no effect: a glob pattern's files are all read",)
+    with pytest.raises(UserError, match=r"datasets\[0\]\.path: the pattern '.*\*\.parquet' matches no data files"):
+        resolve_source(ds(tmp_path / "a" / "*.parquet"), 0)
+    with pytest.raises(UserError, match=r"matches no data files .* \(it matches 1 path\(s\), none a data file\)"):
+        resolve_source(ds(tmp_path / "a" / "*.md"), 0)
+
+
+def test_a_path_that_is_not_a_file_or_folder_is_named_as_such():
+    with pytest.raises(UserError, match=r"datasets\[0\]\.path: '/dev/null' is not a regular file or a folder"):
+        resolve_source(ds("/dev/null"), 0)  # it said "does not exist"
+
+
 def test_csv_cells_are_read_as_the_text_written(tmp_path):
     # pandas' type inference turned "007" into 7.0 and "null"/"NA"/"" into null (found by fuzzing)
     cells = [["007", "48"], ["null", "NA"], ["", "1.50"], ["a,b", "true"]]
