@@ -241,6 +241,19 @@ def _save_entry(folder: Path, data: PreparedData, key_parts: dict) -> None:
     write_atomic(folder, write)
 
 
+def detected_type(ds_cfg: Any, index: int, section: str = "datasets") -> str:
+    """What `type: auto` resolves to for one dataset, from its columns and first rows (JSON Lines and text files
+    are read no further than those rows); the type itself when it is not `auto`. `UserError` as the run gives."""
+    import dataclasses
+
+    if (getattr(ds_cfg, "type", None) or "auto") != "auto":
+        return ds_cfg.type
+    source = dataclasses.replace(resolve_source(ds_cfg, index, section), samples=5)
+    ds = load_source(source)
+    head = [r for r in _rows(ds, 0, min(5, len(ds))) if not isinstance(r, BadRow)]
+    return resolve_spec(ds_cfg, index, list(ds.column_names), head, section)[0].type
+
+
 # ------------------------------------------------------------------------------------------- entry
 
 

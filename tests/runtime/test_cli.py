@@ -88,6 +88,24 @@ def test_pt_refuses_conversation_data(root, capsys):
     assert got == 2 and "pre-training reads raw text" in err
 
 
+def test_pt_refuses_auto_detected_and_validation_conversations(root, capsys):
+    # both trained with assistant-only masks under `surogate pt` (found by fuzzing)
+    from surogate.runtime.cli_pt import check_text_only
+    from surogate.schema import load_config
+
+    conv = root / "conv.jsonl"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "w1"},
+                                             {"role": "assistant", "content": "w2"}]}) + "\n")
+    auto = [{"path": str(conv), "type": "auto"}]
+    got, err = _main_code(capsys, "pt", str(_yaml(root, "pt-auto", datasets=auto)))
+    assert got == 2 and err.startswith("error: datasets[0].type: auto detects conversation data"), err
+    val = [{"path": str(conv), "type": "conversation"}]
+    got, err = _main_code(capsys, "pt", str(_yaml(root, "pt-val", validation_datasets=val)))
+    assert got == 2 and err.startswith("error: validation_datasets[0].type: pre-training reads raw text"), err
+    text = load_config(str(_yaml(root, "pt-text", datasets=[{"path": str(root / "train.jsonl"), "type": "auto"}])))
+    check_text_only(text)  # auto on text data: accepted
+
+
 def test_run_rejects_a_file_that_is_not_a_plan(root, capsys):
     bogus = root / "bogus.bin"
     bogus.write_bytes(b"not a plan")
