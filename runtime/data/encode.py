@@ -197,7 +197,8 @@ class Encoder:
         return self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
 
     def _sample(self, spec: DatasetSpec, index: int, row: dict) -> tuple:
-        sample = row_to_sample(spec, row, index, self.opts.use_chat_template)
+        sample = row_to_sample(spec, row, index, self.opts.use_chat_template, self.opts.system,
+                               self.opts.response_prefix)
         if sample[0] == "chat":
             try:
                 text, spans = self.render_chat(sample[1], sample[2])

@@ -241,6 +241,23 @@ def _save_entry(folder: Path, data: PreparedData, key_parts: dict) -> None:
     write_atomic(folder, write)
 
 
+def _unused_options(opts: DataOptions, specs: list[DatasetSpec], chat: bool) -> list[str]:
+    """Notes for the chat options that shape nothing this run renders: no dataset is rendered by a chat template
+    (`template`, `agent_template`), or every dataset is raw text, trained on every token (also `system`,
+    `response_prefix`, `loss_scale`)."""
+    why = "no dataset is rendered with a chat template (text data, or instruction data with prompt_format)"
+    unused = {"agent_template": opts.agent_template}
+    if opts.use_chat_template:  # else validate says so already
+        unused["template"] = opts.template
+    if all(s.type == "text" for s in specs):
+        why = "every dataset is raw text (type: text), trained on every token"
+        unused.update(system=opts.system, response_prefix=opts.response_prefix,
+                      loss_scale=None if opts.loss_scale == "default" else opts.loss_scale)
+    if chat:
+        return []
+    return [f"{name}: {str(value)[:60]!r} has no effect: {why}" for name, value in unused.items() if value]
+
+
 def detected_type(ds_cfg: Any, index: int, section: str = "datasets") -> str:
     """What `type: auto` resolves to for one dataset, from its columns and first rows (JSON Lines and text files
     are read no further than those rows); the type itself when it is not `auto`. `UserError` as the run gives."""
@@ -301,7 +318,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         cached = _load_entry_or_discard(folder, started)
         if cached is not None:
             logger.info("reusing tokenized data from %s", folder)
-            cached.stats.source_notes = source_notes
+            cached.stats.source_notes = source_notes + cached.stats.option_notes
             return cached
     loaded = [early[i] if i in early else load_source(s, on_bad_row) for i, s in enumerate(sources)]
 
@@ -319,6 +336,7 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
                for s in specs)
     if chat and template_error is not None:
         raise template_error
+    option_notes = _unused_options(opts, specs, chat)  # shown with source_notes (start summary, tokenize)
     if not chat:
         template = ChatTemplate("none", "")
     encoder = Encoder(tokenizer, template, opts, specs, on_bad_row)
@@ -345,7 +363,8 @@ def prepare_datasets(cfg: Any, tokenizer: Any, rank: int = 0, *, on_bad_row: str
         eval=SplitStats.of(evals, rows_in["eval"]) if evals is not None else None,
         counts=dict(counts),
         skipped_examples=(merged["train"].skipped + merged["eval"].skipped)[:_MAX_SKIPPED_SHOWN],
-        detected=detected, source_notes=source_notes, template=template.name,
+        detected=detected, source_notes=source_notes + option_notes, option_notes=option_notes,
+        template=template.name,
         cache_dir=str(folder) if use_cache else None,
         rows_tokenized=rows_in["train"] + rows_in["eval"], num_workers=workers)
     data = PreparedData(train, evals, stats)

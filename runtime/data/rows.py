@@ -37,18 +37,27 @@ def _text(spec: DatasetSpec, row: dict, index: int, column: str, *, optional: bo
     return value
 
 
-def row_to_sample(spec: DatasetSpec, row: dict, index: int, use_chat_template: bool) -> tuple:
-    """Convert one row to a sample (see module docstring); `DataError` names the row and field at fault."""
+def row_to_sample(spec: DatasetSpec, row: dict, index: int, use_chat_template: bool, system: str | None = None,
+                  response_prefix: str | None = None) -> tuple:
+    """Convert one row to a sample (see module docstring); `DataError` names the row and field at fault.
+
+    `system` and `response_prefix` (the config's) shape prompt samples as `render_chat` shapes chats: the system
+    prompt when the dataset gives none, the prefix in front of the completion, as prompt (not trained on)."""
     if isinstance(row, BadRow):  # a line that could not be read (invalid UTF-8 / JSON): see linefiles.py
         raise DataError(spec.label, index, None, row.problem, row.reason)
     if spec.type == "text":
         return ("text", _text(spec, row, index, spec.text_field))
     if spec.type == "instruction":
-        return _instruction(spec, row, index, use_chat_template)
+        sample = _instruction(spec, row, index, use_chat_template, system)
+        if sample[0] == "prompt" and response_prefix:
+            completion = sample[2].removeprefix(response_prefix)
+            return ("prompt", sample[1] + response_prefix, completion)
+        return sample
     return _conversation(spec, row, index)
 
 
-def _instruction(spec: DatasetSpec, row: dict, index: int, use_chat_template: bool) -> tuple:
+def _instruction(spec: DatasetSpec, row: dict, index: int, use_chat_template: bool,
+                 default_system: str | None = None) -> tuple:
     instruction = _text(spec, row, index, spec.instruction_field)
     output = _text(spec, row, index, spec.output_field)
     inp = _text(spec, row, index, spec.input_field, optional=True) if spec.input_field else None
@@ -58,10 +67,11 @@ def _instruction(spec: DatasetSpec, row: dict, index: int, use_chat_template: bo
     elif spec.system_prompt_type == "field":
         system = _text(spec, row, index, spec.system_prompt_field, optional=True)
     if use_chat_template and spec.prompt_format is None and spec.prompt_format_no_input is None:
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = [{"role": "system", "content": system}] if system else []  # else the config's, by render_chat
         user = instruction + (f"\n\n{inp}" if inp else "")
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return ("chat", messages, None)
+    system = system or default_system
     if inp:
         fmt = spec.prompt_format or DEFAULT_PROMPT_FORMAT
     else:

@@ -57,6 +57,7 @@ class DataStats:
     skipped_examples: list[str] = field(default_factory=list)
     detected: list[str] = field(default_factory=list)
     source_notes: list[str] = field(default_factory=list)  # dataset options without effect (data/sources.py)
+    option_notes: list[str] = field(default_factory=list)  # chat options without effect (pipeline.py); in source_notes
     template: str | None = None
     cache_dir: str | None = None
     from_cache: bool = False

@@ -363,3 +363,29 @@ def test_unusable_output_dir_is_a_user_error_naming_it(tmp_path, model_dir, conv
     with pytest.raises(UserError, match=r"^distributed\.worker_output_dir: cannot create the tokenized-data folder"):
         prepare(make_cfg(tmp_path, model_dir(), ds, distributed={"worker_output_dir": "/proc/x"}))
     assert prepare(make_cfg(tmp_path, model_dir(), ds, output_dir=str(tmp_path / "a_file")), use_cache=False)
+
+
+def test_chat_options_shape_prompt_formats_or_are_said_to_do_nothing(tmp_path, model_dir):
+    # system / response_prefix were dropped silently for prompt_format instructions and raw text (found by fuzzing)
+    model = model_dir()
+    rows = [{"q": "add two", "a": "four"}] * 3
+    instr = [{"path": write_jsonl(tmp_path / "i.jsonl", rows), "type": "instruction", "instruction_field": "q",
+              "output_field": "a"}]
+    data = prepare(make_cfg(tmp_path, model, instr, use_chat_template=False, system="Be brief.",
+                            response_prefix="Sure: "), use_cache=False)
+    tok = load_tokenizer(make_cfg(tmp_path, model, instr))
+    tokens, mask = data.train.tokens, data.train.loss_mask
+    end = int(data.train.doc_offsets[1])
+    text = tok.decode(tokens[:end])
+    assert text.startswith("Be brief.\n\n### Instruction:\nadd two") and "### Response:\nSure: four" in text
+    trained = tok.decode([t for t, m in zip(tokens[:end], mask[:end], strict=True) if m])
+    assert "Sure" not in trained and trained.strip().startswith("four")  # the prefix is prompt, not target
+    assert data.stats.source_notes == []
+
+    text_ds = [{"path": write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}] * 3), "type": "text"}]
+    cfg = make_cfg(tmp_path, model, text_ds, system="Be brief.", response_prefix="Sure: ", loss_scale="last_round")
+    expected = [f"{name}: {value!r} has no effect: every dataset is raw text (type: text), trained on every token"
+                for name, value in (("system", "Be brief."), ("response_prefix", "Sure: "), ("loss_scale", "last_round"))]
+    assert prepare(cfg).stats.source_notes == expected
+    again = prepare(cfg)
+    assert again.stats.from_cache and again.stats.source_notes == expected  # a cache hit says it too
