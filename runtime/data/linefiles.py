@@ -10,7 +10,9 @@ Memory: JSON Lines and text files are scanned once (validating every line and co
 names) and only the byte offset and line number of each row are kept (16 bytes a row); rows are re-read and parsed a chunk
 at a time when the pipeline asks for them. A `.json` file holding one JSON array (or one object of
 equal-length columns) is parsed whole (as the `datasets` builder does). Text files give one row per line (column `text`, blank lines included, line
-break removed), like the `datasets` text builder.
+break removed), like the `datasets` text builder. Compressed files (`.jsonl.gz`, `.txt.xz`, ...) are read through
+`filekinds.open_binary`: offsets count in the decompressed data, line numbers are the same as in the plain file,
+and data that does not decompress is an error naming the file.
 
 A line that is not valid UTF-8, not valid JSON or not a JSON object is an error naming the file and the
 line (`on_bad_row="error"`), or a `BadRow` in its place that the encoder counts as skipped
@@ -30,21 +32,13 @@ from typing import Any
 from surogate.errors import UserError
 
 from .errors import BadRow
+from .filekinds import DECOMPRESSION_ERRORS, is_compressed, open_binary, read_problem, suffixes
 
 _PEEK = 1 << 16  # bytes read to tell a JSON array from JSON Lines
 
 
 class LoadError(Exception):
     """A file that cannot be read at all (the caller turns it into a `UserError` naming the dataset)."""
-
-
-def _open(path: str):
-    """A binary file object for a local path or an fsspec URL (both support seek and readline)."""
-    if "://" in path:
-        import fsspec
-
-        return fsspec.open(path, "rb").open()
-    return open(path, "rb")
 
 
 def _decode(raw: bytes, line_no: int) -> str | BadRow:
@@ -127,13 +121,16 @@ def _with_file(bad: BadRow, path: str) -> BadRow:
 
 @dataclass
 class _LinePart:
-    """One file read line by line: the byte offset of each row; bad rows (skip mode) by row number."""
+    """One file read line by line: the offset of each row (in the decompressed data of a compressed file); bad
+    rows (skip mode) by row number. A compressed file stays open between reads of consecutive chunks: seeking
+    backwards in it decompresses from the start again."""
 
     path: str
     parse: Callable[[bytes, int], dict | BadRow]
     starts: array = field(default_factory=lambda: array("q"))
     lines: array = field(default_factory=lambda: array("q"))
     bad: dict[int, BadRow] = field(default_factory=dict)
+    _reader: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -141,7 +138,10 @@ class _LinePart:
     def rows(self, start: int, stop: int) -> list:
         """Rows start..stop-1, parsed again from the file (already validated by the scan)."""
         out: list = []
-        with _open(self.path) as f:
+        f, self._reader = self._reader, None
+        done = False
+        try:
+            f = f or open_binary(self.path)
             for i in range(start, stop):
                 if i in self.bad:
                     out.append(self.bad[i])
@@ -152,6 +152,15 @@ class _LinePart:
                 if isinstance(row, BadRow):  # valid when scanned: the file changed since
                     raise UserError(f"{self.path!r} changed while it was being read ({row.problem}); run again")
                 out.append(row)
+            done = True
+        except DECOMPRESSION_ERRORS as exc:  # readable when scanned: the file changed since
+            raise UserError(f"{self.path!r} changed while it was being read (cannot read it: "
+                            f"{read_problem(self.path, exc)}); run again") from None
+        finally:
+            if f is not None and done and stop < len(self) and is_compressed(self.path):
+                self._reader = f  # the next chunk starts where this one ended
+            elif f is not None:
+                f.close()
         return out
 
 
@@ -260,7 +269,7 @@ def _scan_lines(path: str, parse: Callable, skip_blank: bool, scan: _Scan) -> _L
     """Validate every line of `path` and keep each row's offset (blank JSON Lines are not rows)."""
     part = _LinePart(path, parse)
     offset = 0
-    with _open(path) as f:
+    with open_binary(path) as f:
         for line_no, raw in enumerate(iter(f.readline, b""), start=1):
             start, offset = offset, offset + len(raw)
             if scan.full():
@@ -288,7 +297,7 @@ def _json_error_line(data: bytes, exc: Exception) -> str:
 def _read_document(path: str) -> tuple[Any, bool]:
     """The whole file parsed as one JSON value, and whether it has `\\u` escapes (lone surrogates are possible);
     `LoadError` naming the line of a UTF-8 or JSON error."""
-    with _open(path) as f:
+    with open_binary(path) as f:
         data = _strip_bom(f.read())
     try:
         return json.loads(data.decode("utf-8")), b"\\u" in data
@@ -334,14 +343,14 @@ def _is_document(path: str) -> bool:
     """True when `path` is one JSON document rather than JSON Lines: its first non-blank byte is '[' (an array),
     or it is a `.json` file (`.jsonl` is always JSON Lines, whose broken lines are bad rows) whose first line
     starts with '{' and is not a whole value (a multi-line object)."""
-    with _open(path) as f:
+    with open_binary(path) as f:
         while chunk := f.read(_PEEK):
             body = _strip_bom(chunk).lstrip()
             if body:
                 if body.startswith(b"["):
                     return True
                 break
-        if not path.lower().endswith(".json"):
+        if suffixes(path)[0] != ".json":
             return False
         f.seek(0)
         first = _strip_bom(f.readline())
@@ -370,8 +379,8 @@ def scan_files(files: list[str], builder: str, on_bad_row: str, limit: int | Non
                 parts.append(_scan_lines(path, _json_row, True, scan))
         except LoadError as exc:
             raise LoadError(f"{_which(path, files)}{exc}") from None
-        except OSError as exc:
-            raise LoadError(f"{_which(path, files)}cannot read it ({exc.strerror or exc})") from None
+        except DECOMPRESSION_ERRORS as exc:  # OSError, or bad compressed data
+            raise LoadError(f"{_which(path, files)}cannot read it ({read_problem(path, exc)})") from None
     if scan.total == 0:
         raise LoadError("file is empty (no rows)" if len(files) == 1 else f"its {len(files)} files are empty (no rows)")
     if scan.good == 0:  # skip mode, every row bad: nothing to infer columns from

@@ -2,7 +2,8 @@
 
 Local files and URLs: .json/.jsonl and .txt (one row per line, column `text`) are read exactly by
 `linefiles.py` (the `datasets` JSON builder decodes strings of mixed-type columns: "48" -> 48); .parquet,
-.csv and .arrow by the matching `datasets` builder (CSV cells as the text written, not type-inferred). A folder holds files of one kind
+.csv and .arrow by the matching `datasets` builder (CSV cells as the text written, not type-inferred). JSON, JSON
+Lines, CSV and text files may be compressed (.gz, .bz2, .xz; see `filekinds.py`). A folder holds files of one kind
 (searched recursively) or is a `Dataset.save_to_disk` folder. When a folder's file names mark splits
 (`train.jsonl`, `test-00000.parquet`, `data/validation/...`), `split` picks those files: the ones naming it
 exactly (`train_sft` -> `train_sft-0000.parquet`, not `train_gen-...`), else the ones of its kind (`val` ->
@@ -27,8 +28,7 @@ from typing import Any
 
 from surogate.errors import UserError
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
-            ".arrow": "arrow"}
+from .filekinds import SUPPORTED, builder_of, file_type
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,14 @@ class Source:
 
 
 def _builder_for(files: list[str], where: str, path: str) -> str:
-    kinds = {BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
+    kinds = {builder_of(f) for f in files}
     if len(kinds) > 1:
         raise UserError(f"{where}: {path!r} mixes file kinds ({', '.join(sorted(kinds))}); use one kind per dataset")
     return kinds.pop()
 
 
 def _supported(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in BUILDERS and not os.path.basename(name).startswith(".")
+    return builder_of(name) is not None
 
 
 # File-name words that mark a split inside a dataset folder (the Hugging Face naming convention).
@@ -114,7 +114,7 @@ def _unused_options(common: dict, where: str, split_note: str | None) -> tuple[s
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or os.path.splitext(path)[1].lower() in BUILDERS
+    return path.startswith(("/", "./", "../", "~")) or _supported(path)
 
 
 def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source:
@@ -131,7 +131,7 @@ def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source
     local = Path(path).expanduser()
     if local.is_file():
         if not _supported(local.name):
-            raise UserError(f"{where}: unsupported file type {local.suffix!r}; use one of {', '.join(BUILDERS)}")
+            raise UserError(f"{where}: unsupported file type {file_type(local.name)!r}; use one of {SUPPORTED}")
         notes = _unused_options(common, where, _unused_split(where, common["split"], SINGLE_FILE))
         return Source(kind="local", files=(str(local.resolve()),), builder=_builder_for([local.name], where, path),
                       notes=notes, **common)
@@ -145,7 +145,7 @@ def resolve_source(ds_cfg: Any, index: int, section: str = "datasets") -> Source
                           **common)
         files = sorted(str(p.resolve()) for p in local.rglob("*") if p.is_file() and _supported(p.name))
         if not files:
-            raise UserError(f"{where}: folder {path!r} has no data files ({', '.join(BUILDERS)})")
+            raise UserError(f"{where}: folder {path!r} has no data files ({SUPPORTED})")
         files, split_note = _select_split(files, str(local.resolve()), common["split"], where, path)
         return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, path),
                       notes=_unused_options(common, where, split_note), **common)
@@ -164,7 +164,7 @@ def _resolve_glob(pattern: str, where: str, common: dict) -> Source:
     files = [p for p in matched if os.path.isfile(p) and _supported(p)]
     if not files:
         found = f" (it matches {len(matched)} path(s), none a data file)" if matched else ""
-        raise UserError(f"{where}: the pattern {pattern!r} matches no data files ({', '.join(BUILDERS)}){found}")
+        raise UserError(f"{where}: the pattern {pattern!r} matches no data files ({SUPPORTED}){found}")
     split_note = _unused_split(where, common["split"], "a glob pattern's files are all read")
     return Source(kind="local", files=tuple(files), builder=_builder_for(files, where, pattern),
                   notes=_unused_options(common, where, split_note), **common)
@@ -195,10 +195,10 @@ def _resolve_url(url: str, where: str, common: dict) -> Source:
     except Exception as exc:  # network / credentials errors of any fsspec backend
         raise UserError(f"{where}: cannot open {url!r}: {type(exc).__name__}: {exc}") from None
     if not files:
-        raise UserError(f"{where}: {url!r} has no data files ({', '.join(BUILDERS)})")
+        raise UserError(f"{where}: {url!r} has no data files ({SUPPORTED})")
     for f in files:
         if not _supported(f):
-            raise UserError(f"{where}: unsupported file type in {f!r}; use one of {', '.join(BUILDERS)}")
+            raise UserError(f"{where}: unsupported file type in {f!r}; use one of {SUPPORTED}")
     return Source(kind="url", files=tuple(files), builder=_builder_for(files, where, url),
                   notes=_unused_options(common, where, split_note), **common)
 
@@ -273,6 +273,7 @@ def _load_with_datasets(source: Source):
     except UserError:
         raise
     except Exception as exc:  # the datasets library raises many types for unreadable / unreachable data
+        _raise_if_not_decompressing(source)
         hint = ""
         if source.kind == "hub":
             offline = bool(getattr(datasets.config, "HF_HUB_OFFLINE", False)) or \
@@ -284,6 +285,20 @@ def _load_with_datasets(source: Source):
     return ds
 
 
+def _raise_if_not_decompressing(source: Source) -> None:
+    """`UserError` naming the first compressed file of `source` that does not decompress (`datasets` says only
+    "Compressed file ended before the end-of-stream marker was reached", not which file)."""
+    from .filekinds import DECOMPRESSION_ERRORS, check_decompresses, is_compressed, read_problem
+
+    for path in (f for f in source.files if source.kind in ("local", "url") and is_compressed(f)):
+        try:
+            check_decompresses(path)
+        except DECOMPRESSION_ERRORS as exc:
+            which = "" if len(source.files) == 1 else f"file {path!r} "
+            raise UserError(f"{source.where}: could not load {source.path!r}: {which}cannot read it "
+                            f"({read_problem(path, exc)})") from None
+
+
 def _csv_as_text(files: tuple[str, ...]) -> dict[str, Any]:
     """`load_dataset("csv")` options that keep every cell as the text written: CSV has no types, but pandas
     infers them ("007" -> 7.0, "48" -> 48, "null" / "NA" / an empty cell -> null), which changed the training
@@ -292,11 +307,11 @@ def _csv_as_text(files: tuple[str, ...]) -> dict[str, Any]:
     import csv
     import io
 
-    from .linefiles import _open
+    from .filekinds import open_binary
 
     names: dict[str, None] = {}
     for path in files:
-        with _open(path) as f:
+        with open_binary(path) as f:
             header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
         names.update(dict.fromkeys(header))
     return {"converters": dict.fromkeys(names, str), "na_filter": False}
