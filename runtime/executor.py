@@ -66,6 +66,7 @@ _RUN_NUMBERS = itertools.count(1)  # StepContext.run
 
 # Op phase -> the name the time breakdown reports it under.
 PHASE_NAMES = {"comm": "communication", "copy": "offload copies"}
+WEIGHT_ROLES = (Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT)
 SUB_BYTE = ("nf4", "fp4_e2m1")  # 4-bit codes, stored two per byte (low nibble first)
 
 
@@ -231,6 +232,10 @@ class ArenaExecutor:
         self.quant_cache: QuantCache | None = None
         if any(op.attrs.get("cached") for op in plan.ops):
             self.quant_cache = QuantCache(plan.ops, plan.tensors, self._inside)
+        # the backend's hook for buffers derived from weights (cuda: fp32 weights' split parts), told which weights
+        # an op or a `write` changed; op name -> those weights, derived once per op
+        self._on_weights_written = getattr(kernels, "weights_written", None)
+        self._weights_of: dict[str, tuple[str, ...]] = {}
 
     # -- state ---------------------------------------------------------------------------------------
     def tensors_of(self, roles: Iterable[Role]) -> dict[str, torch.Tensor]:
@@ -254,6 +259,19 @@ class ArenaExecutor:
         self._written.add(name)
         if self.quant_cache is not None:
             self.quant_cache.changed(name)
+        if self._on_weights_written is not None:
+            self._on_weights_written(self._weights_changed_by((name,)))
+
+    def _weights_changed_by(self, outputs: Iterable[str]) -> tuple[str, ...]:
+        """The weights a write of `outputs` changes: each output that is one, the weights among its column views,
+        and the weights it is a column view of."""
+        tensors = self.plan.tensors
+        found = []
+        for name in outputs:
+            for other in (name, *self._inside.get(name, ()), *_view_ancestors(name, tensors)):
+                if tensors[other].role in WEIGHT_ROLES and other not in found:
+                    found.append(other)
+        return tuple(found)
 
     def _kernel_view(self, name: str) -> torch.Tensor:
         t = self.plan.tensors[name]
@@ -344,6 +362,12 @@ class ArenaExecutor:
                 written.add(name)
                 written.update(self._inside.get(name, ()))  # a parent written: its column views are too
                 self._observe(name, view)
+            if self._on_weights_written is not None:
+                changed = self._weights_of.get(op.name)
+                if changed is None:
+                    changed = self._weights_of[op.name] = self._weights_changed_by(op.outputs)
+                if changed:  # (optimizer steps, ZeRO's re-replicating all-gathers)
+                    self._on_weights_written(changed)
             if clock:
                 phase = PHASE_NAMES.get(op.phase, op.phase)
                 self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + clock() - started

@@ -41,10 +41,12 @@ def route_of(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
 
 def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, alpha: float = 1.0,
               st: CudaState | None = None, route: sz.GemmRoute | None = None, weight: str | None = None,
-              ctx: Any = None) -> None:
+              ctx: Any = None, owner: str | None = None) -> None:
     """out (=|+=) alpha * a @ b, written into `out` without a temporary when the output has the compute dtype.
     With `st`, mixed bf16/fp32 GEMMs on a GPU take a split route (`cuda_split_gemm`) with scratch from `st`;
-    `weight` (b's plan name, with the run's `ctx`): b's parts are split once per program run and kept."""
+    `weight` (b's split label, `cuda_sizes.split_weight`, with the run's `ctx`): b's parts are kept in a buffer
+    of their own; `owner`: the weight tensor b is (not a gathered or staged copy), whose parts are then split
+    again only when it is written (`CudaState.kept_split`), else once per program run."""
     if a.dtype == b.dtype == out.dtype:
         _mm(out, a, b, accumulate, alpha)
         return
@@ -53,9 +55,11 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate
     route = route if route is not None else route_of(out, a, b, accumulate, st, weight)
     if route.kind != "promote":
         bufs = [st.alloc(spec, out.device) for spec in route.scratch]
-        # a weight is constant through a run: its first GEMM of the run splits it, the later ones (recompute,
-        # backward) read the parts (a CUDA-graph replay repeats the same first split every run)
-        split = not route.cached or st.first_in_run(route.scratch[0], ctx)
+        # a weight changes only when written: its parts are split at its first GEMM, then again after each
+        # write of it (the optimizer step), and micro-steps only read them; a gathered or staged copy is
+        # rewritten every run, so its first GEMM of the run splits it
+        split = not route.cached or st.kept_split(
+            route.scratch[0], owner, ctx, lambda: csg.split_operand(route, a, b, bufs[0]))
         csg.split_gemm(out, a, b, route, bufs, accumulate, alpha, split=split)
         return
     # Mixed dtypes (bf16 activations with fp32 LoRA adapters, as PEFT computes them in fp32): the operands in the
@@ -80,10 +84,14 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate
             out[r0:r1].copy_(prod)
 
 
-def _split_weight(ctx: Any, name: str, transposed: bool) -> str | None:
-    """`cuda_sizes.split_weight` in the run's plan (None for a kernel called without one)."""
+def _split_weight(ctx: Any, name: str, transposed: bool) -> tuple[str | None, str | None]:
+    """(`cuda_sizes.split_weight` in the run's plan, `name` when that is the weight itself: its `owner` for
+    `gemm_into`); (None, None) for a kernel called without a plan."""
     graph = getattr(ctx, "graph", None)
-    return None if graph is None else sz.split_weight(graph.tensors, name, transposed)
+    if graph is None:
+        return None, None
+    label = sz.split_weight(graph.tensors, name, transposed)
+    return label, (name if label.removesuffix("^T") == name else None)
 
 
 def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
@@ -95,17 +103,18 @@ def linear(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     o2 = _rows(out)
     x2 = _rows(x)
     acc_gemm = acc and bias is None  # (with a bias the GEMM writes a buffer the bias is added to)
-    weight = _split_weight(ctx, bnd.inputs[1], transposed=True)  # b = W^T
+    weight, owner = _split_weight(ctx, bnd.inputs[1], transposed=True)  # b = W^T
     route = route_of(o2, x2, w.t(), acc_gemm, st, weight)
     if route.kind == "promote" and x.dtype != w.dtype and common(x, w) != x.dtype:
         # bf16 activations into fp32 adapters: one conversion per run for q/k/v's (gate/up's) shared input
         x2 = st.upcast(bnd.inputs[0], x2, common(x, w), ctx)
         route = None
     if bias is None:
-        gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale, st=st, route=route, weight=weight, ctx=ctx)
+        gemm_into(o2, x2, w.t(), accumulate=acc, alpha=scale, st=st, route=route, weight=weight, ctx=ctx,
+                  owner=owner)
     else:  # (x @ W^T + b) * scale
         tmp = st.alloc(sz.linear_bias(*o2.shape, dn(o2.dtype)), o2.device) if acc else o2
-        gemm_into(tmp, x2, w.t(), accumulate=False, st=st, route=route, weight=weight, ctx=ctx)
+        gemm_into(tmp, x2, w.t(), accumulate=False, st=st, route=route, weight=weight, ctx=ctx, owner=owner)
         tmp.add_(bias.to(tmp.dtype))
         if scale != 1.0:
             tmp.mul_(scale)
@@ -118,8 +127,9 @@ def linear_bwd_data(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
     dy, w = ins
     bnd = st.bind(ins, attrs, ctx)
     dx = bnd.views[0]
+    weight, owner = _split_weight(ctx, bnd.inputs[1], transposed=False)
     gemm_into(_rows(dx), _rows(dy), w, accumulate=bnd.accumulate[0], alpha=float(attrs.get("scale", 1.0)), st=st,
-              weight=_split_weight(ctx, bnd.inputs[1], transposed=False), ctx=ctx)
+              weight=weight, ctx=ctx, owner=owner)
     return [dx]
 
 

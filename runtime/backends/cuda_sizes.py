@@ -241,10 +241,20 @@ def split_gemm_enabled() -> bool:
     return os.environ.get("SUROGATE_SPLIT_GEMM", "auto").lower() not in ("0", "off", "false", "no")
 
 
+def split_cache_mode() -> str:
+    """How an fp32 weight's bf16x3 parts are kept (SUROGATE_SPLIT_CACHE, to A/B the ways): "step" (default) in a
+    buffer of its own, split again only when the weight is written (the optimizer step, a load), so micro-steps
+    read them without splitting; "run": split at the weight's first GEMM of each program run; "off" (or 0):
+    split at every GEMM into one scratch for all weights of a shape."""
+    value = os.environ.get("SUROGATE_SPLIT_CACHE", "auto").lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "run" if value == "run" else "step"
+
+
 def split_cache_enabled() -> bool:
-    """SUROGATE_SPLIT_CACHE=0 splits an fp32 weight at every GEMM again (one scratch for all weights of a shape)
-    instead of once per program run into a buffer of its own (to A/B the two)."""
-    return os.environ.get("SUROGATE_SPLIT_CACHE", "auto").lower() not in ("0", "off", "false", "no")
+    """Whether fp32 weights keep their parts in buffers of their own (`split_cache_mode` is not "off")."""
+    return split_cache_mode() != "off"
 
 
 class GemmRoute(NamedTuple):

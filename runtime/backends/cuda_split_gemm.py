@@ -98,6 +98,25 @@ def sum3(out: torch.Tensor, lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tenso
     NK["sum3_f32"].cuda(out, lo, mid, hi, accumulate, alpha)
 
 
+def split_operand(route: sz.GemmRoute, a: torch.Tensor, b: torch.Tensor, parts: torch.Tensor) -> None:
+    """Write the bf16x3 parts of a split route's fp32 operand into `parts` (the route's first scratch buffer), laid
+    out as `split_gemm` reads them: split_n, b^T's (a's) parts side by side along the small dim; split_k, b's
+    (a^T's) parts stacked along the reduction dim."""
+    if route.kind == "split_n":
+        if route.wide == "b":
+            split3(b.t(), parts.view(3, b.shape[1], -1))
+        else:
+            split3(a, parts.view(3, a.shape[0], -1))
+    elif route.kind == "split_k":
+        k = a.shape[1]
+        if route.wide == "b":
+            split3(b, parts.view(3, k, -1))
+        else:
+            split3(a.t(), parts.view(3, k, -1))
+    else:
+        raise ValueError(f"split_operand: route {route.kind!r} splits no operand")
+
+
 def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.GemmRoute, bufs: list[torch.Tensor],
                accumulate: bool, alpha: float, split: bool = True) -> None:
     """out (=|+=) alpha * a @ b by `route` (split_n, split_k or out_fp32) with its scratch buffers `bufs` (the
@@ -113,18 +132,16 @@ def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.Ge
                 out.mul_(alpha)
         return
     parts = bufs[0]
+    if split:
+        split_operand(route, a, b, parts)
     if route.kind == "split_n":
         if route.wide == "b":  # b [k, n] fp32: parts of b^T [n, k] -> b' = [k, 3n]
             n = b.shape[1]
-            if split:
-                split3(b.t(), parts.view(3, n, -1))
             prod = bufs[1]
             mm_fp32(a, parts.t(), prod)  # [m, 3n]
             sum3(out, prod[:, :n], prod[:, n : 2 * n], prod[:, 2 * n :], accumulate, alpha)
         else:  # a [m, k] fp32: parts of a -> a' = [3m, k]
             m = a.shape[0]
-            if split:
-                split3(a, parts.view(3, m, -1))
             prod = bufs[1]
             mm_fp32(parts, b, prod)  # [3m, n]
             sum3(out, prod[:m], prod[m : 2 * m], prod[2 * m :], accumulate, alpha)
@@ -134,13 +151,9 @@ def split_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, route: sz.Ge
     rep = bufs[1]
     k = a.shape[1]
     if route.wide == "b":  # b [k, n] fp32 -> [3k, n] parts; a [m, k] bf16 -> [m, 3k] repeated
-        if split:
-            split3(b, parts.view(3, k, -1))
         rep.view(-1, 3, k).copy_(a.unsqueeze(1).expand(-1, 3, k))
         lhs, rhs = rep, parts
     else:  # a [m, k] fp32 -> parts of a^T [3k, m], used as [m, 3k]; b [k, n] bf16 -> [3k, n] repeated
-        if split:
-            split3(a.t(), parts.view(3, k, -1))
         rep.view(3, k, -1).copy_(b.unsqueeze(0).expand(3, k, -1))
         lhs, rhs = parts.t(), rep
     if out.dtype == torch.bfloat16 and native_out_dtype(out.device):

@@ -17,7 +17,7 @@ the host outside any CUDA-graph capture (`refresh_scalars`), so a captured step 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,9 @@ class CudaState:
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._scalars: dict[Any, tuple[torch.Tensor, Callable[[Any], list[float]]]] = {}
         self._run_seen: dict[Any, int] = {}  # key -> run token of the run that last asked (first_in_run)
+        # weight name -> how to rewrite the buffers derived from it (`kept_split`), run when it is written
+        self._derived: dict[str, list[Callable[[], None]]] = {}
+        self._kept: set[Any] = set()  # the derived buffers registered in `_derived`
         self.constants: dict[tuple, torch.Tensor] = {}
         self._packed: torch.Tensor | None = None  # all per-step scalars, once consolidated
         # cu_seqlens entries flash attention reads this micro-step (None: all); see cuda_attention.doc_slots
@@ -246,6 +249,27 @@ class CudaState:
         self._run_seen[key] = tok
         return True
 
+    def kept_split(self, key: Any, owner: str | None, ctx: Any, refresh: Callable[[], None]) -> bool:
+        """Whether a GEMM must split its fp32 weight into buffer `key` now (`refresh` does it): with
+        `split_cache_mode` "step" and `owner` (the weight tensor the GEMM reads, in the arena: not a gathered or
+        staged copy) the first time only: `refresh` is then registered and rerun whenever `owner` is written
+        (`weights_written`: the optimizer step, a load), so micro-steps and their CUDA graphs read the parts
+        without splitting. Otherwise the first time in this program run."""
+        if owner is None or sz.split_cache_mode() != "step":
+            return self.first_in_run(key, ctx)
+        if key in self._kept:
+            return False
+        self._kept.add(key)
+        self._derived.setdefault(owner, []).append(refresh)
+        return True
+
+    def weights_written(self, names: Iterable[str]) -> None:
+        """Weights `names` have new values (an op wrote them, or the executor did): rewrite what derives from
+        them, on the current stream (inside the optimizer step's graph when it is captured)."""
+        for name in names:
+            for refresh in self._derived.get(name, ()):
+                refresh()
+
     def step_index(self, ctx: Any, device: torch.device) -> torch.Tensor:
         """ctx.step as an int64 device tensor [1], refreshed now unless a capture is running (then before each
         replay by `refresh_scalars`). Kept apart from the packed scalars: captured graphs hold its address."""
@@ -290,3 +314,7 @@ class CudaKernels(dict):
     def __init__(self, kernels: dict[str, Callable], state: CudaState) -> None:
         super().__init__(kernels)
         self.state = state
+
+    def weights_written(self, names: Iterable[str]) -> None:
+        """The executor's hook after an op or a load writes weights (see `CudaState.weights_written`)."""
+        self.state.weights_written(names)
