@@ -44,8 +44,9 @@ def _load_with_datasets(source: Source):
                                     f"{source.path!r} (splits: {', '.join(ds)})")
                 ds = ds[source.split]
         elif source.kind in ("local", "url"):
-            extra = _csv_as_text(source.files) if source.builder == "csv" else {}
-            ds = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", **extra)
+            files = _files_with_rows(source)
+            extra = _csv_as_text(files) if source.builder == "csv" else {}
+            ds = datasets.load_dataset(source.builder, data_files=files, split="train", **extra)
         else:
             ds = datasets.load_dataset(source.path, name=source.subset, split=source.split)
     except UserError:
@@ -77,7 +78,59 @@ def _raise_if_not_decompressing(source: Source) -> None:
                             f"({read_problem(path, exc)})") from None
 
 
-def _csv_as_text(files: tuple[str, ...]) -> dict[str, Any]:
+def _files_with_rows(source: Source) -> list[str]:
+    """The files of a local or URL source that hold a row. `datasets` fails on a file without rows, also among
+    others: 'Instruction "train" corresponds to no data!' (a CSV header without rows, an Arrow file of no
+    batches), 'BatchSize must be greater than 0' (a Parquet file of no rows), 'No columns to parse from file' (an
+    empty CSV). `UserError` saying so when no file has a row, as for empty JSON Lines files."""
+    no_rows = {"csv": _csv_no_rows, "parquet": _parquet_no_rows, "arrow": _arrow_no_rows}[source.builder]
+    empty = {path: why for path in source.files if (why := no_rows(path))}
+    if len(empty) < len(source.files):
+        return [f for f in source.files if f not in empty]
+    what = f"file {empty[source.files[0]]}" if len(source.files) == 1 else \
+        f"its {len(source.files)} files have no rows"
+    raise UserError(f"{source.where}: could not load {source.path!r}: {what}")
+
+
+def _csv_no_rows(path: str) -> str | None:
+    """None when the CSV file has a record after its header line, else what it has."""
+    import csv
+    import io
+
+    from .filekinds import open_binary
+
+    with open_binary(path) as f:
+        records = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+        if not next(records, None):
+            return "is empty (no rows)"
+        return None if any(records) else "has a header line and no rows"
+
+
+def _parquet_no_rows(path: str) -> str | None:
+    import pyarrow.parquet as pq
+
+    from .filekinds import open_binary
+
+    with open_binary(path) as f:
+        return None if pq.ParquetFile(f).metadata.num_rows else "has no rows"
+
+
+def _arrow_no_rows(path: str) -> str | None:
+    """As `datasets` reads it: an Arrow stream, else an Arrow (IPC) file."""
+    import pyarrow as pa
+
+    from .filekinds import open_binary
+
+    with open_binary(path) as f:
+        try:
+            batches = iter(pa.ipc.open_stream(f))
+        except (OSError, pa.ArrowInvalid):
+            reader = pa.ipc.open_file(f)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        return None if any(batch.num_rows for batch in batches) else "has no rows"
+
+
+def _csv_as_text(files: list[str]) -> dict[str, Any]:
     """`load_dataset("csv")` options that keep every cell as the text written: CSV has no types, but pandas
     infers them ("007" -> 7.0, "48" -> 48, "null" / "NA" / an empty cell -> null), which changed the training
     data (or made a text column of numbers a "wrong type" error). Every column named in a header is read as a
