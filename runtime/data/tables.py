@@ -8,7 +8,9 @@ is named. A column `datasets` stored as JSON (mixed value types) is a warning: s
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from surogate.errors import UserError
@@ -36,19 +38,8 @@ def _load_with_datasets(source: Source):
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
     try:
-        if source.kind == "disk":
-            ds = datasets.load_from_disk(source.files[0])
-            if isinstance(ds, datasets.DatasetDict):
-                if source.split not in ds:
-                    raise UserError(f"{source.section}[{source.index}].split: {source.split!r} not in "
-                                    f"{source.path!r} (splits: {', '.join(ds)})")
-                ds = ds[source.split]
-        elif source.kind in ("local", "url"):
-            files = _files_with_rows(source)
-            extra = _csv_as_text(files) if source.builder == "csv" else {}
-            ds = datasets.load_dataset(source.builder, data_files=files, split="train", **extra)
-        else:
-            ds = datasets.load_dataset(source.path, name=source.subset, split=source.split)
+        with _quiet_datasets():
+            return _read(source)
     except UserError:
         raise
     except Exception as exc:  # the datasets library raises many types for unreadable / unreachable data
@@ -61,7 +52,39 @@ def _load_with_datasets(source: Source):
                     "path at local files)" if offline else
                     " (not a local file or folder either; check the hub id, subset and split)")
         raise UserError(f"{source.where}: could not load {source.path!r}{hint}: {_root_cause(exc)}") from None
-    return ds
+
+
+def _read(source: Source):
+    import datasets
+
+    if source.kind == "disk":
+        ds = datasets.load_from_disk(source.files[0])
+        if isinstance(ds, datasets.DatasetDict):
+            if source.split not in ds:
+                raise UserError(f"{source.section}[{source.index}].split: {source.split!r} not in "
+                                f"{source.path!r} (splits: {', '.join(ds)})")
+            ds = ds[source.split]
+        return ds
+    if source.kind in ("local", "url"):
+        files = _files_with_rows(source)
+        extra = _csv_as_text(files) if source.builder == "csv" else {}
+        return datasets.load_dataset(source.builder, data_files=files, split="train", **extra)
+    return datasets.load_dataset(source.path, name=source.subset, split=source.split)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No `datasets` log lines while it loads: it logs some errors before raising them ("Failed to read schema
+    from '...' with error ArrowInvalid: ..."), and the raised error becomes our one message (`UserError`)."""
+    import datasets
+
+    log = datasets.utils.logging
+    before = log.get_verbosity()
+    log.set_verbosity(log.CRITICAL)
+    try:
+        yield
+    finally:
+        log.set_verbosity(before)
 
 
 def _raise_if_not_decompressing(source: Source) -> None:
@@ -84,12 +107,28 @@ def _files_with_rows(source: Source) -> list[str]:
     batches), 'BatchSize must be greater than 0' (a Parquet file of no rows), 'No columns to parse from file' (an
     empty CSV). `UserError` saying so when no file has a row, as for empty JSON Lines files."""
     no_rows = {"csv": _csv_no_rows, "parquet": _parquet_no_rows, "arrow": _arrow_no_rows}[source.builder]
-    empty = {path: why for path in source.files if (why := no_rows(path))}
+    empty = {path: why for path in source.files if (why := _read_check(source, path, no_rows))}
     if len(empty) < len(source.files):
         return [f for f in source.files if f not in empty]
     what = f"file {empty[source.files[0]]}" if len(source.files) == 1 else \
         f"its {len(source.files)} files have no rows"
     raise UserError(f"{source.where}: could not load {source.path!r}: {what}")
+
+
+def _read_check(source: Source, path: str, check: Callable[[str], str | None]) -> str | None:
+    """`check(path)`; a file it cannot read is a `UserError` naming the file (`datasets` logs the file's name on
+    stderr and raises an error without it)."""
+    from .filekinds import DECOMPRESSION_ERRORS, is_compressed, read_problem
+
+    try:
+        return check(path)
+    except Exception as exc:  # pyarrow / csv / decompression errors of a file that is not what it says
+        if is_compressed(path) and isinstance(exc, DECOMPRESSION_ERRORS):
+            which, problem = ("" if len(source.files) == 1 else f"file {path!r} "), \
+                f"cannot read it ({read_problem(path, exc)})"
+        else:
+            which, problem = ("" if len(source.files) == 1 else f"file {path!r}: "), _root_cause(exc)
+        raise UserError(f"{source.where}: could not load {source.path!r}: {which}{problem}") from None
 
 
 def _csv_no_rows(path: str) -> str | None:

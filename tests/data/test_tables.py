@@ -81,3 +81,43 @@ def test_a_csv_without_rows_exits_2_from_the_cli(tmp_path, model_dir, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: datasets[0].path: could not load {str(tmp_path / 'empty.csv')!r}: "
                                         "file has a header line and no rows"]
+
+
+def _tokenize_config(tmp_path: Path, model: str, data: Path) -> str:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": model, "output_dir": str(tmp_path / "out"), "sequence_len": 64, "dataloader_num_workers": 0,
+        "datasets": [{"path": str(data), "type": "text"}]}))
+    return str(config)
+
+
+@pytest.mark.parametrize("in_folder", [False, True])
+def test_a_corrupt_parquet_file_is_one_error_naming_it(tmp_path, model_dir, capfd, in_folder):
+    # the datasets library printed "Failed to read schema from '...' with error ArrowInvalid: ..." on stderr
+    # before our error (found by fuzzing)
+    (tmp_path / "d").mkdir()
+    write_parquet(tmp_path / "d" / "a-good.parquet", ROWS)
+    bad = tmp_path / "d" / "b-bad.parquet"
+    bad.write_bytes(b"PAR1 not really parquet " * 8)
+    data = tmp_path / "d" if in_folder else bad
+    assert main(["tokenize", _tokenize_config(tmp_path, model_dir(), data)]) == 2
+    captured = capfd.readouterr()
+    which = f"file {str(bad)!r}: " if in_folder else ""
+    assert captured.err.strip().splitlines() == [
+        f"error: datasets[0].path: could not load {str(data)!r}: {which}ArrowInvalid: Parquet magic bytes not "
+        "found in footer. Either the file is corrupted or this is not a parquet file."]
+
+
+def test_errors_the_datasets_library_logs_are_not_printed(tmp_path, capfd, monkeypatch):
+    from surogate.runtime.data import tables
+
+    # past our own checks, the datasets library's parquet reader logs the error it raises: only ours is shown
+    monkeypatch.setattr(tables, "_files_with_rows", lambda source: list(source.files))
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really parquet " * 8)
+    with pytest.raises(UserError, match=r"could not load '.*bad\.parquet': ArrowInvalid: Parquet magic bytes"):
+        load(bad)
+    assert capfd.readouterr().err == ""
+    import datasets
+
+    assert datasets.utils.logging.get_verbosity() == datasets.utils.logging.ERROR  # restored after the load
