@@ -6,7 +6,8 @@ Layout of one checkpoint (`<checkpoint_dir>/checkpoint-<step>/`):
                           the Python/NumPy RNG words and the step
     manifest.json         written last: format version, step, size and sha256 of every other file, a
                           random `id`, and `previous`: the `id` of the checkpoint the `latest` pointer
-                          named when this save began (None without one)
+                          named when this save began (None without one), and `run`: the line's id
+                          (`line_id`), which the models the run exports carry too
 
 A save writes into `checkpoint-<step>.tmp-<pid>/`, fsyncs every file and the folder, renames it to
 `checkpoint-<step>/`, fsyncs the parent, then replaces the `latest` pointer file atomically, then
@@ -105,6 +106,7 @@ class CheckpointManager:
         self.fingerprint = config_fingerprint(config) if config is not None else None
         self._verified: set[Path] = set()  # hashed by latest(): load() need not hash them again
         self.bad: dict[Path, str] = {}  # checkpoints latest() skipped, with the reason: never kept by rotation
+        self._line: str | None = None  # `line_id`, once asked
         # Test seam: called with a stage name between the steps of a save (crash-injection tests).
         self._stage: Callable[[str], None] = lambda stage: None
 
@@ -147,7 +149,7 @@ class CheckpointManager:
             files = {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_of(tmp / n)}
                      for n in (TENSORS_FILE, STATE_FILE)}
             manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": int(step), "files": files,
-                        "id": uuid.uuid4().hex, "previous": self._pointer_id()}
+                        "id": uuid.uuid4().hex, "previous": self._pointer_id(), "run": self.line_id()}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
             fsync_file(tmp / MANIFEST_FILE)
             fsync_dir(tmp)
@@ -306,6 +308,21 @@ class CheckpointManager:
         except (OSError, ValueError):
             return {}
         return manifest if isinstance(manifest, dict) else {}
+
+    def line_id(self) -> str:
+        """The id of this folder's line of checkpoints, saved in every manifest (`run`) and with the models a run
+        exports (runtime/run_exports.py): the line the `latest` pointer names (a resumed run continues it), else
+        a new one, chosen once."""
+        if self._line is None:
+            self._line = self.known_line() or uuid.uuid4().hex
+        return self._line
+
+    def known_line(self) -> str | None:
+        """The `run` of the checkpoint the `latest` pointer names, or None (no pointer; a checkpoint saved before
+        manifests had it)."""
+        name = self._pointer_name()
+        run = self._manifest(self.dir / name).get("run") if name else None
+        return run if isinstance(run, str) and run else None
 
     def _pointer_id(self) -> str | None:
         """The manifest `id` of the checkpoint the `latest` pointer names, or None."""

@@ -70,7 +70,10 @@ def _refuse_replacing_exports(cfg: Any, manager: Any) -> None:
     the models an earlier run exported into output_dir when it ends: refused now, not found lost then. A run
     that resumes rewrites its own line's exports."""
     found = earlier_exports(cfg)
-    if not found or (cfg.resume_from_checkpoint and manager.folders()):
+    if not found:
+        return
+    if cfg.resume_from_checkpoint and manager.folders():
+        _refuse_another_lines_exports(cfg, manager, found)
         return
     why = ("resume_from_checkpoint is false" if not cfg.resume_from_checkpoint
            else f"there is no checkpoint in {manager.dir} to resume")
@@ -80,6 +83,26 @@ def _refuse_replacing_exports(cfg: Any, manager: Any) -> None:
         f"fresh ({why}): it would replace {'them' if len(found) > 1 else 'it'} when it ends. To keep "
         f"{'them' if len(found) > 1 else 'it'}, {fresh_start_advice(cfg, manager)}; or resume the run that "
         "exported them, with its config and checkpoint_dir")
+
+
+def _refuse_another_lines_exports(cfg: Any, manager: Any, found: list[Path]) -> None:
+    """UserError when a run that resumes would replace models exported by another run: the exports record the
+    checkpoint line that wrote them (runtime/run_exports.py), and this run continues the line in its checkpoint
+    folder (a checkpoint_dir set apart from a shared output_dir). Exports or checkpoints from before the record
+    existed are let through, as before."""
+    from surogate.runtime.run_exports import exported_by
+
+    line = manager.known_line()
+    marks = exported_by(cfg.output_dir)
+    foreign = [p for p in found if line and marks.get(p.name) not in (None, line)]
+    if not foreign:
+        return
+    names = ", ".join(p.name + "/" for p in foreign)
+    them = "them" if len(foreign) > 1 else "it"
+    raise UserError(
+        f"output_dir: {Path(cfg.output_dir)} holds {names} exported by another run than the one this run resumes "
+        f"(its checkpoints are in {manager.dir}): it would replace {them} when it ends. To keep {them}, give this "
+        f"run another output_dir, or remove {them} (rm -r {' '.join(str(p) for p in foreign)})")
 
 
 def _check_checkpoint_dir(cfg: Any) -> None:

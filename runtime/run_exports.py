@@ -9,6 +9,36 @@ from typing import Any
 from surogate.compiler.ir import Role
 
 EXPORT_FOLDERS = ("adapter", "merged", "model")  # what a run writes under output_dir at its end (atomically)
+EXPORTED_BY_FILE = ".surogate-exports.json"  # in output_dir: export folder -> the checkpoint line that wrote it
+
+
+def exported_by(output_dir: str | Path) -> dict[str, str]:
+    """Export folder name -> the id of the checkpoint line (`CheckpointManager.line_id`) whose run exported it;
+    folders exported before the record existed, or an unreadable record, are left out."""
+    import json
+
+    try:
+        record = json.loads((Path(output_dir) / EXPORTED_BY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {k: v["run"] for k, v in record.items()
+            if k in EXPORT_FOLDERS and isinstance(v, dict) and isinstance(v.get("run"), str)}
+
+
+def _record_exports(output_dir: Path, outputs: dict[str, str], line: str | None, step: int) -> None:
+    """Note which checkpoint line exported each folder (a later run resuming another line refuses to replace
+    them: runtime/resume.py)."""
+    import json
+
+    from surogate.runtime.atomic_files import write_atomic_text
+
+    if line is None or not outputs:
+        return
+    record = {name: {"run": run} for name, run in exported_by(output_dir).items()}
+    record |= {name: {"run": line, "step": int(step)} for name in outputs if name in EXPORT_FOLDERS}
+    write_atomic_text(output_dir / EXPORTED_BY_FILE, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: dict, tokenizer: Any) -> dict[str, str]:
@@ -59,4 +89,7 @@ def export_outputs(trainer: Any, cfg: Any, model_dir: Path | None, hf_config: di
     else:
         weights = by_role((Role.TRAINABLE_WEIGHT, Role.FROZEN_WEIGHT))
         outputs["model"] = str(export_hf_model(out / "model", weights, hf_config, model_dir, **folder))
+    checkpoints = getattr(trainer, "checkpoints", None)
+    _record_exports(out, outputs, checkpoints.line_id() if checkpoints is not None else None,
+                    getattr(trainer, "step", 0))
     return outputs

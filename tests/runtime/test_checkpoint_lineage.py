@@ -141,3 +141,55 @@ def test_check_writable_refuses_an_unwritable_folder(tmp_path, monkeypatch):
     monkeypatch.setattr("pathlib.Path.write_bytes", denied)  # root ignores chmod: fake the refusal
     with pytest.raises(UserError, match=r"^checkpoint_dir: cannot write checkpoints into .*Permission denied"):
         CheckpointManager(tmp_path).check_writable()
+
+
+def test_a_folder_keeps_one_line_id_across_managers_and_a_new_folder_gets_its_own(tmp_path):
+    first = CheckpointManager(tmp_path / "a")
+    _save(first, 1)
+    resumed = CheckpointManager(tmp_path / "a")  # a resumed run continues the line its pointer names
+    _save(resumed, 2)
+    runs = {json.loads((tmp_path / "a" / f"checkpoint-{s}" / MANIFEST_FILE).read_text())["run"] for s in (1, 2)}
+    assert runs == {first.line_id()} and resumed.known_line() == first.line_id()
+    other = CheckpointManager(tmp_path / "b")
+    assert other.known_line() is None and other.line_id() != first.line_id()
+
+
+def _guard(tmp_path, checkpoint_dir, marks: dict | None):
+    """The run-start guard for a resuming run: output_dir tmp_path/'out' holding an exported adapter whose record
+    says `marks` (None: no record, an export of an earlier version), checkpoints in `checkpoint_dir`."""
+    from surogate.runtime.resume import guard_checkpoint_dir
+    from surogate.runtime.run_exports import EXPORTED_BY_FILE
+    from surogate.schema import config_from_dict
+
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True, exist_ok=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    record = out / EXPORTED_BY_FILE
+    record.unlink(missing_ok=True)
+    if marks is not None:
+        record.write_text(json.dumps({k: {"run": v, "step": 4} for k, v in marks.items()}))
+    cfg = config_from_dict({"model": "Qwen/Qwen3-0.6B", "datasets": [{"path": "d.jsonl", "type": "text"}],
+                            "output_dir": str(out), "checkpoint_dir": str(checkpoint_dir),
+                            "resume_from_checkpoint": True})
+    guard_checkpoint_dir(cfg)
+
+
+def test_a_resumed_run_refuses_to_replace_another_lines_exports(tmp_path):
+    """Checkpoints set apart from a shared output_dir: a run resuming line B must not replace the adapter line A
+    exported there at its end (it did: a resuming run was taken to rewrite its own exports); line A resuming, an
+    export without a record, or checkpoints saved before lines had ids, go on as before."""
+    line_a, line_b = CheckpointManager(tmp_path / "ck-a"), CheckpointManager(tmp_path / "ck-b")
+    _save(line_a, 4)
+    _save(line_b, 2)
+    with pytest.raises(UserError) as exc:
+        _guard(tmp_path, tmp_path / "ck-b", {"adapter": line_a.line_id()})
+    msg = str(exc.value)
+    assert "holds adapter/ exported by another run than the one this run resumes" in msg
+    assert str(tmp_path / "ck-b") in msg and f"rm -r {tmp_path / 'out' / 'adapter'}" in msg
+    _guard(tmp_path, tmp_path / "ck-a", {"adapter": line_a.line_id()})  # its own line: it rewrites its export
+    _guard(tmp_path, tmp_path / "ck-b", None)  # an export made before the record existed
+    manifest = tmp_path / "ck-b" / "checkpoint-2" / MANIFEST_FILE
+    data = json.loads(manifest.read_text())
+    del data["run"]  # a checkpoint saved before lines had ids
+    manifest.write_text(json.dumps(data))
+    _guard(tmp_path, tmp_path / "ck-b", {"adapter": line_a.line_id()})

@@ -120,6 +120,9 @@ def test_fresh_run_into_a_folder_with_checkpoints_exits_2(root):
     assert "error: output_dir:" in again.stderr and "checkpoint-2, checkpoint-4" in again.stderr
     assert "Surogate run" not in again.stdout  # refused before anything started
     assert sorted(p.name for p in (root / "mixed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # the export records the checkpoint line that wrote it (a run resuming another line refuses to replace it)
+    line = json.loads((root / "mixed" / "checkpoint-4" / "manifest.json").read_text())["run"]
+    assert json.loads((root / "mixed" / ".surogate-exports.json").read_text())["adapter"] == {"run": line, "step": 4}
     # checkpoints elsewhere, same output_dir: the earlier run's adapter would be replaced at the end; refused now
     adapter = (root / "mixed" / "adapter" / "adapter_model.safetensors").read_bytes()
     elsewhere = run_cli("sft", str(_yaml(root, "mixed", max_steps=2, checkpoint_dir=str(root / "mixed-ckpt"))))
