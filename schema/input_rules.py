@@ -19,6 +19,7 @@ from surogate.schema.chat_templates import (
     template_syntax_error,
 )
 from surogate.schema.loss_scale import LossScaleError, is_custom, parse_loss_scale
+from surogate.schema.message_mappings import mapping_problems
 from surogate.schema.prompt_format import prompt_format_problems
 from surogate.schema.source import dataset_properties, default_of
 
@@ -163,13 +164,9 @@ def _dataset_rules(ds: dict[str, Any], where: str, given: set[str]) -> Iterator[
         if fmt:
             yield from _check_placeholders(fmt, allowed, f"{where}.{key}")
     mappings = ds.get("message_property_mappings") or {}
-    for required in ("role", "content"):
-        if f"{where}.message_property_mappings" in given and required not in mappings:
-            yield ConfigIssue(
-                f"{where}.message_property_mappings",
-                f"must map `{required}` (e.g. `{required}: {'from' if required == 'role' else 'value'}`)",
-                dict(mappings),
-            )
+    for key, problem in mapping_problems(dict(mappings)):  # the data step's rule: properties left out keep their names
+        path = f"{where}.message_property_mappings" + ("" if key is None else f".{key}")
+        yield ConfigIssue(path, problem, dict(mappings) if key is None else mappings[key])
 
 
 def _check_placeholders(fmt: str, allowed: tuple[str, ...], path: str) -> Iterator[ConfigIssue]:

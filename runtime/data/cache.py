@@ -20,13 +20,14 @@ from typing import Any
 from surogate.errors import UserError
 
 # Bump when the tokenized output of the same inputs changes (format or semantics).
-CACHE_VERSION = 10  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
+CACHE_VERSION = 11  # 2: response_prefix added to responses that lack it; 3: JSON files read exactly ("48" stays a
 # string); 4: long text samples truncated (were deleted), exact split names pick their files; 5: stats hold
 # max_token_id; 6: files.json holds the size and mtime of the splits' files (an edited entry is rebuilt); 7: CSV
 # cells read as the text written ("007" was 7.0, "null" / empty cells null); 8: prompt_format's {{ and }} are
 # literal braces (str.format), as validate reads them; 9: a message without a content key, a tool call that is not
 # an object naming its function are bad rows (entries that trained them as empty text are not reused); 10: system and
-# response_prefix shape prompt_format samples (were ignored)
+# response_prefix shape prompt_format samples (were ignored); 11: a role.<value> key of message_property_mappings is
+# trimmed like the role values it matches ("role. Human " maps "human"; it matched nothing)
 
 
 def cache_root(cfg: Any, rank: int = 0) -> Path:

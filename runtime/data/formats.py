@@ -1,10 +1,12 @@
 """Dataset types: detect each dataset's type (`auto`) and resolve the fields it reads (`DatasetSpec`).
 
-Rows become samples in `rows.py`. Conversation rows are mapped through `message_property_mappings`. Keys that are canonical property names
-(`role`, `content`, `tool_calls`, `name`, `tool_call_id`, `reasoning_content`) name the dataset's key
-for that property, e.g. ShareGPT `{role: from, content: value}`. Role *values* are mapped by keys of the
-form `role.<dataset value>`, e.g. `{"role.human": user, "role.gpt": assistant}`; common aliases (human,
-gpt, model, bot, function, observation, ...) are mapped without being listed.
+Rows become samples in `rows.py`. Conversation rows are mapped through `message_property_mappings` (the rule is
+schema/message_mappings.py, which `surogate validate` applies too): keys that are property names (`role`, `content`,
+`tool_calls`, `name`, `tool_call_id`, `reasoning_content`) name the dataset's key for that property, e.g. ShareGPT
+`{role: from, content: value}`; a property left out keeps its standard name, so `{role: from}` alone reads `from`
+and `content`. Role *values* are mapped by keys of the form `role.<dataset value>`, e.g. `{"role.narrator": user}`
+(a mapping of role values only is valid: the properties keep their names); common aliases (human, gpt, model, bot,
+function, observation, ...) are mapped without being listed.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from surogate.errors import UserError
+from surogate.schema.message_mappings import mapping_problems, resolve_mappings
 from surogate.schema.prompt_format import prompt_format_problems
 
-CANONICAL_ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {
     "system": "system", "user": "user", "human": "user", "prompter": "user", "assistant": "assistant",
     "gpt": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant",
     "function_call": "assistant", "tool": "tool", "function": "tool", "observation": "tool",
     "ipython": "tool", "tool_response": "tool",
 }
-MESSAGE_PROPERTIES = ("role", "content", "tool_calls", "name", "tool_call_id", "reasoning_content")
 CONVERSATION_COLUMNS = ("messages", "conversations", "conversation", "chat")
 INSTRUCTION_COLUMNS = ("instruction", "prompt", "question", "query")
 OUTPUT_COLUMNS = ("output", "response", "answer", "completion")
@@ -78,19 +79,10 @@ def _check_format(fmt: str | None, where: str, allowed: tuple[str, ...]) -> None
 
 
 def _split_mappings(mappings: dict[str, str], where: str) -> tuple[dict[str, str], dict[str, str]]:
-    props = {"role": "role", "content": "content"}
-    roles: dict[str, str] = {}
-    for key, value in (mappings or {}).items():
-        if key.startswith("role."):
-            if value not in CANONICAL_ROLES:
-                raise UserError(f"{where}.{key}: {value!r} is not a role; use one of {', '.join(CANONICAL_ROLES)}")
-            roles[key[5:].lower()] = value
-        elif key in MESSAGE_PROPERTIES:
-            props[key] = value
-        else:
-            raise UserError(f"{where}: unknown key {key!r}; keys are message properties "
-                            f"({', '.join(MESSAGE_PROPERTIES)}) or role.<value> to map a role value")
-    return props, roles
+    """(property map, role value map); the first of `mapping_problems` (validate's rule too) as a `UserError`."""
+    for key, problem in mapping_problems(mappings):
+        raise UserError(f"{where}{'' if key is None else '.' + key}: {problem}")
+    return resolve_mappings(mappings)
 
 
 def _first_message(rows: list[dict], column: str) -> dict | None:

@@ -15,15 +15,10 @@ import json
 import string
 from typing import Any
 
+from surogate.schema.message_mappings import CANONICAL_ROLES, MESSAGE_PROPERTIES, role_key
+
 from .errors import BadRow, DataError
-from .formats import (
-    CANONICAL_ROLES,
-    DEFAULT_PROMPT_FORMAT,
-    DEFAULT_PROMPT_FORMAT_NO_INPUT,
-    MESSAGE_PROPERTIES,
-    ROLE_ALIASES,
-    DatasetSpec,
-)
+from .formats import DEFAULT_PROMPT_FORMAT, DEFAULT_PROMPT_FORMAT_NO_INPUT, ROLE_ALIASES, DatasetSpec
 
 
 def _text(spec: DatasetSpec, row: dict, index: int, column: str, *, optional: bool = False) -> str | None:
@@ -140,7 +135,7 @@ def _conversation(spec: DatasetSpec, row: dict, index: int) -> tuple:
             raise DataError(spec.label, index, f"{where}.{props['role']}",
                             f"message has no {props['role']!r} key (keys: {', '.join(map(str, msg))}); "
                             "map it with message_property_mappings", "missing_field")
-        key = str(role_value).strip().lower()
+        key = role_key(role_value)
         role = spec.role_map.get(key) or ROLE_ALIASES.get(key)
         if role is None:
             raise DataError(spec.label, index, f"{where}.{props['role']}",

@@ -8,7 +8,7 @@ import pytest
 
 from surogate.errors import UserError
 from surogate.runtime.data.errors import DataError
-from surogate.runtime.data.formats import resolve_spec
+from surogate.runtime.data.formats import ROLE_ALIASES, resolve_spec
 from surogate.runtime.data.rows import row_to_sample
 from surogate.schema.prompt_format import prompt_format_problems
 
@@ -137,6 +137,38 @@ def test_conversation_accepts_json_string_content_parts_and_tool_calls():
     calls = [{"name": "g", "arguments": "{}"}]  # a call without the "function" wrapper, and no content key
     assert row_to_sample(spec, {"messages": [{"role": "assistant", "tool_calls": calls}]}, 0, True)[1] == [
         {"role": "assistant", "content": "", "tool_calls": calls}]
+
+
+@pytest.mark.parametrize("mappings", [
+    {"role": "from"}, {"content": "value"}, {"role.narrator": "user"}, {"role": "from", "content": "value"},
+    {"role": "from", "role. Human ": "assistant", "reasoning_content": "thoughts"},
+    {"speaker": "x"}, {"role.human": "person"}, {"role.": "user"}, {"content": ""}, {"role": "from", "Role": "x"},
+])
+def test_validate_and_the_data_step_read_message_property_mappings_one_way(mappings):
+    # validate wanted both role and content, while the data step (and this module's docstring) let a property
+    # left out keep its standard name; and only the data step refused an unknown key or a bad role.X value
+    from tests.schema.helpers import check, messages
+
+    row = {"messages": [{"from": "human", "role": "Narrator", "value": "v", "content": "c", "thoughts": "t"},
+                        {"from": "gpt", "role": "assistant", "value": "v2", "content": "c2"}]}
+    if "role" not in mappings and not any(k.startswith("role.") for k in mappings):
+        row["messages"][0]["role"] = "user"  # no mapping names the narrator
+    result = check(datasets=[{"path": "d.jsonl", "type": "conversation", "message_property_mappings": mappings}])
+    try:
+        spec, _ = spec_for([row], type="conversation", message_property_mappings=mappings)
+    except UserError as exc:
+        assert not result.ok and str(exc) in messages(result)  # the same error, naming the same path
+        return
+    assert result.ok, messages(result)
+    _, messages_, _ = row_to_sample(spec, row, 0, True)
+    role_key, content_key = mappings.get("role", "role"), mappings.get("content", "content")
+    for message, raw in zip(messages_, row["messages"], strict=True):
+        assert message["content"] == raw[content_key]
+        mapped = {k[5:].strip().lower(): v for k, v in mappings.items() if k.startswith("role.")}
+        value = raw[role_key].lower()
+        assert message["role"] == mapped.get(value, ROLE_ALIASES.get(value))
+        if "reasoning_content" in mappings and mappings["reasoning_content"] in raw:
+            assert message["reasoning_content"] == raw[mappings["reasoning_content"]]
 
 
 def test_bad_mapping_key_is_a_config_error():

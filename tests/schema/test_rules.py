@@ -70,9 +70,12 @@ INSTR = {"path": "d.jsonl", "type": "instruction", "instruction_field": "q", "ou
         ({"datasets": [{**INSTR, "prompt_format": "{output} {output}"}]},
          {"datasets": [{**INSTR, "prompt_format": "{output}"}]},
          "datasets[0].prompt_format", "{output} exactly once"),
-        ({"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from"}}]},
-         {"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from", "content": "value"}}]},
-         "validation_datasets[0].message_property_mappings", "content"),
+        ({"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from", "speaker": "x"}}]},
+         {"validation_datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role": "from"}}]},
+         "validation_datasets[0].message_property_mappings", "unknown key 'speaker'"),
+        ({"datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role.human": "person"}}]},
+         {"datasets": [{"path": "c", "type": "conversation", "message_property_mappings": {"role.human": "user"}}]},
+         "datasets[0].message_property_mappings.role.human", "'person' is not a role"),
     ],
 )
 def test_rule(bad, good, path, words):
