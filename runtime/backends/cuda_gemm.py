@@ -59,7 +59,7 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate
         # write of it (the optimizer step), and micro-steps only read them; a gathered or staged copy is
         # rewritten every run, so its first GEMM of the run splits it
         split = not route.cached or st.kept_split(
-            route.scratch[0], owner, ctx, lambda: csg.split_operand(route, a, b, bufs[0]))
+            route.scratch[0], owner, ctx, lambda parts=bufs[0]: csg.split_operand(route, None, b, parts))
         csg.split_gemm(out, a, b, route, bufs, accumulate, alpha, split=split)
         return
     # Mixed dtypes (bf16 activations with fp32 LoRA adapters, as PEFT computes them in fp32): the operands in the

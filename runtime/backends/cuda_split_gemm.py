@@ -98,21 +98,20 @@ def sum3(out: torch.Tensor, lo: torch.Tensor, mid: torch.Tensor, hi: torch.Tenso
     NK["sum3_f32"].cuda(out, lo, mid, hi, accumulate, alpha)
 
 
-def split_operand(route: sz.GemmRoute, a: torch.Tensor, b: torch.Tensor, parts: torch.Tensor) -> None:
+def split_operand(route: sz.GemmRoute, a: torch.Tensor | None, b: torch.Tensor, parts: torch.Tensor) -> None:
     """Write the bf16x3 parts of a split route's fp32 operand into `parts` (the route's first scratch buffer), laid
     out as `split_gemm` reads them: split_n, b^T's (a's) parts side by side along the small dim; split_k, b's
-    (a^T's) parts stacked along the reduction dim."""
+    (a^T's) parts stacked along the reduction dim. `a` is read only when it is the fp32 operand."""
     if route.kind == "split_n":
         if route.wide == "b":
             split3(b.t(), parts.view(3, b.shape[1], -1))
         else:
             split3(a, parts.view(3, a.shape[0], -1))
     elif route.kind == "split_k":
-        k = a.shape[1]
         if route.wide == "b":
-            split3(b, parts.view(3, k, -1))
+            split3(b, parts.view(3, b.shape[0], -1))
         else:
-            split3(a.t(), parts.view(3, k, -1))
+            split3(a.t(), parts.view(3, a.shape[1], -1))
     else:
         raise ValueError(f"split_operand: route {route.kind!r} splits no operand")
 
