@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
@@ -19,7 +20,8 @@ from surogate.cli import main
 from surogate.errors import UserError
 from surogate.runtime.data.errors import BadRow
 from surogate.runtime.data.sources import file_fingerprint, load_source, resolve_source
-from tests.data.conftest import conv
+from tests.data.conftest import conv, make_cfg
+from tests.data.test_pipeline import all_tokens, prepare
 
 COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
 RNG = random.Random(7)
@@ -191,3 +193,16 @@ def test_compressed_files_at_urls(tmp_path):
         f.write(lzma.compress(plain_bytes(".jsonl", ROWS[5:])))
     assert rows_of("memory://bucket/zipped") == ROWS
     assert rows_of("memory://bucket/zipped/part-0.jsonl.gz", samples=2) == ROWS[:2]
+
+
+def test_a_compressed_file_tokenizes_as_the_plain_file_also_in_worker_processes(tmp_path, model_dir):
+    rows = [conv(f"hello world {i}", f"how are you today {i}") for i in range(12)]
+    plain = write(tmp_path / "c.jsonl", plain_bytes(".jsonl", rows))
+    packed = write(tmp_path / "c.jsonl.gz", plain_bytes(".jsonl", rows))
+    model = model_dir()
+    serial = prepare(make_cfg(tmp_path, model, [{"path": str(plain), "type": "conversation"}]), use_cache=False)
+    parallel = prepare(make_cfg(tmp_path, model, [{"path": str(packed), "type": "conversation"}],
+                                dataloader_num_workers=2), use_cache=False, chunk_size=3)
+    assert parallel.stats.num_workers == 2
+    assert all_tokens(parallel.train) == all_tokens(serial.train)
+    assert np.array_equal(parallel.train.loss_mask, serial.train.loss_mask)
