@@ -8,6 +8,7 @@ import sys
 
 from surogate.errors import ConfigIssue, UserError
 from surogate.schema import ValidationResult, validate_file
+from surogate.schema.rules import Notice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,11 +17,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
 
+NO_DATASETS = ("none given: `surogate plan` works without data; `surogate sft` / `pt` refuse to train (they need "
+               "at least one dataset)")
+
+
 def _validate(path: str) -> ValidationResult:
     try:
-        return validate_file(path)
+        result = validate_file(path)
     except UserError as exc:  # missing / unreadable file: report it like any other error
         return ValidationResult(source=path, errors=[ConfigIssue("", str(exc).removeprefix(f"{path}: "), source=path)])
+    # said here, not by a rule: `plan` shares the rules and needs no data, a CI check of a training config does
+    if result.config is not None and not result.config.datasets:
+        result.notices.append(Notice("warning", "datasets", NO_DATASETS))
+    return result
 
 
 def run(args: argparse.Namespace) -> int:

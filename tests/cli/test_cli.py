@@ -26,6 +26,11 @@ def test_validate_valid_file_exits_0(tmp_path):
     proc = surogate("validate", str(path))
     assert proc.returncode == 0, proc.stderr
     assert f"{path}: valid" in proc.stdout
+    # valid for `plan`, but sft / pt refuse it: validate (what CI runs) says so; a config with data does not
+    assert "warning: datasets: none given" in proc.stdout and "`surogate sft` / `pt` refuse to train" in proc.stdout
+    path.write_text("model: Qwen/Qwen3-0.6B\ndatasets:\n  - path: d.jsonl\n    type: text\n")
+    proc = surogate("validate", "--json", str(path))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["files"][0]["warnings"] == []
 
 
 def test_validate_lists_every_error_and_exits_2(tmp_path):
