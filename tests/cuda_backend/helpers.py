@@ -144,3 +144,15 @@ def record_copies(runner: Runner) -> list[str]:
             return outs
         ex.kernels[kind] = wrapped
     return copied
+
+
+def reference_kernels(monkeypatch: Any, keep: tuple[str, ...] = ()) -> None:
+    """Run every Numba kernel as its reference (identical signatures; each kernel is checked against its
+    reference under the simulator in tests/kernels), except those whose name starts with one of `keep`: for
+    tests whose subject is the backend's routing and buffers, where simulated RMSNorm or CE threads only cost
+    time (a simulated GPU thread is a Python thread)."""
+    from surogate.numba_kernels import KERNELS, KernelPair
+
+    for name, kp in list(KERNELS.items()):
+        if not name.startswith(keep):
+            monkeypatch.setitem(KERNELS, name, KernelPair(reference=kp.reference, cuda=kp.reference))

@@ -13,7 +13,15 @@ from surogate.compiler.passes.workspace import _Walk
 from surogate.runtime.backends import cuda_fp8
 from surogate.runtime.backends import cuda_sizes as sz
 from surogate.runtime.backends.cuda_sizes import Target
-from tests.cuda_backend.helpers import assert_close_grads, batch, pair, record_copies, save_sim_model, sim_cfg
+from tests.cuda_backend.helpers import (
+    assert_close_grads,
+    batch,
+    pair,
+    record_copies,
+    reference_kernels,
+    save_sim_model,
+    sim_cfg,
+)
 
 FP8_KINDS = ("quantize", "qlinear", "qlinear_bwd_data", "qlinear_bwd_weight")
 
@@ -60,6 +68,7 @@ def _histories(runner) -> dict[str, torch.Tensor]:
                                   dict(lora=True, lora_rank=4, lora_alpha=8, recompute=True, gradient_dtype="fp8_e4m3")],
                          ids=["full", "full-2steps", "lora-recompute-grad-e4m3"])
 def test_fp8_micro_steps_match_the_reference_math(model_dir, case, monkeypatch):
+    reference_kernels(monkeypatch, keep=("fp8",))  # the fp8 kernels run simulated; RMSNorm, rope, CE... as references
     case = dict(case)
     steps = case.pop("steps", 1)
     ref, cud = pair(sim_cfg(model_dir, batch=2, recipe="fp8_hybrid", **case))

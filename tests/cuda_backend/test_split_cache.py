@@ -14,7 +14,14 @@ from surogate.runtime.backends import cuda_split_gemm as csg
 from surogate.runtime.backends.cuda_sizes import SPLIT_CACHE_TAG
 from surogate.runtime.backends.cuda_state import CudaKernels
 from surogate.runtime.executor import MICRO_STEP, StepContext
-from tests.cuda_backend.helpers import Runner, batch, lora_b_weights, save_sim_model, sim_cfg
+from tests.cuda_backend.helpers import (
+    Runner,
+    batch,
+    lora_b_weights,
+    reference_kernels,
+    save_sim_model,
+    sim_cfg,
+)
 
 CFG = dict(torch_dtype="bfloat16", lora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.1, recompute=True,
            learning_rate=1e-2, max_grad_norm=1.0)
@@ -29,11 +36,8 @@ def model_dir(tmp_path_factory):
 def splits(monkeypatch):
     """The split route on, every Numba kernel as its reference; returns the list of parts buffers split into
     (one data pointer per split)."""
-    from surogate.numba_kernels import KERNELS, KernelPair
-
     monkeypatch.setattr(csg, "split_enabled", lambda device: True)
-    for name, pair in list(KERNELS.items()):
-        monkeypatch.setitem(KERNELS, name, KernelPair(reference=pair.reference, cuda=pair.reference))
+    reference_kernels(monkeypatch)
     seen: list[int] = []
     real = csg.split3
     monkeypatch.setattr(csg, "split3", lambda f, parts: (seen.append(parts.data_ptr()), real(f, parts)))

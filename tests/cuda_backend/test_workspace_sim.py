@@ -169,15 +169,14 @@ def test_split_gemm_scratch_matches_the_plan(model_dir, monkeypatch):
     the backend holds exactly the split buffers the plan's GPU-style walk records, and no upcast slot; each adapter
     weight is split once per run into its own buffer, with the same results as a split at every GEMM. (The
     emulation's fp32 copies are CPU-only temporaries: transients are not compared here.)"""
-    from surogate.numba_kernels import KERNELS, KernelPair
     from surogate.runtime.backends import cuda_split_gemm as csg
     from surogate.runtime.backends.cuda_sizes import SPLIT_CACHE_TAG
-    from tests.cuda_backend.helpers import lora_b_weights
+    from tests.cuda_backend.helpers import lora_b_weights, reference_kernels
 
     monkeypatch.setattr(csg, "split_enabled", lambda device: True)
-    for name in ("split3_bf16", "sum3_f32"):  # their references (equal bitwise: tests/kernels/test_split_bf16.py);
-        ref = KERNELS[name].reference  # under the simulator the kernels cost seconds per GEMM
-        monkeypatch.setitem(KERNELS, name, KernelPair(reference=ref, cuda=ref))
+    # every kernel as its reference (split3 / sum3 equal bitwise: tests/kernels/test_split_bf16.py): the subject is
+    # which buffers the backend holds, and under the simulator the kernels cost seconds per GEMM
+    reference_kernels(monkeypatch)
     cfg = sim_cfg(model_dir, batch=1, seq=8, **CASES[0])
     r = Runner(cfg, "cuda")
     weights = lora_b_weights(r.plan)  # random LoRA B: the A gradients are not zero
