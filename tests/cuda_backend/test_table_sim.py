@@ -59,10 +59,14 @@ def test_normuon_with_clipping_in_place_and_no_new_scratch(model_dir):
     assert (state.scratch_bytes, len(state._scratch)) == (held, n_scratch)
 
 
-def test_adamw8bit_weights_share_one_hyperparameter_buffer_and_all_clip(model_dir):
+def test_adamw8bit_weights_share_one_hyperparameter_buffer_and_all_clip(model_dir, monkeypatch):
     """8-bit AdamW + max_grad_norm over two steps with different schedules: the weights share one hyperparameter
     buffer (one refresh and one clip copy per step, not one per weight), and every weight gets that step's
-    learning rate and clip factor: the same updates as the cpu backend at both steps."""
+    learning rate and clip factor: the same updates as the cpu backend at both steps. (The AdamW kernel runs
+    simulated; the micro-step's kernels as their references.)"""
+    from tests.cuda_backend.helpers import reference_kernels
+
+    reference_kernels(monkeypatch, keep=("adamw",))
     ref, cud = pair(sim_cfg(model_dir, optimizer="adamw_8bit", max_grad_norm=0.01,
                             lora_target_modules=["q_proj", "down_proj"], **LORA))
     for step, lr_scale in ((0, 1.0), (1, 0.25)):
