@@ -231,7 +231,10 @@ class Trainer:
         flags: dict[torch.device, list[torch.Tensor]] = {}  # per device: one host read each
         for name in self.ex.tensors_of(WEIGHT_ROLES):
             view = self.ex.device_views[name]
-            if view.dtype in _FLOATS and not self.plan.tensors[name].attrs.get("transient"):
+            attrs = self.plan.tensors[name].attrs
+            # a LoRA fold's [W | tail] and its tail hold no state: the tail is written from B by each forward, and
+            # holds whatever the arena held before the first (a resumed run with no step left); W and B are checked
+            if view.dtype in _FLOATS and not attrs.get("transient") and not attrs.get("fold"):
                 # in chunks: the check's temporaries stay small beside arenas planned to fill the device
                 flags.setdefault(view.device, []).extend(
                     (~torch.isfinite(chunk)).any() for chunk in view.reshape(-1).split(_CHECK_CHUNK))
