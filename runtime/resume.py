@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from surogate.errors import UserError
 from surogate.runtime.checkpoint_config import ConfigMismatchError
+from surogate.runtime.run_identity import KEY as IDENTITY
+from surogate.runtime.run_identity import check_same_identity
 
 if TYPE_CHECKING:
     from surogate.runtime.trainer import Trainer
@@ -139,6 +141,8 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
         return None, []
     try:
         loaded = checkpoints.load(latest)
+        if trainer.identity is not None:
+            check_same_identity(loaded.state.get(IDENTITY), trainer.identity, latest)
     except ConfigMismatchError as exc:
         raise UserError(f"{exc}; to start a new run with this config instead, {fresh_start_advice(cfg, checkpoints)}"
                         ) from None

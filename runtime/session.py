@@ -21,6 +21,7 @@ from surogate.runtime.observe.diagnostics import StateValueError
 from surogate.runtime.resume import guard_checkpoint_dir, resume_latest
 from surogate.runtime.run_exports import export_outputs
 from surogate.runtime.run_failure import broken_weights, end_failure, failure_checkpoints
+from surogate.runtime.run_identity import run_identity
 from surogate.runtime.stop_signals import StopSignals
 from surogate.runtime.trainer import Trainer, TrainResult
 from surogate.schema import gpu_requirements, min_compute_capability, sm_of
@@ -206,6 +207,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
                              enabled=bool(cfg.epoch_adjustment))
     checkpoints = CheckpointManager.from_config(cfg)
     trainer = Trainer(cfg, plan, executor, data, checkpoints=checkpoints, num_epochs=adjusted.num_epochs)
+    trainer.identity = run_identity(data, plan, cfg, spec.source_dir)  # saved with every checkpoint, checked on resume
     latest, resume_notes = resume_latest(trainer, checkpoints, cfg)
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)

@@ -142,6 +142,7 @@ class Trainer:
         self._micro_losses: torch.Tensor | None = None  # the step's micro-losses, on the loss's device
         self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
         self.restore_notes: list[str] = []  # what a resumed checkpoint could not give back (said at the start)
+        self.identity: dict[str, Any] | None = None  # the data and frozen weights trained on (run_identity.py)
         self._norm_gradients = norm_gradient_names(plan, self.ex)
 
     # -- one step --------------------------------------------------------------------------------------
@@ -284,7 +285,8 @@ class Trainer:
         return {"step": self.step, "applied": self.applied, "lr_scale": self.lr_scale,
                 "data": {"epoch": pos.epoch, "index": pos.index}, "total_steps": self.total_steps,
                 "world": self.world, "layout": layout(self.plan),
-                "observer": self.observer_state() if self.observer_state else {}}
+                "observer": self.observer_state() if self.observer_state else {},
+                **({"identity": self.identity} if self.identity is not None else {})}
 
     def save(self) -> Path | None:
         if self.checkpoints is None:
