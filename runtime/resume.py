@@ -126,6 +126,21 @@ def guard_checkpoint_dir(cfg: Any) -> None:
     _agreed(lambda: _check_checkpoint_dir(cfg))
 
 
+def _refuse_going_back(step: int, latest: Path, trainer: Trainer, cfg: Any, checkpoints: Any) -> None:
+    """UserError when the checkpoint to resume is past the run's end (max_steps or num_epochs lowered below its
+    step): its model is not the shorter run asked for, and a run cannot go back."""
+    total = trainer.total_steps
+    if step <= total:
+        return
+    why = (f"max_steps: {int(cfg.max_steps)}" if int(cfg.max_steps) > 0
+           else f"num_epochs makes the run {total} steps ({trainer.steps_per_epoch} per epoch)")
+    raise UserError(
+        f"{why}, but the checkpoint to resume, {latest}, is at step {step}: a run cannot go back to step {total}, and "
+        f"its model is not the {total}-step run asked for. To keep {latest.name}'s model as it is, set max_steps: "
+        f"{step} (higher to train on); to train a {total}-step run, start a new run: "
+        f"{fresh_start_advice(cfg, checkpoints)}")
+
+
 def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | None, list[str]]:
     """Restore the newest good checkpoint when `resume_from_checkpoint`; returns it and notes on the ones skipped.
 
@@ -146,6 +161,7 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
     except ConfigMismatchError as exc:
         raise UserError(f"{exc}; to start a new run with this config instead, {fresh_start_advice(cfg, checkpoints)}"
                         ) from None
+    _refuse_going_back(loaded.step, latest, trainer, cfg, checkpoints)
     trainer.restore(loaded)
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
              "not counted by save_total_limit (saving that step again replaces it)"
