@@ -86,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+    from surogate.closed_stdout import EXIT_CODE, detach_stdout, is_closed_pipe
+
     try:
         return int(module.run(args) or 0)
+    except OSError as exc:  # `surogate plan x.yaml | head`: the reader left; stop quietly, no traceback
+        if not is_closed_pipe(exc):
+            raise
+        detach_stdout()
+        return EXIT_CODE
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

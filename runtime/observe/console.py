@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from typing import IO
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from surogate.closed_stdout import detach_stdout, is_closed_pipe
+
 BAR_WIDTH = 40
+
+
+class _Console(Console):
+    """rich's Console, except that a closed stdout does not end the process: rich's own handler raises
+    SystemExit(1), which stopped a training run piped into `head` after its first lines."""
+
+    closed: Callable[[], None] = staticmethod(lambda: None)
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        self.closed()
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -65,16 +80,44 @@ class ConsoleReporter:
         plain_every: int | None = None,
         width: int | None = None,
     ):
-        self.console = Console(file=file, force_terminal=force_terminal, width=width, highlight=False)
+        self.console = _Console(file=file, force_terminal=force_terminal, width=width, highlight=False)
+        self.console.closed = self._closed
         self.total_steps = max(int(total_steps), 1)
         self.live = self.console.is_terminal
         self.plain_every = plain_every or max(1, self.total_steps // 100)
         self._live: Live | None = None
         self._printed_first = False
+        self.detached = False  # stdout's reader went away: nothing is printed any more (`_write`)
+        self.on_detach: Callable[[str], None] | None = None
+
+    def _write(self, write: Callable[[], None]) -> None:
+        """Run one console write; when stdout's reader has gone (a closed pipe), stop printing for the rest of
+        the run, point stdout at /dev/null and call `on_detach` once: the run itself goes on."""
+        if self.detached:
+            return
+        try:
+            write()
+        except OSError as exc:
+            if not is_closed_pipe(exc):
+                raise
+            self._closed()
+
+    def _closed(self) -> None:
+        """stdout's reader went away (rich reports it through `_Console.on_broken_pipe`, other writes raise)."""
+        if self.detached:
+            return
+        self.detached = True
+        self.console.quiet = True
+        self._live = None  # (stopping it would write again)
+        if self.console.file is sys.stdout or self.console.file is sys.__stdout__:
+            detach_stdout()
+        if self.on_detach is not None:
+            self.on_detach("console output stopped: stdout was closed by its reader (a broken pipe); the run "
+                           "goes on, its records are in the log file")
 
     def _print(self, text: str, style: str | None = None) -> None:
         target = self._live.console if self._live is not None else self.console
-        target.print(Text(text, style=style or ""), soft_wrap=True)
+        self._write(lambda: target.print(Text(text, style=style or ""), soft_wrap=True))
 
     def lines(self, lines: list[str], style: str | None = None) -> None:
         for ln in lines:
@@ -93,17 +136,21 @@ class ConsoleReporter:
             view = Text.assemble(("━" * filled, "magenta"), ("━" * (BAR_WIDTH - filled), "grey37"),
                                  f" {frac * 100:3.0f}%\n", line)
             if self._live is None:
-                self._live = Live(view, console=self.console, transient=True, refresh_per_second=4)
-                self._live.start()
+                def start() -> None:
+                    self._live = Live(view, console=self.console, transient=True, refresh_per_second=4)
+                    self._live.start()
+
+                self._write(start)
             else:
-                self._live.update(view)
+                live = self._live
+                self._write(lambda: live.update(view))
             return
         step = fields["step"]
         if not self._printed_first or step % self.plain_every == 0 or step >= self.total_steps:
             self._printed_first = True
-            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self._write(lambda: self.console.print(line, markup=False, highlight=False, soft_wrap=True))
 
     def close(self) -> None:
         if self._live is not None:
-            self._live.stop()
-            self._live = None
+            live, self._live = self._live, None
+            self._write(live.stop)

@@ -75,6 +75,9 @@ class TrainingObserver:
             else None
         )
         self.console = ConsoleReporter(run_info.total_steps, file=console_file, force_terminal=force_terminal)
+        # stdout's reader gone (`| head`): the console stops, the log file says so, the run goes on
+        self.console.on_detach = lambda why: self.log.write("event", event="console_detached", message=why) \
+            if self.log else None
         self.log: JsonlWriter | None = None
         self.trackers: list[Tracker] = []
         self.history = LossHistory()
