@@ -141,6 +141,24 @@ def _refuse_going_back(step: int, latest: Path, trainer: Trainer, cfg: Any, chec
         f"{fresh_start_advice(cfg, checkpoints)}")
 
 
+def _length_note(loaded: Any, trainer: Trainer, cfg: Any) -> str | None:
+    """A note when the run's length changed since the checkpoint was saved (max_steps or num_epochs): the LR schedule
+    (and warmup_ratio's warmup) spans the new length from the resumed step on, which the LR it trains with next shows."""
+    from surogate.runtime.lr_schedule import lr_at
+
+    if "total_steps" not in loaded.state:
+        return None
+    before, now, step = loaded.fields().integer("total_steps", low=1), trainer.total_steps, trainer.step
+    if before == now or step >= now:
+        return None
+    will = lr_at(step, now, cfg) * trainer.lr_scale
+    was = (f"{lr_at(step, before, cfg) * trainer.lr_scale:.3g} in the {before}-step run" if step < before
+           else f"past the end of the {before}-step run's schedule")
+    return (f"resume: the run is now {now} steps ({loaded.path.name} was saved in a run of {before}): the "
+            f"{cfg.lr_scheduler_type} LR schedule spans {now} steps from here; step {step + 1} trains with LR {will:.3g} "
+            f"({was})")
+
+
 def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | None, list[str]]:
     """Restore the newest good checkpoint when `resume_from_checkpoint`; returns it and notes on the ones skipped.
 
@@ -163,7 +181,8 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
                         ) from None
     _refuse_going_back(loaded.step, latest, trainer, cfg, checkpoints)
     trainer.restore(loaded)
+    length = _length_note(loaded, trainer, cfg)
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
              "not counted by save_total_limit (saving that step again replaces it)"
              for path, why in sorted(checkpoints.bad.items())]
-    return latest, notes + trainer.restore_notes
+    return latest, notes + trainer.restore_notes + ([length] if length else [])
