@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT during a training run: stop at a safe point and keep the work, never die mid-step.
+"""SIGTERM / SIGINT / SIGHUP during a training run: stop at a safe point and keep the work, never die mid-step.
 
     with StopSignals(is_main=rank == 0) as stop:
         ...                              # setup: a signal raises Interrupted (a KeyboardInterrupt)
@@ -38,7 +38,9 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP: the terminal or SSH session the run was started from closed (without nohup / tmux); its default action
+# killed the run mid-step, losing every step since the last checkpoint
+SIGNALS = (signal.SIGTERM, signal.SIGINT, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -50,7 +52,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 def exit_code(signum: int) -> int:
-    """The shell's convention for a process ended by `signum`: 128 + its number (SIGTERM 143, SIGINT 130)."""
+    """The shell's convention for a process ended by `signum`: 128 + its number (SIGTERM 143, SIGINT 130,
+    SIGHUP 129)."""
     return 128 + int(signum)
 
 
@@ -111,7 +114,7 @@ def relaying() -> Iterator[Relay]:
 
 
 class StopSignals:
-    """Handlers for SIGTERM and SIGINT for the duration of a run (main thread only; elsewhere a no-op)."""
+    """Handlers for SIGTERM, SIGINT and SIGHUP for the duration of a run (main thread only; elsewhere a no-op)."""
 
     def __init__(self, is_main: bool = True) -> None:
         self.is_main = is_main
@@ -174,7 +177,10 @@ class StopSignals:
     def _say(self, line: str) -> None:
         """One line on stderr from the main rank (os.write: safe inside a signal handler)."""
         if self.is_main:
-            os.write(2, (line + "\n").encode())
+            try:
+                os.write(2, (line + "\n").encode())
+            except OSError:  # stderr's terminal hung up (SIGHUP) or its pipe closed: the stop goes on unsaid
+                pass
 
     def agreed(self) -> int | None:
         """The signal that stops the run, or None; collective in a multi-rank run (any rank's signal counts)."""

@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from surogate.runtime.stop_signals import exit_code, signal_of
 
         signum = signal_of(exc)
-        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        try:
+            print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        except OSError:  # the terminal hung up (SIGHUP): the exit code still says what happened
+            pass
         return exit_code(signum)
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from surogate.closed_stdout import detach_stdout, is_closed_pipe
+from surogate.closed_stdout import detach_stdout, is_gone_console
 
 BAR_WIDTH = 40
 
@@ -98,7 +98,7 @@ class ConsoleReporter:
         try:
             write()
         except OSError as exc:
-            if not is_closed_pipe(exc):
+            if not is_gone_console(exc):
                 raise
             self._closed()
 
@@ -112,8 +112,8 @@ class ConsoleReporter:
         if self.console.file is sys.stdout or self.console.file is sys.__stdout__:
             detach_stdout()
         if self.on_detach is not None:
-            self.on_detach("console output stopped: stdout was closed by its reader (a broken pipe); the run "
-                           "goes on, its records are in the log file")
+            self.on_detach("console output stopped: stdout was closed by its reader (a broken pipe or a terminal "
+                           "that hung up); the run goes on, its records are in the log file")
 
     def _print(self, text: str, style: str | None = None) -> None:
         target = self._live.console if self._live is not None else self.console

@@ -4,7 +4,9 @@ failed), the log file says so, and the run trains, checkpoints and exports as if
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 
 import pytest
@@ -15,14 +17,15 @@ from tests.runtime.helpers import cli_env, save_model, surogate_cmd, write_text_
 
 
 class _ClosedAfter:
-    """A text stream whose reader leaves after `lines` writes."""
+    """A text stream whose reader leaves after `lines` writes (a closed pipe, or with `errno.EIO` a terminal that
+    hung up)."""
 
-    def __init__(self, lines: int) -> None:
-        self.left, self.text = lines, ""
+    def __init__(self, lines: int, error: int = errno.EPIPE) -> None:
+        self.left, self.text, self.error = lines, "", error
 
     def write(self, s: str) -> int:
         if self.left <= 0:
-            raise BrokenPipeError(32, "Broken pipe")
+            raise OSError(self.error, os.strerror(self.error))
         self.left -= 1
         self.text += s
         return len(s)
@@ -34,8 +37,9 @@ class _ClosedAfter:
         return False
 
 
-def test_console_stops_quietly_when_its_reader_leaves():
-    stream = _ClosedAfter(2)
+@pytest.mark.parametrize("error", [errno.EPIPE, errno.EIO], ids=["closed-pipe", "terminal-hung-up"])
+def test_console_stops_quietly_when_its_reader_leaves(error):
+    stream = _ClosedAfter(2, error)
     console = ConsoleReporter(10, file=stream, force_terminal=False, plain_every=1)
     said: list[str] = []
     console.on_detach = said.append
@@ -48,6 +52,13 @@ def test_console_stops_quietly_when_its_reader_leaves():
     console.close()
     assert console.detached and stream.text == "one\ntwo\n"
     assert len(said) == 1 and "stdout was closed by its reader" in said[0]
+
+
+def test_other_console_errors_are_not_taken_for_a_closed_console():
+    console = ConsoleReporter(10, file=_ClosedAfter(0, errno.ENOSPC), force_terminal=False)
+    with pytest.raises(OSError):
+        console.lines(["one"])
+    assert not console.detached
 
 
 def test_a_training_run_piped_into_head_completes(tmp_path):

@@ -112,6 +112,17 @@ def test_sigint_saves_and_exits_130(root):
     assert (out / f"checkpoint-{stopped_at}").is_dir() and _end(out / "log.jsonl")["status"] == "interrupted"
 
 
+def test_sighup_saves_and_exits_129(root):
+    """The terminal or SSH session closed (no nohup): SIGHUP's default action killed the run mid-step; now it stops
+    as SIGTERM does, with a checkpoint, and the same command continues."""
+    out = root / "hup"
+    rc, stdout, stderr = _signal_mid_run(_yaml(root, "hup"), out, signal.SIGHUP)
+    assert rc == 129, stderr[-3000:]
+    assert "SIGHUP received: stopping after the current step" in stderr
+    stopped_at = max(_losses(out / "log.jsonl"))
+    assert (out / f"checkpoint-{stopped_at}").is_dir() and _end(out / "log.jsonl")["status"] == "interrupted"
+
+
 def test_fresh_run_into_a_folder_with_checkpoints_exits_2(root):
     first = run_cli("sft", str(_yaml(root, "mixed", max_steps=4, save_steps=2, save_total_limit=2)))
     assert first.returncode == 0, first.stderr[-3000:]
