@@ -44,12 +44,32 @@ class ConfigMismatchError(UserError):
     """A checkpoint written with other options than this run's: the resume adds how to proceed."""
 
 
+def _diffs(name: str, old: Any, new: Any) -> list[str]:
+    """`name: old -> new` for each differing leaf: inside options holding objects or lists of objects (a dataset's
+    path), the leaf's own name (`datasets[0].path`), not the whole value; a list entry added or removed by its path."""
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diffs(f"{name}.{k}", old.get(k), new.get(k))]
+    if isinstance(old, list) and isinstance(new, list) and old and new and all(isinstance(x, dict) for x in old + new):
+        common = [d for i, (a, b) in enumerate(zip(old, new, strict=False)) for d in _diffs(f"{name}[{i}]", a, b)]
+        extra = [f"{name}[{i}]: {_short(item)} {'removed' if len(old) > len(new) else 'added'}"
+                 for i, item in enumerate(old if len(old) > len(new) else new) if i >= min(len(old), len(new))]
+        return common + extra
+    return [f"{name}: {old!r} -> {new!r}"]
+
+
+def _short(item: Any) -> str:
+    """A list entry in few words: a dataset by its path."""
+    return repr(item["path"]) if isinstance(item, dict) and "path" in item else repr(item)
+
+
 def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
     """ConfigMismatchError naming each option whose value differs between the saved and the current fingerprint."""
     if saved.get("hash") == current.get("hash"):
         return
     old, new = saved.get("options", {}), current.get("options", {})
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = [d for k in sorted(set(old) | set(new)) for d in _diffs(k, old.get(k), new.get(k))]
     raise ConfigMismatchError(
         f"checkpoint {where} was written with a different config; cannot resume. Differences: "
         + ("; ".join(diffs) if diffs else "(config hash differs)")

@@ -1,0 +1,41 @@
+"""A resume refused for a changed option names the leaf that changed (`datasets[0].path: 'a' -> 'b'`), not the whole
+list of dataset objects (it printed every field of every dataset, twice)."""
+
+from __future__ import annotations
+
+import pytest
+
+from surogate.runtime.checkpoint_config import ConfigMismatchError, check_config_compatible
+
+
+def _ds(path, **over):
+    return {"path": path, "type": "text", "split": "train", "text_field": "text", "samples": None,
+            "message_property_mappings": {"role": "role", "content": "content"}, **over}
+
+
+def _refusal(old, new):
+    with pytest.raises(ConfigMismatchError) as err:
+        check_config_compatible({"hash": "a", "options": old}, {"hash": "b", "options": new}, "ck")
+    return str(err.value).split("Differences: ")[1].split(". To resume")[0]
+
+
+def test_a_changed_dataset_field_is_named_by_its_path():
+    assert _refusal({"datasets": [_ds("a.jsonl")], "learning_rate": 1e-3},
+                    {"datasets": [_ds("b.jsonl")], "learning_rate": 1e-3}) == "datasets[0].path: 'a.jsonl' -> 'b.jsonl'"
+    assert _refusal({"datasets": [_ds("a.jsonl")]}, {"datasets": [_ds("a.jsonl", samples=10)]}) == \
+        "datasets[0].samples: None -> 10"
+    assert _refusal({"datasets": [_ds("a.jsonl")]},
+                    {"datasets": [_ds("a.jsonl", message_property_mappings={"role": "from", "content": "content"})]}) \
+        == "datasets[0].message_property_mappings.role: 'role' -> 'from'"
+
+
+def test_datasets_added_or_removed_are_named_by_path():
+    assert _refusal({"datasets": [_ds("a.jsonl")]}, {"datasets": [_ds("a.jsonl"), _ds("b.jsonl")]}) == \
+        "datasets[1]: 'b.jsonl' added"
+    assert _refusal({"datasets": [_ds("a.jsonl"), _ds("b.jsonl")]}, {"datasets": [_ds("b.jsonl")]}) == \
+        "datasets[0].path: 'a.jsonl' -> 'b.jsonl'; datasets[1]: 'b.jsonl' removed"
+    assert _refusal({"validation_datasets": None}, {"validation_datasets": [_ds("v.jsonl")]}).startswith(
+        "validation_datasets: None -> [{'path': 'v.jsonl'")  # from none: the whole value
+    assert _refusal({"learning_rate": 1e-3, "lora_target_modules": ["all"]},
+                    {"learning_rate": 2e-3, "lora_target_modules": ["q_proj", "v_proj"]}) == \
+        "learning_rate: 0.001 -> 0.002; lora_target_modules: ['all'] -> ['q_proj', 'v_proj']"  # plain lists whole
