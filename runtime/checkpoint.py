@@ -65,6 +65,7 @@ MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP = re.compile(r"^checkpoint-(\d+)\.(tmp|old|del)-(\d+)$")
+_NEWER = "written by a newer Surogate"
 _LATEST_TMP = re.compile(r"^\.latest\.tmp-(\d+)$")
 
 
@@ -240,8 +241,10 @@ class CheckpointManager:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             return f"{MANIFEST_FILE} is not a Surogate checkpoint manifest"
         if manifest.get("version") != FORMAT_VERSION:
-            return (f"checkpoint format version {manifest.get('version')!r} is not supported by this Surogate "
-                    f"(it reads version {FORMAT_VERSION})")
+            version = manifest.get("version")
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+            return (f"checkpoint format version {version!r} is not supported by this Surogate (it reads version "
+                    f"{FORMAT_VERSION}{'; ' + _NEWER if newer else ''})")
         listed = manifest.get("files")
         if not isinstance(listed, dict) or not all(isinstance(info, dict) for info in listed.values()):
             return f"{MANIFEST_FILE}: files is not an object of {{name: {{size, sha256}}}} (edited or damaged)"
@@ -405,10 +408,14 @@ class CheckpointManager:
         found = self.folders()
         if not found:
             return
-        why = "; ".join(f"{p.name}: {self.bad.get(p) or self._problem(p) or 'unusable'}" for p in found[-4:])
+        problems = {p: self.bad.get(p) or self._problem(p) or "unusable" for p in found}
+        why = "; ".join(f"{p.name}: {problems[p]}" for p in found[-4:])
+        newer = all(_NEWER in problem for problem in problems.values())
         raise UserError(
             f"{self.field}: resume_from_checkpoint is true but none of the {len(found)} checkpoint(s) in {self.dir} is "
-            f"usable ({why}). Restore them from a copy, or, to start afresh, {fresh_start or self._fresh_start()}")
+            f"usable ({why}). " + ("They were written by a newer Surogate: resume them with it (or upgrade this one)"
+                                   if newer else "Restore them from a copy")
+            + f", or, to start afresh, {fresh_start or self._fresh_start()}")
 
     # ---- loading ------------------------------------------------------------------------------
     def load(self, path: str | os.PathLike) -> Checkpoint:

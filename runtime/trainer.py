@@ -342,7 +342,9 @@ class Trainer:
         missing = set(self.state_names()) - set(tensors) - histories
         if missing:
             raise UserError(f"{checkpoint.path}: checkpoint lacks {len(missing)} tensor(s) of this plan, e.g. "
-                            f"{sorted(missing)[0]!r}; it was written by a different configuration")
+                            f"{sorted(missing)[0]!r}: it was written with the same config, so its tensors were removed "
+                            f"or damaged after the save (or by another Surogate version). Restore it from a copy, or "
+                            f"remove it (rm -r {checkpoint.path}) to resume from an earlier checkpoint")
         for name in self.state_names():
             if name not in histories:
                 self.ex.write(name, tensors[name])
