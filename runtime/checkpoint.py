@@ -42,7 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from surogate.errors import UserError
+from surogate.errors import RunFailedError, UserError
 from surogate.runtime import rng as rng_mod
 from surogate.runtime.atomic_files import (
     fsync_dir,
@@ -156,8 +156,10 @@ class CheckpointManager:
             fsync_dir(tmp)
             self._stage("manifest_written")
             self._publish(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):  # a full disk, a folder gone or read-only: say so, keep what is saved
+                raise self._unsaved(final, exc) from None
             raise
         self._stage("renamed")
         try:
@@ -171,6 +173,16 @@ class CheckpointManager:
         self._stage("latest_updated")
         self._rotate(keep=final)
         return final
+
+    def _unsaved(self, final: Path, exc: OSError) -> RunFailedError:
+        """The error that stops a run whose checkpoint `final` could not be written (its partial folder removed):
+        the cause, and what the same command will resume from."""
+        last = self._pointer_name()
+        then = (f"the last checkpoint is {self.dir / last}: fix that and run the same command again to resume from "
+                "it" if last and (self.dir / last).is_dir() else
+                "no checkpoint was saved before it: fix that and run the same command again to start over")
+        return RunFailedError(f"{self.field}: could not save {final.name} in {self.dir} "
+                              f"({exc.strerror or exc}); the run stops here, {then}")
 
     def _publish(self, tmp: Path, final: Path) -> None:
         publish_dir(tmp, final, self._stage)

@@ -15,6 +15,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class RunFailedError(UserError):
+    """A run that cannot go on for a reason the user can fix (a checkpoint that cannot be written: a full disk):
+    exit 1, as a failed run, with its message and no traceback."""
+
+    exit_code = 1
+
+
 class NotAvailableError(UserError):
     """A command or feature whose engine has not landed yet, or needs hardware this machine lacks."""
 

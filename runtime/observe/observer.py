@@ -396,4 +396,6 @@ class TrainingObserver:
             status = "completed"
         else:
             status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            if isinstance(exc, UserError) and self.log:  # (the CLI prints it: the log keeps why the run ended)
+                self.log.write("event", event="run_failed", message=str(exc))
         self.on_end(EndSummary(status=status))
