@@ -6,7 +6,8 @@ replaced (another revision), kept its path, and a resume silently continued the 
 or trained the saved adapter on another base model. Every checkpoint therefore records
 
 - `data`: per split (train, eval), its packed row and token counts and a sha256 over its token arrays (every byte:
-  a changed row changes it; hashed once per run, ~1.4 GB/s);
+  a changed row changes it; hashed when the tokenized cache entry is written, and kept in its split.json, so a
+  run reading the cache does not read every token again: `TokenizedSplit.content_sha256`);
 - `model`: when the plan has frozen weights loaded from files (LoRA / QLoRA, and `adapter_path` merged into them),
   each weight file's name, size and a sha256 over its safetensors header and a few evenly spaced 64 KiB pieces
   of its data (another model's weights differ throughout; reading a whole large model at every start would not).
@@ -21,13 +22,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from surogate.runtime.checkpoint_config import ConfigMismatchError
 
 KEY = "identity"  # the checkpoint state's field
-_ARRAYS = ("tokens", "loss_mask", "doc_offsets", "row_offsets", "row_docs")
-_CHUNK = 1 << 24  # bytes hashed at a time (the split's arrays are memory-mapped: no full copy in memory)
 _PIECES = 8  # sampled pieces of a weight file's data
 _PIECE = 1 << 16
 
@@ -36,14 +33,7 @@ def split_identity(split: Any) -> dict[str, Any] | None:
     """Rows, tokens and a sha256 over the arrays (and layout) of a tokenized split; None for no split."""
     if split is None:
         return None
-    h = hashlib.sha256(f"{split.seq_len}|{split.pad_token_id}|{split.padding_side}".encode())
-    for name in _ARRAYS:
-        array = np.ascontiguousarray(getattr(split, name))
-        h.update(f"|{name}:{array.dtype.str}:{array.shape}|".encode())
-        flat = array.reshape(-1).view(np.uint8)
-        for start in range(0, flat.size, _CHUNK):
-            h.update(memoryview(flat[start:start + _CHUNK]))
-    return {"rows": int(split.num_rows), "tokens": int(split.num_tokens), "sha256": h.hexdigest()}
+    return {"rows": int(split.num_rows), "tokens": int(split.num_tokens), "sha256": split.content_sha256()}
 
 
 def data_identity(data: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ A padding run is its own segment, so padding never attends to real tokens and re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 _ARRAYS = ("tokens", "loss_mask", "doc_offsets", "row_offsets", "row_docs")
+_HASH_CHUNK = 1 << 24  # bytes hashed at a time
 
 
 @dataclass
@@ -47,6 +49,9 @@ class TokenizedSplit:
     pad_token_id: int
     padding_side: str = "right"
     max_docs_per_row: int = field(init=False)
+    # sha256 of the content (`content_sha256`): kept in split.json by `save`, so a run reading the cache gets it
+    # without reading every token again
+    stored_sha256: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         per_row = np.diff(self.row_offsets)
@@ -152,12 +157,27 @@ class TokenizedSplit:
 
     # ------------------------------------------------------------------------------------- storage
 
+    def content_sha256(self) -> str:
+        """A sha256 over the layout and every byte of the arrays (what a checkpoint records it was trained on,
+        runtime/run_identity.py): computed once (~1.4 GB/s), or read from the cache's split.json."""
+        if self.stored_sha256 is None:
+            h = hashlib.sha256(f"{self.seq_len}|{self.pad_token_id}|{self.padding_side}".encode())
+            for name in _ARRAYS:
+                array = np.ascontiguousarray(getattr(self, name))
+                h.update(f"|{name}:{array.dtype.str}:{array.shape}|".encode())
+                flat = array.reshape(-1).view(np.uint8)
+                for start in range(0, flat.size, _HASH_CHUNK):  # (memory-mapped arrays: no full copy in memory)
+                    h.update(memoryview(flat[start:start + _HASH_CHUNK]))
+            self.stored_sha256 = h.hexdigest()
+        return self.stored_sha256
+
     def save(self, folder: str | os.PathLike) -> None:
-        """Write the split into `folder` (which must exist)."""
+        """Write the split into `folder` (which must exist), its content hash with it."""
         folder = Path(folder)
         for name in _ARRAYS:
             np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
-        meta = {"seq_len": self.seq_len, "pad_token_id": self.pad_token_id, "padding_side": self.padding_side}
+        meta = {"seq_len": self.seq_len, "pad_token_id": self.pad_token_id, "padding_side": self.padding_side,
+                "sha256": self.content_sha256()}
         (folder / "split.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -168,8 +188,9 @@ class TokenizedSplit:
         """
         folder = Path(folder)
         meta = json.loads((folder / "split.json").read_text())
+        stored = meta.pop("sha256", None)  # (entries written before it was kept: computed when asked)
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r" if mmap else None) for n in _ARRAYS}
-        split = cls(**arrays, **meta)
+        split = cls(**arrays, **meta, stored_sha256=stored if isinstance(stored, str) else None)
         split.check()
         return split
 
