@@ -274,6 +274,26 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     return result
 
 
+def _rescue_step(trainer: Trainer, obs: Any, saved: Path | None, exc: Exception) -> None:
+    """A step failed with `exc` (it is raised again after this): when it failed before its update began, its
+    starting state (the last step's) is saved, unless a checkpoint of that step exists already, so the steps
+    since the last save are not lost; a save that fails too is only reported (the step's error is the cause)."""
+    step = trainer.step
+    if saved is not None and str(saved).endswith(f"-{step}"):
+        return
+    try:
+        path = trainer.rescue_checkpoint()
+    except Exception as again:  # e.g. a device that cannot be read any more
+        obs.console.message(f"step {step + 1} failed, and saving the state of step {step} failed too ({again!r})",
+                            "error")
+        return
+    if path is not None:
+        obs.on_checkpoint(path, step)
+        obs.console.message(f"step {step + 1} failed ({type(exc).__name__}: {exc}) before its update: the state "
+                            f"after step {step} is saved as {path}; fix the cause and run the same command again "
+                            "to retry the step", "error")
+
+
 def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: SessionResult,
                 stop: StopSignals, latest: Path | None = None) -> tuple[Path | None, bool]:
     """Run optimizer steps until the end, an observer's stop or a stop signal; returns the last checkpoint saved and
@@ -292,7 +312,11 @@ def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: Ses
     start_applied = trainer.applied
     while trainer.step < trainer.total_steps:
         executor.timing = obs.timer.enabled
-        loss, norm, tokens, bad_micro = trainer.train_step()
+        try:
+            loss, norm, tokens, bad_micro = trainer.train_step()
+        except Exception as exc:
+            _rescue_step(trainer, obs, last_saved or latest, exc)
+            raise
         if obs.timer.enabled:
             obs.timer.add("data", trainer.data_seconds)
             trainer.data_seconds = 0.0

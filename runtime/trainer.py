@@ -144,6 +144,10 @@ class Trainer:
         self.restore_notes: list[str] = []  # what a resumed checkpoint could not give back (said at the start)
         self.identity: dict[str, Any] | None = None  # the data and frozen weights trained on (run_identity.py)
         self._norm_gradients = norm_gradient_names(plan, self.ex)
+        # where the step in progress started reading data, and whether its optimizer program began (a step that
+        # failed before it leaves the state of the last step: `rescue_checkpoint`)
+        self._step_start: Position | None = None
+        self._weights_touched = False
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
@@ -165,6 +169,8 @@ class Trainer:
         """Run one optimizer step; returns (loss, grad norm, tokens, index of the first micro-batch
         whose loss was not finite, or None). A step with a non-finite loss or gradient is not applied."""
         started = time.perf_counter()
+        self._step_start = Position(self.stream.position.epoch, self.stream.position.index)
+        self._weights_touched = False
         everything = self._micro_batches()
         self.data_seconds += time.perf_counter() - started
         # Every micro-step divides by the GLOBAL step's loss-token count: summed over micro-steps and
@@ -200,6 +206,7 @@ class Trainer:
         if math.isfinite(loss) and math.isfinite(norm):
             ctx = StepContext(self.plan, self.step, lr_scale=self.lr_factor(self.step),
                               optimizer_step=self.applied + 1)
+            self._weights_touched = True
             self.ex.run(OPTIMIZER_STEP, ctx)
             self.applied += 1
             self.last_applied = self.step + 1
@@ -287,6 +294,19 @@ class Trainer:
                 "world": self.world, "layout": layout(self.plan),
                 "observer": self.observer_state() if self.observer_state else {},
                 **({"identity": self.identity} if self.identity is not None else {})}
+
+    def rescue_checkpoint(self) -> Path | None:
+        """After an error inside `train_step` before its optimizer program began (a kernel, memory or data error in
+        a micro-step): the weights and optimizer states are those after step `self.step`, so they are saved with
+        the data position the failed step started from, and a resume retries that step as the uninterrupted run
+        would have trained it. None when that cannot be said (no step began, the update had started, several
+        ranks: the others are not at this point, no checkpoint folder)."""
+        if (self.checkpoints is None or self._step_start is None or self._weights_touched or self.world > 1
+                or self.step == 0):
+            return None
+        self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed), self._step_start)
+        self._step_start = None
+        return self.save()
 
     def save(self) -> Path | None:
         if self.checkpoints is None:

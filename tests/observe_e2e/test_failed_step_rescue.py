@@ -1,0 +1,71 @@
+"""A step that fails with an error before its update (a kernel, memory or data error in a micro-step) no longer
+loses the steps since the last checkpoint: the state after the last completed step is saved with the data
+position the failed step started from, the error is raised as before, and the same command resumes and trains
+exactly what the uninterrupted run trains. An error once the update began saves nothing (the weights may be half
+updated)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from surogate.runtime.backends.cpu import KERNELS
+from surogate.runtime.checkpoint import CheckpointManager, load
+from tests.observe_e2e.runs import LOSS_OP, build_source, train, train_cfg
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return build_source(tmp_path_factory.mktemp("rescue"))
+
+
+def _fail_at(monkeypatch: pytest.MonkeyPatch, kernel: str, when: Any) -> None:
+    real = KERNELS[kernel]
+
+    def failing(ins: list, attrs: dict, ctx: Any) -> list:
+        if when(ctx):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(ins, attrs, ctx)
+
+    monkeypatch.setitem(KERNELS, kernel, failing)
+
+
+def _losses(log) -> dict[int, float]:
+    from surogate.runtime.observe.jsonl import read_log
+
+    return {r["step"]: r["loss"] for r in read_log(log).steps}
+
+
+def test_a_micro_step_error_saves_the_last_steps_state_and_the_resume_matches(source, tmp_path, monkeypatch):
+    straight_cfg = train_cfg(source, tmp_path / "straight", max_steps=6, gradient_accumulation_steps=2, save_steps=3,
+                             log_file=str(tmp_path / "straight.jsonl"))
+    train(straight_cfg)
+    cfg = train_cfg(source, tmp_path / "failing", max_steps=6, gradient_accumulation_steps=2,
+                    log_file=str(tmp_path / "failing.jsonl"))  # save_steps 1000: no checkpoint on its own
+    # the second micro-step of step 4 fails (micro-step index (4 - 1) * 2 + 1)
+    _fail_at(monkeypatch, LOSS_OP, lambda ctx: ctx.training and ctx.step == 7)
+    with pytest.raises(RuntimeError, match="injected"):
+        train(cfg)
+    out = tmp_path / "failing" / "out"
+    latest = CheckpointManager(out).latest()
+    assert latest is not None and latest.name == "checkpoint-3"
+    # what the uninterrupted run saved at step 3: the same data position (where step 4 starts reading), weights
+    # and optimizer states
+    rescued, regular = load(latest), load(tmp_path / "straight" / "out" / "checkpoint-3")
+    assert rescued.state["data"] == regular.state["data"] and rescued.state["step"] == regular.state["step"] == 3
+    tensors = [n for n in regular.tensors if not n.startswith("__rng__")]
+    assert tensors and all(torch.equal(rescued.tensors[n], regular.tensors[n]) for n in tensors)
+    monkeypatch.undo()  # the real kernel again
+    result, console = train(cfg)
+    assert result.first_step == 3 and result.steps == 6
+    assert _losses(tmp_path / "failing.jsonl") == _losses(tmp_path / "straight.jsonl")
+
+
+def test_an_error_in_the_update_saves_nothing(source, tmp_path, monkeypatch):
+    cfg = train_cfg(source, tmp_path / "upd", max_steps=6, log_file=str(tmp_path / "upd.jsonl"))
+    _fail_at(monkeypatch, "adamw8bit_step", lambda ctx: ctx.optimizer_step == 3)
+    with pytest.raises(RuntimeError, match="injected"):
+        train(cfg)
+    assert CheckpointManager(tmp_path / "upd" / "out").latest() is None
