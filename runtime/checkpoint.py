@@ -34,7 +34,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,8 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
     rng: rng_mod.RngState | None
+    # memory and speed options the resuming run changed (`name: old -> new`: checkpoint_config._PLACEMENT_FREE)
+    config_changes: list[str] = field(default_factory=list)
 
     def restore_rng(self) -> None:
         """Put the Python/NumPy/torch generators back to their state at save time."""
@@ -481,5 +483,6 @@ def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool
             raise top.error("config", "the config fingerprint the save wrote ({\"hash\": ..., \"options\": {...}})",
                             saved.doc)
         current = expect_config if is_fingerprint(expect_config) else config_fingerprint(expect_config)
-        check_config_compatible(saved.doc, current, path)
+        changes = check_config_compatible(saved.doc, current, path)
+        return Checkpoint(path, step, tensors, state, rng_state, changes)
     return Checkpoint(path, step, tensors, state, rng_state)

@@ -18,6 +18,12 @@ _RESUME_FREE = {
 }
 
 
+# Options that change where tensors live or what is recomputed, not a step's arithmetic or the checkpoint's tensors:
+# a resume may change them (a run that no longer fits resumes with recompute or offloading on), and says so.
+# Kept beside the fingerprint (`placement`), not in its hash; checkpoints from before kept them among its options.
+_PLACEMENT_FREE = {"recompute", "offload_residual", "offload_master", "offload_optimizer", "offload_grads",
+                   "use_zero_copy", "use_write_combined", "lmhead_chunks", "attn_bwd_chunks"}
+
 # The rank count and ZeRO layout may change on resume (the checkpoint is resharded,
 # `runtime.distributed.reshard`); the global batch may not: accumulation x ranks is what must match.
 _LAYOUT_FREE = {"gpus", "zero_level", "shard_weights", "shard_gradients"}
@@ -29,15 +35,16 @@ def config_fingerprint(cfg: Any) -> dict[str, Any]:
     from surogate.compiler.passes.zero import world_size
 
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE | _LAYOUT_FREE}
+    kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE | _LAYOUT_FREE | _PLACEMENT_FREE}
     if "gradient_accumulation_steps" in kept:
         kept[GLOBAL_ACCUMULATION] = int(kept.pop("gradient_accumulation_steps")) * world_size(cfg)[0]
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-    return {"hash": digest, "options": kept}
+    placement = {k: data[k] for k in sorted(_PLACEMENT_FREE) if k in data}
+    return {"hash": digest, "options": kept, "placement": json.loads(json.dumps(placement, default=str))}
 
 
 def is_fingerprint(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"hash", "options"}
+    return isinstance(value, dict) and {"hash", "options"} <= set(value) <= {"hash", "options", "placement"}
 
 
 class ConfigMismatchError(UserError):
@@ -64,11 +71,19 @@ def _short(item: Any) -> str:
     return repr(item["path"]) if isinstance(item, dict) and "path" in item else repr(item)
 
 
-def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
-    """ConfigMismatchError naming each option whose value differs between the saved and the current fingerprint."""
+def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> list[str]:
+    """ConfigMismatchError naming each option whose value differs between the saved and the current fingerprint;
+    else the memory and speed options (`_PLACEMENT_FREE`) that changed, as `name: old -> new`."""
+    saved_options = saved.get("options", {})
+    before = {**{k: v for k, v in saved_options.items() if k in _PLACEMENT_FREE}, **(saved.get("placement") or {})}
+    after = current.get("placement") or {}
+    changed = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(after) if k in before and before[k] != after[k]]
     if saved.get("hash") == current.get("hash"):
-        return
-    old, new = saved.get("options", {}), current.get("options", {})
+        return changed
+    old = {k: v for k, v in saved_options.items() if k not in _PLACEMENT_FREE}
+    new = current.get("options", {})
+    if old == new:  # (a checkpoint whose hash covered the placement options too)
+        return changed
     diffs = [d for k in sorted(set(old) | set(new)) for d in _diffs(k, old.get(k), new.get(k))]
     raise ConfigMismatchError(
         f"checkpoint {where} was written with a different config; cannot resume. Differences: "

@@ -185,4 +185,7 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
              "not counted by save_total_limit (saving that step again replaces it)"
              for path, why in sorted(checkpoints.bad.items())]
+    if loaded.config_changes:
+        notes.append(f"resume: memory and speed options changed since {latest.name} ({'; '.join(loaded.config_changes)})"
+                     ": the same training, another memory plan (results may differ in the last bits)")
     return latest, notes + trainer.restore_notes + ([length] if length else [])
