@@ -17,6 +17,7 @@ from surogate.compiler.plan import Plan
 from surogate.compiler.report import device_total
 from surogate.errors import NotAvailableError, UserError
 from surogate.runtime.checkpoint_fields import StateFields
+from surogate.runtime.device_memory import allocation_error, is_out_of_memory, step_error
 from surogate.runtime.observe.diagnostics import StateValueError
 from surogate.runtime.resume import guard_checkpoint_dir, resume_latest
 from surogate.runtime.run_exports import export_outputs
@@ -188,16 +189,19 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
         from surogate.runtime.distributed.optim_slices import wrap_step_kernels
 
         kernels = wrap_step_kernels(kernels)
-    executor = ArenaExecutor(plan, kernels, device=device)
-    graphs_note = _graphs_note(executor, cfg, backend)
-    weight_notes: list[str] = []
-    weights = initial_weights(unsharded(plan) if world > 1 else plan, cfg, spec.source_dir, spec.hf_config,
-                              notes=weight_notes)
-    if world > 1:
-        initialise_rank(executor, weights, rank)
-    else:
-        initialise(executor, weights)
-    del weights
+    try:
+        executor = ArenaExecutor(plan, kernels, device=device)
+        graphs_note = _graphs_note(executor, cfg, backend)
+        weight_notes: list[str] = []
+        weights = initial_weights(unsharded(plan) if world > 1 else plan, cfg, spec.source_dir, spec.hf_config,
+                                  notes=weight_notes)
+        if world > 1:
+            initialise_rank(executor, weights, rank)
+        else:
+            initialise(executor, weights)
+        del weights
+    except torch.OutOfMemoryError as exc:
+        raise allocation_error(device_total(plan.memory["device"]), device, exc) from None
 
     params = plan.meta.get("parameters", {})
     total_params = int(params.get("total", 0))
@@ -274,24 +278,26 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     return result
 
 
-def _rescue_step(trainer: Trainer, obs: Any, saved: Path | None, exc: Exception) -> None:
+def _rescue_step(trainer: Trainer, obs: Any, saved: Path | None, exc: Exception) -> Path | None:
     """A step failed with `exc` (it is raised again after this): when it failed before its update began, its
     starting state (the last step's) is saved, unless a checkpoint of that step exists already, so the steps
-    since the last save are not lost; a save that fails too is only reported (the step's error is the cause)."""
+    since the last save are not lost; a save that fails too is only reported (the step's error is the cause).
+    Returns the checkpoint that holds the state before the failed step, if one does."""
     step = trainer.step
     if saved is not None and str(saved).endswith(f"-{step}"):
-        return
+        return saved
     try:
         path = trainer.rescue_checkpoint()
     except Exception as again:  # e.g. a device that cannot be read any more
         obs.console.message(f"step {step + 1} failed, and saving the state of step {step} failed too ({again!r})",
                             "error")
-        return
+        return None
     if path is not None:
         obs.on_checkpoint(path, step)
         obs.console.message(f"step {step + 1} failed ({type(exc).__name__}: {exc}) before its update: the state "
                             f"after step {step} is saved as {path}; fix the cause and run the same command again "
                             "to retry the step", "error")
+    return path
 
 
 def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: SessionResult,
@@ -315,7 +321,9 @@ def _train_loop(trainer: Trainer, executor: Any, obs: Any, cfg: Any, result: Ses
         try:
             loss, norm, tokens, bad_micro = trainer.train_step()
         except Exception as exc:
-            _rescue_step(trainer, obs, last_saved or latest, exc)
+            saved = _rescue_step(trainer, obs, last_saved or latest, exc)
+            if is_out_of_memory(exc):
+                raise step_error(trainer.step + 1, executor.device, exc, saved) from None
             raise
         if obs.timer.enabled:
             obs.timer.add("data", trainer.data_seconds)

@@ -69,3 +69,41 @@ def test_an_error_in_the_update_saves_nothing(source, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         train(cfg)
     assert CheckpointManager(tmp_path / "upd" / "out").latest() is None
+
+
+def test_a_step_out_of_device_memory_fails_with_what_to_do(source, tmp_path, monkeypatch):
+    """torch's OutOfMemoryError in a step: the run fails (exit 1) naming the step and the checkpoint that holds the
+    state before it, and how to lower the plan, instead of a traceback."""
+    from surogate.errors import RunFailedError
+
+    cfg = train_cfg(source, tmp_path / "oom", max_steps=6, log_file=str(tmp_path / "oom.jsonl"))
+    real = KERNELS[LOSS_OP]
+
+    def out_of_memory(ins: list, attrs: dict, ctx: Any) -> list:
+        if ctx.training and ctx.step == 3:  # the micro-step of step 4
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(ins, attrs, ctx)
+
+    monkeypatch.setitem(KERNELS, LOSS_OP, out_of_memory)
+    with pytest.raises(RunFailedError) as exc:
+        train(cfg)
+    msg = str(exc.value)
+    out = tmp_path / "oom" / "out"
+    assert msg.startswith("device memory: step 4 ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert f"{out / 'checkpoint-3'} holds the state before it" in msg and "surogate plan CONFIG" in msg
+    assert CheckpointManager(out).latest().name == "checkpoint-3"
+
+
+def test_a_plan_that_does_not_fit_the_device_now_is_refused_in_words(source, tmp_path, monkeypatch):
+    from surogate.errors import UserError
+    from surogate.runtime import executor
+
+    def no_room(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(executor.ArenaExecutor, "__init__", no_room)  # (the session imports the class when it runs)
+    with pytest.raises(UserError) as exc:
+        train(train_cfg(source, tmp_path / "noroom", max_steps=2))
+    assert exc.value.exit_code == 2
+    assert str(exc.value).startswith("device memory: the plan needs 0.") and "could not give it (CUDA out of memory" \
+        in str(exc.value)
