@@ -58,13 +58,13 @@ def test_epoch_adjustment_yields_to_max_steps(small_source, tmp_path):
 def test_a_step_longer_than_an_epoch_is_said_and_short_runs_show_their_epochs(small_source, tmp_path):
     """Found by fuzzing: accumulation over more micro-batches than the data holds ran 'epoch 1.08' without a word,
     and max_steps 1 over many batches said '0 epoch(s)'."""
-    cfg = small_cfg(small_source, tmp_path, max_steps=1, gradient_accumulation_steps=1000)
+    cfg = small_cfg(small_source, tmp_path, max_steps=1, gradient_accumulation_steps=32)
     result, console = train(cfg)
     assert result.steps == 1
     info = read_log(cfg.log_file).events[0]["run_info"]
     batches = math.ceil(info["dataset_rows"] / BATCH)
-    assert batches < 1000
-    note = (f"one optimizer step reads 1000 micro-batches (accumulation x ranks), more than the {batches} an epoch "
+    assert batches < 32
+    note = (f"one optimizer step reads 32 micro-batches (accumulation x ranks), more than the {batches} an epoch "
             "of the data holds")
     assert note in console and any(n.startswith(note) for n in info["notes"])
     cfg = small_cfg(small_source, tmp_path / "b", max_steps=1)
