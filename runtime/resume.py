@@ -149,8 +149,12 @@ def _length_note(loaded: Any, trainer: Trainer, cfg: Any) -> str | None:
     if "total_steps" not in loaded.state:
         return None
     before, now, step = loaded.fields().integer("total_steps", low=1), trainer.total_steps, trainer.step
-    if before == now or step >= now:
+    if before == now:
         return None
+    if step >= now:  # (a step past the end is refused: `_refuse_going_back`)
+        return (f"resume: the run is now {now} steps and {loaded.path.name} ends it, but it was saved in a run of "
+                f"{before}: its model is exported as trained, under that run's {cfg.lr_scheduler_type} LR schedule "
+                f"(which had not reached its end at step {step})") if before > now else None
     will = lr_at(step, now, cfg) * trainer.lr_scale
     was = (f"{lr_at(step, before, cfg) * trainer.lr_scale:.3g} in the {before}-step run" if step < before
            else f"past the end of the {before}-step run's schedule")

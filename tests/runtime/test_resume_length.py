@@ -31,3 +31,18 @@ def test_a_longer_resumed_run_says_how_its_lr_schedule_changed(tmp_path):
     assert found.group(0) in start["run_info"]["notes"]
     _, again = train(train_cfg(source, tmp_path, **{**base, "max_steps": 6}))  # nothing changed: no note
     assert "resume: the run is now" not in again
+
+
+def test_a_run_shortened_to_its_checkpoints_step_says_the_model_was_trained_for_a_longer_run(tmp_path):
+    """max_steps lowered exactly to the checkpoint's step ends the run there (lower is refused): the exported model
+    trained under the longer run's schedule, which the note says (it said only 'already completes the run')."""
+    source = build_source(tmp_path / "src", rows=32)
+    base = dict(max_steps=4, save_steps=2, lr_scheduler_type="cosine", log_file=str(tmp_path / "log.jsonl"))
+    train(train_cfg(source, tmp_path, **base))
+    shutil.rmtree(tmp_path / "out" / "checkpoint-4")
+    (tmp_path / "out" / "latest").write_text("checkpoint-2\n")
+    result, console = train(train_cfg(source, tmp_path, **{**base, "max_steps": 2}))
+    assert result.steps == 2
+    assert ("resume: the run is now 2 steps and checkpoint-2 ends it, but it was saved in a run of 4: its model is "
+            "exported as trained, under that run's cosine LR schedule (which had not reached its end at step 2)"
+            ) in console
