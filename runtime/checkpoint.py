@@ -476,6 +476,7 @@ def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool
     rng_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(rng_mod.TENSOR_PREFIX)]}
     rng_state = (rng_mod.RngState.from_parts(top.mapping("rng").doc, rng_tensors, where=f"{path / STATE_FILE}: rng")
                  if "rng" in full else None)
+    changes: list[str] = []  # memory and speed options this run changed (checkpoint_config._PLACEMENT_FREE)
     if expect_config is not None and "config" in full:
         saved = top.mapping("config")
         if not is_fingerprint(saved.doc) or not isinstance(saved.doc["hash"], str) \
@@ -484,5 +485,4 @@ def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool
                             saved.doc)
         current = expect_config if is_fingerprint(expect_config) else config_fingerprint(expect_config)
         changes = check_config_compatible(saved.doc, current, path)
-        return Checkpoint(path, step, tensors, state, rng_state, changes)
-    return Checkpoint(path, step, tensors, state, rng_state)
+    return Checkpoint(path, step, tensors, state, rng_state, changes)

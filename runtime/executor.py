@@ -112,7 +112,7 @@ class QuantCache:
         # tensor name -> keys its write changes: the weight itself, its column views, the parent it is a view of
         self.changes: dict[str, list[str]] = {}
         for key in keys:
-            for name in (key, *inside.get(key, ()), *_view_ancestors(key, tensors)):
+            for name in view_family(key, tensors, inside):
                 self.changes.setdefault(name, []).append(key)
 
     def changed(self, name: str) -> None:
@@ -144,6 +144,12 @@ class QuantCache:
         """(keys `op` writes, its own cache key or None)."""
         writes = tuple(k for name in op.outputs for k in self.changes.get(name, ()))
         return writes, (op.attrs["cache_key"] if op.attrs.get("cached") else None)
+
+
+def view_family(name: str, tensors: dict[str, Tensor], inside: dict[str, list[str]]) -> tuple[str, ...]:
+    """`name`, the views inside it and the tensors it is a view of: a write of any one changes `name` (and a write
+    of `name` changes each of them)."""
+    return (name, *inside.get(name, ()), *_view_ancestors(name, tensors))
 
 
 def _view_ancestors(name: str, tensors: dict[str, Tensor]) -> list[str]:
@@ -263,12 +269,12 @@ class ArenaExecutor:
             self._on_weights_written(self._weights_changed_by((name,)))
 
     def _weights_changed_by(self, outputs: Iterable[str]) -> tuple[str, ...]:
-        """The weights a write of `outputs` changes: each output that is one, the weights among its column views,
-        and the weights it is a column view of."""
+        """The weights a write of `outputs` changes: those in each output's `view_family` (the relation QuantCache
+        keys its weights by)."""
         tensors = self.plan.tensors
         found = []
         for name in outputs:
-            for other in (name, *self._inside.get(name, ()), *_view_ancestors(name, tensors)):
+            for other in view_family(name, tensors, self._inside):
                 if tensors[other].role in WEIGHT_ROLES and other not in found:
                     found.append(other)
         return tuple(found)

@@ -137,7 +137,7 @@ class Trainer:
         # what the restored checkpoint held, for the observer to continue from
         self.observer_state: Callable[[], dict] | None = None
         self.restored_observer: dict = {}
-        self.stream = BatchStream(data.train, self.batch_size, int(cfg.train_seed))
+        self.stream = self._stream_at(None)
         self.data_seconds = 0.0  # reading batches (`debug_time_breakdown`)
         self._micro_losses: torch.Tensor | None = None  # the step's micro-losses, on the loss's device
         self.resharded_from: int | None = None  # rank count of a checkpoint resumed in another layout
@@ -148,6 +148,10 @@ class Trainer:
         # failed before it leaves the state of the last step: `rescue_checkpoint`)
         self._step_start: Position | None = None
         self._weights_touched = False
+
+    def _stream_at(self, position: Position | None) -> BatchStream:
+        """The training batches from `position` (None: the start), in the run's seeded order."""
+        return BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed), position)
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
@@ -304,7 +308,7 @@ class Trainer:
         if (self.checkpoints is None or self._step_start is None or self._weights_touched or self.world > 1
                 or self.step == 0):
             return None
-        self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed), self._step_start)
+        self.stream = self._stream_at(self._step_start)
         self._step_start = None
         return self.save()
 
@@ -371,5 +375,5 @@ class Trainer:
         self.restore_notes = self._restore_histories(tensors, histories)
         self.step, self.applied, self.lr_scale = step, applied, lr_scale
         self.restored_observer = dict(observer)
-        self.stream = BatchStream(self.data.train, self.batch_size, int(self.cfg.train_seed), position)
+        self.stream = self._stream_at(position)
         checkpoint.restore_rng()

@@ -1,7 +1,7 @@
 """When the reader of stdout goes away (`surogate sft cfg.yaml | head`, a `tee` that died, a terminal that hung
-up), writes raise BrokenPipeError (Python ignores SIGPIPE) or EIO. A training run must not die of it: the console stops printing, stdout
-is pointed at /dev/null, and training, checkpoints, the log file and exports go on. Other commands stop quietly
-(exit `EXIT_CODE`, as a shell reports a process ended by SIGPIPE) instead of printing a traceback."""
+up), writes raise BrokenPipeError (Python ignores SIGPIPE) or EIO. A training run must not die of it: the console
+stops printing, stdout is pointed at /dev/null, and training, checkpoints, the log file and exports go on. Other
+commands stop quietly (exit `EXIT_CODE`, as a shell reports a process ended by SIGPIPE) instead of a traceback."""
 
 from __future__ import annotations
 
