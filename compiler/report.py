@@ -205,6 +205,7 @@ def build_report(
         "model": plan.config.get("model"),
         "parameters": plan.meta.get("parameters", {}),
         "world_size": zero.get("world", 1),
+        "sequence_parallel": int(plan.meta.get("sequence_parallel", 1) or 1),
         "zero": zero,
         "memory": {"device": device, "host": host},
         "gpu": {"name": (gpu or {}).get("name"), "memory_bytes": capacity, "source": source,
@@ -287,6 +288,12 @@ def render_report(report: dict[str, Any], plan: Plan) -> Group:
         head.append(f"Device total {human(dev['total_peak_bytes'])} per rank (arena + "
                     f"{human(dev['backend_workspace']['bytes'])} cuda backend workspace)\n")
     head.append(f"Pinned host memory: {human(report['memory']['host']['peak_bytes'])}\n")
+    sp = report.get("sequence_parallel", 1)
+    if sp > 1:
+        whole = plan.meta.get("attention_len", 0)
+        head.append(f"Sequence parallel: {sp}-way, each rank holds {whole // sp} of every row's {whole} tokens "
+                    f"(the {report['world_size']} ranks are {report['world_size'] // sp} data-parallel "
+                    f"replica(s) of {sp})\n")
     gpu = report["gpu"]
     if report["fits"] is None:
         head.append("Fits the GPU: unknown (no GPU detected; pass --gpu-memory 80GiB)\n", style="yellow")

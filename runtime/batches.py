@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from surogate.compiler.plan import Plan
+from surogate.runtime.distributed.sequence import plan_sp, token_shard
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -23,14 +24,18 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def plan_inputs(plan: Plan, batch: dict[str, Any], num_items: int | None = None) -> dict[str, torch.Tensor]:
+def plan_inputs(plan: Plan, batch: dict[str, Any], num_items: float | None = None,
+                sp_rank: int = 0) -> dict[str, torch.Tensor]:
     """The plan's INPUT tensors for one micro-batch, in the plan's shapes and dtypes.
 
     `num_items` is the loss denominator: the loss tokens of the whole optimizer step, so that the
     accumulated micro-step gradients equal one batch's (default: this micro-batch's own count).
+    A sequence-parallel plan takes shard `sp_rank` of each row's tokens (labels shifted over the whole row).
     """
     ids = torch.as_tensor(batch["input_ids"])
-    want = plan.tensors["input_ids"].shape
+    sp = plan_sp(plan)
+    b, t = plan.tensors["input_ids"].shape
+    want = (b, t * sp)
     if tuple(ids.shape) != tuple(want):
         raise ValueError(f"micro-batch shape {tuple(ids.shape)} != the plan's {tuple(want)}")
     cu = torch.as_tensor(batch["cu_seqlens"]).to(torch.int32)
@@ -45,14 +50,15 @@ def plan_inputs(plan: Plan, batch: dict[str, Any], num_items: int | None = None)
         num_items = int((labels != -100).sum())
     inputs = {
         "input_ids": ids.to(torch.int32),
-        "num_items": torch.tensor(float(max(num_items, 1))),
+        # (a step's share can be below 1: its loss tokens / ranks, with fewer loss tokens than ranks)
+        "num_items": torch.tensor(float(num_items) if num_items > 0 else 1.0),
         "labels": labels.to(torch.int32),
         "position_ids": torch.as_tensor(batch["position_ids"]).to(torch.int32),
         "cu_seqlens": padded,
     }
     if "loss_weights" in plan.tensors:  # a custom loss_scale: per-token weights, shifted as the labels are
         inputs["loss_weights"] = shift_weights(batch.get("loss_weights"), labels)
-    return inputs
+    return token_shard(inputs, sp, sp_rank)
 
 
 def shift_weights(weights: Any, shifted_labels: torch.Tensor) -> torch.Tensor:

@@ -45,10 +45,6 @@ def _check_runnable(plan: Plan, cfg: Any, backend: str) -> list[str]:
         raise UserError(f"this plan is for {world} rank(s) (gpus x distributed.num_nodes) but it was "
                         f"started in a world of {started} processes (torchrun --nproc-per-node / "
                         "WORLD_SIZE); start it with one process per rank, or re-plan")
-    if int(getattr(cfg, "sequence_parallel_size", 1) or 1) > 1:
-        raise NotAvailableError("sequence_parallel_size: sequence parallelism is not in this version (its plan "
-                                "would be that of sequence_parallel_size 1); train with sequence_parallel_size: 1, "
-                                "where data-parallel ranks split the batch instead")
     if backend == "cpu" and cfg.recipe != "bf16":
         raise NotAvailableError(f"recipe {cfg.recipe!r} needs a GPU with FP8/FP4 tensor cores; the cpu backend "
                                 "trains with recipe 'bf16' only")
@@ -152,7 +148,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     from surogate.runtime.backends import kernel_table
     from surogate.runtime.checkpoint import CheckpointManager
     from surogate.runtime.data import load_tokenizer, prepare_datasets
-    from surogate.runtime.distributed import comm
+    from surogate.runtime.distributed import comm, sequence
     from surogate.runtime.distributed.launch import launch_if_needed, rank_notes
     from surogate.runtime.distributed.shards import initialise_rank, unsharded
     from surogate.runtime.executor import ArenaExecutor
@@ -176,6 +172,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     hardware_notes = _check_runnable(plan, cfg, backend)
     rank, world = comm.rank(), comm.world()
     stop.is_main = rank == 0
+    sequence.init_groups(sequence.plan_sp(plan))  # a collective: before any rank goes its own way
     torch.manual_seed(int(cfg.train_seed))
     tokenizer = load_tokenizer(cfg)
     # the node's first rank tokenizes (into the node's cache); the others then read that cache
@@ -216,9 +213,10 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     reshard_note = (f"resumed {latest.name} (written by {trainer.resharded_from} rank(s)) on {world}: its "
                     "tensors were resharded" if trainer.resharded_from else None)
     batches = data.train.num_batches(trainer.batch_size)
-    wrap_note = (f"one optimizer step reads {trainer.accumulation * trainer.world} micro-batches (accumulation x ranks), "
+    per_step = trainer.accumulation * trainer.replicas
+    wrap_note = (f"one optimizer step reads {per_step} micro-batches (accumulation x data-parallel replicas), "
                  f"more than the {batches} an epoch of the data holds: each step wraps into the next pass over it"
-                 if 0 < batches < trainer.accumulation * trainer.world else None)
+                 if 0 < batches < per_step else None)
     notes = (adjusted.message, graphs_note, *plan.meta.get("notes", ()), *weight_notes, *rank_notes(plan, backend),
              reshard_note, wrap_note,
              *hardware_notes,
@@ -228,7 +226,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
     info = RunInfo(
         model=str(cfg.model), total_params=total_params, trainable_params=int(params.get("trainable", 0)),
         total_steps=trainer.total_steps,
-        tokens_per_step=trainer.batch_size * trainer.accumulation * world * int(cfg.sequence_len),
+        tokens_per_step=trainer.batch_size * trainer.accumulation * trainer.replicas * int(cfg.sequence_len),
         # max_steps decides the run's length when set: say how many passes over the data that is
         num_epochs=(float(f"{trainer.total_steps / trainer.steps_per_epoch:.3g}") if int(cfg.max_steps) > 0
                     else adjusted.num_epochs),

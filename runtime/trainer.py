@@ -31,6 +31,7 @@ from surogate.runtime.batches import BatchStream, Position, plan_inputs
 from surogate.runtime.cuda_graphs import fused_sum_of_squares
 from surogate.runtime.distributed import comm
 from surogate.runtime.distributed.reshard import layout
+from surogate.runtime.distributed.sequence import placement
 from surogate.runtime.executor import MICRO_STEP, OPTIMIZER_STEP, ArenaExecutor, StepContext
 
 CHECKPOINT_ROLES = (Role.TRAINABLE_WEIGHT, Role.MASTER_WEIGHT, Role.OPTIMIZER_STATE)
@@ -121,10 +122,13 @@ class Trainer:
         self.ex.programs[OPTIMIZER_STEP] = rest
         self.accumulation = int(cfg.gradient_accumulation_steps)
         self.batch_size = int(cfg.per_device_train_batch_size)
-        # Data parallel: one optimizer step reads accumulation x world micro-batches of the shared order;
-        # rank r trains on micro-batches r, r + world, ... (the stream and its position are global).
+        # Data parallel: one optimizer step reads accumulation x replicas micro-batches of the shared order;
+        # replica d trains on micro-batches d, d + replicas, ... (the stream and its position are global). With
+        # sequence parallelism a replica is a group of sp ranks, each training its shard of the rows' tokens.
         self.rank, self.world = comm.rank(), comm.world()
-        per_epoch = math.ceil(data.train.num_batches(self.batch_size) / (self.accumulation * self.world))
+        self.place = placement(plan, self.rank, self.world)
+        self.replicas = self.place.dp_world
+        per_epoch = math.ceil(data.train.num_batches(self.batch_size) / (self.accumulation * self.replicas))
         self.steps_per_epoch = max(1, per_epoch)
         epochs = int(num_epochs if num_epochs is not None else cfg.num_epochs)
         self.total_steps = int(cfg.max_steps) if cfg.max_steps > 0 else self.steps_per_epoch * epochs
@@ -155,8 +159,8 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------------
     def _micro_batches(self) -> list[dict]:
-        """Every micro-batch of the global step (all ranks'), in order."""
-        return [self.stream.next()[1] for _ in range(self.accumulation * self.world)]
+        """Every micro-batch of the global step (all replicas'), in order."""
+        return [self.stream.next()[1] for _ in range(self.accumulation * self.replicas)]
 
     def lr_factor(self, step: int) -> float:
         from surogate.runtime.lr_schedule import lr_factor
@@ -181,25 +185,29 @@ class Trainer:
         # ranks, they are one batch's mean. Every rank reads the whole global step, so it knows the count
         # without a collective. The plan's gradient reduction averages over ranks (op "avg", /world):
         # the denominator is count / world so that the average of the ranks' gradients is the sum of
-        # their shares, i.e. the single-process gradient of the whole global batch.
+        # their shares, i.e. the single-process gradient of the whole global batch. (Sequence parallelism: a
+        # rank's loss is its tokens' share; the gradients its all-to-alls send back make the group's sum the
+        # gradient of the group's rows, so the same count / world holds.)
         total = max(sum(int(b["num_loss_tokens"]) for b in everything), 1)
         num_items = total / self.world if self.world > 1 else total
-        mine = everything[self.rank :: self.world]
+        place = self.place
+        mine = everything[place.dp_rank :: place.dp_world]
         self.ex.zero_gradients()
         loss, bad_micro = 0.0, None
         for i, batch in enumerate(mine):
-            for name, value in plan_inputs(self.plan, batch, num_items=num_items).items():
+            for name, value in plan_inputs(self.plan, batch, num_items=num_items, sp_rank=place.sp_rank).items():
                 self.ex.write(name, value)
             # the global micro-batch index seeds dropout: the same masks as a one-rank run of the global batch
-            ctx = StepContext(self.plan, (self.step * self.accumulation + i) * self.world + self.rank,
-                              last_micro_step=i == len(mine) - 1)
+            # (a sequence shard: its own masks)
+            index = (self.step * self.accumulation + i) * place.dp_world + place.dp_rank
+            ctx = StepContext(self.plan, index * place.sp + place.sp_rank, last_micro_step=i == len(mine) - 1)
             self.ex.run(MICRO_STEP, ctx)
             self._keep_micro_loss(i, len(mine))
         # one host read per step: a read per micro-step would make the host wait for the device each time
         # instead of queueing the next micro-batch's inputs while the device still computes
         for i, micro_loss in enumerate(self._micro_losses[: len(mine)].tolist()):
             if not math.isfinite(micro_loss) and bad_micro is None:
-                bad_micro = i * self.world + self.rank
+                bad_micro = i * place.dp_world + place.dp_rank
             loss += micro_loss
         if self.world > 1:  # ranks agree on the loss (each micro-loss was scaled by world) and on skipping
             loss = comm.all_reduce([loss])[0] / self.world
@@ -262,16 +270,16 @@ class Trainer:
         total_loss, total_tokens = 0.0, 0
         batches = split.batches(self.batch_size, epoch=0, seed=int(self.cfg.eval_seed), shuffle=False)
         for k, batch in enumerate(batches):
-            if k % self.world != self.rank:  # every rank evaluates its share
+            if k % self.replicas != self.place.dp_rank:  # every replica evaluates its share
                 continue
             n = int(batch["num_loss_tokens"])
             if n == 0:
                 continue
-            for name, value in plan_inputs(self.plan, batch).items():
+            for name, value in plan_inputs(self.plan, batch, sp_rank=self.place.sp_rank).items():
                 self.ex.write(name, value)
             self.ex.run("eval", StepContext(self.plan, 0, training=False))
-            total_loss += float(self.ex.observed[self.loss_name]) * n
-            total_tokens += n
+            total_loss += float(self.ex.observed[self.loss_name]) * n  # (a sequence shard: its tokens' share)
+            total_tokens += n if self.place.sp_rank == 0 else 0
         if self.world > 1:
             total_loss, total_tokens = comm.all_reduce([total_loss, float(total_tokens)])
         return total_loss / total_tokens if total_tokens else None

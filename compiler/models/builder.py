@@ -22,8 +22,10 @@ from typing import Any
 
 from surogate.compiler.ir import Graph, Op, Role, Tensor
 from surogate.compiler.models.rope import inv_freq
+from surogate.compiler.models.sequence_parallel import check_sequence_parallel, sharded_attention
 from surogate.compiler.models.spec import ModelSpec
 from surogate.compiler.ops import infer_shapes
+from surogate.errors import UserError
 from surogate.schema.loss_scale import is_custom
 
 
@@ -93,22 +95,28 @@ def _init_rule(name: str, zero_projections: bool) -> str:
 def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     """The forward graph (one micro-batch) of a Llama/Qwen-style decoder."""
     b = int(getattr(cfg, "per_device_train_batch_size", 1) or 1)
-    t = int(getattr(cfg, "sequence_len", 1024))
+    full_t = int(getattr(cfg, "sequence_len", 1024))
+    sp = check_sequence_parallel(spec, cfg, full_t)
+    t = full_t // sp  # this rank's tokens of each row (sequence parallelism: its shard; sequence_parallel.py)
     lora = bool(getattr(cfg, "lora", True))
     from_scratch = bool(getattr(cfg, "from_scratch", False))
     trainable = from_scratch or not lora
     g = Graph()
     zero_proj = from_scratch and bool(getattr(cfg, "init_projections_to_zero", False))
     aux_coef, z_coef = router_loss_coefs(spec, cfg)
+    if sp > 1 and (aux_coef or z_coef):  # their statistics are over a row's tokens, which no rank holds whole
+        raise UserError("sequence_parallel_size: the MoE router losses (router_aux_loss_coef, router_z_loss_coef) "
+                        "are not computed across a sequence-parallel group in this version; set both to 0 or "
+                        "sequence_parallel_size to 1")
     bld = GraphBuilder(g, spec.dtype, Role.TRAINABLE_WEIGHT if trainable else Role.FROZEN_WEIGHT, spec.dtype,
                        zero_proj, router_stats=bool(aux_coef or z_coef))
     h, hd = spec.hidden_size, spec.head_dim
-    freqs, att_scale = inv_freq(spec.hf_config, hd, t)
+    freqs, att_scale = inv_freq(spec.hf_config, hd, full_t)
 
     ids = bld.input("input_ids", (b, t))
     labels = bld.input("labels", (b, t))
     pos = bld.input("position_ids", (b, t))
-    cu = bld.input("cu_seqlens", (b * t + 1,))
+    cu = bld.input("cu_seqlens", (b * full_t + 1,))  # whole rows: attention sees them whole
     n_items = bld.input("num_items", (), "fp32")
     # a custom loss_scale weighs each target token (fp32, pre-shifted like the labels)
     weights = [bld.input("loss_weights", (b, t), "fp32")] if is_custom(getattr(cfg, "loss_scale", None)) else []
@@ -119,12 +127,12 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     (x,) = bld.op("embed", "embedding", [ids, emb_w], ["embed.out"], None, pad_attrs)
     g.tensors[x].attrs["residual"] = "layer_input"
     if not getattr(cfg, "use_fused_rope", False):
-        # Positions restart per document and stay below sequence_len: tables of t rows cover them all.
+        # Positions restart per document and stay below sequence_len: tables of full_t rows cover them all.
         g.meta["rope_tables"] = bld.op("rope_table", "rope_table", [], ["rope.cos", "rope.sin"], None,
-                                       {"inv_freq": freqs, "attention_scaling": att_scale, "positions": t},
+                                       {"inv_freq": freqs, "attention_scaling": att_scale, "positions": full_t},
                                        dtypes=["fp32", "fp32"], roles=[Role.ACTIVATION, Role.ACTIVATION])
     for layer in range(spec.num_layers):
-        x = _layer(bld, spec, layer, x, pos, cu, freqs, att_scale)
+        x = _layer(bld, spec, layer, x, pos, cu, freqs, att_scale, sp)
 
     norm_w = bld.weight("model.norm.weight", (h,), None)
     (xn,) = bld.op("final_norm", "rmsnorm", [x, norm_w], ["final_norm.out"], None,
@@ -144,7 +152,8 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     g.tensors["loss"].attrs["output"] = True
 
     g.meta.update(
-        spec=spec, family=spec.family, micro_batch=b, seq_len=t, num_layers=spec.num_layers, hidden_size=h,
+        spec=spec, family=spec.family, micro_batch=b, seq_len=t, attention_len=full_t, sequence_parallel=sp,
+        num_layers=spec.num_layers, hidden_size=h,
         vocab_size=spec.vocab_size, model_dtype=spec.dtype, labels_shifted=True, loss="loss",
         inputs=[ids, labels, pos, cu, n_items], outputs=["loss", *(["lm_loss", "router_loss"] if bld.stats else [])],
         router_aux_loss_coef=aux_coef, router_z_loss_coef=z_coef, tied_embeddings=spec.tie_word_embeddings,
@@ -160,7 +169,7 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
 
 
 def _layer(bld: GraphBuilder, spec: ModelSpec, layer: int, x: str, pos: str, cu: str,
-           freqs: list[float], att_scale: float) -> str:
+           freqs: list[float], att_scale: float, sp: int = 1) -> str:
     p, a = f"model.layers.{layer}", f"L{layer}"
     h, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
     eps = spec.rms_norm_eps
@@ -187,9 +196,12 @@ def _layer(bld: GraphBuilder, spec: ModelSpec, layer: int, x: str, pos: str, cu:
     tables = list(bld.g.meta.get("rope_tables", ()))  # precomputed cos/sin unless use_fused_rope
     (q,) = bld.op(f"{a}.q_rope", "rope", [q, pos, *tables], [f"{a}.q_rope"], layer, rope)
     (k,) = bld.op(f"{a}.k_rope", "rope", [k, pos, *tables], [f"{a}.k_rope"], layer, rope)
-    att, _ = bld.op(f"{a}.attn", "attention", [q, k, v, cu], [f"{a}.attn", f"{a}.attn_lse"], layer,
-                    {"num_heads": nh, "num_kv_heads": nkv, "head_dim": hd, "scale": hd**-0.5, "causal": True},
-                    dtypes=[bld.act_dtype, "fp32"])
+    attn = {"num_heads": nh, "num_kv_heads": nkv, "head_dim": hd, "scale": hd**-0.5, "causal": True}
+    if sp > 1:
+        att = sharded_attention(bld, a, layer, q, k, v, cu, attn, sp, bld.act_dtype)
+    else:
+        att, _ = bld.op(f"{a}.attn", "attention", [q, k, v, cu], [f"{a}.attn", f"{a}.attn_lse"], layer, attn,
+                        dtypes=[bld.act_dtype, "fp32"])
     o = proj("o_proj", att, h, nh * hd, spec.o_bias, "self_attn")
     (mid,) = bld.op(f"{a}.attn_res", "add", [x, o], [f"{a}.mid"], layer)
     bld.g.tensors[mid].attrs["residual"] = "ffn_input"

@@ -42,6 +42,24 @@ def _rope_table_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
     return [(a["positions"], half), (a["positions"], half)]
 
 
+def _seq_to_heads_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    b, t, width = s[0]
+    sp, heads, hd = a["sp"], a["heads"], a["head_dim"]
+    if width != heads * hd or heads % sp:
+        raise ValueError(f"seq_to_heads: width {width} is not {heads} heads x {hd}, or {heads} heads do not split "
+                         f"{sp} ways")
+    return [(b, t * sp, width // sp)]
+
+
+def _heads_to_seq_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
+    b, t, width = s[0]
+    sp, heads, hd = a["sp"], a["heads"], a["head_dim"]
+    if width * sp != heads * hd or heads % sp or t % sp:
+        raise ValueError(f"heads_to_seq: [{b}, {t}, {width}] is not {heads}/{sp} heads x {hd} of a sequence that "
+                         f"splits {sp} ways")
+    return [(b, t // sp, width * sp)]
+
+
 def _swiglu_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
     if s[0] != s[1]:
         raise ValueError("swiglu: gate and up shapes differ")
@@ -68,6 +86,12 @@ register(OpDef("rope_table", (), ("cos", "sin"), ("inv_freq", "attention_scaling
 register(OpDef("attention", ("q", "k", "v", "cu_seqlens"), ("out", "lse"),
                ("num_heads", "num_kv_heads", "head_dim", "scale", "causal"), _attention_shape, V.attention,
                (0, 1, 2), doc="causal GQA softmax attention; tokens attend only inside their cu_seqlens document"))
+register(OpDef("seq_to_heads", ("x",), ("out",), ("sp", "heads", "head_dim"), _seq_to_heads_shape, V.seq_to_heads,
+               (0,), doc="sequence parallelism (Ulysses): all-to-all in the sequence-parallel group from this rank's "
+                         "token shard of every head [B, T/sp, heads*hd] to every token of its head shard "
+                         "[B, T, heads/sp*hd] (shard i of the sequence from rank i, head shard j to rank j)"))
+register(OpDef("heads_to_seq", ("x",), ("out",), ("sp", "heads", "head_dim"), _heads_to_seq_shape, V.heads_to_seq,
+               (0,), doc="the inverse all-to-all of seq_to_heads: [B, T, heads/sp*hd] -> [B, T/sp, heads*hd]"))
 register(OpDef("swiglu", ("gate", "up"), ("out",), (), _swiglu_shape, V.swiglu, (0, 1), doc="silu(gate) * up"))
 register(OpDef("add", ("a", "b"), ("out",), (), _same(), V.add, (0, 1), doc="residual add"))
 register(OpDef("identity", ("x",), ("out",), (), _same(), V.identity, (0,), doc="copy"))

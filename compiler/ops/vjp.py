@@ -138,6 +138,22 @@ def identity(ctx: Any) -> None:
         ctx.emit("identity", [ctx.dout(0)], [name], {}, [name] if accumulate else [])
 
 
+def seq_to_heads(ctx: Any) -> None:
+    """The gradient of an all-to-all is the inverse all-to-all of the output gradient."""
+    _all_to_all_vjp(ctx, "heads_to_seq")
+
+
+def heads_to_seq(ctx: Any) -> None:
+    _all_to_all_vjp(ctx, "seq_to_heads")
+
+
+def _all_to_all_vjp(ctx: Any, inverse: str) -> None:
+    _, outs, acc = _grads(ctx, (0,))
+    if outs:
+        attrs = {k: ctx.op.attrs[k] for k in ("sp", "heads", "head_dim")}
+        ctx.emit(inverse, [ctx.dout(0)], outs, attrs, acc)
+
+
 def dropout(ctx: Any) -> None:
     _, outs, acc = _grads(ctx, (0,))
     if outs:

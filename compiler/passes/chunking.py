@@ -35,11 +35,11 @@ def apply_chunking(graph: Graph, cfg: Any) -> Graph:
     notes = graph.meta.setdefault("notes", [])
     if lm > rows:  # (said, not silent: a chunk holds at least one row)
         notes.append(f"lmhead_chunks: {lm} is more than the {rows} token rows of a micro-batch; {rows} chunks are used")
-    if att > graph.meta["seq_len"]:
-        notes.append(f"attn_bwd_chunks: {att} is more than sequence_len {graph.meta['seq_len']}; "
-                     f"{graph.meta['seq_len']} chunks are used")
+    seq = graph.meta.get("attention_len", graph.meta["seq_len"])  # attention's rows are whole (sequence parallel)
+    if att > seq:
+        notes.append(f"attn_bwd_chunks: {att} is more than sequence_len {seq}; {seq} chunks are used")
     lm = min(lm, rows)
-    att = min(att, graph.meta["seq_len"])
+    att = min(att, seq)
     for op in graph.ops():
         if op.kind in LM_HEAD_KINDS:
             op.attrs["chunks"] = lm

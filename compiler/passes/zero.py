@@ -35,12 +35,14 @@ from surogate.compiler.passes.offload import (
     offload_to_host,
 )
 from surogate.compiler.passes.precision import is_amax_history
+from surogate.errors import UserError
 
 WEIGHT_ROLES = (Role.FROZEN_WEIGHT, Role.TRAINABLE_WEIGHT, Role.QUANT_WEIGHT, Role.QUANT_SCALE)
 
 
 def world_size(cfg: Any) -> tuple[int, list[str]]:
-    """Ranks in the data-parallel world (num_nodes x gpus per node) and notes on how it was resolved."""
+    """Ranks in the world (num_nodes x gpus per node; data-parallel x sequence-parallel) and notes on how it was
+    resolved."""
     notes: list[str] = []
     gpus = getattr(cfg, "gpus", 1)
     dist = getattr(cfg, "distributed", None)
@@ -213,10 +215,10 @@ def apply_zero(graph: Graph, cfg: Any) -> Graph:
         "weights": world > 1 and (level >= 3 or bool(getattr(cfg, "shard_weights", False))),
     }
     graph.meta["zero"] = info
+    sp = int(graph.meta.get("sequence_parallel", 1) or 1)
+    if world % sp:  # (the schema checks it when the GPU count is given; `gpus: 0` resolves it only here)
+        raise UserError(f"sequence_parallel_size: {sp} must divide the number of ranks ({world})")
     graph.meta.setdefault("notes", []).extend(notes)
-    if int(getattr(cfg, "sequence_parallel_size", 1) or 1) > 1:
-        graph.meta["notes"].append("sequence_parallel_size > 1: sequence parallelism is not in this version; this "
-                                   "plan splits no sequence, and training refuses it")
     if world == 1 and (level > 1 or getattr(cfg, "shard_weights", False) or getattr(cfg, "shard_gradients", False)):
         graph.meta["notes"].append("ZeRO sharding has no effect with a single rank")
     if info["weights"]:

@@ -35,6 +35,7 @@ from surogate.runtime.backends import (
     cuda_optim,
 )
 from surogate.runtime.backends.cuda_state import CudaKernels, CudaState
+from surogate.runtime.distributed import sequence
 from surogate.runtime.reference.kernels_moe import KERNELS as MOE
 from surogate.runtime.reference.kernels_quant import KERNELS as QUANT
 
@@ -59,6 +60,7 @@ def make_kernel_table() -> CudaKernels:
     state = CudaState()
     table: dict[str, Callable] = {k: _on_device(f) for k, f in {**MOE, **QUANT}.items() if k not in OWN}
     table.update({k: functools.partial(f, state) for k, f in OWN.items()})
+    table.update(sequence.KERNELS)  # all-to-alls through torch.distributed (NCCL), on the inputs' device
     return CudaKernels(table, state)
 
 

@@ -27,6 +27,7 @@ import torch
 from surogate.compiler.plan import Plan
 from surogate.errors import NotAvailableError, UserError
 from surogate.runtime.distributed import comm
+from surogate.runtime.distributed.sequence import plan_sp
 from surogate.runtime.distributed.worker import LAUNCHER_PID_ENV
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -60,6 +61,11 @@ def rank_notes(plan: Plan, backend: str) -> list[str]:
     zero = plan.meta.get("zero", {})
     level = 3 if zero.get("weights") else 2 if zero.get("gradients") else 1
     where = ("CPU processes (gloo) emulate the GPUs" if backend == "cpu" else "GPUs (NCCL)")
+    sp = plan_sp(plan)
+    if sp > 1:
+        return [f"{world} ranks: {world // sp} data-parallel replica(s) x {sp}-way sequence parallelism (each rank "
+                f"holds 1/{sp} of every row's tokens and attends with 1/{sp} of the heads), ZeRO-{level} layout; "
+                f"{where}; global batch = per_device_train_batch_size x gradient_accumulation_steps x replicas"]
     return [f"data parallel: {world} ranks, ZeRO-{level} layout; {where}; global batch = "
             "per_device_train_batch_size x gradient_accumulation_steps x ranks"]
 

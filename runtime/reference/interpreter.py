@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from surogate.compiler.ir import Graph, GraphError, Role, view_columns, view_parent
+from surogate.runtime.distributed.sequence import KERNELS as SEQUENCE
 from surogate.runtime.reference.common import default_cu_seqlens
 from surogate.runtime.reference.dtypes import TORCH_DTYPES
 from surogate.runtime.reference.kernels_bwd import KERNELS as BWD
@@ -24,7 +25,7 @@ from surogate.runtime.reference.kernels_stacked import KERNELS as STACKED
 
 _PACKED = {"nf4", "fp4_e2m1"}
 Kernel = Callable[[list, dict, Any], list]
-KERNELS: dict[str, Kernel] = {**FWD, **BWD, **MOE, **QUANT, **STACKED}
+KERNELS: dict[str, Kernel] = {**FWD, **BWD, **MOE, **QUANT, **STACKED, **SEQUENCE}
 
 
 @dataclass

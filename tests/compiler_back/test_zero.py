@@ -2,7 +2,9 @@ import pytest
 
 from surogate.compiler.ir import Role
 from surogate.compiler.passes.zero import shard_shape, world_size
+from surogate.compiler.pipeline import run_passes
 from surogate.compiler.plan import CATEGORIES
+from surogate.errors import UserError
 
 from . import synth
 from .helpers import back_half, persistent_bytes
@@ -119,10 +121,12 @@ def test_zero3_gathers_are_prefetched_one_group_early():
         assert i < first_use[t]
 
 
-def test_sequence_parallel_plan_says_it_splits_no_sequence():
-    plan = back_half(gpus=2, sequence_parallel_size=2)
-    assert any(n.startswith("sequence_parallel_size > 1") for n in plan.meta["notes"])
-    assert not any("sequence_parallel" in n for n in back_half(gpus=2).meta["notes"])
+def test_sequence_parallel_size_must_divide_the_ranks():
+    """`gpus: 0` resolves the rank count only when planning: the zero pass checks what the schema could not."""
+    graph = synth.build()
+    graph.meta["sequence_parallel"] = 3
+    with pytest.raises(UserError, match=r"sequence_parallel_size: 3 must divide the number of ranks \(2\)"):
+        run_passes(graph, synth.cfg(gpus=2), start_after="chunking")
 
 
 def test_zero3_shards_master_weights_like_their_weights():

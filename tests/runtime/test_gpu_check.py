@@ -53,12 +53,6 @@ def test_fp8_qlora_below_sm89_runs_with_a_note(gpu):
     assert _check_runnable(ONE_RANK, _cfg(qlora_fp8=True), "cuda") == []
 
 
-def test_sequence_parallelism_is_refused_not_ignored():
-    with pytest.raises(NotAvailableError, match="sequence_parallel_size: sequence parallelism is not in this version"):
-        _check_runnable(ONE_RANK, _cfg(sequence_parallel_size=2), "cpu")
-    assert _check_runnable(ONE_RANK, _cfg(sequence_parallel_size=1), "cpu") == []
-
-
 def test_write_combined_says_it_has_no_effect_on_the_cpu_backend_only(gpu):
     notes = _check_runnable(ONE_RANK, _cfg(use_write_combined=True), "cpu")
     assert len(notes) == 1 and notes[0].startswith("use_write_combined:") and "cpu backend" in notes[0]
