@@ -112,6 +112,12 @@ def _knobs(config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         for level in (2, 3):
             if int(config.get("zero_level") or 1) < level:
                 add(zero_level=level)
+        # each rank holds half as many of a row's tokens; accumulation doubled keeps the global batch (replicas
+        # halve). Not applicable (no suggestion) where the heads, sequence_len or ranks do not split
+        sp = int(config.get("sequence_parallel_size") or 1)
+        if world % (2 * sp) == 0:
+            add(sequence_parallel_size=2 * sp,
+                gradient_accumulation_steps=2 * int(config.get("gradient_accumulation_steps") or 1))
     if not config.get("lora", True):
         add(lora=True)
     if config.get("lora", True) and not any(config.get(q) for q in ("qlora_bnb", "qlora_fp8", "qlora_fp4")):

@@ -24,10 +24,12 @@ _RESUME_FREE = {
 _PLACEMENT_FREE = {"recompute", "offload_residual", "offload_master", "offload_optimizer", "offload_grads",
                    "use_zero_copy", "use_write_combined", "lmhead_chunks", "attn_bwd_chunks"}
 
-# The rank count and ZeRO layout may change on resume (the checkpoint is resharded,
-# `runtime.distributed.reshard`); the global batch may not: accumulation x ranks is what must match.
-_LAYOUT_FREE = {"gpus", "zero_level", "shard_weights", "shard_gradients"}
-GLOBAL_ACCUMULATION = "gradient_accumulation_steps x ranks"
+# The rank count, ZeRO layout and sequence-parallel split may change on resume (the checkpoint is resharded,
+# `runtime.distributed.reshard`; a rank's tensors do not depend on the split); the global batch may not:
+# accumulation x data-parallel replicas (ranks / sequence_parallel_size) is what must match.
+_LAYOUT_FREE = {"gpus", "zero_level", "shard_weights", "shard_gradients", "sequence_parallel_size"}
+GLOBAL_ACCUMULATION = "gradient_accumulation_steps x data-parallel replicas"
+_OLD_NAMES = {"gradient_accumulation_steps x ranks": GLOBAL_ACCUMULATION}  # names in checkpoints before the split
 
 
 def config_fingerprint(cfg: Any) -> dict[str, Any]:
@@ -37,7 +39,8 @@ def config_fingerprint(cfg: Any) -> dict[str, Any]:
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     kept = {k: v for k, v in sorted(data.items()) if k not in _RESUME_FREE | _LAYOUT_FREE | _PLACEMENT_FREE}
     if "gradient_accumulation_steps" in kept:
-        kept[GLOBAL_ACCUMULATION] = int(kept.pop("gradient_accumulation_steps")) * world_size(cfg)[0]
+        sp = int(data.get("sequence_parallel_size") or 1)
+        kept[GLOBAL_ACCUMULATION] = int(kept.pop("gradient_accumulation_steps")) * world_size(cfg)[0] // sp
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
     placement = {k: data[k] for k in sorted(_PLACEMENT_FREE) if k in data}
     return {"hash": digest, "options": kept, "placement": json.loads(json.dumps(placement, default=str))}
@@ -80,7 +83,8 @@ def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], wher
     changed = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(after) if k in before and before[k] != after[k]]
     if saved.get("hash") == current.get("hash"):
         return changed
-    old = {k: v for k, v in saved_options.items() if k not in _PLACEMENT_FREE}
+    # (checkpoints from before sequence_parallel_size was free kept it, and named the global batch otherwise)
+    old = {_OLD_NAMES.get(k, k): v for k, v in saved_options.items() if k not in _PLACEMENT_FREE | _LAYOUT_FREE}
     new = current.get("options", {})
     if old == new:  # (a checkpoint whose hash covered the placement options too)
         return changed

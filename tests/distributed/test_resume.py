@@ -57,7 +57,7 @@ def test_one_process_resumes_a_two_rank_checkpoint_resharded(straight):
     out.mkdir()
     shutil.copytree(root / "run" / "checkpoint-2", out / "checkpoint-2")
     (out / "latest").write_text("checkpoint-2\n")
-    with pytest.raises(UserError, match=r"gradient_accumulation_steps x ranks: 2 -> 1"):
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps x data-parallel replicas: 2 -> 1"):
         run_training(cfg_for(root, "one", gpus=1, accumulation=1, **OPTS), backend="cpu")
     resumed = run_training(cfg_for(root, "one", gpus=1, accumulation=2, **OPTS), backend="cpu")
     assert len(resumed.losses) == 2
@@ -72,3 +72,30 @@ def test_one_process_resumes_a_two_rank_checkpoint_resharded(straight):
         # o_proj's B, 3.9e-3 of the tensor's max after 4 steps from B = 0)
         far = int(((got[k] - adapter[k]).abs() > 1e-5 * adapter[k].abs().max()).sum())
         assert far <= 2 and max_rel(got[k], adapter[k]) <= 1e-2, (k, far)
+
+
+SP_OPTS = {**OPTS, "zero_level": 1, "lora_dropout": 0.0}
+
+
+def test_sequence_parallel_resume_is_bitwise_and_may_change_the_split(tmp_path):
+    """A 2-rank sequence-parallel run (one group) resumed as it was reproduces itself bitwise; resumed on 2
+    data-parallel ranks (sequence_parallel_size 1, accumulation halved: the same global batch) it continues the same
+    training (fp32 rounding: the attention's heads and tokens sum in another order)."""
+    root = make_root(tmp_path)
+    sp = dict(gpus=2, accumulation=2, sequence_parallel_size=2, **SP_OPTS)
+    straight = run_training(cfg_for(root, "sp", **sp), backend="cpu")
+    out = root / "sp"
+    final = load_file(str(out / "checkpoint-4" / TENSORS_FILE))
+    shutil.copytree(out / "checkpoint-2", root / "dp" / "checkpoint-2")
+    (root / "dp" / "latest").write_text("checkpoint-2\n")
+    _interrupt_after_step_2(out)
+    resumed = run_training(cfg_for(root, "sp", **sp), backend="cpu")
+    assert resumed.losses == straight.losses[2:]
+    again = load_file(str(out / "checkpoint-4" / TENSORS_FILE))
+    assert set(again) == set(final) and all(torch.equal(again[k], final[k]) for k in final)
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps x data-parallel replicas: 2 -> 4"):
+        run_training(cfg_for(root, "dp", gpus=2, accumulation=2, **SP_OPTS), backend="cpu")
+    split_changed = run_training(cfg_for(root, "dp", gpus=2, accumulation=1, **SP_OPTS), backend="cpu")
+    assert len(split_changed.losses) == 2
+    for a, b in zip(split_changed.losses, straight.losses[2:], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b)

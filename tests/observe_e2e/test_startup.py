@@ -64,7 +64,7 @@ def test_a_step_longer_than_an_epoch_is_said_and_short_runs_show_their_epochs(sm
     info = read_log(cfg.log_file).events[0]["run_info"]
     batches = math.ceil(info["dataset_rows"] / BATCH)
     assert batches < 32
-    note = (f"one optimizer step reads 32 micro-batches (accumulation x ranks), more than the {batches} an epoch "
+    note = (f"one optimizer step reads 32 micro-batches (accumulation x data-parallel replicas), more than the {batches} an epoch "
             "of the data holds")
     assert note in console and any(n.startswith(note) for n in info["notes"])
     cfg = small_cfg(small_source, tmp_path / "b", max_steps=1)

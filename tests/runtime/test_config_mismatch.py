@@ -39,3 +39,25 @@ def test_datasets_added_or_removed_are_named_by_path():
     assert _refusal({"learning_rate": 1e-3, "lora_target_modules": ["all"]},
                     {"learning_rate": 2e-3, "lora_target_modules": ["q_proj", "v_proj"]}) == \
         "learning_rate: 0.001 -> 0.002; lora_target_modules: ['all'] -> ['q_proj', 'v_proj']"  # plain lists whole
+
+
+def test_the_global_batch_counts_data_parallel_replicas_and_older_checkpoints_still_match():
+    """sequence_parallel_size may change on resume (the global batch is accumulation x ranks / sp); a checkpoint from
+    before kept it among its options and named the global batch `... x ranks`."""
+    from types import SimpleNamespace
+
+    from surogate.runtime.checkpoint_config import GLOBAL_ACCUMULATION, config_fingerprint
+
+    def fingerprint(**over):
+        return config_fingerprint(SimpleNamespace(**{"gradient_accumulation_steps": 2, "gpus": 4,
+                                                     "sequence_parallel_size": 1, "learning_rate": 1e-3, **over}))
+
+    split = fingerprint(sequence_parallel_size=2, gradient_accumulation_steps=4)
+    assert split["options"][GLOBAL_ACCUMULATION] == 8  # 4 x (4 ranks / 2)
+    assert check_config_compatible(split, fingerprint(), "ck") == []  # 2 x 4 replicas: the same global batch
+    assert _refusal(split["options"], fingerprint(sequence_parallel_size=2)["options"]) == \
+        f"{GLOBAL_ACCUMULATION}: 8 -> 4"
+    older = {"hash": "old", "options": {"gradient_accumulation_steps x ranks": 8, "sequence_parallel_size": 1,
+                                        "learning_rate": 1e-3}}
+    assert check_config_compatible(older, split, "ck") == []
+    assert "learning_rate: 0.001 -> 0.002" in _refusal(older["options"], fingerprint(learning_rate=2e-3)["options"])
