@@ -53,7 +53,12 @@ from surogate.runtime.atomic_files import (
     sha256_of,
     write_atomic_text,
 )
-from surogate.runtime.checkpoint_config import check_config_compatible, config_fingerprint, is_fingerprint
+from surogate.runtime.checkpoint_config import (
+    MovedPathsError,
+    check_config_compatible,
+    config_fingerprint,
+    is_fingerprint,
+)
 from surogate.runtime.checkpoint_fields import STATE_FILE, StateFields
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,7 @@ class Checkpoint:
     rng: rng_mod.RngState | None
     # memory and speed options the resuming run changed (`name: old -> new`: checkpoint_config._PLACEMENT_FREE)
     config_changes: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # options naming files by path that differ (`allow_moved`)
 
     def restore_rng(self) -> None:
         """Put the Python/NumPy/torch generators back to their state at save time."""
@@ -432,10 +438,10 @@ class CheckpointManager:
             + f", or, to start afresh, {fresh_start or self._fresh_start()}")
 
     # ---- loading ------------------------------------------------------------------------------
-    def load(self, path: str | os.PathLike) -> Checkpoint:
+    def load(self, path: str | os.PathLike, allow_moved: bool = False) -> Checkpoint:
         """`load()` checked against this manager's config (if it has one); a folder `latest()` just
         hashed is not hashed again (sizes are still checked)."""
-        return load(path, self.fingerprint, verify_hashes=Path(path) not in self._verified)
+        return load(path, self.fingerprint, verify_hashes=Path(path) not in self._verified, allow_moved=allow_moved)
 
 
 def _step_of(path: Path) -> int:
@@ -451,11 +457,13 @@ def _where_a_file_is(path: Path) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool = True) -> Checkpoint:
+def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool = True,
+         allow_moved: bool = False) -> Checkpoint:
     """Read and verify one checkpoint folder; UserError naming the folder and the problem otherwise.
 
     `expect_config`: the current run's TrainConfig (or its `config_fingerprint`); if the checkpoint was
-    saved with a different fingerprint, the options that differ are named.
+    saved with a different fingerprint, the options that differ are named. `allow_moved`: options that name files
+    by path may differ (`Checkpoint.moved` lists them; the caller must compare the content: run_identity.py).
     """
     path = Path(path)
     if not path.is_dir():
@@ -477,6 +485,7 @@ def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool
     rng_state = (rng_mod.RngState.from_parts(top.mapping("rng").doc, rng_tensors, where=f"{path / STATE_FILE}: rng")
                  if "rng" in full else None)
     changes: list[str] = []  # memory and speed options this run changed (checkpoint_config._PLACEMENT_FREE)
+    moved: list[str] = []  # options naming files that now name other paths (checkpoint_config.MOVABLE)
     if expect_config is not None and "config" in full:
         saved = top.mapping("config")
         if not is_fingerprint(saved.doc) or not isinstance(saved.doc["hash"], str) \
@@ -484,5 +493,10 @@ def load(path: str | os.PathLike, expect_config: Any = None, verify_hashes: bool
             raise top.error("config", "the config fingerprint the save wrote ({\"hash\": ..., \"options\": {...}})",
                             saved.doc)
         current = expect_config if is_fingerprint(expect_config) else config_fingerprint(expect_config)
-        changes = check_config_compatible(saved.doc, current, path)
-    return Checkpoint(path, step, tensors, state, rng_state, changes)
+        try:
+            changes = check_config_compatible(saved.doc, current, path)
+        except MovedPathsError as exc:
+            if not allow_moved:
+                raise
+            changes, moved = exc.changes, exc.moved
+    return Checkpoint(path, step, tensors, state, rng_state, changes, moved)

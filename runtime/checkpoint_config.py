@@ -54,6 +54,22 @@ class ConfigMismatchError(UserError):
     """A checkpoint written with other options than this run's: the resume adds how to proceed."""
 
 
+class MovedPathsError(ConfigMismatchError):
+    """The only options that differ name files by path (`MOVABLE`): a resume may take them as moved when the
+    checkpoint's record of its data's and weights' content (run_identity.py) agrees with this run's."""
+
+    def __init__(self, message: str, moved: list[str], changes: list[str]) -> None:
+        super().__init__(message)
+        self.moved, self.changes = moved, changes
+
+
+# Options naming files by path, whose content the checkpoint's identity record covers: the model (its weight files and
+# config.json), an adapter merged into it, and the datasets' files (the tokenized data). Projects move; clusters mount
+# the same files under other paths.
+MOVABLE = frozenset({"model", "adapter_path"})
+MOVABLE_DATASET_FIELDS = frozenset({"path"})
+
+
 def _diffs(name: str, old: Any, new: Any) -> list[str]:
     """`name: old -> new` for each differing leaf: inside options holding objects or lists of objects (a dataset's
     path), the leaf's own name (`datasets[0].path`), not the whole value; a list entry added or removed by its path."""
@@ -89,8 +105,18 @@ def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], wher
     if old == new:  # (a checkpoint whose hash covered the placement options too)
         return changed
     diffs = [d for k in sorted(set(old) | set(new)) for d in _diffs(k, old.get(k), new.get(k))]
-    raise ConfigMismatchError(
-        f"checkpoint {where} was written with a different config; cannot resume. Differences: "
-        + ("; ".join(diffs) if diffs else "(config hash differs)")
-        + ". To resume it, put those options back"
-    )
+    message = (f"checkpoint {where} was written with a different config; cannot resume. Differences: "
+               + ("; ".join(diffs) if diffs else "(config hash differs)") + ". To resume it, put those options back")
+    if _without_paths(old) == _without_paths(new):
+        raise MovedPathsError(message, diffs, changed)
+    raise ConfigMismatchError(message)
+
+
+def _without_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the values of the movable options (`MOVABLE`, and each dataset's file fields) blanked."""
+    out = {k: None if k in MOVABLE else v for k, v in options.items()}
+    for key in ("datasets", "validation_datasets"):
+        if isinstance(out.get(key), list):
+            out[key] = [{f: None if f in MOVABLE_DATASET_FIELDS else v for f, v in d.items()} if isinstance(d, dict)
+                        else d for d in out[key]]
+    return out

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from surogate.errors import UserError
 from surogate.runtime.checkpoint_config import ConfigMismatchError
 from surogate.runtime.run_identity import KEY as IDENTITY
-from surogate.runtime.run_identity import check_same_identity
+from surogate.runtime.run_identity import check_moved, check_same_identity
 
 if TYPE_CHECKING:
     from surogate.runtime.trainer import Trainer
@@ -177,9 +177,11 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
         _agreed(lambda: checkpoints.refuse_unusable(fresh_start_advice(cfg, checkpoints)))
         return None, []
     try:
-        loaded = checkpoints.load(latest)
+        loaded = checkpoints.load(latest, allow_moved=trainer.identity is not None)
         if trainer.identity is not None:
             check_same_identity(loaded.state.get(IDENTITY), trainer.identity, latest)
+            moved_note = (check_moved(loaded.state.get(IDENTITY), trainer.identity, loaded.moved, latest)
+                          if loaded.moved else None)
     except ConfigMismatchError as exc:
         raise UserError(f"{exc}; to start a new run with this config instead, {fresh_start_advice(cfg, checkpoints)}"
                         ) from None
@@ -189,6 +191,8 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
              "not counted by save_total_limit (saving that step again replaces it)"
              for path, why in sorted(checkpoints.bad.items())]
+    if trainer.identity is not None and moved_note:
+        notes.append(moved_note)
     if loaded.config_changes:
         notes.append(f"resume: memory and speed options changed since {latest.name} ({'; '.join(loaded.config_changes)})"
                      ": the same training, another memory plan (results may differ in the last bits)")

@@ -12,8 +12,11 @@ or trained the saved adapter on another base model. Every checkpoint therefore r
   each weight file's name, size and a sha256 over its safetensors header and a few evenly spaced 64 KiB pieces
   of its data (another model's weights differ throughout; reading a whole large model at every start would not).
 
+- `model_config`: the model's config.json (its architecture and numbers such as rope_theta, also for full fine-tunes).
+
 A resume whose identity differs is refused (ConfigMismatchError) naming what changed; checkpoints written before
-this record are resumed as before.
+this record are resumed as before. The same record lets a resume whose model, adapter or dataset paths changed go
+on when the content is the same (`check_moved`): a project moved, or a cluster mounting the files elsewhere.
 """
 
 from __future__ import annotations
@@ -75,8 +78,36 @@ def model_identity(plan: Any, cfg: Any, source_dir: Path | None) -> dict[str, An
     return found or None
 
 
+def config_identity(source_dir: Path | None) -> dict[str, Any] | None:
+    """The model's config.json (architecture and numbers such as rope_theta or rms_norm_eps), when it has one."""
+    path = Path(source_dir) / "config.json" if source_dir is not None else None
+    return file_identity(path) if path is not None and path.is_file() else None
+
+
 def run_identity(data: Any, plan: Any, cfg: Any, source_dir: Path | None) -> dict[str, Any]:
-    return {"data": data_identity(data), "model": model_identity(plan, cfg, source_dir)}
+    return {"data": data_identity(data), "model": model_identity(plan, cfg, source_dir),
+            "model_config": config_identity(source_dir)}
+
+
+def check_moved(saved: Any, current: dict[str, Any], moved: list[str], where: Path) -> str:
+    """The note of a resume whose model, adapter or dataset paths changed (`moved`: `name: old -> new`) after
+    `check_same_identity` found the content the same; ConfigMismatchError when the checkpoint's record cannot
+    prove it (written before the record had the model's config.json, or holding no record of a part that moved)."""
+    listed = "; ".join(moved)
+    record = saved if isinstance(saved, dict) else {}
+    missing = [what for what, ok in (
+        ("data", isinstance(record.get("data"), dict)),
+        ("model config.json", "model_config" in record and record.get("model_config") == current.get("model_config")
+         and current.get("model_config") is not None),
+        ("base weights", current.get("model") is None or record.get("model") is not None),
+    ) if not ok]
+    if missing:
+        raise ConfigMismatchError(
+            f"checkpoint {where} was written with other file paths ({listed}) and holds no record of the "
+            f"{', '.join(missing)} it was trained with to show the files merely moved; to resume it, put those "
+            "options back")
+    return (f"resume: {listed}: moved; the same content as {where.name} was trained on (tokenized data"
+            f"{', base weights' if current.get('model') else ''} and the model's config.json compared)")
 
 
 def _split_words(ident: dict[str, Any] | None) -> str:
@@ -100,6 +131,10 @@ def check_same_identity(saved: Any, current: dict[str, Any], where: Path) -> Non
         back.append("data")
         problems[-1] += (": a dataset file changed since (a row added, removed, changed or moved), or the tokenizer "
                          "or chat template did, and the saved data position would continue in other data")
+    if "model_config" in saved and saved["model_config"] != current.get("model_config"):
+        problems.append("the model's config.json differs from the one it was trained with (architecture or numbers "
+                        "such as rope_theta or rms_norm_eps)")
+        back.append("model")
     old_model, new_model = saved.get("model"), current.get("model")
     if isinstance(old_model, dict) and old_model != (new_model or {}):
         changed = sorted(k for k in set(old_model) | set(new_model or {}) if old_model.get(k) != (new_model or {}).get(k))

@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import yaml
 import pytest
 
 from surogate.runtime.checkpoint_config import ConfigMismatchError
@@ -77,4 +78,57 @@ def test_resume_refuses_base_weights_replaced_in_place(finished_run):
     run = run_cli("sft", str(resume))
     assert run.returncode == 2, run.stderr[-2000:]
     assert "frozen base weights" in run.stderr and "model/model.safetensors" in run.stderr
+    assert not (out / "checkpoint-4").exists()
+
+
+def test_only_paths_differing_is_a_move_to_prove(tmp_path):
+    from surogate.runtime.checkpoint_config import MovedPathsError, check_config_compatible
+    from surogate.runtime.run_identity import check_moved
+
+    ds = {"path": "/a/train.jsonl", "type": "text"}
+    saved = {"hash": "1", "options": {"model": "/a/model", "datasets": [ds], "learning_rate": 1e-3}}
+    moved = {"hash": "2", "options": {"model": "/b/model", "datasets": [{**ds, "path": "/b/train.jsonl"}],
+                                      "learning_rate": 1e-3}}
+    with pytest.raises(MovedPathsError) as err:
+        check_config_compatible(saved, moved, "ck")
+    assert err.value.moved == ["datasets[0].path: '/a/train.jsonl' -> '/b/train.jsonl'", "model: '/a/model' -> '/b/model'"]
+    other = {"hash": "3", "options": {**moved["options"], "learning_rate": 2e-3}}
+    with pytest.raises(ConfigMismatchError) as err:  # another option too: no move to prove
+        check_config_compatible(saved, other, "ck")
+    assert not isinstance(err.value, MovedPathsError) and "learning_rate" in str(err.value)
+    record = {"data": {"train": split_identity(_split([5, 6, 7])), "eval": None}, "model": None,
+              "model_config": {"size": 3, "sha256": "c"}}
+    note = check_moved(record, record, err_moved := ["model: '/a/model' -> '/b/model'"], tmp_path / "checkpoint-2")
+    assert note.startswith("resume: model: '/a/model' -> '/b/model': moved") and "checkpoint-2" in note
+    for older in ({k: v for k, v in record.items() if k != "model_config"}, None):  # written before the record held it
+        with pytest.raises(ConfigMismatchError, match=r"holds no record of the .*model config\.json"):
+            check_moved(older, record, err_moved, tmp_path)
+    with pytest.raises(ConfigMismatchError, match=r"no record of the base weights"):
+        check_moved(record, {**record, "model": {"model/model.safetensors": {"size": 1, "sha256": "x"}}}, err_moved,
+                    tmp_path)
+
+
+def test_resume_follows_a_moved_model_and_data_with_the_same_content(finished_run):
+    root, out, resume = finished_run
+    (root / "model").rename(root / "model-moved")
+    (root / "train.jsonl").rename(root / "moved.jsonl")
+    cfg = yaml.safe_load(resume.read_text())
+    cfg["model"], cfg["datasets"][0]["path"] = str(root / "model-moved"), str(root / "moved.jsonl")
+    run = run_cli("sft", str(write_yaml(root / "moved.yaml", cfg)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "moved; the same content as checkpoint-2" in run.stdout + run.stderr
+    assert (out / "checkpoint-4").is_dir()
+
+
+def test_resume_refuses_a_moved_model_whose_config_changed(finished_run):
+    root, out, resume = finished_run
+    (root / "model").rename(root / "model-moved")
+    config = json.loads((root / "model-moved" / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3  # the same shapes and weights, other arithmetic
+    (root / "model-moved" / "config.json").write_text(json.dumps(config))
+    cfg = yaml.safe_load(resume.read_text())
+    cfg["model"] = str(root / "model-moved")
+    run = run_cli("sft", str(write_yaml(root / "moved.yaml", cfg)))
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "the model's config.json differs" in run.stderr
     assert not (out / "checkpoint-4").exists()
