@@ -8,8 +8,8 @@ import json
 import os
 
 import numpy as np
-import yaml
 import pytest
+import yaml
 
 from surogate.runtime.checkpoint_config import ConfigMismatchError
 from surogate.runtime.data.split import TokenizedSplit
