@@ -204,8 +204,8 @@ class CheckpointManager:
         """
         if self.save_total_limit is None:
             return
-        keep_step = _step_of(keep)
-        pool = [p for p in self.checkpoints() if _step_of(p) <= keep_step and p not in self.bad]
+        keep_step = step_of(keep)
+        pool = [p for p in self.checkpoints() if step_of(p) <= keep_step and p not in self.bad]
         excess = len(pool) - self.save_total_limit
         for path in pool[:max(0, excess)]:
             if path == keep:
@@ -314,7 +314,7 @@ class CheckpointManager:
 
         Checkpoints written before manifests had `id` / `previous` keep the old rule: the newest complete wins.
         """
-        newer = [p for p in candidates if _step_of(p) > _step_of(target)]
+        newer = [p for p in candidates if step_of(p) > step_of(target)]
         if "id" not in self._manifest(target) or any("previous" not in self._manifest(p) for p in newer):
             return next((p for p in reversed(newer) if self._good(p, verify_hashes)), target)
         current = target
@@ -444,9 +444,9 @@ class CheckpointManager:
         return load(path, self.fingerprint, verify_hashes=Path(path) not in self._verified, allow_moved=allow_moved)
 
 
-def _step_of(path: Path) -> int:
+def step_of(path: str | os.PathLike) -> int:
     """The step number of a `checkpoint-<step>` folder."""
-    return int(path.name.rsplit("-", 1)[1])
+    return int(Path(path).name.rsplit("-", 1)[1])
 
 
 def _where_a_file_is(path: Path) -> Path:

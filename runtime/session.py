@@ -16,6 +16,7 @@ import torch
 from surogate.compiler.plan import Plan
 from surogate.compiler.report import device_total
 from surogate.errors import NotAvailableError, UserError
+from surogate.runtime.checkpoint import step_of
 from surogate.runtime.checkpoint_fields import StateFields
 from surogate.runtime.device_memory import allocation_error, is_out_of_memory, step_error
 from surogate.runtime.observe.diagnostics import StateValueError
@@ -256,7 +257,7 @@ def _run_training(cfg: Any, plan: Plan | None, backend: str | None, console_file
                 obs.on_failure(trainer.step, result.failed)
             elif latest is not None and trainer.step == start_step:
                 last_saved = latest  # nothing trained here: the checkpoint resumed from is the last state
-            elif last_saved is None or not str(last_saved).endswith(f"-{trainer.step}"):
+            elif last_saved is None or step_of(last_saved) != trainer.step:
                 last_saved = trainer.save()
                 obs.on_checkpoint(last_saved, trainer.step)
         result.signal = stop.agreed() if result.signal is None else result.signal  # one after the last step
@@ -282,7 +283,7 @@ def _rescue_step(trainer: Trainer, obs: Any, saved: Path | None, exc: Exception)
     since the last save are not lost; a save that fails too is only reported (the step's error is the cause).
     Returns the checkpoint that holds the state before the failed step, if one does."""
     step = trainer.step
-    if saved is not None and str(saved).endswith(f"-{step}"):
+    if saved is not None and step_of(saved) == step:
         return saved
     try:
         path = trainer.rescue_checkpoint()
