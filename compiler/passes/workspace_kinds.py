@@ -294,6 +294,15 @@ class KindSizes:
         self.const(("tokens", b * t), 4 * b * t)
         self.const(("tril", t), t * t)
 
+    def k_seq_to_heads(self, op: Any, acc: list[bool]) -> int:
+        """Sequence parallelism's all-to-all (runtime/distributed/sequence.py): the chunks sent (a contiguous copy)
+        and received, then the received chunks reordered into the output's layout (the executor copies it into the
+        arena): two of the output's size live at once."""
+        o = self.t(op.outputs[0])
+        return 2 * math.prod(o.shape) * _isz(o.dtype)
+
+    k_heads_to_seq = k_seq_to_heads
+
     def k_attention(self, op: Any, acc: list[bool]) -> int:
         b, t, nh, nkv, hd, dt = self._attn_dims(op, op.inputs[0])
         if self.target.flash(dt):

@@ -159,3 +159,16 @@ def test_group_of_two_equals_transformers_on_a_packed_batch(qwen3, tmp_path, rec
         assert rel_err(grads[name], g) < TOL, f"{name}: rel err {rel_err(grads[name], g):.2e}"
     # each rank alone holds only a part: the sum is needed (the check can fail)
     assert rel_err(parts[0][1]["model.embed_tokens.weight"] / SP, ref_grads["model.embed_tokens.weight"]) > 0.1
+
+
+def test_the_all_to_alls_temporaries_are_in_the_backend_workspace(qwen3):
+    """Their kernels allocate the sent chunks' copy and the received chunks, then the reordered output (executor copies
+    it into the arena): sized by the workspace pass, so `surogate plan` counts them."""
+    from surogate.compiler.passes.workspace import estimate_workspace
+
+    graph = compile_front(make_cfg(qwen3, sequence_len=T, sequence_parallel_size=SP))
+    ws = estimate_workspace(graph)
+    assert ws["not_sized"] == []
+    q = graph.tensors["L0.q_rope@heads"]
+    assert ws["transient_by_kind"]["seq_to_heads"] == 2 * q.nbytes
+    assert ws["transient_by_kind"]["heads_to_seq"] == 2 * graph.tensors["L0.attn"].nbytes
