@@ -9,6 +9,9 @@ those heads, and the inverse all-to-all (`heads_to_seq`) brings the output back 
 backward is the same trades reversed (each all-to-all's gradient is its inverse). RoPE rotates each token by its
 position in its document (the data pipeline's positions, sliced with the tokens), so it runs before the trade.
 
+GQA models whose key/value heads are fewer than sp (sp a multiple of them) send each key/value head to the sp/nkv ranks
+whose query heads read it (`repeats`); the backward's inverse all-to-all sums its copies' gradients.
+
 Weight gradients of the sp ranks are partial sums over their tokens; the data-parallel gradient reduction (over
 all ranks) adds them. Consecutive ranks form a group (ranks 0..sp-1, sp..2sp-1, ...: one node's GPUs).
 """
@@ -32,10 +35,14 @@ def check_sequence_parallel(spec: Any, cfg: Any, seq_len: int) -> int:
     field = "sequence_parallel_size"
     if seq_len % sp:
         raise UserError(f"{field}: {sp} must divide sequence_len ({seq_len})")
-    for what, heads in (("num_attention_heads", spec.num_heads), ("num_key_value_heads", spec.num_kv_heads)):
-        if heads % sp:
-            raise UserError(f"{field}: {sp} must divide the model's {what} ({heads}): each rank of a "
-                            "sequence-parallel group attends with 1/sequence_parallel_size of the heads")
+    if spec.num_heads % sp:
+        raise UserError(f"{field}: {sp} must divide the model's num_attention_heads ({spec.num_heads}): each rank of "
+                        "a sequence-parallel group attends with 1/sequence_parallel_size of the heads")
+    nkv = spec.num_kv_heads
+    if nkv % sp and sp % nkv:
+        raise UserError(f"{field}: {sp} and the model's num_key_value_heads ({nkv}) must divide one another: each "
+                        "rank attends with 1/sequence_parallel_size of the key/value heads, or with one of them "
+                        "when there are fewer than sequence_parallel_size")
     return sp
 
 
@@ -44,12 +51,15 @@ def sharded_attention(bld: Any, prefix: str, layer: int, q: str, k: str, v: str,
     """Attention of a rank's token shard: all-to-all q/k/v to whole rows of 1/sp of the heads, attention, and the
     output back to the rank's tokens. Returns the output tensor ([B, T/sp, heads*hd], like attention's)."""
     nh, nkv, hd = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
+    # GQA with fewer key/value heads than ranks: each is sent to the sp / nkv ranks whose query heads use it (their
+    # gradients summed on the way back), so every rank attends with one
+    rep = max(1, sp // nkv)
     whole = []
-    for name, heads in ((q, nh), (k, nkv), (v, nkv)):
+    for name, heads, r in ((q, nh, 1), (k, nkv, rep), (v, nkv, rep)):
         (out,) = bld.op(f"{name}.to_heads", "seq_to_heads", [name], [f"{name}@heads"], layer,
-                        {"sp": sp, "heads": heads, "head_dim": hd})
+                        {"sp": sp, "heads": heads, "head_dim": hd, **({"repeats": r} if r > 1 else {})})
         whole.append(out)
-    shard_attrs = {**attrs, "num_heads": nh // sp, "num_kv_heads": nkv // sp}
+    shard_attrs = {**attrs, "num_heads": nh // sp, "num_kv_heads": nkv * rep // sp}
     att, _ = bld.op(f"{prefix}.attn", "attention", [*whole, cu], [f"{prefix}.attn@heads", f"{prefix}.attn_lse"],
                     layer, shard_attrs, dtypes=[act_dtype, "fp32"])
     (out,) = bld.op(f"{prefix}.attn.to_seq", "heads_to_seq", [att], [f"{prefix}.attn"], layer,

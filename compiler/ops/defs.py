@@ -44,20 +44,20 @@ def _rope_table_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
 
 def _seq_to_heads_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
     b, t, width = s[0]
-    sp, heads, hd = a["sp"], a["heads"], a["head_dim"]
-    if width != heads * hd or heads % sp:
-        raise ValueError(f"seq_to_heads: width {width} is not {heads} heads x {hd}, or {heads} heads do not split "
-                         f"{sp} ways")
-    return [(b, t * sp, width // sp)]
+    sp, heads, hd, rep = a["sp"], a["heads"], a["head_dim"], a.get("repeats", 1)
+    if width != heads * hd or (heads * rep) % sp:
+        raise ValueError(f"seq_to_heads: width {width} is not {heads} heads x {hd}, or {heads} x {rep} heads do not "
+                         f"split {sp} ways")
+    return [(b, t * sp, width * rep // sp)]
 
 
 def _heads_to_seq_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
     b, t, width = s[0]
-    sp, heads, hd = a["sp"], a["heads"], a["head_dim"]
-    if width * sp != heads * hd or heads % sp or t % sp:
-        raise ValueError(f"heads_to_seq: [{b}, {t}, {width}] is not {heads}/{sp} heads x {hd} of a sequence that "
-                         f"splits {sp} ways")
-    return [(b, t // sp, width * sp)]
+    sp, heads, hd, rep = a["sp"], a["heads"], a["head_dim"], a.get("repeats", 1)
+    if width * sp != heads * rep * hd or (heads * rep) % sp or t % sp:
+        raise ValueError(f"heads_to_seq: [{b}, {t}, {width}] is not {heads} x {rep} / {sp} heads x {hd} of a "
+                         f"sequence that splits {sp} ways")
+    return [(b, t // sp, heads * hd)]
 
 
 def _swiglu_shape(s: list[Shape], a: dict[str, Any]) -> list[Shape]:
@@ -86,12 +86,16 @@ register(OpDef("rope_table", (), ("cos", "sin"), ("inv_freq", "attention_scaling
 register(OpDef("attention", ("q", "k", "v", "cu_seqlens"), ("out", "lse"),
                ("num_heads", "num_kv_heads", "head_dim", "scale", "causal"), _attention_shape, V.attention,
                (0, 1, 2), doc="causal GQA softmax attention; tokens attend only inside their cu_seqlens document"))
-register(OpDef("seq_to_heads", ("x",), ("out",), ("sp", "heads", "head_dim"), _seq_to_heads_shape, V.seq_to_heads,
-               (0,), doc="sequence parallelism (Ulysses): all-to-all in the sequence-parallel group from this rank's "
-                         "token shard of every head [B, T/sp, heads*hd] to every token of its head shard "
-                         "[B, T, heads/sp*hd] (shard i of the sequence from rank i, head shard j to rank j)"))
-register(OpDef("heads_to_seq", ("x",), ("out",), ("sp", "heads", "head_dim"), _heads_to_seq_shape, V.heads_to_seq,
-               (0,), doc="the inverse all-to-all of seq_to_heads: [B, T, heads/sp*hd] -> [B, T/sp, heads*hd]"))
+register(OpDef("seq_to_heads", ("x",), ("out",), ("sp", "heads", "head_dim", "repeats"), _seq_to_heads_shape,
+               V.seq_to_heads, (0,),
+               doc="sequence parallelism (Ulysses): all-to-all in the sequence-parallel group from this rank's "
+                   "token shard of every head [B, T/sp, heads*hd] to every token of its head shard "
+                   "[B, T, heads*repeats/sp*hd] (shard i of the sequence from rank i, head shard j to rank j); "
+                   "`repeats` > 1 sends each head `repeats` times (GQA key/value heads fewer than the group)"))
+register(OpDef("heads_to_seq", ("x",), ("out",), ("sp", "heads", "head_dim", "repeats"), _heads_to_seq_shape,
+               V.heads_to_seq, (0,),
+               doc="the inverse all-to-all of seq_to_heads: [B, T, heads*repeats/sp*hd] -> [B, T/sp, heads*hd], "
+                   "the `repeats` copies of each head summed (the gradient of the repeated send)"))
 register(OpDef("swiglu", ("gate", "up"), ("out",), (), _swiglu_shape, V.swiglu, (0, 1), doc="silu(gate) * up"))
 register(OpDef("add", ("a", "b"), ("out",), (), _same(), V.add, (0, 1), doc="residual add"))
 register(OpDef("identity", ("x",), ("out",), (), _same(), V.identity, (0,), doc="copy"))

@@ -150,7 +150,7 @@ def heads_to_seq(ctx: Any) -> None:
 def _all_to_all_vjp(ctx: Any, inverse: str) -> None:
     _, outs, acc = _grads(ctx, (0,))
     if outs:
-        attrs = {k: ctx.op.attrs[k] for k in ("sp", "heads", "head_dim")}
+        attrs = {k: ctx.op.attrs[k] for k in ("sp", "heads", "head_dim", "repeats") if k in ctx.op.attrs}
         ctx.emit(inverse, [ctx.dout(0)], outs, attrs, acc)
 
 

@@ -297,11 +297,16 @@ class KindSizes:
     def k_seq_to_heads(self, op: Any, acc: list[bool]) -> int:
         """Sequence parallelism's all-to-all (runtime/distributed/sequence.py): the chunks sent (a contiguous copy)
         and received, then the received chunks reordered into the output's layout (the executor copies it into the
-        arena): two of the output's size live at once."""
+        arena): two of the output's size live at once; three with `repeats` (the repeated heads are a copy too)."""
         o = self.t(op.outputs[0])
-        return 2 * math.prod(o.shape) * _isz(o.dtype)
+        return (3 if op.attrs.get("repeats", 1) > 1 else 2) * math.prod(o.shape) * _isz(o.dtype)
 
-    k_heads_to_seq = k_seq_to_heads
+    def k_heads_to_seq(self, op: Any, acc: list[bool]) -> int:
+        """As seq_to_heads (two of the input's size); with `repeats` the received heads' copies are then summed."""
+        x = self.t(op.inputs[0])
+        n = math.prod(x.shape) * _isz(x.dtype)
+        rep = int(op.attrs.get("repeats", 1))
+        return 2 * n + (n // rep if rep > 1 else 0)
 
     def k_attention(self, op: Any, acc: list[bool]) -> int:
         b, t, nh, nkv, hd, dt = self._attn_dims(op, op.inputs[0])

@@ -91,9 +91,14 @@ def _all_to_all(chunks: torch.Tensor, sp: int) -> torch.Tensor:
 
 
 def seq_to_heads(ins: list, attrs: dict, ctx: Any) -> list:
-    """[B, T/sp, heads*hd] (this rank's tokens) -> [B, T, heads/sp*hd] (every token, this rank's heads)."""
-    x, sp = ins[0], int(attrs["sp"])
+    """[B, T/sp, heads*hd] (this rank's tokens) -> [B, T, heads*repeats/sp*hd] (every token, this rank's heads; with
+    `repeats` > 1 each head is sent `repeats` times: key/value heads fewer than the group)."""
+    x, sp, rep = ins[0], int(attrs["sp"]), int(attrs.get("repeats", 1))
     b, local, width = x.shape
+    if rep > 1:
+        hd = int(attrs["head_dim"])
+        x = x.reshape(b, local, width // hd, 1, hd).expand(-1, -1, -1, rep, -1)  # head h -> heads h*rep .. h*rep+rep-1
+        width *= rep
     part = width // sp
     send = x.reshape(b, local, sp, part).permute(2, 0, 1, 3)  # [sp, B, T/sp, part]: head shard j for rank j
     got = _all_to_all(send, sp)  # [sp, B, T/sp, part]: token shard i from rank i
@@ -101,13 +106,18 @@ def seq_to_heads(ins: list, attrs: dict, ctx: Any) -> list:
 
 
 def heads_to_seq(ins: list, attrs: dict, ctx: Any) -> list:
-    """[B, T, heads/sp*hd] (every token, this rank's heads) -> [B, T/sp, heads*hd] (this rank's tokens)."""
-    x, sp = ins[0], int(attrs["sp"])
+    """[B, T, heads*repeats/sp*hd] (every token, this rank's heads) -> [B, T/sp, heads*hd] (this rank's tokens; the
+    `repeats` copies of each head summed: the gradient of a repeated send)."""
+    x, sp, rep = ins[0], int(attrs["sp"]), int(attrs.get("repeats", 1))
     b, whole, part = x.shape
     local = whole // sp
     send = x.reshape(b, sp, local, part).permute(1, 0, 2, 3)  # [sp, B, T/sp, part]: token shard j for rank j
     got = _all_to_all(send, sp)  # [sp, B, T/sp, part]: head shard i from rank i
-    return [got.permute(1, 2, 0, 3).reshape(b, local, sp * part)]
+    out = got.permute(1, 2, 0, 3).reshape(b, local, sp * part)
+    if rep > 1:
+        hd = int(attrs["head_dim"])
+        out = out.reshape(b, local, sp * part // (hd * rep), rep, hd).sum(3).reshape(b, local, sp * part // rep)
+    return [out]
 
 
 KERNELS = {"seq_to_heads": seq_to_heads, "heads_to_seq": heads_to_seq}

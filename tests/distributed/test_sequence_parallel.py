@@ -62,13 +62,34 @@ def test_a_rank_graph_holds_its_token_shard_and_attends_whole_rows(qwen3):
 
 
 @pytest.mark.parametrize(("over", "match"), [
-    ({"sequence_parallel_size": 4}, r"sequence_parallel_size: 4 must divide the model's num_key_value_heads \(2\)"),
     ({"sequence_parallel_size": 3, "sequence_len": 18}, r"3 must divide the model's num_attention_heads \(4\)"),
     ({"sequence_parallel_size": 2, "sequence_len": 15}, r"sequence_parallel_size: 2 must divide sequence_len \(15\)"),
 ])
 def test_a_split_the_model_cannot_take_names_the_field(qwen3, over, match):
     with pytest.raises(UserError, match=match):
         compile_front(make_cfg(qwen3, **over))
+
+
+def test_key_value_heads_fewer_than_the_group_are_repeated_not_refused(qwen3, tmp_path):
+    """4 ranks over 2 key/value heads: each is sent to the 2 ranks whose query heads read it; 6 ranks over 4 cannot
+    be split either way."""
+    graph = compile_front(make_cfg(qwen3, sequence_len=T, sequence_parallel_size=4))
+    to_heads = {op.inputs[0]: op for op in graph.ops() if op.kind == "seq_to_heads" and op.phase == "forward"}
+    assert to_heads["L0.k_rope"].attrs["repeats"] == 2 and "repeats" not in to_heads["L0.q_rope"].attrs
+    attn = next(op for op in graph.ops() if op.kind == "attention")
+    assert (attn.attrs["num_heads"], attn.attrs["num_kv_heads"]) == (1, 1)
+    assert graph.tensors["L0.k_rope@heads"].shape == (B, T, 16)
+    k_back = next(op for op in graph.ops() if op.attrs.get("fwd_op") == "L0.k_rope.to_heads")
+    assert k_back.attrs["repeats"] == 2  # the backward sums the two copies' gradients
+    from surogate.compiler.passes.workspace import estimate_workspace
+
+    ws = estimate_workspace(graph)["transient_by_kind"]  # the repeated heads are one more copy; their sum a smaller one
+    k_bytes = graph.tensors["L0.k_rope@heads"].nbytes
+    assert ws["seq_to_heads"] == 3 * k_bytes and ws["heads_to_seq"] == 2 * k_bytes + k_bytes // 2
+    wide = save_tiny(tmp_path, "qwen3", num_attention_heads=12, num_key_value_heads=4)
+    with pytest.raises(UserError, match=r"sequence_parallel_size: 6 and the model's num_key_value_heads \(4\) must "
+                                        r"divide one another"):
+        compile_front(make_cfg(wide, sequence_len=18, sequence_parallel_size=6))
 
 
 def test_moe_router_losses_are_refused_not_computed_on_a_shard(tmp_path):
@@ -105,37 +126,38 @@ def _packed_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": torch.tensor([0, 5, 16, 32])}
 
 
-def _rank_main(rank: int, port: int, model: str, recompute: bool, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, model: str, recompute: bool, out_dir: str, sp: int = SP) -> None:
     import torch.distributed as dist
 
     from surogate.runtime.distributed import sequence
     from surogate.runtime.reference import gradients, load_weights, run_graph
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=SP)
-    sequence.init_groups(SP)
-    graph = compile_front(make_cfg(model, sequence_len=T, sequence_parallel_size=SP, recompute=recompute))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=sp)
+    sequence.init_groups(sp)
+    graph = compile_front(make_cfg(model, sequence_len=T, sequence_parallel_size=sp, recompute=recompute))
     plan = type("P", (), {"tensors": graph.tensors, "meta": graph.meta})()
     batch = _packed_batch()
     total = int((shift_labels(batch["labels"]) != -100).sum())
     values = load_weights(graph, Path(model))
-    values.update(plan_inputs(plan, batch, num_items=total / SP, sp_rank=rank))  # the trainer's count / world
+    values.update(plan_inputs(plan, batch, num_items=total / sp, sp_rank=rank))  # the trainer's count / world
     run_graph(graph, values)
     with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
         pickle.dump((float(values["loss"]), gradients(graph, values)), f)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_group_of_two_equals_transformers_on_a_packed_batch(qwen3, tmp_path, recompute):
+@pytest.mark.parametrize(("sp", "recompute"), [(2, False), (2, True), (4, False)])
+def test_group_equals_transformers_on_a_packed_batch(qwen3, tmp_path, sp, recompute):
+    """sp 4: more ranks than the model's 2 key/value heads (each sent to two ranks, its gradient summed back)."""
     from transformers import AutoModelForCausalLM
 
-    mp.start_processes(_rank_main, args=(_free_port(), str(qwen3), recompute, str(tmp_path)), nprocs=SP,
+    mp.start_processes(_rank_main, args=(_free_port(), str(qwen3), recompute, str(tmp_path), sp), nprocs=sp,
                        start_method="spawn", join=True)
-    parts = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(SP)]
+    parts = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(sp)]
     # the trainer's reduction: the ranks' losses and gradients averaged over the world
-    loss = sum(p[0] for p in parts) / SP
-    grads = {n: sum(p[1][n] for p in parts) / SP for n in parts[0][1]}
+    loss = sum(p[0] for p in parts) / sp
+    grads = {n: sum(p[1][n] for p in parts) / sp for n in parts[0][1]}
 
     batch = _packed_batch()
     model = AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32, attn_implementation="eager")
@@ -158,7 +180,7 @@ def test_group_of_two_equals_transformers_on_a_packed_batch(qwen3, tmp_path, rec
         assert g.abs().sum() > 0, name
         assert rel_err(grads[name], g) < TOL, f"{name}: rel err {rel_err(grads[name], g):.2e}"
     # each rank alone holds only a part: the sum is needed (the check can fail)
-    assert rel_err(parts[0][1]["model.embed_tokens.weight"] / SP, ref_grads["model.embed_tokens.weight"]) > 0.1
+    assert rel_err(parts[0][1]["model.embed_tokens.weight"] / sp, ref_grads["model.embed_tokens.weight"]) > 0.1
 
 
 def test_the_all_to_alls_temporaries_are_in_the_backend_workspace(qwen3):
