@@ -21,8 +21,9 @@ _RESUME_FREE = {
 # Options that change where tensors live or what is recomputed, not a step's arithmetic or the checkpoint's tensors:
 # a resume may change them (a run that no longer fits resumes with recompute or offloading on), and says so.
 # Kept beside the fingerprint (`placement`), not in its hash; checkpoints from before kept them among its options.
+# (use_fused_rope: RoPE's cos/sin computed in each kernel instead of read from a table, the same fp32 formula)
 _PLACEMENT_FREE = {"recompute", "offload_residual", "offload_master", "offload_optimizer", "offload_grads",
-                   "use_zero_copy", "use_write_combined", "lmhead_chunks", "attn_bwd_chunks"}
+                   "use_zero_copy", "use_write_combined", "lmhead_chunks", "attn_bwd_chunks", "use_fused_rope"}
 
 # The rank count, ZeRO layout and sequence-parallel split may change on resume (the checkpoint is resharded,
 # `runtime.distributed.reshard`; a rank's tensors do not depend on the split); the global batch may not:

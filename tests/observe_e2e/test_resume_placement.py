@@ -1,4 +1,4 @@
-"""A run that no longer fits resumes with recompute, offloading or chunking changed: those options move tensors or
+"""A run that no longer fits resumes with recompute, offloading, chunking or use_fused_rope changed: those options move tensors or
 recompute them, not a step's arithmetic or the checkpoint's tensors (checkpoint_config._PLACEMENT_FREE). The resume
 says what changed and trains what the uninterrupted run trains; any other option still refuses it, and checkpoints
 whose fingerprint hashed these options too resume as well."""
@@ -33,11 +33,11 @@ def test_resume_with_recompute_and_offloading_changed_trains_the_same(source, tm
     shutil.rmtree(out / "checkpoint-6")  # as if the run had stopped after step 3
     (out / "latest").write_text("checkpoint-3\n")
     changed = train_cfg(source, tmp_path / "run", **{**base, "recompute": True, "offload_optimizer": True,
-                                                      "attn_bwd_chunks": 2})
+                                                      "attn_bwd_chunks": 2, "use_fused_rope": True})
     result, console = train(changed)
     assert result.first_step == 3 and result.steps == 6
     assert ("resume: memory and speed options changed since checkpoint-3 (attn_bwd_chunks: 1 -> 2; "
-            "offload_optimizer: False -> True; recompute: False -> True)") in console
+            "offload_optimizer: False -> True; recompute: False -> True; use_fused_rope: False -> True)") in console
     assert _losses(tmp_path / "run.jsonl") == straight  # steps 4-6 trained again, the same losses
     # another option still refuses the resume
     (out / "latest").write_text("checkpoint-3\n")
