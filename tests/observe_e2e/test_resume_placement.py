@@ -1,7 +1,7 @@
-"""A run that no longer fits resumes with recompute, offloading, chunking or use_fused_rope changed: those options move tensors or
-recompute them, not a step's arithmetic or the checkpoint's tensors (checkpoint_config._PLACEMENT_FREE). The resume
-says what changed and trains what the uninterrupted run trains; any other option still refuses it, and checkpoints
-whose fingerprint hashed these options too resume as well."""
+"""A run that no longer fits resumes with recompute, offloading, chunking or use_fused_rope changed: those options
+move tensors or recompute them, not a step's arithmetic or the checkpoint's tensors
+(checkpoint_config._PLACEMENT_FREE). The resume says what changed and trains what the uninterrupted run trains; any
+other option still refuses it, and checkpoints whose fingerprint hashed these options too resume as well."""
 
 from __future__ import annotations
 
