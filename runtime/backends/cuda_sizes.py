@@ -371,7 +371,9 @@ def flash_bwd_chunks(total: int, seqs: int, nh: int, nkv: int, hd: int, budget: 
     while each call still fills the GPU (flash's backward runs one block per 128 keys per head: a call
     keeps >= `waves` blocks per multiprocessor; SUROGATE_FLASH_BWD_WAVES, default 2, 0 = memory only)."""
     if waves is None:
-        waves = int(os.environ.get("SUROGATE_FLASH_BWD_WAVES", "2"))
+        from surogate.runtime.distributed.comm import env_int
+
+        waves = env_int("SUROGATE_FLASH_BWD_WAVES", 2)  # (junk: an error naming the variable)
     rep = nh // nkv
     per_group = flash_bwd_bytes_per_group(total, seqs, rep, hd)
     by_memory = budget // max(1, per_group)

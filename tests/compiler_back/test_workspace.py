@@ -164,3 +164,13 @@ def test_flash_inplace_follows_torch_and_the_switch(monkeypatch):
     assert sz.flash_inplace() == hasattr(torch.ops.aten, "_flash_attention_forward_no_dropout_inplace")
     monkeypatch.setenv("SUROGATE_FLASH_INPLACE", "0")
     assert not sz.flash_inplace()
+
+
+def test_flash_bwd_waves_switch_junk_names_the_variable(monkeypatch):
+    from surogate.errors import UserError
+
+    monkeypatch.setenv("SUROGATE_FLASH_BWD_WAVES", "two")
+    with pytest.raises(UserError, match=r"SUROGATE_FLASH_BWD_WAVES='two': expected an integer"):
+        sz.flash_bwd_chunks(4096, 16, 16, 8, 128, 1 << 20, 1)
+    monkeypatch.setenv("SUROGATE_FLASH_BWD_WAVES", "0")  # memory only: as many chunks as the budget needs
+    assert sz.flash_bwd_chunks(4096, 16, 16, 8, 128, 1, 1) == 8
