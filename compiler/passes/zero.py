@@ -219,6 +219,11 @@ def apply_zero(graph: Graph, cfg: Any) -> Graph:
     if world % sp:  # (the schema checks it when the GPU count is given; `gpus: 0` resolves it only here)
         raise UserError(f"sequence_parallel_size: {sp} must divide the number of ranks ({world})")
     graph.meta.setdefault("notes", []).extend(notes)
+    nodes = max(1, getattr(getattr(cfg, "distributed", None), "num_nodes", 1) or 1)
+    if sp > world // nodes:  # groups are consecutive ranks: one node's GPUs, unless a group is larger than a node
+        graph.meta["notes"].append(f"sequence_parallel_size: a group of {sp} ranks spans {sp * nodes // world} nodes "
+                                   f"({world // nodes} GPUs each): its all-to-alls around every attention cross the "
+                                   "network; a group within one node keeps them on the node's links")
     if world == 1 and (level > 1 or getattr(cfg, "shard_weights", False) or getattr(cfg, "shard_gradients", False)):
         graph.meta["notes"].append("ZeRO sharding has no effect with a single rank")
     if info["weights"]:

@@ -141,3 +141,18 @@ def test_zero3_shards_master_weights_like_their_weights():
         assert "shard" in w.attrs and m.shape == w.shape and m.attrs["full_shape"] == w.attrs["full_shape"]
     ratio = persistent_bytes(many, Role.MASTER_WEIGHT) / persistent_bytes(one, Role.MASTER_WEIGHT)
     assert 0.25 <= ratio < 0.26  # a quarter, plus the shards' row padding
+
+
+def test_a_sequence_parallel_group_larger_than_a_node_is_noted():
+    from types import SimpleNamespace
+
+    def notes(sp: int) -> list[str]:
+        graph = synth.build()
+        graph.meta["sequence_parallel"] = sp
+        cfg = synth.cfg(gpus=4)
+        cfg.distributed = SimpleNamespace(num_nodes=2, gpus_per_node=4)
+        return [n for n in run_passes(graph, cfg, start_after="chunking").meta["notes"] if "sequence_parallel" in n]
+
+    assert notes(4) == []
+    (note,) = notes(8)
+    assert note.startswith("sequence_parallel_size: a group of 8 ranks spans 2 nodes (4 GPUs each)")
