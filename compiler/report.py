@@ -156,20 +156,21 @@ def suggest_fixes(
     same_mode = [r for r in results if not MODE_KNOBS.intersection(r["changes"])]
     combos = []
     if len(same_mode) > 1 and not any(r["fits"] for r in same_mode):
-        combos.append(_combine(same_mode, base, capacity, replan))
+        combos.append(_combine(same_mode, base, capacity, replan, plan.config))
     if len(results) > 1 and not any(r["fits"] for r in results) and len(same_mode) < len(results):
-        combos.append(_combine(results, base, capacity, replan))
+        combos.append(_combine(results, base, capacity, replan, plan.config))
     return results + [c for c in combos if c is not None]
 
 
 def _combine(
-    singles: list[dict[str, Any]], base: int, capacity: int, replan: Callable[[dict[str, Any]], int | None]
+    singles: list[dict[str, Any]], base: int, capacity: int, replan: Callable[[dict[str, Any]], int | None],
+    config: dict[str, Any],
 ) -> dict[str, Any] | None:
     """Add knobs (biggest savings first) while each still lowers the peak, until it fits."""
     combined: dict[str, Any] = {}
     best, used = base, 0
     for r in singles:
-        trial = {**combined, **r["changes"]}
+        trial = _merge_knobs(combined, r["changes"], config)
         peak = replan(trial)
         if peak is not None and peak < best:
             combined, best, used = trial, peak, used + 1
@@ -179,6 +180,18 @@ def _combine(
         return None
     return {"changes": combined, "peak_bytes": best, "saves_bytes": base - best, "fits": best <= capacity,
             "combined": True}
+
+
+def _merge_knobs(combined: dict[str, Any], changes: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Two knobs' changes together. Each knob that raises gradient_accumulation_steps does so by a factor that keeps
+    the global batch (micro-batch halved, sequence_parallel_size doubled: replicas halved): together the factors
+    multiply (x2 and x2 is x4), where merging the dicts would keep only the last one's x2."""
+    key = "gradient_accumulation_steps"
+    trial = {**combined, **changes}
+    if key in combined and key in changes:
+        base = int(config.get(key) or 1)
+        trial[key] = int(combined[key]) * int(changes[key]) // base
+    return trial
 
 
 def reserve_bytes(capacity: int | None) -> int:

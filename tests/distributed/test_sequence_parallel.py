@@ -194,3 +194,29 @@ def test_the_all_to_alls_temporaries_are_in_the_backend_workspace(qwen3):
     q = graph.tensors["L0.q_rope@heads"]
     assert ws["transient_by_kind"]["seq_to_heads"] == 2 * q.nbytes
     assert ws["transient_by_kind"]["heads_to_seq"] == 2 * graph.tensors["L0.attn"].nbytes
+
+
+def test_combined_fit_suggestion_keeps_the_global_batch():
+    """`surogate plan` combines knobs when none fits alone: halving the micro-batch and doubling
+    sequence_parallel_size each double the accumulation to keep the global batch, so together they quadruple it
+    (the merge kept one doubling: a combined suggestion that halved the global batch)."""
+    from surogate.compiler.report import suggest_fixes
+    from tests.compiler_back.helpers import back_half
+
+    plan = back_half(gpus=4, per_device_train_batch_size=2, gradient_accumulation_steps=3)
+    peak = plan.memory["device"]["peak_bytes"]
+    saves = {"per_device_train_batch_size": 300, "sequence_parallel_size": 200}
+
+    def replan(changes):  # only these two knobs lower the peak
+        return peak - sum(v for k, v in saves.items() if k in changes)
+
+    def global_batch(c):  # rows per optimizer step: micro-batch x accumulation x data-parallel replicas
+        return (c.get("per_device_train_batch_size", 2) * c.get("gradient_accumulation_steps", 3)
+                * 4 // c.get("sequence_parallel_size", 1))
+
+    result = suggest_fixes(plan, peak - 450, replan)
+    singles = {next(iter(r["changes"])): r["changes"] for r in result if not r.get("combined")}
+    assert global_batch(singles["per_device_train_batch_size"]) == global_batch(singles["sequence_parallel_size"]) == 24
+    (combined,) = [r["changes"] for r in result if r.get("combined")]
+    assert combined["sequence_parallel_size"] == 2 and combined["per_device_train_batch_size"] == 1
+    assert combined["gradient_accumulation_steps"] == 12 and global_batch(combined) == 24
