@@ -303,6 +303,8 @@ def parallel_sizes(cfg, given):
             yield ConfigIssue(
                 "sequence_parallel_size", f"got {sp}; must divide the number of GPUs ({world})", sp
             )
+    if sp > 1 and cfg["sequence_len"] % sp:  # each rank of a group holds sequence_len / sp tokens of every row
+        yield ConfigIssue("sequence_parallel_size", f"got {sp}; must divide sequence_len ({cfg['sequence_len']})", sp)
     if dist["num_nodes"] > 1 and dist["gpus_per_node"] == 0 and cfg["gpus"] == 0:
         yield ConfigIssue(
             "distributed.gpus_per_node", "multi-node training needs a GPU count: set it, or `gpus`", 0

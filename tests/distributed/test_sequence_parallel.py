@@ -220,3 +220,14 @@ def test_combined_fit_suggestion_keeps_the_global_batch():
     (combined,) = [r["changes"] for r in result if r.get("combined")]
     assert combined["sequence_parallel_size"] == 2 and combined["per_device_train_batch_size"] == 1
     assert combined["gradient_accumulation_steps"] == 12 and global_batch(combined) == 24
+
+
+def test_validate_names_a_sequence_len_the_group_does_not_split():
+    """`surogate validate` passed a sequence_len that sequence_parallel_size does not divide (only plan / sft refused
+    it): a config-only rule, so validate reports it beside the other errors."""
+    from surogate.errors import ConfigError
+    from surogate.schema import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"sequence_parallel_size: got 2; must divide sequence_len \(15\)"):
+        config_from_dict({"model": "m", "gpus": 2, "sequence_parallel_size": 2, "sequence_len": 15})
+    config_from_dict({"model": "m", "gpus": 2, "sequence_parallel_size": 2, "sequence_len": 16})
