@@ -123,9 +123,10 @@ def _knobs(config: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     if config.get("lora", True) and not any(config.get(q) for q in ("qlora_bnb", "qlora_fp8", "qlora_fp4")):
         add(qlora_bnb=True)
     b = int(config.get("per_device_train_batch_size") or 1)
-    if b > 1:
-        add(per_device_train_batch_size=b // 2,
-            gradient_accumulation_steps=2 * int(config.get("gradient_accumulation_steps") or 1))
+    if b > 1:  # the micro-batch split by its smallest factor, accumulation raised by it: the same global batch
+        f = next(f for f in range(2, b + 1) if b % f == 0)
+        add(per_device_train_batch_size=b // f,
+            gradient_accumulation_steps=f * int(config.get("gradient_accumulation_steps") or 1))
     return knobs
 
 

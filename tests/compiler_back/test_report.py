@@ -165,3 +165,15 @@ def test_report_says_what_the_fusion_passes_rewrote(monkeypatch):
 def test_plot_without_a_suffix_returns_the_png_it_writes(tmp_path):
     path = plot_memory(back_half(), tmp_path / "memplot")
     assert path == tmp_path / "memplot.png" and path.is_file() and not (tmp_path / "memplot").exists()
+
+
+def test_an_odd_micro_batch_is_split_by_its_smallest_factor_keeping_the_global_batch():
+    from types import SimpleNamespace
+
+    from surogate.compiler.report import _knobs
+
+    plan = SimpleNamespace(memory={"device": {"persistent": {}}}, meta={})
+    for b, acc, want in ((3, 2, (1, 6)), (4, 1, (2, 2)), (9, 1, (3, 3))):
+        knobs = _knobs({"per_device_train_batch_size": b, "gradient_accumulation_steps": acc}, plan)
+        (split,) = [k for k in knobs if "per_device_train_batch_size" in k]
+        assert (split["per_device_train_batch_size"], split["gradient_accumulation_steps"]) == want
