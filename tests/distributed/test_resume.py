@@ -78,10 +78,10 @@ SP_OPTS = {**OPTS, "zero_level": 1, "lora_dropout": 0.0}
 
 
 def test_sequence_parallel_resume_is_bitwise_and_may_change_the_split(tmp_path):
-    """A 2-rank sequence-parallel run (one group) resumed as it was reproduces itself bitwise; resumed on 2
-    data-parallel ranks (sequence_parallel_size 1, accumulation halved: the same global batch) it continues the same
-    training (fp32 rounding: the attention's heads and tokens sum in another order). (A changed global batch is refused:
-tests/runtime/test_config_mismatch.py.)"""
+    """A 2-rank sequence-parallel run (one group) resumed as it was reproduces itself bitwise; resumed by one process
+    (sequence_parallel_size 1, the same global batch: one replica either way) it continues the same training (fp32
+    rounding: the attention's heads and tokens sum in another order). (A changed global batch is refused:
+    tests/runtime/test_config_mismatch.py.)"""
     root = make_root(tmp_path)
     sp = dict(gpus=2, accumulation=2, sequence_parallel_size=2, **SP_OPTS)
     straight = run_training(cfg_for(root, "sp", **sp), backend="cpu")
@@ -94,7 +94,7 @@ tests/runtime/test_config_mismatch.py.)"""
     assert resumed.losses == straight.losses[2:]
     again = load_file(str(out / "checkpoint-4" / TENSORS_FILE))
     assert set(again) == set(final) and all(torch.equal(again[k], final[k]) for k in final)
-    split_changed = run_training(cfg_for(root, "dp", gpus=2, accumulation=1, **SP_OPTS), backend="cpu")
+    split_changed = run_training(cfg_for(root, "dp", gpus=1, accumulation=2, **SP_OPTS), backend="cpu")
     assert len(split_changed.losses) == 2
     for a, b in zip(split_changed.losses, straight.losses[2:], strict=True):
         assert abs(a - b) <= 1e-5 * abs(b)
