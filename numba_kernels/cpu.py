@@ -67,12 +67,12 @@ def rope_fused_backward(dout, dx, position_ids, inv_freq, attention_scaling=1.0)
     dx.copy_(rope.rope_fused_ref(dout, position_ids, inv_freq, attention_scaling, backward=True).to(dx.dtype))
 
 
-def dropout_apply(x, out, p, seed, offset=0, step=None, scale=None) -> None:
+def dropout_apply(x, out, p, seed, offset=0, step=None, scale=None, token_shard=(0, 1)) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if step is not None:
-        offset = int(offset) + int(step.reshape(-1)[0]) * x.numel()
-    out.copy_(dropout.dropout_ref(x, p, seed, offset, scale).to(out.dtype))
+        offset = int(offset) + int(step.reshape(-1)[0]) * x.numel() * token_shard[1]
+    out.copy_(dropout.dropout_ref(x, p, seed, offset, scale, token_shard).to(out.dtype))
 
 
 def _chunks(n: int, ws) -> list[tuple[int, int]]:

@@ -47,6 +47,9 @@ class StepContext:
     # split) keys on it, so a context passed to two runs still makes two runs
     run: int = 0
     training: bool = True  # False for evaluation (dropout is the identity there)
+    # (r, sp): the micro-batch's tokens are shard r of sp of each row (sequence parallelism): dropout draws the
+    # shard's part of the whole rows' mask
+    token_shard: tuple[int, int] = (0, 1)
 
     def shape_of_output(self, i: int) -> tuple[int, ...]:
         return self.out_shapes[i]

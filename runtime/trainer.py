@@ -198,9 +198,10 @@ class Trainer:
             for name, value in plan_inputs(self.plan, batch, num_items=num_items, sp_rank=place.sp_rank).items():
                 self.ex.write(name, value)
             # the global micro-batch index seeds dropout: the same masks as a one-rank run of the global batch
-            # (a sequence shard: its own masks)
+            # (a sequence shard: its part of them)
             index = (self.step * self.accumulation + i) * place.dp_world + place.dp_rank
-            ctx = StepContext(self.plan, index * place.sp + place.sp_rank, last_micro_step=i == len(mine) - 1)
+            ctx = StepContext(self.plan, index, last_micro_step=i == len(mine) - 1,
+                              token_shard=(place.sp_rank, place.sp))
             self.ex.run(MICRO_STEP, ctx)
             self._keep_micro_loss(i, len(mine))
         # one host read per step: a read per micro-step would make the host wait for the device each time

@@ -247,7 +247,8 @@ def _dropout(st: CudaState, ins: list, attrs: dict, ctx: Any) -> list:
         # step is read on the device (st.step_index), so a captured micro-step replays with each step's mask
         # `scaled: False`: the mask alone (the LoRA GEMM reading the output applies 1 / (1 - p))
         _k("lora_dropout")(x, buf, p, int(attrs["seed"]), 0, step=st.step_index(ctx, x.device),
-                           scale=None if attrs.get("scaled", True) else 1.0)
+                           scale=None if attrs.get("scaled", True) else 1.0,
+                           token_shard=getattr(ctx, "token_shard", (0, 1)))
     _flush(out, buf)
     return [out]
 

@@ -61,10 +61,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, n * d)
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, step: int) -> torch.Tensor:
-    """Deterministic keep-mask for (seed, step): forward, backward and recompute regenerate the same one."""
+def dropout_mask(shape: torch.Size, p: float, seed: int, step: int,
+                 token_shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Deterministic keep-mask for (seed, step): forward, backward and recompute regenerate the same one.
+    `token_shard` (r, sp): the tensor is shard r of sp along dim 1 (sequence parallelism): its slice of the whole
+    rows' mask, so the shards together drop what one process drops."""
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
-    return torch.rand(shape, generator=gen) >= p
+    r, sp = token_shard
+    if sp == 1:
+        return torch.rand(shape, generator=gen) >= p
+    t = shape[1]
+    return (torch.rand((shape[0], t * sp, *shape[2:]), generator=gen) >= p)[:, r * t : (r + 1) * t]
 
 
 def linear_scale(attrs: dict, ctx: Any) -> float:

@@ -146,7 +146,7 @@ def identity(x: Tensors, a: dict, ctx: Any) -> Tensors:
 
 def dropout(x: Tensors, a: dict, ctx: Any) -> Tensors:
     p = a["p"]
-    keep = dropout_mask(x[0].shape, p, a["seed"], ctx.step)
+    keep = dropout_mask(x[0].shape, p, a["seed"], ctx.step, getattr(ctx, "token_shard", (0, 1)))
     if not a.get("scaled", True):  # the mask alone: the LoRA GEMM reading it applies 1 / (1 - p)
         return [x[0] * keep]
     # in fp32, rounded once into the output (PEFT's dropout(x.float()) for fp32 adapters on a bf16 x)

@@ -164,3 +164,17 @@ def test_full_finetune_sequence_and_data_parallel_four_ranks_equal_one_rank(root
     got, want = exported(root / name, False), exported(ref_out, False)
     assert set(got) == set(want)
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 0.2 * LR
+
+
+def test_lora_dropout_under_sequence_parallelism_equals_one_rank(root):
+    """With LoRA dropout each rank of a group draws its tokens' part of the whole rows' mask: the same masks as one
+    process, so the same training (eval and grad norms too)."""
+    common = dict(lora_dropout=0.1, accumulation=2, validation_split_ratio=0.0)
+    one = run_training(cfg_for(root, "one-lora-dropout", gpus=1, **common), backend="cpu")
+    sp = run_training(cfg_for(root, "two-lora-dropout-sp2", gpus=2, sequence_parallel_size=2, **common),
+                      backend="cpu")
+    assert sp.steps == one.steps == STEPS
+    for a, b in zip(sp.losses, one.losses, strict=True):
+        assert abs(a - b) <= TOL * abs(b)
+    mine, theirs = log_steps(root / "two-lora-dropout-sp2"), log_steps(root / "one-lora-dropout")
+    assert all(mine[s]["grad_norm"] == pytest.approx(theirs[s]["grad_norm"], rel=TOL) for s in theirs)

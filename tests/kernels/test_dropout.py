@@ -78,3 +78,27 @@ def test_mask_only_bf16_to_bf16_is_exact_and_equals_the_reference():
     scaled = torch.empty(3, 37)
     dropout_apply(x, scaled, 0.3, 9, 4)  # PEFT's dropout(x.float()): fp32 output
     assert torch.allclose(scaled * 0.7, out.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_token_shards_draw_their_part_of_the_whole_rows_mask(sp):
+    """Sequence parallelism: shard r of sp along dim 1 (its counters those of the whole rows) drops exactly the
+    elements one process drops there, at any step; the cpu kernel table and the torch reference agree."""
+    from surogate.numba_kernels import cpu
+    from surogate.runtime.reference.common import dropout_mask
+
+    x = torch.randn(3, 4 * sp, 5)
+    step = torch.tensor([7], dtype=torch.int64)
+    whole = torch.empty_like(x)
+    dropout_apply(x, whole, 0.3, 11, 2, step=step)
+    t = x.shape[1] // sp
+    for r in range(sp):
+        part = x[:, r * t : (r + 1) * t].contiguous()
+        got, on_cpu = torch.empty_like(part), torch.empty_like(part)
+        dropout_apply(part, got, 0.3, 11, 2, step=step, token_shard=(r, sp))
+        cpu.dropout_apply(part, on_cpu, 0.3, 11, 2, step=step, token_shard=(r, sp))
+        assert torch.equal(got, whole[:, r * t : (r + 1) * t]) and torch.equal(on_cpu, got)
+        # the reference backend's mask (torch's generator): the same rule
+        full = dropout_mask(x.shape, 0.3, 11, 7)
+        assert torch.equal(dropout_mask(part.shape, 0.3, 11, 7, (r, sp)), full[:, r * t : (r + 1) * t])
+    assert not torch.equal(whole[:, :t], dropout_ref(x[:, :t].contiguous(), 0.3, 11, 2 + 7 * x.numel()))
