@@ -118,8 +118,10 @@ def _kernel(x_dt: torch.dtype, o_dt: torch.dtype):
         pf = float32(p)
         sc = float32(scale)
         for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            # (one process: per_row = full_row = n, shard_off = 0: ctr = base + i)
-            ctr = base + uint64(i // per_row) * uint64(full_row) + uint64(shard_off) + uint64(i % per_row)
+            if sp == 1:  # (uniform branch: one process pays no 64-bit division)
+                ctr = base + uint64(i)
+            else:
+                ctr = base + uint64(i // per_row) * uint64(full_row) + uint64(shard_off) + uint64(i % per_row)
             h = fmix32(hs ^ (ctr & m32))
             h = fmix32(h ^ (ctr >> s32))
             u = float32(h >> s8) * float32(5.9604644775390625e-08)  # 2^-24
