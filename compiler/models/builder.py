@@ -14,6 +14,8 @@ Conventions downstream passes rely on:
   pass the whole window's count, so that summed micro-step gradients equal HF Trainer's (`num_items_in_batch`);
 - `cu_seqlens` (int32, B*T+1 entries, padded by repeating the total) bounds documents over the flattened
   B*T tokens; attention never crosses a boundary. One document per row is `[0, T, 2T, ..., B*T, ...]`.
+- sequence parallelism (`sequence_parallel_size` sp > 1, models/sequence_parallel.py): the per-token inputs and
+  activations hold this rank's T/sp tokens of each row; `cu_seqlens` and attention keep whole rows.
 """
 
 from __future__ import annotations
