@@ -176,6 +176,7 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
     if latest is None:
         _agreed(lambda: checkpoints.refuse_unusable(fresh_start_advice(cfg, checkpoints)))
         return None, []
+    moved_note = None
     try:
         loaded = checkpoints.load(latest, allow_moved=trainer.identity is not None)
         if trainer.identity is not None:
@@ -191,7 +192,7 @@ def resume_latest(trainer: Trainer, checkpoints: Any, cfg: Any) -> tuple[Path | 
     notes = [f"resume: skipped {path.name} ({why}); resumed from {latest.name}. {path.name} is left in place and "
              "not counted by save_total_limit (saving that step again replaces it)"
              for path, why in sorted(checkpoints.bad.items())]
-    if trainer.identity is not None and moved_note:
+    if moved_note:
         notes.append(moved_note)
     if loaded.config_changes:
         notes.append(f"resume: memory and speed options changed since {latest.name} ({'; '.join(loaded.config_changes)})"

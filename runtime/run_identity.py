@@ -91,14 +91,14 @@ def run_identity(data: Any, plan: Any, cfg: Any, source_dir: Path | None) -> dic
 
 def check_moved(saved: Any, current: dict[str, Any], moved: list[str], where: Path) -> str:
     """The note of a resume whose model, adapter or dataset paths changed (`moved`: `name: old -> new`) after
-    `check_same_identity` found the content the same; ConfigMismatchError when the checkpoint's record cannot
-    prove it (written before the record had the model's config.json, or holding no record of a part that moved)."""
+    `check_same_identity` found the content the same (what both records hold agrees); ConfigMismatchError when the
+    checkpoint's record cannot prove it (written before the record had the model's config.json, or holding no
+    record of a part that moved)."""
     listed = "; ".join(moved)
     record = saved if isinstance(saved, dict) else {}
     missing = [what for what, ok in (
         ("data", isinstance(record.get("data"), dict)),
-        ("model config.json", "model_config" in record and record.get("model_config") == current.get("model_config")
-         and current.get("model_config") is not None),
+        ("model config.json", record.get("model_config") is not None),  # (equal to this run's: check_same_identity)
         ("base weights", current.get("model") is None or record.get("model") is not None),
     ) if not ok]
     if missing:

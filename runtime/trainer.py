@@ -127,7 +127,6 @@ class Trainer:
         # sequence parallelism a replica is a group of sp ranks, each training its shard of the rows' tokens.
         self.rank, self.world = comm.rank(), comm.world()
         self.place = placement(plan, self.rank, self.world)
-        self.replicas = self.place.dp_world
         per_epoch = math.ceil(data.train.num_batches(self.batch_size) / (self.accumulation * self.replicas))
         self.steps_per_epoch = max(1, per_epoch)
         epochs = int(num_epochs if num_epochs is not None else cfg.num_epochs)
@@ -152,6 +151,11 @@ class Trainer:
         # failed before it leaves the state of the last step: `rescue_checkpoint`)
         self._step_start: Position | None = None
         self._weights_touched = False
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas: the ranks over sequence_parallel_size (each replica reads its own micro-batches)."""
+        return self.place.dp_world
 
     def _stream_at(self, position: Position | None) -> BatchStream:
         """The training batches from `position` (None: the start), in the run's seeded order."""

@@ -27,7 +27,6 @@ from surogate.compiler.models.rope import inv_freq
 from surogate.compiler.models.sequence_parallel import check_sequence_parallel, sharded_attention
 from surogate.compiler.models.spec import ModelSpec
 from surogate.compiler.ops import infer_shapes
-from surogate.errors import UserError
 from surogate.schema.loss_scale import is_custom
 
 
@@ -98,18 +97,14 @@ def build_decoder(spec: ModelSpec, cfg: Any) -> Graph:
     """The forward graph (one micro-batch) of a Llama/Qwen-style decoder."""
     b = int(getattr(cfg, "per_device_train_batch_size", 1) or 1)
     full_t = int(getattr(cfg, "sequence_len", 1024))
-    sp = check_sequence_parallel(spec, cfg, full_t)
-    t = full_t // sp  # this rank's tokens of each row (sequence parallelism: its shard; sequence_parallel.py)
     lora = bool(getattr(cfg, "lora", True))
     from_scratch = bool(getattr(cfg, "from_scratch", False))
     trainable = from_scratch or not lora
     g = Graph()
     zero_proj = from_scratch and bool(getattr(cfg, "init_projections_to_zero", False))
     aux_coef, z_coef = router_loss_coefs(spec, cfg)
-    if sp > 1 and (aux_coef or z_coef):  # their statistics are over a row's tokens, which no rank holds whole
-        raise UserError("sequence_parallel_size: the MoE router losses (router_aux_loss_coef, router_z_loss_coef) "
-                        "are not computed across a sequence-parallel group in this version; set both to 0 or "
-                        "sequence_parallel_size to 1")
+    sp = check_sequence_parallel(spec, cfg, full_t, router_losses=bool(aux_coef or z_coef))
+    t = full_t // sp  # this rank's tokens of each row (sequence parallelism: its shard; sequence_parallel.py)
     bld = GraphBuilder(g, spec.dtype, Role.TRAINABLE_WEIGHT if trainable else Role.FROZEN_WEIGHT, spec.dtype,
                        zero_proj, router_stats=bool(aux_coef or z_coef))
     h, hd = spec.hidden_size, spec.head_dim

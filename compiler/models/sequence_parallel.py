@@ -27,8 +27,9 @@ def sequence_parallel_size(cfg: Any) -> int:
     return int(getattr(cfg, "sequence_parallel_size", 1) or 1)
 
 
-def check_sequence_parallel(spec: Any, cfg: Any, seq_len: int) -> int:
-    """The group size `sp`, after checking the model and config can be split `sp` ways (UserError naming the field)."""
+def check_sequence_parallel(spec: Any, cfg: Any, seq_len: int, router_losses: bool = False) -> int:
+    """The group size `sp`, after checking the model and config can be split `sp` ways (UserError naming the field).
+    `router_losses`: the model's MoE router losses are on (their statistics are over whole rows)."""
     sp = sequence_parallel_size(cfg)
     if sp == 1:
         return 1
@@ -43,6 +44,10 @@ def check_sequence_parallel(spec: Any, cfg: Any, seq_len: int) -> int:
         raise UserError(f"{field}: {sp} and the model's num_key_value_heads ({nkv}) must divide one another: each "
                         "rank attends with 1/sequence_parallel_size of the key/value heads, or with one of them "
                         "when there are fewer than sequence_parallel_size")
+    if router_losses:  # their statistics are over a row's tokens, which no rank holds whole
+        raise UserError(f"{field}: the MoE router losses (router_aux_loss_coef, router_z_loss_coef) are not computed "
+                        "across a sequence-parallel group in this version; set both to 0 or sequence_parallel_size "
+                        "to 1")
     return sp
 
 
